@@ -1,0 +1,259 @@
+"""Typed schema of the whole config tree, registered with Hydra's ConfigStore.
+
+OmegaConf checks types and rejects unknown keys when the config is composed; the value
+ranges (``lora.r >= 1``, ``optim.lr > 0``, ...) live next to each field as metadata and
+are checked by :func:`validate`, so a bad value fails with its key's name before any
+process starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be used; the message names the key."""
+
+
+def _range(lo=None, hi=None, *, lo_open=False, choices=None):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+
+
+def ranged(default, **kw):
+    return field(default=default, metadata=_range(**kw))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub id or local directory; null builds the model from `arch` with random weights.
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to `path`
+    revision: Optional[str] = None
+    random_init: bool = False
+    # LlamaConfig fields for random_init models (e.g. the 7B shape for benchmarks).
+    arch: dict = field(default_factory=dict)
+    dtype: str = ranged("auto", choices=["auto", "bfloat16", "float16", "float32"])
+    attn_implementation: str = ranged("sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # `demo` (bundled), `hub` (datasets.load_dataset(path)), `local` (json/jsonl/csv/parquet).
+    source: str = ranged("demo", choices=["demo", "hub", "local"])
+    path: Optional[str] = None
+    split: str = "train"
+    format: str = ranged("instruction", choices=["instruction", "text"])
+    text_field: str = "text"
+    template: str = ranged("llama2", choices=["llama2"])
+    val_split: float = ranged(0.05, lo=0.0, hi=0.9)
+    train_on_prompt: bool = False
+    max_samples: int = ranged(-1, lo=-1)
+
+
+@dataclass
+class LoraConfig:
+    r: int = ranged(8, lo=1)
+    alpha: float = ranged(16.0, lo=0.0, lo_open=True)
+    dropout: float = ranged(0.05, lo=0.0, hi=0.99)
+    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = ranged("none", choices=["none", "all", "lora_only"])
+
+
+@dataclass
+class QuantConfig:
+    mode: str = ranged("none", choices=["none", "nf4"])
+    compute_dtype: str = ranged("bfloat16", choices=["bfloat16", "float16", "float32"])
+    double_quant: bool = True
+    # storage dtype of the packed 4-bit weights; must match the compute dtype for ZeRO-3
+    storage_dtype: str = ranged("uint8", choices=["uint8", "bfloat16", "float16", "float32"])
+
+
+@dataclass
+class OptimConfig:
+    name: str = ranged("adamw_torch", choices=["adamw_torch"])
+    lr: float = ranged(2e-4, lo=0.0, lo_open=True)
+    weight_decay: float = ranged(0.0, lo=0.0)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = ranged(1e-8, lo=0.0, lo_open=True)
+    scheduler: str = ranged("cosine", choices=["constant", "cosine", "linear"])
+    warmup_steps: int = ranged(0, lo=0)
+    warmup_ratio: float = ranged(0.0, lo=0.0, hi=1.0)
+    max_grad_norm: float = ranged(1.0, lo=0.0)  # 0 disables clipping
+
+
+@dataclass
+class DistributedConfig:
+    name: str = MISSING
+    strategy: str = ranged("ddp", choices=["ddp", "deepspeed"])
+    zero_stage: int = ranged(0, lo=0, hi=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class LauncherConfig:
+    name: str = MISSING
+    # int, or "auto": every visible GPU (1 process on CPU)
+    num_processes: Any = "auto"
+    num_machines: int = ranged(1, lo=1)
+    machine_rank: int = ranged(0, lo=0)
+    main_process_ip: str = "127.0.0.1"
+    main_process_port: int = ranged(29500, lo=1, hi=65535)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = ranged("disabled", choices=["offline", "online", "disabled"])
+    project: str = "lora-launch"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = ranged(1, lo=1)
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = ranged(-1, lo=-1)  # -1: run `epochs` epochs
+    epochs: float = ranged(1.0, lo=0.0, lo_open=True)
+    micro_batch_size: int = ranged(4, lo=1)
+    grad_accum: int = ranged(1, lo=1)
+    seq_len: int = ranged(512, lo=8)
+    grad_ckpt: bool = False
+    precision: str = ranged("auto", choices=["auto", "bf16", "fp16", "fp32"])
+    num_workers: int = ranged(0, lo=0)
+    threads: int = ranged(0, lo=0)  # torch intra-op threads per process; 0 leaves torch's choice
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = ranged(0, lo=0)  # 0: only at the start and the end
+    at_start: bool = True
+    max_batches: int = ranged(-1, lo=-1)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = ranged(0, lo=0)  # 0: no periodic checkpoints
+    keep_last: int = ranged(2, lo=1)
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "[INST] Where is Italy? [/INST]"
+    max_new_tokens: int = ranged(48, lo=0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = ranged(0, lo=0)
+    preview: bool = False
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file or directory shipped in train/assets (the `${asset:...}` resolver)."""
+    spec = importlib.util.find_spec("train")
+    return str(Path(spec.origin).parent / "assets" / name)
+
+
+def register() -> None:
+    """Register the schema so `conf/config.yaml` can name it in its defaults list."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in [("model", ModelConfig), ("data", DataConfig), ("lora", LoraConfig),
+                        ("quant", QuantConfig), ("optim", OptimConfig),
+                        ("distributed", DistributedConfig), ("launcher", LauncherConfig),
+                        ("logging", LoggingConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _check_field(key: str, value: Any, meta: dict) -> None:
+    if value is None or not meta:
+        return
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise ConfigError(f"{key}={value} must be {'>' if meta.get('lo_open') else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}={value} must be <= {hi}")
+
+
+def _walk(prefix: str, schema_cls: type, node: DictConfig) -> None:
+    hints = get_type_hints(schema_cls)
+    for f in fields(schema_cls):
+        key, value = f"{prefix}{f.name}", node[f.name]
+        if is_dataclass(hints[f.name]):
+            _walk(key + ".", hints[f.name], value)
+        else:
+            _check_field(key, value, dict(f.metadata))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges and cross-field rules; raise ConfigError naming the key."""
+    _walk("", Config, cfg)
+    n = cfg.launcher.num_processes
+    if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
+        raise ConfigError(f"launcher.num_processes={n!r} must be a positive integer or 'auto'")
+    if not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty: name at least one module (e.g. [q_proj,v_proj])")
+    if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage not in (2, 3):
+        raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
+    if cfg.model.path is None and not cfg.model.random_init:
+        raise ConfigError("model.path is null: give a hub id or local directory, or set model.random_init=true")
+
+
+def load(path: str) -> DictConfig:
+    """Read a resolved config file (what every rank reads) and validate it against the schema."""
+    raw = OmegaConf.load(path)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    validate(cfg)
+    return cfg
+
+
+def _is_secret(key: str) -> bool:
+    k = str(key).lower()
+    return k == "token" or k.endswith(("_token", "api_key", "apikey")) or "password" in k or "secret" in k
+
+
+def redact(tree: Any) -> Any:
+    """Copy of a plain config tree with secret-looking values replaced, for files and logs."""
+    if isinstance(tree, dict):
+        return {k: ("<redacted>" if _is_secret(k) and v else redact(v))
+                for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree

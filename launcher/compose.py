@@ -1,0 +1,52 @@
+"""Compose the Hydra config outside `@hydra.main`, and write a run directory's config files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import redact, register, validate
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config that `lora-launch <overrides>` would use, without Hydra's output dirs or chdir."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import setup_globals
+
+    register()
+    setup_globals()  # the `now` resolver
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    resolve_run(cfg)
+    return cfg
+
+
+def resolve_run(cfg: DictConfig) -> None:
+    """Resolve every interpolation once (the run dir's timestamp included), then validate."""
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+
+
+def plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain data with secrets redacted: what goes into files and logs."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    """Write YAML atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """run_dir/config.yaml: the fully resolved config every rank reads."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    write_yaml(path, plain(cfg))
+    return path

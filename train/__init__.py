@@ -1,0 +1,1 @@
+"""LoRA / QLoRA supervised fine-tuning: one distributed loop on accelerate + transformers + PEFT."""

@@ -1,0 +1,65 @@
+"""Entry of every rank: `python -m train --config RUN_DIR/config.yaml` (what `lora-launch` starts),
+or `accelerate launch -m train [overrides]`, where rank 0 composes the config once and every
+rank reads the file it writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from conf.schema import ConfigError, load
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser.add_argument("--config", help="resolved config file written by lora-launch")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, when no --config is given")
+    return parser.parse_args(argv)
+
+
+def _compose_on_rank0(overrides: list[str]) -> Path:
+    """Rank 0 composes and writes config.yaml; every rank gets its path (one run dir, not one per rank)."""
+    from launcher.compose import compose, write_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    path = None
+    if rank == 0:
+        cfg = compose(overrides)
+        path = str(write_config(cfg, Path(cfg.run.dir)))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        # the process group accelerate will reuse; nothing else crosses ranks before it exists
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        config_path = Path(args.config) if args.config else _compose_on_rank0(args.overrides)
+        cfg = load(str(config_path))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from train.loop import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

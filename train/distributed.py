@@ -1,0 +1,54 @@
+"""The Accelerator for the configured strategy, and the few rank-aware helpers the loop uses."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from omegaconf import DictConfig
+
+from launcher.accelerate_config import deepspeed_config
+from train.model import resolve_precision
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(cfg: DictConfig):
+    """An Accelerator for DDP or DeepSpeed ZeRO, on GPUs (NCCL) or CPU (gloo).
+
+    DeepSpeed on CPU needs ACCELERATE_USE_DEEPSPEED and DS_ACCELERATOR set before accelerate
+    builds its state, and an explicit gloo backend: with `cpu=True` accelerate silently drops
+    the DeepSpeed plugin, and without a backend every rank believes it is alone.
+    """
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_gpu = torch.cuda.is_available()
+    world = world_size_from_env()
+    kwargs = dict(mixed_precision=resolve_precision(cfg.train.precision),
+                  gradient_accumulation_steps=cfg.train.grad_accum)
+    backend = "gloo" if world > 1 and not on_gpu else None
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
+    if cfg.distributed.strategy == "deepspeed":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
+    elif not on_gpu:
+        kwargs["cpu"] = True
+    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but {world} were launched; "
+                           "refusing to train with every rank thinking it is alone")
+    return accelerator
+
+
+def all_sum(accelerator, *values: float) -> list[float]:
+    """Sum plain numbers over all ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()

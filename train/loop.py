@@ -1,0 +1,233 @@
+"""The training loop: build everything from the resolved config, then step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from train.checkpoint import Checkpointer
+from train.data import IGNORE, SampleStream, build_splits, collate, micro_batch_positions
+from train.distributed import all_sum, make_accelerator
+from train.metrics import MetricsLogger, plot_loss
+from train.model import apply_lora, load_base_model, load_tokenizer
+
+
+def total_steps(cfg: DictConfig, train_size: int, world: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or enough for train.epochs over the data."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    return max(1, math.ceil(cfg.train.epochs * train_size / global_batch))
+
+
+def make_scheduler(cfg: DictConfig, optimizer, steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * steps)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.optim.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the unmasked labels, and how many there were."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+class Trainer:
+    """One LoRA SFT run on every rank; `fit()` then `close()`."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.accelerator = acc = make_accelerator(cfg)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        torch.manual_seed(cfg.seed)  # same LoRA init on every rank
+
+        self.tokenizer = load_tokenizer(cfg)
+        with acc.main_process_first():
+            self.splits = build_splits(cfg, self.tokenizer)
+        model = apply_lora(cfg, load_base_model(cfg, acc.device))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.total_steps = total_steps(cfg, len(self.splits.train), self.world)
+        # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
+        self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.stream = SampleStream(len(self.splits.train), cfg.seed)
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
+
+        self.step, self.position, self.tokens_seen = 0, 0, 0
+        self.checkpointer = Checkpointer(cfg, self.run_dir, acc)
+        state = self.checkpointer.load_latest()
+        if state is not None:
+            self.step, self.position, self.tokens_seen = state["step"], state["position"], state["tokens_seen"]
+        self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step) if acc.is_main_process else None
+
+    # ---- one optimizer step ------------------------------------------------------------------
+
+    def _micro_batches(self) -> list[dict]:
+        t = self.cfg.train
+        batches = []
+        for k in range(t.grad_accum):
+            positions = micro_batch_positions(self.position, t.micro_batch_size, t.grad_accum,
+                                              self.world, self.rank, k)
+            samples = [self.splits.train[self.stream.index(p)] for p in positions]
+            batch = collate(samples, self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+        return batches
+
+    def train_step(self) -> dict:
+        """One optimizer step over micro * accum * world samples; returns its metrics row."""
+        acc, cfg = self.accelerator, self.cfg
+        t0 = time.perf_counter()
+        self.model.train()
+        batches = self._micro_batches()
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        global_targets, global_tokens = all_sum(acc, local_targets, local_tokens)
+        # the step's loss is the mean over every target token of the global batch; accelerate
+        # (or DeepSpeed) divides by grad_accum and the all-reduce averages over ranks
+        scale = self.world * cfg.train.grad_accum / max(global_targets, 1.0)
+        loss_sum, grad_norm = 0.0, None
+        for batch in batches:
+            with acc.accumulate(self.model):
+                loss, _ = token_loss_sum(self.model, batch)
+                acc.backward(loss * scale)
+                loss_sum += loss.item()
+                if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        (global_loss,) = all_sum(acc, loss_sum)
+        self.step += 1
+        self.position += self.global_batch
+        self.tokens_seen += int(global_tokens)
+        elapsed = time.perf_counter() - t0
+        row = {"step": self.step, "loss": global_loss / max(global_targets, 1.0), "lr": lr,
+               "tokens": int(global_tokens), "tokens_total": self.tokens_seen,
+               "tokens_per_s": global_tokens / elapsed, "step_time": elapsed,
+               "epoch": self.position / len(self.splits.train)}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        return row
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the validation split, the same whatever the world size."""
+        val, micro = self.splits.val, self.cfg.train.micro_batch_size
+        if not val:
+            return float("nan")
+        self.model.eval()
+        per_round = micro * self.world
+        rounds = math.ceil(len(val) / per_round)
+        if self.cfg.eval.max_batches > 0:
+            rounds = min(rounds, self.cfg.eval.max_batches)
+        loss_sum, count = 0.0, 0
+        for b in range(rounds):
+            lo = b * per_round + self.rank * micro
+            samples = val[lo: lo + micro]
+            # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively)
+            batch = collate(samples or val[:1], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            loss, n = token_loss_sum(self.model, batch)
+            if samples:
+                loss_sum, count = loss_sum + loss.item(), count + n
+        total, n = all_sum(self.accelerator, loss_sum, count)
+        return total / max(n, 1.0)
+
+    def _log_eval(self) -> float:
+        eval_loss = self.evaluate()
+        if self.log:
+            self.log.log({"step": self.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
+            self.log.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+        return eval_loss
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train to total_steps; returns a summary (first/last eval loss, wall time)."""
+        cfg, t_start = self.cfg, time.perf_counter()
+        if self.log:
+            self.log.write(f"training {self.total_steps} steps, global batch {self.global_batch} "
+                           f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
+                           f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
+                           f"{self.accelerator.distributed_type.value} on {self.accelerator.device}")
+        evals = []
+        if cfg.eval.at_start and self.step == 0:
+            evals.append(self._log_eval())
+        while self.step < self.total_steps:
+            row = self.train_step()
+            if self.log and (self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps):
+                self.log.log(row)
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+                evals.append(self._log_eval())
+            if self.checkpointer.due(self.step):
+                self.checkpointer.save(self.step, self.state())
+        evals.append(self._log_eval())
+        self.save_adapter()
+        sample = self.generate_sample()
+        if self.log:
+            self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
+            (self.run_dir / "sample.txt").write_text(f"{cfg.sample.prompt}{sample}\n")
+            plot_loss(self.run_dir)
+        return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1],
+                "seconds": time.perf_counter() - t_start}
+
+    def state(self) -> dict:
+        """What a checkpoint needs beyond the model and optimizer (for the checkpointer)."""
+        return {"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
+                "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def save_adapter(self) -> Path:
+        """adapter/: the PEFT adapter and tokenizer, written to a temporary name then renamed."""
+        acc = self.accelerator
+        state = acc.get_state_dict(self.model)  # collective under ZeRO-3
+        out = self.run_dir / "adapter"
+        if acc.is_main_process:
+            tmp = self.run_dir / "adapter.tmp"
+            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            tmp.rename(out)
+        acc.wait_for_everyone()
+        return out
+
+    @torch.no_grad()
+    def generate_sample(self) -> str:
+        """Greedy completion of sample.prompt by the trained model (every rank runs it, for ZeRO-3)."""
+        cfg = self.cfg
+        if cfg.sample.max_new_tokens == 0:
+            return ""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        ids = [self.tokenizer.bos_token_id] + self.tokenizer(cfg.sample.prompt, add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([ids], device=self.accelerator.device)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=cfg.sample.max_new_tokens, do_sample=False,
+                             pad_token_id=self.tokenizer.pad_token_id,
+                             synced_gpus=cfg.distributed.zero_stage == 3 and self.world > 1)
+        return self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+        self.accelerator.end_training()

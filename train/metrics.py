@@ -1,0 +1,109 @@
+"""Where metrics go, on the main process only: metrics.jsonl, a progress bar, tensorboard, wandb, loss.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import redact
+
+
+class MetricsLogger:
+    """Writes each row to every configured sink. Construct it on the main process only."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, total_steps: int, start_step: int = 0):
+        self.run_dir = run_dir
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._bar = self._tb = self._wandb = None
+        if cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if cfg.logging.wandb.mode != "disabled":
+            import wandb
+
+            plain = redact(OmegaConf.to_container(cfg, resolve=True))
+            self._wandb = wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity,
+                                     mode=cfg.logging.wandb.mode, dir=str(run_dir), config=plain,
+                                     name=run_dir.name, id=_wandb_id(run_dir), resume="allow")
+
+    def log(self, row: dict) -> None:
+        """Record one row (a training step or an eval) everywhere."""
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        step = row["step"]
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._bar is not None and "loss" in row:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                  tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl.close()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    # one wandb run per run directory, so a resumed run continues the same wandb run
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: Path) -> Path:
+    """loss.png: training loss per step, eval loss at its steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,88 @@
+"""Tokenizer, base model (pre-trained, random or 4-bit) and the PEFT LoRA wrapper."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_precision(precision: str) -> str:
+    """accelerate's mixed_precision value for `train.precision` on this machine."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+
+
+def model_dtype(cfg: DictConfig) -> torch.dtype:
+    """dtype the frozen base weights are held in."""
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    return torch.bfloat16 if resolve_precision(cfg.train.precision) == "bf16" else torch.float32
+
+
+def load_tokenizer(cfg: DictConfig):
+    """The tokenizer named by model.tokenizer (or model.path), with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or cfg.model.path
+    tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token is None:
+        # Llama-2 has no pad token; padded positions are masked out of attention and loss anyway.
+        tok.pad_token = tok.unk_token or tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _quantization_config(cfg: DictConfig):
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quant
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_quant_storage=DTYPES.get(q.storage_dtype, torch.uint8))
+
+
+def load_base_model(cfg: DictConfig, device: torch.device):
+    """The frozen base causal LM, on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = model_dtype(cfg)
+    common = dict(attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.random_init:
+        arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+        config = AutoConfig.for_model(**arch)
+        torch.manual_seed(cfg.seed)
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+    else:
+        kwargs = dict(dtype=dtype, revision=cfg.model.revision, use_safetensors=True,
+                      trust_remote_code=cfg.model.trust_remote_code, **common)
+        if cfg.quant.mode == "nf4":
+            kwargs["quantization_config"] = _quantization_config(cfg)
+            kwargs["dtype"] = DTYPES[cfg.quant.compute_dtype]
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+        if cfg.quant.mode != "nf4":
+            model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def apply_lora(cfg: DictConfig, model):
+    """Wrap the base model with trainable LoRA adapters; everything else stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quant.mode == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_ckpt)
+    elif cfg.train.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # inputs must require grad for checkpointed blocks to backprop into the adapters
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias=cfg.lora.bias,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
