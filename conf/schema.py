@@ -122,6 +122,8 @@ class LoggingConfig:
     every_steps: int = ranged(1, lo=1)
     progress_bar: bool = True
     tensorboard: bool = True
+    # per-rank record of samples and weight digests (ranks/rank*.jsonl), for auditing sync
+    rank_audit: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

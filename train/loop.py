@@ -79,11 +79,13 @@ class Trainer:
 
     def _micro_batches(self) -> list[dict]:
         t = self.cfg.train
-        batches = []
+        batches, self.last_indices = [], []
         for k in range(t.grad_accum):
             positions = micro_batch_positions(self.position, t.micro_batch_size, t.grad_accum,
                                               self.world, self.rank, k)
-            samples = [self.splits.train[self.stream.index(p)] for p in positions]
+            indices = [self.stream.index(p) for p in positions]
+            self.last_indices += indices
+            samples = [self.splits.train[i] for i in indices]
             batch = collate(samples, self.tokenizer.pad_token_id)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
         return batches
@@ -175,6 +177,8 @@ class Trainer:
             row = self.train_step()
             if self.log and (self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps):
                 self.log.log(row)
+            if cfg.logging.rank_audit:
+                self._audit()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 evals.append(self._log_eval())
             if self.checkpointer.due(self.step):
@@ -188,6 +192,26 @@ class Trainer:
             plot_loss(self.run_dir)
         return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1],
                 "seconds": time.perf_counter() - t_start}
+
+    def _audit(self) -> None:
+        """ranks/rank{R}.jsonl: the samples this rank trained on and a digest of its trainable weights.
+
+        Ranks whose digests differ after the same step are out of sync (DDP/ZeRO-2 keep every
+        trainable weight on every rank; under ZeRO-3 each rank digests only its own shard).
+        """
+        import hashlib
+        import json
+
+        digest = hashlib.sha256()
+        for name, p in sorted(self.accelerator.unwrap_model(self.model).named_parameters()):
+            if p.requires_grad:
+                digest.update(name.encode())
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        out = self.run_dir / "ranks"
+        out.mkdir(exist_ok=True)
+        with open(out / f"rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "samples": self.last_indices,
+                                "trainable_sha256": digest.hexdigest()}) + "\n")
 
     def state(self) -> dict:
         """What a checkpoint needs beyond the model and optimizer (for the checkpointer)."""
