@@ -1,0 +1,95 @@
+"""Tier 2: pure pieces, no processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conf.schema import redact
+from launcher.accelerate_config import accelerate_config, deepspeed_config
+from launcher.compose import compose
+from train.data import IGNORE, SampleStream, collate, micro_batch_positions, tokenize
+from train.loop import total_steps
+
+
+@pytest.mark.parametrize("micro,accum,world", [(1, 1, 1), (2, 3, 2), (4, 2, 4), (3, 1, 2)])
+def test_one_step_covers_each_position_once(micro, accum, world):
+    start = 17
+    seen = [p for r in range(world) for k in range(accum)
+            for p in micro_batch_positions(start, micro, accum, world, r, k)]
+    assert sorted(seen) == list(range(start, start + micro * accum * world))
+
+
+def test_ranks_get_disjoint_positions():
+    a = set(micro_batch_positions(0, 4, 2, 2, 0, 0)) | set(micro_batch_positions(0, 4, 2, 2, 0, 1))
+    b = set(micro_batch_positions(0, 4, 2, 2, 1, 0)) | set(micro_batch_positions(0, 4, 2, 2, 1, 1))
+    assert not a & b
+
+
+def test_stream_is_a_fresh_permutation_each_epoch_and_deterministic():
+    s, t = SampleStream(10, seed=3), SampleStream(10, seed=3)
+    epoch0 = [s.index(p) for p in range(10)]
+    epoch1 = [s.index(p) for p in range(10, 20)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(10))
+    assert epoch0 != epoch1
+    # random access (as after a resume) gives the same answer as sequential reading
+    assert [t.index(p) for p in range(19, 9, -1)] == epoch1[::-1]
+    assert [SampleStream(10, seed=4).index(p) for p in range(10)] != epoch0
+
+
+def test_collate_pads_and_masks():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [5]}],
+                    pad_id=0, multiple_of=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE], [5, IGNORE, IGNORE, IGNORE]]
+
+
+class _Tok:
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [10 + ord(c) % 50 for c in text]}
+
+
+def test_prompt_is_masked_and_truncated():
+    s = tokenize(_Tok(), "ab", "cd", seq_len=100, train_on_prompt=False)
+    assert s["input_ids"][0] == 1 and s["input_ids"][-1] == 2 and len(s["input_ids"]) == 6
+    assert s["labels"][:3] == [IGNORE] * 3 and s["labels"][3:] == s["input_ids"][3:]
+    assert tokenize(_Tok(), "ab", "cd", seq_len=100, train_on_prompt=True)["labels"] == s["input_ids"]
+    assert len(tokenize(_Tok(), "ab", "cdefgh", seq_len=4, train_on_prompt=False)["input_ids"]) == 4
+
+
+def test_total_steps_from_epochs_and_max_steps():
+    cfg = compose(["train.micro_batch_size=4", "train.grad_accum=2", "train.epochs=3"])
+    assert total_steps(cfg, train_size=100, world=2) == 19  # ceil(3 * 100 / 16)
+    cfg = compose(["train.max_steps=7"])
+    assert total_steps(cfg, train_size=100, world=2) == 7
+
+
+@pytest.mark.parametrize("dist,stage", [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_deepspeed_json_is_derived_from_the_config(dist, stage):
+    cfg = compose([f"distributed={dist}", "train.micro_batch_size=3", "train.grad_accum=5",
+                   "optim.max_grad_norm=0.3"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["gradient_clipping"] == 0.3
+    assert ("offload_optimizer" in ds["zero_optimization"]) == (dist == "zero3_offload")
+    acc = accelerate_config(cfg, 4, "/x/ds.json")
+    assert acc["distributed_type"] == "DEEPSPEED" and acc["num_processes"] == 4
+    assert acc["deepspeed_config"]["deepspeed_config_file"] == "/x/ds.json"
+
+
+def test_accelerate_config_for_ddp():
+    cfg = compose([])
+    assert accelerate_config(cfg, 1)["distributed_type"] == "NO"
+    assert accelerate_config(cfg, 2)["distributed_type"] == "MULTI_GPU"
+
+
+def test_secrets_never_reach_files():
+    tree = {"logging": {"wandb": {"api_key": "abc"}}, "hub": {"token": "hf_x"}, "sample": {"max_new_tokens": 5}}
+    out = redact(tree)
+    assert out["logging"]["wandb"]["api_key"] == "<redacted>" and out["hub"]["token"] == "<redacted>"
+    assert out["sample"]["max_new_tokens"] == 5
