@@ -1,0 +1,33 @@
+# Quick start:  `make demo`  (set up .venv and run the default job)   `make test`  (set up and run every test)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# torch's CPU build where there is no CUDA GPU; with a GPU, pip's default (CUDA) build
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test setup system-deps clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/lora-launch $(ARGS)
+
+# As root on Debian/Ubuntu, also installs what the multi-node and Slurm tests run on
+# (iproute2, slurm, munge); elsewhere those tests are skipped with the reason.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -f .ci/setup-system.sh ]; then \
+		bash .ci/setup-system.sh; \
+	else echo "system-deps: not root or no apt-get: netns/Slurm tests will be skipped"; fi
+
+test: setup system-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs sweeps
