@@ -45,18 +45,55 @@ class ModelConfig:
 
 
 @dataclass
+class DataFields:
+    """Dataset columns the structured formats read (`data.fields.output=response`, ...)."""
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"  # optional per-record system prompt
+    messages: str = "messages"
+    label: str = "label"
+    document: str = "document"
+    summary: str = "summary"
+    context: str = "context"
+    question: str = "question"
+    answer: str = "answer"
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
-    # `demo` (bundled), `hub` (datasets.load_dataset(path)), `local` (json/jsonl/csv/parquet).
-    source: str = ranged("demo", choices=["demo", "hub", "local"])
+    # `demo` (bundled), `hub` (datasets.load_dataset(path)), `local` (a json/jsonl/csv/parquet
+    # file or a directory of them), `synthetic` (random tokens for benchmarks: no file, no
+    # tokenizer work).
+    source: str = ranged("demo", choices=["demo", "hub", "local", "synthetic"])
+    # local file or directory, or the hub dataset's name (data=hub: null takes `name`)
     path: Optional[str] = None
+    revision: Optional[str] = None  # hub datasets: branch, tag or commit
     split: str = "train"
-    format: str = ranged("instruction", choices=["instruction", "text"])
+    # `text`: pre-formatted text in `text_field`; `instruction` (alpaca instruction/input/output),
+    # `messages` (chat lists of {role, content}); task types `classification` (text_field + label),
+    # `summary` (document + summary), `qa` (context + question + answer)
+    format: str = ranged("instruction", choices=["text", "instruction", "messages", "classification",
+                                                 "summary", "qa"])
     text_field: str = "text"
-    template: str = ranged("llama2", choices=["llama2"])
-    val_split: float = ranged(0.05, lo=0.0, hi=0.9)
-    train_on_prompt: bool = False
+    fields: DataFields = field(default_factory=DataFields)
+    # how structured formats are written out: `llama2` ([INST] … [/INST]), `alpaca`, `chatml`, or
+    # `tokenizer` (the tokenizer's own chat template)
+    template: str = ranged("llama2", choices=["llama2", "alpaca", "chatml", "tokenizer"])
+    system_prompt: Optional[str] = None
+    task_instruction: Optional[str] = None  # classification/summary/qa: replaces the default instruction
+    label_names: list = field(default_factory=list)  # classification: names of integer labels, listed in the prompt
+    val_split: float = ranged(0.05, lo=0.0, hi=0.9)  # share of records held out, drawn by `seed`
+    val_split_name: Optional[str] = None  # the dataset's own validation split instead (e.g. validation)
+    train_on_prompt: bool = False  # structured formats: false masks prompt tokens out of the loss
+    truncation: bool = True  # false drops samples longer than train.seq_len instead of cutting them
+    packing: bool = False  # pack samples into train.seq_len rows (no attention across samples)
+    group_by_length: bool = False  # batches of similar length (not with packing)
     max_samples: int = ranged(-1, lo=-1)
+    cache_dir: Optional[str] = None  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
+    # synthetic sample lengths: `full` (train.seq_len each) or `lognormal` (instruction-data-like)
+    synthetic_lengths: str = ranged("full", choices=["full", "lognormal"])
 
 
 @dataclass
@@ -79,7 +116,8 @@ class QuantConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = ranged("adamw_torch", choices=["adamw_torch"])
+    # adamw_torch, or bitsandbytes' PagedAdamW32bit (the QLoRA recipe; unpaged on CPU)
+    name: str = ranged("adamw_torch", choices=["adamw_torch", "paged_adamw_32bit"])
     lr: float = ranged(2e-4, lo=0.0, lo_open=True)
     weight_decay: float = ranged(0.0, lo=0.0)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -236,6 +274,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
     if cfg.model.path is None and not cfg.model.random_init:
         raise ConfigError("model.path is null: give a hub id or local directory, or set model.random_init=true")
+    _validate_data(cfg.data)
+
+
+def _validate_data(d: DictConfig) -> None:
+    if d.packing and d.group_by_length:
+        raise ConfigError("data.packing and data.group_by_length exclude each other: packed rows are all "
+                          "train.seq_len long; set one of them to false")
 
 
 def load(path: str) -> DictConfig:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from train.checkpoint import Checkpointer
-from train.data import IGNORE, SampleStream, build_splits, collate, micro_batch_positions
+from train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
 from train.distributed import all_sum, make_accelerator
 from train.metrics import MetricsLogger, plot_loss
 from train.model import apply_lora, load_base_model, load_tokenizer
@@ -25,6 +25,21 @@ def total_steps(cfg: DictConfig, train_size: int, world: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * train_size / global_batch))
 
 
+def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+    """optim.name's AdamW over the trainable parameters."""
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                  weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.name == "paged_adamw_32bit":
+        import warnings
+
+        import bitsandbytes as bnb
+
+        with warnings.catch_warnings():  # on CPU bitsandbytes says it runs unpaged; that is expected
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            return bnb.optim.PagedAdamW32bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def make_scheduler(cfg: DictConfig, optimizer, steps: int):
     from transformers import get_scheduler
 
@@ -35,7 +50,7 @@ def make_scheduler(cfg: DictConfig, optimizer, steps: int):
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the unmasked labels, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits  # packed rows: position_ids, no mask
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE, reduction="sum")
@@ -56,16 +71,15 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg)
         with acc.main_process_first():
-            self.splits = build_splits(cfg, self.tokenizer)
+            self.splits = build_splits(cfg, self.tokenizer, main_process=acc.is_main_process)
         model = apply_lora(cfg, load_base_model(cfg, acc.device))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        optimizer = make_optimizer(cfg, params)
         self.total_steps = total_steps(cfg, len(self.splits.train), self.world)
         # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
         self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.stream = SampleStream(len(self.splits.train), cfg.seed)
+        self.stream = train_stream(cfg, self.splits)  # length-grouped with data.group_by_length
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
 
         self.step, self.position, self.tokens_seen = 0, 0, 0
