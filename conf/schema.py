@@ -192,6 +192,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class ResumeConfig:
+    # auto: continue from the newest complete checkpoint in run.dir; never: start over
+    # (earlier checkpoints and metrics are moved aside); or the path of one checkpoint directory
+    mode: str = "auto"
+    # config keys that may differ from the checkpoint's (e.g. [optim.lr, train.max_steps]);
+    # `data` and `tokenizer` also accept a changed tokenised dataset or tokenizer
+    allow_changes: list = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     dir: str = MISSING
 
@@ -215,6 +225,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = ranged(0, lo=0)

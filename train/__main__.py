@@ -43,6 +43,22 @@ def _compose_on_rank0(overrides: list[str]) -> Path:
     return Path(path)
 
 
+def _die_with_launcher() -> None:
+    """Under torchrun each rank has its own session: make it die when the launcher does (Linux).
+
+    Otherwise a launcher killed with SIGKILL leaves ranks training on, writing checkpoints.
+    """
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
@@ -51,9 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from train.checkpoint import CheckpointError, finished_step
     from train.loop import Trainer
 
-    trainer = Trainer(cfg)
+    done = finished_step(cfg)
+    if done is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{cfg.run.dir}: this run already finished at step {done}; nothing to do "
+                  "(resume.mode=never starts it over)", flush=True)
+        return 0
+    _die_with_launcher()
+    try:
+        trainer = Trainer(cfg)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         trainer.fit()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, fingerprints, rewind_metrics, write_status
 from train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
 from train.distributed import all_sum, make_accelerator
 from train.metrics import MetricsLogger, plot_loss
@@ -84,10 +85,37 @@ class Trainer:
 
         self.step, self.position, self.tokens_seen = 0, 0, 0
         self.checkpointer = Checkpointer(cfg, self.run_dir, acc)
-        state = self.checkpointer.load_latest()
-        if state is not None:
-            self.step, self.position, self.tokens_seen = state["step"], state["position"], state["tokens_seen"]
+        self.checkpointer.fingerprints = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
+        self._resume()
+        # preemption (Slurm, cloud): SIGTERM ends the run after the current step, with a checkpoint
+        self._sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step) if acc.is_main_process else None
+
+    def _resume(self) -> None:
+        """Continue from the checkpoint resume.mode picks; metrics.jsonl keeps only rows up to it."""
+        loaded = self.checkpointer.load_latest()
+        if loaded is not None:
+            state = self.checkpointer.restore(loaded, self.model, self.optimizer, self.scheduler)
+            self.step, self.position, self.tokens_seen = state["step"], state["position"], state["tokens_seen"]
+        if self.accelerator.is_main_process:
+            rewind_metrics(self.run_dir, self.step if loaded is not None else -1, self.total_steps)
+            write_status(self.run_dir, "running", self.step)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM: every rank agrees, so all stop after the same step."""
+        (flag,) = all_sum(self.accelerator, float(self._sigterm))
+        return flag > 0
+
+    def _save_checkpoint(self) -> None:
+        self.checkpointer.save(self.step, self.state())
+        if self.log:
+            cost = self.checkpointer.last_save
+            self.log.write(f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s "
+                           f"({cost['bytes'] / 2**20:.2f} MiB)")
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -195,8 +223,15 @@ class Trainer:
                 self._audit()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 evals.append(self._log_eval())
-            if self.checkpointer.due(self.step):
-                self.checkpointer.save(self.step, self.state())
+            stop = self._stop_requested()
+            if self.checkpointer.due(self.step) or stop:
+                self._save_checkpoint()
+            if stop and self.step < self.total_steps:
+                if self.log:
+                    write_status(self.run_dir, "preempted", self.step)
+                    self.log.write(f"SIGTERM: stopped after step {self.step} with a checkpoint; "
+                                   "re-run the same command to continue")
+                return {"preempted_at": self.step, "seconds": time.perf_counter() - t_start}
         evals.append(self._log_eval())
         self.save_adapter()
         sample = self.generate_sample()
@@ -204,6 +239,7 @@ class Trainer:
             self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
             (self.run_dir / "sample.txt").write_text(f"{cfg.sample.prompt}{sample}\n")
             plot_loss(self.run_dir)
+            write_status(self.run_dir, "finished", self.step)
         return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1],
                 "seconds": time.perf_counter() - t_start}
 
@@ -230,6 +266,7 @@ class Trainer:
     def state(self) -> dict:
         """What a checkpoint needs beyond the model and optimizer (for the checkpointer)."""
         return {"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
+                "train_size": len(self.splits.train),
                 "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
     def save_adapter(self) -> Path:
