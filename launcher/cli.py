@@ -10,27 +10,46 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from conf.schema import ConfigError, register
+from launcher.checks import check_before_launch, run_dir_given
 from launcher.compose import resolve_run
-from launcher.launch import launch_command, printable, run, write_launch_files
+from launcher.topology import topology
 
 
 def _job(cfg: DictConfig) -> int:
     """One launch (one sweep trial): Hydra's output dir is the run dir."""
+    hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
-        cfg.run.dir = HydraConfig.get().runtime.output_dir
+        cfg.run.dir = hydra_cfg.runtime.output_dir
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        resolve_run(cfg)
+        rc = _launch(cfg, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     run_dir = Path(cfg.run.dir)
-    files = write_launch_files(cfg, run_dir)
-    cmd = launch_command(files)
-    print(f"run dir: {run_dir}\nlaunch:  {printable(cmd)}", flush=True)
-    rc = run(cmd)
     if rc != 0:
         print(f"error: training exited with code {rc}; see {run_dir}", file=sys.stderr)
         sys.exit(rc)
+    return rc
+
+
+def _launch(cfg: DictConfig, overrides: list[str]) -> int:
+    """Validate, check, then preview, submit to Slurm or launch this node; returns the exit code."""
+    resolve_run(cfg)
+    topo = topology(cfg, strict=not cfg.preview)
+    check_before_launch(cfg, topo, run_dir_given(overrides))
+    if cfg.preview:
+        from launcher.preview import preview
+
+        print(preview(cfg, topo, overrides), flush=True)
+        return 0
+    if cfg.launcher.name == "slurm":
+        from launcher.slurm import submit
+
+        return submit(cfg, topo)
+    from launcher.node import run_node
+
+    rc, _ = run_node(cfg, topo)
     return rc
 
 

@@ -92,8 +92,10 @@ def run_trial(run_dir: Path, overrides: list[str], launch, continue_on_failure: 
     t0 = time.time()
     try:
         rc, error = launch(), None
-    except SystemExit as e:  # the launch path exits on bad input
-        rc, error = (e.code if isinstance(e.code, int) else 1), str(e)
+    except SystemExit as e:
+        rc, error = (e.code if isinstance(e.code, int) else 1), None
+    except Exception as e:  # bad input for this trial (e.g. a value the schema rejects)
+        rc, error = 2, f"{type(e).__name__}: {e}"
     record["launches"][-1].update(finished=time.time(), returncode=rc)
     record["wall_time"] = record.get("wall_time", 0.0) + (time.time() - t0)
     record["status"] = "completed" if rc == 0 else "failed"
