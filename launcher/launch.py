@@ -6,70 +6,118 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher.accelerate_config import accelerate_config, deepspeed_config
-from launcher.compose import write_config, write_yaml
-
-
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+from launcher.compose import plain
+from launcher.hostfile import interface_for
+from launcher.topology import Topology, topology
 
 
 def processes_per_node(cfg: DictConfig) -> int:
-    """launcher.num_processes, with `auto` = every visible GPU (1 process on CPU)."""
-    n = cfg.launcher.num_processes
-    return max(visible_gpus(), 1) if n == "auto" else int(n)
+    """launcher.num_processes, with `auto` = every visible GPU (1 process on CPU), or the hostfile's slots."""
+    return topology(cfg).procs_per_node
 
 
-def write_launch_files(cfg: DictConfig, run_dir: Path) -> dict[str, Path]:
-    """config.yaml, accelerate.yaml and (for DeepSpeed) ds_config.json in the run dir."""
-    files = {"config": write_config(cfg, run_dir)}
-    world = processes_per_node(cfg) * cfg.launcher.num_machines
+def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
+    """The config as written to the run dir: the launch's shape filled in, nothing node-specific.
+
+    Every node of a multi-node launch writes the same files into the same run dir, so this node's
+    rank stays out of them (it goes on the command line as `--machine_rank`).
+    """
+    shared = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(shared):
+        shared.launcher.num_processes = topo.procs_per_node
+        shared.launcher.num_machines = topo.num_machines
+        shared.launcher.main_process_ip = topo.main_ip
+        shared.launcher.machine_rank = 0
+        shared.launcher.node_rank = None
+    return shared
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write through a temporary name unique to this process, then rename (nodes may race on a shared dir)."""
+    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology | None = None) -> dict[str, Path]:
+    """config.yaml, accelerate.yaml and (for DeepSpeed) ds_config.json in the run dir, the same on every node."""
+    topo = topo or topology(cfg)
+    shared = node_neutral(cfg, topo)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {"config": write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain(shared), sort_keys=False))}
     ds_path = None
     if cfg.distributed.strategy == "deepspeed":
-        ds_path = run_dir / "ds_config.json"
-        tmp = ds_path.with_name(ds_path.name + ".tmp")
-        tmp.write_text(json.dumps(deepspeed_config(cfg, world), indent=2))
-        tmp.replace(ds_path)
+        ds_path = write_text_atomic(run_dir / "ds_config.json",
+                                    json.dumps(deepspeed_config(shared, topo.world_size), indent=2))
         files["deepspeed"] = ds_path
-    files["accelerate"] = run_dir / "accelerate.yaml"
-    write_yaml(files["accelerate"], accelerate_config(cfg, world, str(ds_path) if ds_path else None))
+    acc = accelerate_config(shared, topo.world_size, str(ds_path) if ds_path else None)
+    files["accelerate"] = write_text_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))
     return files
 
 
-def launch_command(files: dict[str, Path], python: str = sys.executable) -> list[str]:
-    """`accelerate launch --config_file … -m train --config …`, run with this interpreter."""
-    return [python, "-m", "accelerate.commands.launch", "--config_file", str(files["accelerate"]),
+def launch_command(files: dict[str, Path], python: str = sys.executable, node_rank: int | None = None,
+                   main_ip: str | None = None) -> list[str]:
+    """`accelerate launch --config_file … [--machine_rank N] -m train --config …`, run with this interpreter."""
+    node = []
+    if node_rank is not None:
+        node += ["--machine_rank", str(node_rank)]
+    if main_ip is not None:
+        node += ["--main_process_ip", main_ip]
+    return [python, "-m", "accelerate.commands.launch", "--config_file", str(files["accelerate"]), *node,
             "-m", "train", "--config", str(files["config"])]
 
 
-def printable(cmd: list[str]) -> str:
-    """The command as a user would type it."""
+def node_env_vars(cfg: DictConfig, topo: Topology, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """GLOO/NCCL_SOCKET_IFNAME for a multi-node launch, unless the user set them.
+
+    Without them gloo binds 127.0.0.1 and ranks on other hosts never connect.
+    """
+    environ = os.environ if environ is None else environ
+    if topo.num_machines == 1:
+        return {}
+    iface = cfg.launcher.network_interface or interface_for(topo.main_ip)
+    if iface is None:
+        return {}
+    return {k: iface for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k not in environ}
+
+
+def printable(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """The command as a user would type it (with the environment it needs in front)."""
     if cmd[1:3] == ["-m", "accelerate.commands.launch"]:
         cmd = ["accelerate", "launch"] + cmd[3:]
-    return shlex.join(cmd)
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join(prefix + [shlex.join(cmd)])
 
 
-def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
+def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, quietened for training, plus `extra`."""
+    env = dict(os.environ, **(extra or {}))
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Run the launch in its own process group, forwarding SIGTERM/SIGINT to all of it."""
+def run(cmd: list[str], env: dict[str, str] | None = None, received: list[int] | None = None) -> int:
+    """Run the launch in its own process group, forwarding SIGTERM/SIGINT to all of it.
+
+    Signals forwarded are appended to `received`, for callers that treat a SIGTERM stop as preemption.
+    """
     proc = subprocess.Popen(cmd, env=env or launch_env(), start_new_session=True)
 
     def forward(signum, _frame):
+        if received is not None:
+            received.append(signum)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:

@@ -1,0 +1,91 @@
+"""Checks that run before any process starts; each failure is one ConfigError line naming the key.
+
+Hostfile format and slot counts are checked where the hostfile is read (launcher/topology.py),
+the live-run lock where it is taken (launcher/lock.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from conf.schema import ConfigError
+from launcher.topology import Topology
+
+
+def check_global_batch(cfg: DictConfig, topo: Topology) -> None:
+    """train.global_batch_size, when given, must equal micro_batch_size x grad_accum x world size."""
+    want, t = cfg.train.global_batch_size, cfg.train
+    if want is None:
+        return
+    got = t.micro_batch_size * t.grad_accum * topo.world_size
+    if got == want:
+        return
+    per_accum = t.micro_batch_size * topo.world_size
+    hint = (f"set train.grad_accum={want // per_accum}" if want % per_accum == 0
+            else f"it must be a multiple of micro_batch_size x world = {per_accum}")
+    raise ConfigError(f"train.global_batch_size={want} but micro_batch_size {t.micro_batch_size} x grad_accum "
+                      f"{t.grad_accum} x world {topo.world_size} = {got}; {hint}")
+
+
+def check_qlora_zero3(cfg: DictConfig) -> None:
+    """QLoRA under ZeRO-3 needs the packed 4-bit weights stored in the compute dtype."""
+    q = cfg.quant
+    if q.mode == "nf4" and cfg.distributed.zero_stage == 3 and q.storage_dtype != q.compute_dtype:
+        # ZeRO-3 shards and gathers parameters as one dtype; uint8-packed weights break that
+        raise ConfigError(f"quant.storage_dtype={q.storage_dtype} with distributed={cfg.distributed.name}: "
+                          f"ZeRO-3 needs it equal to quant.compute_dtype, set quant.storage_dtype={q.compute_dtype}")
+
+
+def check_nf4(cfg: DictConfig) -> None:
+    """quant=nf4 needs a bitsandbytes that can quantise here (on CPU too; no GPU needed)."""
+    if cfg.quant.mode != "nf4":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("quant=nf4 needs bitsandbytes: `pip install bitsandbytes`, or use quant=none")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        from bitsandbytes.functional import quantize_4bit
+
+        quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
+    except Exception as e:  # any failure of the library itself means nf4 cannot run here
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"quant=nf4: bitsandbytes cannot quantise on {device} here "
+                          f"({type(e).__name__}: {first}); use quant=none") from None
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """The run dir exists (or can be made) and takes a file."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise ConfigError(f"run.dir={run_dir} is not writable ({e.strerror}); choose another run.dir") from None
+
+
+def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:
+    """Every node composes its own config, so a multi-node launch needs a run.dir that is the same on all."""
+    if topo.num_machines > 1 and cfg.launcher.name != "slurm" and not run_dir_given:
+        raise ConfigError(f"launcher={cfg.launcher.name} on {topo.num_machines} nodes: give run.dir=PATH (the same "
+                          "path on every node, ideally shared); the timestamped default differs per node")
+
+
+def check_before_launch(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:
+    """Everything that can be known wrong before a process starts."""
+    check_multinode_run_dir(cfg, topo, run_dir_given)
+    check_global_batch(cfg, topo)
+    check_qlora_zero3(cfg)
+    check_nf4(cfg)
+    check_run_dir_writable(Path(cfg.run.dir))
+
+
+def run_dir_given(overrides: list[str]) -> bool:
+    """Whether the command line set run.dir (or hydra.run.dir) itself."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return bool(keys & {"run.dir", "hydra.run.dir"})
