@@ -138,14 +138,35 @@ class DistributedConfig:
 
 
 @dataclass
+class SlurmConfig:
+    nodes: int = ranged(1, lo=1)
+    gpus_per_node: int = ranged(0, lo=0)  # 0: request no GPUs (CPU jobs)
+    cpus_per_task: int = ranged(0, lo=0)  # 0: leave it to the cluster's default
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: Optional[str] = None  # sbatch --time, e.g. "04:00:00"
+    # SIGTERM this many seconds before the time limit: the run checkpoints and is requeued
+    signal_before_s: int = ranged(120, lo=0)
+    extra: list = field(default_factory=list)  # more `#SBATCH` lines, e.g. ["--exclusive"]
+    submit: bool = True  # false: only write RUN/slurm.sbatch
+
+
+@dataclass
 class LauncherConfig:
     name: str = MISSING
-    # int, or "auto": every visible GPU (1 process on CPU)
+    # int, or "auto": every visible GPU (1 process on CPU); per node
     num_processes: Any = "auto"
     num_machines: int = ranged(1, lo=1)
     machine_rank: int = ranged(0, lo=0)
     main_process_ip: str = "127.0.0.1"
     main_process_port: int = ranged(29500, lo=1, hi=65535)
+    # launcher=hostfile: DeepSpeed-style hostfile; the first host is the rendezvous
+    hostfile: Optional[str] = None
+    # this node's line in the hostfile (0-based); null: found from the host's names and addresses
+    node_rank: Optional[int] = ranged(None, lo=0)
+    # interface for GLOO/NCCL_SOCKET_IFNAME; null: the one that routes to the rendezvous address
+    network_interface: Optional[str] = None
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -176,6 +197,8 @@ class TrainConfig:
     precision: str = ranged("auto", choices=["auto", "bf16", "fp16", "fp32"])
     num_workers: int = ranged(0, lo=0)
     threads: int = ranged(0, lo=0)  # torch intra-op threads per process; 0 leaves torch's choice
+    # optional: micro_batch_size x grad_accum x world size must equal it (checked before launch)
+    global_batch_size: Optional[int] = ranged(None, lo=1)
 
 
 @dataclass
