@@ -1,0 +1,225 @@
+"""After training: `lora-launch generate|merge|eval run.dir=RUN [key=value ...]`.
+
+Each reads RUN/config.yaml (the run's resolved config) and RUN/adapter (the trained LoRA):
+
+    lora-launch generate run.dir=RUN prompt="[INST] Where is Italy? [/INST]" [sample=true]
+        [max_new_tokens=64 temperature=0.7 top_p=0.9 seed=0 template=false]
+    lora-launch merge run.dir=RUN [out=RUN/merged dtype=bfloat16]
+    lora-launch eval run.dir=RUN [split=val|train max_batches=-1]
+
+`merge` writes a standalone model (safetensors) that `AutoModelForCausalLM.from_pretrained`
+loads; a QLoRA run is merged into its dequantized base, the weights it was trained against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+COMMANDS = ("generate", "merge", "eval")
+OPTIONS = {
+    "generate": {"run.dir": None, "prompt": None, "sample": "false", "max_new_tokens": None,
+                 "temperature": "0.7", "top_p": "0.9", "seed": "0", "template": "false"},
+    "merge": {"run.dir": None, "out": None, "dtype": "bfloat16"},
+    "eval": {"run.dir": None, "split": "val", "max_batches": "-1"},
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UsageError(ValueError):
+    """A bad subcommand argument or run directory; the message names it."""
+
+
+def parse(command: str, argv: list[str]) -> dict:
+    """key=value arguments of a subcommand, with its defaults; unknown keys are refused."""
+    opts = dict(OPTIONS[command])
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in opts:
+            raise UsageError(f"{command}: unknown argument {arg!r}; known: {' '.join(k + '=' for k in opts)}")
+        opts[key] = value
+    if not opts["run.dir"]:
+        raise UsageError(f"{command}: run.dir=RUN is required (a finished run directory)")
+    return opts
+
+
+def _flag(opts: dict, key: str) -> bool:
+    value = opts[key].lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise UsageError(f"{key}={opts[key]!r} must be true or false")
+    return value in ("true", "1", "yes")
+
+
+def load_run(run_dir: str) -> DictConfig:
+    """The run's resolved config, after checking that the run has a trained adapter."""
+    from conf.schema import load
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UsageError(f"run.dir={run_dir}: no config.yaml here; is this a lora-launch run directory?")
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise UsageError(f"run.dir={run_dir}: no trained adapter (adapter/adapter_config.json); "
+                         "has the run finished?")
+    return load(str(run / "config.yaml"))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None = None):
+    """(base + adapter as a PeftModel in eval mode, tokenizer). With `dequantize_to`, a 4-bit
+    base is dequantized to that dtype first (what merging needs)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from train.model import load_base_model
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    base = load_base_model(cfg, device())
+    if dequantize_to is not None:
+        if cfg.quant.mode == "nf4":
+            base = base.dequantize(dtype=dequantize_to)
+        base = base.to(dequantize_to)
+    base.config.use_cache = True
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    return model, tok
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
+    """The model's continuation of `prompt` (greedy, or sampled with temperature / top-p)."""
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    input_ids = torch.tensor([ids], device=model.device)
+    kwargs = dict(do_sample=sample)
+    if sample:
+        torch.manual_seed(seed)
+        kwargs.update(temperature=temperature, top_p=top_p)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def generate(opts: dict) -> int:
+    """Print the completion of `prompt` by base + adapter."""
+    from train.templates import prompt_text
+
+    run = Path(opts["run.dir"])
+    cfg = load_run(opts["run.dir"])
+    model, tok = load_model(cfg, run)
+    prompt = opts["prompt"] if opts["prompt"] is not None else cfg.sample.prompt
+    if _flag(opts, "template"):
+        prompt = prompt_text(cfg.data, tok, prompt)
+    max_new = int(opts["max_new_tokens"] or cfg.sample.max_new_tokens or 64)
+    text = complete(model, tok, prompt, max_new, sample=_flag(opts, "sample"),
+                    temperature=float(opts["temperature"]), top_p=float(opts["top_p"]), seed=int(opts["seed"]))
+    print(prompt + text, flush=True)
+    return 0
+
+
+# ---- merge ------------------------------------------------------------------------------------
+
+def merge(opts: dict) -> int:
+    """Write base + adapter as one model (safetensors + tokenizer), replacing `out` only when complete."""
+    run = Path(opts["run.dir"])
+    cfg = load_run(opts["run.dir"])
+    if opts["dtype"] not in DTYPES:
+        raise UsageError(f"dtype={opts['dtype']!r} is not one of {sorted(DTYPES)}")
+    out = Path(opts["out"] or run / "merged")
+    model, tok = load_model(cfg, run, dequantize_to=DTYPES[opts["dtype"]])
+    merged = model.merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"merged model ({opts['dtype']}): {out}", flush=True)
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) -> tuple[float, int]:
+    """Mean token loss of `model` over `samples` (as the training loop evaluates), and the token count."""
+    from train.data import collate
+    from train.loop import token_loss_sum
+
+    total, count = 0.0, 0
+    starts = range(0, len(samples), micro)
+    if max_batches > 0:
+        starts = starts[:max_batches]
+    for lo in starts:
+        batch = {k: v.to(model.device) for k, v in collate(samples[lo: lo + micro], pad_id).items()}
+        loss, n = token_loss_sum(model, batch)
+        total, count = total + loss.item(), count + n
+    return total / max(count, 1), count
+
+
+def evaluate(opts: dict) -> int:
+    """Print (and write RUN/eval.json) the eval loss and perplexity of base + adapter."""
+    from train.data import build_splits
+
+    run = Path(opts["run.dir"])
+    cfg = load_run(opts["run.dir"])
+    if opts["split"] not in ("val", "train"):
+        raise UsageError(f"split={opts['split']!r} must be val or train")
+    model, tok = load_model(cfg, run)
+    with open_dict(cfg):
+        cfg.data.packing = False  # evaluate whole samples, as the loop does for val
+    samples = getattr(build_splits(cfg, tok, report=False), opts["split"])
+    if not len(samples):
+        raise UsageError(f"run.dir={run}: the run has no {opts['split']} samples "
+                         "(trained with data.val_split=0 and no data.val_split_name?)")
+    loss, tokens = eval_loss(model, samples, cfg.train.micro_batch_size, tok.pad_token_id,
+                             int(opts["max_batches"]))
+    result = {"split": opts["split"], "loss": loss, "perplexity": math.exp(min(loss, 50)),
+              "samples": len(samples), "tokens": tokens}
+    print(f"{opts['split']} loss {loss:.4f}  perplexity {result['perplexity']:.3f}  "
+          f"({len(samples)} samples, {tokens} target tokens)", flush=True)
+    tmp = run / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run / "eval.json")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Run one subcommand: argv = [command, key=value, ...]; errors are one line and exit 2."""
+    from conf.schema import ConfigError
+    from train.data import DataError
+
+    command, rest = argv[0], argv[1:]
+    try:
+        opts = parse(command, rest)
+        return {"generate": generate, "merge": merge, "eval": evaluate}[command](opts)
+    except (UsageError, DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def generate_command(argv: list[str]) -> int:
+    """`lora-launch generate …`."""
+    return main(["generate", *argv])
+
+
+def merge_command(argv: list[str]) -> int:
+    """`lora-launch merge …`."""
+    return main(["merge", *argv])
+
+
+def eval_command(argv: list[str]) -> int:
+    """`lora-launch eval …`."""
+    return main(["eval", *argv])
