@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 TRIAL_FILE = "trial.json"
+_OPTUNA_PARAMS = "hydra.sweeper.params."
 _SWEEP_SYNTAX = re.compile(r",|^\w+\(|\b(range|choice|interval|glob)\(")
 
 
@@ -33,13 +34,13 @@ def swept_keys(argv: list[str]) -> set[str]:
     for arg in _user_args(argv):
         key, _, value = arg.partition("=")
         if _SWEEP_SYNTAX.search(value) and not value.startswith("["):
-            keys.add(key.lstrip("+~"))
+            keys.add(key.lstrip("+~").removeprefix(_OPTUNA_PARAMS))
     return keys
 
 
 def sweep_name(argv: list[str] | None = None) -> str:
     """Name of the sweep dir: a digest of the command line's overrides, order-independent."""
-    args = sorted(a for a in _user_args(sys.argv[1:] if argv is None else argv) if not a.startswith("hydra."))
+    args = sorted(_user_args(sys.argv[1:] if argv is None else argv))
     return "sweep-" + hashlib.sha1("\n".join(args).encode()).hexdigest()[:10]
 
 

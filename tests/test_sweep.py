@@ -95,3 +95,20 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
 
     rebuilt = lora_launch("sweep-summary", str(tmp_path / "sweep"), timeout=120)
     assert rebuilt.returncode == 0 and "lora.r=2" in rebuilt.stdout
+
+
+@pytest.mark.slow
+def test_optuna_sweeper_minimises_the_trials_best_eval_loss(tiny, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    sweep_dir = tmp_path / "optuna"
+    result = lora_launch("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0",
+                         "optim.lr=interval(0.0001,0.003)", "train.max_steps=2", "sample.max_new_tokens=0",
+                         *tiny["overrides"], f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    assert all(r["trial"].startswith("optim.lr=") for r in rows)
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["best_value"]
+    assert best == pytest.approx(float(rows[0]["best_eval_loss"]))
