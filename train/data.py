@@ -257,7 +257,7 @@ def tokenized_split(cfg: DictConfig, tok, split: str, show: bool) -> tuple[Sampl
         ds, columns, where = data_sources.load_rows(d, split)
     for key, column in required_columns(d):
         if column not in columns:
-            raise DataError(f"{where}: no field {column!r} ({key}); fields present: {columns}")
+            raise DataError(f"{where}: no field {column!r} ({key}); fields present: {sorted(columns)}")
     if d.max_samples > 0:
         ds = ds.select(range(min(d.max_samples, len(ds))))
     samples, stats = _tokenize_rows(cfg, tok, ds, where, show)
@@ -462,8 +462,9 @@ def model_inputs(batch: dict) -> dict:
 
     Packed rows pass position_ids and no attention mask: transformers then builds a
     block-diagonal causal mask from where the positions restart (sdpa, eager), and
-    flash-attention 2 uses them as variable-length boundaries.
+    flash-attention 2 uses them as variable-length boundaries. It does so only without a KV
+    cache (transformers 5.24), hence use_cache=False: with a cache, samples would see each other.
     """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

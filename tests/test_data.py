@@ -1,0 +1,356 @@
+"""Data: sources, formats and templates, prompt masking, errors, splits, packing, grouping, cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, subprocess_env
+from launcher.compose import compose
+from train import data_sources
+from train.data import (IGNORE, DataError, SampleStream, build_splits, collate, dataset_fingerprint, pack,
+                        train_stream)
+
+ROWS = [{"instruction": f"Reverse: {a} {b}", "input": "", "output": f"{b} {a}"}
+        for a in ("cat", "dog", "sun", "red") for b in ("blue", "tree", "fish", "bird", "moon")]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tiny["model"])
+    return t
+
+
+def cfg_for(tiny, tmp_path, *overrides):
+    return compose([f"model.path={tiny['model']}", "data.source=local", f"run.dir={tmp_path / 'run'}",
+                    f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=64", *overrides])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def response_text(tok, sample) -> str:
+    ids = [i for i, l in zip(sample["input_ids"], sample["labels"]) if l != IGNORE]
+    return tok.decode(ids)
+
+
+# ---- sources ---------------------------------------------------------------------------------
+
+def test_jsonl_json_csv_parquet_and_directory_give_the_same_samples(tiny, tok, tmp_path):
+    import pandas as pd
+
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    pd.DataFrame(ROWS).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(ROWS).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "part1.jsonl", ROWS[:7])
+    write_jsonl(tmp_path / "dir" / "part2.jsonl", ROWS[7:])
+    got = {}
+    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet", "dir"):
+        splits = build_splits(cfg_for(tiny, tmp_path, f"data.path={tmp_path / name}", "data.val_split=0"), tok)
+        got[name] = [s["input_ids"].tolist() for s in splits.train]
+    assert len(got["d.jsonl"]) == len(ROWS)
+    assert all(v == got["d.jsonl"] for v in got.values())
+
+
+def test_hub_dataset_offline_fails_fast_with_a_clear_error(tiny, tmp_path):
+    code = ("import sys; sys.path.insert(0, 'tests');"
+            "from launcher.compose import compose; from train.data import build_splits, DataError\n"
+            f"cfg = compose(['model.path={tiny['model']}', 'data=hub', 'data.name=nobody/no-such-dataset-xyz',"
+            f" 'run.dir={tmp_path}/run', 'data.cache_dir={tmp_path}/c'])\n"
+            "from train.model import load_tokenizer\n"
+            "try:\n    build_splits(cfg, load_tokenizer(cfg))\nexcept DataError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert "ERR data.name=nobody/no-such-dataset-xyz" in out.stdout, out.stderr[-2000:]
+    assert "HF_HUB_OFFLINE" in out.stdout
+
+
+# ---- errors that name the file, line or field --------------------------------------------------
+
+def test_missing_file(tiny, tok, tmp_path):
+    with pytest.raises(DataError, match=r"data.path=.*nope.jsonl: no such file"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={tmp_path / 'nope.jsonl'}"), tok)
+
+
+def test_malformed_jsonl_line_is_named(tiny, tok, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{\"instruction\": oops}\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:3: not valid JSON"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok)
+
+
+def test_non_utf8_bytes_are_located(tiny, tok, tmp_path):
+    path = tmp_path / "latin.jsonl"
+    good = (json.dumps(ROWS[0]) + "\n").encode()
+    path.write_bytes(good + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    offset = len(good) + len(b'{"instruction": "caf')
+    with pytest.raises(DataError, match=rf"latin.jsonl:2: not UTF-8 \(byte 0xe9 at byte offset {offset}\)"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok)
+
+
+def test_missing_field_lists_the_fields_present(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}])
+    with pytest.raises(DataError, match=r"no field 'instruction' \(data.fields.instruction\); fields present: "
+                                        r"\['prompt', 'response'\]"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok)
+    with pytest.raises(DataError, match=r"no field 'text' \(data.text_field\)"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=text"), tok)
+    # renaming the fields makes it work
+    splits = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.fields.instruction=prompt",
+                                  "data.fields.output=response", "data.val_split=0"), tok)
+    assert response_text(tok, splits.train[0]) == " b </s>"
+
+
+def test_template_needing_a_field_the_data_lacks(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a"}])
+    with pytest.raises(DataError, match=r"no field 'context' \(data.fields.context\); fields present: "
+                                        r"\['answer', 'question'\]"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=qa"), tok)
+    with pytest.raises(DataError, match="data.template=tokenizer: the tokenizer .* has no chat template"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=qa", "data.template=tokenizer"), tok)
+
+
+def test_null_value_names_the_record(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:3] + [{"instruction": "x", "output": None}])
+    with pytest.raises(DataError, match=r"d.jsonl: record 4: field 'output' \(data.fields.output\) is missing or null"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok)
+
+
+def test_every_sample_too_long_without_truncation(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"every sample is longer than train.seq_len=8 \(shortest \d+ tokens\); "
+                                        r"raise train.seq_len or set data.truncation=true"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.truncation=false", "train.seq_len=8"), tok)
+
+
+def test_empty_after_filtering(tiny, tok, tmp_path):
+    # the prompt alone fills seq_len: truncation leaves no response token in any sample
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "word " * 40, "output": "x"}] * 3)
+    with pytest.raises(DataError, match=r"no sample left after filtering \(0 longer than train.seq_len=16, "
+                                        r"3 without response tokens"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "train.seq_len=16"), tok)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records|could not read"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={tmp_path / 'empty.jsonl'}"), tok)
+
+
+def test_data_error_leaves_the_run_dir_alone(tiny, tmp_path):
+    """A launch with bad data exits non-zero with one line, and earlier outputs survive."""
+    from conftest import lora_launch
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "keep.txt").write_text("earlier result")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    result = lora_launch(*tiny["overrides"], f"data.path={bad}", f"run.dir={run}", "train.max_steps=1",
+                         f"data.cache_dir={tmp_path / 'c'}", timeout=300)
+    assert result.returncode != 0
+    assert "error: " in result.stderr and "bad.jsonl:2: not valid JSON" in result.stderr
+    assert (run / "adapter" / "keep.txt").read_text() == "earlier result"
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+
+
+# ---- formats, templates and masking ------------------------------------------------------------
+
+def one_sample(tiny, tok, tmp_path, row, *overrides):
+    path = write_jsonl(tmp_path / "one.jsonl", [row])
+    return build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=512",
+                                *overrides), tok).train[0]
+
+
+def test_llama2_instruction_masks_the_prompt(tiny, tok, tmp_path):
+    s = one_sample(tiny, tok, tmp_path, {"instruction": "Reverse: cat dog", "input": "", "output": "dog cat"})
+    assert tok.decode(s["input_ids"]) == "<s>[INST] Reverse: cat dog [/INST] dog cat </s>"
+    assert response_text(tok, s) == " dog cat </s>"
+    assert list(s["input_ids"]).count(tok.bos_token_id) == 1
+    full = one_sample(tiny, tok, tmp_path, {"instruction": "Reverse: cat dog", "output": "dog cat"},
+                      "data.train_on_prompt=true")
+    assert full["labels"].tolist() == full["input_ids"].tolist()
+
+
+def test_alpaca_and_chatml_templates(tiny, tok, tmp_path):
+    row = {"instruction": "Reverse", "input": "cat dog", "output": "dog cat"}
+    s = one_sample(tiny, tok, tmp_path, row, "data.template=alpaca", "train.seq_len=512")
+    text = tok.decode(s["input_ids"])
+    assert text.startswith("<s>Below is an instruction that describes a task, paired with an input")
+    assert text.endswith("### Instruction:\nReverse\n\n### Input:\ncat dog\n\n### Response:\ndog cat</s>")
+    assert response_text(tok, s) == "dog cat</s>"
+    s = one_sample(tiny, tok, tmp_path, row, "data.template=chatml", "data.system_prompt=Be brief.",
+                   "train.seq_len=512")
+    assert tok.decode(s["input_ids"]) == ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                          "Reverse\n\ncat dog<|im_end|>\n<|im_start|>assistant\ndog cat<|im_end|></s>")
+    assert response_text(tok, s) == "dog cat<|im_end|></s>"
+
+
+def test_messages_mask_every_assistant_turn(tiny, tok, tmp_path):
+    row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "one"}, {"role": "user", "content": "again"},
+                        {"role": "assistant", "content": "two"}]}
+    s = one_sample(tiny, tok, tmp_path, row, "data.format=messages")
+    assert tok.decode(s["input_ids"]) == ("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nhi [/INST] one </s>"
+                                          "<s>[INST] again [/INST] two </s>")
+    assert response_text(tok, s) == " one </s> two </s>"
+
+
+def test_tokenizer_chat_template(tiny, tok, tmp_path):
+    tok2 = type(tok).from_pretrained(tiny["model"])
+    tok2.chat_template = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\n' }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}])
+    s = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.format=messages",
+                             "data.template=tokenizer"), tok2).train[0]
+    assert tok2.decode(s["input_ids"]) == "<user>hi\n<assistant>yo\n"
+    assert response_text(tok2, s) == "yo\n"
+
+
+def test_task_types_classification_summary_qa(tiny, tok, tmp_path):
+    s = one_sample(tiny, tok, tmp_path, {"text": "great film", "label": 1}, "data.format=classification",
+                   "data.label_names=[negative,positive]")
+    assert tok.decode(s["input_ids"]) == ("<s>[INST] Classify the following text. Answer with one of: negative, "
+                                          "positive.\n\ngreat film [/INST] positive </s>")
+    s = one_sample(tiny, tok, tmp_path, {"document": "long text", "summary": "short"}, "data.format=summary")
+    assert response_text(tok, s) == " short </s>" and "Summarize the following document." in tok.decode(s["input_ids"])
+    s = one_sample(tiny, tok, tmp_path, {"ctx": "Rome is in Italy.", "q": "Where is Rome?", "a": "Italy"},
+                   "data.format=qa", "data.fields.context=ctx", "data.fields.question=q", "data.fields.answer=a")
+    assert "Context: Rome is in Italy.\n\nQuestion: Where is Rome? [/INST]" in tok.decode(s["input_ids"])
+    assert response_text(tok, s) == " Italy </s>"
+
+
+def test_guanaco_text_keeps_one_bos_and_one_eos(tiny, tok, tmp_path):
+    text = "<s>[INST] Where is Italy? [/INST] In Europe. </s>"
+    s = one_sample(tiny, tok, tmp_path, {"text": text}, "data.format=text")
+    ids = s["input_ids"].tolist()
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert s["labels"].tolist() == ids  # pre-formatted text trains on the whole text
+    plain = one_sample(tiny, tok, tmp_path, {"text": "[INST] Where is Italy? [/INST] In Europe. "}, "data.format=text")
+    assert plain["input_ids"].tolist() == ids  # BOS/EOS added when the text lacks them
+
+
+# ---- splits, report, cache, fingerprint --------------------------------------------------------
+
+def test_val_split_is_drawn_by_seed(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    def val_ids(seed):
+        s = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0.25", f"seed={seed}"), tok)
+        assert len(s.train) + len(s.val) == len(ROWS) and len(s.val) == 5
+        return sorted(tuple(x["input_ids"].tolist()) for x in s.val)
+    assert val_ids(0) == val_ids(0)
+    assert val_ids(0) != val_ids(1)
+
+
+def test_val_split_name_reads_the_datasets_own_split(tiny, tok, tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", ROWS[:15])
+    write_jsonl(d / "validation.jsonl", ROWS[15:])
+    s = build_splits(cfg_for(tiny, tmp_path, f"data.path={d}", "data.val_split_name=validation"), tok)
+    assert (len(s.train), len(s.val)) == (15, 5)
+    with pytest.raises(DataError, match="no file for split 'test'"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={d}", "data.val_split_name=test"), tok)
+
+
+def test_report_counts_truncation_and_lengths(tiny, tok, tmp_path):
+    rows = ROWS[:4] + [{"instruction": "Reverse: " + "cat " * 30, "output": "x y"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=24")
+    s = build_splits(cfg, tok)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    stats = report["sources"]["train"]
+    assert stats["records"] == 5 and stats["truncated"] == 0 and stats["no_target"] == 1
+    assert stats["raw_length"]["max"] > 24 and report["length"]["max"] <= 24
+    assert report["fingerprint"] == dataset_fingerprint(s) and report["train_samples"] == 4
+    cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=24",
+                  "data.train_on_prompt=true")
+    stats = build_splits(cfg, tok).report["sources"]["train"]
+    assert stats["truncated"] == 1 and stats["no_target"] == 0
+
+
+def test_tokenised_once_then_read_from_cache(tiny, tok, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cfg = cfg_for(tiny, tmp_path, f"data.path={path}")
+    first = build_splits(cfg, tok)
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 1
+
+    def no_reading(*a, **k):
+        raise AssertionError("read the data again")
+    monkeypatch.setattr(data_sources, "load_rows", no_reading)
+    second = build_splits(cfg, tok)
+    assert dataset_fingerprint(first) == dataset_fingerprint(second)
+    with pytest.raises(AssertionError, match="read the data again"):  # another seq_len is another cache entry
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "train.seq_len=32"), tok)
+
+
+def test_fingerprint_follows_the_tokens(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    a = dataset_fingerprint(build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok))
+    b = dataset_fingerprint(build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.train_on_prompt=true"), tok))
+    assert a != b and len(a) == 64
+
+
+# ---- packing and length grouping ----------------------------------------------------------------
+
+def _loss(model, samples, pad_id):
+    from train.loop import token_loss_sum
+
+    with torch.no_grad():
+        loss, n = token_loss_sum(model, collate(samples, pad_id))
+    return loss.item(), n
+
+
+def test_packed_loss_equals_unpacked_loss(tiny, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.train_on_prompt=true")
+    samples = build_splits(cfg, tok).train
+    packed = pack(samples, 64, seed=0)
+    assert len(packed) < len(samples) / 2 and packed.lengths.max() <= 64
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], attn_implementation="sdpa").eval()
+    unpacked_sum, unpacked_n = _loss(model, list(samples), tok.pad_token_id)
+    packed_sum, packed_n = _loss(model, list(packed), tok.pad_token_id)
+    assert packed_n == unpacked_n - 0  # first tokens are never targets, packed or not
+    assert packed_sum == pytest.approx(unpacked_sum, rel=1e-5)
+    # the same rows without restarting positions (attention across samples) give another loss;
+    # a random tiny model attends almost uniformly, so the gap is small, but 10x the tolerance
+    leaky = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in packed]
+    assert abs(_loss(model, leaky, tok.pad_token_id)[0] - unpacked_sum) > 1e-4 * unpacked_sum
+
+
+def test_packing_in_the_config_packs_train_only(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    s = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.packing=true", "data.val_split=0.2"), tok)
+    assert "position_ids" in s.train[0] and "position_ids" not in s.val[0]
+    plain = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0.2"), tok)
+    assert int(s.train.lengths.sum()) == int(plain.train.lengths.sum()) and len(s.train) < len(plain.train)
+
+
+def test_group_by_length_is_a_resumable_permutation(tiny, tok, tmp_path):
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(5, 100, 97)
+    a = SampleStream(97, seed=5, lengths=lengths, group_size=16)
+    epoch0 = [a.index(p) for p in range(97)]
+    assert sorted(epoch0) == list(range(97))
+    for lo in range(0, 97, 16):
+        group = lengths[epoch0[lo: lo + 16]]
+        assert (np.diff(group) <= 0).all()  # longest first within each group
+    b = SampleStream(97, seed=5, lengths=lengths, group_size=16)
+    assert [b.index(p) for p in range(250, 100, -7)] == [a.index(p) for p in range(250, 100, -7)]
+    assert [a.index(p) for p in range(97, 194)] != epoch0
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.group_by_length=true")
+    stream = train_stream(cfg, build_splits(cfg, tok))
+    assert stream.group_size == 50 * cfg.train.micro_batch_size and stream.lengths is not None
