@@ -31,13 +31,10 @@ def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                   weight_decay=cfg.optim.weight_decay)
     if cfg.optim.name == "paged_adamw_32bit":
-        import warnings
-
         import bitsandbytes as bnb
 
-        with warnings.catch_warnings():  # on CPU bitsandbytes says it runs unpaged; that is expected
-            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-            return bnb.optim.PagedAdamW32bit(params, **kwargs)
+        # on CPU bitsandbytes runs it unpaged (it warns so at the first step)
+        return bnb.optim.PagedAdamW32bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
 
