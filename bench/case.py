@@ -1,0 +1,227 @@
+"""One benchmark case in its own process: `python -m bench.case '<json spec>'`.
+
+Prints one line `RESULT {json}` (rank 0). Kinds: `matmul` (the card's bf16 matrix rate),
+`prepare` (tokenizer and a saved random 7B for QLoRA), `project` (this project's Trainer),
+`peer` (the article's TRL SFTTrainer recipe), `checkpoint` (checkpoint time and size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WORK = Path(os.environ.get("BENCH_WORK", "/tmp/bench"))
+TOKENIZER = WORK / "tokenizer"
+SAVED_7B = WORK / "llama2-7b-random"
+
+
+def emit(result: dict) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def step_stats(times: list[float], tokens: list[int]) -> dict:
+    """tokens/s over the measured steps (total tokens / total time) and the step-time spread."""
+    ranked = sorted(times)
+    p10, p90 = ranked[round(0.1 * (len(ranked) - 1))], ranked[round(0.9 * (len(ranked) - 1))]
+    return {"tokens_per_s": sum(tokens) / sum(times), "steps": len(times),
+            "step_time_median": statistics.median(times), "step_time_p10": p10, "step_time_p90": p90,
+            "step_time_cv": statistics.pstdev(times) / statistics.mean(times),
+            "tokens_per_step": statistics.mean(tokens)}
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+# ---- the card ---------------------------------------------------------------------------------
+
+def matmul(spec: dict) -> dict:
+    """Median bf16 matrix-product rate (TFLOP/s) at 8192^3 and at the 7B's MLP shape."""
+    from triton.testing import do_bench
+
+    out = {}
+    for name, (m, k, n) in {"square_8192": (8192, 8192, 8192), "mlp_2048x4096x11008": (2048, 4096, 11008)}.items():
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        ms = do_bench(lambda: a @ b, warmup=200, rep=1000, return_mode="median")
+        out[f"tflops_{name}"] = 2 * m * k * n / ms / 1e9
+    return out
+
+
+# ---- shared inputs ----------------------------------------------------------------------------
+
+def make_tokenizer() -> None:
+    """A Llama-2-sized word-level tokenizer (32000 ids, Llama's special tokens, pad = unk).
+
+    Synthetic data draws its ids from the tokenizer's vocabulary: a full-size one keeps the
+    token ids, and so the activations, as varied as real text's.
+    """
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok.save_pretrained(TOKENIZER)
+
+
+def random_7b(seed: int = 0):
+    """The Llama-2-7B shape with random bf16 weights, built on the GPU (the project's recipe)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/model/llama2_7b_random.yaml").arch)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch), dtype=torch.bfloat16)
+
+
+def prepare(spec: dict) -> dict:
+    """Tokenizer plus the random 7B saved as safetensors, so QLoRA can load it through bitsandbytes."""
+    t0 = time.perf_counter()
+    make_tokenizer()
+    if not (SAVED_7B / "config.json").exists():
+        random_7b().save_pretrained(SAVED_7B, safe_serialization=True)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(SAVED_7B)
+    return {"seconds": time.perf_counter() - t0}
+
+
+# ---- this project -----------------------------------------------------------------------------
+
+def project_overrides(spec: dict, run_dir: str) -> list[str]:
+    """lora-launch overrides for a case: the article's LoRA on the random 7B, synthetic tokens."""
+    model = spec.get("model", "llama2_7b_random")
+    o = [f"model={model}"] + ([f"model.tokenizer={TOKENIZER}"] if model == "llama2_7b_random" else [])
+    o += ["data.source=synthetic",
+         f"data.synthetic_lengths={spec.get('lengths', 'full')}", "data.max_samples=2048", "data.val_split=0.0",
+         "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", "train.seq_len=512",
+         f"train.micro_batch_size={spec.get('micro', 4)}", f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
+         f"train.compile={spec.get('compile', 'auto')}", "train.max_steps=1000", "eval.at_start=false",
+         "logging.progress_bar=false", "logging.tensorboard=false", f"run.dir={run_dir}",
+         f"distributed={spec.get('distributed', 'ddp')}", "optim.max_grad_norm=0.3"]
+    if spec.get("all_linear"):
+        o.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+    if spec.get("quant") == "nf4":
+        o += ["quant=nf4", f"model.path={SAVED_7B}", "model.random_init=false"]
+    return o + [f"seed={spec.get('seed', 0)}"] + list(spec.get("extra", []))
+
+
+def build_trainer(spec: dict):
+    from launcher.compose import compose
+    from train.loop import Trainer
+
+    run_dir = str(WORK / "runs" / spec["name"])
+    return Trainer(compose(project_overrides(spec, run_dir)))
+
+
+def project(spec: dict) -> dict:
+    """Warm-up steps (compilation happens here), then timed steps of the project's Trainer."""
+    trainer = build_trainer(spec)
+    try:
+        for _ in range(spec.get("warmup", 5)):
+            trainer.train_step()
+        times, tokens = [], []
+        for _ in range(spec.get("steps", 15)):
+            row = trainer.train_step()
+            times.append(row["step_time"])
+            tokens.append(row["tokens"] // trainer.world)  # per GPU
+        out = step_stats(times, tokens)
+        out.update(world=trainer.world, peak_gib=peak_gib(), loss=row["loss"])
+        return out
+    finally:
+        trainer.close()
+
+
+def checkpoint(spec: dict) -> dict:
+    """Time and size of one checkpoint at 7B against the step time (the Checkpointer if it saves)."""
+    trainer = build_trainer(spec)
+    times = []
+    for _ in range(6):
+        times.append(trainer.train_step()["step_time"])
+    out = {"step_time_median": statistics.median(times[2:])}
+    target = trainer.run_dir / "checkpoints"
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        trainer.checkpointer.save(trainer.step, trainer.state())
+        out["what"] = "Checkpointer.save"
+    except NotImplementedError:
+        # the Checkpointer seam does not save yet: time what it must write (adapter + optimizer)
+        target = trainer.run_dir / "manual_ckpt"
+        target.mkdir(parents=True, exist_ok=True)
+        trainer.save_adapter()
+        torch.save(trainer.optimizer.state_dict(), target / "optimizer.pt")
+        target = trainer.run_dir
+        out["what"] = "save_adapter + torch.save(optimizer.state_dict()) (Checkpointer.save not implemented)"
+    out["save_seconds"] = time.perf_counter() - t0
+    out["size_mib"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
+    out["peak_gib"] = peak_gib()
+    trainer.close()
+    return out
+
+
+# ---- the peer: the article's TRL recipe -------------------------------------------------------
+
+def peer(spec: dict) -> dict:
+    """TRL SFTTrainer + PEFT (+ bitsandbytes), paged_adamw_32bit, packing off, same model and data."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    micro, seq, warm, steps = spec.get("micro", 4), 512, spec.get("warmup", 5), spec.get("steps", 15)
+    if spec.get("quant") == "nf4":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False)
+        model = AutoModelForCausalLM.from_pretrained(SAVED_7B, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     device_map={"": 0})
+    else:
+        model = random_7b()
+    model.config.use_cache = False
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (micro * (warm + steps + 2), seq), generator=g).tolist()
+    args = SFTConfig(output_dir=str(WORK / "runs" / "peer"), per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=1, optim="paged_adamw_32bit", learning_rate=2e-4,
+                     weight_decay=0.001, max_grad_norm=0.3, lr_scheduler_type="cosine",
+                     bf16=torch.cuda.is_available(), disable_tqdm=True,
+                     max_steps=warm + steps, gradient_checkpointing=spec.get("ckpt", False),
+                     packing=False, max_length=seq, logging_steps=1000, save_strategy="no", report_to="none")
+    lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}),
+                         processing_class=AutoTokenizer.from_pretrained(TOKENIZER), peft_config=lora,
+                         callbacks=[Clock()])
+    trainer.train()
+    times = [b - a for a, b in zip(stamps[warm - 1:], stamps[warm:])]
+    out = step_stats(times, [micro * seq] * len(times))
+    out.update(world=1, peak_gib=peak_gib())
+    return out
+
+
+KINDS = {"matmul": matmul, "prepare": prepare, "project": project, "peer": peer, "checkpoint": checkpoint}
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    result = KINDS[spec["kind"]](spec)
+    emit({"name": spec["name"], **result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

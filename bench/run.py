@@ -1,0 +1,168 @@
+"""Run a benchmark matrix on the GPU machine: `python -m bench.run --matrix single [--out DIR]`.
+
+Every case runs in its own process (an out-of-memory case cannot take the others down) and
+appends one JSON line to OUT/results.jsonl: the case's config, the card, the date, real
+(non-padding) tokens/s per GPU, MFU against the bf16 matrix rate measured in the same run,
+peak GPU memory and the step-time spread. A short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.flops import LLAMA2_7B, flops_per_token
+
+QV, ALL = ["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def case(name: str, kind: str, **spec) -> dict:
+    return {"name": name, "kind": kind, **spec}
+
+
+PEERS = [case("peer_qlora_ckpt", "peer", quant="nf4", ckpt=True),
+         case("peer_lora_ckpt", "peer", ckpt=True),
+         case("peer_lora", "peer")]
+
+MATRICES = {
+    # the headline: the peer's three configs and this project's, plus what each speed change gives
+    "single": [case("matmul", "matmul"), case("prepare", "prepare"), *PEERS,
+               case("lora", "project", vs="peer_lora"),
+               case("lora_ckpt", "project", ckpt=True, vs="peer_lora_ckpt"),
+               case("qlora_ckpt", "project", quant="nf4", ckpt=True, vs="peer_qlora_ckpt"),
+               case("qlora_ckpt_compile_loss", "project", quant="nf4", ckpt=True, compile="loss",
+                    vs="peer_qlora_ckpt"),
+               case("lora_eager", "project", compile="none", vs="peer_lora"),
+               case("qlora_ckpt_eager_upcast", "project", quant="nf4", ckpt=True, compile="none",
+                    extra=["quant.upcast_frozen=true"], vs="peer_qlora_ckpt"),
+               case("lora_mb8", "project", micro=8, vs="peer_lora"),
+               case("lora_ckpt_mb16", "project", ckpt=True, micro=16, vs="peer_lora_ckpt"),
+               case("lengths_padded", "project", lengths="lognormal"),
+               case("lengths_packed", "project", lengths="lognormal", extra=["data.packing=true"]),
+               case("lora_all_linear", "project", all_linear=True),
+               case("checkpoint_7b", "checkpoint")],
+    # per-GPU tokens/s against 1 GPU, for every distributed option with LoRA and QLoRA
+    "scaling": [case("prepare", "prepare"),
+                *[case(f"{q}_{d}_{n}gpu", "project", nproc=n, distributed=d, ckpt=(q == "qlora"),
+                       **({"quant": "nf4"} if q == "qlora" else {}), warmup=4, steps=10)
+                  for q in ("lora", "qlora") for n, ds in ((1, ["ddp"]), (2, ["ddp", "zero2", "zero3"]),
+                                                         (4, ["ddp", "zero2", "zero3"]))
+                  for d in ds]],
+    # a CPU-free check that the plumbing runs: one small case of each kind
+    "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
+              case("lora", "project", warmup=2, steps=3)],
+}
+
+
+def card() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+
+
+def command(spec: dict) -> list[str]:
+    n = spec.get("nproc", 1)
+    if n == 1:
+        return [sys.executable, "-m", "bench.case", json.dumps(spec)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", "bench.case", json.dumps(spec)]
+
+
+def run_case(spec: dict, timeout: float, log) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if spec.get("nproc", 1) == 1:
+        env["CUDA_VISIBLE_DEVICES"] = "0"  # SFTTrainer refuses several visible GPUs in one process
+    t0 = time.perf_counter()
+    log.write(f"\n===== {spec['name']} {json.dumps(spec)}\n")
+    log.flush()
+    try:
+        proc = subprocess.run(command(spec), env=env, capture_output=True, text=True, timeout=timeout)
+        out, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), "timeout"
+    log.write(out[-6000:])
+    log.flush()
+    results = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    row = results[-1] if results else {"name": spec["name"], "error": f"rc={rc}: " + _last_error(out)}
+    row["wall_s"] = time.perf_counter() - t0
+    return row
+
+
+def _last_error(out: str) -> str:
+    lines = [l for l in out.strip().splitlines() if l.strip()]
+    errs = [l for l in lines if "Error" in l or "error:" in l]
+    return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:300]
+
+
+def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
+    if "tokens_per_s" not in row or not rate:
+        return
+    per_sample = 512 if spec.get("lengths", "full") == "full" else row.get("tokens_per_step", 512) / spec.get("micro", 4)
+    fpt = flops_per_token(LLAMA2_7B, min(per_sample, 512), bool(spec.get("ckpt")), 64,
+                          ALL if spec.get("all_linear") else QV)
+    row["flops_per_token"] = fpt
+    row["mfu"] = row["tokens_per_s"] * fpt / (rate * 1e12)
+
+
+def table(rows: list[dict]) -> str:
+    by_name = {r["name"]: r for r in rows}
+    lines = [f"{'case':28} {'tok/s/GPU':>10} {'x peer':>7} {'MFU':>6} {'peak GiB':>9} {'step cv':>8}"]
+    for r in rows:
+        if "tokens_per_s" not in r:
+            extra = r.get("error") or {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()
+                                       if k not in ("name", "spec", "card", "date", "wall_s")}
+            lines.append(f"{r['name']:28} {str(extra)[:110]}")
+            continue
+        peer = by_name.get(r["spec"].get("vs"), {})
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if "tokens_per_s" in peer else "-"
+        lines.append(f"{r['name']:28} {r['tokens_per_s']:10.0f} {ratio:>7} {r.get('mfu', 0):6.1%} "
+                     f"{r['peak_gib']:9.1f} {r['step_time_cv']:8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--matrix", choices=sorted(MATRICES), default="single")
+    parser.add_argument("--only", nargs="*", help="run only these case names (plus matmul/prepare)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--budget", type=float, default=560.0, help="seconds for the whole matrix")
+    parser.add_argument("--case-timeout", type=float, default=240.0)
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [s for s in MATRICES[args.matrix]
+             if not args.only or s["name"] in args.only or s["kind"] in ("matmul", "prepare")]
+    meta = {"card": card(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    start, rows, rate = time.perf_counter(), [], None
+    with open(out / "log.txt", "a") as log, open(out / "results.jsonl", "a") as results:
+        for spec in specs:
+            left = args.budget - (time.perf_counter() - start)
+            if left < 30:
+                row = {"name": spec["name"], "error": "not run: matrix time budget spent"}
+            else:
+                row = run_case(spec, min(args.case_timeout, left), log)
+            rate = rate or row.get("tflops_square_8192")
+            add_mfu(row, spec, rate)
+            row.update(spec=spec, matmul_tflops=rate, **meta)
+            rows.append(row)
+            results.write(json.dumps(row) + "\n")
+            results.flush()
+            print(f"[{time.perf_counter() - start:6.0f}s] {spec['name']}: "
+                  f"{row.get('tokens_per_s', row.get('error', ''))}", flush=True)
+    text = f"{meta['card']}, {meta['date']}, bf16 matmul {rate and round(rate)} TFLOP/s\n" + table(rows)
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
