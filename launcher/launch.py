@@ -125,7 +125,31 @@ def run(cmd: list[str], env: dict[str, str] | None = None, received: list[int] |
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        if received:
+            # the launcher itself may die of the signal while training is still checkpointing
+            wait_for_group(proc.pid)
+        return rc
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def wait_for_group(pgid: int, timeout_s: float = 900.0) -> None:
+    """Wait until no live (non-zombie) process is left in process group `pgid`."""
+    import time
+
+    import psutil
+
+    def alive() -> bool:
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    return True
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return False
+
+    end = time.monotonic() + timeout_s
+    while alive() and time.monotonic() < end:
+        time.sleep(0.2)

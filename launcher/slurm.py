@@ -1,0 +1,89 @@
+"""`launcher=slurm`: write RUN/slurm.sbatch and submit it with `sbatch`.
+
+The script is plain sbatch (no submitit dependency), readable and re-submittable by hand. It runs
+one task per node (`srun --ntasks-per-node=1`); each task is `python -m launcher.node --run-dir RUN`,
+which finds its node rank and the rendezvous host from Slurm's variables and starts that node's
+`accelerate launch`. Preemption: SIGTERM (from Slurm before a time limit with --signal, on
+preemption, or `scancel --signal=TERM`) reaches training through srun; training checkpoints after
+its current step and records `preempted` in RUN/status.json. The script then requeues the job,
+and the requeued job resumes from RUN/checkpoints. run.dir must be on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from conf.schema import ConfigError
+from launcher.launch import write_launch_files, write_text_atomic
+from launcher.topology import Topology
+
+
+def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
+    s = cfg.launcher.slurm
+    opts = [f"--job-name=lora-{run_dir.name}", f"--nodes={topo.num_machines}", "--ntasks-per-node=1",
+            f"--output={run_dir}/slurm-%j.out", "--open-mode=append", "--requeue", f"--chdir={os.getcwd()}"]
+    if s.signal_before_s:
+        opts.append(f"--signal=TERM@{s.signal_before_s}")
+    if s.gpus_per_node:
+        opts.append(f"--gpus-per-node={s.gpus_per_node}")
+    if s.cpus_per_task:
+        opts.append(f"--cpus-per-task={s.cpus_per_task}")
+    for key, value in (("partition", s.partition), ("account", s.account), ("time", s.time)):
+        if value:
+            opts.append(f"--{key}={value}")
+    return [f"#SBATCH {o}" for o in [*opts, *s.extra]]
+
+
+def sbatch_script(cfg: DictConfig, topo: Topology, run_dir: Path, python: str = sys.executable) -> str:
+    """The job script: one launcher.node task per node, requeue when training stopped for SIGTERM."""
+    run = shlex.quote(str(run_dir))
+    node = f"{shlex.quote(python)} -m launcher.node --run-dir {run}"
+    return "\n".join([
+        "#!/bin/bash",
+        *_directives(cfg, topo, run_dir),
+        f"# Written by lora-launch from {run_dir}/config.yaml; resubmit by hand with: sbatch {run}/slurm.sbatch",
+        "",
+        "# SIGTERM to this shell (preemption) must not end it before training has checkpointed",
+        "trap 'echo \"slurm.sbatch: SIGTERM; waiting for training to checkpoint\"' TERM",
+        f"attempt={run}/.slurm-attempt",
+        'touch "$attempt"',
+        'echo "job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {node}",
+        "rc=$?",
+        "# preempted in this attempt (status written after it began): requeue, the next attempt resumes",
+        f'if [ {run}/status.json -nt "$attempt" ] && grep -q \'"state": "preempted"\' {run}/status.json; then',
+        '  echo "slurm.sbatch: training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        "exit $rc",
+        "",
+    ])
+
+
+def submit(cfg: DictConfig, topo: Topology) -> int:
+    """Write the run dir's launch files and slurm.sbatch, then `sbatch` it (unless slurm.submit=false)."""
+    run_dir = Path(cfg.run.dir)
+    # written now for inspection; each node rewrites the same files inside the job (GPU-dependent values)
+    write_launch_files(cfg, run_dir, topo)
+    script = write_text_atomic(run_dir / "slurm.sbatch", sbatch_script(cfg, topo, run_dir))
+    print(f"run dir: {run_dir}\nsbatch script: {script}", flush=True)
+    if not cfg.launcher.slurm.submit:
+        print(f"submit with: sbatch {shlex.quote(str(script))}", flush=True)
+        return 0
+    if shutil.which("sbatch") is None:
+        raise ConfigError("launcher=slurm: `sbatch` not found on PATH; run on a Slurm login node "
+                          "or set launcher.slurm.submit=false")
+    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ConfigError(f"launcher=slurm: sbatch refused {script}: {first}")
+    job = result.stdout.strip().split(";")[0]
+    print(f"submitted Slurm job {job}; log: {run_dir}/slurm-{job}.out", flush=True)
+    return 0
