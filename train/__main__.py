@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from train.checkpoint import CheckpointError, finished_step
+    from train.data import DataError
     from train.loop import Trainer
 
     done = finished_step(cfg)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_launcher()
     try:
         trainer = Trainer(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:  # bad data: one line, before anything is written
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
