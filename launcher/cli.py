@@ -53,7 +53,15 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     return rc
 
 
+POSTTRAIN_COMMANDS = ("generate", "merge", "eval")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in POSTTRAIN_COMMANDS:
+        # after training: read RUN/config.yaml and RUN/adapter (train/posttrain.py), no Hydra
+        from train.posttrain import main as posttrain_main
+
+        sys.exit(posttrain_main(sys.argv[1:]))
     register()
     hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")(_job)()
 
