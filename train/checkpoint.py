@@ -223,6 +223,17 @@ def _torch_optimizer(optimizer):
     return optimizer
 
 
+def _state_keys_of(optimizer) -> list[torch.Tensor]:
+    """The tensors the torch optimizer's state is keyed by: the parameters, or ZeRO's fp32 partitions."""
+    while hasattr(optimizer, "optimizer"):
+        if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 (its param_groups are empty between steps)
+            return list(optimizer.fp32_partitioned_groups_flat)
+        if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            return list(optimizer.single_partition_of_fp32_groups)
+        optimizer = optimizer.optimizer
+    return [q for group in optimizer.param_groups for q in group["params"]]
+
+
 def _optimizer_layout(torch_opt) -> tuple[list[str], float]:
     state = next(iter(torch_opt.state.values()), None)
     if state is None:
@@ -252,16 +263,21 @@ def gather_trainable(model, optimizer) -> tuple[dict, dict]:
     return out, {"keys": keys, "step": opt_step}
 
 
-def _init_optimizer_state(torch_opt, keys: list[str], step: float) -> None:
+def _init_optimizer_state(optimizer, keys: list[str], step: float) -> None:
     # torch optimizers create their state lazily at the first step; resume needs it now
-    for group in torch_opt.param_groups:
-        for q in group["params"]:
-            st = torch_opt.state[q]
-            old = st.get("step")
-            st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else torch.tensor(step, dtype=torch.float32)
-            for k in keys:
-                if k not in st:
-                    st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
+    torch_opt = _torch_optimizer(optimizer)
+    for q in _state_keys_of(optimizer):
+        st = torch_opt.state[q]
+        old = st.get("step")
+        st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else torch.tensor(step, dtype=torch.float32)
+        for k in keys:
+            if k not in st:
+                st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
+    zero = optimizer
+    while hasattr(zero, "optimizer") and not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero = zero.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 maps parameters into the new state
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def _set_zero_weight(p, value: torch.Tensor) -> None:
@@ -280,7 +296,7 @@ def restore_trainable(model, optimizer, tensors: dict, opt_meta: dict) -> None:
     """Load full LoRA weights and optimizer state into the (maybe sharded) model and optimizer."""
     torch_opt = _torch_optimizer(optimizer)
     keys = opt_meta["keys"]
-    _init_optimizer_state(torch_opt, keys, opt_meta["step"])
+    _init_optimizer_state(optimizer, keys, opt_meta["step"])
     for name, p in trainable(model):
         value = tensors[f"param/{name}"]
         if tuple(value.shape) != tuple(_full_shape(p)):
@@ -360,29 +376,35 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 # ---- metrics on resume --------------------------------------------------------------------------
 
-def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
-    """Drop metrics.jsonl rows a killed run wrote after `step` (one row per step after resume).
-
-    Rows of `step` itself stay, except the final evaluation, which the resumed run writes again.
-    Returns how many rows were dropped.
-    """
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
+def _rewind_jsonl(path: Path, keep) -> int:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = []
+    kept = []
     for line in lines:
         try:
             row = json.loads(line)
         except ValueError:  # a line cut short by the kill
             continue
-        final_eval = row["step"] == step == total_steps and "eval_loss" in row
-        if row["step"] < step or (row["step"] == step and not final_eval):
-            keep.append(line)
+        if keep(row):
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
-    return len(lines) - len(keep)
+    return len(lines) - len(kept)
+
+
+def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
+    """Drop rows a killed run wrote after `step` from metrics.jsonl and ranks/*.jsonl (the audit),
+    so they hold one row per step after a resume; `step` -1 drops every row (a fresh start).
+
+    Rows of `step` itself stay, except the final evaluation, which the resumed run writes again.
+    Returns how many rows were dropped.
+    """
+    def keep(row: dict) -> bool:
+        final_eval = row["step"] == step == total_steps and "eval_loss" in row
+        return row["step"] < step or (row["step"] == step and not final_eval)
+
+    files = [run_dir / "metrics.jsonl"] + sorted((run_dir / "ranks").glob("rank*.jsonl"))
+    return sum(_rewind_jsonl(f, keep) for f in files if f.exists())
 
 
 # ---- the checkpointer ----------------------------------------------------------------------------

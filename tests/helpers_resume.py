@@ -1,0 +1,128 @@
+"""Helpers for the resume tests: start a real `lora-launch`, kill its whole process tree, read results."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import read_jsonl, subprocess_env
+
+# small and quick, yet with grad_accum > 1, an epoch boundary every ~3 steps and dropout drawing RNG
+BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24", "train.max_steps=10",
+        "checkpoint.every_steps=3", "checkpoint.keep_last=2", "logging.tensorboard=false",
+        "logging.rank_audit=true", "sample.max_new_tokens=0", "eval.at_start=false", "lora.dropout=0.1"]
+
+
+def start(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start `lora-launch` in its own session (output in run_dir.log); returns the process."""
+    cmd = [sys.executable, "-c", "from launcher.cli import main; main()", f"run.dir={run_dir}", *overrides]
+    log = open(f"{run_dir}.log", "a")
+    return subprocess.Popen(cmd, env={**subprocess_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def launch(run_dir: Path, overrides: list[str], env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
+    """Run `lora-launch` to the end; returns (exit code, what this launch printed)."""
+    before = _log_size(run_dir)
+    proc = start(run_dir, overrides, env)
+    rc = proc.wait(timeout=timeout)
+    return rc, Path(f"{run_dir}.log").read_text()[before:]
+
+
+def _log_size(run_dir: Path) -> int:
+    path = Path(f"{run_dir}.log")
+    return len(path.read_text()) if path.exists() else 0
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to the launcher and every process under it at once (ranks live in their own sessions)."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=120)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> int:
+    """Block until metrics.jsonl has a training row at `step` or later; returns the newest step seen."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n"
+                                 + Path(f"{run_dir}.log").read_text()[-3000:])
+        newest = _newest_step(path)
+        if newest >= step:
+            return newest
+        time.sleep(0.005)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _newest_step(path: Path) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}") and '"loss"' in line]
+    return max(steps, default=0)
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training row, in file order."""
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["eval_loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r]
+
+
+def status(run_dir: Path) -> dict:
+    path = run_dir / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps of the committed checkpoints (directories with a manifest)."""
+    ckpt = run_dir / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if (p / "manifest.json").exists())
+
+
+def train_size(log: str) -> int:
+    """Number of training samples, from the run's log line."""
+    return int(re.search(r"(\d+) train / \d+ val samples", log).group(1))
+
+
+def consumed_samples(run_dir: Path) -> dict[int, list[int]]:
+    """Per step, the training-set indices all ranks consumed; a resumed run's record of a step wins."""
+    per_rank: dict[tuple[str, int], list[int]] = {}
+    for f in sorted((run_dir / "ranks").glob("rank*.jsonl")):
+        for row in read_jsonl(f):
+            per_rank[(f.name, row["step"])] = row["samples"]  # later rows (the resumed run) overwrite
+    steps: dict[int, list[int]] = {}
+    for (_, step), samples in per_rank.items():
+        steps.setdefault(step, []).extend(samples)
+    return steps

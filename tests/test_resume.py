@@ -1,0 +1,121 @@
+"""Resume with real processes: 2-rank runs on CPU killed with SIGKILL, stopped with SIGTERM or crashed inside a
+checkpoint save, then re-run with the same command; their loss sequences must equal an uninterrupted run's
+bit for bit. Each strategy gets different interruptions so the suite stays short on 2 cores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections import Counter
+
+import pytest
+
+from helpers_resume import (BASE, committed_steps, consumed_samples, eval_losses, kill_tree, launch, start,
+                            status, train_losses, train_size, wait_for_step)
+from train.checkpoint import CRASH_ENV
+from train.data import SampleStream
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(tiny, strategy: str, processes: int = 2) -> list[str]:
+    return tiny["overrides"] + BASE + [f"distributed={strategy}", f"launcher.num_processes={processes}"]
+
+
+def reference(tiny, tmp_path, strategy: str) -> dict:
+    run = tmp_path / "reference"
+    rc, log = launch(run, overrides(tiny, strategy))
+    assert rc == 0, log[-3000:]
+    assert [s for s, _ in train_losses(run)] == list(range(1, 11))
+    return {"train": train_losses(run), "eval": eval_losses(run)}
+
+
+def assert_same_as(run, ref: dict) -> None:
+    """Bitwise equal losses, one row per step (a resumed run must not leave the killed run's rows)."""
+    assert train_losses(run) == ref["train"]
+    assert eval_losses(run) == ref["eval"]
+    assert status(run)["state"] == "finished"
+
+
+def sigkill_at(run, args, step: int, env: dict | None = None) -> int:
+    proc = start(run, args, env)
+    seen = wait_for_step(run, proc, step)
+    kill_tree(proc, signal.SIGKILL)
+    assert status(run).get("state") == "running", "the kill came too late to interrupt the run"
+    return seen
+
+
+def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path):
+    ref = reference(tiny, tmp_path, "ddp")
+    run, args = tmp_path / "run", overrides(tiny, "ddp")
+    sigkill_at(run, args, 7)
+    steps = committed_steps(run)
+    assert len(steps) == 2
+    # the newest checkpoint is damaged on disk: resume must notice and use the one before
+    weights = run / "checkpoints" / f"step-{steps[-1]}" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x55
+    weights.write_bytes(bytes(data))
+    rc, log = launch(run, args, env={CRASH_ENV: "after_commit@9"})
+    assert rc != 0 and "crashing at step 9" in log, log[-3000:]
+    assert f"step-{steps[-1]}: trainable.safetensors is missing or does not match its checksum" in log
+    assert committed_steps(run)[-1] == 9  # committed before the crash, `latest` not yet updated
+    rc, log = launch(run, args)
+    assert rc == 0, log[-3000:]
+    assert "resumed from" in log and "step-9" in log
+    assert_same_as(run, ref)
+
+    rc, log = launch(run, args)  # the same command once more: finished, nothing to do
+    assert rc == 0 and "already finished at step 10" in log, log[-2000:]
+    assert_same_as(run, ref)
+
+    rc, log = launch(run, args + [f"resume.mode={run / 'checkpoints' / 'step-9'}", "lora.r=16"])
+    assert rc != 0 and "lora.r: 8 -> 16" in log, log[-2000:]
+
+
+def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path):
+    ref = reference(tiny, tmp_path, "zero2")
+    run, args = tmp_path / "run", overrides(tiny, "zero2")
+    rc, log = launch(run, args, env={CRASH_ENV: "after_rank_write@6"})
+    assert rc != 0 and "crashing at step 6" in log, log[-3000:]
+    assert committed_steps(run) == [3]  # step 6 was half written: never committed
+
+    proc = start(run, args)
+    wait_for_step(run, proc, 7)
+    os.killpg(proc.pid, signal.SIGTERM)  # what Slurm and cloud preemption send
+    assert proc.wait(timeout=120) == 0
+    st = status(run)
+    assert st["state"] == "preempted" and committed_steps(run)[-1] == st["step"] >= 7
+
+    rc, log = launch(run, args)
+    assert rc == 0 and f"step-{st['step']}" in log, log[-3000:]
+    assert_same_as(run, ref)
+
+
+def test_zero3_sigkill_and_world_size_changes(tiny, tmp_path):
+    ref = reference(tiny, tmp_path, "zero3")
+    run, args = tmp_path / "run", overrides(tiny, "zero3")
+    sigkill_at(run, args, 5)
+    other = tmp_path / "resized"
+    shutil.copytree(run, other)
+
+    rc, log = launch(run, args)
+    assert rc == 0, log[-3000:]
+    assert_same_as(run, ref)
+
+    # 2 -> 1 process, preempted, then 1 -> 2: no sample repeated or skipped
+    proc = start(other, overrides(tiny, "zero3", processes=1))
+    wait_for_step(other, proc, 8)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    log1 = (tmp_path / "resized.log").read_text()
+    assert "world size changed: checkpoint written by 2 processes, resuming with 1" in log1
+    rc, log2 = launch(other, args)
+    assert rc == 0, log2[-3000:]
+    assert "world size changed: checkpoint written by 1 processes, resuming with 2" in log2
+    steps = consumed_samples(other)
+    assert sorted(steps) == list(range(1, 11))
+    stream = SampleStream(train_size(log2), seed=0)
+    consumed = [i for s in sorted(steps) for i in steps[s]]
+    assert Counter(consumed) == Counter(stream.index(p) for p in range(len(consumed)))
