@@ -15,6 +15,7 @@ writes the manifest, renames staging -> step-N, and only then updates `latest` a
 at any point leaves the previous step-N untouched; loading checks the manifest's checksums and
 falls back to an older checkpoint when one fails.
 
+Every rank writes into the same directory: with several nodes, run.dir must be shared storage.
 The stored form does not depend on the world size or the ZeRO stage, so a run saved with 2
 processes resumes with 1 (and back), and the data position is a global sample index.
 """
@@ -472,7 +473,8 @@ class Checkpointer:
             f"rng-rank{r}.{ext}" for r in range(self.world) for ext in ("safetensors", "json")}
         present = {f.name for f in staging.iterdir()}
         if expected - present:
-            raise CheckpointError(f"{staging}: ranks did not write {sorted(expected - present)}")
+            raise CheckpointError(f"{staging}: ranks did not write {sorted(expected - present)}; "
+                                  "run.dir must be on a filesystem every node shares")
         manifest = self.manifest(step)
         manifest["files"] = {name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
                              for name in sorted(present)}
