@@ -37,7 +37,7 @@ def step_stats(times: list[float], tokens: list[int]) -> dict:
 
 
 def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 # ---- the card ---------------------------------------------------------------------------------
@@ -107,7 +107,8 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
          f"train.micro_batch_size={spec.get('micro', 4)}", f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
          f"train.compile={spec.get('compile', 'auto')}", "train.max_steps=1000", "eval.at_start=false",
          "logging.progress_bar=false", "logging.tensorboard=false", f"run.dir={run_dir}",
-         f"distributed={spec.get('distributed', 'ddp')}", "optim.max_grad_norm=0.3"]
+         f"distributed={spec.get('distributed', 'ddp')}", f"optim={spec.get('optim', 'paged_adamw_32bit')}",
+         "optim.max_grad_norm=0.3"]
     if spec.get("all_linear"):
         o.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
     if spec.get("quant") == "nf4":
@@ -126,6 +127,7 @@ def build_trainer(spec: dict):
 def project(spec: dict) -> dict:
     """Warm-up steps (compilation happens here), then timed steps of the project's Trainer."""
     trainer = build_trainer(spec)
+    loaded = peak_gib()
     try:
         for _ in range(spec.get("warmup", 5)):
             trainer.train_step()
@@ -135,7 +137,7 @@ def project(spec: dict) -> dict:
             times.append(row["step_time"])
             tokens.append(row["tokens"] // trainer.world)  # per GPU
         out = step_stats(times, tokens)
-        out.update(world=trainer.world, peak_gib=peak_gib(), loss=row["loss"])
+        out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"])
         return out
     finally:
         trainer.close()
@@ -149,7 +151,8 @@ def checkpoint(spec: dict) -> dict:
         times.append(trainer.train_step()["step_time"])
     out = {"step_time_median": statistics.median(times[2:])}
     target = trainer.run_dir / "checkpoints"
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
         trainer.checkpointer.save(trainer.step, trainer.state())
@@ -198,7 +201,12 @@ def peer(spec: dict) -> dict:
     lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
     stamps = []
 
+    loaded = []
+
     class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            loaded.append(peak_gib())
+
         def on_step_end(self, *a, **k):
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
@@ -209,7 +217,7 @@ def peer(spec: dict) -> dict:
     trainer.train()
     times = [b - a for a, b in zip(stamps[warm - 1:], stamps[warm:])]
     out = step_stats(times, [micro * seq] * len(times))
-    out.update(world=1, peak_gib=peak_gib())
+    out.update(world=1, peak_gib=peak_gib(), peak_after_load_gib=loaded[0])
     return out
 
 

@@ -47,6 +47,16 @@ MATRICES = {
                case("lengths_packed", "project", lengths="lognormal", extra=["data.packing=true"]),
                case("lora_all_linear", "project", all_linear=True),
                case("checkpoint_7b", "checkpoint")],
+    # the second H100 run: QLoRA and LoRA against the peer again, real lengths, all-linear, checkpoints
+    "single2": [case("matmul", "matmul"), case("prepare", "prepare"), PEERS[0],
+                case("qlora_ckpt", "project", quant="nf4", ckpt=True, vs="peer_qlora_ckpt"),
+                PEERS[2],
+                case("lora", "project", vs="peer_lora"),
+                case("checkpoint_7b", "checkpoint"),
+                case("lora_all_linear", "project", all_linear=True),
+                case("lengths_padded", "project", lengths="lognormal"),
+                case("lengths_packed", "project", lengths="lognormal", extra=["data.packing=true"]),
+                case("lengths_padded_eager", "project", lengths="lognormal", compile="none")],
     # per-GPU tokens/s against 1 GPU, for every distributed option with LoRA and QLoRA
     "scaling": [case("prepare", "prepare"),
                 *[case(f"{q}_{d}_{n}gpu", "project", nproc=n, distributed=d, ckpt=(q == "qlora"),

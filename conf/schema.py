@@ -112,6 +112,9 @@ class QuantConfig:
     double_quant: bool = True
     # storage dtype of the packed 4-bit weights; must match the compute dtype for ZeRO-3
     storage_dtype: str = ranged("uint8", choices=["uint8", "bfloat16", "float16", "float32"])
+    # PEFT's prepare_model_for_kbit_training casts every non-4-bit weight (norms, embeddings,
+    # lm_head) to float32; false keeps them in the compute dtype: less memory, faster steps
+    upcast_frozen: bool = False
 
 
 @dataclass
@@ -197,6 +200,9 @@ class TrainConfig:
     precision: str = ranged("auto", choices=["auto", "bf16", "fp16", "fp32"])
     num_workers: int = ranged(0, lo=0)
     threads: int = ranged(0, lo=0)  # torch intra-op threads per process; 0 leaves torch's choice
+    # torch.compile: `layers` (decoder layers and loss), `loss` (loss only), `none`; `auto` is
+    # `layers` on GPUs (`loss` under ZeRO-3, whose sharded weights dynamo cannot trace) and `none` on CPU
+    compile: str = ranged("auto", choices=["auto", "layers", "loss", "none"])
     # optional: micro_batch_size x grad_accum x world size must equal it (checked before launch)
     global_batch_size: Optional[int] = ranged(None, lo=1)
 

@@ -30,11 +30,11 @@ def compile_mode(cfg: DictConfig) -> str:
     return "layers"
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, dynamic: bool | None = None) -> int:
     """Compile every decoder layer in place (before DDP/DeepSpeed wrap the model); returns how many."""
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=dynamic)
     return len(layers)
 
 
@@ -62,5 +62,14 @@ def apply(cfg: DictConfig, model):
     """Apply the speed path chosen by `train.compile` to the PEFT model; returns the loss function."""
     mode = compile_mode(cfg)
     if mode == "layers":
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, dynamic=None if fixed_lengths(cfg) else True)
     return loss_function(mode)
+
+
+def fixed_lengths(cfg: DictConfig) -> bool:
+    """Whether every batch has the same shape (full-length synthetic data): static compilation.
+
+    Real data is padded to each batch's longest sample, so its sequence length changes from
+    step to step; compiling for dynamic lengths from the start avoids a recompile per length.
+    """
+    return cfg.data.source == "synthetic" and cfg.data.synthetic_lengths == "full"

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from train.checkpoint import Checkpointer, fingerprints, rewind_metrics, write_status
 from train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
 from train.distributed import all_sum, make_accelerator
+from train import fast
 from train.metrics import MetricsLogger, plot_loss
 from train.model import apply_lora, load_base_model, load_tokenizer
 
@@ -46,13 +46,15 @@ def make_scheduler(cfg: DictConfig, optimizer, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the unmasked labels, and how many there were."""
+def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> torch.Tensor:
+    """Summed next-token cross-entropy over the unmasked labels (no host sync)."""
     logits = model(**model_inputs(batch)).logits  # packed rows: position_ids, no mask
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    return ce(logits, batch["labels"])
+
+
+def token_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the unmasked labels, and how many there were."""
+    return forward_loss_sum(model, batch, ce), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 class Trainer:
@@ -71,6 +73,7 @@ class Trainer:
         with acc.main_process_first():
             self.splits = build_splits(cfg, self.tokenizer, main_process=acc.is_main_process)
         model = apply_lora(cfg, load_base_model(cfg, acc.device))
+        self.loss_fn = fast.apply(cfg, model)  # compiled layers and loss on GPUs (train.compile)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
         self.total_steps = total_steps(cfg, len(self.splits.train), self.world)
@@ -144,16 +147,16 @@ class Trainer:
         loss_sum, grad_norm = 0.0, None
         for batch in batches:
             with acc.accumulate(self.model):
-                loss, _ = token_loss_sum(self.model, batch)
+                loss = forward_loss_sum(self.model, batch, self.loss_fn)
                 acc.backward(loss * scale)
-                loss_sum += loss.item()
+                loss_sum = loss_sum + loss.detach()  # on the device: one host sync per step, below
                 if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        (global_loss,) = all_sum(acc, loss_sum)
+        (global_loss,) = all_sum(acc, float(loss_sum))
         self.step += 1
         self.position += self.global_batch
         self.tokens_seen += int(global_tokens)
@@ -186,7 +189,7 @@ class Trainer:
             # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively)
             batch = collate(samples or val[:1], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            loss, n = token_loss_sum(self.model, batch)
+            loss, n = token_loss_sum(self.model, batch, self.loss_fn)
             if samples:
                 loss_sum, count = loss_sum + loss.item(), count + n
         total, n = all_sum(self.accelerator, loss_sum, count)

@@ -76,7 +76,7 @@ def apply_lora(cfg: DictConfig, model):
     """Wrap the base model with trainable LoRA adapters; everything else stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.quant.mode == "nf4":
+    if cfg.quant.mode == "nf4" and cfg.quant.upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_ckpt)
     elif cfg.train.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
