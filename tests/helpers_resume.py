@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import read_jsonl, subprocess_env
 
 # small and quick, yet with grad_accum > 1, an epoch boundary every ~3 steps and dropout drawing RNG
-BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24", "train.max_steps=10",
+BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24", "train.max_steps=12",
         "checkpoint.every_steps=3", "checkpoint.keep_last=2", "logging.tensorboard=false",
         "logging.rank_audit=true", "sample.max_new_tokens=0", "eval.at_start=false", "lora.dropout=0.1"]
 
@@ -57,6 +57,18 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def sigterm_at(run_dir: Path, overrides: list[str], step: int) -> tuple[int, float]:
+    """Start a run, send SIGTERM to the launcher's process group once it trained past `step` and past
+    any rows an earlier, killed launch left; returns (exit code, seconds from SIGTERM to exit)."""
+    step = max(step, newest_step(run_dir) + 1)
+    proc = start(run_dir, overrides)
+    wait_for_step(run_dir, proc, step)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)  # what Slurm and cloud preemption send
+    rc = proc.wait(timeout=120)
+    return rc, time.monotonic() - t0
+
+
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Send `sig` to the launcher and every process under it at once (ranks live in their own sessions)."""
     for pid in descendants(proc.pid):
@@ -80,6 +92,11 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
             return newest
         time.sleep(0.005)
     raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def newest_step(run_dir: Path) -> int:
+    """The newest training step in metrics.jsonl (0 if none)."""
+    return _newest_step(run_dir / "metrics.jsonl")
 
 
 def _newest_step(path: Path) -> int:

@@ -617,7 +617,7 @@ class Checkpointer:
         _restore_scaler(self.accelerator, optimizer, state.get("scaler"))
         set_rng_state(*loaded["rng"])
         if state["world_size"] != self.world:
-            self._say(f"world size changed: checkpoint written by {state['world_size']} processes, resuming "
+            self._say(f"world size changed: checkpoint written with world size {state['world_size']}, resuming "
                       f"with {self.world}; the data continues at global sample {state['position']}, "
                       "losses will not match a run at the old size bit for bit")
         self._say(f"resumed from {loaded['path']} (step {state['step']}, epoch {state['epoch']}, "
