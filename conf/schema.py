@@ -315,6 +315,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.path is None and not cfg.model.random_init:
         raise ConfigError("model.path is null: give a hub id or local directory, or set model.random_init=true")
     _validate_data(cfg.data)
+    _validate_resume(cfg.resume)
+
+
+def _validate_resume(r: DictConfig) -> None:
+    if r.mode not in ("auto", "never") and not (Path(r.mode) / "manifest.json").is_file():
+        raise ConfigError(f"resume.mode={r.mode}: not auto, never or a checkpoint directory "
+                          "(run.dir/checkpoints/step-N, with its manifest.json)")
 
 
 def _validate_data(d: DictConfig) -> None:

@@ -157,6 +157,16 @@ def test_changes_ignores_free_keys_and_schema_additions():
     out = changes(saved, now, [])
     assert any("LoRA shape" in c for c in out) and any("tokenizer" in c for c in out)
     assert not any("tokenizer" in c for c in changes(saved, now, ["tokenizer"]))
+    now["fingerprints"] = {**FINGERPRINTS, "model": {"hidden_size": 8}}
+    assert changes(saved, now, []) == ["model architecture: {'hidden_size': 4} -> {'hidden_size': 8}"]
+
+
+def test_resume_path_is_checked_when_the_config_is_composed(tmp_path):
+    from conf.schema import ConfigError
+    from launcher.compose import compose
+
+    with pytest.raises(ConfigError, match="resume.mode=.*not auto, never or a checkpoint directory"):
+        compose([f"run.dir={tmp_path}", f"resume.mode={tmp_path / 'nope'}"])
 
 
 def test_resume_never_sets_the_earlier_run_aside(tmp_path):
