@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -48,8 +49,20 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
 
         return submit(cfg, topo)
     from launcher.node import run_node
+    from train.checkpoint import finished_step, read_status
 
-    rc, _ = run_node(cfg, topo)
+    done = finished_step(cfg)
+    if done is not None:  # before run_node, which would rewrite the finished run's files
+        print(f"{cfg.run.dir}: this run already finished at step {done}; nothing to do "
+              "(resume.mode=never starts it over)", flush=True)
+        return 0
+    started = time.time()
+    rc, stopped = run_node(cfg, topo)
+    st = read_status(Path(cfg.run.dir))
+    if rc != 0 and stopped and st.get("state") == "preempted" and st.get("time", 0) >= started:
+        print(f"stopped by SIGTERM with a checkpoint at step {st['step']}; run the same command to continue",
+              flush=True)
+        return 0
     return rc
 
 
