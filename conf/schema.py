@@ -236,6 +236,11 @@ class RunConfig:
 
 
 @dataclass
+class SweepConfig:
+    continue_on_failure: bool = True
+
+
+@dataclass
 class SampleConfig:
     prompt: str = "[INST] Where is Italy? [/INST]"
     max_new_tokens: int = ranged(48, lo=0)
@@ -257,6 +262,7 @@ class Config:
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = ranged(0, lo=0)
     preview: bool = False
 

@@ -8,28 +8,38 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from conf.schema import ConfigError, register
 from launcher.checks import check_before_launch, run_dir_given
 from launcher.compose import resolve_run
+from launcher.sweep import register_resolvers
 from launcher.topology import topology
 
 
-def _job(cfg: DictConfig) -> int:
-    """One launch (one sweep trial): Hydra's output dir is the run dir."""
+def _job(cfg: DictConfig) -> float | int:
+    """One launch, or one sweep trial; Hydra's output dir is the run dir."""
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run.dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        from launcher.sweep import run_trial, summarize
+
+        try:
+            # the trial's best eval loss is what a sweeper (e.g. Optuna) minimises
+            return run_trial(Path(cfg.run.dir), overrides, lambda: _launch(cfg, overrides),
+                             continue_on_failure=cfg.sweep.continue_on_failure)
+        finally:
+            summarize(Path(hydra_cfg.sweep.dir))
     try:
         rc = _launch(cfg, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    run_dir = Path(cfg.run.dir)
     if rc != 0:
-        print(f"error: training exited with code {rc}; see {run_dir}", file=sys.stderr)
+        print(f"error: training exited with code {rc}; see {cfg.run.dir}", file=sys.stderr)
         sys.exit(rc)
     return rc
 
@@ -66,16 +76,20 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     return rc
 
 
-POSTTRAIN_COMMANDS = ("generate", "merge", "eval")
+SUBCOMMANDS = {"sweep-summary": "launcher.sweep:summary_command",
+               # after training: read RUN/config.yaml and RUN/adapter (train/posttrain.py)
+               "generate": "train.posttrain:generate_command", "merge": "train.posttrain:merge_command",
+               "eval": "train.posttrain:eval_command"}
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in POSTTRAIN_COMMANDS:
-        # after training: read RUN/config.yaml and RUN/adapter (train/posttrain.py), no Hydra
-        from train.posttrain import main as posttrain_main
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
 
-        sys.exit(posttrain_main(sys.argv[1:]))
+        module, func = SUBCOMMANDS[sys.argv[1]].split(":")
+        sys.exit(getattr(importlib.import_module(module), func)(sys.argv[2:]))
     register()
+    register_resolvers()
     hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")(_job)()
 
 
