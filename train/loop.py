@@ -88,7 +88,7 @@ class Trainer:
         self.checkpointer.fingerprints = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
         self._resume()
         # preemption (Slurm, cloud): SIGTERM ends the run after the current step, with a checkpoint
-        self._sigterm = False
+        self._sigterm = self._stop = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step) if acc.is_main_process else None
 
@@ -106,9 +106,8 @@ class Trainer:
         self._sigterm = True
 
     def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM: every rank agrees, so all stop after the same step."""
-        (flag,) = all_sum(self.accelerator, float(self._sigterm))
-        return flag > 0
+        """Whether any rank got SIGTERM by the end of the last step: every rank agrees, so all stop after it."""
+        return self._stop
 
     def _save_checkpoint(self) -> None:
         self.checkpointer.save(self.step, self.state())
@@ -156,7 +155,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        (global_loss,) = all_sum(acc, float(loss_sum))
+        # the SIGTERM flag rides on the step's one reduction: every rank learns if any rank got it
+        global_loss, sigterm = all_sum(acc, float(loss_sum), float(self._sigterm))
+        self._stop = sigterm > 0
         self.step += 1
         self.position += self.global_batch
         self.tokens_seen += int(global_tokens)
