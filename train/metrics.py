@@ -25,7 +25,9 @@ class MetricsLogger:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # a resumed run drops the killed attempt's events past its checkpoint
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
         if cfg.logging.wandb.mode != "disabled":
             import wandb
 
