@@ -84,10 +84,13 @@ def random_7b(seed: int = 0):
 
 
 def prepare(spec: dict) -> dict:
-    """Tokenizer plus the random 7B saved as safetensors, so QLoRA can load it through bitsandbytes."""
+    """Tokenizer plus the random 7B saved as safetensors, so QLoRA can load it through bitsandbytes.
+
+    `"save_7b": false` makes the tokenizer only (bf16 LoRA builds its model on the GPU).
+    """
     t0 = time.perf_counter()
     make_tokenizer()
-    if not (SAVED_7B / "config.json").exists():
+    if spec.get("save_7b", True) and not (SAVED_7B / "config.json").exists():
         random_7b().save_pretrained(SAVED_7B, safe_serialization=True)
         from transformers import AutoTokenizer
 

@@ -86,9 +86,12 @@ def command(spec: dict) -> list[str]:
             "-m", "bench.case", json.dumps(spec)]
 
 
-def run_case(spec: dict, timeout: float, log) -> dict:
+def run_case(spec: dict, timeout: float, log, devices: str | None = None) -> dict:
+    """Run one case in its own process(es) on `devices` (CUDA_VISIBLE_DEVICES; default GPU 0 or all)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    if spec.get("nproc", 1) == 1:
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    elif spec.get("nproc", 1) == 1:
         env["CUDA_VISIBLE_DEVICES"] = "0"  # SFTTrainer refuses several visible GPUs in one process
     t0 = time.perf_counter()
     log.write(f"\n===== {spec['name']} {json.dumps(spec)}\n")
