@@ -394,7 +394,9 @@ def compare_losses(ref_rows: list[dict], rows: list[dict]) -> dict:
     got = {r["step"]: r["loss"] for r in rows if "loss" in r}
     common = sorted(set(ref) & set(got))
     diffs = [abs(ref[s] - got[s]) for s in common]
-    return {"compared_steps": len(common), "bitwise_equal_steps": sum(ref[s] == got[s] for s in common),
+    unequal = [s for s in common if ref[s] != got[s]]
+    return {"compared_steps": len(common), "bitwise_equal_steps": len(common) - len(unequal),
+            "first_unequal_step": unequal[0] if unequal else None,
             "max_abs_loss_diff": max(diffs, default=None),
             "first_losses": {"reference": [ref[s] for s in common[:4]], "resumed": [got[s] for s in common[:4]]}}
 
