@@ -108,12 +108,22 @@ def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: be SIGKILLed if the launcher dies (its own session would otherwise outlive it,
+    training on after the run-dir lock is gone). Ranks do the same with their parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None, received: list[int] | None = None) -> int:
     """Run the launch in its own process group, forwarding SIGTERM/SIGINT to all of it.
 
     Signals forwarded are appended to `received`, for callers that treat a SIGTERM stop as preemption.
     """
-    proc = subprocess.Popen(cmd, env=env or launch_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env or launch_env(), start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
         if received is not None:
