@@ -78,3 +78,17 @@ def test_accelerate_launch_module_gives_one_run_dir_for_all_ranks(tiny, tmp_path
     assert len(run_dirs) == 1, run_dirs
     assert "x 2 processes" in result.stdout + result.stderr
     assert [r["step"] for r in read_jsonl(run_dirs[0] / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_qlora_under_zero3_trains_after_the_step0_eval(tiny, tmp_path):
+    """nf4 base + LoRA under ZeRO-3 with 2 processes: gradients flow (the eval at step 0 used to
+    repack the 4-bit weights into an inference layout with no autograd, zeroing every gradient)."""
+    run = tmp_path / "run"
+    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", "quant=nf4",
+                         "distributed=zero3", "quant.storage_dtype=bfloat16", "train.max_steps=3",
+                         "optim.lr=1e-3", "sample.max_new_tokens=0")
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals[0] != evals[-1]

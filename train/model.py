@@ -64,12 +64,27 @@ def load_base_model(cfg: DictConfig, device: torch.device):
         if cfg.quant.mode == "nf4":
             kwargs["quantization_config"] = _quantization_config(cfg)
             kwargs["dtype"] = DTYPES[cfg.quant.compute_dtype]
-            kwargs["device_map"] = {"": device}
+            if cfg.distributed.zero_stage != 3:  # ZeRO-3 places (and shards) the weights itself
+                kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
-        if cfg.quant.mode != "nf4":
+        if cfg.quant.mode != "nf4" or cfg.distributed.zero_stage == 3:
             model.to(device)
+    if cfg.quant.mode == "nf4" and device.type == "cpu":
+        _keep_cpu_4bit_trainable(model)
     model.config.use_cache = False
     return model
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, the first forward in eval mode (the eval at step 0) converts each
+    Linear4bit weight to a packed inference layout whose kernel has no autograd: every later
+    training step then gets zero gradients, silently.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_lora(cfg: DictConfig, model):
