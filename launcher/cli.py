@@ -82,12 +82,26 @@ SUBCOMMANDS = {"sweep-summary": "launcher.sweep:summary_command",
                "eval": "train.posttrain:eval_command"}
 
 
+def _check_run_dir_arg(argv: list[str]) -> None:
+    """Refuse an unwritable run.dir in one line before Hydra tries to create it (and dies in a traceback)."""
+    from launcher.checks import check_run_dir_writable
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(("run.dir=", "hydra.run.dir="))]
+    if given and "${" not in given[-1]:
+        try:
+            check_run_dir_writable(Path(given[-1]))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         import importlib
 
         module, func = SUBCOMMANDS[sys.argv[1]].split(":")
         sys.exit(getattr(importlib.import_module(module), func)(sys.argv[2:]))
+    _check_run_dir_arg(sys.argv[1:])
     register()
     register_resolvers()
     hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")(_job)()

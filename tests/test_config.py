@@ -77,3 +77,10 @@ def test_cli_rejects_before_any_process_starts(override, key, tmp_path):
     assert key in result.stderr
     assert "accelerate launch" not in result.stdout  # nothing was launched
     assert not (run_dir / "config.yaml").exists()
+
+
+def test_cli_refuses_an_unwritable_run_dir_in_one_line():
+    result = lora_launch("run.dir=/proc/no-such-dir/run", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: run.dir=/proc/no-such-dir/run is not writable (No such file or directory); choose another run.dir"]
