@@ -238,7 +238,7 @@ class Trainer:
         sample = self.generate_sample()
         if self.log:
             self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
-            (self.run_dir / "sample.txt").write_text(f"{cfg.sample.prompt}{sample}\n")
+            (self.run_dir / "sample.txt").write_text(f"{cfg.sample.prompt} {sample}\n")
             plot_loss(self.run_dir)
             write_status(self.run_dir, "finished", self.step)
         return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1],
