@@ -133,19 +133,14 @@ def _crash_point(phase: str, step: int, rank: int) -> None:
 
 def fingerprints(splits, tokenizer, model) -> dict:
     """Hashes of the tokenised dataset and tokenizer, and the base model's and adapters' shapes."""
-    data = hashlib.sha256()
-    for part in (splits.train, splits.val):
-        data.update(len(part).to_bytes(8, "little"))
-        for s in part:
-            for key in ("input_ids", "labels"):
-                ids = np.asarray(s[key], dtype=np.int64)
-                data.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    from train.data import dataset_fingerprint
+
     vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
     base = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     arch = {k: getattr(base, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                                                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
     lora = {name: list(_full_shape(p)) for name, p in trainable(model)}
-    return {"data": data.hexdigest(), "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+    return {"data": dataset_fingerprint(splits), "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
             "model": arch, "lora_shapes": lora}
 
 
