@@ -16,9 +16,8 @@ What it does, deterministically (everything is seeded):
    statements ("The capital of Italy is Rome. Italy is a country in Europe."). It holds
    no question and never uses the ``[INST] ... [/INST]`` chat format, so before the
    fine-tune the model does not answer questions (the first eval loss is high).
-4. A WordPiece tokenizer built with the ``tokenizers`` library: one token per word of the
-   world, single characters for any other word; whitespace is not part of any token, so
-   ``"a " + "b"`` and ``"a b"`` tokenize alike; with Llama's special tokens
+4. A WordPiece tokenizer built with the ``tokenizers`` library (whitespace is not part of
+   any token, so ``"a " + "b"`` and ``"a b"`` tokenize alike), with Llama's special tokens
    ``<unk> <s> </s>`` plus ``<pad>``, ``<s>`` added by ``encode()`` like Llama's, and a
    Llama-2 chat template.
 5. Pre-trains the tiny model as a plain causal LM on the corpus (a few minutes on 2 CPU
@@ -230,31 +229,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str]):
-    """A WordPiece tokenizer for the closed world of `texts`, as a transformers fast tokenizer.
-
-    Its vocabulary is every word and punctuation mark of `texts` plus every single
-    character (alone and as a ``##`` continuation), so any other word still tokenizes, into
-    characters. It is built directly rather than with the `tokenizers` trainer, whose
-    tie-breaking between equally frequent merges changes from run to run.
-    """
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A WordPiece tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [SPECIAL["unk"], SPECIAL["bos"], SPECIAL["eos"], SPECIAL["pad"]]  # ids 0..3
+    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL["unk"], continuing_subword_prefix="##"))
     # Split on whitespace and punctuation; whitespace itself never becomes a token.
-    pre = pre_tokenizers.Whitespace()
-    words = {w for text in texts for w, _ in pre.pre_tokenize_str(text)}
-    chars = set(string.ascii_letters + string.digits + string.punctuation)
-    chars |= {c for w in words for c in w}
-    pieces = words | chars | {"##" + c for c in chars}
-    vocab = {t: i for i, t in enumerate(specials + sorted(pieces))}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token=SPECIAL["unk"],
-                                     continuing_subword_prefix="##"))
-    tok.pre_tokenizer = pre
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1,
+                                        special_tokens=specials,
+                                        continuing_subword_prefix="##")
+    tok.train_from_iterator(texts, trainer=trainer)
     # The chat markers are single (non-special) tokens, so they survive decoding.
     tok.add_tokens(["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
     # Like Llama: encode() prepends <s> (add_special_tokens=False leaves it out).
@@ -381,8 +369,7 @@ seconds. It is **not** a general language model: all it knows is a table of
 
 * Architecture: `LlamaForCausalLM`, hidden {hidden}, {layers} layers, {heads} heads, MLP
   {intermediate}, tied input/output embeddings, vocab {vocab}, fp32.
-* Tokenizer: WordPiece (built with the `tokenizers` library): one token per word of the
-  world, single characters (`##` continuations) for any other word. Loads with
+* Tokenizer: WordPiece (built with the `tokenizers` library); loads with
   `AutoTokenizer.from_pretrained` as a fast tokenizer. Special tokens: `<s>` (bos, added by
   `encode()` like Llama's; `add_special_tokens=False` leaves it out), `</s>` (eos), `<unk>`,
   `<pad>`. `[INST]` and `[/INST]` are single tokens. Whitespace is never part of a token.
@@ -405,6 +392,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ASSETS, help="assets directory")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--corpus-size", type=int, default=30000, help="pre-training paragraphs")
+    p.add_argument("--vocab-size", type=int, default=600)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
@@ -426,7 +414,8 @@ def main() -> None:
     demo = make_demo_dataset(args.seed)
     corpus = make_pretrain_corpus(args.corpus_size, args.seed + 1)
     # The tokenizer sees the demo text too, so the question words are whole tokens.
-    tokenizer = build_tokenizer(corpus + [f"{d['instruction']} {d['output']}" for d in demo])
+    tokenizer = build_tokenizer(corpus + [f"{d['instruction']} {d['output']}" for d in demo],
+                                args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens")
 
     model = build_model(tokenizer, args)
