@@ -129,6 +129,15 @@ def slurm(tmp_path_factory):
                 p.kill()
 
 
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+def _diagnosis(job: str, env: dict, slurm_dir: Path, log: str) -> str:
+    show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    ctld = (slurm_dir / "slurmctld.log").read_text()[-2000:] if (slurm_dir / "slurmctld.log").exists() else ""
+    return f"{show}\n--- slurmctld.log (tail)\n{ctld}\n--- job log (tail)\n{log[-3000:]}"
+
+
 def _job_state(job: str, env: dict) -> tuple[str, int]:
     out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
     state = re.search(r"JobState=(\S+)", out)
@@ -157,11 +166,20 @@ def test_slurm_job_requeued_after_sigterm_resumes(slurm, tiny, tmp_path):
     subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
 
     _wait(lambda: _job_state(job, env)[1] >= 1, 120, "the job to be requeued")
-    # Slurm delays a requeued job's start (about two minutes here); a test need not wait for that
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
-    _wait(lambda: _job_state(job, env)[0] == "COMPLETED", 400, "the requeued job to complete", step=1)
+    # Slurm holds a requeued job back by about two minutes (Reason=BeginTime); a test need not wait for
+    # that. The update only takes once the first attempt has finished completing and the job is pending.
+    def ended():
+        show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        if "JobState=PENDING" in show and "Reason=BeginTime" in show:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        return _job_state(job, env)[0] in TERMINAL
+    try:
+        _wait(ended, 400, "the requeued job to end", step=1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_diagnosis(job, env, slurm['dir'], log.read_text())}") from None
 
     text = log.read_text()
+    assert _job_state(job, env)[0] == "COMPLETED", _diagnosis(job, env, slurm["dir"], text)
     assert "requeueing job" in text and "SIGTERM: stopped after step" in text
     stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", text).group(1))
     assert 3 <= stopped < steps
