@@ -64,6 +64,12 @@ MATRICES = {
                   for q in ("lora", "qlora") for n, ds in ((1, ["ddp"]), (2, ["ddp", "zero2", "zero3"]),
                                                          (4, ["ddp", "zero2", "zero3"]))
                   for d in ds]],
+    # the step with one host sync: 1 GPU against 2 (per-GPU tokens/s; the "x peer" column is vs 1 GPU)
+    "scaling2": [case("prepare", "prepare", save_7b=False),
+                 case("lora_ddp_1gpu", "project", warmup=3, steps=8),
+                 case("lora_ddp_2gpu", "project", nproc=2, warmup=3, steps=8, vs="lora_ddp_1gpu"),
+                 case("lora_zero2_2gpu", "project", nproc=2, distributed="zero2", warmup=3, steps=8,
+                      vs="lora_ddp_1gpu")],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],

@@ -52,3 +52,11 @@ def all_sum(accelerator, *values: float) -> list[float]:
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t.tolist()
+
+
+def device_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over all ranks without waiting for it on the host (NCCL runs in stream order)."""
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(t)
+    return t
+

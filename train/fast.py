@@ -63,6 +63,10 @@ def apply(cfg: DictConfig, model):
     mode = compile_mode(cfg)
     if mode == "layers":
         compile_decoder_layers(model, dynamic=None if fixed_lengths(cfg) else True)
+        # Under DDP, dynamo cuts every graph it compiles at DDP bucket boundaries (the first at
+        # 1 MB) so gradient all-reduces can start mid-graph: each decoder layer would become
+        # several graphs with unfused seams. The adapters' gradients are small; keep layers whole.
+        torch._dynamo.config.optimize_ddp = False
     return loss_function(mode)
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from train.checkpoint import Checkpointer, fingerprints, rewind_metrics, write_status
 from train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
-from train.distributed import all_sum, make_accelerator
+from train.distributed import all_sum, device_sum, make_accelerator
 from train import fast
 from train.metrics import MetricsLogger, plot_loss
 from train.model import apply_lora, load_base_model, load_tokenizer
@@ -84,6 +84,7 @@ class Trainer:
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
 
         self.step, self.position, self.tokens_seen = 0, 0, 0
+        self._prefetched = None  # (stream position, host batches) collated ahead by _prefetch
         self.checkpointer = Checkpointer(cfg, self.run_dir, acc)
         self.checkpointer.fingerprints = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
         self._resume()
@@ -118,37 +119,57 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
 
-    def _micro_batches(self) -> list[dict]:
+    def _host_batches(self, position: int) -> tuple[list[dict], list[int]]:
+        """This rank's micro-batches (CPU tensors) of the optimizer step starting at stream `position`."""
         t = self.cfg.train
-        batches, self.last_indices = [], []
+        batches, indices = [], []
         for k in range(t.grad_accum):
-            positions = micro_batch_positions(self.position, t.micro_batch_size, t.grad_accum,
-                                              self.world, self.rank, k)
-            indices = [self.stream.index(p) for p in positions]
-            self.last_indices += indices
-            samples = [self.splits.train[i] for i in indices]
-            batch = collate(samples, self.tokenizer.pad_token_id)
-            batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
-        return batches
+            positions = micro_batch_positions(position, t.micro_batch_size, t.grad_accum, self.world, self.rank, k)
+            step_indices = [self.stream.index(p) for p in positions]
+            indices += step_indices
+            batches.append(collate([self.splits.train[i] for i in step_indices], self.tokenizer.pad_token_id))
+        return batches, indices
+
+    def _micro_batches(self) -> tuple[list[dict], torch.Tensor]:
+        """The step's micro-batches on the device and this rank's [target, token] counts (float64).
+
+        The counts come from the CPU tensors, and the batches were collated while the GPU ran
+        the previous step (`_prefetch`): nothing here waits for the device.
+        """
+        ready, self._prefetched = self._prefetched, None
+        host, self.last_indices = ready[1] if ready and ready[0] == self.position else self._host_batches(self.position)
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in host),
+                               sum(int(b["attention_mask"].sum()) for b in host)], dtype=torch.float64)
+        device = self.accelerator.device
+        pin = device.type == "cuda"
+        move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=pin)  # noqa: E731
+        return [{k: move(v) for k, v in b.items()} for b in host], move(counts)
+
+    def _prefetch(self, position: int) -> None:
+        """Collate the next step's micro-batches now, while the device still runs this one."""
+        if position < self.total_steps * self.global_batch:
+            self._prefetched = (position, self._host_batches(position))
 
     def train_step(self) -> dict:
-        """One optimizer step over micro * accum * world samples; returns its metrics row."""
+        """One optimizer step over micro * accum * world samples; returns its metrics row.
+
+        The step waits for the device once, at its end, to read the loss: the global token
+        counts are summed over ranks on the device and scale the loss there.
+        """
         acc, cfg = self.accelerator, self.cfg
         t0 = time.perf_counter()
         self.model.train()
-        batches = self._micro_batches()
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        global_targets, global_tokens = all_sum(acc, local_targets, local_tokens)
+        batches, counts = self._micro_batches()
+        counts = device_sum(acc, counts)  # [targets, tokens] of the global batch
         # the step's loss is the mean over every target token of the global batch; accelerate
-        # (or DeepSpeed) divides by grad_accum and the all-reduce averages over ranks
-        scale = self.world * cfg.train.grad_accum / max(global_targets, 1.0)
-        loss_sum, grad_norm = 0.0, None
+        # (or DeepSpeed) divides by grad_accum and the gradient all-reduce averages over ranks
+        scale = (self.world * cfg.train.grad_accum / counts[0].clamp(min=1.0)).float()
+        loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=acc.device), None
         for batch in batches:
             with acc.accumulate(self.model):
                 loss = forward_loss_sum(self.model, batch, self.loss_fn)
                 acc.backward(loss * scale)
-                loss_sum = loss_sum + loss.detach()  # on the device: one host sync per step, below
+                loss_sum += loss.detach()
                 if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
                 self.optimizer.step()
@@ -156,7 +177,10 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         # the SIGTERM flag rides on the step's one reduction: every rank learns if any rank got it
-        global_loss, sigterm = all_sum(acc, float(loss_sum), float(self._sigterm))
+        flag = torch.tensor(float(self._sigterm), dtype=torch.float64).to(acc.device, non_blocking=True)
+        totals = device_sum(acc, torch.stack([loss_sum, flag]))
+        self._prefetch(self.position + self.global_batch)
+        global_loss, sigterm, global_targets, global_tokens = torch.cat([totals, counts]).tolist()
         self._stop = sigterm > 0
         self.step += 1
         self.position += self.global_batch
