@@ -10,6 +10,7 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig
 
 from conf.schema import ConfigError
@@ -76,9 +77,46 @@ def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool
                           "path on every node, ideally shared); the timestamped default differs per node")
 
 
+def check_resume_config(cfg: DictConfig) -> None:
+    """A run dir's checkpoint written under another config is refused here, before this launch
+    rewrites the run dir's config.yaml (training checks data and tokenizer hashes again)."""
+    from omegaconf import OmegaConf
+
+    from conf.schema import redact
+    from train.checkpoint import config_changes, resume_candidate, resume_refusal
+
+    found = resume_candidate(cfg)
+    if found is None or "config" not in found[1]:
+        return
+    path, manifest = found
+    now = redact(OmegaConf.to_container(cfg, resolve=True))
+    diff = config_changes(manifest["config"], now, list(cfg.resume.allow_changes))
+    if diff:
+        raise ConfigError(resume_refusal(path, diff))
+
+
+def check_finished_config(cfg: DictConfig) -> None:
+    """A finished run asked to run again under another config is refused, not silently skipped."""
+    from omegaconf import OmegaConf
+
+    from conf.schema import redact
+    from train.checkpoint import config_changes
+
+    path = Path(cfg.run.dir) / "config.yaml"
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, ValueError, yaml.YAMLError):
+        return  # no readable config.yaml: nothing to compare with
+    diff = config_changes(old, redact(OmegaConf.to_container(cfg, resolve=True)), list(cfg.resume.allow_changes))
+    if diff:
+        raise ConfigError(f"{cfg.run.dir} holds a finished run with another config ({'; '.join(diff)}); "
+                          "use another run.dir, or resume.mode=never to start over there")
+
+
 def check_before_launch(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:
     """Everything that can be known wrong before a process starts."""
     check_multinode_run_dir(cfg, topo, run_dir_given)
+    check_resume_config(cfg)
     check_global_batch(cfg, topo)
     check_qlora_zero3(cfg)
     check_nf4(cfg)

@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from conf.schema import ConfigError, register
-from launcher.checks import check_before_launch, run_dir_given
+from launcher.checks import check_before_launch, check_finished_config, run_dir_given
 from launcher.compose import resolve_run
 from launcher.sweep import register_resolvers
 from launcher.topology import topology
@@ -53,6 +53,10 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
         from launcher.preview import preview
 
         print(preview(cfg, topo, overrides), flush=True)
+        try:
+            Path(cfg.run.dir).rmdir()  # the empty dir Hydra made for this preview; a used one stays
+        except OSError:
+            pass
         return 0
     if cfg.launcher.name == "slurm":
         from launcher.slurm import submit
@@ -63,6 +67,7 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
 
     done = finished_step(cfg)
     if done is not None:  # before run_node, which would rewrite the finished run's files
+        check_finished_config(cfg)
         print(f"{cfg.run.dir}: this run already finished at step {done}; nothing to do "
               "(resume.mode=never starts it over)", flush=True)
         return 0
@@ -102,6 +107,9 @@ def main() -> None:
         module, func = SUBCOMMANDS[sys.argv[1]].split(":")
         sys.exit(getattr(importlib.import_module(module), func)(sys.argv[2:]))
     _check_run_dir_arg(sys.argv[1:])
+    if any(a.lower() in ("preview=true", "preview=1") for a in sys.argv[1:]):
+        # a preview writes nothing: no .hydra/ or cli.log in the run dir Hydra creates for it
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     register()
     register_resolvers()
     hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")(_job)()

@@ -263,3 +263,51 @@ def test_cli_check_failures_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: train.global_batch_size=3")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _fake_checkpoint(run: Path, overrides: list[str], step: int = 5) -> None:
+    """checkpoints/step-N/manifest.json holding the config `overrides` compose to (all the check reads)."""
+    from omegaconf import OmegaConf
+
+    from conf.schema import redact
+
+    cfg = compose([*overrides, f"run.dir={run}"])
+    ckpt = run / "checkpoints" / f"step-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text(json.dumps({"step": step, "config": redact(OmegaConf.to_container(cfg, resolve=True))}))
+
+
+def test_resume_under_a_changed_config_is_refused_before_anything_is_written(tmp_path):
+    from conftest import lora_launch
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run, ["lora.r=8"])
+    (run / "config.yaml").write_text("the earlier run's config\n")
+    checks.check_resume_config(compose(["lora.r=8", "optim.lr=1e-3", f"run.dir={run}",
+                                        "resume.allow_changes=[optim.lr]", "logging.every_steps=3"]))
+    result = lora_launch(f"run.dir={run}", "lora.r=4", "train.max_steps=1", timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot resume from") and "lora.r: 8 -> 4" in lines[0]
+    assert "resume.allow_changes" in lines[0] and "accelerate launch" not in result.stdout
+    assert (run / "config.yaml").read_text() == "the earlier run's config\n"
+    assert not (run / "accelerate.yaml").exists()
+    # starting over is allowed, and so is naming the change safe
+    checks.check_resume_config(compose(["lora.r=4", f"run.dir={run}", "resume.mode=never"]))
+    checks.check_resume_config(compose(["lora.r=4", f"run.dir={run}", "resume.allow_changes=[lora.r]"]))
+
+
+def test_finished_run_under_another_config_is_refused_not_skipped(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import lora_launch
+    from train.checkpoint import write_status
+
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(compose(["lora.r=8", "train.max_steps=3", f"run.dir={run}"]), run / "config.yaml")
+    write_status(run, "finished", 3)
+    result = lora_launch(f"run.dir={run}", "lora.r=4", "train.max_steps=3", timeout=180)
+    assert result.returncode == 2 and "finished run with another config (lora.r: 8 -> 4)" in result.stderr
+    result = lora_launch(f"run.dir={run}", "lora.r=8", "train.max_steps=3", "logging.every_steps=2", timeout=180)
+    assert result.returncode == 0 and "already finished at step 3" in result.stdout, result.stderr[-2000:]

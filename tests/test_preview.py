@@ -109,3 +109,12 @@ def test_preview_starts_nothing(tmp_path, tiny):
     assert "accelerate launch --config_file" in result.stdout
     assert not (run / "config.yaml").exists() and not (run / "accelerate.yaml").exists()
     assert not (run / "metrics.jsonl").exists()
+    assert not run.exists(), sorted(p.name for p in run.iterdir())  # not even Hydra's .hydra/ or cli.log
+
+    # a used run dir keeps exactly what it had
+    run.mkdir()
+    (run / "config.yaml").write_text("earlier: run\n")
+    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "preview=true", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert (run / "config.yaml").read_text() == "earlier: run\n"

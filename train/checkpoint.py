@@ -67,6 +67,36 @@ def write_status(run_dir: Path, state: str, step: int) -> None:
     _write_json(Path(run_dir) / "status.json", {"state": state, "step": step, "time": time.time()})
 
 
+def committed_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every committed checkpoint (has its manifest) in ckpt_dir, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file())
+
+
+def resume_candidate(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """The checkpoint resume.mode would try first and its manifest, read without checking its files.
+
+    For the launcher's check before anything is written; training verifies checksums and falls
+    back to older checkpoints itself.
+    """
+    mode = cfg.resume.mode
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = committed_checkpoints(Path(cfg.run.dir) / "checkpoints")
+        if not found:
+            return None
+        path = found[-1][1]
+    else:
+        path = Path(mode)
+    try:
+        return path, json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None  # training reports it (and, under auto, tries an older one)
+
+
 def finished_step(cfg: DictConfig) -> int | None:
     """The step a finished run in run.dir ended at, if resume.mode=auto would find it finished."""
     status = read_status(Path(cfg.run.dir))
@@ -177,13 +207,23 @@ def _covered(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
-    """What differs between a checkpoint's manifest and this run, beyond what may change."""
-    old, new = _flatten(saved["config"]), _flatten(now["config"])
+def config_changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
+    """Config keys that differ between a checkpoint's config and this run's, beyond what may change."""
+    old, new = _flatten(saved), _flatten(now)
     free = FREE_TO_CHANGE + tuple(allow)
     # keys only one side has come from a schema change between versions, not from the user
-    out = [f"{k}: {old[k]!r} -> {new[k]!r}"
-           for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _covered(k, free)]
+    return [f"{k}: {old[k]!r} -> {new[k]!r}"
+            for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _covered(k, free)]
+
+
+def resume_refusal(path: Path, diff: list[str]) -> str:
+    return (f"cannot resume from {path}: " + "; ".join(diff) + ". Set resume.allow_changes=[KEY,...] "
+            "for changes that are safe (e.g. optim.lr), resume.mode=never to start over, or use another run.dir")
+
+
+def changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
+    """What differs between a checkpoint's manifest and this run, beyond what may change."""
+    out = config_changes(saved["config"], now["config"], allow)
     fs, fn = saved["fingerprints"], now["fingerprints"]
     if fs["lora_shapes"] != fn["lora_shapes"]:
         out.append("LoRA shape (adapter parameter names or shapes differ)")
@@ -513,11 +553,7 @@ class Checkpointer:
 
     def committed(self) -> list[tuple[int, Path]]:
         """(step, dir) of every committed checkpoint (has its manifest), oldest first."""
-        if not self.dir.is_dir():
-            return []
-        out = [(int(m.group(1)), p) for p in self.dir.iterdir()
-               if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file()]
-        return sorted(out)
+        return committed_checkpoints(self.dir)
 
     def verify(self, path: Path) -> dict:
         """The manifest of checkpoint `path` if every file matches its recorded checksum."""
@@ -590,9 +626,7 @@ class Checkpointer:
         now = self.manifest(saved["step"])
         diff = changes(saved, now, list(self.cfg.resume.allow_changes))
         if diff:
-            raise CheckpointError(
-                f"cannot resume from {path}: " + "; ".join(diff) + ". Set resume.allow_changes=[KEY,...] "
-                "for changes that are safe (e.g. optim.lr), resume.mode=never to start over, or use another run.dir")
+            raise CheckpointError(resume_refusal(path, diff))
 
     def _read(self, path: Path) -> dict:
         manifest = json.loads((path / "manifest.json").read_text())
