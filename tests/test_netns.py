@@ -75,14 +75,15 @@ def two_hosts():
         _delete_namespaces(names)
 
 
-def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts):
+@pytest.mark.parametrize("distributed", ["ddp", "zero2"])
+def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two single-process nodes\n" + "".join(f"{h} slots=1\n" for h in two_hosts["hosts"]))
     run = tmp_path / "run"
     common = [*tiny["overrides"], f"run.dir={run}", "launcher=hostfile", f"launcher.hostfile={hostfile}",
               f"launcher.main_process_port={_free_port()}", "train.max_steps=3", "train.micro_batch_size=2",
               "eval.at_start=false", "logging.rank_audit=true", "logging.tensorboard=false",
-              "sample.max_new_tokens=0"]
+              "sample.max_new_tokens=0", f"distributed={distributed}"]
     procs = []
     for prefix, rank in zip(two_hosts["prefixes"], two_hosts["ranks"]):
         extra = [] if rank is None else [f"launcher.node_rank={rank}"]
@@ -107,6 +108,7 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3]
     assert "x 2 processes" in outs[0]
+    assert ("DEEPSPEED on cpu" if distributed == "zero2" else "MULTI_CPU on cpu") in outs[0]
 
     # both ranks trained: disjoint samples making up the global batch of 2 x 1 x 2, and the same
     # trainable weights after every step (their gradients were averaged across the two nodes)
