@@ -49,21 +49,32 @@ def _held_message(path: Path, holder: dict) -> str:
 class RunLock:
     """Context manager holding the run dir's lock for the life of the launch."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, wait_s: float = 0.0):
         self.path = path
+        self.wait_s = wait_s  # how long a held lock may take to be released before giving up
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        """Take the lock or raise ConfigError saying who holds it."""
+        """Take the lock (waiting up to wait_s for its holder to end) or raise ConfigError saying who holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise ConfigError(_held_message(self.path, _holder(self.path))) from None
-            self._check_by_pid()  # no flock on this filesystem
+        deadline, said = time.monotonic() + self.wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    self._check_by_pid()  # no flock on this filesystem
+                    break
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ConfigError(_held_message(self.path, _holder(self.path))) from None
+                if not said:
+                    print(f"waiting up to {self.wait_s:.0f} s for the earlier launch holding {self.path} to end",
+                          flush=True)
+                    said = True
+                time.sleep(0.5)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

@@ -29,10 +29,10 @@ def node_command(cfg: DictConfig, topo: Topology, files: dict[str, Path]) -> tup
     return launch_command(files, node_rank=rank), node_env_vars(cfg, topo)
 
 
-def run_node(cfg: DictConfig, topo: Topology) -> tuple[int, bool]:
+def run_node(cfg: DictConfig, topo: Topology, lock_wait_s: float = 0.0) -> tuple[int, bool]:
     """Launch this node's processes and wait; returns (exit code, whether stopped by SIGTERM)."""
     run_dir = Path(cfg.run.dir)
-    with RunLock(lock_path(run_dir, topo.node_rank, topo.num_machines)):
+    with RunLock(lock_path(run_dir, topo.node_rank, topo.num_machines), wait_s=lock_wait_s):
         files = write_launch_files(cfg, run_dir, topo)
         cmd, env_vars = node_command(cfg, topo, files)
         digest = hashlib.sha256(files["config"].read_bytes()).hexdigest()[:16]
@@ -42,6 +42,9 @@ def run_node(cfg: DictConfig, topo: Topology) -> tuple[int, bool]:
         received: list[int] = []
         rc = run(cmd, launch_env(env_vars), received)
     return rc, signal.SIGTERM in received
+
+
+REQUEUE_LOCK_WAIT_S = 120.0
 
 
 def slurm_hosts(nodelist: str) -> list[str]:
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load(str(Path(args.run_dir) / "config.yaml"))
-        rc, stopped = run_node(cfg, slurm_topology(cfg))
+        # a requeued attempt can start while the last attempt's processes on this node are still exiting
+        rc, stopped = run_node(cfg, slurm_topology(cfg), lock_wait_s=REQUEUE_LOCK_WAIT_S)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,21 @@ def test_lock_of_a_killed_launcher_is_stale(tmp_path):
     proc.wait()
     with RunLock(path):  # the dead holder's lock is gone; its pid is still written in the file
         pass
+
+
+def test_lock_waits_for_an_ending_holder_when_asked(tmp_path):
+    """A Slurm requeue's node waits for the last attempt's launcher to let go (launcher.node)."""
+    path = tmp_path / ".launch.lock"
+    code = (f"from launcher.lock import RunLock; from pathlib import Path; import time; "
+            f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep(3)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match=f"pid {proc.pid}"):
+        RunLock(path, wait_s=0.5).acquire()
+    start = time.monotonic()
+    with RunLock(path, wait_s=60):
+        assert time.monotonic() - start > 1.5  # taken only once the holder (3 s) had ended
+    proc.wait()
 
 
 def test_cli_refuses_a_held_run_dir_before_starting_anything(tmp_path):
