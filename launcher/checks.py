@@ -77,20 +77,26 @@ def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool
                           "path on every node, ideally shared); the timestamped default differs per node")
 
 
-def check_resume_config(cfg: DictConfig) -> None:
-    """A run dir's checkpoint written under another config is refused here, before this launch
-    rewrites the run dir's config.yaml (training checks data and tokenizer hashes again)."""
+def _config_changes(old: dict, cfg: DictConfig) -> list[str]:
+    """Keys of cfg that differ from an earlier run's resolved config, beyond what may change."""
     from omegaconf import OmegaConf
 
     from conf.schema import redact
-    from train.checkpoint import config_changes, resume_candidate, resume_refusal
+    from train.checkpoint import config_changes
+
+    return config_changes(old, redact(OmegaConf.to_container(cfg, resolve=True)), list(cfg.resume.allow_changes))
+
+
+def check_resume_config(cfg: DictConfig) -> None:
+    """A run dir's checkpoint written under another config is refused here, before this launch
+    rewrites the run dir's config.yaml (training checks data and tokenizer hashes again)."""
+    from train.checkpoint import resume_candidate, resume_refusal
 
     found = resume_candidate(cfg)
     if found is None or "config" not in found[1]:
         return
     path, manifest = found
-    now = redact(OmegaConf.to_container(cfg, resolve=True))
-    diff = config_changes(manifest["config"], now, list(cfg.resume.allow_changes))
+    diff = _config_changes(manifest["config"], cfg)
     if diff:
         raise ConfigError(resume_refusal(path, diff))
 
@@ -99,15 +105,11 @@ def check_finished_config(cfg: DictConfig) -> None:
     """A finished run asked to run again under another config is refused, not silently skipped."""
     from omegaconf import OmegaConf
 
-    from conf.schema import redact
-    from train.checkpoint import config_changes
-
-    path = Path(cfg.run.dir) / "config.yaml"
     try:
-        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        old = OmegaConf.to_container(OmegaConf.load(Path(cfg.run.dir) / "config.yaml"), resolve=True)
     except (OSError, ValueError, yaml.YAMLError):
         return  # no readable config.yaml: nothing to compare with
-    diff = config_changes(old, redact(OmegaConf.to_container(cfg, resolve=True)), list(cfg.resume.allow_changes))
+    diff = _config_changes(old, cfg)
     if diff:
         raise ConfigError(f"{cfg.run.dir} holds a finished run with another config ({'; '.join(diff)}); "
                           "use another run.dir, or resume.mode=never to start over there")

@@ -232,12 +232,18 @@ def test_second_launch_into_a_live_run_is_refused(tmp_path):
         pass
 
 
-def test_lock_of_a_killed_launcher_is_stale(tmp_path):
-    path = tmp_path / ".launch.lock"
+def _lock_held_by_child(path: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the lock at `path` for `seconds`, once it says so."""
     code = (f"from launcher.lock import RunLock; from pathlib import Path; import time; "
-            f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep(60)")
+            f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep({seconds})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_of_a_killed_launcher_is_stale(tmp_path):
+    path = tmp_path / ".launch.lock"
+    proc = _lock_held_by_child(path, 60)
     with pytest.raises(ConfigError, match=f"pid {proc.pid}"):
         RunLock(path).acquire()
     proc.send_signal(signal.SIGKILL)
@@ -249,10 +255,7 @@ def test_lock_of_a_killed_launcher_is_stale(tmp_path):
 def test_lock_waits_for_an_ending_holder_when_asked(tmp_path):
     """A Slurm requeue's node waits for the last attempt's launcher to let go (launcher.node)."""
     path = tmp_path / ".launch.lock"
-    code = (f"from launcher.lock import RunLock; from pathlib import Path; import time; "
-            f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep(3)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert proc.stdout.readline().strip() == "held"
+    proc = _lock_held_by_child(path, 3)
     with pytest.raises(ConfigError, match=f"pid {proc.pid}"):
         RunLock(path, wait_s=0.5).acquire()
     start = time.monotonic()

@@ -59,4 +59,3 @@ def device_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(t)
     return t
-
