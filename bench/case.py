@@ -123,9 +123,6 @@ def build_trainer(spec: dict):
     from launcher.compose import compose
     from train.loop import Trainer
 
-    if "optimize_ddp" in spec:  # dynamo's graph splitting at DDP bucket boundaries
-        torch._dynamo.config.optimize_ddp = spec["optimize_ddp"]
-
     run_dir = str(WORK / "runs" / spec["name"])
     return Trainer(compose(project_overrides(spec, run_dir)))
 
@@ -144,32 +141,9 @@ def project(spec: dict) -> dict:
             tokens.append(row["tokens"] // trainer.world)  # per GPU
         out = step_stats(times, tokens)
         out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"])
-        if spec.get("profile"):
-            out["profile"] = profile_steps(trainer, spec["profile"])
         return out
     finally:
         trainer.close()
-
-
-def profile_steps(trainer, steps: int) -> dict:
-    """Where `steps` more steps spend their time on GPU 0: busy fraction and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            trainer.train_step()
-        torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t0) * 1e6
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
-    busy = sum(e.self_device_time_total for e in kernels)
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
-    cpu = sorted((e for e in prof.key_averages() if e.device_type.name == "CPU"),
-                 key=lambda e: -e.self_cpu_time_total)[:8]
-    return {"wall_ms_per_step": wall_us / steps / 1e3, "gpu_busy_ms_per_step": busy / steps / 1e3,
-            "top_kernels_ms_per_step": {e.key[:70]: round(e.self_device_time_total / steps / 1e3, 3) for e in top},
-            "top_cpu_ms_per_step": {e.key[:70]: round(e.self_cpu_time_total / steps / 1e3, 3) for e in cpu}}
 
 
 def checkpoint(spec: dict) -> dict:
