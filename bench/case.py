@@ -120,8 +120,8 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
 
 
 def build_trainer(spec: dict):
-    from launcher.compose import compose
-    from train.loop import Trainer
+    from lora_launch.launcher.compose import compose
+    from lora_launch.train.loop import Trainer
 
     run_dir = str(WORK / "runs" / spec["name"])
     return Trainer(compose(project_overrides(spec, run_dir)))

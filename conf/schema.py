@@ -8,7 +8,7 @@ process starts.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.resources
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -269,8 +269,7 @@ class Config:
 
 def asset_path(name: str) -> str:
     """Absolute path of a file or directory shipped in train/assets (the `${asset:...}` resolver)."""
-    spec = importlib.util.find_spec("train")
-    return str(Path(spec.origin).parent / "assets" / name)
+    return str(importlib.resources.files("lora_launch.train").joinpath("assets", name))
 
 
 def register() -> None:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 
 def _precision(cfg: DictConfig) -> str:
-    from train.model import resolve_precision
+    from lora_launch.train.model import resolve_precision
 
     return resolve_precision(cfg.train.precision)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from conf.schema import ConfigError
-from launcher.topology import Topology
+from lora_launch.conf.schema import ConfigError
+from lora_launch.launcher.topology import Topology
 
 
 def check_global_batch(cfg: DictConfig, topo: Topology) -> None:
@@ -81,8 +81,8 @@ def _config_changes(old: dict, cfg: DictConfig) -> list[str]:
     """Keys of cfg that differ from an earlier run's resolved config, beyond what may change."""
     from omegaconf import OmegaConf
 
-    from conf.schema import redact
-    from train.checkpoint import config_changes
+    from lora_launch.conf.schema import redact
+    from lora_launch.train.checkpoint import config_changes
 
     return config_changes(old, redact(OmegaConf.to_container(cfg, resolve=True)), list(cfg.resume.allow_changes))
 
@@ -90,7 +90,7 @@ def _config_changes(old: dict, cfg: DictConfig) -> list[str]:
 def check_resume_config(cfg: DictConfig) -> None:
     """A run dir's checkpoint written under another config is refused here, before this launch
     rewrites the run dir's config.yaml (training checks data and tokenizer hashes again)."""
-    from train.checkpoint import resume_candidate, resume_refusal
+    from lora_launch.train.checkpoint import resume_candidate, resume_refusal
 
     found = resume_candidate(cfg)
     if found is None or "config" not in found[1]:

@@ -11,11 +11,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from conf.schema import ConfigError, register
-from launcher.checks import check_before_launch, check_finished_config, run_dir_given
-from launcher.compose import resolve_run
-from launcher.sweep import register_resolvers
-from launcher.topology import topology
+from lora_launch.conf.schema import ConfigError, register
+from lora_launch.launcher.checks import check_before_launch, check_finished_config, run_dir_given
+from lora_launch.launcher.compose import resolve_run
+from lora_launch.launcher.sweep import register_resolvers
+from lora_launch.launcher.topology import topology
 
 
 def _job(cfg: DictConfig) -> float | int:
@@ -25,7 +25,7 @@ def _job(cfg: DictConfig) -> float | int:
         cfg.run.dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from launcher.sweep import run_trial, summarize
+        from lora_launch.launcher.sweep import run_trial, summarize
 
         try:
             # the trial's best eval loss is what a sweeper (e.g. Optuna) minimises
@@ -50,7 +50,7 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     topo = topology(cfg, strict=not cfg.preview)
     check_before_launch(cfg, topo, run_dir_given(overrides))
     if cfg.preview:
-        from launcher.preview import preview
+        from lora_launch.launcher.preview import preview
 
         print(preview(cfg, topo, overrides), flush=True)
         try:
@@ -59,11 +59,11 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
             pass
         return 0
     if cfg.launcher.name == "slurm":
-        from launcher.slurm import submit
+        from lora_launch.launcher.slurm import submit
 
         return submit(cfg, topo)
-    from launcher.node import run_node
-    from train.checkpoint import finished_step, read_status
+    from lora_launch.launcher.node import run_node
+    from lora_launch.train.checkpoint import finished_step, read_status
 
     done = finished_step(cfg)
     if done is not None:  # before run_node, which would rewrite the finished run's files
@@ -81,15 +81,15 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     return rc
 
 
-SUBCOMMANDS = {"sweep-summary": "launcher.sweep:summary_command",
+SUBCOMMANDS = {"sweep-summary": "lora_launch.launcher.sweep:summary_command",
                # after training: read RUN/config.yaml and RUN/adapter (train/posttrain.py)
-               "generate": "train.posttrain:generate_command", "merge": "train.posttrain:merge_command",
-               "eval": "train.posttrain:eval_command"}
+               "generate": "lora_launch.train.posttrain:generate_command", "merge": "lora_launch.train.posttrain:merge_command",
+               "eval": "lora_launch.train.posttrain:eval_command"}
 
 
 def _check_run_dir_arg(argv: list[str]) -> None:
     """Refuse an unwritable run.dir in one line before Hydra tries to create it (and dies in a traceback)."""
-    from launcher.checks import check_run_dir_writable
+    from lora_launch.launcher.checks import check_run_dir_writable
 
     given = [a.split("=", 1)[1] for a in argv if a.startswith(("run.dir=", "hydra.run.dir="))]
     if given and "${" not in given[-1]:
@@ -112,7 +112,7 @@ def main() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     register()
     register_resolvers()
-    hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")(_job)()
+    hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(_job)()
 
 
 if __name__ == "__main__":

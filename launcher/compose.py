@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import redact, register, validate
+from lora_launch.conf.schema import redact, register, validate
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -20,7 +20,7 @@ def compose(overrides: list[str]) -> DictConfig:
     register()
     setup_globals()  # the `now` resolver
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="lora_launch.conf", version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     resolve_run(cfg)
     return cfg

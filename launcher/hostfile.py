@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conf.schema import ConfigError
+from lora_launch.conf.schema import ConfigError
 
 _LINE = re.compile(r"^(?P<host>[^\s=#]+)(?:\s+slots\s*=\s*(?P<slots>\S+))?\s*$")
 

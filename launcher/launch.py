@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from launcher.accelerate_config import accelerate_config, deepspeed_config
-from launcher.compose import plain
-from launcher.hostfile import interface_for
-from launcher.topology import Topology, topology
+from lora_launch.launcher.accelerate_config import accelerate_config, deepspeed_config
+from lora_launch.launcher.compose import plain
+from lora_launch.launcher.hostfile import interface_for
+from lora_launch.launcher.topology import Topology, topology
 
 
 def processes_per_node(cfg: DictConfig) -> int:
@@ -67,14 +67,14 @@ def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology | None = N
 
 def launch_command(files: dict[str, Path], python: str = sys.executable, node_rank: int | None = None,
                    main_ip: str | None = None) -> list[str]:
-    """`accelerate launch --config_file … [--machine_rank N] -m train --config …`, run with this interpreter."""
+    """`accelerate launch --config_file … [--machine_rank N] -m lora_launch.train --config …`, run with this interpreter."""
     node = []
     if node_rank is not None:
         node += ["--machine_rank", str(node_rank)]
     if main_ip is not None:
         node += ["--main_process_ip", main_ip]
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(files["accelerate"]), *node,
-            "-m", "train", "--config", str(files["config"])]
+            "-m", "lora_launch.train", "--config", str(files["config"])]
 
 
 def node_env_vars(cfg: DictConfig, topo: Topology, environ: dict[str, str] | None = None) -> dict[str, str]:

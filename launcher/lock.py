@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from conf.schema import ConfigError
+from lora_launch.conf.schema import ConfigError
 
 
 def lock_path(run_dir: Path, node_rank: int = 0, num_machines: int = 1) -> Path:

@@ -1,7 +1,7 @@
 """This node's share of a launch: take the run dir's lock, write the launch files, run `accelerate launch`.
 
 Used by `lora-launch` on each node (local and hostfile launches) and, inside a Slurm job, by
-`python -m launcher.node --run-dir RUN` on every node of the allocation (see launcher/slurm.py).
+`python -m lora_launch.launcher.node --run-dir RUN` on every node of the allocation (see launcher/slurm.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from conf.schema import ConfigError, load
-from launcher.hostfile import resolve
-from launcher.launch import launch_command, launch_env, node_env_vars, printable, run, write_launch_files
-from launcher.lock import RunLock, lock_path
-from launcher.topology import Topology
+from lora_launch.conf.schema import ConfigError, load
+from lora_launch.launcher.hostfile import resolve
+from lora_launch.launcher.launch import launch_command, launch_env, node_env_vars, printable, run, write_launch_files
+from lora_launch.launcher.lock import RunLock, lock_path
+from lora_launch.launcher.topology import Topology
 
 
 def node_command(cfg: DictConfig, topo: Topology, files: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
@@ -63,7 +63,7 @@ def slurm_topology(cfg: DictConfig, environ: dict[str, str] | None = None) -> To
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of each node inside a Slurm job. Exit 0 on a SIGTERM stop, so the job script can requeue."""
-    parser = argparse.ArgumentParser(prog="python -m launcher.node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lora_launch.launcher.node", description=__doc__)
     parser.add_argument("--run-dir", required=True, help="run dir written by `lora-launch launcher=slurm`")
     args = parser.parse_args(argv)
     try:

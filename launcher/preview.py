@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.compose import plain
-from launcher.topology import Topology
+from lora_launch.launcher.compose import plain
+from lora_launch.launcher.topology import Topology
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -171,14 +171,14 @@ def _gpu_dtype(cfg: DictConfig) -> str:
 
 def node_commands(cfg: DictConfig, topo: Topology, overrides: list[str]) -> list[str]:
     """For each node: the lora-launch command to run there, and the accelerate launch it starts."""
-    from launcher.launch import launch_command, printable
+    from lora_launch.launcher.launch import launch_command, printable
 
     run_dir = Path(cfg.run.dir)
     files = {"accelerate": run_dir / "accelerate.yaml", "config": run_dir / "config.yaml"}
     user = [o for o in overrides if not o.startswith(("preview=", "launcher.node_rank="))]
     if cfg.launcher.name == "slurm":
         return [f"submit: lora-launch {' '.join(user)}  (writes {run_dir}/slurm.sbatch, runs sbatch on it)",
-                f"each of the {topo.num_machines} nodes then runs: python -m launcher.node --run-dir {run_dir}"]
+                f"each of the {topo.num_machines} nodes then runs: python -m lora_launch.launcher.node --run-dir {run_dir}"]
     lines = []
     for rank in range(topo.num_machines):
         host = topo.hosts[rank] if topo.hosts else "this host"

@@ -1,7 +1,7 @@
 """`launcher=slurm`: write RUN/slurm.sbatch and submit it with `sbatch`.
 
 The script is plain sbatch (no submitit dependency), readable and re-submittable by hand. It runs
-one task per node (`srun --ntasks-per-node=1`); each task is `python -m launcher.node --run-dir RUN`,
+one task per node (`srun --ntasks-per-node=1`); each task is `python -m lora_launch.launcher.node --run-dir RUN`,
 which finds its node rank and the rendezvous host from Slurm's variables and starts that node's
 `accelerate launch`. Preemption: SIGTERM (from Slurm before a time limit with --signal, on
 preemption, or `scancel --signal=TERM`) reaches training through srun; training checkpoints after
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from conf.schema import ConfigError
-from launcher.launch import write_launch_files, write_text_atomic
-from launcher.topology import Topology
+from lora_launch.conf.schema import ConfigError
+from lora_launch.launcher.launch import write_launch_files, write_text_atomic
+from lora_launch.launcher.topology import Topology
 
 
 def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
@@ -44,7 +44,7 @@ def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
 def sbatch_script(cfg: DictConfig, topo: Topology, run_dir: Path, python: str = sys.executable) -> str:
     """The job script: one launcher.node task per node, requeue when training stopped for SIGTERM."""
     run = shlex.quote(str(run_dir))
-    node = f"{shlex.quote(python)} -m launcher.node --run-dir {run}"
+    node = f"{shlex.quote(python)} -m lora_launch.launcher.node --run-dir {run}"
     return "\n".join([
         "#!/bin/bash",
         *_directives(cfg, topo, run_dir),

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from conf.schema import ConfigError
-from launcher import hostfile
+from lora_launch.conf.schema import ConfigError
+from lora_launch.launcher import hostfile
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Entry of every rank: `python -m train --config RUN_DIR/config.yaml` (what `lora-launch` starts),
-or `accelerate launch -m train [overrides]`, where rank 0 composes the config once and every
+"""Entry of every rank: `python -m lora_launch.train --config RUN_DIR/config.yaml` (what `lora-launch` starts),
+or `accelerate launch -m lora_launch.train [overrides]`, where rank 0 composes the config once and every
 rank reads the file it writes."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from conf.schema import ConfigError, load
+from lora_launch.conf.schema import ConfigError, load
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lora_launch.train", description=__doc__)
     parser.add_argument("--config", help="resolved config file written by lora-launch")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, when no --config is given")
     return parser.parse_args(argv)
@@ -21,7 +21,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _compose_on_rank0(overrides: list[str]) -> Path:
     """Rank 0 composes and writes config.yaml; every rank gets its path (one run dir, not one per rank)."""
-    from launcher.compose import compose, write_config
+    from lora_launch.launcher.compose import compose, write_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.checkpoint import CheckpointError, finished_step
-    from train.data import DataError
-    from train.loop import Trainer
+    from lora_launch.train.checkpoint import CheckpointError, finished_step
+    from lora_launch.train.data import DataError
+    from lora_launch.train.loop import Trainer
 
     done = finished_step(cfg)
     if done is not None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import redact
+from lora_launch.conf.schema import redact
 
 FORMAT = 1
 CRASH_ENV = "LORA_LAUNCH_CRASH_IN_SAVE"  # tests: `phase` or `phase@step`, see _crash_point
@@ -163,7 +163,7 @@ def _crash_point(phase: str, step: int, rank: int) -> None:
 
 def fingerprints(splits, tokenizer, model) -> dict:
     """Hashes of the tokenised dataset and tokenizer, and the base model's and adapters' shapes."""
-    from train.data import dataset_fingerprint
+    from lora_launch.train.data import dataset_fingerprint
 
     vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
     base = model.get_base_model().config if hasattr(model, "get_base_model") else model.config

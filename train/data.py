@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train import data_sources
-from train.templates import DataError, check_template, render, required_columns
+from lora_launch.train import data_sources
+from lora_launch.train.templates import DataError, check_template, render, required_columns
 
 __all__ = ["IGNORE", "DataError", "SampleSet", "Splits", "build_splits", "dataset_fingerprint", "tokenize",
            "SampleStream", "train_stream", "micro_batch_positions", "collate", "model_inputs"]

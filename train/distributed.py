@@ -8,8 +8,8 @@ from datetime import timedelta
 import torch
 from omegaconf import DictConfig
 
-from launcher.accelerate_config import deepspeed_config
-from train.model import resolve_precision
+from lora_launch.launcher.accelerate_config import deepspeed_config
+from lora_launch.train.model import resolve_precision
 
 
 def world_size_from_env() -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from train.data import IGNORE
+from lora_launch.train.data import IGNORE
 
 
 def compile_mode(cfg: DictConfig) -> str:

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from train.checkpoint import Checkpointer, fingerprints, rewind_metrics, write_status
-from train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
-from train.distributed import all_sum, device_sum, make_accelerator
-from train import fast
-from train.metrics import MetricsLogger, plot_loss
-from train.model import apply_lora, load_base_model, load_tokenizer
+from lora_launch.train.checkpoint import Checkpointer, fingerprints, rewind_metrics, write_status
+from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
+from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
+from lora_launch.train import fast
+from lora_launch.train.metrics import MetricsLogger, plot_loss
+from lora_launch.train.model import apply_lora, load_base_model, load_tokenizer
 
 
 def total_steps(cfg: DictConfig, train_size: int, world: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import redact
+from lora_launch.conf.schema import redact
 
 
 class MetricsLogger:

@@ -58,7 +58,7 @@ def _flag(opts: dict, key: str) -> bool:
 
 def load_run(run_dir: str) -> DictConfig:
     """The run's resolved config, after checking that the run has a trained adapter."""
-    from conf.schema import load
+    from lora_launch.conf.schema import load
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -79,7 +79,7 @@ def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from train.model import load_base_model
+    from lora_launch.train.model import load_base_model
 
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
     base = load_base_model(cfg, device())
@@ -113,7 +113,7 @@ def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
 
 def generate(opts: dict) -> int:
     """Print the completion of `prompt` by base + adapter."""
-    from train.templates import prompt_text
+    from lora_launch.train.templates import prompt_text
 
     run = Path(opts["run.dir"])
     cfg = load_run(opts["run.dir"])
@@ -155,8 +155,8 @@ def merge(opts: dict) -> int:
 @torch.no_grad()
 def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) -> tuple[float, int]:
     """Mean token loss of `model` over `samples` (as the training loop evaluates), and the token count."""
-    from train.data import collate
-    from train.loop import token_loss_sum
+    from lora_launch.train.data import collate
+    from lora_launch.train.loop import token_loss_sum
 
     total, count = 0.0, 0
     starts = range(0, len(samples), micro)
@@ -171,7 +171,7 @@ def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) ->
 
 def evaluate(opts: dict) -> int:
     """Print (and write RUN/eval.json) the eval loss and perplexity of base + adapter."""
-    from train.data import build_splits
+    from lora_launch.train.data import build_splits
 
     run = Path(opts["run.dir"])
     cfg = load_run(opts["run.dir"])
@@ -198,8 +198,8 @@ def evaluate(opts: dict) -> int:
 
 def main(argv: list[str]) -> int:
     """Run one subcommand: argv = [command, key=value, ...]; errors are one line and exit 2."""
-    from conf.schema import ConfigError
-    from train.data import DataError
+    from lora_launch.conf.schema import ConfigError
+    from lora_launch.train.data import DataError
 
     command, rest = argv[0], argv[1:]
     try:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import read_jsonl, subprocess_env
+from support.cli import CLI, read_jsonl, subprocess_env
 
 # small and quick, yet with grad_accum > 1, an epoch boundary every ~3 steps and dropout drawing RNG
 BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24", "train.max_steps=12",
@@ -21,7 +21,7 @@ BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24",
 
 def start(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
     """Start `lora-launch` in its own session (output in run_dir.log); returns the process."""
-    cmd = [sys.executable, "-c", "from launcher.cli import main; main()", f"run.dir={run_dir}", *overrides]
+    cmd = [CLI, f"run.dir={run_dir}", *overrides]
     log = open(f"{run_dir}.log", "a")
     return subprocess.Popen(cmd, env={**subprocess_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

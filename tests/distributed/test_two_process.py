@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import lora_launch, read_jsonl, subprocess_env
+from support.cli import lora_launch, read_jsonl, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +18,9 @@ def _eval_loss_from_saved_adapter(run_dir: Path, base_dir: Path) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conf.schema import load
-    from train.data import build_splits, collate
-    from train.loop import token_loss_sum
+    from lora_launch.conf.schema import load
+    from lora_launch.train.data import build_splits, collate
+    from lora_launch.train.loop import token_loss_sum
 
     cfg = load(str(run_dir / "config.yaml"))
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, lora_launch, read_jsonl, subprocess_env
-from launcher.compose import compose, write_config
-from train import posttrain
+from support.cli import CLI, REPO, lora_launch, read_jsonl, subprocess_env
+from lora_launch.launcher.compose import compose, write_config
+from lora_launch.train import posttrain
 
 
 def fake_run(tiny, run, *overrides):
@@ -18,7 +18,7 @@ def fake_run(tiny, run, *overrides):
     merging visibly changes the base model."""
     from peft import LoraConfig, get_peft_model
 
-    from train.model import load_base_model, load_tokenizer
+    from lora_launch.train.model import load_base_model, load_tokenizer
 
     cfg = compose([*tiny["overrides"], f"run.dir={run}", "lora.target_modules=[q_proj,v_proj,down_proj]",
                    *overrides])
@@ -110,7 +110,7 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
     final = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r][-1]
 
     def cli(*args):
-        out = subprocess.run([sys.executable, "-c", "from launcher.cli import main; main()", *args], cwd=REPO,
+        out = subprocess.run([CLI, *args], cwd=tmp_path,
                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout

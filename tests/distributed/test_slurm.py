@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, subprocess_env
-from launcher.compose import compose
-from launcher.slurm import sbatch_script
-from launcher.topology import topology
+from support.cli import CLI, read_jsonl, subprocess_env
+from lora_launch.launcher.compose import compose
+from lora_launch.launcher.slurm import sbatch_script
+from lora_launch.launcher.topology import topology
 
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo"]
 
@@ -37,7 +37,7 @@ def test_sbatch_script_shape(tmp_path):
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --requeue", "#SBATCH --signal=TERM@120", "#SBATCH --partition=gpu",
                  "#SBATCH --time=04:00:00", "#SBATCH --exclusive",
-                 f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 /venv/bin/python -m launcher.node --run-dir {tmp_path}",
+                 f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 /venv/bin/python -m lora_launch.launcher.node --run-dir {tmp_path}",
                  'scontrol requeue "$SLURM_JOB_ID"']:
         assert line in text.splitlines() or line in text, line
     result = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
@@ -152,7 +152,7 @@ def test_slurm_job_requeued_after_sigterm_resumes(slurm, tiny, tmp_path):
     cmd = [*tiny["overrides"], "launcher=slurm", f"run.dir={run}", f"train.max_steps={steps}",
            "train.micro_batch_size=2", "checkpoint.every_steps=5", "eval.at_start=false",
            "logging.tensorboard=false", "sample.max_new_tokens=0", "launcher.num_processes=1"]
-    result = subprocess.run([sys.executable, "-c", "from launcher.cli import main; main()", *cmd], env=env,
+    result = subprocess.run([CLI, *cmd], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     job = re.search(r"submitted Slurm job (\d+)", result.stdout).group(1)

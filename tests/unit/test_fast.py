@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from train import fast
+from lora_launch.train import fast
 
 
 def test_loss_matches_shifted_cross_entropy():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lora_launch, read_jsonl, subprocess_env
-from launcher.sweep import read_trial, swept_keys, sweep_name, trial_name
+from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
+from lora_launch.launcher.sweep import read_trial, swept_keys, sweep_name, trial_name
 
 
 def test_names_are_deterministic_and_readable():
@@ -42,7 +42,7 @@ def _kill_sweep(proc: subprocess.Popen, sweep_dir: Path) -> None:
 def test_sweep_killed_midway_resumes_without_training_any_trial_twice(tiny, tmp_path):
     args = ["-m", *SWEEP, *tiny["overrides"], f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-c", "from launcher.cli import main; main()", *args]
+    cmd = [CLI, *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conf.schema import ConfigError
-from launcher import checks, hostfile
-from launcher.compose import compose
-from launcher.launch import launch_command, node_env_vars, write_launch_files
-from launcher.lock import RunLock
-from launcher.topology import Topology, topology
+from lora_launch.conf.schema import ConfigError
+from lora_launch.launcher import checks, hostfile
+from lora_launch.launcher.compose import compose
+from lora_launch.launcher.launch import launch_command, node_env_vars, write_launch_files
+from lora_launch.launcher.lock import RunLock
+from lora_launch.launcher.topology import Topology, topology
 
-REPO = Path(__file__).resolve().parents[1]
+from support.cli import REPO
 
 
 # ---- hostfile ---------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_launch_command_carries_the_node_rank():
     files = {"accelerate": Path("/r/accelerate.yaml"), "config": Path("/r/config.yaml")}
     cmd = launch_command(files, python="py", node_rank=1)
     assert cmd == ["py", "-m", "accelerate.commands.launch", "--config_file", "/r/accelerate.yaml",
-                   "--machine_rank", "1", "-m", "train", "--config", "/r/config.yaml"]
+                   "--machine_rank", "1", "-m", "lora_launch.train", "--config", "/r/config.yaml"]
 
 
 def test_socket_interface_is_set_unless_the_user_did(tmp_path):
@@ -232,101 +232,3 @@ def test_second_launch_into_a_live_run_is_refused(tmp_path):
         pass
 
 
-def _lock_held_by_child(path: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding the lock at `path` for `seconds`, once it says so."""
-    code = (f"from launcher.lock import RunLock; from pathlib import Path; import time; "
-            f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep({seconds})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_lock_of_a_killed_launcher_is_stale(tmp_path):
-    path = tmp_path / ".launch.lock"
-    proc = _lock_held_by_child(path, 60)
-    with pytest.raises(ConfigError, match=f"pid {proc.pid}"):
-        RunLock(path).acquire()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with RunLock(path):  # the dead holder's lock is gone; its pid is still written in the file
-        pass
-
-
-def test_lock_waits_for_an_ending_holder_when_asked(tmp_path):
-    """A Slurm requeue's node waits for the last attempt's launcher to let go (launcher.node)."""
-    path = tmp_path / ".launch.lock"
-    proc = _lock_held_by_child(path, 3)
-    with pytest.raises(ConfigError, match=f"pid {proc.pid}"):
-        RunLock(path, wait_s=0.5).acquire()
-    start = time.monotonic()
-    with RunLock(path, wait_s=60):
-        assert time.monotonic() - start > 1.5  # taken only once the holder (3 s) had ended
-    proc.wait()
-
-
-def test_cli_refuses_a_held_run_dir_before_starting_anything(tmp_path):
-    from conftest import lora_launch
-
-    run = tmp_path / "run"
-    with RunLock(run / ".launch.lock"):
-        result = lora_launch(f"run.dir={run}", "train.max_steps=1", timeout=180)
-    assert result.returncode == 2
-    assert "in use by a live launch" in result.stderr and "accelerate launch" not in result.stdout
-    assert not (run / "accelerate.yaml").exists()
-
-
-def test_cli_check_failures_are_one_line(tmp_path):
-    from conftest import lora_launch
-
-    result = lora_launch(f"run.dir={tmp_path / 'run'}", "train.global_batch_size=3", timeout=180)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: train.global_batch_size=3")
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
-def _fake_checkpoint(run: Path, overrides: list[str], step: int = 5) -> None:
-    """checkpoints/step-N/manifest.json holding the config `overrides` compose to (all the check reads)."""
-    from omegaconf import OmegaConf
-
-    from conf.schema import redact
-
-    cfg = compose([*overrides, f"run.dir={run}"])
-    ckpt = run / "checkpoints" / f"step-{step}"
-    ckpt.mkdir(parents=True)
-    (ckpt / "manifest.json").write_text(json.dumps({"step": step, "config": redact(OmegaConf.to_container(cfg, resolve=True))}))
-
-
-def test_resume_under_a_changed_config_is_refused_before_anything_is_written(tmp_path):
-    from conftest import lora_launch
-
-    run = tmp_path / "run"
-    _fake_checkpoint(run, ["lora.r=8"])
-    (run / "config.yaml").write_text("the earlier run's config\n")
-    checks.check_resume_config(compose(["lora.r=8", "optim.lr=1e-3", f"run.dir={run}",
-                                        "resume.allow_changes=[optim.lr]", "logging.every_steps=3"]))
-    result = lora_launch(f"run.dir={run}", "lora.r=4", "train.max_steps=1", timeout=180)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot resume from") and "lora.r: 8 -> 4" in lines[0]
-    assert "resume.allow_changes" in lines[0] and "accelerate launch" not in result.stdout
-    assert (run / "config.yaml").read_text() == "the earlier run's config\n"
-    assert not (run / "accelerate.yaml").exists()
-    # starting over is allowed, and so is naming the change safe
-    checks.check_resume_config(compose(["lora.r=4", f"run.dir={run}", "resume.mode=never"]))
-    checks.check_resume_config(compose(["lora.r=4", f"run.dir={run}", "resume.allow_changes=[lora.r]"]))
-
-
-def test_finished_run_under_another_config_is_refused_not_skipped(tmp_path):
-    from omegaconf import OmegaConf
-
-    from conftest import lora_launch
-    from train.checkpoint import write_status
-
-    run = tmp_path / "run"
-    run.mkdir()
-    OmegaConf.save(compose(["lora.r=8", "train.max_steps=3", f"run.dir={run}"]), run / "config.yaml")
-    write_status(run, "finished", 3)
-    result = lora_launch(f"run.dir={run}", "lora.r=4", "train.max_steps=3", timeout=180)
-    assert result.returncode == 2 and "finished run with another config (lora.r: 8 -> 4)" in result.stderr
-    result = lora_launch(f"run.dir={run}", "lora.r=8", "train.max_steps=3", "logging.every_steps=2", timeout=180)
-    assert result.returncode == 0 and "already finished at step 3" in result.stdout, result.stderr[-2000:]

@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from helpers_resume import (BASE, committed_steps, consumed_samples, eval_losses, kill_tree, launch, sigterm_at,
+from support.resume import (BASE, committed_steps, consumed_samples, eval_losses, kill_tree, launch, sigterm_at,
                             start, status, train_losses, train_size, wait_for_step)
-from train.checkpoint import CRASH_ENV
-from train.data import SampleStream
+from lora_launch.train.checkpoint import CRASH_ENV
+from lora_launch.train.data import SampleStream
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import lora_launch, read_jsonl
+from support.cli import lora_launch, read_jsonl
 
 pytestmark = pytest.mark.slow
 

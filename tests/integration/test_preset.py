@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import lora_launch, read_jsonl
-from launcher.compose import compose
+from support.cli import lora_launch, read_jsonl
+from lora_launch.launcher.compose import compose
 
 # The recipe as the issue states it (QLoRA guanaco article).
 RECIPE = {
@@ -39,7 +39,7 @@ def test_preset_resolves_to_the_recipe(tmp_path):
 def test_paged_adamw_matches_torch_adamw():
     from omegaconf import OmegaConf
 
-    from train.loop import make_optimizer
+    from lora_launch.train.loop import make_optimizer
 
     torch.manual_seed(0)
     start = torch.randn(16, 16)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conf.schema import redact
-from launcher.accelerate_config import accelerate_config, deepspeed_config
-from launcher.compose import compose
-from train.data import IGNORE, SampleStream, collate, micro_batch_positions, tokenize
-from train.loop import total_steps
+from lora_launch.conf.schema import redact
+from lora_launch.launcher.accelerate_config import accelerate_config, deepspeed_config
+from lora_launch.launcher.compose import compose
+from lora_launch.train.data import IGNORE, SampleStream, collate, micro_batch_positions, tokenize
+from lora_launch.train.loop import total_steps
 
 
 @pytest.mark.parametrize("micro,accum,world", [(1, 1, 1), (2, 3, 2), (4, 2, 4), (3, 1, 2)])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, subprocess_env
+from support.cli import CLI, read_jsonl, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
     procs = []
     for prefix, rank in zip(two_hosts["prefixes"], two_hosts["ranks"]):
         extra = [] if rank is None else [f"launcher.node_rank={rank}"]
-        cmd = [*prefix, sys.executable, "-c", "from launcher.cli import main; main()", *common, *extra]
+        cmd = [*prefix, CLI, *common, *extra]
         procs.append(subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=400)[0] for p in procs]

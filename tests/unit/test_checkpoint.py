@@ -12,60 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, subprocess_env
-from train.checkpoint import CRASH_ENV, Checkpointer, CheckpointError, changes, rewind_metrics
+from support.ckpt import FINGERPRINTS, OneProcess, checkpointer, make_cfg, make_training, save, train_steps
+from lora_launch.train.checkpoint import CRASH_ENV, Checkpointer, CheckpointError, changes, rewind_metrics
 
 
-class OneProcess:
-    """The part of accelerate's Accelerator the checkpointer uses, for a single process."""
-    process_index, num_processes, is_main_process, scaler = 0, 1, True, None
 
-    def wait_for_everyone(self):
-        pass
-
-
-def make_cfg(run_dir: Path, mode: str = "auto", allow=(), lr: float = 0.1, r: int = 4):
-    return OmegaConf.create({"run": {"dir": str(run_dir)}, "checkpoint": {"every_steps": 1, "keep_last": 2},
-                             "resume": {"mode": mode, "allow_changes": list(allow)},
-                             "optim": {"lr": lr}, "lora": {"r": r}})
-
-
-def make_training(seed: int = 0, lr: float = 0.1):
-    """A tiny model with a frozen part, AdamW and a warmup+decay LambdaLR, as the loop builds them."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Linear(4, 1))
-    model[0].weight.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.9 ** s)
-    return model, opt, sched
-
-
-def train_steps(model, opt, sched, n: int) -> list[float]:
-    losses = []
-    for _ in range(n):
-        x = torch.randn(8, 4)
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-FINGERPRINTS = {"data": "d", "tokenizer": "t", "model": {"hidden_size": 4}, "lora_shapes": {}}
-
-
-def checkpointer(run_dir: Path, **kw) -> Checkpointer:
-    ck = Checkpointer(make_cfg(run_dir, **kw), run_dir, OneProcess())
-    ck.fingerprints = FINGERPRINTS
-    return ck
-
-
-def save(ck: Checkpointer, step: int, model, opt, sched) -> Path:
-    return ck.save(step, {"model": model, "optimizer": opt, "scheduler": sched, "position": step * 8,
-                          "tokens_seen": step * 100, "train_size": 20})
 
 
 def test_resumed_training_continues_bitwise(tmp_path):
@@ -162,8 +113,8 @@ def test_changes_ignores_free_keys_and_schema_additions():
 
 
 def test_resume_path_is_checked_when_the_config_is_composed(tmp_path):
-    from conf.schema import ConfigError
-    from launcher.compose import compose
+    from lora_launch.conf.schema import ConfigError
+    from lora_launch.launcher.compose import compose
 
     with pytest.raises(ConfigError, match="resume.mode=.*not auto, never or a checkpoint directory"):
         compose([f"run.dir={tmp_path}", f"resume.mode={tmp_path / 'nope'}"])
@@ -193,28 +144,3 @@ def test_rewind_metrics_keeps_one_row_per_step(tmp_path):
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:3]
 
 
-CRASHING_SAVE = """
-import sys
-sys.path.insert(0, {tests!r})
-from pathlib import Path
-from test_checkpoint import checkpointer, make_training, save, train_steps
-model, opt, sched = make_training()
-ck = checkpointer(Path({run!r}))
-for step in (1, 2):
-    train_steps(model, opt, sched, 1)
-    save(ck, step, model, opt, sched)
-print("not reached")
-"""
-
-
-@pytest.mark.parametrize("phase, loadable", [("after_rank_write", 1), ("before_commit", 1), ("after_commit", 2)])
-def test_crash_inside_save_leaves_a_loadable_checkpoint(tmp_path, phase, loadable):
-    code = CRASHING_SAVE.format(tests=str(REPO / "tests"), run=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env={**subprocess_env(), CRASH_ENV: f"{phase}@2"},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr  # died by SIGKILL inside the save of step 2
-    assert "not reached" not in proc.stdout
-    loaded = checkpointer(tmp_path).load_latest()
-    assert loaded["state"]["step"] == loadable
-    model, opt, sched = make_training(seed=3)
-    checkpointer(tmp_path).restore(loaded, model, opt, sched)  # and it loads into a model

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import preview as pv
-from launcher.compose import compose
-from launcher.topology import Topology
+from lora_launch.launcher import preview as pv
+from lora_launch.launcher.compose import compose
+from lora_launch.launcher.topology import Topology
 
 GIB = 2**30
 
@@ -99,22 +99,3 @@ def test_preview_text_for_two_nodes(tmp_path, tiny):
     assert "--machine_rank 1" in text
 
 
-def test_preview_starts_nothing(tmp_path, tiny):
-    from conftest import lora_launch
-
-    run = tmp_path / "run"
-    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "preview=true", "train.max_steps=7", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "# resolved config" in result.stdout and "steps per epoch" in result.stdout
-    assert "accelerate launch --config_file" in result.stdout
-    assert not (run / "config.yaml").exists() and not (run / "accelerate.yaml").exists()
-    assert not (run / "metrics.jsonl").exists()
-    assert not run.exists(), sorted(p.name for p in run.iterdir())  # not even Hydra's .hydra/ or cli.log
-
-    # a used run dir keeps exactly what it had
-    run.mkdir()
-    (run / "config.yaml").write_text("earlier: run\n")
-    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "preview=true", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
-    assert (run / "config.yaml").read_text() == "earlier: run\n"

@@ -1,0 +1,45 @@
+"""Data errors as a user meets them: through the real entry points, in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support.cli import lora_launch, read_jsonl, subprocess_env
+
+
+def test_hub_dataset_offline_fails_fast_with_a_clear_error(tiny, tmp_path):
+    code = (
+            "from lora_launch.launcher.compose import compose; from lora_launch.train.data import build_splits, DataError\n"
+            f"cfg = compose(['model.path={tiny['model']}', 'data=hub', 'data.name=nobody/no-such-dataset-xyz',"
+            f" 'run.dir={tmp_path}/run', 'data.cache_dir={tmp_path}/c'])\n"
+            "from lora_launch.train.model import load_tokenizer\n"
+            "try:\n    build_splits(cfg, load_tokenizer(cfg))\nexcept DataError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert "ERR data.name=nobody/no-such-dataset-xyz" in out.stdout, out.stderr[-2000:]
+    assert "HF_HUB_OFFLINE" in out.stdout
+
+
+def test_data_error_leaves_the_run_dir_alone(tiny, tmp_path):
+    """A launch with bad data exits non-zero with one line, and earlier outputs survive."""
+    from support.cli import lora_launch
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "keep.txt").write_text("earlier result")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    result = lora_launch(*tiny["overrides"], f"data.path={bad}", f"run.dir={run}", "train.max_steps=1",
+                         f"data.cache_dir={tmp_path / 'c'}", timeout=300)
+    assert result.returncode != 0
+    assert "error: " in result.stderr and "bad.jsonl:2: not valid JSON" in result.stderr
+    assert (run / "adapter" / "keep.txt").read_text() == "earlier result"
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
