@@ -120,7 +120,7 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
 
 
 def build_trainer(spec: dict):
-    from lora_launch.launcher.compose import compose
+    from lora_launch.conf.compose import compose
     from lora_launch.train.loop import Trainer
 
     run_dir = str(WORK / "runs" / spec["name"])

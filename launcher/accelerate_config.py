@@ -1,52 +1,21 @@
-"""The accelerate config file and DeepSpeed JSON, derived from the resolved Hydra config.
+"""The accelerate config file, derived from the resolved config and the run plan.
 
-Pure functions: config in, dicts out. Every value comes from the Hydra config, so the files in a
-run directory can never disagree with it.
+A pure function: config in, dict out. Every value comes from the config and the plan (the
+DeepSpeed JSON too: `lora_launch.run.plan.deepspeed_config`), so the files in a run directory
+can never disagree with what trains.
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-
-def _precision(cfg: DictConfig) -> str:
-    from lora_launch.train.model import resolve_precision
-
-    return resolve_precision(cfg.train.precision)
+from lora_launch.run.plan import RunPlan
 
 
-def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
-    """DeepSpeed JSON for distributed.zero_stage, with batch sizes, precision and clipping from cfg."""
-    d, t = cfg.distributed, cfg.train
-    zero: dict = {"stage": d.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                  "reduce_bucket_size": 5e7}
-    if d.zero_stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
-                     "stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5})
-    if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if d.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    precision = _precision(cfg)
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "gradient_clipping": float(cfg.optim.max_grad_norm),
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "zero_optimization": zero,
-        # the loop brings its own torch AdamW (LoRA params are few); DeepSpeed must accept it
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def accelerate_config(cfg: DictConfig, num_processes: int, ds_config_path: str | None = None) -> dict:
-    """accelerate's config-file dict for one launch of `num_processes` processes in total."""
+def accelerate_config(cfg: DictConfig, plan: RunPlan, ds_config_path: str | None = None) -> dict:
+    """accelerate's config-file dict for one launch of `plan.world_size` processes in total."""
     launcher = cfg.launcher
+    num_processes = plan.world_size
     multi = num_processes > 1 or launcher.num_machines > 1
     conf = {
         "compute_environment": "LOCAL_MACHINE",
@@ -55,7 +24,7 @@ def accelerate_config(cfg: DictConfig, num_processes: int, ds_config_path: str |
         "num_machines": launcher.num_machines,
         "machine_rank": launcher.machine_rank,
         "main_training_function": "main",
-        "mixed_precision": _precision(cfg),
+        "mixed_precision": plan.mixed_precision,
         "rdzv_backend": "static",
         "same_network": True,
         "use_cpu": False,

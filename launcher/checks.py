@@ -13,23 +13,25 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.compat import config_changes, resume_refusal
+from lora_launch.run.plan import RunPlan
+from lora_launch.run.rundir import resume_candidate
 
 
-def check_global_batch(cfg: DictConfig, topo: Topology) -> None:
+def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
     """train.global_batch_size, when given, must equal micro_batch_size x grad_accum x world size."""
     want, t = cfg.train.global_batch_size, cfg.train
-    if want is None:
+    if want is None or plan.global_batch == want:
         return
-    got = t.micro_batch_size * t.grad_accum * topo.world_size
-    if got == want:
-        return
-    per_accum = t.micro_batch_size * topo.world_size
+    got, world = plan.global_batch, plan.world_size
+    per_accum = t.micro_batch_size * world
     hint = (f"set train.grad_accum={want // per_accum}" if want % per_accum == 0
             else f"it must be a multiple of micro_batch_size x world = {per_accum}")
     raise ConfigError(f"train.global_batch_size={want} but micro_batch_size {t.micro_batch_size} x grad_accum "
-                      f"{t.grad_accum} x world {topo.world_size} = {got}; {hint}")
+                      f"{t.grad_accum} x world {world} = {got}; {hint}")
 
 
 def check_qlora_zero3(cfg: DictConfig) -> None:
@@ -79,20 +81,13 @@ def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool
 
 def _config_changes(old: dict, cfg: DictConfig) -> list[str]:
     """Keys of cfg that differ from an earlier run's resolved config, beyond what may change."""
-    from omegaconf import OmegaConf
-
-    from lora_launch.conf.schema import redact
-    from lora_launch.train.checkpoint import config_changes
-
-    return config_changes(old, redact(OmegaConf.to_container(cfg, resolve=True)), list(cfg.resume.allow_changes))
+    return config_changes(old, plain(cfg), list(cfg.resume.allow_changes))
 
 
 def check_resume_config(cfg: DictConfig) -> None:
     """A run dir's checkpoint written under another config is refused here, before this launch
     rewrites the run dir's config.yaml (training checks data and tokenizer hashes again)."""
-    from lora_launch.train.checkpoint import resume_candidate, resume_refusal
-
-    found = resume_candidate(cfg)
+    found = resume_candidate(Path(cfg.run.dir), cfg.resume.mode)
     if found is None or "config" not in found[1]:
         return
     path, manifest = found
@@ -115,11 +110,11 @@ def check_finished_config(cfg: DictConfig) -> None:
                           "use another run.dir, or resume.mode=never to start over there")
 
 
-def check_before_launch(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:
+def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_given: bool) -> None:
     """Everything that can be known wrong before a process starts."""
     check_multinode_run_dir(cfg, topo, run_dir_given)
     check_resume_config(cfg)
-    check_global_batch(cfg, topo)
+    check_global_batch(cfg, plan)
     check_qlora_zero3(cfg)
     check_nf4(cfg)
     check_run_dir_writable(Path(cfg.run.dir))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -13,9 +12,10 @@ from omegaconf import DictConfig, open_dict
 
 from lora_launch.conf.schema import ConfigError, register
 from lora_launch.launcher.checks import check_before_launch, check_finished_config, run_dir_given
-from lora_launch.launcher.compose import resolve_run
+from lora_launch.conf.compose import resolve_run
 from lora_launch.launcher.sweep import register_resolvers
-from lora_launch.launcher.topology import topology
+from lora_launch.launcher.topology import run_plan, topology
+from lora_launch.run.rundir import finished_step
 
 
 def _job(cfg: DictConfig) -> float | int:
@@ -39,8 +39,7 @@ def _job(cfg: DictConfig) -> float | int:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if rc != 0:
-        print(f"error: training exited with code {rc}; see {cfg.run.dir}", file=sys.stderr)
-        sys.exit(rc)
+        sys.exit(rc)  # run_node said why
     return rc
 
 
@@ -48,37 +47,31 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     """Validate, check, then preview, submit to Slurm or launch this node; returns the exit code."""
     resolve_run(cfg)
     topo = topology(cfg, strict=not cfg.preview)
-    check_before_launch(cfg, topo, run_dir_given(overrides))
+    plan = run_plan(cfg, topo)
+    check_before_launch(cfg, topo, plan, run_dir_given(overrides))
+    run_dir = Path(cfg.run.dir)
     if cfg.preview:
         from lora_launch.launcher.preview import preview
 
-        print(preview(cfg, topo, overrides), flush=True)
+        print(preview(cfg, topo, plan, overrides), flush=True)
         try:
-            Path(cfg.run.dir).rmdir()  # the empty dir Hydra made for this preview; a used one stays
+            run_dir.rmdir()  # the empty dir Hydra made for this preview; a used one stays
         except OSError:
             pass
         return 0
     if cfg.launcher.name == "slurm":
         from lora_launch.launcher.slurm import submit
 
-        return submit(cfg, topo)
+        return submit(cfg, topo, plan)
     from lora_launch.launcher.node import run_node
-    from lora_launch.train.checkpoint import finished_step, read_status
 
-    done = finished_step(cfg)
+    done = finished_step(run_dir, cfg.resume.mode)
     if done is not None:  # before run_node, which would rewrite the finished run's files
         check_finished_config(cfg)
-        print(f"{cfg.run.dir}: this run already finished at step {done}; nothing to do "
+        print(f"{run_dir}: this run already finished at step {done}; nothing to do "
               "(resume.mode=never starts it over)", flush=True)
         return 0
-    started = time.time()
-    rc, stopped = run_node(cfg, topo)
-    st = read_status(Path(cfg.run.dir))
-    if rc != 0 and stopped and st.get("state") == "preempted" and st.get("time", 0) >= started:
-        print(f"stopped by SIGTERM with a checkpoint at step {st['step']}; run the same command to continue",
-              flush=True)
-        return 0
-    return rc
+    return run_node(cfg, topo, plan)
 
 
 SUBCOMMANDS = {"sweep-summary": "lora_launch.launcher.sweep:summary_command",

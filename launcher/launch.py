@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_launch.launcher.accelerate_config import accelerate_config, deepspeed_config
-from lora_launch.launcher.compose import plain
+from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.launcher.hostfile import interface_for
-from lora_launch.launcher.topology import Topology, topology
-
-
-def processes_per_node(cfg: DictConfig) -> int:
-    """launcher.num_processes, with `auto` = every visible GPU (1 process on CPU), or the hostfile's slots."""
-    return topology(cfg).procs_per_node
+from lora_launch.launcher.topology import Topology
+from lora_launch.run.plan import RunPlan, deepspeed_config
+from lora_launch.run.process import NODE_RANK_ENV, SUPERVISOR_ENV
+from lora_launch.run.rundir import write_atomic, write_config
 
 
 def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
@@ -41,27 +35,16 @@ def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
     return shared
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write through a temporary name unique to this process, then rename (nodes may race on a shared dir)."""
-    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology | None = None) -> dict[str, Path]:
+def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: RunPlan) -> dict[str, Path]:
     """config.yaml, accelerate.yaml and (for DeepSpeed) ds_config.json in the run dir, the same on every node."""
-    topo = topo or topology(cfg)
     shared = node_neutral(cfg, topo)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files = {"config": write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain(shared), sort_keys=False))}
+    files = {"config": write_config(shared, run_dir)}
     ds_path = None
     if cfg.distributed.strategy == "deepspeed":
-        ds_path = write_text_atomic(run_dir / "ds_config.json",
-                                    json.dumps(deepspeed_config(shared, topo.world_size), indent=2))
+        ds_path = write_atomic(run_dir / "ds_config.json", json.dumps(deepspeed_config(shared, plan), indent=2))
         files["deepspeed"] = ds_path
-    acc = accelerate_config(shared, topo.world_size, str(ds_path) if ds_path else None)
-    files["accelerate"] = write_text_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))
+    acc = accelerate_config(shared, plan, str(ds_path) if ds_path else None)
+    files["accelerate"] = write_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))
     return files
 
 
@@ -99,67 +82,12 @@ def printable(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return " ".join(prefix + [shlex.join(cmd)])
 
 
-def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment, quietened for training, plus `extra`."""
+def launch_env(extra: dict[str, str] | None = None, node_rank: int = 0) -> dict[str, str]:
+    """This process's environment, quietened for training, plus `extra`; ranks learn who supervises them."""
     env = dict(os.environ, **(extra or {}))
+    env[SUPERVISOR_ENV] = str(os.getpid())
+    env[NODE_RANK_ENV] = str(node_rank)
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def _die_with_parent() -> None:
-    """In the child: be SIGKILLed if the launcher dies (its own session would otherwise outlive it,
-    training on after the run-dir lock is gone). Ranks do the same with their parent."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-
-
-def run(cmd: list[str], env: dict[str, str] | None = None, received: list[int] | None = None) -> int:
-    """Run the launch in its own process group, forwarding SIGTERM/SIGINT to all of it.
-
-    Signals forwarded are appended to `received`, for callers that treat a SIGTERM stop as preemption.
-    """
-    proc = subprocess.Popen(cmd, env=env or launch_env(), start_new_session=True, preexec_fn=_die_with_parent)
-
-    def forward(signum, _frame):
-        if received is not None:
-            received.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        rc = proc.wait()
-        if received:
-            # the launcher itself may die of the signal while training is still checkpointing
-            wait_for_group(proc.pid)
-        return rc
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def wait_for_group(pgid: int, timeout_s: float = 900.0) -> None:
-    """Wait until no live (non-zombie) process is left in process group `pgid`."""
-    import time
-
-    import psutil
-
-    def alive() -> bool:
-        for p in psutil.process_iter(["status"]):
-            try:
-                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    return True
-            except (ProcessLookupError, psutil.Error):
-                continue
-        return False
-
-    end = time.monotonic() + timeout_s
-    while alive() and time.monotonic() < end:
-        time.sleep(0.2)

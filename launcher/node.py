@@ -12,15 +12,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError, load
 from lora_launch.launcher.hostfile import resolve
-from lora_launch.launcher.launch import launch_command, launch_env, node_env_vars, printable, run, write_launch_files
-from lora_launch.launcher.lock import RunLock, lock_path
-from lora_launch.launcher.topology import Topology
+from lora_launch.launcher.launch import launch_command, launch_env, node_env_vars, printable, write_launch_files
+from lora_launch.launcher.supervise import Outcome, supervise
+from lora_launch.launcher.topology import Topology, run_plan
+from lora_launch.run.lock import RunLock, check_no_ranks, lock_path, ranks_lock_path
+from lora_launch.run.plan import RunPlan
+from lora_launch.run.rundir import read_status
 
 
 def node_command(cfg: DictConfig, topo: Topology, files: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
@@ -29,19 +33,63 @@ def node_command(cfg: DictConfig, topo: Topology, files: dict[str, Path]) -> tup
     return launch_command(files, node_rank=rank), node_env_vars(cfg, topo)
 
 
-def run_node(cfg: DictConfig, topo: Topology, lock_wait_s: float = 0.0) -> tuple[int, bool]:
-    """Launch this node's processes and wait; returns (exit code, whether stopped by SIGTERM)."""
+def run_node(cfg: DictConfig, topo: Topology, plan: RunPlan, lock_wait_s: float = 0.0) -> int:
+    """Launch this node's processes under supervision and wait; returns the exit code status.json calls for.
+
+    The run dir's locks are checked first: no other launch on this node, and no training process of
+    an earlier one still alive (its launcher killed, it is checkpointing on its own).
+    """
     run_dir = Path(cfg.run.dir)
     with RunLock(lock_path(run_dir, topo.node_rank, topo.num_machines), wait_s=lock_wait_s):
-        files = write_launch_files(cfg, run_dir, topo)
+        check_no_ranks(ranks_lock_path(run_dir, topo.node_rank, topo.num_machines), wait_s=lock_wait_s)
+        files = write_launch_files(cfg, run_dir, topo, plan)
         cmd, env_vars = node_command(cfg, topo, files)
         digest = hashlib.sha256(files["config"].read_bytes()).hexdigest()[:16]
         print(f"run dir: {run_dir}\nnode {topo.node_rank} of {topo.num_machines}, {topo.procs_per_node} "
               f"processes, world size {topo.world_size}, config sha256 {digest}\n"
               f"launch:  {printable(cmd, env_vars)}", flush=True)
-        received: list[int] = []
-        rc = run(cmd, launch_env(env_vars), received)
-    return rc, signal.SIGTERM in received
+        started = time.time()
+        outcome = supervise(cmd, launch_env(env_vars, topo.node_rank))
+    return exit_code(run_dir, outcome, started)
+
+
+def _say(message: str, error: bool = False) -> None:
+    try:
+        print(message, file=sys.stderr if error else sys.stdout, flush=True)
+    except OSError:  # the terminal is gone (SIGHUP)
+        pass
+
+
+def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
+    """0 only for a run this launch finished or stopped with a checkpoint (130 for Ctrl-C); else non-zero.
+
+    The exit code of `accelerate launch` alone says nothing: it is 0 after a rank that returned early.
+    """
+    status = read_status(run_dir)
+    state = status.get("state") if status.get("time", 0) >= started else None
+    interrupted = outcome.signum == signal.SIGINT
+    if outcome.killed:
+        _say(f"stopped at once by a second Ctrl-C, without a checkpoint; run the same command to continue from "
+             f"the last one in {run_dir}/checkpoints", error=True)
+        return 130
+    if state == "finished":
+        return 0
+    if state == "preempted":
+        by = "Ctrl-C" if interrupted else signal.Signals(outcome.signum).name if outcome.signum else status.get(
+            "signal", "a stop signal")
+        _say(f"stopped by {by} with a checkpoint at step {status['step']}; run the same command to continue")
+        return 130 if interrupted else 0
+    if outcome.signum is not None:
+        name = "Ctrl-C" if interrupted else signal.Signals(outcome.signum).name
+        _say(f"stopped by {name} before training had anything to save", error=True)
+        return 130 if interrupted else 128 + outcome.signum
+    rc = outcome.returncode if outcome.returncode != 0 else 1
+    if outcome.returncode == 0:
+        _say(f"error: training exited without finishing (status.json: {state or 'not written by this launch'}); "
+             f"see {run_dir}", error=True)
+    elif outcome.returncode != 2:  # 2: the rank already said what was wrong, in one line
+        _say(f"error: training exited with code {outcome.returncode}; see {run_dir}", error=True)
+    return rc
 
 
 REQUEUE_LOCK_WAIT_S = 120.0
@@ -68,15 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load(str(Path(args.run_dir) / "config.yaml"))
+        topo = slurm_topology(cfg)
         # a requeued attempt can start while the last attempt's processes on this node are still exiting
-        rc, stopped = run_node(cfg, slurm_topology(cfg), lock_wait_s=REQUEUE_LOCK_WAIT_S)
+        return run_node(cfg, topo, run_plan(cfg, topo), lock_wait_s=REQUEUE_LOCK_WAIT_S)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if stopped:
-        print(f"node stopped by SIGTERM (training exit code {rc}); the job script decides on requeue", flush=True)
-        return 0
-    return rc
 
 
 if __name__ == "__main__":

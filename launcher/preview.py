@@ -18,15 +18,15 @@ nf4 + ckpt, against 25.3 / 16.7 / 5.0 GiB measured (CUDA context and allocator s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from lora_launch.launcher.compose import plain
+from lora_launch.conf.compose import plain
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.plan import RunPlan
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -79,19 +79,7 @@ def model_shape(config, target_modules: list[str], r: int) -> ModelShape:
                       text.num_hidden_layers, text.vocab_size)
 
 
-# ---- batch and step arithmetic -------------------------------------------------------------------
-
-def global_batch(micro: int, accum: int, world: int) -> int:
-    """Samples per optimizer step."""
-    return micro * accum * world
-
-
-def steps(train_samples: int, gbs: int, epochs: float, max_steps: int) -> tuple[int, int]:
-    """(steps per epoch, total steps): max_steps when set, else enough for `epochs` epochs."""
-    per_epoch = math.ceil(train_samples / gbs)
-    total = max_steps if max_steps > 0 else max(1, math.ceil(epochs * train_samples / gbs))
-    return per_epoch, total
-
+# ---- data ---------------------------------------------------------------------------------------
 
 def train_samples_estimate(cfg: DictConfig) -> int | None:
     """Training records of a local jsonl after the validation split (before any filtering); None if unknown."""
@@ -141,9 +129,10 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
     return shape.layers * per_layer + logits
 
 
-def memory_estimate(cfg: DictConfig, shape: ModelShape, world: int) -> Memory:
-    """Per-GPU memory in bytes for this config on `world` processes."""
-    dtype_bytes = DTYPE_BYTES[_gpu_dtype(cfg)]
+def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
+    """Per-device memory in bytes for this config under `plan` (its world size and weight dtype)."""
+    world = plan.world_size
+    dtype_bytes = DTYPE_BYTES[plan.model_dtype]
     compute_bytes = DTYPE_BYTES[cfg.quant.compute_dtype]
     d = cfg.distributed
     weights = weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
@@ -158,13 +147,6 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, world: int) -> Memory:
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     return Memory(weights, lora_params + grads, optim, activation_bytes(shape, tokens, act_bytes, True),
                   activation_bytes(shape, tokens, act_bytes, False), cfg.train.grad_ckpt)
-
-
-def _gpu_dtype(cfg: DictConfig) -> str:
-    """The base weights' dtype on a GPU (the preview may run on a CPU login node)."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return {"fp16": "float16", "fp32": "float32"}.get(cfg.train.precision, "bfloat16")
 
 
 # ---- commands --------------------------------------------------------------------------------------
@@ -204,17 +186,20 @@ def _shape_or_none(cfg: DictConfig) -> tuple[ModelShape | None, str]:
         return None, f"model shape unknown ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
 
 
-def preview(cfg: DictConfig, topo: Topology, overrides: list[str]) -> str:
+def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]) -> str:
     """The preview text."""
     t = cfg.train
-    gbs = global_batch(t.micro_batch_size, t.grad_accum, topo.world_size)
+    gbs = plan.global_batch
     out = ["# resolved config", yaml.safe_dump(plain(cfg), sort_keys=False).rstrip(), "", "# launch",
            f"nodes {topo.num_machines} x {topo.procs_per_node} processes = world size {topo.world_size}",
            f"global batch = micro {t.micro_batch_size} x accum {t.grad_accum} x world {topo.world_size} = {gbs}",
-           f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}"]
+           f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}",
+           f"precision {plan.precision} (base weights {plan.model_dtype}), compile {plan.compile}, "
+           f"{'ZeRO-' + str(plan.zero_stage) if plan.strategy == 'deepspeed' else 'DDP'}"
+           f"{'' if plan.on_gpu else ' on CPU (gloo)'}"]
     n = train_samples_estimate(cfg)
     if n is not None:
-        per_epoch, total = steps(n, gbs, t.epochs, t.max_steps)
+        per_epoch, total = plan.steps_per_epoch(n), plan.total_steps(n)
         out.append(f"train samples ~{n} (records after the validation split, before filtering); "
                    f"steps per epoch {per_epoch}, total steps {total}")
     else:
@@ -223,12 +208,12 @@ def preview(cfg: DictConfig, topo: Topology, overrides: list[str]) -> str:
     if shape is None:
         out.append(why)
     else:
-        mem = memory_estimate(cfg, shape, topo.world_size)
+        mem = memory_estimate(cfg, shape, plan)
         chosen = "with" if mem.grad_ckpt else "without"
         out += ["", "# model", f"parameters {shape.total_params:,} ({shape.quantisable_params:,} in decoder linears)",
                 f"LoRA parameters {shape.lora_params:,} (r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)})",
                 "", "# memory per GPU (estimate, excludes CUDA context)",
-                f"weights      {_gib(mem.weights)} ({cfg.quant.mode if cfg.quant.mode == 'nf4' else _gpu_dtype(cfg)})",
+                f"weights      {_gib(mem.weights)} ({cfg.quant.mode if cfg.quant.mode == 'nf4' else plan.model_dtype})",
                 f"lora+grads   {_gib(mem.lora)}", f"optimizer    {_gib(mem.optimizer)}",
                 f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
                 f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)"]

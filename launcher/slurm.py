@@ -21,8 +21,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher.launch import write_launch_files, write_text_atomic
+from lora_launch.launcher.launch import write_launch_files
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.plan import RunPlan
+from lora_launch.run.rundir import write_atomic
 
 
 def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
@@ -67,12 +69,12 @@ def sbatch_script(cfg: DictConfig, topo: Topology, run_dir: Path, python: str = 
     ])
 
 
-def submit(cfg: DictConfig, topo: Topology) -> int:
+def submit(cfg: DictConfig, topo: Topology, plan: RunPlan) -> int:
     """Write the run dir's launch files and slurm.sbatch, then `sbatch` it (unless slurm.submit=false)."""
     run_dir = Path(cfg.run.dir)
     # written now for inspection; each node rewrites the same files inside the job (GPU-dependent values)
-    write_launch_files(cfg, run_dir, topo)
-    script = write_text_atomic(run_dir / "slurm.sbatch", sbatch_script(cfg, topo, run_dir))
+    write_launch_files(cfg, run_dir, topo, plan)
+    script = write_atomic(run_dir / "slurm.sbatch", sbatch_script(cfg, topo, run_dir))
     print(f"run dir: {run_dir}\nsbatch script: {script}", flush=True)
     if not cfg.launcher.slurm.submit:
         print(f"submit with: sbatch {shlex.quote(str(script))}", flush=True)

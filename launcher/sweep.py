@@ -19,7 +19,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lora_launch.run.rundir import write_json
+
 TRIAL_FILE = "trial.json"
+INTERRUPTED = 130  # lora-launch's exit code after Ctrl-C stopped training with a checkpoint
 _OPTUNA_PARAMS = "hydra.sweeper.params."
 _SWEEP_SYNTAX = re.compile(r",|^\w+\(|\b(range|choice|interval|glob)\(")
 
@@ -70,10 +73,7 @@ def read_trial(run_dir: Path) -> dict:
 
 
 def _write_trial(run_dir: Path, record: dict) -> None:
-    path = Path(run_dir) / TRIAL_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_json(Path(run_dir) / TRIAL_FILE, record, indent=2)
 
 
 def run_trial(run_dir: Path, overrides: list[str], launch, continue_on_failure: bool = True) -> float:
@@ -99,10 +99,12 @@ def run_trial(run_dir: Path, overrides: list[str], launch, continue_on_failure: 
         rc, error = 2, f"{type(e).__name__}: {e}"
     record["launches"][-1].update(finished=time.time(), returncode=rc)
     record["wall_time"] = record.get("wall_time", 0.0) + (time.time() - t0)
-    record["status"] = "completed" if rc == 0 else "failed"
-    if rc != 0:
+    record["status"] = "completed" if rc == 0 else "interrupted" if rc == INTERRUPTED else "failed"
+    if rc not in (0, INTERRUPTED):
         record["error"] = error or _last_error(run_dir) or f"exit code {rc}"
     _write_trial(run_dir, record)
+    if rc == INTERRUPTED:  # Ctrl-C: the trial checkpointed; the sweep stops, a re-run continues it
+        raise SystemExit(rc)
     if rc != 0 and not continue_on_failure:
         raise SystemExit(rc)
     return trial_row(run_dir)["best_eval_loss"]

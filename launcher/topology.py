@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import hostfile
+from lora_launch.run.plan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,11 @@ def topology(cfg: DictConfig, strict: bool = True) -> Topology:
         raise ConfigError(f"launcher.machine_rank={rank} must be < launcher.num_machines={launcher.num_machines}")
     return Topology(launcher.num_machines, _auto_procs(cfg, max(visible_gpus(), 1)), rank,
                     launcher.main_process_ip, launcher.main_process_port)
+
+
+def run_plan(cfg: DictConfig, topo: Topology) -> RunPlan:
+    """The run plan for this launch: a Slurm job plans for the GPUs it asks for, others for this host's."""
+    if cfg.launcher.name == "slurm":
+        return RunPlan.from_config(cfg, topo.num_machines, topo.procs_per_node,
+                                   on_gpu=cfg.launcher.slurm.gpus_per_node > 0)
+    return RunPlan.from_config(cfg, topo.num_machines, topo.procs_per_node, on_gpu=visible_gpus() > 0)

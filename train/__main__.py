@@ -1,15 +1,21 @@
-"""Entry of every rank: `python -m lora_launch.train --config RUN_DIR/config.yaml` (what `lora-launch` starts),
-or `accelerate launch -m lora_launch.train [overrides]`, where rank 0 composes the config once and every
-rank reads the file it writes."""
+"""Entry of every rank: `python -m lora_launch.train --config RUN_DIR/config.yaml` (what `lora-launch`
+starts), or `accelerate launch -m lora_launch.train [overrides]`, where rank 0 composes the config once,
+takes the run dir's lock and every rank reads the file it writes."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError, load
+from lora_launch.run import lock
+from lora_launch.run.process import NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent, end_at_once_on_stop_signals
+from lora_launch.run.rundir import finished_step
+
+_held: list = []  # the locks this process holds for its whole life
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -19,65 +25,112 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _compose_on_rank0(overrides: list[str]) -> Path:
-    """Rank 0 composes and writes config.yaml; every rank gets its path (one run dir, not one per rank)."""
-    from lora_launch.launcher.compose import compose, write_config
+def _env_int(*names: str, default: int = 0) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    path = None
-    if rank == 0:
-        cfg = compose(overrides)
-        path = str(write_config(cfg, Path(cfg.run.dir)))
+
+def _node() -> tuple[int, int]:
+    """(this node's rank, number of nodes), as the launch set them."""
+    world = _env_int("WORLD_SIZE", default=1)
+    local = _env_int("LOCAL_WORLD_SIZE", default=world)
+    return _env_int(NODE_RANK_ENV, "GROUP_RANK"), max(1, world // max(local, 1))
+
+
+def _supervised(run_dir: Path, node_rank: int, num_machines: int) -> bool:
+    """Whether the lora-launch that holds this node's launch lock started this process."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    return bool(supervisor) and str(lock.holder(run_dir, node_rank, num_machines).get("pid")) == supervisor
+
+
+def _take_launch_lock(run_dir: Path) -> None:
+    """Started without lora-launch: this node's local rank 0 holds the launch lock, as lora-launch would,
+    and refuses while training processes of another launch still run here."""
+    node_rank, machines = _node()
+    if _env_int("LOCAL_RANK") != 0 or _supervised(run_dir, node_rank, machines):
+        return
+    _held.append(lock.RunLock(lock.lock_path(run_dir, node_rank, machines)).acquire())
+    ranks = lock.ranks_lock_path(run_dir, node_rank, machines)
+    foreign = [pid for pid in lock.lock_holders(ranks) if not _sibling(pid)]
+    if foreign:
+        raise ConfigError(f"run.dir {run_dir} is in use: training processes of an earlier launch are still running "
+                          f"(pids {', '.join(map(str, foreign))}, lock {ranks}); wait for them to checkpoint and end")
+
+
+def _sibling(pid: int) -> bool:
+    """A rank of this same launch (same parent: torchrun's agent or accelerate)."""
+    import psutil
+
+    try:
+        return pid == os.getpid() or psutil.Process(pid).ppid() == os.getppid()
+    except psutil.Error:
+        return True  # gone already
+
+
+def _hold_ranks_lock(run_dir: Path) -> None:
+    node_rank, machines = _node()
+    _held.append(lock.RanksLock(lock.ranks_lock_path(run_dir, node_rank, machines)).acquire())
+
+
+def _compose_on_rank0(overrides: list[str]) -> Path:
+    """Rank 0 composes the config, takes the run dir's lock and writes config.yaml; every rank gets its
+    path (one run dir, not one per rank) or the error that stopped rank 0."""
+    world = _env_int("WORLD_SIZE", default=1)
+    box = [None, None]
+    if _env_int("RANK") == 0:
+        try:
+            from lora_launch.conf.compose import compose
+            from lora_launch.run.rundir import write_config
+
+            cfg = compose(overrides)
+            _take_launch_lock(Path(cfg.run.dir))
+            box = [str(write_config(cfg, Path(cfg.run.dir))), None]
+        except ConfigError as e:
+            box = [None, str(e)]
     if world > 1:
         import torch
         import torch.distributed as dist
 
         # the process group accelerate will reuse; nothing else crosses ranks before it exists
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(_env_int("LOCAL_RANK"))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        box = [path]
         dist.broadcast_object_list(box, src=0)
-        path = box[0]
-    return Path(path)
-
-
-def _die_with_launcher() -> None:
-    """Under torchrun each rank has its own session: make it die when the launcher does (Linux).
-
-    Otherwise a launcher killed with SIGKILL leaves ranks training on, writing checkpoints.
-    """
-    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    if os.getppid() == 1:  # the launcher died before the line above
-        os._exit(1)
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return Path(box[0])
 
 
 def main(argv: list[str] | None = None) -> int:
+    # until training runs there is nothing to save: a stop signal ends this process at once, quietly
+    end_at_once_on_stop_signals()
+    # if whatever started this rank dies (lora-launch SIGKILLed, accelerate gone), stop with a checkpoint
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() == 1:  # it died before the line above
+        return 1
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
         config_path = Path(args.config) if args.config else _compose_on_rank0(args.overrides)
         cfg = load(str(config_path))
+        run_dir = Path(cfg.run.dir)
+        done = finished_step(run_dir, cfg.resume.mode)
+        if done is not None:
+            if _env_int("RANK") == 0:
+                print(f"{run_dir}: this run already finished at step {done}; nothing to do "
+                      "(resume.mode=never starts it over)", flush=True)
+            return 0
+        if args.config:
+            _take_launch_lock(run_dir)
+        _hold_ranks_lock(run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from lora_launch.train.checkpoint import CheckpointError, finished_step
+    from lora_launch.train.checkpoint import CheckpointError
     from lora_launch.train.data import DataError
     from lora_launch.train.loop import Trainer
 
-    done = finished_step(cfg)
-    if done is not None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{cfg.run.dir}: this run already finished at step {done}; nothing to do "
-                  "(resume.mode=never starts it over)", flush=True)
-        return 0
-    _die_with_launcher()
     try:
         trainer = Trainer(cfg)
     except (CheckpointError, DataError) as e:  # bad data: one line, before anything is written

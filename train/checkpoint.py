@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -39,94 +38,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lora_launch.conf.schema import redact
+from lora_launch.run.compat import config_changes, resume_refusal
+from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
 
 FORMAT = 1
 CRASH_ENV = "LORA_LAUNCH_CRASH_IN_SAVE"  # tests: `phase` or `phase@step`, see _crash_point
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-# config keys that may change between a checkpoint and its resume without asking
-FREE_TO_CHANGE = ("run", "logging", "eval", "checkpoint", "resume", "sample", "launcher", "distributed",
-                  "sweep", "preview", "train.threads", "train.num_workers", "train.compile")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and what to do."""
 
 
-# ---- run status: finished / preempted ------------------------------------------------------------
-
-def read_status(run_dir: Path) -> dict:
-    """run_dir/status.json ({"state": running|preempted|finished, "step": N}), or {} if absent."""
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_status(run_dir: Path, state: str, step: int) -> None:
-    """Record the run's state atomically (rank 0 only)."""
-    _write_json(Path(run_dir) / "status.json", {"state": state, "step": step, "time": time.time()})
-
-
-def committed_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every committed checkpoint (has its manifest) in ckpt_dir, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
-                  if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file())
-
-
-def resume_candidate(cfg: DictConfig) -> tuple[Path, dict] | None:
-    """The checkpoint resume.mode would try first and its manifest, read without checking its files.
-
-    For the launcher's check before anything is written; training verifies checksums and falls
-    back to older checkpoints itself.
-    """
-    mode = cfg.resume.mode
-    if mode == "never":
-        return None
-    if mode == "auto":
-        found = committed_checkpoints(Path(cfg.run.dir) / "checkpoints")
-        if not found:
-            return None
-        path = found[-1][1]
-    else:
-        path = Path(mode)
-    try:
-        return path, json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None  # training reports it (and, under auto, tries an older one)
-
-
-def finished_step(cfg: DictConfig) -> int | None:
-    """The step a finished run in run.dir ended at, if resume.mode=auto would find it finished."""
-    status = read_status(Path(cfg.run.dir))
-    if cfg.resume.mode == "auto" and status.get("state") == "finished":
-        return int(status["step"])
-    return None
-
-
 # ---- files --------------------------------------------------------------------------------------
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    _fsync(tmp)
-    tmp.replace(path)
-
 
 def _save_tensors(path: Path, tensors: dict) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path))
-    _fsync(path)
+    fsync_path(path)
 
 
 def _load_tensors(path: Path) -> dict:
@@ -192,33 +121,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _covered(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def config_changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
-    """Config keys that differ between a checkpoint's config and this run's, beyond what may change."""
-    old, new = _flatten(saved), _flatten(now)
-    free = FREE_TO_CHANGE + tuple(allow)
-    # keys only one side has come from a schema change between versions, not from the user
-    return [f"{k}: {old[k]!r} -> {new[k]!r}"
-            for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _covered(k, free)]
-
-
-def resume_refusal(path: Path, diff: list[str]) -> str:
-    return (f"cannot resume from {path}: " + "; ".join(diff) + ". Set resume.allow_changes=[KEY,...] "
-            "for changes that are safe (e.g. optim.lr), resume.mode=never to start over, or use another run.dir")
 
 
 def changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
@@ -410,39 +312,6 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     random.setstate((version, tuple(state), py_gauss))
 
 
-# ---- metrics on resume --------------------------------------------------------------------------
-
-def _rewind_jsonl(path: Path, keep) -> int:
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut short by the kill
-            continue
-        if keep(row):
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-    return len(lines) - len(kept)
-
-
-def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
-    """Drop rows a killed run wrote after `step` from metrics.jsonl and ranks/*.jsonl (the audit),
-    so they hold one row per step after a resume; `step` -1 drops every row (a fresh start).
-
-    Rows of `step` itself stay, except the final evaluation, which the resumed run writes again.
-    Returns how many rows were dropped.
-    """
-    def keep(row: dict) -> bool:
-        final_eval = row["step"] == step == total_steps and "eval_loss" in row
-        return row["step"] < step or (row["step"] == step and not final_eval)
-
-    files = [run_dir / "metrics.jsonl"] + sorted((run_dir / "ranks").glob("rank*.jsonl"))
-    return sum(_rewind_jsonl(f, keep) for f in files if f.exists())
-
-
 # ---- the checkpointer ----------------------------------------------------------------------------
 
 class Checkpointer:
@@ -487,14 +356,14 @@ class Checkpointer:
         acc.wait_for_everyone()
         rng_tensors, rng_meta = rng_state()
         _save_tensors(staging / f"rng-rank{self.rank}.safetensors", rng_tensors)
-        _write_json(staging / f"rng-rank{self.rank}.json", rng_meta)
+        write_json(staging / f"rng-rank{self.rank}.json", rng_meta, fsync=True)
         if self.main:
             _save_tensors(staging / "trainable.safetensors", tensors)
-            _write_json(staging / "state.json", {
+            write_json(staging / "state.json", {
                 "step": step, "position": state["position"], "tokens_seen": state["tokens_seen"],
                 "epoch": state["position"] // state["train_size"], "world_size": self.world,
                 "optimizer": opt_meta, "scheduler": state["scheduler"].state_dict(),
-                "scaler": _scaler_state(acc, state["optimizer"])})
+                "scaler": _scaler_state(acc, state["optimizer"])}, fsync=True)
         _crash_point("after_rank_write", step, self.rank)
         acc.wait_for_everyone()
         final = self._commit(staging, step) if self.main else self.dir / f"step-{step}"
@@ -513,18 +382,17 @@ class Checkpointer:
         manifest = self.manifest(step)
         manifest["files"] = {name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
                              for name in sorted(present)}
-        _write_json(staging / "manifest.json", manifest)
-        _fsync(staging)
+        write_json(staging / "manifest.json", manifest, fsync=True)
+        fsync_path(staging)
         _crash_point("before_commit", step, self.rank)
         final = self.dir / f"step-{step}"
         old = None
         if final.exists():  # from an abandoned later part of this run (see _prune)
             old = final.rename(self.dir / f".trash-step-{step}")
         staging.rename(final)
-        _fsync(self.dir)
+        fsync_path(self.dir)
         _crash_point("after_commit", step, self.rank)
-        (self.dir / "latest.tmp").write_text(final.name + "\n")
-        (self.dir / "latest.tmp").replace(self.dir / "latest")
+        write_atomic(self.dir / "latest", final.name + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._prune(step)
@@ -553,7 +421,7 @@ class Checkpointer:
 
     def committed(self) -> list[tuple[int, Path]]:
         """(step, dir) of every committed checkpoint (has its manifest), oldest first."""
-        return committed_checkpoints(self.dir)
+        return committed_checkpoints(self.run_dir)
 
     def verify(self, path: Path) -> dict:
         """The manifest of checkpoint `path` if every file matches its recorded checksum."""
@@ -585,17 +453,6 @@ class Checkpointer:
                 self._say(f"skipping {e}; trying an older checkpoint")
         return None
 
-    def _set_aside(self) -> None:
-        """resume.mode=never in a used run dir: move the earlier run's outputs into previous-<time>/."""
-        olds = [p for p in (self.dir, self.run_dir / "metrics.jsonl", self.run_dir / "status.json") if p.exists()]
-        if not olds:
-            return
-        dest = self.run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-        dest.mkdir()
-        for p in olds:
-            p.rename(dest / p.name)
-        self._say(f"resume.mode=never: moved the earlier run's {[p.name for p in olds]} to {dest}")
-
     def load_latest(self) -> dict | None:
         """The chosen checkpoint (resume.mode) as {manifest, state, tensors, rng}, or None to start fresh.
 
@@ -606,8 +463,6 @@ class Checkpointer:
         box = [None, None]
         if self.main:
             try:
-                if self.cfg.resume.mode == "never":
-                    self._set_aside()
                 path = self._choose()
                 if path is not None:
                     self._check_compatible(path)

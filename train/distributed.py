@@ -8,15 +8,10 @@ from datetime import timedelta
 import torch
 from omegaconf import DictConfig
 
-from lora_launch.launcher.accelerate_config import deepspeed_config
-from lora_launch.train.model import resolve_precision
+from lora_launch.run.plan import RunPlan, deepspeed_config
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def make_accelerator(cfg: DictConfig):
+def make_accelerator(cfg: DictConfig, plan: RunPlan):
     """An Accelerator for DDP or DeepSpeed ZeRO, on GPUs (NCCL) or CPU (gloo).
 
     DeepSpeed on CPU needs ACCELERATE_USE_DEEPSPEED and DS_ACCELERATOR set before accelerate
@@ -26,17 +21,15 @@ def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    on_gpu = torch.cuda.is_available()
-    world = world_size_from_env()
-    kwargs = dict(mixed_precision=resolve_precision(cfg.train.precision),
-                  gradient_accumulation_steps=cfg.train.grad_accum)
+    on_gpu, world = plan.on_gpu, plan.world_size
+    kwargs = dict(mixed_precision=plan.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
     backend = "gloo" if world > 1 and not on_gpu else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
     if cfg.distributed.strategy == "deepspeed":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, plan))
     elif not on_gpu:
         kwargs["cpu"] = True
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)

@@ -18,18 +18,6 @@ from omegaconf import DictConfig
 from lora_launch.train.data import IGNORE
 
 
-def compile_mode(cfg: DictConfig) -> str:
-    """What `train.compile` means on this machine: `layers`, `loss` or `none`."""
-    mode = cfg.train.compile
-    if mode != "auto":
-        return mode
-    if not torch.cuda.is_available():
-        return "none"
-    if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3:
-        return "loss"
-    return "layers"
-
-
 def compile_decoder_layers(model, dynamic: bool | None = None) -> int:
     """Compile every decoder layer in place (before DDP/DeepSpeed wrap the model); returns how many."""
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -58,9 +46,9 @@ def loss_function(mode: str):
     return _compiled_ce
 
 
-def apply(cfg: DictConfig, model):
-    """Apply the speed path chosen by `train.compile` to the PEFT model; returns the loss function."""
-    mode = compile_mode(cfg)
+def apply(cfg: DictConfig, model, mode: str):
+    """Apply the speed path `mode` (the plan's reading of `train.compile`) to the PEFT model; returns the
+    loss function."""
     if mode == "layers":
         compile_decoder_layers(model, dynamic=None if fixed_lengths(cfg) else True)
         # Under DDP, dynamo cuts every graph it compiles at DDP bucket boundaries (the first at

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import math
-import signal
+import os
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from lora_launch.train.checkpoint import Checkpointer, fingerprints, rewind_metrics, write_status
+from lora_launch.run.plan import RunPlan
+from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
+from lora_launch.run.rundir import rewind_metrics, set_aside_previous, write_status
+from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
 from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
 from lora_launch.train import fast
 from lora_launch.train.metrics import MetricsLogger, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model, load_tokenizer
-
-
-def total_steps(cfg: DictConfig, train_size: int, world: int) -> int:
-    """Optimizer steps of the run: train.max_steps, or enough for train.epochs over the data."""
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    return max(1, math.ceil(cfg.train.epochs * train_size / global_batch))
 
 
 def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
@@ -65,36 +60,42 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.accelerator = acc = make_accelerator(cfg)
+        self.plan = plan = RunPlan.for_this_process(cfg)
+        self.accelerator = acc = make_accelerator(cfg, plan)
         self.world, self.rank = acc.num_processes, acc.process_index
         torch.manual_seed(cfg.seed)  # same LoRA init on every rank
 
         self.tokenizer = load_tokenizer(cfg)
         with acc.main_process_first():
             self.splits = build_splits(cfg, self.tokenizer, main_process=acc.is_main_process)
-        model = apply_lora(cfg, load_base_model(cfg, acc.device))
-        self.loss_fn = fast.apply(cfg, model)  # compiled layers and loss on GPUs (train.compile)
+        model = apply_lora(cfg, load_base_model(cfg, acc.device, plan))
+        self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
-        self.total_steps = total_steps(cfg, len(self.splits.train), self.world)
+        self.total_steps = plan.total_steps(len(self.splits.train))
         # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
         self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.stream = train_stream(cfg, self.splits)  # length-grouped with data.group_by_length
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
+        self.global_batch = plan.global_batch
 
         self.step, self.position, self.tokens_seen = 0, 0, 0
         self._prefetched = None  # (stream position, host batches) collated ahead by _prefetch
         self.checkpointer = Checkpointer(cfg, self.run_dir, acc)
         self.checkpointer.fingerprints = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
         self._resume()
-        # preemption (Slurm, cloud): SIGTERM ends the run after the current step, with a checkpoint
-        self._sigterm = self._stop = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint
+        self.stop = StopRequest(str(self.run_dir / f"rank{self.rank}.log"))
+        self._stop = False
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step) if acc.is_main_process else None
 
     def _resume(self) -> None:
         """Continue from the checkpoint resume.mode picks; metrics.jsonl keeps only rows up to it."""
+        if self.cfg.resume.mode == "never" and self.accelerator.is_main_process:
+            moved = set_aside_previous(self.run_dir)
+            if moved is not None:
+                print(f"resume.mode=never: moved the earlier run's files to {moved}", flush=True)
+        self.accelerator.wait_for_everyone()
         loaded = self.checkpointer.load_latest()
         if loaded is not None:
             state = self.checkpointer.restore(loaded, self.model, self.optimizer, self.scheduler)
@@ -103,11 +104,8 @@ class Trainer:
             rewind_metrics(self.run_dir, self.step if loaded is not None else -1, self.total_steps)
             write_status(self.run_dir, "running", self.step)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
-
     def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM by the end of the last step: every rank agrees, so all stop after it."""
+        """Whether any rank got a stop signal by the end of the last step: every rank agrees, so all stop after it."""
         return self._stop
 
     def _save_checkpoint(self) -> None:
@@ -176,8 +174,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        # the SIGTERM flag rides on the step's one reduction: every rank learns if any rank got it
-        flag = torch.tensor(float(self._sigterm), dtype=torch.float64).to(acc.device, non_blocking=True)
+        # the stop flag rides on the step's one reduction: every rank learns if any rank got a stop signal
+        flag = torch.tensor(float(self.stop.requested), dtype=torch.float64).to(acc.device, non_blocking=True)
         totals = device_sum(acc, torch.stack([loss_sum, flag]))
         self._prefetch(self.position + self.global_batch)
         global_loss, sigterm, global_targets, global_tokens = torch.cat([totals, counts]).tolist()
@@ -237,6 +235,7 @@ class Trainer:
                            f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
                            f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
                            f"{self.accelerator.distributed_type.value} on {self.accelerator.device}")
+        self.stop.install()
         evals = []
         if cfg.eval.at_start and self.step == 0:
             evals.append(self._log_eval())
@@ -252,10 +251,7 @@ class Trainer:
             if self.checkpointer.due(self.step) or stop:
                 self._save_checkpoint()
             if stop and self.step < self.total_steps:
-                if self.log:
-                    write_status(self.run_dir, "preempted", self.step)
-                    self.log.write(f"SIGTERM: stopped after step {self.step} with a checkpoint; "
-                                   "re-run the same command to continue")
+                self._record_stop()
                 return {"preempted_at": self.step, "seconds": time.perf_counter() - t_start}
         evals.append(self._log_eval())
         self.save_adapter()
@@ -265,8 +261,19 @@ class Trainer:
             (self.run_dir / "sample.txt").write_text(f"{cfg.sample.prompt} {sample}\n")
             plot_loss(self.run_dir)
             write_status(self.run_dir, "finished", self.step)
+        self.accelerator.wait_for_everyone()  # no rank exits (and lets a launcher read status.json) before it
         return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1],
                 "seconds": time.perf_counter() - t_start}
+
+    def _record_stop(self) -> None:
+        """status.json says preempted (with the signal) before any rank exits; a direct launch says how to go on."""
+        if self.log:
+            name = self.stop.name or "SIGTERM"  # another rank got the signal
+            write_status(self.run_dir, "preempted", self.step, signal=name)
+            if SUPERVISOR_ENV not in os.environ:  # lora-launch says it itself
+                self.log.write(f"{name}: stopped after step {self.step} with a checkpoint; "
+                               "run the same command to continue")
+        self.accelerator.wait_for_everyone()
 
     def _audit(self) -> None:
         """ranks/rank{R}.jsonl: the samples this rank trained on and a digest of its trainable weights.

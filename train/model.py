@@ -5,21 +5,9 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lora_launch.run.plan import RunPlan
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_precision(precision: str) -> str:
-    """accelerate's mixed_precision value for `train.precision` on this machine."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
-
-
-def model_dtype(cfg: DictConfig) -> torch.dtype:
-    """dtype the frozen base weights are held in."""
-    if cfg.model.dtype != "auto":
-        return DTYPES[cfg.model.dtype]
-    return torch.bfloat16 if resolve_precision(cfg.train.precision) == "bf16" else torch.float32
 
 
 def load_tokenizer(cfg: DictConfig):
@@ -46,11 +34,12 @@ def _quantization_config(cfg: DictConfig):
                               bnb_4bit_quant_storage=DTYPES.get(q.storage_dtype, torch.uint8))
 
 
-def load_base_model(cfg: DictConfig, device: torch.device):
-    """The frozen base causal LM, on `device`."""
+def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None = None):
+    """The frozen base causal LM, on `device`, its weights in the plan's dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = model_dtype(cfg)
+    plan = plan or RunPlan.for_this_process(cfg)
+    dtype = DTYPES[plan.model_dtype]
     common = dict(attn_implementation=cfg.model.attn_implementation)
     if cfg.model.random_init:
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from support.cli import CLI, read_jsonl, subprocess_env
-from lora_launch.launcher.compose import compose
+from lora_launch.conf.compose import compose
 from lora_launch.launcher.slurm import sbatch_script
 from lora_launch.launcher.topology import topology
 

@@ -16,8 +16,8 @@ from support.cli import lora_launch, read_jsonl, subprocess_env
 
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import checks
-from lora_launch.launcher.compose import compose
-from lora_launch.launcher.lock import RunLock
+from lora_launch.conf.compose import compose
+from lora_launch.run.lock import RunLock
 
 
 @pytest.mark.parametrize("override,key", [("lora.r=0", "lora.r"), ("lora.r=abc", "lora.r"),
@@ -40,7 +40,7 @@ def test_cli_refuses_an_unwritable_run_dir_in_one_line():
 
 def _lock_held_by_child(path: Path, seconds: float) -> subprocess.Popen:
     """Another process holding the lock at `path` for `seconds`, once it says so."""
-    code = (f"from lora_launch.launcher.lock import RunLock; from pathlib import Path; import time; "
+    code = (f"from lora_launch.run.lock import RunLock; from pathlib import Path; import time; "
             f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep({seconds})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=path.parent)
     assert proc.stdout.readline().strip() == "held"

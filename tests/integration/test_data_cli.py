@@ -17,7 +17,7 @@ from support.cli import lora_launch, read_jsonl, subprocess_env
 
 def test_hub_dataset_offline_fails_fast_with_a_clear_error(tiny, tmp_path):
     code = (
-            "from lora_launch.launcher.compose import compose; from lora_launch.train.data import build_splits, DataError\n"
+            "from lora_launch.conf.compose import compose; from lora_launch.train.data import build_splits, DataError\n"
             f"cfg = compose(['model.path={tiny['model']}', 'data=hub', 'data.name=nobody/no-such-dataset-xyz',"
             f" 'run.dir={tmp_path}/run', 'data.cache_dir={tmp_path}/c'])\n"
             "from lora_launch.train.model import load_tokenizer\n"

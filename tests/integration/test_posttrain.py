@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.cli import CLI, REPO, lora_launch, read_jsonl, subprocess_env
-from lora_launch.launcher.compose import compose, write_config
+from lora_launch.conf.compose import compose, write_config
 from lora_launch.train import posttrain
 
 

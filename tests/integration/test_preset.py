@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from support.cli import lora_launch, read_jsonl
-from lora_launch.launcher.compose import compose
+from lora_launch.conf.compose import compose
 
 # The recipe as the issue states it (QLoRA guanaco article).
 RECIPE = {

@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from support.ckpt import FINGERPRINTS, OneProcess, checkpointer, make_cfg, make_training, save, train_steps
-from lora_launch.train.checkpoint import CRASH_ENV, Checkpointer, CheckpointError, changes, rewind_metrics
+from lora_launch.run.rundir import rewind_metrics, set_aside_previous
+from lora_launch.train.checkpoint import CRASH_ENV, Checkpointer, CheckpointError, changes
 
 
 
@@ -114,7 +115,7 @@ def test_changes_ignores_free_keys_and_schema_additions():
 
 def test_resume_path_is_checked_when_the_config_is_composed(tmp_path):
     from lora_launch.conf.schema import ConfigError
-    from lora_launch.launcher.compose import compose
+    from lora_launch.conf.compose import compose
 
     with pytest.raises(ConfigError, match="resume.mode=.*not auto, never or a checkpoint directory"):
         compose([f"run.dir={tmp_path}", f"resume.mode={tmp_path / 'nope'}"])
@@ -125,7 +126,9 @@ def test_resume_never_sets_the_earlier_run_aside(tmp_path):
     train_steps(model, opt, sched, 1)
     save(checkpointer(tmp_path), 1, model, opt, sched)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    assert checkpointer(tmp_path, mode="never").load_latest() is None
+    assert checkpointer(tmp_path, mode="never").load_latest() is None  # never: nothing loaded, nothing moved
+    assert checkpointer(tmp_path).load_latest()["state"]["step"] == 1
+    set_aside_previous(tmp_path)  # what training does first under resume.mode=never
     previous = list(tmp_path.glob("previous-*"))
     assert len(previous) == 1 and (previous[0] / "checkpoints" / "step-1" / "manifest.json").exists()
     assert not (tmp_path / "metrics.jsonl").exists() and checkpointer(tmp_path).load_latest() is None

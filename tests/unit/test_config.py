@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher.compose import compose
+from lora_launch.conf.compose import compose
 from support.cli import REPO, lora_launch
 
 GROUPS = ["model", "data", "lora", "quant", "optim", "distributed", "launcher", "logging", "preset"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from support.cli import REPO, subprocess_env
-from lora_launch.launcher.compose import compose
+from lora_launch.conf.compose import compose
 from lora_launch.train import data_sources
 from lora_launch.train.data import (IGNORE, DataError, SampleStream, build_splits, collate, dataset_fingerprint, pack,
                         train_stream)

@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from lora_launch.train import fast
 
@@ -14,10 +13,3 @@ def test_loss_matches_shifted_cross_entropy():
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1), ignore_index=-100,
                            reduction="sum")
     assert torch.allclose(fast.loss_function("none")(logits, labels), want)
-
-
-def test_auto_keeps_cpu_on_the_plain_path():
-    cfg = OmegaConf.create({"train": {"compile": "auto"},
-                            "distributed": {"strategy": "ddp", "zero_stage": 0}})
-    if not torch.cuda.is_available():
-        assert fast.compile_mode(cfg) == "none"

@@ -15,10 +15,10 @@ import yaml
 
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import checks, hostfile
-from lora_launch.launcher.compose import compose
+from lora_launch.conf.compose import compose
 from lora_launch.launcher.launch import launch_command, node_env_vars, write_launch_files
-from lora_launch.launcher.lock import RunLock
-from lora_launch.launcher.topology import Topology, topology
+from lora_launch.run.lock import RunLock
+from lora_launch.launcher.topology import Topology, run_plan, topology
 
 from support.cli import REPO
 
@@ -112,7 +112,8 @@ def test_deepspeed_json_agrees_with_the_config(tmp_path, option, stage, offload)
     cfg = compose([f"distributed={option}", "train.micro_batch_size=3", "train.grad_accum=5",
                    "optim.max_grad_norm=0.7", "train.precision=fp16", "launcher.num_processes=2",
                    f"run.dir={tmp_path}"])
-    files = write_launch_files(cfg, tmp_path)
+    topo = topology(cfg)
+    files = write_launch_files(cfg, tmp_path, topo, run_plan(cfg, topo))
     ds = json.loads(files["deepspeed"].read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 3 * 5 * 2
@@ -130,7 +131,8 @@ def test_deepspeed_json_agrees_with_the_config(tmp_path, option, stage, offload)
 
 def test_ddp_accelerate_config_and_auto_processes_on_cpu(tmp_path):
     cfg = compose([f"run.dir={tmp_path}"])
-    files = write_launch_files(cfg, tmp_path)
+    topo = topology(cfg)
+    files = write_launch_files(cfg, tmp_path, topo, run_plan(cfg, topo))
     acc = yaml.safe_load(files["accelerate"].read_text())
     assert cfg.launcher.num_processes == "auto" and acc["num_processes"] == 1  # no GPU here
     assert acc["distributed_type"] == "NO" and "deepspeed" not in files
@@ -144,7 +146,8 @@ def test_every_node_writes_the_same_files(tmp_path):
     for rank in (0, 1):
         cfg = compose(["launcher=hostfile", f"launcher.hostfile={hosts}", f"launcher.node_rank={rank}",
                        f"run.dir={run}", "distributed=zero2"])
-        files = write_launch_files(cfg, run, topology(cfg))
+        topo = topology(cfg)
+        files = write_launch_files(cfg, run, topo, run_plan(cfg, topo))
         written.append({k: p.read_text() for k, p in files.items()})
     assert written[0] == written[1]
     acc = yaml.safe_load(written[0]["accelerate"])
@@ -177,13 +180,13 @@ def _cfg(tmp_path, *overrides):
 def test_global_batch_mismatch(tmp_path):
     topo = Topology(2, 4, 0, "127.0.0.1", 29500)
     ok = _cfg(tmp_path, "train.global_batch_size=64", "train.micro_batch_size=4", "train.grad_accum=2")
-    checks.check_global_batch(ok, topo)
+    checks.check_global_batch(ok, run_plan(ok, topo))
     bad = _cfg(tmp_path, "train.global_batch_size=64", "train.micro_batch_size=4", "train.grad_accum=1")
     with pytest.raises(ConfigError, match=r"= 32; set train.grad_accum=2"):
-        checks.check_global_batch(bad, topo)
+        checks.check_global_batch(bad, run_plan(bad, topo))
     odd = _cfg(tmp_path, "train.global_batch_size=20", "train.micro_batch_size=4")
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x world = 32"):
-        checks.check_global_batch(odd, topo)
+        checks.check_global_batch(odd, run_plan(odd, topo))
 
 
 def test_qlora_zero3_needs_matching_storage_dtype(tmp_path):

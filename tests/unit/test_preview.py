@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lora_launch.launcher import preview as pv
-from lora_launch.launcher.compose import compose
+from lora_launch.conf.compose import compose
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.plan import RunPlan
+
+
+def _gpu_plan(cfg, world: int) -> RunPlan:
+    """The plan on `world` bf16 GPUs of one node (the estimates are checked against H100 figures)."""
+    return RunPlan.from_config(cfg, 1, world, on_gpu=True, bf16=True)
 
 GIB = 2**30
 
@@ -37,13 +43,6 @@ def test_all_linear_lora_count(shape_7b):
     assert shape.lora_params == 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
 
 
-def test_batch_and_steps():
-    assert pv.global_batch(4, 8, 16) == 512
-    assert pv.steps(9846, 16, 1.0, -1) == (616, 616)   # ceil(9846 / 16)
-    assert pv.steps(9846, 16, 2.5, -1) == (616, 1539)  # ceil(2.5 * 9846 / 16)
-    assert pv.steps(9846, 16, 1.0, 100) == (616, 100)
-
-
 def test_weight_bytes_by_hand(shape_7b):
     assert pv.weight_bytes(shape_7b, "none", 2, 2, True) == LLAMA2_7B * 2
     rest = LLAMA2_7B - 32 * LAYER_LINEAR
@@ -63,7 +62,7 @@ def test_zero_sharding_divides_by_world(shape_7b):
     base = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused"])
     z3 = compose(["model=llama2_7b_random", "lora.r=64", "distributed=zero3", "run.dir=/tmp/unused"])
     off = compose(["model=llama2_7b_random", "lora.r=64", "distributed=zero3_offload", "run.dir=/tmp/unused"])
-    m1, m3, mo = (pv.memory_estimate(c, shape_7b, 8) for c in (base, z3, off))
+    m1, m3, mo = (pv.memory_estimate(c, shape_7b, _gpu_plan(c, 8)) for c in (base, z3, off))
     assert m3.weights == m1.weights / 8
     assert m3.optimizer == shape_7b.lora_params * 12 / 8
     assert mo.weights == 0 and mo.optimizer == 0
@@ -79,7 +78,7 @@ def test_estimate_is_near_h100_measurements(shape_7b, overrides, measured_gib):
     # peak memory of the 7B-shaped TRL recipe (seq 512, batch 4) on one H100, ../shared/FIELD_NOTES.md
     cfg = compose(["model=llama2_7b_random", "lora.r=64", "train.seq_len=512", "train.micro_batch_size=4",
                    "run.dir=/tmp/unused", *overrides])
-    est = pv.memory_estimate(cfg, shape_7b, 1).total / GIB
+    est = pv.memory_estimate(cfg, shape_7b, _gpu_plan(cfg, 1)).total / GIB
     assert abs(est - measured_gib) / measured_gib < 0.15, est
 
 
@@ -89,7 +88,8 @@ def test_preview_text_for_two_nodes(tmp_path, tiny):
     overrides = [*tiny["overrides"], "launcher=hostfile", f"launcher.hostfile={hosts}", f"run.dir={tmp_path}/r",
                  "train.micro_batch_size=3", "train.grad_accum=2", "data.val_split=0.25"]
     cfg = compose(overrides)
-    text = pv.preview(cfg, Topology(2, 2, 0, "node-a", 29500, ("node-a", "node-b")), overrides)
+    topo = Topology(2, 2, 0, "node-a", 29500, ("node-a", "node-b"))
+    text = pv.preview(cfg, topo, RunPlan.from_config(cfg, 2, 2, on_gpu=False), overrides)
     assert "world size 4" in text
     assert "global batch = micro 3 x accum 2 x world 4 = 24" in text
     assert "tokens per step <= 24 x seq_len 64 = 1536" in text

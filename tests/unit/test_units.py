@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lora_launch.conf.schema import redact
-from lora_launch.launcher.accelerate_config import accelerate_config, deepspeed_config
-from lora_launch.launcher.compose import compose
+from lora_launch.launcher.accelerate_config import accelerate_config
+from lora_launch.conf.compose import compose
 from lora_launch.train.data import IGNORE, SampleStream, collate, micro_batch_positions, tokenize
-from lora_launch.train.loop import total_steps
+from lora_launch.run.plan import RunPlan, deepspeed_config
 
 
 @pytest.mark.parametrize("micro,accum,world", [(1, 1, 1), (2, 3, 2), (4, 2, 4), (3, 1, 2)])
@@ -60,32 +60,26 @@ def test_prompt_is_masked_and_truncated():
     assert len(tokenize(_Tok(), "ab", "cdefgh", seq_len=4, train_on_prompt=False)["input_ids"]) == 4
 
 
-def test_total_steps_from_epochs_and_max_steps():
-    cfg = compose(["train.micro_batch_size=4", "train.grad_accum=2", "train.epochs=3"])
-    assert total_steps(cfg, train_size=100, world=2) == 19  # ceil(3 * 100 / 16)
-    cfg = compose(["train.max_steps=7"])
-    assert total_steps(cfg, train_size=100, world=2) == 7
-
-
 @pytest.mark.parametrize("dist,stage", [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_deepspeed_json_is_derived_from_the_config(dist, stage):
     cfg = compose([f"distributed={dist}", "train.micro_batch_size=3", "train.grad_accum=5",
                    "optim.max_grad_norm=0.3"])
-    ds = deepspeed_config(cfg, world_size=4)
+    plan = RunPlan.from_config(cfg, 2, 2, on_gpu=False)
+    ds = deepspeed_config(cfg, plan)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 3 * 5 * 4
     assert ds["gradient_clipping"] == 0.3
     assert ("offload_optimizer" in ds["zero_optimization"]) == (dist == "zero3_offload")
-    acc = accelerate_config(cfg, 4, "/x/ds.json")
+    acc = accelerate_config(cfg, plan, "/x/ds.json")
     assert acc["distributed_type"] == "DEEPSPEED" and acc["num_processes"] == 4
     assert acc["deepspeed_config"]["deepspeed_config_file"] == "/x/ds.json"
 
 
 def test_accelerate_config_for_ddp():
     cfg = compose([])
-    assert accelerate_config(cfg, 1)["distributed_type"] == "NO"
-    assert accelerate_config(cfg, 2)["distributed_type"] == "MULTI_GPU"
+    assert accelerate_config(cfg, RunPlan.from_config(cfg, 1, 1, on_gpu=False))["distributed_type"] == "NO"
+    assert accelerate_config(cfg, RunPlan.from_config(cfg, 1, 2, on_gpu=False))["distributed_type"] == "MULTI_GPU"
 
 
 def test_secrets_never_reach_files():

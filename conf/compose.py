@@ -1,10 +1,7 @@
-"""Compose the Hydra config outside `@hydra.main`, and write a run directory's config files."""
+"""Compose the Hydra config outside `@hydra.main` (tests, direct `accelerate launch`), and resolve it once."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lora_launch.conf.schema import redact, register, validate
@@ -35,18 +32,3 @@ def resolve_run(cfg: DictConfig) -> None:
 def plain(cfg: DictConfig) -> dict:
     """The resolved config as plain data with secrets redacted: what goes into files and logs."""
     return redact(OmegaConf.to_container(cfg, resolve=True))
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    """Write YAML atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-
-
-def write_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """run_dir/config.yaml: the fully resolved config every rank reads."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    write_yaml(path, plain(cfg))
-    return path

@@ -1,0 +1,149 @@
+"""Run `accelerate launch` under supervision: stop signals reach the ranks, a second Ctrl-C ends
+everything at once, and nothing outlives the launcher for long.
+
+`accelerate launch` starts in its own session (a terminal's Ctrl-C reaches only `lora-launch`) and
+dies with `lora-launch` (PR_SET_PDEATHSIG). Stop signals (SIGTERM, SIGINT, SIGHUP) are passed to the
+ranks themselves, not to accelerate's launcher or torchrun's agent: the ranks stop after the same
+step, checkpoint and exit 0, and accelerate exits as after any finished run. Signalling the agent
+instead would have it kill the ranks after its own short timeout, or, with one process, die at once
+and take the rank with it mid-checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from lora_launch.run.process import STOP_SIGNALS, die_with_parent
+
+RANK_MODULE = "lora_launch.train"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a supervised launch ended: its exit code and the first stop signal the launcher got."""
+    returncode: int
+    signum: int | None = None
+    killed: bool = False  # a second Ctrl-C ended everything without a checkpoint
+
+
+def _is_rank(p) -> bool:
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - psutil.Error: the process is gone or not ours to read
+        return False
+    return any(a == RANK_MODULE for a in cmd[cmd.index("-m") + 1:][:1]) if "-m" in cmd else False
+
+
+def ranks_of(pid: int) -> list:
+    """The training processes under `pid` (not their data-loader workers, which look the same)."""
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = [p for p in below if _is_rank(p)]
+    rank_pids = {p.pid for p in ranks}
+    out = []
+    for p in ranks:
+        try:
+            if p.ppid() not in rank_pids:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _send(procs, sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except Exception:  # noqa: BLE001 - psutil.NoSuchProcess: already gone
+            pass
+
+
+def _quiet_terminal() -> None:
+    """After a hangup the terminal is gone: writes to it would fail, so send them nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+class Supervisor:
+    """One supervised `accelerate launch`; `wait()` returns its Outcome."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]):
+        self.cmd, self.env = cmd, env
+        self.first: int | None = None
+        self.killed = False
+        self.proc: subprocess.Popen | None = None
+
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            _quiet_terminal()
+        if self.first is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, no checkpoint
+                self._kill_all()
+            return
+        self.first = signum
+        ranks = ranks_of(self.proc.pid)
+        if ranks:
+            _send(ranks, signum)
+        else:  # training has not started: nothing to save, end the launch
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _kill_all(self) -> None:
+        self.killed = True
+        import psutil
+
+        try:
+            below = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            below = []
+        _send(below, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> Outcome:
+        """Start the launch, pass on stop signals until it ends, then wait for its ranks to be gone."""
+        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True,
+                                         preexec_fn=die_with_parent)
+            ranks = []
+            while True:
+                try:
+                    rc = self.proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    ranks = ranks_of(self.proc.pid) or ranks
+            _wait_gone(ranks, timeout_s=60.0)
+            return Outcome(rc, self.first, self.killed)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def _wait_gone(procs, timeout_s: float) -> None:
+    """Wait until every process in `procs` has exited (ranks may still be writing a checkpoint)."""
+    end = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except Exception:  # noqa: BLE001 - gone already, or still there at the deadline
+            pass
+
+
+def supervise(cmd: list[str], env: dict[str, str]) -> Outcome:
+    """Run `cmd` (an accelerate launch) under a Supervisor."""
+    return Supervisor(cmd, env).wait()

@@ -1,0 +1,142 @@
+"""The run plan: everything derived from the config and the launch's shape, computed in one place.
+
+Preview, the pre-launch checks, the generated accelerate/DeepSpeed files and the Trainer all read
+the same `RunPlan`, so the global batch, the step count, the precision and the compile mode can
+never disagree between what was previewed, what was written and what trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+# train.precision / model.dtype spellings -> torch dtype names
+_DTYPE = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
+          "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# torch dtype name -> accelerate's mixed_precision
+_MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+
+
+def on_gpu_here() -> bool:
+    """Whether this process sees a CUDA GPU."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _bf16_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The launch's shape and the values derived from the config on the hardware it runs on."""
+    num_machines: int
+    procs_per_node: int
+    micro_batch_size: int
+    grad_accum: int
+    precision: str  # compute precision: bfloat16 | float16 | float32
+    model_dtype: str  # dtype the frozen base weights are held in
+    strategy: str  # ddp | deepspeed
+    zero_stage: int
+    compile: str  # layers | loss | none
+    max_steps: int
+    epochs: float
+    on_gpu: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, num_machines: int, procs_per_node: int,
+                    on_gpu: bool | None = None, bf16: bool | None = None) -> "RunPlan":
+        """The plan for `cfg` on num_machines x procs_per_node processes.
+
+        on_gpu / bf16 default to what this process sees; a preview or submission for other
+        hardware passes them (e.g. a Slurm job with GPUs, previewed on a CPU login node).
+        """
+        on_gpu = on_gpu_here() if on_gpu is None else on_gpu
+        bf16 = (_bf16_here() if on_gpu_here() else on_gpu) if bf16 is None else bf16
+        t, d = cfg.train, cfg.distributed
+        precision = _DTYPE.get(str(t.precision))
+        if precision is None:  # auto
+            precision = "bfloat16" if on_gpu and bf16 else "float32"
+        model_dtype = _DTYPE.get(str(cfg.model.dtype)) or ("bfloat16" if precision == "bfloat16" else "float32")
+        return cls(num_machines=num_machines, procs_per_node=procs_per_node,
+                   micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, precision=precision,
+                   model_dtype=model_dtype, strategy=str(d.strategy), zero_stage=int(d.zero_stage),
+                   compile=_compile_mode(str(t.compile), on_gpu, str(d.strategy), int(d.zero_stage)),
+                   max_steps=t.max_steps, epochs=t.epochs, on_gpu=on_gpu)
+
+    @classmethod
+    def for_this_process(cls, cfg: DictConfig) -> "RunPlan":
+        """The plan as a rank sees it: the launch's shape from the variables torchrun/accelerate set."""
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        return cls.from_config(cfg, max(1, world // max(local, 1)), local)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_machines * self.procs_per_node
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: micro x accum x world."""
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's mixed_precision value (and the DeepSpeed JSON's bf16/fp16 switch)."""
+        return _MIXED[self.precision]
+
+    def steps_per_epoch(self, train_samples: int) -> int:
+        return math.ceil(train_samples / self.global_batch)
+
+    def total_steps(self, train_samples: int) -> int:
+        """Optimizer steps of the run: train.max_steps, or enough for train.epochs over the data."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * train_samples / self.global_batch))
+
+
+def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
+    """DeepSpeed JSON for distributed.zero_stage, with batch sizes, precision and clipping from the plan."""
+    d, t = cfg.distributed, cfg.train
+    zero: dict = {"stage": d.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                  "reduce_bucket_size": 5e7}
+    if d.zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
+                     "stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5})
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": float(cfg.optim.max_grad_norm),
+        "bf16": {"enabled": plan.precision == "bfloat16"},
+        "fp16": {"enabled": plan.precision == "float16"},
+        "zero_optimization": zero,
+        # the loop brings its own torch AdamW (LoRA params are few); DeepSpeed must accept it
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _compile_mode(mode: str, on_gpu: bool, strategy: str, zero_stage: int) -> str:
+    """What train.compile means here: `auto` is `layers` on GPUs (`loss` under ZeRO-3, whose sharded
+    weights dynamo cannot trace) and `none` on CPU."""
+    if mode != "auto":
+        return mode
+    if not on_gpu:
+        return "none"
+    if strategy == "deepspeed" and zero_stage == 3:
+        return "loss"
+    return "layers"

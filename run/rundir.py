@@ -1,0 +1,210 @@
+"""The run directory on disk: one place for its layout, its status, atomic writes and what a restart
+does to the files a killed attempt left.
+
+    RUN/config.yaml          the resolved config every rank reads
+    RUN/status.json          {"state": running|preempted|finished, "step": N, "time": t[, "signal": NAME]}
+    RUN/metrics.jsonl        one row per logged step (rewound to the checkpoint on resume)
+    RUN/ranks/rank*.jsonl    the rank audit (rewound with metrics.jsonl)
+    RUN/checkpoints/step-N/  committed checkpoints (a manifest.json marks one complete)
+    RUN/previous-<time>/     an earlier run's outputs, moved aside by resume.mode=never
+
+Every file here is written through `atomic_path` (a temporary name unique to this host and process,
+then a rename), so a reader sees a whole file or the old one, also when nodes share the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---- atomic writes --------------------------------------------------------------------------------
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so the renames in it are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path to write `path` through: renamed onto `path` when the block ends without an
+    error, removed when it raises. The name is unique to this host and process (nodes may race)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    try:
+        yield tmp
+        if fsync:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(path: Path, data: str | bytes, fsync: bool = False) -> Path:
+    """Write text or bytes to `path` atomically; returns `path`."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json(path: Path, data, fsync: bool = False, indent: int = 1) -> Path:
+    """JSON, atomically."""
+    return write_atomic(path, json.dumps(data, indent=indent), fsync=fsync)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A fresh temporary directory that replaces the directory `path` when the block succeeds.
+
+    The old directory is renamed away first and removed only after the new one is in place, so a
+    crash leaves one of the two whole (for adapter/, merged/).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.rename(path.with_name(f".{path.name}.old.{os.getpid()}"))
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_config(cfg, run_dir: Path) -> Path:
+    """RUN/config.yaml: the fully resolved config (secrets redacted) every rank reads."""
+    import yaml
+
+    from lora_launch.conf.compose import plain
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return write_atomic(Path(run_dir) / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
+
+
+# ---- status ---------------------------------------------------------------------------------------
+
+def read_status(run_dir: Path) -> dict:
+    """RUN/status.json, or {} when there is none (or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run_dir: Path, state: str, step: int, **extra) -> None:
+    """Record the run's state (rank 0 only)."""
+    write_json(Path(run_dir) / STATUS, {"state": state, "step": step, "time": time.time(), **extra}, fsync=True)
+
+
+def finished_step(run_dir: Path, resume_mode: str) -> int | None:
+    """The step a finished run in `run_dir` ended at, when resume.mode=auto would find it finished."""
+    status = read_status(run_dir)
+    if resume_mode == "auto" and status.get("state") == "finished":
+        return int(status["step"])
+    return None
+
+
+# ---- checkpoints as the run dir lists them --------------------------------------------------------
+
+def committed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every committed checkpoint (one with its manifest), oldest first."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file())
+
+
+def resume_candidate(run_dir: Path, resume_mode: str) -> tuple[Path, dict] | None:
+    """The checkpoint resume.mode would try first, and its manifest, read without checking its files.
+
+    For the launcher's check before anything is written; training verifies checksums and falls
+    back to older checkpoints itself.
+    """
+    if resume_mode == "never":
+        return None
+    if resume_mode == "auto":
+        found = committed_checkpoints(run_dir)
+        if not found:
+            return None
+        path = found[-1][1]
+    else:
+        path = Path(resume_mode)
+    try:
+        return path, json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- what a restart does to a killed attempt's files ----------------------------------------------
+
+def _rewind_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if keep(row):
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
+    """Drop rows a killed attempt wrote after `step` from metrics.jsonl and ranks/*.jsonl, so they hold
+    one row per step after a resume; `step` -1 drops every row (a fresh start).
+
+    Rows of `step` itself stay, except the final evaluation, which the resumed run writes again.
+    Returns how many rows were dropped.
+    """
+    def keep(row: dict) -> bool:
+        final_eval = row["step"] == step == total_steps and "eval_loss" in row
+        return row["step"] < step or (row["step"] == step and not final_eval)
+
+    run_dir = Path(run_dir)
+    files = [run_dir / METRICS] + sorted((run_dir / "ranks").glob("rank*.jsonl"))
+    return sum(_rewind_jsonl(f, keep) for f in files if f.exists())
+
+
+def set_aside_previous(run_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints, metrics and status into RUN/previous-<time>/ (resume.mode=never)."""
+    run_dir = Path(run_dir)
+    olds = [p for p in (run_dir / CHECKPOINTS, run_dir / METRICS, run_dir / STATUS, run_dir / "ranks")
+            if p.exists()]
+    if not olds:
+        return None
+    dest = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = run_dir / (time.strftime("previous-%Y%m%d-%H%M%S") + f"-{n}")
+        n += 1
+    dest.mkdir()
+    for p in olds:
+        p.rename(dest / p.name)
+    return dest
