@@ -60,6 +60,10 @@ def _say(message: str, error: bool = False) -> None:
         pass
 
 
+def _signal_name(signum: int | None) -> str | None:
+    return None if signum is None else signal.Signals(signum).name
+
+
 def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
     """0 only for a run this launch finished or stopped with a checkpoint (130 for Ctrl-C); else non-zero.
 
@@ -67,21 +71,20 @@ def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
     """
     status = read_status(run_dir)
     state = status.get("state") if status.get("time", 0) >= started else None
-    interrupted = outcome.signum == signal.SIGINT
+    interrupted = outcome.signum == signal.SIGINT or outcome.killed
+    if state == "finished":
+        return 0
+    if state == "preempted":
+        by = "Ctrl-C" if interrupted else _signal_name(outcome.signum) or status.get("signal", "a stop signal")
+        _say(f"stopped by {by} with a checkpoint at step {status['step']}; run the same command to continue")
+        return 130 if interrupted else 0
     if outcome.killed:
         _say(f"stopped at once by a second Ctrl-C, without a checkpoint; run the same command to continue from "
              f"the last one in {run_dir}/checkpoints", error=True)
         return 130
-    if state == "finished":
-        return 0
-    if state == "preempted":
-        by = "Ctrl-C" if interrupted else signal.Signals(outcome.signum).name if outcome.signum else status.get(
-            "signal", "a stop signal")
-        _say(f"stopped by {by} with a checkpoint at step {status['step']}; run the same command to continue")
-        return 130 if interrupted else 0
     if outcome.signum is not None:
-        name = "Ctrl-C" if interrupted else signal.Signals(outcome.signum).name
-        _say(f"stopped by {name} before training had anything to save", error=True)
+        _say(f"stopped by {'Ctrl-C' if interrupted else _signal_name(outcome.signum)} before training had anything "
+             "to save", error=True)
         return 130 if interrupted else 128 + outcome.signum
     rc = outcome.returncode if outcome.returncode != 0 else 1
     if outcome.returncode == 0:
