@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # torch's CPU build where there is no CUDA GPU; with a GPU, pip's default (CUDA) build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test setup system-deps clean
+.PHONY: demo test test-fast setup system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ system-deps:
 
 test: setup system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests $(ARGS)
+
+# the fast tier: unit tests only (no subprocesses), a minute or so on 2 cores
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests/unit $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs sweeps

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lora_launch.run.rundir import atomic_path, write_json
 from lora_launch.train import data_sources
 from lora_launch.train.templates import DataError, check_template, render, required_columns
 
@@ -226,10 +227,9 @@ def _cache_key(cfg: DictConfig, tok, split: str, source: str) -> str:
 
 def _save(path: Path, s: SampleSet, stats: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, ids=s.ids, labels=s.labels, offsets=s.offsets, record=s.record,
-             stats=np.array(json.dumps(stats)))
-    os.replace(tmp, path)  # readers see the whole file or none
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers see the whole file or none
+        np.savez(f, ids=s.ids, labels=s.labels, offsets=s.offsets, record=s.record,
+                 stats=np.array(json.dumps(stats)))
 
 
 def _load(path: Path) -> tuple[SampleSet, dict] | None:
@@ -344,9 +344,7 @@ def _announce(report: dict, run_dir: Path | None) -> None:
           f"{report['val_samples']} val samples, fingerprint {report['fingerprint'][:12]}", flush=True)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "data_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(run_dir / "data_report.json")
+        write_json(run_dir / "data_report.json", report, indent=2)
 
 
 def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool = True) -> Splits:

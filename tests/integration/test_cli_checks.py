@@ -126,7 +126,7 @@ def test_finished_run_under_another_config_is_refused_not_skipped(tmp_path):
     from omegaconf import OmegaConf
 
     from support.cli import lora_launch
-    from lora_launch.train.checkpoint import write_status
+    from lora_launch.run.rundir import write_status
 
     run = tmp_path / "run"
     run.mkdir()

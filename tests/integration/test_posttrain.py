@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from support.cli import CLI, REPO, lora_launch, read_jsonl, subprocess_env
-from lora_launch.conf.compose import compose, write_config
+from lora_launch.conf.compose import compose
+from lora_launch.run.rundir import write_config
 from lora_launch.train import posttrain
 
 
