@@ -145,7 +145,6 @@ def lora_launch(overrides: list[str]) -> list[str]:
 def tiny_env(devices: str | None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                NCCL_NVLS_ENABLE="0", TORCHINDUCTOR_COMPILE_THREADS="2")  # many runs share the host's cores
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     return env
