@@ -161,8 +161,13 @@ def test_slurm_job_requeued_after_sigterm_resumes(slurm, tiny, tmp_path):
     # preempt it mid-run: once a few steps are logged, SIGTERM every task of the job
     def trained_some():
         rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        if _job_state(job, env)[0] in TERMINAL:  # ended before it could be preempted: say why
+            raise AssertionError(_diagnosis(job, env, slurm["dir"], log.read_text() if log.exists() else ""))
         return len([r for r in rows if "loss" in r]) >= 3
-    _wait(trained_some, 240, "the job to train a few steps", step=0.1)
+    try:
+        _wait(trained_some, 240, "the job to train a few steps", step=0.1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_diagnosis(job, env, slurm['dir'], log.read_text() if log.exists() else '')}") from None
     subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
 
     _wait(lambda: _job_state(job, env)[1] >= 1, 120, "the job to be requeued")
@@ -180,8 +185,8 @@ def test_slurm_job_requeued_after_sigterm_resumes(slurm, tiny, tmp_path):
 
     text = log.read_text()
     assert _job_state(job, env)[0] == "COMPLETED", _diagnosis(job, env, slurm["dir"], text)
-    assert "requeueing job" in text and "SIGTERM: stopped after step" in text
-    stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", text).group(1))
+    assert "requeueing job" in text and "stopped by SIGTERM with a checkpoint at step" in text
+    stopped = int(re.search(r"stopped by SIGTERM with a checkpoint at step (\d+)", text).group(1))
     assert 3 <= stopped < steps
     assert re.search(rf"resumed from \S+ \(step {stopped // 5 * 5}|resumed from \S+ \(step {stopped}", text), text[-3000:]
     rows = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
