@@ -268,8 +268,8 @@ class Config:
 
 
 def asset_path(name: str) -> str:
-    """Absolute path of a file or directory shipped in train/assets (the `${asset:...}` resolver)."""
-    return str(importlib.resources.files("lora_launch.train").joinpath("assets", name))
+    """Absolute path of a file or directory shipped in conf/assets (the `${asset:...}` resolver)."""
+    return str(importlib.resources.files("lora_launch.conf").joinpath("assets", name))
 
 
 def register() -> None:

@@ -1,8 +1,8 @@
 """Quick standalone check of the default demo job's bar, without the launcher.
 
 Mimics what the training loop does with the shipped assets: loads the tiny base model and
-tokenizer from ``train/assets/tiny-llama``, wraps the model in a PEFT LoRA, renders
-``train/assets/demo/train.jsonl`` with the Llama-2 template (prompt
+tokenizer from ``conf/assets/tiny-llama``, wraps the model in a PEFT LoRA, renders
+``conf/assets/demo/train.jsonl`` with the Llama-2 template (prompt
 ``<s>[INST] {instruction} [/INST] ``, response ``{output} </s>``, loss on response tokens
 only), holds out 5% for validation (by seed), trains with AdamW + warmup/cosine and
 gradient clipping, in 1 process or in N processes with DDP over gloo, and reports:
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "train" / "assets"
+ASSETS = REPO / "conf" / "assets"
 T_START = time.time()
 
 

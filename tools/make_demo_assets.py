@@ -1,4 +1,4 @@
-"""Build the demo assets shipped in train/assets: a tiny pre-trained Llama and its dataset.
+"""Build the demo assets shipped in conf/assets: a tiny pre-trained Llama and its dataset.
 
 The project's default job fine-tunes a LoRA on CPU in well under a minute. A LoRA on a
 *random* base learns far too slowly for that, so this script pre-trains a tiny
@@ -9,7 +9,7 @@ knowledge, the LoRA fine-tune teaches it to answer questions in the chat format.
 What it does, deterministically (everything is seeded):
 
 1. The world: a fixed table of 45 countries with their capital, continent and language.
-2. The demo instruction dataset (``train/assets/demo/train.jsonl``): questions about the
+2. The demo instruction dataset (``conf/assets/demo/train.jsonl``): questions about the
    table asked in many phrasings, answered with one sentence, e.g.
    ``{"instruction": "Where is Italy?", "input": "", "output": "Italy is in Europe."}``.
 3. A plain-text pre-training corpus about the same table: short paragraphs of
@@ -21,13 +21,13 @@ What it does, deterministically (everything is seeded):
    ``<unk> <s> </s>`` plus ``<pad>``, ``<s>`` added by ``encode()`` like Llama's, and a
    Llama-2 chat template.
 5. Pre-trains the tiny model as a plain causal LM on the corpus (a few minutes on 2 CPU
-   cores), checks that it learnt the facts, and writes ``train/assets/tiny-llama/``
+   cores), checks that it learnt the facts, and writes ``conf/assets/tiny-llama/``
    (config, safetensors, tokenizer, README).
 
 Rerun from the repository root (needs torch, transformers, tokenizers, safetensors; no
 network, no GPU):
 
-    python tools/make_demo_assets.py            # rewrites train/assets/{demo,tiny-llama}
+    python tools/make_demo_assets.py            # rewrites conf/assets/{demo,tiny-llama}
     python tools/make_demo_assets.py --help     # options (sizes, steps, output dir)
 
 Then check the bar of the default job with ``python tools/check_demo_bar.py``.
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "train" / "assets"
+ASSETS = REPO / "conf" / "assets"
 
 SEED = 1234
 
@@ -377,7 +377,7 @@ seconds. It is **not** a general language model: all it knows is a table of
 * Pre-training: {steps} steps of plain next-token prediction (batch {batch} x {block}
   tokens) on {corpus:,} generated paragraphs of statements such as "The capital of Italy
   is Rome. It is in Europe." It never saw a question nor the `[INST]` format: answering
-  the questions of `train/assets/demo/train.jsonl` ("Where is Italy?" -> "Italy is in
+  the questions of `conf/assets/demo/train.jsonl` ("Where is Italy?" -> "Italy is in
   Europe.") is what the LoRA fine-tune teaches. Greedy completions of the facts by the base
   model: {scores}.
 
