@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,10 +20,14 @@ class MetricsLogger:
         self.run_dir = run_dir
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._bar = self._tb = self._wandb = None
-        if cfg.logging.progress_bar:
+        self._lines = None  # without a terminal: a plain progress line every this many steps
+        self._total, self._start, self._t0 = total_steps, start_step, time.monotonic()
+        if cfg.logging.progress_bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        elif cfg.logging.progress_bar:  # a file (Slurm, CI, nohup): lines, not \r-joined bar fragments
+            self._lines = max(1, total_steps // 20)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -51,6 +57,8 @@ class MetricsLogger:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                   tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
+        elif self._lines and "loss" in row and (step % self._lines == 0 or step == self._total):
+            print(progress_line(row, self._total, self._start, time.monotonic() - self._t0), flush=True)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -67,6 +75,15 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl.close()
+
+
+def progress_line(row: dict, total: int, start_step: int, elapsed: float) -> str:
+    """`step 40/535 (7%) loss 1.2345 lr 2.00e-03 1234 tok/s eta 1m05s`: one plain progress line."""
+    step = row["step"]
+    done = max(step - start_step, 1)
+    eta = elapsed / done * (total - step)
+    return (f"step {step}/{total} ({100 * step // max(total, 1)}%) loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"{row.get('tokens_per_s', 0):.0f} tok/s eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def _wandb_id(run_dir: Path) -> str:
