@@ -158,7 +158,7 @@ def checkpoint(spec: dict) -> dict:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
-        trainer.checkpointer.save(trainer.step, trainer.state())
+        trainer.checkpointer.save(trainer.step)
         out["what"] = "Checkpointer.save"
     except NotImplementedError:
         # the Checkpointer seam does not save yet: time what it must write (adapter + optimizer)

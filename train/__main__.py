@@ -131,15 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     from lora_launch.train.data import DataError
     from lora_launch.train.loop import Trainer
 
+    trainer = None
     try:
         trainer = Trainer(cfg)
-    except (CheckpointError, DataError) as e:  # bad data: one line, before anything is written
+        trainer.fit()  # loads the checkpoint first: a refused or damaged one is one line too
+    except (CheckpointError, DataError) as e:  # bad data or checkpoint: one line, nothing of the run lost
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        trainer.fit()
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     return 0
 
 

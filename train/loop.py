@@ -19,6 +19,7 @@ from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
 from lora_launch.train import fast
 from lora_launch.train.metrics import MetricsLogger, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model, load_tokenizer
+from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
 
 
 def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
@@ -52,8 +53,18 @@ def token_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> tuple[torch
     return forward_loss_sum(model, batch, ce), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def _progress_field(name: str) -> property:
+    """A Trainer attribute that is self.progress's field `name` (what checkpoints save)."""
+    return property(lambda self: getattr(self.progress, name),
+                    lambda self, value: setattr(self.progress, name, value))
+
+
 class Trainer:
     """One LoRA SFT run on every rank; `fit()` then `close()`."""
+
+    step = _progress_field("step")
+    position = _progress_field("position")  # global sample index the data stream continues at
+    tokens_seen = _progress_field("tokens_seen")
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -79,38 +90,53 @@ class Trainer:
         self.stream = train_stream(cfg, self.splits)  # length-grouped with data.group_by_length
         self.global_batch = plan.global_batch
 
-        self.step, self.position, self.tokens_seen = 0, 0, 0
+        self.progress = Progress(train_size=len(self.splits.train))
         self._prefetched = None  # (stream position, host batches) collated ahead by _prefetch
-        self.checkpointer = Checkpointer(cfg, self.run_dir, acc)
-        self.checkpointer.fingerprints = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
-        self._resume()
+        # what a restart needs; the checkpointer saves and loads exactly these
+        self.states = {"trainable": TrainableState(self.model, self.optimizer),
+                       "scheduler": SchedulerState(self.scheduler), "rng": RngState(), "progress": self.progress}
+        scaler = scaler_state(acc, self.optimizer)
+        if scaler is not None:
+            self.states["scaler"] = scaler
+        identity = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
+        self.checkpointer = Checkpointer(cfg, self.run_dir, acc, states=self.states, fingerprints=identity)
         # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint
         self.stop = StopRequest(str(self.run_dir / f"rank{self.rank}.log"))
         self._stop = False
-        self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step) if acc.is_main_process else None
+        self.log = None  # opened by restore(), once the earlier run's files are set aside or rewound
 
-    def _resume(self) -> None:
-        """Continue from the checkpoint resume.mode picks; metrics.jsonl keeps only rows up to it."""
-        if self.cfg.resume.mode == "never" and self.accelerator.is_main_process:
+    def restore(self) -> bool:
+        """Where training starts: set an earlier run aside (resume.mode=never), else load the checkpoint
+        resume.mode picks into self.states; metrics keep only rows up to it. True when it resumed."""
+        acc = self.accelerator
+        if self.cfg.resume.mode == "never" and acc.is_main_process:
             moved = set_aside_previous(self.run_dir)
             if moved is not None:
                 print(f"resume.mode=never: moved the earlier run's files to {moved}", flush=True)
-        self.accelerator.wait_for_everyone()
-        loaded = self.checkpointer.load_latest()
-        if loaded is not None:
-            state = self.checkpointer.restore(loaded, self.model, self.optimizer, self.scheduler)
-            self.step, self.position, self.tokens_seen = state["step"], state["position"], state["tokens_seen"]
-        if self.accelerator.is_main_process:
-            rewind_metrics(self.run_dir, self.step if loaded is not None else -1, self.total_steps)
+        acc.wait_for_everyone()
+        resumed = self.checkpointer.load() is not None
+        if acc.is_main_process:
+            rewind_metrics(self.run_dir, self.step if resumed else -1, self.total_steps)
             write_status(self.run_dir, "running", self.step)
+            self.log = MetricsLogger(self.cfg, self.run_dir, self.total_steps, self.step)
+        return resumed
+
+    def state_dict(self) -> dict:
+        """Everything a restart needs, by part (a collective under ZeRO: every rank calls it)."""
+        return {name: part.state_dict() for name, part in self.states.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what state_dict() returned (every rank)."""
+        for name, part in self.states.items():
+            part.load_state_dict(state[name])
 
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal by the end of the last step: every rank agrees, so all stop after it."""
         return self._stop
 
-    def _save_checkpoint(self) -> None:
-        self.checkpointer.save(self.step, self.state())
-        if self.log:
+    def _save_checkpoint(self, force: bool) -> None:
+        """A checkpoint if one is due after this step (or `force`: a stop), its cost in the log."""
+        if self.checkpointer.maybe_save(self.step, force) is not None and self.log:
             cost = self.checkpointer.last_save
             self.log.write(f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s "
                            f"({cost['bytes'] / 2**20:.2f} MiB)")
@@ -228,7 +254,8 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train to total_steps; returns a summary (first/last eval loss, wall time)."""
+        """Resume (restore()), then train to total_steps; returns a summary (first/last eval loss, wall time)."""
+        self.restore()
         cfg, t_start = self.cfg, time.perf_counter()
         if self.log:
             self.log.write(f"training {self.total_steps} steps, global batch {self.global_batch} "
@@ -248,8 +275,7 @@ class Trainer:
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 evals.append(self._log_eval())
             stop = self._stop_requested()
-            if self.checkpointer.due(self.step) or stop:
-                self._save_checkpoint()
+            self._save_checkpoint(force=stop)
             if stop and self.step < self.total_steps:
                 self._record_stop()
                 return {"preempted_at": self.step, "seconds": time.perf_counter() - t_start}
@@ -294,12 +320,6 @@ class Trainer:
         with open(out / f"rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "samples": self.last_indices,
                                 "trainable_sha256": digest.hexdigest()}) + "\n")
-
-    def state(self) -> dict:
-        """What a checkpoint needs beyond the model and optimizer (for the checkpointer)."""
-        return {"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
-                "train_size": len(self.splits.train),
-                "model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
     def save_adapter(self) -> Path:
         """adapter/: the PEFT adapter and tokenizer, written to a temporary name then renamed."""

@@ -1,4 +1,5 @@
-"""A checkpointer on one process with a tiny model, as the training loop builds them (unit and crash tests)."""
+"""A checkpointer on one process with a tiny model and the states the training loop gives it (unit and crash
+tests)."""
 
 from __future__ import annotations
 
@@ -8,55 +9,58 @@ import torch
 from omegaconf import OmegaConf
 
 from lora_launch.train.checkpoint import Checkpointer
+from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState
+
+FINGERPRINTS = {"data": "d", "tokenizer": "t", "model": {"hidden_size": 4}, "lora_shapes": {}}
+SAMPLES_PER_STEP, TOKENS_PER_STEP, TRAIN_SIZE = 8, 100, 20
 
 
 class OneProcess:
     """The part of accelerate's Accelerator the checkpointer uses, for a single process."""
-    process_index, num_processes, is_main_process, scaler = 0, 1, True, None
+    process_index, num_processes, is_main_process = 0, 1, True
 
     def wait_for_everyone(self):
         pass
 
 
-def make_cfg(run_dir: Path, mode: str = "auto", allow=(), lr: float = 0.1, r: int = 4):
-    return OmegaConf.create({"run": {"dir": str(run_dir)}, "checkpoint": {"every_steps": 1, "keep_last": 2},
+def make_cfg(run_dir: Path, mode: str = "auto", allow=(), lr: float = 0.1, r: int = 4, every: int = 1):
+    return OmegaConf.create({"run": {"dir": str(run_dir)}, "checkpoint": {"every_steps": every, "keep_last": 2},
                              "resume": {"mode": mode, "allow_changes": list(allow)},
                              "optim": {"lr": lr}, "lora": {"r": r}})
 
 
-def make_training(seed: int = 0, lr: float = 0.1):
-    """A tiny model with a frozen part, AdamW and a warmup+decay LambdaLR, as the loop builds them."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Linear(4, 1))
-    model[0].weight.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.9 ** s)
-    return model, opt, sched
+class Training:
+    """A tiny model with a frozen part, AdamW, a warmup+decay LambdaLR and the states a checkpoint holds, as
+    the loop builds them; each step draws data and dropout from the global RNGs."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.1):
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Linear(4, 1))
+        self.model[0].weight.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 3) * 0.9 ** s)
+        self.progress = Progress(train_size=TRAIN_SIZE)
+        self.states = {"trainable": TrainableState(self.model, self.optimizer),
+                       "scheduler": SchedulerState(self.scheduler), "rng": RngState(), "progress": self.progress}
+
+    def steps(self, n: int) -> list[float]:
+        """Train n optimizer steps; returns their losses."""
+        losses = []
+        for _ in range(n):
+            loss = self.model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.scheduler.step()
+            self.progress.step += 1
+            self.progress.position += SAMPLES_PER_STEP
+            self.progress.tokens_seen += TOKENS_PER_STEP
+            losses.append(loss.item())
+        return losses
 
 
-def train_steps(model, opt, sched, n: int) -> list[float]:
-    losses = []
-    for _ in range(n):
-        x = torch.randn(8, 4)
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-FINGERPRINTS = {"data": "d", "tokenizer": "t", "model": {"hidden_size": 4}, "lora_shapes": {}}
-
-
-def checkpointer(run_dir: Path, **kw) -> Checkpointer:
-    ck = Checkpointer(make_cfg(run_dir, **kw), run_dir, OneProcess())
-    ck.fingerprints = FINGERPRINTS
-    return ck
-
-
-def save(ck: Checkpointer, step: int, model, opt, sched) -> Path:
-    return ck.save(step, {"model": model, "optimizer": opt, "scheduler": sched, "position": step * 8,
-                          "tokens_seen": step * 100, "train_size": 20})
+def checkpointer(run_dir: Path, training: Training | None = None, fingerprints: dict = FINGERPRINTS,
+                 **cfg) -> Checkpointer:
+    """A Checkpointer of `training`'s states (a fresh Training when None) in run_dir."""
+    states = (training or Training(seed=7)).states
+    return Checkpointer(make_cfg(run_dir, **cfg), run_dir, OneProcess(), states=states, fingerprints=fingerprints)

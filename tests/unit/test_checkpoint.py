@@ -1,102 +1,155 @@
-"""The checkpointer on one process: round trip, retention, the commit rule, corruption, crashes in a save,
-the config comparison and metrics rewinding. No launcher; the crash tests run a save in a subprocess."""
+"""The checkpointer on one process with a tiny model: round trip into its states, when a save is due,
+retention, the commit rule, corruption, the config comparison and metrics rewinding. No launcher; the
+crash tests (tests/integration) run a save in a subprocess."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
-from support.ckpt import FINGERPRINTS, OneProcess, checkpointer, make_cfg, make_training, save, train_steps
+from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, make_cfg
 from lora_launch.run.rundir import rewind_metrics, set_aside_previous
-from lora_launch.train.checkpoint import CRASH_ENV, Checkpointer, CheckpointError, changes
-
-
-
+from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
+from lora_launch.train.state import ScalerState
 
 
 def test_resumed_training_continues_bitwise(tmp_path):
-    model, opt, sched = make_training()
-    train_steps(model, opt, sched, 3)
-    save(checkpointer(tmp_path), 3, model, opt, sched)
-    expected = train_steps(model, opt, sched, 4)  # dropout and data draw from the restored RNG
+    t = Training()
+    t.steps(3)
+    checkpointer(tmp_path, t).save(3)
+    expected = t.steps(4)  # dropout and data draw from the restored RNG
 
-    model2, opt2, sched2 = make_training()  # the same frozen part, as a base model reloads
-    with torch.no_grad():  # trainable weights, optimizer state and RNG must all come from the file
-        for p in opt2.param_groups[0]["params"]:
+    t2 = Training()  # the same frozen part, as a base model reloads
+    with torch.no_grad():  # trainable weights, optimizer state, schedule, RNG and progress must come from the file
+        for p in t2.optimizer.param_groups[0]["params"]:
             p.add_(1.0)
-    train_steps(model2, opt2, sched2, 1)
-    loaded = checkpointer(tmp_path).load_latest()
-    state = checkpointer(tmp_path).restore(loaded, model2, opt2, sched2)
-    assert (state["step"], state["position"], state["tokens_seen"], state["epoch"]) == (3, 24, 300, 1)
-    assert train_steps(model2, opt2, sched2, 4) == expected
-    assert sched2.get_last_lr() == sched.get_last_lr()
+    t2.steps(1)
+    assert checkpointer(tmp_path, t2).load() == 3
+    assert t2.progress.state_dict() == {"step": 3, "position": 24, "tokens_seen": 300, "epoch": 1}
+    assert t2.steps(4) == expected
+    assert t2.scheduler.get_last_lr() == t.scheduler.get_last_lr()
+    assert all(torch.equal(a, b) for a, b in zip(t.model.parameters(), t2.model.parameters()))
+
+
+def test_the_checkpointer_decides_when_a_save_is_due(tmp_path):
+    t = Training()
+    ck = checkpointer(tmp_path, t, every=2)
+    assert ck.maybe_save(1) is None and ck.last_save == {}
+    assert ck.maybe_save(2) == tmp_path / "checkpoints" / "step-2"
+    assert ck.last_save["step"] == 2 and ck.last_save["bytes"] > 0 and ck.last_save["seconds"] >= 0
+    assert ck.maybe_save(3, force=True) == tmp_path / "checkpoints" / "step-3"  # a stop saves off the schedule
+    never = checkpointer(tmp_path / "other", t, every=0)
+    assert never.maybe_save(4) is None and never.maybe_save(4, force=True) is not None
+
+
+def test_the_files_keep_format_1(tmp_path):
+    t = Training()
+    t.steps(2)
+    path = checkpointer(tmp_path, t).save(2)
+    assert {f.name for f in path.iterdir()} == {"trainable.safetensors", "state.json", "rng-rank0.safetensors",
+                                                "rng-rank0.json", "manifest.json"}
+    state = json.loads((path / "state.json").read_text())
+    assert {k: state[k] for k in ("step", "position", "tokens_seen", "epoch", "world_size")} == {
+        "step": 2, "position": 16, "tokens_seen": 200, "epoch": 0, "world_size": 1}
+    assert state["optimizer"] == {"keys": ["exp_avg", "exp_avg_sq"], "step": 2.0}
+    assert state["scheduler"]["last_epoch"] == 2 and state["scaler"] is None
+    assert sorted(load_file(str(path / "trainable.safetensors"))) == [
+        f"{kind}/{name}" for kind in ("optim/exp_avg", "optim/exp_avg_sq", "param")
+        for name in ("0.bias", "2.bias", "2.weight")]
+    assert set(json.loads((path / "rng-rank0.json").read_text())) == {"python", "numpy"}
+    assert json.loads((path / "manifest.json").read_text())["format"] == 1
+
+
+def test_a_rank_the_saved_run_did_not_have_takes_a_saved_ranks_rng(tmp_path):
+    t = Training()
+    t.steps(1)
+    path = checkpointer(tmp_path, t).save(1)
+    saved, state = _read_states(path, rank=3)  # resumed with 4 processes from a 1-process checkpoint
+    assert state["world_size"] == 1
+    assert torch.equal(saved["rng"]["tensors"]["torch"], load_file(str(path / "rng-rank0.safetensors"))["torch"])
+
+
+def test_the_grad_scaler_survives_a_resume(tmp_path):
+    t = Training()
+    t.states["scaler"] = ScalerState("torch", torch.amp.GradScaler("cpu", init_scale=1024.0))
+    t.states["scaler"].scaler.scale(torch.ones(1))  # the scale exists from the first scaled loss
+    t.states["scaler"].scaler.update(new_scale=96.0)
+    t.steps(1)
+    checkpointer(tmp_path, t).save(1)
+    t2 = Training()
+    t2.states["scaler"] = ScalerState("torch", torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert checkpointer(tmp_path, t2).load() == 1
+    assert t2.states["scaler"].scaler.get_scale() == 96.0
+    assert checkpointer(tmp_path).load() == 1  # a run without a scaler ignores the saved one
+
+
+def test_the_checkpointer_is_built_with_the_states_a_checkpoint_holds(tmp_path):
+    states = {name: part for name, part in Training().states.items() if name != "rng"}
+    with pytest.raises(ValueError, match="rng"):
+        Checkpointer(make_cfg(tmp_path), tmp_path, OneProcess(), states=states, fingerprints=FINGERPRINTS)
 
 
 def test_allowed_lr_change_rescales_the_schedule(tmp_path):
-    model, opt, sched = make_training()
-    train_steps(model, opt, sched, 3)
-    save(checkpointer(tmp_path), 3, model, opt, sched)
-    model2, opt2, sched2 = make_training(lr=0.5)
-    ck = checkpointer(tmp_path)
-    ck.restore(ck.load_latest(), model2, opt2, sched2)
-    assert sched2.get_last_lr()[0] == pytest.approx(5 * sched.get_last_lr()[0])
-    assert opt2.param_groups[0]["lr"] == sched2.get_last_lr()[0]
+    t = Training()
+    t.steps(3)
+    checkpointer(tmp_path, t).save(3)
+    t2 = Training(lr=0.5)
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.1 -> 0\.5"):
+        checkpointer(tmp_path, t2, lr=0.5).load()
+    assert checkpointer(tmp_path, t2, lr=0.5, allow=["optim.lr"]).load() == 3
+    assert t2.scheduler.get_last_lr()[0] == pytest.approx(5 * t.scheduler.get_last_lr()[0])
+    assert t2.optimizer.param_groups[0]["lr"] == t2.scheduler.get_last_lr()[0]
 
 
 def test_keep_last_and_latest(tmp_path):
-    model, opt, sched = make_training()
-    ck = checkpointer(tmp_path)
+    t = Training()
+    ck = checkpointer(tmp_path, t)
     for step in range(1, 6):
-        train_steps(model, opt, sched, 1)
-        save(ck, step, model, opt, sched)
+        t.steps(1)
+        ck.maybe_save(step)
     assert [s for s, _ in ck.committed()] == [4, 5]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-5"
     assert not list((tmp_path / "checkpoints").glob(".staging-*"))
 
 
 def test_uncommitted_and_corrupt_checkpoints_are_never_loaded(tmp_path, capsys):
-    model, opt, sched = make_training()
-    ck = checkpointer(tmp_path)
+    t = Training()
+    ck = checkpointer(tmp_path, t)
     for step in (1, 2):
-        train_steps(model, opt, sched, 1)
-        save(ck, step, model, opt, sched)
+        t.steps(1)
+        ck.save(step)
     ckpt = tmp_path / "checkpoints"
     # a later save that never committed: staging dir, and a step dir without its manifest
     (ckpt / ".staging-step-4").mkdir()
     (ckpt / "step-3").mkdir()
     (ckpt / "step-3" / "trainable.safetensors").write_bytes(b"partial")
-    assert checkpointer(tmp_path).load_latest()["state"]["step"] == 2
+    assert checkpointer(tmp_path).load() == 2
 
     weights = ckpt / "step-2" / "trainable.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF  # one flipped bit pattern inside the tensor bytes: same size, wrong content
     weights.write_bytes(bytes(data))
-    assert checkpointer(tmp_path).load_latest()["state"]["step"] == 1
+    assert checkpointer(tmp_path).load() == 1
     assert "step-2: trainable.safetensors is missing or does not match its checksum" in capsys.readouterr().out
 
     with pytest.raises(CheckpointError, match="trainable.safetensors"):
-        checkpointer(tmp_path, mode=str(ckpt / "step-2")).load_latest()
+        checkpointer(tmp_path, mode=str(ckpt / "step-2")).load()
 
 
 def test_mismatch_is_refused_naming_the_key_unless_allowed(tmp_path):
-    model, opt, sched = make_training()
-    train_steps(model, opt, sched, 1)
-    save(checkpointer(tmp_path), 1, model, opt, sched)
+    t = Training()
+    t.steps(1)
+    checkpointer(tmp_path, t).save(1)
     with pytest.raises(CheckpointError, match=r"lora\.r: 4 -> 8"):
-        checkpointer(tmp_path, r=8).load_latest()
+        checkpointer(tmp_path, r=8).load()
     with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.1 -> 0\.2"):
-        checkpointer(tmp_path, lr=0.2).load_latest()
-    assert checkpointer(tmp_path, lr=0.2, allow=["optim.lr"]).load_latest()["state"]["step"] == 1
-    ck = checkpointer(tmp_path)
-    ck.fingerprints = {**FINGERPRINTS, "data": "other"}
+        checkpointer(tmp_path, lr=0.2).load()
+    assert checkpointer(tmp_path, lr=0.2, allow=["optim.lr"]).load() == 1
     with pytest.raises(CheckpointError, match="data .the tokenised dataset hash differs"):
-        ck.load_latest()
+        checkpointer(tmp_path, fingerprints={**FINGERPRINTS, "data": "other"}).load()
 
 
 def test_changes_ignores_free_keys_and_schema_additions():
@@ -122,16 +175,19 @@ def test_resume_path_is_checked_when_the_config_is_composed(tmp_path):
 
 
 def test_resume_never_sets_the_earlier_run_aside(tmp_path):
-    model, opt, sched = make_training()
-    train_steps(model, opt, sched, 1)
-    save(checkpointer(tmp_path), 1, model, opt, sched)
+    t = Training()
+    t.steps(1)
+    checkpointer(tmp_path, t).save(1)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    assert checkpointer(tmp_path, mode="never").load_latest() is None  # never: nothing loaded, nothing moved
-    assert checkpointer(tmp_path).load_latest()["state"]["step"] == 1
-    set_aside_previous(tmp_path)  # what training does first under resume.mode=never
+    fresh = Training(seed=5)
+    before = [p.clone() for p in fresh.model.parameters()]
+    assert checkpointer(tmp_path, fresh, mode="never").load() is None  # never: nothing loaded, nothing moved
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.model.parameters())) and fresh.progress.step == 0
+    assert checkpointer(tmp_path).load() == 1
+    set_aside_previous(tmp_path)  # what training does first under resume.mode=never (Trainer.restore)
     previous = list(tmp_path.glob("previous-*"))
     assert len(previous) == 1 and (previous[0] / "checkpoints" / "step-1" / "manifest.json").exists()
-    assert not (tmp_path / "metrics.jsonl").exists() and checkpointer(tmp_path).load_latest() is None
+    assert not (tmp_path / "metrics.jsonl").exists() and checkpointer(tmp_path).load() is None
 
 
 def test_rewind_metrics_keeps_one_row_per_step(tmp_path):

@@ -1,0 +1,181 @@
+"""The one adapter to DeepSpeed ZeRO's internals: the trainable LoRA weights and their optimizer state as
+full tensors by parameter name, out of and back into a model and optimizer that ZeRO may partition, and
+DeepSpeed's loss scaler.
+
+ZeRO keeps the fp32 weights and the optimizer state in flat partitions spread over the ranks. DeepSpeed's
+`safe_get/set_full_*` functions reach them by parameter, but a resumed optimizer has no state yet (torch
+creates it at the first step), so restoring also needs private parts of DeepSpeed. They are all here,
+written against the DeepSpeed versions in SUPPORTED; tests/unit/test_zero_adapter.py checks that the
+installed DeepSpeed is in that range and still has every private name used here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+SUPPORTED = ">=0.17,<0.20"  # the DeepSpeed versions this adapter was written against
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every trainable parameter of the unwrapped model, in a fixed order."""
+    while hasattr(model, "module"):  # DDP / DeepSpeed engine
+        model = model.module
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_shape(p) -> torch.Size:
+    """The parameter's shape before partitioning (ZeRO-3 leaves an empty placeholder in p itself)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def adapter_for(optimizer) -> TorchAdapter:
+    """The adapter for `optimizer` as accelerate prepared it: DeepSpeed's under ZeRO, plain torch otherwise."""
+    chain = [optimizer]  # accelerate's wrapper -> (DeepSpeed's ZeRO optimizer ->) the torch optimizer
+    while hasattr(chain[-1], "optimizer"):
+        chain.append(chain[-1].optimizer)
+    if "deepspeed" in sys.modules:  # never imported for a DDP run
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        for link in chain:
+            if isinstance(link, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+                return DeepSpeedAdapter(link, chain[-1])
+        if any(type(link).__module__.startswith("deepspeed.") for link in chain):
+            raise NotImplementedError(f"checkpoints of DeepSpeed's {type(chain[1]).__name__} (only ZeRO 1-3)")
+    return TorchAdapter(chain[-1])
+
+
+class TorchAdapter:
+    """Plain torch (one process, DDP): every rank holds whole parameters and optimizer state."""
+
+    def __init__(self, torch_optimizer: torch.optim.Optimizer):
+        self.torch_optimizer = torch_optimizer
+
+    def full_trainable_state(self, model) -> tuple[dict, dict]:
+        """Full LoRA weights and optimizer state on the CPU, as {"param/NAME", "optim/KEY/NAME"}, and the
+        optimizer's {"keys", "step"}. A collective under ZeRO: every rank calls it."""
+        keys, step = self._layout()
+        out = {}
+        for name, p in trainable(model):
+            parts = {f"param/{name}": self._full_param(p)}
+            parts.update({f"optim/{k}/{name}": self._full_optimizer_state(p, k) for k in keys})
+            out.update({key: t.detach().reshape(full_shape(p)).cpu().clone() for key, t in parts.items()})
+        return out, {"keys": keys, "step": step}
+
+    def load_full_trainable_state(self, model, tensors: dict, meta: dict) -> None:
+        """Put what full_trainable_state returned into the (maybe partitioned) model and optimizer."""
+        keys = meta["keys"]
+        self._create_optimizer_state(keys, meta["step"])
+        for name, p in trainable(model):
+            states = {k: tensors[f"optim/{k}/{name}"].to(p.device) for k in keys}
+            self._set_full(p, tensors[f"param/{name}"].to(p.device), states)
+
+    def loss_scaler(self):
+        """DeepSpeed's loss scaler, with state_dict/load_state_dict; None here."""
+        return None
+
+    # ---- what ZeRO does differently ----
+
+    def _full_param(self, p) -> torch.Tensor:
+        return p
+
+    def _full_optimizer_state(self, p, key: str) -> torch.Tensor:
+        return self.torch_optimizer.state[p][key]
+
+    def _set_full(self, p, value: torch.Tensor, states: dict) -> None:
+        with torch.no_grad():
+            p.copy_(value)
+            for k, v in states.items():
+                self.torch_optimizer.state[p][k].copy_(v)
+
+    def _state_keys(self) -> list[torch.Tensor]:
+        """The tensors the torch optimizer's state is keyed by."""
+        return [q for group in self.torch_optimizer.param_groups for q in group["params"]]
+
+    # ---- the torch optimizer's state ----
+
+    def _layout(self) -> tuple[list[str], float]:
+        state = next(iter(self.torch_optimizer.state.values()), None)
+        if state is None:
+            return [], 0.0
+        keys = sorted(k for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0)
+        return keys, float(state["step"]) if "step" in state else 0.0
+
+    def _create_optimizer_state(self, keys: list[str], step: float) -> None:
+        # torch optimizers create their state lazily at the first step; a resume needs it now
+        for q in self._state_keys():
+            st = self.torch_optimizer.state[q]
+            old = st.get("step")
+            st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else torch.tensor(step, dtype=torch.float32)
+            for k in keys:
+                if k not in st:
+                    st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
+
+
+class DeepSpeedAdapter(TorchAdapter):
+    """DeepSpeed ZeRO-1/2/3: the torch optimizer's state is keyed by ZeRO's fp32 partitions."""
+
+    def __init__(self, zero_optimizer, torch_optimizer: torch.optim.Optimizer):
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        super().__init__(torch_optimizer)
+        self.zero = zero_optimizer
+        self.stage3 = isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+    def loss_scaler(self):
+        scaler = getattr(self.zero, "loss_scaler", None)
+        return _DeepSpeedLossScaler(scaler) if hasattr(scaler, "cur_scale") else None
+
+    def _full_param(self, p) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+
+    def _full_optimizer_state(self, p, key: str) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(p, key)
+
+    def _set_full(self, p, value: torch.Tensor, states: dict) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        safe_set_full_fp32_param(p, value)
+        for k, v in states.items():
+            safe_set_full_optimizer_state(p, v, k)
+        # also the working copy the forward pass uses: DeepSpeed refreshes it from fp32 only after a step
+        if self.stage3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                p.data.copy_(value.reshape(p.shape).to(p.dtype))
+        else:
+            with torch.no_grad():
+                p.data.copy_(value.reshape(p.shape).to(p.dtype))
+
+    def _state_keys(self) -> list[torch.Tensor]:
+        # ZeRO-3's param_groups are empty between steps
+        if self.stage3:
+            return list(self.zero.fp32_partitioned_groups_flat)
+        return list(self.zero.single_partition_of_fp32_groups)
+
+    def _create_optimizer_state(self, keys: list[str], step: float) -> None:
+        super()._create_optimizer_state(keys, step)
+        if not self.stage3:  # ZeRO-1/2 map each parameter into the state it now has
+            self.zero._lazy_init_hp_params_optimizer_state()
+
+
+class _DeepSpeedLossScaler:
+    """DeepSpeed's loss scaler (static or dynamic) as a Stateful: its scale and overflow counters."""
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return {n: float(getattr(self.scaler, n)) for n in LOSS_SCALE_FIELDS if hasattr(self.scaler, n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, v in state.items():
+            old = getattr(self.scaler, n)
+            setattr(self.scaler, n, torch.full_like(old, v) if torch.is_tensor(old) else type(old)(v))
