@@ -14,9 +14,10 @@ from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
 from lora_launch.run.rundir import rewind_metrics, set_aside_previous, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
-from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, model_inputs, train_stream
+from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
 from lora_launch.train import fast
+from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model, load_tokenizer
 from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
@@ -40,17 +41,6 @@ def make_scheduler(cfg: DictConfig, optimizer, steps: int):
     warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * steps)
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.optim.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-
-
-def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> torch.Tensor:
-    """Summed next-token cross-entropy over the unmasked labels (no host sync)."""
-    logits = model(**model_inputs(batch)).logits  # packed rows: position_ids, no mask
-    return ce(logits, batch["labels"])
-
-
-def token_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the unmasked labels, and how many there were."""
-    return forward_loss_sum(model, batch, ce), int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def _progress_field(name: str) -> property:
@@ -223,25 +213,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss on the validation split, the same whatever the world size."""
-        val, micro = self.splits.val, self.cfg.train.micro_batch_size
-        if not val:
+        if not self.splits.val:
             return float("nan")
         self.model.eval()
-        per_round = micro * self.world
-        rounds = math.ceil(len(val) / per_round)
-        if self.cfg.eval.max_batches > 0:
-            rounds = min(rounds, self.cfg.eval.max_batches)
-        loss_sum, count = 0.0, 0
-        for b in range(rounds):
-            lo = b * per_round + self.rank * micro
-            samples = val[lo: lo + micro]
-            # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively)
-            batch = collate(samples or val[:1], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            loss, n = token_loss_sum(self.model, batch, self.loss_fn)
-            if samples:
-                loss_sum, count = loss_sum + loss.item(), count + n
-        total, n = all_sum(self.accelerator, loss_sum, count)
+        mine = loss_sum(self.model, self.splits.val, self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
+                        self.accelerator.device, self.rank, self.world, self.cfg.eval.max_batches, self.loss_fn)
+        total, n = all_sum(self.accelerator, *mine)
         return total / max(n, 1.0)
 
     def _log_eval(self) -> float:
@@ -346,13 +323,8 @@ class Trainer:
             return ""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        ids = [self.tokenizer.bos_token_id] + self.tokenizer(cfg.sample.prompt, add_special_tokens=False)["input_ids"]
-        input_ids = torch.tensor([ids], device=self.accelerator.device)
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=cfg.sample.max_new_tokens, do_sample=False,
-                             pad_token_id=self.tokenizer.pad_token_id,
-                             synced_gpus=cfg.distributed.zero_stage == 3 and self.world > 1)
-        return self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        return complete(model, self.tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens,
+                        synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
 
     def close(self) -> None:
         if self.log:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.train.evaluate import complete, loss_sum
+
 COMMANDS = ("generate", "merge", "eval")
 OPTIONS = {
     "generate": {"run.dir": None, "prompt": None, "sample": "false", "max_new_tokens": None,
@@ -94,23 +96,6 @@ def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None
 
 # ---- generate ---------------------------------------------------------------------------------
 
-@torch.no_grad()
-def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
-             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
-    """The model's continuation of `prompt` (greedy, or sampled with temperature / top-p)."""
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id] + ids
-    input_ids = torch.tensor([ids], device=model.device)
-    kwargs = dict(do_sample=sample)
-    if sample:
-        torch.manual_seed(seed)
-        kwargs.update(temperature=temperature, top_p=top_p)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
-
-
 def generate(opts: dict) -> int:
     """Print the completion of `prompt` by base + adapter."""
     from lora_launch.train.templates import prompt_text
@@ -152,20 +137,9 @@ def merge(opts: dict) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) -> tuple[float, int]:
     """Mean token loss of `model` over `samples` (as the training loop evaluates), and the token count."""
-    from lora_launch.train.data import collate
-    from lora_launch.train.loop import token_loss_sum
-
-    total, count = 0.0, 0
-    starts = range(0, len(samples), micro)
-    if max_batches > 0:
-        starts = starts[:max_batches]
-    for lo in starts:
-        batch = {k: v.to(model.device) for k, v in collate(samples[lo: lo + micro], pad_id).items()}
-        loss, n = token_loss_sum(model, batch)
-        total, count = total + loss.item(), count + n
+    total, count = loss_sum(model, samples, micro, pad_id, model.device, max_batches=max_batches)
     return total / max(count, 1), count
 
 

@@ -20,7 +20,7 @@ def _eval_loss_from_saved_adapter(run_dir: Path, base_dir: Path) -> float:
 
     from lora_launch.conf.schema import load
     from lora_launch.train.data import build_splits, collate
-    from lora_launch.train.loop import token_loss_sum
+    from lora_launch.train.evaluate import token_loss_sum
 
     cfg = load(str(run_dir / "config.yaml"))
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")

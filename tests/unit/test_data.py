@@ -274,7 +274,7 @@ def test_fingerprint_follows_the_tokens(tiny, tok, tmp_path):
 # ---- packing and length grouping ----------------------------------------------------------------
 
 def _loss(model, samples, pad_id):
-    from lora_launch.train.loop import token_loss_sum
+    from lora_launch.train.evaluate import token_loss_sum
 
     with torch.no_grad():
         loss, n = token_loss_sum(model, collate(samples, pad_id))

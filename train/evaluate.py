@@ -1,0 +1,73 @@
+"""Loss and generation, one implementation for the training loop (every rank) and for `lora-launch eval`
+and `generate` after training (one process)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora_launch.train import fast
+from lora_launch.train.data import IGNORE, collate, model_inputs
+
+
+def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> torch.Tensor:
+    """Summed next-token cross-entropy over the unmasked labels (no host sync)."""
+    logits = model(**model_inputs(batch)).logits  # packed rows: position_ids, no mask
+    return ce(logits, batch["labels"])
+
+
+def token_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the unmasked labels, and how many there were."""
+    return forward_loss_sum(model, batch, ce), int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def loss_sum(model, samples, micro: int, pad_id: int, device, rank: int = 0, world: int = 1,
+             max_batches: int = -1, ce=fast.cross_entropy_sum) -> tuple[float, int]:
+    """This rank's share of the summed token loss over `samples`, and its target-token count.
+
+    Round b gives rank r the samples [b*micro*world + r*micro, +micro); every rank runs the same
+    number of forwards (ZeRO-3 gathers weights collectively), so a rank past the end repeats a
+    sample and does not count it. Summed over ranks, the result is the same for any world size.
+    """
+    per_round = micro * world
+    rounds = math.ceil(len(samples) / per_round)
+    if max_batches > 0:
+        rounds = min(rounds, max_batches)
+    total, count = 0.0, 0
+    for b in range(rounds):
+        lo = b * per_round + rank * micro
+        mine = samples[lo: lo + micro]
+        batch = {k: v.to(device) for k, v in collate(mine or samples[:1], pad_id).items()}
+        loss, n = token_loss_sum(model, batch, ce)
+        if mine:
+            total, count = total + loss.item(), count + n
+    return total, count
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    """The prompt's token ids with one BOS in front (none added if the text already starts with it)."""
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    return ids
+
+
+@torch.no_grad()
+def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False, temperature: float = 0.7,
+             top_p: float = 0.9, seed: int = 0, synced_gpus: bool = False) -> str:
+    """The model's continuation of `prompt`: greedy, or sampled with temperature / top-p.
+
+    synced_gpus: every rank runs the same number of steps (ZeRO-3 shards the weights).
+    """
+    ids = prompt_ids(tok, prompt)
+    input_ids = torch.tensor([ids], device=model.device)
+    kwargs = dict(do_sample=sample)
+    if sample:
+        torch.manual_seed(seed)
+        kwargs.update(temperature=temperature, top_p=top_p)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         synced_gpus=synced_gpus, **kwargs)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
