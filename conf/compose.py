@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_launch.conf.schema import redact, register, validate
+from lora_launch.conf.schema import plain, register, validate
+
+__all__ = ["compose", "plain", "resolve_run"]  # plain: schema's, still importable from here
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -27,8 +29,3 @@ def resolve_run(cfg: DictConfig) -> None:
     """Resolve every interpolation once (the run dir's timestamp included), then validate."""
     OmegaConf.resolve(cfg)
     validate(cfg)
-
-
-def plain(cfg: DictConfig) -> dict:
-    """The resolved config as plain data with secrets redacted: what goes into files and logs."""
-    return redact(OmegaConf.to_container(cfg, resolve=True))

@@ -1,17 +1,19 @@
 """Typed schema of the whole config tree, registered with Hydra's ConfigStore.
 
-OmegaConf checks types and rejects unknown keys when the config is composed; the value
-ranges (``lora.r >= 1``, ``optim.lr > 0``, ...) live next to each field as metadata and
-are checked by :func:`validate`, so a bad value fails with its key's name before any
-process starts.
+OmegaConf checks types, choices (Enum fields) and unknown keys when the config is composed;
+the value ranges (``lora.r >= 1``, ``optim.lr > 0``, ...) live next to each field as metadata
+and are checked by :func:`validate`, so a bad value fails with its key's name before any
+process starts. Keys that may change when a run resumes are marked on the fields too
+(:func:`resume_free_keys`).
 """
 
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING as NO_DEFAULT, dataclass, field, fields, is_dataclass, replace
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -21,12 +23,125 @@ class ConfigError(ValueError):
     """A config value that composes but cannot be used; the message names the key."""
 
 
-def _range(lo=None, hi=None, *, lo_open=False, choices=None):
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+# field metadata: the key may differ between a checkpoint and its resume without asking
+RESUME_FREE = {"resume": "free"}
 
 
-def ranged(default, **kw):
-    return field(default=default, metadata=_range(**kw))
+def ranged(default, lo=None, hi=None, *, lo_open=False, resume: str | None = None):
+    """A numeric field with its allowed range, checked by `validate`."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open}
+    if resume:
+        meta["resume"] = resume
+    return field(default=default, metadata=meta)
+
+
+def free(default=NO_DEFAULT, *, default_factory=NO_DEFAULT):
+    """A field (or a whole group) that may change when a run resumes."""
+    return field(default=default, default_factory=default_factory, metadata=RESUME_FREE)
+
+
+class Choice(str, Enum):
+    """A choice field's words. OmegaConf reads a member by its name, so each name is its value; the
+    members compare, hash, print and format as that plain string (`cfg.quant.mode == "nf4"`)."""
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __repr__ = str.__repr__
+
+
+class Dtype(Choice):
+    """torch's names for the floating dtypes."""
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class AutoDtype(Choice):
+    """A dtype, or `auto`: chosen from the hardware (train.precision) or the precision (model.dtype)."""
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class StorageDtype(Choice):
+    uint8 = "uint8"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Attention(Choice):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class DataSource(Choice):
+    demo = "demo"
+    hub = "hub"
+    local = "local"
+    synthetic = "synthetic"
+
+
+class DataFormat(Choice):
+    text = "text"
+    instruction = "instruction"
+    messages = "messages"
+    classification = "classification"
+    summary = "summary"
+    qa = "qa"
+
+
+class Template(Choice):
+    llama2 = "llama2"
+    alpaca = "alpaca"
+    chatml = "chatml"
+    tokenizer = "tokenizer"
+
+
+class SyntheticLengths(Choice):
+    full = "full"
+    lognormal = "lognormal"
+
+
+class LoraBias(Choice):
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class QuantMode(Choice):
+    none = "none"
+    nf4 = "nf4"
+
+
+class Optimizer(Choice):
+    adamw_torch = "adamw_torch"
+    paged_adamw_32bit = "paged_adamw_32bit"
+
+
+class Scheduler(Choice):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class Strategy(Choice):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Compile(Choice):
+    auto = "auto"
+    layers = "layers"
+    loss = "loss"
+    none = "none"
 
 
 @dataclass
@@ -39,8 +154,8 @@ class ModelConfig:
     random_init: bool = False
     # LlamaConfig fields for random_init models (e.g. the 7B shape for benchmarks).
     arch: dict = field(default_factory=dict)
-    dtype: str = ranged("auto", choices=["auto", "bfloat16", "float16", "float32"])
-    attn_implementation: str = ranged("sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    dtype: AutoDtype = AutoDtype.auto
+    attn_implementation: Attention = Attention.sdpa
     trust_remote_code: bool = False
 
 
@@ -66,7 +181,7 @@ class DataConfig:
     # `demo` (bundled), `hub` (datasets.load_dataset(path)), `local` (a json/jsonl/csv/parquet
     # file or a directory of them), `synthetic` (random tokens for benchmarks: no file, no
     # tokenizer work).
-    source: str = ranged("demo", choices=["demo", "hub", "local", "synthetic"])
+    source: DataSource = DataSource.demo
     # local file or directory, or the hub dataset's name (data=hub: null takes `name`)
     path: Optional[str] = None
     revision: Optional[str] = None  # hub datasets: branch, tag or commit
@@ -74,13 +189,12 @@ class DataConfig:
     # `text`: pre-formatted text in `text_field`; `instruction` (alpaca instruction/input/output),
     # `messages` (chat lists of {role, content}); task types `classification` (text_field + label),
     # `summary` (document + summary), `qa` (context + question + answer)
-    format: str = ranged("instruction", choices=["text", "instruction", "messages", "classification",
-                                                 "summary", "qa"])
+    format: DataFormat = DataFormat.instruction
     text_field: str = "text"
     fields: DataFields = field(default_factory=DataFields)
     # how structured formats are written out: `llama2` ([INST] … [/INST]), `alpaca`, `chatml`, or
     # `tokenizer` (the tokenizer's own chat template)
-    template: str = ranged("llama2", choices=["llama2", "alpaca", "chatml", "tokenizer"])
+    template: Template = Template.llama2
     system_prompt: Optional[str] = None
     task_instruction: Optional[str] = None  # classification/summary/qa: replaces the default instruction
     label_names: list = field(default_factory=list)  # classification: names of integer labels, listed in the prompt
@@ -93,7 +207,7 @@ class DataConfig:
     max_samples: int = ranged(-1, lo=-1)
     cache_dir: Optional[str] = None  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
     # synthetic sample lengths: `full` (train.seq_len each) or `lognormal` (instruction-data-like)
-    synthetic_lengths: str = ranged("full", choices=["full", "lognormal"])
+    synthetic_lengths: SyntheticLengths = SyntheticLengths.full
 
 
 @dataclass
@@ -102,16 +216,16 @@ class LoraConfig:
     alpha: float = ranged(16.0, lo=0.0, lo_open=True)
     dropout: float = ranged(0.05, lo=0.0, hi=0.99)
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = ranged("none", choices=["none", "all", "lora_only"])
+    bias: LoraBias = LoraBias.none
 
 
 @dataclass
 class QuantConfig:
-    mode: str = ranged("none", choices=["none", "nf4"])
-    compute_dtype: str = ranged("bfloat16", choices=["bfloat16", "float16", "float32"])
+    mode: QuantMode = QuantMode.none
+    compute_dtype: Dtype = Dtype.bfloat16
     double_quant: bool = True
     # storage dtype of the packed 4-bit weights; must match the compute dtype for ZeRO-3
-    storage_dtype: str = ranged("uint8", choices=["uint8", "bfloat16", "float16", "float32"])
+    storage_dtype: StorageDtype = StorageDtype.uint8
     # PEFT's prepare_model_for_kbit_training casts every non-4-bit weight (norms, embeddings,
     # lm_head) to float32; false keeps them in the compute dtype: less memory, faster steps
     upcast_frozen: bool = False
@@ -120,12 +234,12 @@ class QuantConfig:
 @dataclass
 class OptimConfig:
     # adamw_torch, or bitsandbytes' PagedAdamW32bit (the QLoRA recipe; unpaged on CPU)
-    name: str = ranged("adamw_torch", choices=["adamw_torch", "paged_adamw_32bit"])
+    name: Optimizer = Optimizer.adamw_torch
     lr: float = ranged(2e-4, lo=0.0, lo_open=True)
     weight_decay: float = ranged(0.0, lo=0.0)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = ranged(1e-8, lo=0.0, lo_open=True)
-    scheduler: str = ranged("cosine", choices=["constant", "cosine", "linear"])
+    scheduler: Scheduler = Scheduler.cosine
     warmup_steps: int = ranged(0, lo=0)
     warmup_ratio: float = ranged(0.0, lo=0.0, hi=1.0)
     max_grad_norm: float = ranged(1.0, lo=0.0)  # 0 disables clipping
@@ -134,7 +248,7 @@ class OptimConfig:
 @dataclass
 class DistributedConfig:
     name: str = MISSING
-    strategy: str = ranged("ddp", choices=["ddp", "deepspeed"])
+    strategy: Strategy = Strategy.ddp
     zero_stage: int = ranged(0, lo=0, hi=3)
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -158,7 +272,7 @@ class SlurmConfig:
 class LauncherConfig:
     name: str = MISSING
     # int, or "auto": every visible GPU (1 process on CPU); per node
-    num_processes: Any = "auto"
+    num_processes: Any = field(default="auto", metadata={"type": "int|auto"})
     num_machines: int = ranged(1, lo=1)
     machine_rank: int = ranged(0, lo=0)
     main_process_ip: str = "127.0.0.1"
@@ -174,7 +288,7 @@ class LauncherConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = ranged("disabled", choices=["offline", "online", "disabled"])
+    mode: WandbMode = WandbMode.disabled
     project: str = "lora-launch"
     entity: Optional[str] = None
 
@@ -197,12 +311,13 @@ class TrainConfig:
     grad_accum: int = ranged(1, lo=1)
     seq_len: int = ranged(512, lo=8)
     grad_ckpt: bool = False
-    precision: str = ranged("auto", choices=["auto", "bf16", "fp16", "fp32"])
-    num_workers: int = ranged(0, lo=0)
-    threads: int = ranged(0, lo=0)  # torch intra-op threads per process; 0 leaves torch's choice
+    # compute precision: `auto` is bfloat16 on GPUs that have it, float32 otherwise
+    precision: AutoDtype = AutoDtype.auto
+    num_workers: int = ranged(0, lo=0, resume="free")
+    threads: int = ranged(0, lo=0, resume="free")  # torch intra-op threads per process; 0 leaves torch's choice
     # torch.compile: `layers` (decoder layers and loss), `loss` (loss only), `none`; `auto` is
     # `layers` on GPUs (`loss` under ZeRO-3, whose sharded weights dynamo cannot trace) and `none` on CPU
-    compile: str = ranged("auto", choices=["auto", "layers", "loss", "none"])
+    compile: Compile = free(Compile.auto)
     # optional: micro_batch_size x grad_accum x world size must equal it (checked before launch)
     global_batch_size: Optional[int] = ranged(None, lo=1)
 
@@ -224,7 +339,7 @@ class CheckpointConfig:
 class ResumeConfig:
     # auto: continue from the newest complete checkpoint in run.dir; never: start over
     # (earlier checkpoints and metrics are moved aside); or the path of one checkpoint directory
-    mode: str = "auto"
+    mode: str = field(default="auto", metadata={"type": "auto|never|CHECKPOINT_DIR"})
     # config keys that may differ from the checkpoint's (e.g. [optim.lr, train.max_steps]);
     # `data` and `tokenizer` also accept a changed tokenised dataset or tokenizer
     allow_changes: list = field(default_factory=list)
@@ -253,18 +368,18 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    distributed: DistributedConfig = MISSING
-    launcher: LauncherConfig = MISSING
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = free(MISSING)
+    launcher: LauncherConfig = free(MISSING)
+    logging: LoggingConfig = free(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: ResumeConfig = field(default_factory=ResumeConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = free(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = free(default_factory=CheckpointConfig)
+    resume: ResumeConfig = free(default_factory=ResumeConfig)
+    run: RunConfig = free(default_factory=RunConfig)
+    sample: SampleConfig = free(default_factory=SampleConfig)
+    sweep: SweepConfig = free(default_factory=SweepConfig)
     seed: int = ranged(0, lo=0)
-    preview: bool = False
+    preview: bool = free(False)
 
 
 def asset_path(name: str) -> str:
@@ -273,24 +388,19 @@ def asset_path(name: str) -> str:
 
 
 def register() -> None:
-    """Register the schema so `conf/config.yaml` can name it in its defaults list."""
+    """Register the schema so `conf/config.yaml` can name it in its defaults list.
+
+    Only the root: it types the whole tree, so every group's options are checked when they merge
+    into it, and no `<group>_schema` entry shows up as a choice of its own."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-    for group, node in [("model", ModelConfig), ("data", DataConfig), ("lora", LoraConfig),
-                        ("quant", QuantConfig), ("optim", OptimConfig),
-                        ("distributed", DistributedConfig), ("launcher", LauncherConfig),
-                        ("logging", LoggingConfig)]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    ConfigStore.instance().store(name="schema", node=Config)
 
 
 def _check_field(key: str, value: Any, meta: dict) -> None:
     if value is None or not meta:
         return
-    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {choices}")
+    lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         raise ConfigError(f"{key}={value} must be {'>' if meta.get('lo_open') else '>='} {lo}")
     if hi is not None and value > hi:
@@ -341,6 +451,64 @@ def load(path: str) -> DictConfig:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     validate(cfg)
     return cfg
+
+
+def resume_free_keys(schema: type = Config, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys the schema marks as free to change on resume; a group marked free is its name."""
+    hints = get_type_hints(schema)
+    keys: list[str] = []
+    for f in fields(schema):
+        key = prefix + f.name
+        if f.metadata.get("resume") == "free":
+            keys.append(key)
+        elif is_dataclass(hints[f.name]):
+            keys.extend(resume_free_keys(hints[f.name], key + "."))
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What the schema says about one key, for help texts."""
+    key: str
+    type: str  # `int`, `float`, `bool`, `str`, or the choices `a|b|c`; `|null` when it may be null
+    default: Any
+    range: str  # `>= 1`, `> 0`, `0 .. 0.99`, or ""
+
+
+def type_name(hint: Any) -> str:
+    if get_origin(hint) is Union:
+        named = [type_name(h) for h in get_args(hint) if h is not type(None)]
+        return "|".join(named) + ("|null" if type(None) in get_args(hint) else "")
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "|".join(hint.__members__)
+    return getattr(hint, "__name__", str(hint))
+
+
+def _range_text(meta: dict) -> str:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        return f"{lo} .. {hi}"
+    if lo is not None:
+        return f"{'>' if meta.get('lo_open') else '>='} {lo}"
+    return f"<= {hi}" if hi is not None else ""
+
+
+def describe(key: str, schema: type = Config) -> KeyInfo:
+    """Type, schema default and range of a dotted key (`lora.r`)."""
+    head, _, rest = key.partition(".")
+    f = next((f for f in fields(schema) if f.name == head), None)
+    if f is None:
+        raise KeyError(key)
+    hint = get_type_hints(schema)[head]
+    if rest:
+        return replace(describe(rest, hint), key=key)
+    default = f.default_factory() if f.default_factory is not NO_DEFAULT else f.default
+    return KeyInfo(key, f.metadata.get("type") or type_name(hint), default, _range_text(dict(f.metadata)))
+
+
+def plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (choices as their words), secrets redacted: what files and logs get."""
+    return redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def _is_secret(key: str) -> bool:

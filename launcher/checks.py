@@ -101,7 +101,7 @@ def check_finished_config(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     try:
-        old = OmegaConf.to_container(OmegaConf.load(Path(cfg.run.dir) / "config.yaml"), resolve=True)
+        old = plain(OmegaConf.load(Path(cfg.run.dir) / "config.yaml"))
     except (OSError, ValueError, yaml.YAMLError):
         return  # no readable config.yaml: nothing to compare with
     diff = _config_changes(old, cfg)

@@ -74,10 +74,12 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     return run_node(cfg, topo, plan)
 
 
-SUBCOMMANDS = {"sweep-summary": "lora_launch.launcher.sweep:summary_command",
-               # after training: read RUN/config.yaml and RUN/adapter (train/posttrain.py)
-               "generate": "lora_launch.train.posttrain:generate_command", "merge": "lora_launch.train.posttrain:merge_command",
-               "eval": "lora_launch.train.posttrain:eval_command"}
+# `lora-launch COMMAND key=value ...`: arguments typed in conf/args.py, run by launcher/commands.py
+# (generate, merge and eval read RUN/config.yaml and RUN/adapter in their own process)
+SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
+               "merge": "write base + adapter as one safetensors model",
+               "eval": "eval loss and perplexity of base + adapter",
+               "sweep-summary": "rebuild a sweep's summary files"}
 
 
 def _check_run_dir_arg(argv: list[str]) -> None:
@@ -94,11 +96,16 @@ def _check_run_dir_arg(argv: list[str]) -> None:
 
 
 def main() -> None:
+    """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        import importlib
+        from lora_launch.launcher.commands import run_command
 
-        module, func = SUBCOMMANDS[sys.argv[1]].split(":")
-        sys.exit(getattr(importlib.import_module(module), func)(sys.argv[2:]))
+        sys.exit(run_command(sys.argv[1], sys.argv[2:]))
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        from lora_launch.launcher.commands import help_text
+
+        print(help_text())
+        sys.exit(0)
     _check_run_dir_arg(sys.argv[1:])
     if any(a.lower() in ("preview=true", "preview=1") for a in sys.argv[1:]):
         # a preview writes nothing: no .hydra/ or cli.log in the run dir Hydra creates for it

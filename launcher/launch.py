@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lora_launch.conf.schema import plain
 from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.launcher.hostfile import interface_for
 from lora_launch.launcher.topology import Topology
@@ -25,7 +26,7 @@ def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
     Every node of a multi-node launch writes the same files into the same run dir, so this node's
     rank stays out of them (it goes on the command line as `--machine_rank`).
     """
-    shared = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    shared = OmegaConf.create(plain(cfg))
     with open_dict(shared):
         shared.launcher.num_processes = topo.procs_per_node
         shared.launcher.num_machines = topo.num_machines

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
 from lora_launch.launcher.topology import Topology
@@ -50,7 +50,7 @@ def _model_config(cfg: DictConfig):
     from transformers import AutoConfig
 
     if cfg.model.random_init:
-        return AutoConfig.for_model(**OmegaConf.to_container(cfg.model.arch, resolve=True))
+        return AutoConfig.for_model(**plain(cfg.model.arch))
     # no download in a preview: a local directory or what the hub cache already holds
     return AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision, local_files_only=True,
                                       trust_remote_code=False)

@@ -197,11 +197,6 @@ def _plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def summary_command(argv: list[str]) -> int:
-    """`lora-launch sweep-summary DIR`: rebuild the summary files from the trial dirs."""
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: lora-launch sweep-summary SWEEP_DIR", file=sys.stderr)
-        return 2
-    rows = summarize(Path(argv[0]))
-    print(_markdown(rows), end="")
-    return 0
+def print_summary(sweep_dir: Path) -> None:
+    """Rebuild the summary files from the trial dirs and print the table (`lora-launch sweep-summary`)."""
+    print(_markdown(summarize(sweep_dir)), end="")

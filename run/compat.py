@@ -1,13 +1,11 @@
 """Whether a checkpoint's config may be resumed under this run's config: the keys that differ,
-beyond those the schema marks as free to change and those the user allows."""
+beyond those the schema marks as free to change (`resume="free"` on the field) and those the user allows."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-# config keys that may change between a checkpoint and its resume without asking
-FREE_TO_CHANGE = ("run", "logging", "eval", "checkpoint", "resume", "sample", "launcher", "distributed",
-                  "sweep", "preview", "train.threads", "train.num_workers", "train.compile")
+from lora_launch.conf.schema import resume_free_keys
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -26,7 +24,7 @@ def _covered(key: str, prefixes) -> bool:
 def config_changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
     """Config keys that differ between a checkpoint's config and this run's, beyond what may change."""
     old, new = _flatten(saved), _flatten(now)
-    free = FREE_TO_CHANGE + tuple(allow)
+    free = resume_free_keys() + tuple(allow)  # marked on the schema's fields
     # keys only one side has come from a schema change between versions, not from the user
     return [f"{k}: {old[k]!r} -> {new[k]!r}"
             for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _covered(k, free)]

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-# train.precision / model.dtype spellings -> torch dtype names
-_DTYPE = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
-          "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# train.precision / model.dtype use torch's names; `auto` is decided here
+_DTYPES = ("bfloat16", "float16", "float32")
 # torch dtype name -> accelerate's mixed_precision
 _MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
@@ -59,10 +58,12 @@ class RunPlan:
         on_gpu = on_gpu_here() if on_gpu is None else on_gpu
         bf16 = (_bf16_here() if on_gpu_here() else on_gpu) if bf16 is None else bf16
         t, d = cfg.train, cfg.distributed
-        precision = _DTYPE.get(str(t.precision))
-        if precision is None:  # auto
+        precision = str(t.precision)
+        if precision not in _DTYPES:  # auto
             precision = "bfloat16" if on_gpu and bf16 else "float32"
-        model_dtype = _DTYPE.get(str(cfg.model.dtype)) or ("bfloat16" if precision == "bfloat16" else "float32")
+        model_dtype = str(cfg.model.dtype)
+        if model_dtype not in _DTYPES:  # auto: follow the precision
+            model_dtype = "bfloat16" if precision == "bfloat16" else "float32"
         return cls(num_machines=num_machines, procs_per_node=procs_per_node,
                    micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, precision=precision,
                    model_dtype=model_dtype, strategy=str(d.strategy), zero_stage=int(d.zero_stage),

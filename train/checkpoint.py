@@ -35,9 +35,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lora_launch.conf.schema import redact
+from lora_launch.conf.schema import plain
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
 from lora_launch.train.zero import full_shape, trainable
@@ -196,7 +196,7 @@ class Checkpointer:
     def manifest(self, step: int) -> dict:
         """What identifies this run: resolved config, versions, git commit, fingerprints."""
         return {"format": FORMAT, "step": step, "world_size": self.world, "time": time.time(),
-                "config": redact(OmegaConf.to_container(self.cfg, resolve=True)),
+                "config": plain(self.cfg),
                 "versions": _versions(), "git_commit": _git_commit(), "fingerprints": self.fingerprints}
 
     # ---- save ----

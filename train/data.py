@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from lora_launch.conf.schema import plain
 from lora_launch.run.rundir import atomic_path, write_json
 from lora_launch.train import data_sources
 from lora_launch.train.templates import DataError, check_template, render, required_columns
@@ -218,7 +219,7 @@ def _tokenizer_fingerprint(tok) -> str:
 
 
 def _cache_key(cfg: DictConfig, tok, split: str, source: str) -> str:
-    d = OmegaConf.to_container(cfg.data, resolve=True)
+    d = plain(cfg.data)
     for k in ("name", "val_split", "val_split_name", "packing", "group_by_length", "cache_dir"):
         d.pop(k, None)  # these act after tokenisation
     ident = [CACHE_VERSION, source, _tokenizer_fingerprint(tok), d, split, cfg.train.seq_len]

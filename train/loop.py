@@ -12,13 +12,13 @@ from omegaconf import DictConfig
 
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
-from lora_launch.run.rundir import rewind_metrics, set_aside_previous, write_status
+from lora_launch.run.rundir import atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
 from lora_launch.train import fast
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
-from lora_launch.train.metrics import MetricsLogger, plot_loss
+from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model, load_tokenizer
 from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
 
@@ -64,11 +64,12 @@ class Trainer:
         self.plan = plan = RunPlan.for_this_process(cfg)
         self.accelerator = acc = make_accelerator(cfg, plan)
         self.world, self.rank = acc.num_processes, acc.process_index
+        self.main = acc.is_main_process  # the one rank that writes the run dir's files and logs
         torch.manual_seed(cfg.seed)  # same LoRA init on every rank
 
         self.tokenizer = load_tokenizer(cfg)
         with acc.main_process_first():
-            self.splits = build_splits(cfg, self.tokenizer, main_process=acc.is_main_process)
+            self.splits = build_splits(cfg, self.tokenizer, main_process=self.main)
         model = apply_lora(cfg, load_base_model(cfg, acc.device, plan))
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         params = [p for p in model.parameters() if p.requires_grad]
@@ -93,19 +94,19 @@ class Trainer:
         # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint
         self.stop = StopRequest(str(self.run_dir / f"rank{self.rank}.log"))
         self._stop = False
-        self.log = None  # opened by restore(), once the earlier run's files are set aside or rewound
+        self.log = NoLog()  # the real one is opened by restore(), once earlier files are set aside or rewound
 
     def restore(self) -> bool:
         """Where training starts: set an earlier run aside (resume.mode=never), else load the checkpoint
         resume.mode picks into self.states; metrics keep only rows up to it. True when it resumed."""
         acc = self.accelerator
-        if self.cfg.resume.mode == "never" and acc.is_main_process:
+        if self.cfg.resume.mode == "never" and self.main:
             moved = set_aside_previous(self.run_dir)
             if moved is not None:
                 print(f"resume.mode=never: moved the earlier run's files to {moved}", flush=True)
         acc.wait_for_everyone()
         resumed = self.checkpointer.load() is not None
-        if acc.is_main_process:
+        if self.main:
             rewind_metrics(self.run_dir, self.step if resumed else -1, self.total_steps)
             write_status(self.run_dir, "running", self.step)
             self.log = MetricsLogger(self.cfg, self.run_dir, self.total_steps, self.step)
@@ -126,7 +127,7 @@ class Trainer:
 
     def _save_checkpoint(self, force: bool) -> None:
         """A checkpoint if one is due after this step (or `force`: a stop), its cost in the log."""
-        if self.checkpointer.maybe_save(self.step, force) is not None and self.log:
+        if self.checkpointer.maybe_save(self.step, force) is not None:
             cost = self.checkpointer.last_save
             self.log.write(f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s "
                            f"({cost['bytes'] / 2**20:.2f} MiB)")
@@ -223,9 +224,8 @@ class Trainer:
 
     def _log_eval(self) -> float:
         eval_loss = self.evaluate()
-        if self.log:
-            self.log.log({"step": self.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-            self.log.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+        self.log.log({"step": self.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
+        self.log.write(f"step {self.step}: eval loss {eval_loss:.4f}")
         return eval_loss
 
     # ---- the run --------------------------------------------------------------------------------
@@ -234,18 +234,17 @@ class Trainer:
         """Resume (restore()), then train to total_steps; returns a summary (first/last eval loss, wall time)."""
         self.restore()
         cfg, t_start = self.cfg, time.perf_counter()
-        if self.log:
-            self.log.write(f"training {self.total_steps} steps, global batch {self.global_batch} "
-                           f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
-                           f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
-                           f"{self.accelerator.distributed_type.value} on {self.accelerator.device}")
+        self.log.write(f"training {self.total_steps} steps, global batch {self.global_batch} "
+                       f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
+                       f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
+                       f"{self.accelerator.distributed_type.value} on {self.accelerator.device}")
         self.stop.install()
         evals = []
         if cfg.eval.at_start and self.step == 0:
             evals.append(self._log_eval())
         while self.step < self.total_steps:
             row = self.train_step()
-            if self.log and (self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps):
+            if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
                 self.log.log(row)
             if cfg.logging.rank_audit:
                 self._audit()
@@ -259,9 +258,9 @@ class Trainer:
         evals.append(self._log_eval())
         self.save_adapter()
         sample = self.generate_sample()
-        if self.log:
-            self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
-            (self.run_dir / "sample.txt").write_text(f"{cfg.sample.prompt} {sample}\n")
+        self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
+        if self.main:
+            write_atomic(self.run_dir / "sample.txt", f"{cfg.sample.prompt} {sample}\n")
             plot_loss(self.run_dir)
             write_status(self.run_dir, "finished", self.step)
         self.accelerator.wait_for_everyone()  # no rank exits (and lets a launcher read status.json) before it
@@ -270,7 +269,7 @@ class Trainer:
 
     def _record_stop(self) -> None:
         """status.json says preempted (with the signal) before any rank exits; a direct launch says how to go on."""
-        if self.log:
+        if self.main:
             name = self.stop.name or "SIGTERM"  # another rank got the signal
             write_status(self.run_dir, "preempted", self.step, signal=name)
             if SUPERVISOR_ENV not in os.environ:  # lora-launch says it itself
@@ -303,15 +302,10 @@ class Trainer:
         acc = self.accelerator
         state = acc.get_state_dict(self.model)  # collective under ZeRO-3
         out = self.run_dir / "adapter"
-        if acc.is_main_process:
-            tmp = self.run_dir / "adapter.tmp"
-            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                import shutil
-
-                shutil.rmtree(out)
-            tmp.rename(out)
+        if self.main:
+            with atomic_dir(out) as tmp:
+                acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
         acc.wait_for_everyone()
         return out
 
@@ -327,6 +321,5 @@ class Trainer:
                         synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
 
     def close(self) -> None:
-        if self.log:
-            self.log.close()
+        self.log.close()
         self.accelerator.end_training()

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lora_launch.conf.schema import redact
+from lora_launch.conf.schema import plain
 
 
 class MetricsLogger:
@@ -37,9 +37,9 @@ class MetricsLogger:
         if cfg.logging.wandb.mode != "disabled":
             import wandb
 
-            plain = redact(OmegaConf.to_container(cfg, resolve=True))
+            config = plain(cfg)
             self._wandb = wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity,
-                                     mode=cfg.logging.wandb.mode, dir=str(run_dir), config=plain,
+                                     mode=str(cfg.logging.wandb.mode), dir=str(run_dir), config=config,
                                      name=run_dir.name, id=_wandb_id(run_dir), resume="allow")
 
     def log(self, row: dict) -> None:
@@ -75,6 +75,19 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl.close()
+
+
+class NoLog:
+    """The logger of every rank but the main one: accepts everything, writes nothing."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def progress_line(row: dict, total: int, start_step: int, elapsed: float) -> str:

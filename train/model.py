@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from lora_launch.conf.schema import plain
 from lora_launch.run.plan import RunPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -40,9 +41,9 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
 
     plan = plan or RunPlan.for_this_process(cfg)
     dtype = DTYPES[plan.model_dtype]
-    common = dict(attn_implementation=cfg.model.attn_implementation)
+    common = dict(attn_implementation=str(cfg.model.attn_implementation))
     if cfg.model.random_init:
-        arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+        arch = plain(cfg.model.arch)
         config = AutoConfig.for_model(**arch)
         torch.manual_seed(cfg.seed)
         with device:
@@ -87,6 +88,6 @@ def apply_lora(cfg: DictConfig, model):
         # inputs must require grad for checkpointed blocks to backprop into the adapters
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias=cfg.lora.bias,
+                      target_modules=list(cfg.lora.target_modules), bias=str(cfg.lora.bias),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

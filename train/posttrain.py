@@ -1,6 +1,7 @@
 """After training: `lora-launch generate|merge|eval run.dir=RUN [key=value ...]`.
 
-Each reads RUN/config.yaml (the run's resolved config) and RUN/adapter (the trained LoRA):
+Each reads RUN/config.yaml (the run's resolved config) and RUN/adapter (the trained LoRA); the
+arguments are typed in conf/args.py (`lora-launch generate --help` lists them):
 
     lora-launch generate run.dir=RUN prompt="[INST] Where is Italy? [/INST]" [sample=true]
         [max_new_tokens=64 temperature=0.7 top_p=0.9 seed=0 template=false]
@@ -24,38 +25,13 @@ from omegaconf import DictConfig, open_dict
 
 from lora_launch.train.evaluate import complete, loss_sum
 
-COMMANDS = ("generate", "merge", "eval")
-OPTIONS = {
-    "generate": {"run.dir": None, "prompt": None, "sample": "false", "max_new_tokens": None,
-                 "temperature": "0.7", "top_p": "0.9", "seed": "0", "template": "false"},
-    "merge": {"run.dir": None, "out": None, "dtype": "bfloat16"},
-    "eval": {"run.dir": None, "split": "val", "max_batches": "-1"},
-}
+from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class UsageError(ValueError):
-    """A bad subcommand argument or run directory; the message names it."""
-
-
-def parse(command: str, argv: list[str]) -> dict:
-    """key=value arguments of a subcommand, with its defaults; unknown keys are refused."""
-    opts = dict(OPTIONS[command])
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in opts:
-            raise UsageError(f"{command}: unknown argument {arg!r}; known: {' '.join(k + '=' for k in opts)}")
-        opts[key] = value
-    if not opts["run.dir"]:
-        raise UsageError(f"{command}: run.dir=RUN is required (a finished run directory)")
-    return opts
-
-
-def _flag(opts: dict, key: str) -> bool:
-    value = opts[key].lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise UsageError(f"{key}={opts[key]!r} must be true or false")
-    return value in ("true", "1", "yes")
+    """A run directory the subcommand cannot use, or a split it lacks; the message names it."""
 
 
 def load_run(run_dir: str) -> DictConfig:
@@ -96,33 +72,31 @@ def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None
 
 # ---- generate ---------------------------------------------------------------------------------
 
-def generate(opts: dict) -> int:
+def generate(args: GenerateArgs) -> int:
     """Print the completion of `prompt` by base + adapter."""
     from lora_launch.train.templates import prompt_text
 
-    run = Path(opts["run.dir"])
-    cfg = load_run(opts["run.dir"])
+    run = Path(args.run.dir)
+    cfg = load_run(args.run.dir)
     model, tok = load_model(cfg, run)
-    prompt = opts["prompt"] if opts["prompt"] is not None else cfg.sample.prompt
-    if _flag(opts, "template"):
+    prompt = args.prompt if args.prompt is not None else cfg.sample.prompt
+    if args.template:
         prompt = prompt_text(cfg.data, tok, prompt)
-    max_new = int(opts["max_new_tokens"] or cfg.sample.max_new_tokens or 64)
-    text = complete(model, tok, prompt, max_new, sample=_flag(opts, "sample"),
-                    temperature=float(opts["temperature"]), top_p=float(opts["top_p"]), seed=int(opts["seed"]))
+    max_new = args.max_new_tokens or cfg.sample.max_new_tokens or 64
+    text = complete(model, tok, prompt, max_new, sample=args.sample,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(prompt + text, flush=True)
     return 0
 
 
 # ---- merge ------------------------------------------------------------------------------------
 
-def merge(opts: dict) -> int:
+def merge(args: MergeArgs) -> int:
     """Write base + adapter as one model (safetensors + tokenizer), replacing `out` only when complete."""
-    run = Path(opts["run.dir"])
-    cfg = load_run(opts["run.dir"])
-    if opts["dtype"] not in DTYPES:
-        raise UsageError(f"dtype={opts['dtype']!r} is not one of {sorted(DTYPES)}")
-    out = Path(opts["out"] or run / "merged")
-    model, tok = load_model(cfg, run, dequantize_to=DTYPES[opts["dtype"]])
+    run = Path(args.run.dir)
+    cfg = load_run(args.run.dir)
+    out = Path(args.out or run / "merged")
+    model, tok = load_model(cfg, run, dequantize_to=DTYPES[args.dtype])
     merged = model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,7 +105,7 @@ def merge(opts: dict) -> int:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    print(f"merged model ({opts['dtype']}): {out}", flush=True)
+    print(f"merged model ({args.dtype}): {out}", flush=True)
     return 0
 
 
@@ -143,26 +117,24 @@ def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) ->
     return total / max(count, 1), count
 
 
-def evaluate(opts: dict) -> int:
+def evaluate(args: EvalArgs) -> int:
     """Print (and write RUN/eval.json) the eval loss and perplexity of base + adapter."""
     from lora_launch.train.data import build_splits
 
-    run = Path(opts["run.dir"])
-    cfg = load_run(opts["run.dir"])
-    if opts["split"] not in ("val", "train"):
-        raise UsageError(f"split={opts['split']!r} must be val or train")
+    run = Path(args.run.dir)
+    cfg = load_run(args.run.dir)
+    split = str(args.split)
     model, tok = load_model(cfg, run)
     with open_dict(cfg):
         cfg.data.packing = False  # evaluate whole samples, as the loop does for val
-    samples = getattr(build_splits(cfg, tok, report=False), opts["split"])
+    samples = getattr(build_splits(cfg, tok, report=False), split)
     if not len(samples):
-        raise UsageError(f"run.dir={run}: the run has no {opts['split']} samples "
+        raise UsageError(f"run.dir={run}: the run has no {split} samples "
                          "(trained with data.val_split=0 and no data.val_split_name?)")
-    loss, tokens = eval_loss(model, samples, cfg.train.micro_batch_size, tok.pad_token_id,
-                             int(opts["max_batches"]))
-    result = {"split": opts["split"], "loss": loss, "perplexity": math.exp(min(loss, 50)),
+    loss, tokens = eval_loss(model, samples, cfg.train.micro_batch_size, tok.pad_token_id, args.max_batches)
+    result = {"split": split, "loss": loss, "perplexity": math.exp(min(loss, 50)),
               "samples": len(samples), "tokens": tokens}
-    print(f"{opts['split']} loss {loss:.4f}  perplexity {result['perplexity']:.3f}  "
+    print(f"{split} loss {loss:.4f}  perplexity {result['perplexity']:.3f}  "
           f"({len(samples)} samples, {tokens} target tokens)", flush=True)
     tmp = run / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
@@ -170,30 +142,22 @@ def evaluate(opts: dict) -> int:
     return 0
 
 
+COMMANDS = {"generate": generate, "merge": merge, "eval": evaluate}
+
+
 def main(argv: list[str]) -> int:
     """Run one subcommand: argv = [command, key=value, ...]; errors are one line and exit 2."""
+    from lora_launch.conf.args import parse_args
     from lora_launch.conf.schema import ConfigError
     from lora_launch.train.data import DataError
 
     command, rest = argv[0], argv[1:]
     try:
-        opts = parse(command, rest)
-        return {"generate": generate, "merge": merge, "eval": evaluate}[command](opts)
+        return COMMANDS[command](parse_args(command, rest))
     except (UsageError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def generate_command(argv: list[str]) -> int:
-    """`lora-launch generate …`."""
-    return main(["generate", *argv])
-
-
-def merge_command(argv: list[str]) -> int:
-    """`lora-launch merge …`."""
-    return main(["merge", *argv])
-
-
-def eval_command(argv: list[str]) -> int:
-    """`lora-launch eval …`."""
-    return main(["eval", *argv])
+if __name__ == "__main__":  # `lora-launch generate|merge|eval` runs this module as its own process
+    sys.exit(main(sys.argv[1:]))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from enum import Enum
 from pathlib import Path
 
 import pytest
+import yaml
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from lora_launch.conf.schema import ConfigError
+from lora_launch.conf.schema import Choice, ConfigError, plain, resume_free_keys
 from lora_launch.conf.compose import compose
 from support.cli import REPO, lora_launch
 
@@ -51,7 +55,6 @@ def test_contract_keys_exist():
     ("optim.lr=0", "optim.lr"),
     ("lora.dropout=1.5", "lora.dropout"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
-    ("optim.scheduler=step", "optim.scheduler"),
     ("launcher.num_processes=0", "launcher.num_processes"),
     ("launcher.num_processes=many", "launcher.num_processes"),
     ("lora.target_modules=[]", "lora.target_modules"),
@@ -68,3 +71,54 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(override, key):
         compose([override])
 
 
+
+
+# ---- choices are types; the schema types every group option ------------------------------------
+
+@pytest.mark.parametrize("override", ["distributed.strategy=foo", "quant.mode=nf5", "train.compile=fast",
+                                      "train.precision=bf16", "model.dtype=fp32", "data.format=csv",
+                                      "optim.scheduler=step"])
+def test_a_bad_choice_fails_at_compose_naming_the_key(override):
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigCompositionException) as failed:
+        compose([override])
+    assert re.search(rf"(?s)Invalid value '{value}'.*full_key: {re.escape(key)}", str(failed.value.__cause__))
+
+
+def test_choices_read_as_plain_strings(tmp_path):
+    cfg = compose(["quant=nf4", "train.precision=bfloat16", f"run.dir={tmp_path}"])
+    mode, precision = cfg.quant.mode, cfg.train.precision
+    assert isinstance(mode, Enum) and mode == "nf4" and precision == "bfloat16"
+    assert f"{mode}" == str(mode) == "nf4" and f"{precision:>9}" == " bfloat16"
+    assert {"nf4": 1}[mode] == 1 and mode in ("none", "nf4")
+    data = plain(cfg)
+    assert type(data["quant"]["mode"]) is str and type(data["train"]["precision"]) is str
+    assert yaml.safe_load(yaml.safe_dump(data))["quant"]["mode"] == "nf4"
+
+
+def test_every_choice_is_named_by_its_value():
+    # OmegaConf reads an Enum field by member name: the name must be the word users write
+    for choice in Choice.__subclasses__():
+        assert [m.name for m in choice] == [m.value for m in choice], choice
+
+
+@pytest.mark.parametrize("group", ["model", "data", "lora", "quant", "optim", "distributed", "launcher", "logging"])
+def test_no_group_offers_its_schema_as_an_option(group):
+    with pytest.raises(MissingConfigException, match=f"{group}/{group}_schema"):
+        compose([f"{group}={group}_schema"])
+
+
+@pytest.mark.parametrize("content,error", [("r: abc\n", "converted to Integer"), ("rank: 8\n", "Key 'rank' not in"),
+                                           ("bias: some\n", "Invalid value 'some'")])
+def test_a_group_option_file_is_checked_against_the_schema(tmp_path, content, error):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "mine.yaml").write_text(content)
+    with pytest.raises(Exception, match=error):
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "lora=mine"])
+
+
+def test_keys_free_to_change_on_resume_are_marked_on_the_schema():
+    assert set(resume_free_keys()) == {"run", "logging", "eval", "checkpoint", "resume", "sample", "launcher",
+                                       "distributed", "sweep", "preview", "train.threads", "train.num_workers",
+                                       "train.compile"}
+    assert len(resume_free_keys()) == len(set(resume_free_keys()))

@@ -110,7 +110,7 @@ def test_node_rank_override_and_range(tmp_path):
 @pytest.mark.parametrize("option,stage,offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
 def test_deepspeed_json_agrees_with_the_config(tmp_path, option, stage, offload):
     cfg = compose([f"distributed={option}", "train.micro_batch_size=3", "train.grad_accum=5",
-                   "optim.max_grad_norm=0.7", "train.precision=fp16", "launcher.num_processes=2",
+                   "optim.max_grad_norm=0.7", "train.precision=float16", "launcher.num_processes=2",
                    f"run.dir={tmp_path}"])
     topo = topology(cfg)
     files = write_launch_files(cfg, tmp_path, topo, run_plan(cfg, topo))
