@@ -97,6 +97,14 @@ def _check_run_dir_arg(argv: list[str]) -> None:
 
 def main() -> None:
     """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
+    try:
+        _main()
+    except KeyboardInterrupt:  # Ctrl-C before training started (while composing, checking): nothing to save
+        print("interrupted before training started", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         from lora_launch.launcher.commands import run_command
 

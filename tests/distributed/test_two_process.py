@@ -73,7 +73,7 @@ def test_accelerate_launch_module_gives_one_run_dir_for_all_ranks(tiny, tmp_path
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "train", *tiny["overrides"], "train.max_steps=2", "sample.max_new_tokens=0"]
+           "-m", "lora_launch.train", *tiny["overrides"], "train.max_steps=2", "sample.max_new_tokens=0"]
     result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dirs = list((tmp_path / "runs").iterdir())
