@@ -37,10 +37,20 @@ def _job(cfg: DictConfig) -> float | int:
         rc = _launch(cfg, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        _remove_if_unused(Path(cfg.run.dir))
         sys.exit(2)
     if rc != 0:
         sys.exit(rc)  # run_node said why
     return rc
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A refused launch leaves no run dir behind: remove the one Hydra made for it when it is still empty
+    (lock files stay: a live launch may hold them)."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _launch(cfg: DictConfig, overrides: list[str]) -> int:
@@ -115,9 +125,9 @@ def _main() -> None:
         print(help_text())
         sys.exit(0)
     _check_run_dir_arg(sys.argv[1:])
-    if any(a.lower() in ("preview=true", "preview=1") for a in sys.argv[1:]):
-        # a preview writes nothing: no .hydra/ or cli.log in the run dir Hydra creates for it
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
+    # leave an existing run's files as they were; a launch records its command once its checks passed
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     register()
     register_resolvers()
     hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(_job)()

@@ -24,7 +24,7 @@ from lora_launch.launcher.supervise import Outcome, supervise
 from lora_launch.launcher.topology import Topology, run_plan
 from lora_launch.run.lock import RunLock, check_no_ranks, lock_path, ranks_lock_path
 from lora_launch.run.plan import RunPlan
-from lora_launch.run.rundir import read_status
+from lora_launch.run.rundir import read_status, set_aside_previous, write_atomic
 
 
 def node_command(cfg: DictConfig, topo: Topology, files: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
@@ -42,6 +42,11 @@ def run_node(cfg: DictConfig, topo: Topology, plan: RunPlan, lock_wait_s: float 
     run_dir = Path(cfg.run.dir)
     with RunLock(lock_path(run_dir, topo.node_rank, topo.num_machines), wait_s=lock_wait_s):
         check_no_ranks(ranks_lock_path(run_dir, topo.node_rank, topo.num_machines), wait_s=lock_wait_s)
+        if cfg.resume.mode == "never" and topo.node_rank == 0 and cfg.launcher.name != "slurm":
+            moved = set_aside_previous(run_dir)  # every file of the earlier run, before this one writes any
+            if moved is not None:
+                print(f"resume.mode=never: moved the earlier run's files to {moved}", flush=True)
+        write_command(run_dir)
         files = write_launch_files(cfg, run_dir, topo, plan)
         cmd, env_vars = node_command(cfg, topo, files)
         digest = hashlib.sha256(files["config"].read_bytes()).hexdigest()[:16]
@@ -51,6 +56,24 @@ def run_node(cfg: DictConfig, topo: Topology, plan: RunPlan, lock_wait_s: float 
         started = time.time()
         outcome = supervise(cmd, launch_env(env_vars, topo.node_rank))
     return exit_code(run_dir, outcome, started)
+
+
+def write_command(run_dir: Path) -> None:
+    """RUN/.hydra/overrides.yaml: the command line of this launch, written only once every check passed
+    (Hydra's own .hydra/ is off: a refused command must not rewrite an existing run's record)."""
+    import yaml
+
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / ".hydra" / "overrides.yaml", yaml.safe_dump(_command_overrides(), sort_keys=False))
+
+
+def _command_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (the Slurm node entry): the overrides are in config.yaml already
+        return []
 
 
 def _say(message: str, error: bool = False) -> None:

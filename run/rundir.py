@@ -6,7 +6,7 @@ does to the files a killed attempt left.
     RUN/metrics.jsonl        one row per logged step (rewound to the checkpoint on resume)
     RUN/ranks/rank*.jsonl    the rank audit (rewound with metrics.jsonl)
     RUN/checkpoints/step-N/  committed checkpoints (a manifest.json marks one complete)
-    RUN/previous-<time>/     an earlier run's outputs, moved aside by resume.mode=never
+    RUN/previous-<time>/     everything of an earlier run, moved aside by resume.mode=never
 
 Every file here is written through `atomic_path` (a temporary name unique to this host and process,
 then a rename), so a reader sees a whole file or the old one, also when nodes share the directory.
@@ -192,18 +192,29 @@ def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
     return sum(_rewind_jsonl(f, keep) for f in files if f.exists())
 
 
-def set_aside_previous(run_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints, metrics and status into RUN/previous-<time>/ (resume.mode=never)."""
+# what a launch writes before training starts; training's own set-aside leaves these in place
+LAUNCH_FILES = frozenset({"config.yaml", "accelerate.yaml", "ds_config.json", "slurm.sbatch", ".slurm-attempt",
+                          ".hydra", "data_report.json"})
+
+
+def _kept_always(name: str) -> bool:
+    # the locks of live processes, earlier set-asides, and the Slurm job's own log (still being appended)
+    return name.startswith((".launch.lock", ".ranks.lock", "previous-", "slurm-")) or name.endswith(".tmp")
+
+
+def set_aside_previous(run_dir: Path, keep: frozenset[str] = frozenset()) -> Path | None:
+    """Move every file of an earlier run (checkpoints, metrics, status, adapter, plots, reports,
+    tensorboard, ...) but the names in `keep` into RUN/previous-<time>/ (resume.mode=never)."""
     run_dir = Path(run_dir)
-    olds = [p for p in (run_dir / CHECKPOINTS, run_dir / METRICS, run_dir / STATUS, run_dir / "ranks")
-            if p.exists()]
+    if not run_dir.is_dir():
+        return None
+    olds = sorted(p for p in run_dir.iterdir() if not _kept_always(p.name) and p.name not in keep)
     if not olds:
         return None
-    dest = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-    n = 1
+    stamp = time.strftime("previous-%Y%m%d-%H%M%S")
+    dest, n = run_dir / stamp, 1
     while dest.exists():
-        dest = run_dir / (time.strftime("previous-%Y%m%d-%H%M%S") + f"-{n}")
-        n += 1
+        dest, n = run_dir / f"{stamp}-{n}", n + 1
     dest.mkdir()
     for p in olds:
         p.rename(dest / p.name)

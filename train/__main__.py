@@ -103,6 +103,26 @@ def _compose_on_rank0(overrides: list[str]) -> Path:
     return Path(box[0])
 
 
+def _quiet_third_party() -> None:
+    """Notices a user cannot act on stay out of the log; LORA_LAUNCH_VERBOSE=1 shows them."""
+    if os.environ.get("LORA_LAUNCH_VERBOSE"):
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations of their own APIs
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU. If you have GPU ..."
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights: 100%|..." for a model of a few MB
+
+
 def main(argv: list[str] | None = None) -> int:
     # until training runs there is nothing to save: a stop signal ends this process at once, quietly
     end_at_once_on_stop_signals()
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _quiet_third_party()
     from lora_launch.train.checkpoint import CheckpointError
     from lora_launch.train.data import DataError
     from lora_launch.train.loop import Trainer

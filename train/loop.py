@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
-from lora_launch.run.rundir import atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
+from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
@@ -101,7 +101,7 @@ class Trainer:
         resume.mode picks into self.states; metrics keep only rows up to it. True when it resumed."""
         acc = self.accelerator
         if self.cfg.resume.mode == "never" and self.main:
-            moved = set_aside_previous(self.run_dir)
+            moved = set_aside_previous(self.run_dir, keep=LAUNCH_FILES)  # lora-launch moved the rest already
             if moved is not None:
                 print(f"resume.mode=never: moved the earlier run's files to {moved}", flush=True)
         acc.wait_for_everyone()
