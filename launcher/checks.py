@@ -7,6 +7,8 @@ the live-run lock where it is taken (launcher/lock.py).
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -62,6 +64,63 @@ def check_nf4(cfg: DictConfig) -> None:
                           f"({type(e).__name__}: {first}); use quant=none") from None
 
 
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def check_model(cfg: DictConfig) -> None:
+    """model.path is a model directory, or a hub id readable here; every lora.target_modules name exists.
+
+    Read from the model's config alone (the weights stay where they are). An online hub id is left to
+    the download, which names it if it does not exist.
+    """
+    m = cfg.model
+    if not m.random_init:
+        path = Path(os.path.expanduser(m.path))
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"model.path={m.path}: no config.json there; give a model directory "
+                                  "(what save_pretrained writes) or a hub id OWNER/NAME")
+        elif not _HUB_ID.match(m.path):
+            raise ConfigError(f"model.path={m.path}: no such directory, and not a hub id (OWNER/NAME)")
+        elif not _offline():
+            return
+    from lora_launch.launcher.preview import model_config
+
+    try:
+        config = model_config(cfg)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"model.path={m.path}: cannot read its config here ({first}); with HF_HUB_OFFLINE=1 "
+                          "a hub model must already be in the local cache: download it once, or give a "
+                          "local directory") from None
+    check_lora_targets(config, list(cfg.lora.target_modules))
+
+
+def check_lora_targets(config, targets: list[str]) -> None:
+    """Each lora.target_modules name is a module of the model (as PEFT matches: the name's last parts)."""
+    if any(t in ("all-linear", "all_linear") for t in targets):
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, ImportError):  # an architecture this transformers cannot build: PEFT will say
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                         if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head")})
+        raise ConfigError(f"lora.target_modules: {missing} not in this {config.model_type} model; its linear "
+                          f"layers are {linear}")
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     """The run dir exists (or can be made) and takes a file."""
     try:
@@ -115,6 +174,7 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     check_multinode_run_dir(cfg, topo, run_dir_given)
     check_resume_config(cfg)
     check_global_batch(cfg, plan)
+    check_model(cfg)
     check_qlora_zero3(cfg)
     check_nf4(cfg)
     check_run_dir_writable(Path(cfg.run.dir))

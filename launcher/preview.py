@@ -46,7 +46,8 @@ class ModelShape:
 
 # ---- the model's shape ---------------------------------------------------------------------------
 
-def _model_config(cfg: DictConfig):
+def model_config(cfg: DictConfig):
+    """The model's transformers config, read without downloading anything (random_init: from model.arch)."""
     from transformers import AutoConfig
 
     if cfg.model.random_init:
@@ -181,7 +182,7 @@ def _gib(x: float) -> str:
 
 def _shape_or_none(cfg: DictConfig) -> tuple[ModelShape | None, str]:
     try:
-        return model_shape(_model_config(cfg), list(cfg.lora.target_modules), cfg.lora.r), ""
+        return model_shape(model_config(cfg), list(cfg.lora.target_modules), cfg.lora.r), ""
     except (OSError, ValueError) as e:
         return None, f"model shape unknown ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
 

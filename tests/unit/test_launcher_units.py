@@ -235,3 +235,24 @@ def test_second_launch_into_a_live_run_is_refused(tmp_path):
         pass
 
 
+
+
+# ---- the model, read from its config before anything starts ----------------------------------------
+
+@pytest.mark.parametrize("path,needle", [("/no/such/model", "no such directory, and not a hub id"),
+                                         ("a/b/c", "no such directory, and not a hub id"),
+                                         ("nobody/no-such-model-xyz", "must already be in the local cache")])
+def test_model_path_refused_in_one_line(tmp_path, monkeypatch, path, needle):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=needle):
+        checks.check_model(_cfg(tmp_path, f"model.path={path}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json there"):
+        checks.check_model(_cfg(tmp_path, f"model.path={tmp_path / 'empty'}"))
+
+
+def test_lora_targets_are_checked_against_the_models_modules(tmp_path):
+    checks.check_model(_cfg(tmp_path))  # the shipped tiny model with q_proj, v_proj
+    checks.check_model(_cfg(tmp_path, "model=llama2_7b_random", "lora=all_linear"))
+    with pytest.raises(ConfigError, match=r"\['qkv'\] not in this llama model; its linear layers are \['down_proj'"):
+        checks.check_model(_cfg(tmp_path, "lora.target_modules=[q_proj,qkv]"))
