@@ -109,6 +109,8 @@ def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
         _say(f"stopped by {'Ctrl-C' if interrupted else _signal_name(outcome.signum)} before training had anything "
              "to save", error=True)
         return 130 if interrupted else 128 + outcome.signum
+    if outcome.errors:  # a rank refused its input and said why in one line: that is the whole story
+        return 2
     rc = outcome.returncode if outcome.returncode != 0 else 1
     if outcome.returncode == 0:
         _say(f"error: training exited without finishing (status.json: {state or 'not written by this launch'}); "

@@ -17,6 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from lora_launch.launcher.relay import StderrRelay
 from lora_launch.run.process import STOP_SIGNALS, die_with_parent
 
 RANK_MODULE = "lora_launch.train"
@@ -28,6 +29,7 @@ class Outcome:
     returncode: int
     signum: int | None = None
     killed: bool = False  # a second Ctrl-C ended everything without a checkpoint
+    errors: tuple[str, ...] = ()  # the ranks' one-line `error:` messages
 
 
 def _is_rank(p) -> bool:
@@ -119,7 +121,8 @@ class Supervisor:
         old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True,
-                                         preexec_fn=die_with_parent)
+                                         preexec_fn=die_with_parent, stderr=subprocess.PIPE)
+            relay = StderrRelay(self.proc.stderr, verbose=bool(os.environ.get("LORA_LAUNCH_VERBOSE"))).start()
             ranks = []
             while True:
                 try:
@@ -128,7 +131,8 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     ranks = ranks_of(self.proc.pid) or ranks
             _wait_gone(ranks, timeout_s=60.0)
-            return Outcome(rc, self.first, self.killed)
+            relay.join()
+            return Outcome(rc, self.first, self.killed, tuple(relay.errors))
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)

@@ -52,6 +52,40 @@ def redirect_output(path: str) -> None:
     os.close(fd)
 
 
+class _OutputGuard:
+    """sys.stdout/sys.stderr of a rank: a write that fails because the reader is gone (the launcher
+    killed, the terminal closed) sends this process's output to a file instead of ending training."""
+
+    fallback = os.devnull  # set to RUN/rank<R>.log once the run dir is known
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, OSError):
+            redirect_output(_OutputGuard.fallback)
+            return self._stream.write(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, OSError):
+            redirect_output(_OutputGuard.fallback)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_output(fallback: str | None = None) -> None:
+    """Install the output guard (once) and, when given, the file output goes to if the reader goes away."""
+    if fallback is not None:
+        _OutputGuard.fallback = fallback
+    if not isinstance(sys.stderr, _OutputGuard):
+        sys.stdout, sys.stderr = _OutputGuard(sys.stdout), _OutputGuard(sys.stderr)
+
+
 class StopRequest:
     """The stop signals of a rank once training runs: the first one is recorded, the loop polls it."""
 

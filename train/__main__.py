@@ -12,7 +12,8 @@ from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError, load
 from lora_launch.run import lock
-from lora_launch.run.process import NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent, end_at_once_on_stop_signals
+from lora_launch.run.process import (NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent, end_at_once_on_stop_signals,
+                                     guard_output)
 from lora_launch.run.rundir import finished_step
 
 _held: list = []  # the locks this process holds for its whole life
@@ -126,6 +127,7 @@ def _quiet_third_party() -> None:
 def main(argv: list[str] | None = None) -> int:
     # until training runs there is nothing to save: a stop signal ends this process at once, quietly
     end_at_once_on_stop_signals()
+    guard_output()  # the launcher reading our stderr may go away; training goes on
     # if whatever started this rank dies (lora-launch SIGKILLed, accelerate gone), stop with a checkpoint
     die_with_parent(signal.SIGTERM)
     if os.getppid() == 1:  # it died before the line above
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = Path(args.config) if args.config else _compose_on_rank0(args.overrides)
         cfg = load(str(config_path))
         run_dir = Path(cfg.run.dir)
+        guard_output(str(run_dir / f"rank{_env_int('RANK')}.log"))
         done = finished_step(run_dir, cfg.resume.mode)
         if done is not None:
             if _env_int("RANK") == 0:

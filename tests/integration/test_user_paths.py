@@ -91,7 +91,7 @@ def test_ctrl_c_checkpoints_and_the_rerun_continues_bit_for_bit(tiny, tmp_path):
 
 def test_second_ctrl_c_stops_at_once_without_a_traceback(tiny, tmp_path):
     run, log = tmp_path / "run", tmp_path / "run.log"
-    job = start_job([*tiny["overrides"], *BASE, "train.max_steps=400", f"run.dir={run}"], tmp_path, log)
+    job = start_job([*tiny["overrides"], *BASE, "train.max_steps=5000", f"run.dir={run}"], tmp_path, log)
     wait_for_step(run, job, 2)
     rank = wait_for_ranks(job, 1)[0]
     rank.suspend()  # a rank that cannot finish its checkpoint (a long save on a big model)
@@ -135,7 +135,7 @@ def test_launcher_killed_alone_its_rank_checkpoints_and_holds_the_run_dir_until_
 
 def test_closed_terminal_sighup_checkpoints_and_exits_0(tiny, tmp_path):
     run, log = tmp_path / "run", tmp_path / "run.log"
-    job = start_job([*tiny["overrides"], *BASE, "train.max_steps=400", f"run.dir={run}"], tmp_path, log)
+    job = start_job([*tiny["overrides"], *BASE, "train.max_steps=5000", f"run.dir={run}"], tmp_path, log)
     wait_for_step(run, job, 3)
     rank = wait_for_ranks(job, 1)[0]
     job.send_signal(signal.SIGHUP)
@@ -150,7 +150,7 @@ def test_closed_terminal_sighup_checkpoints_and_exits_0(tiny, tmp_path):
 
 def test_direct_accelerate_launch_and_lora_launch_exclude_each_other(tiny, tmp_path):
     run = tmp_path / "run"
-    args = [*tiny["overrides"], *BASE, "train.max_steps=400", f"run.dir={run}"]
+    args = [*tiny["overrides"], *BASE, "train.max_steps=5000", f"run.dir={run}"]
     direct = start_job([], tmp_path, tmp_path / "direct.log",
                        cmd=[ACCELERATE, "launch", "--num_processes", "1", "-m", "lora_launch.train", *args])
     wait_for_step(run, direct, 2)
