@@ -14,15 +14,14 @@ loads; a QLoRA run is merged into its dequantized base, the weights it was train
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.run.rundir import atomic_dir, write_json
 from lora_launch.train.evaluate import complete, loss_sum
 
 from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
@@ -98,13 +97,9 @@ def merge(args: MergeArgs) -> int:
     out = Path(args.out or run / "merged")
     model, tok = load_model(cfg, run, dequantize_to=DTYPES[args.dtype])
     merged = model.merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     print(f"merged model ({args.dtype}): {out}", flush=True)
     return 0
 
@@ -136,9 +131,7 @@ def evaluate(args: EvalArgs) -> int:
               "samples": len(samples), "tokens": tokens}
     print(f"{split} loss {loss:.4f}  perplexity {result['perplexity']:.3f}  "
           f"({len(samples)} samples, {tokens} target tokens)", flush=True)
-    tmp = run / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run / "eval.json")
+    write_json(run / "eval.json", result, indent=2)
     return 0
 
 
