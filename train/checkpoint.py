@@ -14,8 +14,9 @@ run.dir/checkpoints/ holds:
 
 Commit rule: every rank writes into the staging dir, a barrier, then rank 0 hashes every file,
 writes the manifest, renames staging -> step-N, and only then updates `latest` and prunes. A crash
-at any point leaves the previous step-N untouched; loading checks the manifest's checksums and
-falls back to an older checkpoint when one fails.
+at any point leaves the previous step-N untouched. A checkpoint is loadable only if its manifest
+lists every file the loader reads, each checksummed; loading falls back to an older checkpoint when
+one fails, and refuses (rather than start over) when every one does.
 
 Every rank writes into the same directory: with several nodes, run.dir must be shared storage.
 The stored form does not depend on the world size or the ZeRO stage, so a run saved with 2
@@ -138,9 +139,6 @@ def changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
     return out
 
 
-# ---- the checkpointer ----------------------------------------------------------------------------
-
-
 # ---- the states in the files of format 1 ---------------------------------------------------------
 
 STATES = ("trainable", "scheduler", "rng", "progress")  # and "scaler" where the run has a loss scaler
@@ -164,6 +162,31 @@ def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
               "scheduler": state["scheduler"], "scaler": state.get("scaler"), "rng": rng,
               "progress": {k: state[k] for k in PROGRESS}}
     return states, state
+
+
+def _loaded_files(world: int) -> list[str]:
+    """Every file the loader may read from a checkpoint saved by `world` processes (any rank resumes)."""
+    rng = [f"rng-rank{r}.{ext}" for r in range(world) for ext in ("safetensors", "json")]
+    return ["trainable.safetensors", "state.json", *rng]
+
+
+def _listed_files(path: Path, manifest: dict) -> dict:
+    """The manifest's checksums of every file the loader reads; CheckpointError naming the first it lacks."""
+    world, files = manifest.get("world_size"), manifest.get("files")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{path}: manifest.json has no usable world_size ({world!r}); "
+                              "not a complete checkpoint")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: manifest.json lists no files; not a complete checkpoint")
+    listed = {}
+    for name in _loaded_files(world):
+        meta = files.get(name)
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
+                or not isinstance(meta.get("sha256"), str):
+            raise CheckpointError(f"{path}: manifest.json does not list {name} with its size and sha256; "
+                                  "not a complete checkpoint")
+        listed[name] = meta
+    return listed
 
 
 # ---- the checkpointer ----------------------------------------------------------------------------
@@ -234,8 +257,7 @@ class Checkpointer:
         return final
 
     def _commit(self, staging: Path, step: int) -> Path:
-        expected = {"trainable.safetensors", "state.json"} | {
-            f"rng-rank{r}.{ext}" for r in range(self.world) for ext in ("safetensors", "json")}
+        expected = set(_loaded_files(self.world))
         present = {f.name for f in staging.iterdir()}
         if expected - present:
             raise CheckpointError(f"{staging}: ranks did not write {sorted(expected - present)}; "
@@ -285,14 +307,15 @@ class Checkpointer:
         return committed_checkpoints(self.run_dir)
 
     def verify(self, path: Path) -> dict:
-        """The manifest of checkpoint `path` if every file matches its recorded checksum."""
+        """The manifest of checkpoint `path` if it lists every file the loader reads, each matching its checksum."""
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: no readable manifest.json ({e}); not a complete checkpoint") from None
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')}, this version reads {FORMAT}")
-        for name, meta in manifest["files"].items():
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise CheckpointError(f"{path}: checkpoint format {found}, this version reads {FORMAT}")
+        for name, meta in _listed_files(path, manifest).items():
             f = path / name
             if not f.is_file() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
                 raise CheckpointError(f"{path}: {name} is missing or does not match its checksum")
@@ -306,12 +329,18 @@ class Checkpointer:
             path = Path(mode)
             self.verify(path)
             return path
+        rejected = []
         for step, path in reversed(self.committed()):
             try:
                 self.verify(path)
                 return path
             except CheckpointError as e:
                 self._say(f"skipping {e}; trying an older checkpoint")
+                rejected.append(str(e))
+        if rejected:  # starting over here would also wipe the metrics the checkpoints belong to
+            raise CheckpointError(f"resume.mode=auto: every checkpoint in {self.dir} was rejected: "
+                                  f"{'; '.join(rejected)}; fix or remove them, or set resume.mode=never "
+                                  "to start over (it moves the earlier run aside)")
         return None
 
     def _agree_on_checkpoint(self) -> Path | None:

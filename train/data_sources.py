@@ -104,13 +104,21 @@ def source_files(d: DictConfig, split: str) -> list[Path] | None:
     return local_files(d.path, split)
 
 
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def source_fingerprint(d: DictConfig, split: str) -> str:
-    """Identity of the raw data of `split`: file paths, sizes and mtimes, or the hub name and revision."""
+    """Identity of the raw data of `split`: the files' paths and bytes, or the hub name and revision.
+
+    Content, not mtime: an edit in place that keeps the size and mtime is still a new dataset.
+    """
     files = source_files(d, split)
     if files is None:
         ident = {"hub": hub_id(d), "revision": d.revision, "split": split}
     else:
-        ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        ident = [(str(f.resolve()), _file_digest(f)) for f in files]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
 
 
@@ -126,9 +134,9 @@ def _load_local(d: DictConfig, files: list[Path]):
     for f in files:
         check_file(f)
     builder = LOADERS[files[0].suffix]
-    try:
+    try:  # datasets keys local files on mtime alone; we get here only when their content is new to our cache
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     cache_dir=_hf_cache(d))
+                                     cache_dir=_hf_cache(d), download_mode="force_redownload")
     except Exception as e:  # Arrow's errors name neither the key nor the fix
         names = ", ".join(str(f) for f in files)
         raise DataError(f"data.path={d.path}: could not read {names} as {builder} "

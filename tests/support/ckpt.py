@@ -3,6 +3,7 @@ tests)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -64,3 +65,21 @@ def checkpointer(run_dir: Path, training: Training | None = None, fingerprints: 
     """A Checkpointer of `training`'s states (a fresh Training when None) in run_dir."""
     states = (training or Training(seed=7)).states
     return Checkpointer(make_cfg(run_dir, **cfg), run_dir, OneProcess(), states=states, fingerprints=fingerprints)
+
+
+def edit_manifest(path: Path, edit) -> None:
+    """Rewrite checkpoint `path`'s manifest.json as `edit(manifest)` leaves it (in place)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def saved_steps(run_dir: Path, steps) -> list[Path]:
+    """Train one step before each of `steps` and save it; the checkpoints' directories (keep_last is 2)."""
+    t = Training()
+    ck = checkpointer(run_dir, t)
+    paths = []
+    for step in steps:
+        t.steps(1)
+        paths.append(ck.save(step))
+    return paths

@@ -5,12 +5,13 @@ crash tests (tests/integration) run a save in a subprocess."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, make_cfg
+from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
 from lora_launch.run.rundir import rewind_metrics, set_aside_previous
 from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
 from lora_launch.train.state import ScalerState
@@ -137,6 +138,58 @@ def test_uncommitted_and_corrupt_checkpoints_are_never_loaded(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="trainable.safetensors"):
         checkpointer(tmp_path, mode=str(ckpt / "step-2")).load()
+
+
+def test_a_manifest_must_checksum_every_file_the_loader_reads(tmp_path, capsys):
+    old, new = saved_steps(tmp_path, (1, 2))
+    # a stale trainable.safetensors copied in, and the manifest no longer lists it: still loadable before
+    (new / "trainable.safetensors").write_bytes((old / "trainable.safetensors").read_bytes())
+    edit_manifest(new, lambda m: m["files"].pop("trainable.safetensors"))
+    assert checkpointer(tmp_path).load() == 1  # the older good one
+    assert "step-2: manifest.json does not list trainable.safetensors with its size and sha256" in \
+        capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="step-2: manifest.json does not list trainable.safetensors"):
+        checkpointer(tmp_path, mode=str(new)).load()
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda m: m.update(files={}), "lists no files"),
+    (lambda m: m.pop("files"), "lists no files"),
+    (lambda m: m.update(files=[]), "lists no files"),
+    (lambda m: m["files"]["state.json"].pop("sha256"), "does not list state.json with its size and sha256"),
+    (lambda m: m.update(world_size=2), r"does not list rng-rank1\.safetensors"),  # rank 1's RNG never listed
+    (lambda m: m["files"].pop("rng-rank0.json"), r"does not list rng-rank0\.json"),
+    (lambda m: m.pop("world_size"), "has no usable world_size .None."),
+    (lambda m: m.update(world_size=0), "has no usable world_size .0."),
+    (lambda m: m.update(world_size="1"), "has no usable world_size ..1.."),
+], ids=["empty", "no-files", "files-a-list", "no-sha256", "rank-1-unlisted", "rng-json-unlisted", "no-world-size",
+        "world-size-0", "world-size-str"])
+def test_an_incomplete_manifest_is_rejected_naming_the_file(tmp_path, edit, reason):
+    (path,) = saved_steps(tmp_path, (1,))
+    checkpointer(tmp_path).verify(path)
+    edit_manifest(path, edit)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: manifest.json {reason}"):
+        checkpointer(tmp_path).verify(path)
+
+
+def test_a_missing_rng_file_of_a_rank_is_rejected(tmp_path):
+    (path,) = saved_steps(tmp_path, (1,))
+    (path / "rng-rank0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="step-1: rng-rank0.safetensors is missing or does not match"):
+        checkpointer(tmp_path).verify(path)
+
+
+def test_when_every_checkpoint_is_rejected_auto_refuses_to_start_over(tmp_path):
+    paths = saved_steps(tmp_path, (1, 2))
+    edit_manifest(paths[0], lambda m: m.update(files={}))
+    (paths[1] / "state.json").write_text("{}")
+    with pytest.raises(CheckpointError) as e:
+        checkpointer(tmp_path).load()
+    message = str(e.value)
+    assert "\n" not in message and "every checkpoint in" in message and "resume.mode=never" in message
+    assert f"{paths[1]}: state.json is missing or does not match its checksum" in message
+    assert f"{paths[0]}: manifest.json lists no files" in message
+    assert checkpointer(tmp_path, mode="never").load() is None  # the way to start over
 
 
 def test_mismatch_is_refused_naming_the_key_unless_allowed(tmp_path):

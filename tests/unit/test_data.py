@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -269,6 +270,24 @@ def test_fingerprint_follows_the_tokens(tiny, tok, tmp_path):
     a = dataset_fingerprint(build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok))
     b = dataset_fingerprint(build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.train_on_prompt=true"), tok))
     assert a != b and len(a) == 64
+
+
+def test_an_edit_in_place_keeping_size_and_mtime_is_tokenised_again(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0")
+    fingerprint = data_sources.source_fingerprint(cfg.data, "train")
+    first = build_splits(cfg, tok)
+    assert data_sources.source_fingerprint(cfg.data, "train") == fingerprint  # nothing changed, nor the key
+
+    st = path.stat()
+    path.write_text(path.read_text().replace("Reverse:", "Mirror: "))  # same length: same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert data_sources.source_fingerprint(cfg.data, "train") != fingerprint
+    second = build_splits(cfg, tok)
+    assert dataset_fingerprint(second) != dataset_fingerprint(first)
+    text = tok.decode(second.train[0]["input_ids"])
+    assert "Mirror" in text and "Reverse" not in text
 
 
 # ---- packing and length grouping ----------------------------------------------------------------

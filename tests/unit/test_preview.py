@@ -25,7 +25,7 @@ LLAMA2_7B = 2 * 32000 * 4096 + 32 * (LAYER_LINEAR + 2 * 4096) + 4096
 @pytest.fixture(scope="module")
 def shape_7b():
     cfg = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused"])
-    return pv.model_shape(pv._model_config(cfg), ["q_proj", "v_proj"], 64)
+    return pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], 64)
 
 
 def test_7b_parameters_counted_exactly(shape_7b):
@@ -39,7 +39,7 @@ def test_7b_parameters_counted_exactly(shape_7b):
 def test_all_linear_lora_count(shape_7b):
     cfg = compose(["model=llama2_7b_random", "run.dir=/tmp/unused"])
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    shape = pv.model_shape(pv._model_config(cfg), modules, 16)
+    shape = pv.model_shape(pv.model_config(cfg), modules, 16)
     assert shape.lora_params == 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
 
 
