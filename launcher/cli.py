@@ -25,8 +25,21 @@ def _job(cfg: DictConfig) -> float | int:
         cfg.run.dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from lora_launch.launcher.sweep import run_trial, summarize
+        from lora_launch.launcher.sweep import remove_unused_sweep_dir, run_trial, summarize
 
+        if cfg.launcher.name == "slurm":  # each trial would be an sbatch that returns at once
+            print("error: a sweep (-m) cannot use launcher=slurm: sweeps run their trials locally, one after "
+                  "another; use launcher=local (e.g. inside one Slurm job), or submit one job per trial",
+                  file=sys.stderr)
+            _remove_if_unused(Path(cfg.run.dir))
+            remove_unused_sweep_dir(Path(hydra_cfg.sweep.dir))
+            sys.exit(2)
+        if cfg.preview:  # each trial's plan is printed; nothing is recorded, so a real run later trains them all
+            try:
+                return _launch(cfg, overrides)
+            finally:
+                _remove_if_unused(Path(cfg.run.dir))
+                remove_unused_sweep_dir(Path(hydra_cfg.sweep.dir))
         try:
             # the trial's best eval loss is what a sweeper (e.g. Optuna) minimises
             return run_trial(Path(cfg.run.dir), overrides, lambda: _launch(cfg, overrides),
@@ -131,6 +144,12 @@ def _main() -> None:
     register()
     register_resolvers()
     hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(_job)()
+    from lora_launch.launcher.sweep import FAILED_TRIALS  # filled only by a sweep's trials
+
+    if FAILED_TRIALS:
+        print(f"sweep: {len(FAILED_TRIALS)} trial(s) failed: {', '.join(FAILED_TRIALS)} (see the sweep's "
+              "summary.md)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
 named from the command line and each trial dir from its swept values, so re-running the same
 command finds the same dirs: finished trials are skipped, interrupted ones resume from their
 checkpoints, and the rest run. Each trial dir holds `trial.json` (status, launches, error).
+
+A trial is `completed` only when its launch exited 0 and its RUN/status.json says `finished`.
+A trial stopped with a checkpoint stops the sweep: `interrupted` (Ctrl-C, exit 130) or `preempted`
+(SIGTERM/SIGHUP, e.g. Slurm preempting the sweep's job; the sweep exits 0 so a requeue re-runs the
+same command, which resumes that trial).
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_launch.run.rundir import write_json
+from lora_launch.run.rundir import read_status, write_json
 
 TRIAL_FILE = "trial.json"
 INTERRUPTED = 130  # lora-launch's exit code after Ctrl-C stopped training with a checkpoint
+# names of the trials this process ran that failed: `lora-launch -m` exits 1 when there are any
+FAILED_TRIALS: list[str] = []
 _OPTUNA_PARAMS = "hydra.sweeper.params."
 _SWEEP_SYNTAX = re.compile(r",|^\w+\(|\b(range|choice|interval|glob)\(")
 
@@ -65,6 +72,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("trial_name", lambda overrides: trial_name(list(overrides)))
 
 
+def remove_unused_sweep_dir(sweep_dir: Path) -> None:
+    """Remove a sweep dir that holds nothing but the multirun.yaml Hydra wrote for a refused sweep."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        if {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+            (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+            sweep_dir.rmdir()
+            sweep_dir.parent.rmdir()  # sweeps/ itself, when this was its only sweep
+    except OSError:
+        pass
+
+
 # ---- one trial --------------------------------------------------------------------------------
 
 def read_trial(run_dir: Path) -> dict:
@@ -80,6 +99,7 @@ def run_trial(run_dir: Path, overrides: list[str], launch, continue_on_failure: 
     """Run one trial through `launch() -> returncode` unless it already finished; returns its best eval loss.
 
     A failed trial is recorded with its error and, unless told otherwise, does not stop the sweep.
+    A trial stopped with a checkpoint (Ctrl-C, or SIGTERM/SIGHUP) stops the sweep; a re-run resumes it.
     """
     run_dir = Path(run_dir)
     record = read_trial(run_dir)
@@ -99,15 +119,50 @@ def run_trial(run_dir: Path, overrides: list[str], launch, continue_on_failure: 
         rc, error = 2, f"{type(e).__name__}: {e}"
     record["launches"][-1].update(finished=time.time(), returncode=rc)
     record["wall_time"] = record.get("wall_time", 0.0) + (time.time() - t0)
-    record["status"] = "completed" if rc == 0 else "interrupted" if rc == INTERRUPTED else "failed"
-    if rc not in (0, INTERRUPTED):
-        record["error"] = error or _last_error(run_dir) or f"exit code {rc}"
+    status = read_status(run_dir)
+    started = record["launches"][-1]["started"]
+    record["status"] = trial_status(rc, status, started, record["launches"][0]["started"])
+    if record["status"] == "failed":
+        record["error"] = error or _unfinished_error(rc, status, started) or _last_error(run_dir) or f"exit code {rc}"
+        FAILED_TRIALS.append(run_dir.name)
+    else:
+        record.pop("error", None)  # an earlier launch's error, resumed past
     _write_trial(run_dir, record)
-    if rc == INTERRUPTED:  # Ctrl-C: the trial checkpointed; the sweep stops, a re-run continues it
-        raise SystemExit(rc)
-    if rc != 0 and not continue_on_failure:
-        raise SystemExit(rc)
+    if record["status"] in ("interrupted", "preempted"):
+        # stopped with a checkpoint: the sweep stops too; the same command resumes this trial, then the rest
+        print(f"sweep: stopped at {run_dir.name} ({record['status']}); run the same command to continue",
+              file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED if record["status"] == "interrupted" else 0)
+    if record["status"] == "failed" and not continue_on_failure:
+        raise SystemExit(rc or 1)
     return trial_row(run_dir)["best_eval_loss"]
+
+
+def trial_status(rc: int, status: dict, started: float, first_started: float) -> str:
+    """`completed`, `preempted`, `interrupted` or `failed`, from a launch's exit code and RUN/status.json.
+
+    `started` is this launch's start, `first_started` the trial's first launch's: a `finished` status
+    written during an earlier launch of this trial counts too (the sweep was killed after the trial
+    finished but before it was recorded, and this launch found the run finished).
+    """
+    if rc == INTERRUPTED:
+        return "interrupted"
+    if rc != 0:
+        return "failed"
+    written = status.get("time", -math.inf)
+    if status.get("state") == "finished" and written >= first_started:
+        return "completed"
+    if status.get("state") == "preempted" and written >= started:
+        return "preempted"
+    return "failed"
+
+
+def _unfinished_error(rc: int, status: dict, started: float) -> str | None:
+    """Why a launch that exited 0 is not a completed trial."""
+    if rc != 0:
+        return None
+    state = status.get("state") if status.get("time", -math.inf) >= started else None
+    return f"launch exited 0 but training did not finish (status.json: {state or 'not written by this launch'})"
 
 
 def _last_error(run_dir: Path) -> str | None:

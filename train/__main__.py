@@ -112,9 +112,12 @@ def _quiet_third_party() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations of their own APIs
+    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")  # inductor's note to itself
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # recompiles when the final sample is generated
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split: ..."
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU. If you have GPU ..."

@@ -88,13 +88,26 @@ def test_sweep_killed_midway_resumes_without_training_any_trial_twice(tiny, tmp_
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
     result = lora_launch("-m", "lora.r=0,2", "train.max_steps=1", "sample.max_new_tokens=0", *tiny["overrides"],
                          f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # every trial ran (the failure did not stop the sweep), and the sweep's exit status says one failed
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 trial(s) failed: lora.r=0" in result.stderr
     rows = {r["trial"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))}
     assert rows["lora.r=0"]["status"] == "failed" and "lora.r" in rows["lora.r=0"]["error"]
     assert rows["lora.r=2"]["status"] == "completed" and math.isfinite(float(rows["lora.r=2"]["best_eval_loss"]))
 
     rebuilt = lora_launch("sweep-summary", str(tmp_path / "sweep"), timeout=120)
     assert rebuilt.returncode == 0 and "lora.r=2" in rebuilt.stdout
+
+
+def test_sweep_with_the_slurm_launcher_is_refused_before_anything_is_submitted(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = lora_launch("-m", "lora.r=2,4", "launcher=slurm", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+                         timeout=120)
+    assert result.returncode == 2
+    errors = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "launcher=slurm" in errors[0], result.stderr
+    assert "locally" in errors[0] and "launcher=local" in errors[0]
+    assert not sweep_dir.exists() and not list(tmp_path.glob("**/*.sbatch"))
 
 
 @pytest.mark.slow
