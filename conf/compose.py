@@ -29,3 +29,27 @@ def resolve_run(cfg: DictConfig) -> None:
     """Resolve every interpolation once (the run dir's timestamp included), then validate."""
     OmegaConf.resolve(cfg)
     validate(cfg)
+
+
+def composition_error(e: Exception) -> str:
+    """Hydra's and OmegaConf's composition errors (a block of lines ending in the search path) as one line."""
+    import re
+
+    from lora_launch.conf.schema import unknown_key
+
+    text = str(e)
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], re.M)
+        return f"{group}={option} is not a choice of {group}; choose one of: {', '.join(options)}"
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override:
+        return unknown_key(override.group(1))
+    merging = re.search(r"Error merging override (\S+)", text)
+    if merging and e.__cause__ is not None:
+        return f"{merging.group(1)}: {str(e.__cause__).strip().splitlines()[0]}"
+    parsing = re.search(r"Error parsing override '([^']*)'", text)
+    if parsing:
+        return f"cannot read the override {parsing.group(1)!r}: write key=value (e.g. lora.r=16)"
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__

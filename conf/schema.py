@@ -417,8 +417,28 @@ def _walk(prefix: str, schema_cls: type, node: DictConfig) -> None:
             _check_field(key, value, dict(f.metadata))
 
 
+def unknown_key(key: str) -> str:
+    """The message for a key the schema does not have, listing the keys its parent does have."""
+    parent = key.rpartition(".")[0]
+    root = OmegaConf.structured(Config)
+    node = OmegaConf.select(root, parent) if parent else root
+    known = ", ".join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ""
+    return f"{key} is not a key of the config" + (f" ({parent or 'the top level'} has: {known})" if known else "")
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Every key is one of the schema's: `+group.key=...` can append keys Hydra then lets through."""
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    except ConfigKeyError as e:
+        raise ConfigError(unknown_key(getattr(e, "full_key", None) or str(e).splitlines()[0])) from None
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check value ranges and cross-field rules; raise ConfigError naming the key."""
+    """Check keys, value ranges and cross-field rules; raise ConfigError naming the key."""
+    _check_keys(cfg)
     _walk("", Config, cfg)
     n = cfg.launcher.num_processes
     if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):

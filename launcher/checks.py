@@ -122,13 +122,21 @@ def check_lora_targets(config, targets: list[str]) -> None:
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
-    """The run dir exists (or can be made) and takes a file."""
+    """The run dir exists (or can be made) and takes a file; dirs made only to find out are removed again."""
+    run_dir = Path(run_dir)
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
             pass
     except OSError as e:
         raise ConfigError(f"run.dir={run_dir} is not writable ({e.strerror}); choose another run.dir") from None
+    finally:
+        for d in made:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:

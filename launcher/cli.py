@@ -118,6 +118,28 @@ def _check_run_dir_arg(argv: list[str]) -> None:
             sys.exit(2)
 
 
+def _compose_errors_in_one_line(args: list[str]) -> None:
+    """Compose once before Hydra does: a bad choice, key or value is then one line naming it, exit 2
+    (Hydra prints a block ending in its config search path). Sweeps and Hydra's flags are Hydra's."""
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lora_launch.conf.compose import compose, composition_error
+
+    try:
+        compose(args)
+    except ConfigError:
+        pass  # a value the schema refuses: the launch reports it (and cleans up) in one line itself
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {composition_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def main() -> None:
     """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
     try:
@@ -138,6 +160,7 @@ def _main() -> None:
         print(help_text())
         sys.exit(0)
     _check_run_dir_arg(sys.argv[1:])
+    _compose_errors_in_one_line(sys.argv[1:])
     # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
     # leave an existing run's files as they were; a launch records its command once its checks passed
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]

@@ -157,3 +157,21 @@ def test_preview_starts_nothing(tmp_path, tiny):
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
     assert (run / "config.yaml").read_text() == "earlier: run\n"
+
+
+@pytest.mark.parametrize("override,line", [
+    ("distributed=zero5", "error: distributed=zero5 is not a choice of distributed; choose one of: ddp, zero2, zero3"),
+    ("model=nosuch", "error: model=nosuch is not a choice of model; choose one of: llama2_7b, llama2_7b_random, tiny"),
+    ("lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
+    ("+lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
+    ("lora.r=abc", "error: lora.r=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("train.precision=bf16", "error: train.precision=bf16: Invalid value 'bf16', expected one of [auto, bfloat16"),
+    ("bogus", "error: cannot read the override 'bogus': write key=value"),
+])
+def test_composition_errors_are_one_line_naming_the_choice_or_key(tmp_path, override, line):
+    run = tmp_path / "run"
+    result = lora_launch(override, f"run.dir={run}", cwd=tmp_path, timeout=180)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(line), \
+        result.stderr[-2000:]
+    assert not run.exists()
