@@ -24,6 +24,7 @@ from lora_launch.launcher.supervise import Outcome, supervise
 from lora_launch.launcher.topology import Topology, run_plan
 from lora_launch.run.lock import RunLock, check_no_ranks, lock_path, ranks_lock_path
 from lora_launch.run.plan import RunPlan
+from lora_launch.run.process import signal_name
 from lora_launch.run.rundir import read_status, set_aside_previous, write_atomic
 
 
@@ -83,10 +84,6 @@ def _say(message: str, error: bool = False) -> None:
         pass
 
 
-def _signal_name(signum: int | None) -> str | None:
-    return None if signum is None else signal.Signals(signum).name
-
-
 def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
     """0 only for a run this launch finished or stopped with a checkpoint (130 for Ctrl-C); else non-zero.
 
@@ -98,7 +95,7 @@ def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
     if state == "finished":
         return 0
     if state == "preempted":
-        by = "Ctrl-C" if interrupted else _signal_name(outcome.signum) or status.get("signal", "a stop signal")
+        by = "Ctrl-C" if interrupted else signal_name(outcome.signum) or status.get("signal", "a stop signal")
         _say(f"stopped by {by} with a checkpoint at step {status['step']}; run the same command to continue")
         return 130 if interrupted else 0
     if outcome.killed:
@@ -106,7 +103,7 @@ def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
              f"the last one in {run_dir}/checkpoints", error=True)
         return 130
     if outcome.signum is not None:
-        _say(f"stopped by {'Ctrl-C' if interrupted else _signal_name(outcome.signum)} before training had anything "
+        _say(f"stopped by {'Ctrl-C' if interrupted else signal_name(outcome.signum)} before training had anything "
              "to save", error=True)
         return 130 if interrupted else 128 + outcome.signum
     if outcome.errors:  # a rank refused its input and said why in one line: that is the whole story

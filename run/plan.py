@@ -18,6 +18,15 @@ _DTYPES = ("bfloat16", "float16", "float32")
 _MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 
+def shape_from_env() -> tuple[int, int]:
+    """(nodes, processes per node) of the running launch, from WORLD_SIZE / LOCAL_WORLD_SIZE (1, 1 alone)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    return max(1, world // max(local, 1)), local
+
+
 def on_gpu_here() -> bool:
     """Whether this process sees a CUDA GPU."""
     import torch
@@ -73,11 +82,7 @@ class RunPlan:
     @classmethod
     def for_this_process(cls, cfg: DictConfig) -> "RunPlan":
         """The plan as a rank sees it: the launch's shape from the variables torchrun/accelerate set."""
-        import os
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        return cls.from_config(cfg, max(1, world // max(local, 1)), local)
+        return cls.from_config(cfg, *shape_from_env())
 
     @property
     def world_size(self) -> int:

@@ -14,6 +14,7 @@ from lora_launch.conf.schema import ConfigError, load
 from lora_launch.run import lock
 from lora_launch.run.process import (NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent, end_at_once_on_stop_signals,
                                      guard_output)
+from lora_launch.run.plan import shape_from_env
 from lora_launch.run.rundir import finished_step
 
 _held: list = []  # the locks this process holds for its whole life
@@ -35,9 +36,7 @@ def _env_int(*names: str, default: int = 0) -> int:
 
 def _node() -> tuple[int, int]:
     """(this node's rank, number of nodes), as the launch set them."""
-    world = _env_int("WORLD_SIZE", default=1)
-    local = _env_int("LOCAL_WORLD_SIZE", default=world)
-    return _env_int(NODE_RANK_ENV, "GROUP_RANK"), max(1, world // max(local, 1))
+    return _env_int(NODE_RANK_ENV, "GROUP_RANK"), shape_from_env()[0]
 
 
 def _supervised(run_dir: Path, node_rank: int, num_machines: int) -> bool:

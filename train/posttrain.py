@@ -23,10 +23,10 @@ from omegaconf import DictConfig, open_dict
 
 from lora_launch.run.rundir import atomic_dir, write_json
 from lora_launch.train.evaluate import complete, loss_sum
+from lora_launch.train.model import DTYPES
 
 from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class UsageError(ValueError):
