@@ -177,6 +177,17 @@ def check_finished_config(cfg: DictConfig) -> None:
                           "use another run.dir, or resume.mode=never to start over there")
 
 
+def check_data(cfg: DictConfig) -> None:
+    """Read, format and tokenise the data into the cache now, before any training process starts: a data
+    error is one line before launch, and the ranks read what this leaves in the cache."""
+    from lora_launch.data.samples import DataError, prepare
+
+    try:
+        prepare(cfg)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_given: bool) -> None:
     """Everything that can be known wrong before a process starts."""
     check_multinode_run_dir(cfg, topo, run_dir_given)

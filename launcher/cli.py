@@ -11,11 +11,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from lora_launch.conf.schema import ConfigError, register
-from lora_launch.launcher.checks import check_before_launch, check_finished_config, run_dir_given
+from lora_launch.launcher.checks import check_before_launch, check_data, check_finished_config, run_dir_given
 from lora_launch.conf.compose import resolve_run
 from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
-from lora_launch.run.rundir import finished_step
+from lora_launch.run.rundir import fault_message, finished_step
 
 
 def _job(cfg: DictConfig) -> float | int:
@@ -52,6 +52,13 @@ def _job(cfg: DictConfig) -> float | int:
         print(f"error: {e}", file=sys.stderr)
         _remove_if_unused(Path(cfg.run.dir))
         sys.exit(2)
+    except OSError as e:  # disk full or read-only while writing the launch files: one line, nothing lost
+        message = fault_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        _remove_if_unused(Path(cfg.run.dir))
+        sys.exit(2)
     if rc != 0:
         sys.exit(rc)  # run_node said why
     return rc
@@ -85,6 +92,7 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
     if cfg.launcher.name == "slurm":
         from lora_launch.launcher.slurm import submit
 
+        check_data(cfg)  # here, not minutes later in the queue
         return submit(cfg, topo, plan)
     from lora_launch.launcher.node import run_node
 
@@ -94,6 +102,7 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
         print(f"{run_dir}: this run already finished at step {done}; nothing to do "
               "(resume.mode=never starts it over)", flush=True)
         return 0
+    check_data(cfg)
     return run_node(cfg, topo, plan)
 
 

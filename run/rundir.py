@@ -15,6 +15,7 @@ then a rename), so a reader sees a whole file or the old one, also when nodes sh
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -31,6 +32,31 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ---- atomic writes --------------------------------------------------------------------------------
+
+# what to do about a file system fault, by errno: the user's to fix, so one line, not a traceback
+_FAULT_HINTS = {
+    errno.ENOSPC: "free space there or choose another run.dir / data.cache_dir",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose another run.dir / data.cache_dir",
+    errno.EFBIG: "a file size limit (ulimit -f) was reached: raise it or choose another run.dir",
+    errno.EROFS: "the file system is read-only: choose another run.dir / data.cache_dir",
+    errno.EACCES: "make it writable or choose another run.dir / data.cache_dir",
+    errno.EPERM: "make it writable or choose another run.dir / data.cache_dir",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter run.dir",
+}
+
+
+def fault_message(e: OSError) -> str | None:
+    """One line for a file system fault the user can fix (disk full, read-only, permissions, a path too
+    long), naming the file; None for anything else, which is a bug and keeps its traceback."""
+    hint = _FAULT_HINTS.get(e.errno)
+    if hint is None:
+        return None
+    name = str(e.filename or "")
+    if len(name) > 200:  # a path of thousands of characters would drown the message
+        name = f"{name[:80]}...{name[-80:]} ({len(name)} characters)"
+    where = f"{name}: " if name else ""
+    return f"{where}{e.strerror or os.strerror(e.errno)}; {hint}"
+
 
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (a directory: so the renames in it are durable)."""

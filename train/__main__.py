@@ -15,7 +15,7 @@ from lora_launch.run import lock
 from lora_launch.run.process import (NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent, end_at_once_on_stop_signals,
                                      guard_output)
 from lora_launch.run.plan import shape_from_env
-from lora_launch.run.rundir import finished_step
+from lora_launch.run.rundir import fault_message, finished_step
 
 _held: list = []  # the locks this process holds for its whole life
 
@@ -152,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the run dir cannot take the rank's log or lock
+        message = fault_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     _quiet_third_party()
     from lora_launch.train.checkpoint import CheckpointError
-    from lora_launch.train.data import DataError
+    from lora_launch.data.templates import DataError
     from lora_launch.train.loop import Trainer
 
     trainer = None
@@ -163,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()  # loads the checkpoint first: a refused or damaged one is one line too
     except (CheckpointError, DataError) as e:  # bad data or checkpoint: one line, nothing of the run lost
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only, permissions: committed checkpoints stay as they were
+        message = fault_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
         if trainer is not None:

@@ -94,7 +94,7 @@ def _crash_point(phase: str, step: int, rank: int) -> None:
 
 def fingerprints(splits, tokenizer, model) -> dict:
     """Hashes of the tokenised dataset and tokenizer, and the base model's and adapters' shapes."""
-    from lora_launch.train.data import dataset_fingerprint
+    from lora_launch.data.samples import dataset_fingerprint
 
     vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
     base = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
@@ -241,13 +241,17 @@ class Checkpointer:
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
         rng = states["rng"]
-        _save_tensors(staging / f"rng-rank{self.rank}.safetensors", rng["tensors"])
-        write_json(staging / f"rng-rank{self.rank}.json", {k: v for k, v in rng.items() if k != "tensors"},
-                   fsync=True)
-        if self.main:
-            tensors, state = _shared_files(states, self.world)
-            _save_tensors(staging / "trainable.safetensors", tensors)
-            write_json(staging / "state.json", state, fsync=True)
+        try:
+            _save_tensors(staging / f"rng-rank{self.rank}.safetensors", rng["tensors"])
+            write_json(staging / f"rng-rank{self.rank}.json", {k: v for k, v in rng.items() if k != "tensors"},
+                       fsync=True)
+            if self.main:
+                tensors, state = _shared_files(states, self.world)
+                _save_tensors(staging / "trainable.safetensors", tensors)
+                write_json(staging / "state.json", state, fsync=True)
+        except OSError:  # a full disk: give back what this save took; the committed checkpoints are untouched
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         _crash_point("after_rank_write", step, self.rank)
         acc.wait_for_everyone()
         final = self._commit(staging, step) if self.main else self.dir / f"step-{step}"

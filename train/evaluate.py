@@ -8,7 +8,8 @@ import math
 import torch
 
 from lora_launch.train import fast
-from lora_launch.train.data import IGNORE, collate, model_inputs
+from lora_launch.data.samples import IGNORE
+from lora_launch.train.data import collate, model_inputs
 
 
 def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> torch.Tensor:

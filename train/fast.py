@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lora_launch.train.data import IGNORE
+from lora_launch.data.samples import IGNORE
 
 
 def compile_decoder_layers(model, dynamic: bool | None = None) -> int:

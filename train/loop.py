@@ -14,12 +14,14 @@ from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
 from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
-from lora_launch.train.data import IGNORE, build_splits, collate, micro_batch_positions, train_stream
+from lora_launch.data.samples import IGNORE, build_splits
+from lora_launch.data.tokenizer import load_tokenizer
+from lora_launch.train.data import collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
 from lora_launch.train import fast
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
-from lora_launch.train.model import apply_lora, load_base_model, load_tokenizer
+from lora_launch.train.model import apply_lora, load_base_model
 from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
 
 

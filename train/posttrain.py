@@ -73,7 +73,7 @@ def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None
 
 def generate(args: GenerateArgs) -> int:
     """Print the completion of `prompt` by base + adapter."""
-    from lora_launch.train.templates import prompt_text
+    from lora_launch.data.templates import prompt_text
 
     run = Path(args.run.dir)
     cfg = load_run(args.run.dir)
@@ -114,7 +114,7 @@ def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) ->
 
 def evaluate(args: EvalArgs) -> int:
     """Print (and write RUN/eval.json) the eval loss and perplexity of base + adapter."""
-    from lora_launch.train.data import build_splits
+    from lora_launch.data.samples import build_splits
 
     run = Path(args.run.dir)
     cfg = load_run(args.run.dir)
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
     """Run one subcommand: argv = [command, key=value, ...]; errors are one line and exit 2."""
     from lora_launch.conf.args import parse_args
     from lora_launch.conf.schema import ConfigError
-    from lora_launch.train.data import DataError
+    from lora_launch.data.templates import DataError
 
     command, rest = argv[0], argv[1:]
     try:

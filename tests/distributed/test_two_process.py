@@ -19,7 +19,8 @@ def _eval_loss_from_saved_adapter(run_dir: Path, base_dir: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_launch.conf.schema import load
-    from lora_launch.train.data import build_splits, collate
+    from lora_launch.data.samples import build_splits
+    from lora_launch.train.data import collate
     from lora_launch.train.evaluate import token_loss_sum
 
     cfg = load(str(run_dir / "config.yaml"))

@@ -19,7 +19,8 @@ def fake_run(tiny, run, *overrides):
     merging visibly changes the base model."""
     from peft import LoraConfig, get_peft_model
 
-    from lora_launch.train.model import load_base_model, load_tokenizer
+    from lora_launch.data.tokenizer import load_tokenizer
+    from lora_launch.train.model import load_base_model
 
     cfg = compose([*tiny["overrides"], f"run.dir={run}", "lora.target_modules=[q_proj,v_proj,down_proj]",
                    *overrides])

@@ -13,9 +13,9 @@ import torch
 
 from support.cli import REPO, subprocess_env
 from lora_launch.conf.compose import compose
-from lora_launch.train import data_sources
-from lora_launch.train.data import (IGNORE, DataError, SampleStream, build_splits, collate, dataset_fingerprint, pack,
-                        train_stream)
+from lora_launch.data import sources as data_sources
+from lora_launch.data.samples import IGNORE, DataError, build_splits, dataset_fingerprint, pack
+from lora_launch.train.data import SampleStream, collate, train_stream
 
 ROWS = [{"instruction": f"Reverse: {a} {b}", "input": "", "output": f"{b} {a}"}
         for a in ("cat", "dog", "sun", "red") for b in ("blue", "tree", "fish", "bird", "moon")]

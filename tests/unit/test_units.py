@@ -8,7 +8,8 @@ import torch
 from lora_launch.conf.schema import redact
 from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.conf.compose import compose
-from lora_launch.train.data import IGNORE, SampleStream, collate, micro_batch_positions, tokenize
+from lora_launch.data.samples import IGNORE, tokenize
+from lora_launch.train.data import SampleStream, collate, micro_batch_positions
 from lora_launch.run.plan import RunPlan, deepspeed_config
 
 

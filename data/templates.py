@@ -54,6 +54,20 @@ def required_columns(d: DictConfig) -> list[tuple[str, str]]:
     return [(field_key(k), field_name(d, k)) for k, req in FORMAT_FIELDS[d.format] if req]
 
 
+def check_columns(d: DictConfig, columns: list[str], where: str) -> None:
+    """Every column the format needs is there, or one line naming the missing one and what to set: the
+    format whose columns the data does have (e.g. data.format=text for a `text` column), else the key."""
+    missing = [(key, column) for key, column in required_columns(d) if column not in columns]
+    if not missing:
+        return
+    key, column = missing[0]
+    fits = [f for f in FORMAT_FIELDS if f != d.format
+            and all(field_name(d, k) in columns for k, req in FORMAT_FIELDS[f] if req)]
+    hint = (f"set data.format={fits[0]}" if fits
+            else f"set {key} to the column that holds it (data.format={d.format} reads it)")
+    raise DataError(f"{where}: no field {column!r} ({key}); fields present: {sorted(columns)}; {hint}")
+
+
 # ---- formats: record -> conversation -----------------------------------------------------------
 
 def _value(row: dict, d: DictConfig, key: str, where: str, required: bool = True) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lora_launch.train.templates import DataError
+from lora_launch.data.templates import DataError
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -51,6 +51,9 @@ def check_file(path: Path) -> None:
     if path.suffix == ".parquet":
         return
     _check_utf8(path)
+    with open(path, "rb") as f:
+        if not any(line.strip() for line in f):
+            raise DataError(f"{path}: the file is empty (no records); give a file with records in data.path")
     if path.suffix == ".jsonl":
         _check_jsonl(path)
     elif path.suffix == ".json":
@@ -124,19 +127,37 @@ def source_fingerprint(d: DictConfig, split: str) -> str:
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def _hf_cache(d: DictConfig) -> str | None:
-    return str(Path(d.cache_dir) / "hf") if d.cache_dir else None
+def cache_home(d: DictConfig) -> Path:
+    """This project's cache: data.cache_dir, $LORA_LAUNCH_CACHE or ~/.cache/lora-launch."""
+    root = d.cache_dir or os.environ.get("LORA_LAUNCH_CACHE") or Path.home() / ".cache" / "lora-launch"
+    return Path(root).expanduser()
+
+
+def _hf_cache(d: DictConfig, hub: bool) -> str | None:
+    """Where `datasets` keeps its Arrow files: for a hub dataset its usual cache (shared with other tools)
+    unless data.cache_dir is set; for local files, a scratch dir in this project's cache (read once per
+    content, so nothing of it is worth sharing, and it must not depend on a writable ~/.cache/huggingface)."""
+    if hub:
+        return str(Path(d.cache_dir) / "hf") if d.cache_dir else None
+    return str(cache_home(d) / "hf")
+
+
+def _quiet(datasets) -> None:
+    """No "Generating train split" bars for a file of a few MB; LORA_LAUNCH_VERBOSE=1 shows them."""
+    if not os.environ.get("LORA_LAUNCH_VERBOSE"):
+        datasets.disable_progress_bars()
 
 
 def _load_local(d: DictConfig, files: list[Path]):
     import datasets
 
+    _quiet(datasets)
     for f in files:
         check_file(f)
     builder = LOADERS[files[0].suffix]
     try:  # datasets keys local files on mtime alone; we get here only when their content is new to our cache
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     cache_dir=_hf_cache(d), download_mode="force_redownload")
+                                     cache_dir=_hf_cache(d, hub=False), download_mode="force_redownload")
     except Exception as e:  # Arrow's errors name neither the key nor the fix
         names = ", ".join(str(f) for f in files)
         raise DataError(f"data.path={d.path}: could not read {names} as {builder} "
@@ -146,9 +167,10 @@ def _load_local(d: DictConfig, files: list[Path]):
 def _load_hub(d: DictConfig, split: str):
     import datasets
 
+    _quiet(datasets)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
-        return datasets.load_dataset(hub_id(d), split=split, revision=d.revision, cache_dir=_hf_cache(d))
+        return datasets.load_dataset(hub_id(d), split=split, revision=d.revision, cache_dir=_hf_cache(d, hub=True))
     except Exception as e:
         hint = ("HF_HUB_OFFLINE is set and it is not in the local cache"
                 if offline else "check the name, the split and your network / HF_TOKEN")
