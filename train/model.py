@@ -32,8 +32,11 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
         arch = plain(cfg.model.arch)
         config = AutoConfig.for_model(**arch)
         torch.manual_seed(cfg.seed)
-        with device:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        if cfg.quant.mode == "nf4":
+            model = _random_4bit(cfg, config, device, common)
+        else:
+            with device:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     else:
         kwargs = dict(dtype=dtype, revision=cfg.model.revision, use_safetensors=True,
                       trust_remote_code=cfg.model.trust_remote_code, **common)
@@ -48,6 +51,57 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
     if cfg.quant.mode == "nf4" and device.type == "cpu":
         _keep_cpu_4bit_trainable(model)
     model.config.use_cache = False
+    return model
+
+
+def _random_4bit(cfg: DictConfig, config, device: torch.device, common: dict):
+    """A random-weight model whose linear layers are nf4, as from_pretrained with quant=nf4 gives.
+
+    Built one layer at a time: each linear weight is drawn on `device` in the compute dtype, quantised,
+    and freed before the next, so a shape whose bf16 weights would not fit the device (a 70B on one GPU)
+    still loads. lm_head, embeddings and norms stay unquantised, as transformers leaves them.
+    """
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    q = cfg.quant
+    compute = DTYPES[q.compute_dtype]
+    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=compute, **common)
+    std = getattr(config, "initializer_range", 0.02)
+    skip = set(model._keep_in_fp32_modules or []) | {"lm_head"}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or name in skip:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute, compress_statistics=q.double_quant, quant_type="nf4",
+                                      quant_storage=DTYPES.get(q.storage_dtype, torch.uint8), device="meta")
+            weight = torch.empty(child.out_features, child.in_features, dtype=compute, device=device).normal_(0, std)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=q.double_quant,
+                                             quant_type="nf4", quant_storage=layer.weight.quant_storage,
+                                             module=layer).to(device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=compute, device=device))
+            setattr(parent, name, layer)
+            del weight
+    for module in model.modules():  # what is left on meta: embeddings, norms, lm_head
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            value = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if param.ndim == 1:
+                value.fill_(1.0 if name == "weight" else 0.0)  # norm scales and biases
+            else:
+                value.normal_(0, std)
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buf.to(device)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.is_loaded_in_4bit = True  # what PEFT and prepare_model_for_kbit_training look for
+    model.config.quantization_config = _quantization_config(cfg)
     return model
 
 

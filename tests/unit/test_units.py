@@ -88,3 +88,27 @@ def test_secrets_never_reach_files():
     out = redact(tree)
     assert out["logging"]["wandb"]["api_key"] == "<redacted>" and out["hub"]["token"] == "<redacted>"
     assert out["sample"]["max_new_tokens"] == 5
+
+
+def test_random_init_with_nf4_is_quantised_and_trains():
+    """model=*_random quant=nf4 gives 4-bit linear layers (it used to train unquantised without a word);
+    LoRA wraps them, and a backward pass reaches the adapters only."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from lora_launch.train.model import apply_lora, load_base_model
+
+    cfg = compose(["model=llama2_7b_random", "quant=nf4", "model.arch.hidden_size=64", "model.arch.vocab_size=300",
+                   "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+                   "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=4"])
+    model = load_base_model(cfg, torch.device("cpu"))
+    linear4 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7 and not any("lm_head" in n for n in linear4)  # q k v o gate up down per layer
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    model = apply_lora(cfg, model)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - torch.log(torch.tensor(300.0)).item()) < 0.5  # random weights: about uniform
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
