@@ -331,7 +331,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = ranged(0, lo=0)  # 0: no periodic checkpoints
+    every_steps: int = ranged(500, lo=0)  # and the last step; 0: no periodic checkpoints
     keep_last: int = ranged(2, lo=1)
 
 

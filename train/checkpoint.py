@@ -4,6 +4,9 @@ loads a checkpoint back into those same parts.
 
 run.dir/checkpoints/ holds:
   step-N/                   a complete checkpoint; the rename from its staging name is the commit
+    adapter_config.json, adapter_model.safetensors
+                            the LoRA weights as a PEFT adapter, loadable as is (PeftModel.from_pretrained,
+                            evaluation harnesses); not read on resume
     trainable.safetensors   "trainable": full (unsharded) LoRA weights and optimizer state, by name
     state.json              "progress" (step, data position, tokens, epoch), the world size, "trainable"'s
                             optimizer step count, "scheduler", "scaler"
@@ -152,6 +155,16 @@ def _shared_files(states: dict, world: int) -> tuple[dict, dict]:
     return states["trainable"]["tensors"], state
 
 
+def _save_adapter(staging: Path, peft_model, tensors: dict) -> None:
+    """adapter_config.json and adapter_model.safetensors of the saved LoRA weights, named as PEFT names them."""
+    from peft import get_peft_model_state_dict
+
+    params = {name[len("param/"):]: t for name, t in tensors.items() if name.startswith("param/")}
+    adapter = get_peft_model_state_dict(peft_model, state_dict=params)
+    _save_tensors(staging / "adapter_model.safetensors", {k: v.contiguous() for k, v in adapter.items()})
+    peft_model.peft_config["default"].save_pretrained(str(staging))
+
+
 def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
     """The state dicts checkpoint `path` holds for `rank`, and its state.json."""
     state = json.loads((path / "state.json").read_text())
@@ -197,7 +210,8 @@ class Checkpointer:
     `states` maps the names in STATES (and "scaler") to Stateful parts; loading puts them back in that order.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator, states: dict, fingerprints: dict):
+    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator, states: dict, fingerprints: dict,
+                 adapter_of=None):
         if set(STATES) - set(states) or set(states) - {*STATES, "scaler"}:
             raise ValueError(f"a checkpoint holds the states {STATES} (and scaler), not {sorted(states)}")
         self.cfg = cfg
@@ -210,6 +224,7 @@ class Checkpointer:
         self.main = accelerator.is_main_process
         self.states = states
         self.fingerprints = fingerprints
+        self.adapter_of = adapter_of  # the PEFT model, for the adapter files of each checkpoint
         self.last_save: dict = {}  # {"step", "seconds", "bytes"} of the last save, for the log
 
     def _say(self, message: str) -> None:
@@ -249,6 +264,8 @@ class Checkpointer:
                 tensors, state = _shared_files(states, self.world)
                 _save_tensors(staging / "trainable.safetensors", tensors)
                 write_json(staging / "state.json", state, fsync=True)
+                if self.adapter_of is not None:
+                    _save_adapter(staging, self.adapter_of, tensors)
         except OSError:  # a full disk: give back what this save took; the committed checkpoints are untouched
             shutil.rmtree(staging, ignore_errors=True)
             raise

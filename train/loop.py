@@ -92,7 +92,8 @@ class Trainer:
         if scaler is not None:
             self.states["scaler"] = scaler
         identity = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
-        self.checkpointer = Checkpointer(cfg, self.run_dir, acc, states=self.states, fingerprints=identity)
+        self.checkpointer = Checkpointer(cfg, self.run_dir, acc, states=self.states, fingerprints=identity,
+                                         adapter_of=acc.unwrap_model(self.model))
         # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint
         self.stop = StopRequest(str(self.run_dir / f"rank{self.rank}.log"))
         self._stop = False
@@ -253,7 +254,9 @@ class Trainer:
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 evals.append(self._log_eval())
             stop = self._stop_requested()
-            self._save_checkpoint(force=stop)
+            # with periodic checkpoints on, the last step is saved too: its adapter is a checkpoint's like the rest
+            last = self.step == self.total_steps and self.checkpointer.every > 0
+            self._save_checkpoint(force=stop or last)
             if stop and self.step < self.total_steps:
                 self._record_stop()
                 return {"preempted_at": self.step, "seconds": time.perf_counter() - t_start}

@@ -125,3 +125,30 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
                "max_new_tokens=4").startswith("[INST] Reverse: cat dog sun [/INST]")
     assert "merged model" in cli("merge", f"run.dir={run}")
     assert (run / "merged" / "model.safetensors").is_file() and (run / "adapter").is_dir()
+
+
+def test_every_checkpoint_is_a_peft_adapter(tiny, tmp_path):
+    """checkpoints/step-N/ loads as is with PeftModel.from_pretrained, with the LoRA weights of that step;
+    with periodic checkpoints on, the last step is saved too, and its adapter is the final adapter/."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    done = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "checkpoint.every_steps=2",
+                       "checkpoint.keep_last=5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
+    final = None
+    for step in ("step-2", "step-3"):
+        ckpt = run / "checkpoints" / step
+        saved = {k[len("param/"):]: v for k, v in load_file(ckpt / "trainable.safetensors").items()
+                 if k.startswith("param/")}
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), ckpt)
+        loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        assert loaded.keys() == saved.keys()
+        for name, value in saved.items():
+            torch.testing.assert_close(loaded[name].detach(), value, rtol=0, atol=0)
+        final = logits_of(model, IDS)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), run / "adapter")
+    torch.testing.assert_close(logits_of(adapter, IDS), final, rtol=1e-5, atol=1e-5)
