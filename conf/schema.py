@@ -294,6 +294,13 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    enabled: bool = False
+    experiment: str = "lora-launch"
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = ranged(1, lo=1)
     progress_bar: bool = True
@@ -301,6 +308,7 @@ class LoggingConfig:
     # per-rank record of samples and weight digests (ranks/rank*.jsonl), for auditing sync
     rank_audit: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass

@@ -64,6 +64,13 @@ def check_nf4(cfg: DictConfig) -> None:
                           f"({type(e).__name__}: {first}); use quant=none") from None
 
 
+def check_trackers(cfg: DictConfig) -> None:
+    """A tracker asked for is installed (mlflow is an extra)."""
+    if cfg.logging.mlflow.enabled and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("logging.mlflow.enabled=true needs MLflow: `pip install lora-launch[mlflow]` "
+                          "(or mlflow), or set logging.mlflow.enabled=false")
+
+
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -196,6 +203,7 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     check_model(cfg)
     check_qlora_zero3(cfg)
     check_nf4(cfg)
+    check_trackers(cfg)
     check_run_dir_writable(Path(cfg.run.dir))
 
 

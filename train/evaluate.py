@@ -12,10 +12,20 @@ from lora_launch.data.samples import IGNORE
 from lora_launch.train.data import collate, model_inputs
 
 
-def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> torch.Tensor:
-    """Summed next-token cross-entropy over the unmasked labels (no host sync)."""
+def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum, hits: bool = False):
+    """Summed next-token cross-entropy over the unmasked labels (no host sync); with `hits`, also how many
+    of those tokens the model's top prediction gets right (for the mean token accuracy)."""
     logits = model(**model_inputs(batch)).logits  # packed rows: position_ids, no mask
-    return ce(logits, batch["labels"])
+    loss = ce(logits, batch["labels"])
+    if not hits:
+        return loss
+    return loss, correct_tokens(logits.detach(), batch["labels"])
+
+
+def correct_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many unmasked next tokens are the logits' argmax (a device scalar, no host sync)."""
+    target = labels[:, 1:]
+    return ((logits[:, :-1].argmax(-1) == target) & (target != IGNORE)).sum()
 
 
 def token_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> tuple[torch.Tensor, int]:

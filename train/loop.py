@@ -183,11 +183,13 @@ class Trainer:
         # (or DeepSpeed) divides by grad_accum and the gradient all-reduce averages over ranks
         scale = (self.world * cfg.train.grad_accum / counts[0].clamp(min=1.0)).float()
         loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=acc.device), None
+        hits_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for batch in batches:
             with acc.accumulate(self.model):
-                loss = forward_loss_sum(self.model, batch, self.loss_fn)
+                loss, hits = forward_loss_sum(self.model, batch, self.loss_fn, hits=True)
                 acc.backward(loss * scale)
                 loss_sum += loss.detach()
+                hits_sum += hits
                 if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
                 self.optimizer.step()
@@ -196,9 +198,9 @@ class Trainer:
         self.scheduler.step()
         # the stop flag rides on the step's one reduction: every rank learns if any rank got a stop signal
         flag = torch.tensor(float(self.stop.requested), dtype=torch.float64).to(acc.device, non_blocking=True)
-        totals = device_sum(acc, torch.stack([loss_sum, flag]))
+        totals = device_sum(acc, torch.stack([loss_sum, hits_sum, flag]))
         self._prefetch(self.position + self.global_batch)
-        global_loss, sigterm, global_targets, global_tokens = torch.cat([totals, counts]).tolist()
+        global_loss, global_hits, sigterm, global_targets, global_tokens = torch.cat([totals, counts]).tolist()
         self._stop = sigterm > 0
         self.step += 1
         self.position += self.global_batch
@@ -208,8 +210,11 @@ class Trainer:
                "tokens": int(global_tokens), "tokens_total": self.tokens_seen,
                "tokens_per_s": global_tokens / elapsed, "step_time": elapsed,
                "epoch": self.position / len(self.splits.train)}
+        row["token_accuracy"] = global_hits / max(global_targets, 1.0)
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        if acc.device.type == "cuda":  # this rank's peak since the start (the others' are alike)
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         return row
 
     # ---- evaluation -----------------------------------------------------------------------------
