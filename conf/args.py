@@ -33,13 +33,18 @@ class RunDir:
 class GenerateArgs:
     """Print base + adapter's completion of a prompt."""
     run: RunDir = arg(default_factory=RunDir)
-    prompt: Optional[str] = arg(None, "text to complete; null: the run's sample.prompt")
+    prompt: Optional[str] = arg(None, "a user message, written out with the run's template (raw with "
+                                      "template=false); null: the run's sample.prompt")
+    instruction: Optional[str] = arg(None, "instead of prompt: an instruction, with `input` as its input field")
+    input: str = arg("", "the input field that goes with `instruction`")
+    messages: Optional[str] = arg(None, "instead of prompt: a JSON file of [{role, content}, ...] ending with "
+                                        "a user turn")
     sample: bool = arg(False, "sample with temperature and top_p instead of greedy decoding")
     max_new_tokens: Optional[int] = arg(None, "tokens to generate; null: the run's sample.max_new_tokens")
     temperature: float = arg(0.7, "sampling temperature")
     top_p: float = arg(0.9, "nucleus sampling mass")
     seed: int = arg(0, "seed of the sampling")
-    template: bool = arg(False, "write the prompt through the run's data.template first")
+    template: bool = arg(True, "write the prompt out as the run's format and template did in training")
 
 
 @dataclass

@@ -70,12 +70,6 @@ class StorageDtype(Choice):
     float32 = "float32"
 
 
-class Attention(Choice):
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"
-
-
 class DataSource(Choice):
     demo = "demo"
     hub = "hub"
@@ -84,15 +78,19 @@ class DataSource(Choice):
 
 
 class DataFormat(Choice):
+    auto = "auto"
     text = "text"
     instruction = "instruction"
     messages = "messages"
+    sharegpt = "sharegpt"
+    prompt_completion = "prompt_completion"
     classification = "classification"
     summary = "summary"
     qa = "qa"
 
 
 class Template(Choice):
+    auto = "auto"
     llama2 = "llama2"
     alpaca = "alpaca"
     chatml = "chatml"
@@ -117,6 +115,9 @@ class QuantMode(Choice):
 
 class Optimizer(Choice):
     adamw_torch = "adamw_torch"
+    adamw_torch_fused = "adamw_torch_fused"
+    adamw_bnb_8bit = "adamw_bnb_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
     paged_adamw_32bit = "paged_adamw_32bit"
 
 
@@ -155,7 +156,9 @@ class ModelConfig:
     # LlamaConfig fields for random_init models (e.g. the 7B shape for benchmarks).
     arch: dict = field(default_factory=dict)
     dtype: AutoDtype = AutoDtype.auto
-    attn_implementation: Attention = Attention.sdpa
+    # any implementation transformers takes: sdpa, eager, flash_attention_2/3, flex_attention, a hub kernel
+    # (kernels-community/...); checked before launch by building the model on the meta device
+    attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
 
@@ -167,6 +170,9 @@ class DataFields:
     output: str = "output"
     system: str = "system"  # optional per-record system prompt
     messages: str = "messages"
+    conversations: str = "conversations"  # sharegpt: [{from: human|gpt|system, value}]
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"
     label: str = "label"
     document: str = "document"
     summary: str = "summary"
@@ -186,15 +192,17 @@ class DataConfig:
     path: Optional[str] = None
     revision: Optional[str] = None  # hub datasets: branch, tag or commit
     split: str = "train"
-    # `text`: pre-formatted text in `text_field`; `instruction` (alpaca instruction/input/output),
-    # `messages` (chat lists of {role, content}); task types `classification` (text_field + label),
-    # `summary` (document + summary), `qa` (context + question + answer)
-    format: DataFormat = DataFormat.instruction
+    # `auto`: picked from the fields present (messages, conversations, instruction + output, prompt +
+    # completion, text; said in one line); `text`: pre-formatted text in `text_field`; `instruction`
+    # (alpaca instruction/input/output), `messages` (chat lists of {role, content}), `sharegpt`
+    # (conversations of {from, value}), `prompt_completion` (prompt + completion, written as they are);
+    # task types `classification` (text_field + label), `summary` (document + summary), `qa`
+    format: DataFormat = DataFormat.auto
     text_field: str = "text"
     fields: DataFields = field(default_factory=DataFields)
-    # how structured formats are written out: `llama2` ([INST] … [/INST]), `alpaca`, `chatml`, or
-    # `tokenizer` (the tokenizer's own chat template)
-    template: Template = Template.llama2
+    # how structured formats are written out: `auto` (the tokenizer's chat template when it has one that
+    # masks cleanly, else chatml), `llama2` ([INST] … [/INST]), `alpaca`, `chatml`, `tokenizer`
+    template: Template = Template.auto
     system_prompt: Optional[str] = None
     task_instruction: Optional[str] = None  # classification/summary/qa: replaces the default instruction
     label_names: list = field(default_factory=list)  # classification: names of integer labels, listed in the prompt
@@ -215,7 +223,8 @@ class LoraConfig:
     r: int = ranged(8, lo=1)
     alpha: float = ranged(16.0, lo=0.0, lo_open=True)
     dropout: float = ranged(0.05, lo=0.0, hi=0.99)
-    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # module names (PEFT matches a name's last parts), or `all-linear`: every linear layer but the output head
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: LoraBias = LoraBias.none
 
 
@@ -233,7 +242,8 @@ class QuantConfig:
 
 @dataclass
 class OptimConfig:
-    # adamw_torch, or bitsandbytes' PagedAdamW32bit (the QLoRA recipe; unpaged on CPU)
+    # torch's AdamW (adamw_torch_fused: its fused kernel), or bitsandbytes' AdamW with 8-bit states
+    # (adamw_bnb_8bit, paged_adamw_8bit) or paged 32-bit states (the QLoRA recipe); paging is GPU-only
     name: Optimizer = Optimizer.adamw_torch
     lr: float = ranged(2e-4, lo=0.0, lo_open=True)
     weight_decay: float = ranged(0.0, lo=0.0)
@@ -365,7 +375,8 @@ class SweepConfig:
 
 @dataclass
 class SampleConfig:
-    prompt: str = "[INST] Where is Italy? [/INST]"
+    # a user message, written out with the run's template (raw for data.format=text)
+    prompt: str = "Where is Italy?"
     max_new_tokens: int = ranged(48, lo=0)
 
 
@@ -451,8 +462,7 @@ def validate(cfg: DictConfig) -> None:
     n = cfg.launcher.num_processes
     if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
         raise ConfigError(f"launcher.num_processes={n!r} must be a positive integer or 'auto'")
-    if not cfg.lora.target_modules:
-        raise ConfigError("lora.target_modules is empty: name at least one module (e.g. [q_proj,v_proj])")
+    lora_targets(cfg)
     if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
     if cfg.model.path is None and not cfg.model.random_init:
@@ -542,6 +552,23 @@ def plain(cfg: DictConfig) -> dict:
 def _is_secret(key: str) -> bool:
     k = str(key).lower()
     return k == "token" or k.endswith(("_token", "api_key", "apikey")) or "password" in k or "secret" in k
+
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_targets(cfg) -> str | list[str]:
+    """lora.target_modules as PEFT takes it: `all-linear`, or a non-empty list of module names."""
+    targets = cfg.lora.target_modules
+    if targets in (ALL_LINEAR, "all_linear"):
+        return ALL_LINEAR
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets) if targets is not None and not isinstance(targets, (int, float, bool)) else None
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules!r}: give module names (e.g. "
+                          f"[q_proj,v_proj]) or {ALL_LINEAR}")
+    return targets
 
 
 def redact(tree: Any) -> Any:

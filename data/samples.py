@@ -22,14 +22,15 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError, plain
 from lora_launch.data import sources
-from lora_launch.data.templates import DataError, check_columns, check_template, render
+from lora_launch.data.templates import (DataError, check_columns, check_template, render, resolve_format,
+                                        resolve_template, resolved)
 from lora_launch.run.rundir import atomic_path, write_json
 
 __all__ = ["IGNORE", "DataError", "SampleSet", "Splits", "build_splits", "dataset_fingerprint", "tokenize",
-           "pack", "cache_root", "prepare"]
+           "pack", "cache_root", "prepare", "as_trained"]
 
 IGNORE = -100
-CACHE_VERSION = 1  # bump when the tokenised layout or the templates change
+CACHE_VERSION = 2  # bump when the tokenised layout or the templates change
 BATCH = 1000  # records rendered and tokenised per call (fast tokenizers batch in Rust)
 
 
@@ -170,8 +171,9 @@ def _progress(total: int, show: bool):
     return tqdm(total=total, desc="tokenizing", unit="rec", disable=not show or total < 5 * BATCH)
 
 
-def _tokenize_rows(cfg: DictConfig, tok, ds, where: str, show: bool) -> tuple[SampleSet, dict]:
-    d, seq_len = cfg.data, cfg.train.seq_len
+def _tokenize_rows(cfg: DictConfig, d: DictConfig, tok, ds, where: str, show: bool) -> tuple[SampleSet, dict]:
+    """Render (under `d`, the data config with format and template resolved) and tokenise every row."""
+    seq_len = cfg.train.seq_len
     ids_l, labels_l, record, raw_len = [], [], [], []
     counts = {"ok": 0, "truncated": 0, "too_long": 0, "no_target": 0}
     bar = _progress(len(ds), show)
@@ -264,11 +266,14 @@ def tokenized_split(cfg: DictConfig, tok, split: str, show: bool) -> tuple[Sampl
         return cached[0], {**cached[1], "cache": "hit"}
     if ds is None:
         ds, columns, where = sources.load_rows(d, split)
+    fmt = resolve_format(d, columns, where)
+    d = resolved(d, fmt, resolve_template(d, tok) if fmt not in ("text", "prompt_completion") else str(d.template))
+    check_template(d, tok)
     check_columns(d, columns, where)
     if d.max_samples > 0:
         ds = ds.select(range(min(d.max_samples, len(ds))))
-    samples, stats = _tokenize_rows(cfg, tok, ds, where, show)
-    stats["source"] = where
+    samples, stats = _tokenize_rows(cfg, d, tok, ds, where, show)
+    stats.update(source=where, format=fmt, template=str(d.template), fields=sorted(columns))
     _check_nonempty(cfg, samples, stats)
     try:
         _save(path, samples, stats)
@@ -333,7 +338,9 @@ def pack(samples: SampleSet, seq_len: int, seed: int) -> SampleSet:
 def _report(cfg: DictConfig, stats: dict, splits: Splits) -> dict:
     lengths = np.concatenate([splits.train.lengths, splits.val.lengths]) if not cfg.data.packing \
         else splits.val.lengths
-    report = {"sources": stats, "seq_len": cfg.train.seq_len, "truncation": cfg.data.truncation,
+    first = next(iter(stats.values()))
+    report = {"format": first.get("format", "text"), "template": first.get("template"),
+              "sources": stats, "seq_len": cfg.train.seq_len, "truncation": cfg.data.truncation,
               "train_samples": len(splits.train), "val_samples": len(splits.val),
               "packing": bool(cfg.data.packing), "fingerprint": dataset_fingerprint(splits)}
     if cfg.data.packing:
@@ -344,7 +351,12 @@ def _report(cfg: DictConfig, stats: dict, splits: Splits) -> dict:
     return report
 
 
-def _announce(report: dict, run_dir: Path | None) -> None:
+def _announce(cfg: DictConfig, report: dict, run_dir: Path | None) -> None:
+    picked = [f"data.{key}=auto: {report[key]}" for key in ("format", "template") if cfg.data[key] == "auto"
+              and report.get(key) and not (key == "template" and report["format"] in ("text", "prompt_completion"))]
+    if picked:
+        fields = sorted(set().union(*(s.get("fields", []) for s in report["sources"].values())))
+        print(f"{', '.join(picked)} (fields present: {', '.join(fields)})", flush=True)
     for split, s in report["sources"].items():
         raw = s.get("raw_length", {})
         print(f"data [{split}] {s['source']}: {s['records']} records, {s['truncated']} truncated, "
@@ -357,6 +369,11 @@ def _announce(report: dict, run_dir: Path | None) -> None:
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "data_report.json", report, indent=2)
+
+
+def as_trained(d: DictConfig, report: dict) -> DictConfig:
+    """The data config with the format and template a run's data report says were used (for prompts)."""
+    return resolved(d, report.get("format", "text"), report.get("template") or str(d.template))
 
 
 def prepare(cfg: DictConfig) -> Splits:
@@ -390,7 +407,6 @@ def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool =
     if d.source == "synthetic":
         samples, stats = synthetic_samples(cfg, tok)
     else:
-        check_template(d, tok)
         samples, stats = tokenized_split(cfg, tok, d.split, main_process)
     all_stats = {d.split: stats}
     if d.val_split_name and d.source != "synthetic":
@@ -407,5 +423,5 @@ def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool =
         return splits
     splits.report = _report(cfg, all_stats, splits)
     if main_process and report:
-        _announce(splits.report, Path(cfg.run.dir) if cfg.run.dir else None)
+        _announce(cfg, splits.report, Path(cfg.run.dir) if cfg.run.dir else None)
     return splits

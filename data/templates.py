@@ -33,6 +33,8 @@ FORMAT_FIELDS = {
     "text": [("text_field", True)],
     "instruction": [("instruction", True), ("input", False), ("output", True), ("system", False)],
     "messages": [("messages", True)],
+    "sharegpt": [("conversations", True)],
+    "prompt_completion": [("prompt", True), ("completion", True)],
     "classification": [("text_field", True), ("label", True), ("system", False)],
     "summary": [("document", True), ("summary", True), ("system", False)],
     "qa": [("context", True), ("question", True), ("answer", True), ("system", False)],
@@ -52,6 +54,50 @@ def field_key(key: str) -> str:
 def required_columns(d: DictConfig) -> list[tuple[str, str]]:
     """(config key, column) pairs the configured format cannot do without."""
     return [(field_key(k), field_name(d, k)) for k, req in FORMAT_FIELDS[d.format] if req]
+
+
+# data.format=auto: the first format whose required fields the data has (classification is never
+# guessed: a text + label dataset may as well be for language modelling)
+AUTO_ORDER = ("messages", "sharegpt", "instruction", "prompt_completion", "qa", "summary", "text")
+FALLBACK_TEMPLATE = "chatml"  # data.template=auto for a tokenizer without a usable chat template
+
+
+def resolve_format(d: DictConfig, columns: list[str], where: str) -> str:
+    """data.format, or for `auto` the format the fields present call for (DataError when none fits)."""
+    if d.format != "auto":
+        return str(d.format)
+    for fmt in AUTO_ORDER:
+        if all(field_name(d, k) in columns for k, req in FORMAT_FIELDS[fmt] if req):
+            return fmt
+    wants = "; ".join(f"{fmt}: {' + '.join(field_name(d, k) for k, req in FORMAT_FIELDS[fmt] if req)}"
+                      for fmt in AUTO_ORDER)
+    raise DataError(f"{where}: data.format=auto found no known layout in the fields {sorted(columns)} ({wants}); "
+                    "set data.format, or point data.fields.* / data.text_field at your columns")
+
+
+def resolve_template(d: DictConfig, tok) -> str:
+    """data.template, or for `auto` the tokenizer's chat template when it has one whose turns render as
+    prefixes of each other (so prompts can be masked), else FALLBACK_TEMPLATE."""
+    if d.template != "auto":
+        return str(d.template)
+    if getattr(tok, "chat_template", None):
+        try:
+            _tokenizer_template(tok, None, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
+            return "tokenizer"
+        except Exception:  # noqa: BLE001 - a template that raises or does not nest: the fallback serves
+            pass
+    return FALLBACK_TEMPLATE
+
+
+def resolved(d: DictConfig, fmt: str, template: str) -> DictConfig:
+    """A copy of the data config with format and template as resolved."""
+    from omegaconf import OmegaConf, open_dict
+
+    out = OmegaConf.create(OmegaConf.to_container(d, resolve=True))
+    with open_dict(out):
+        out.format, out.template = fmt, template
+    return out
 
 
 def check_columns(d: DictConfig, columns: list[str], where: str) -> None:
@@ -117,11 +163,30 @@ def _messages(d: DictConfig, row: dict, where: str) -> Conversation:
     return system, turns
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def _sharegpt(d: DictConfig, row: dict, where: str) -> Conversation:
+    name = field_name(d, "conversations")
+    convo = row.get(name)
+    if not isinstance(convo, list) or not convo:
+        raise DataError(f"{where}: field {name!r} (data.fields.conversations) must be a non-empty list of "
+                        f"{{from, value}}; fields present: {sorted(row)}")
+    messages = []
+    for m in convo:
+        role = SHAREGPT_ROLES.get(m.get("from")) if isinstance(m, dict) else None
+        if role is None or not isinstance(m.get("value"), str):
+            raise DataError(f"{where}: turn {m!r} needs `from` (one of {sorted(SHAREGPT_ROLES)}) and a string `value`")
+        messages.append({"role": role, "content": m["value"]})
+    return _messages(d, {**row, field_name(d, "messages"): messages}, where)
+
+
 def to_conversation(d: DictConfig, row: dict, where: str) -> Conversation:
-    """The conversation of one record under `data.format` (not used for `text`)."""
+    """The conversation of one record under `data.format` (not used for `text` and `prompt_completion`)."""
     fmt = d.format
-    if fmt == "messages":
-        system, turns = _messages(d, row, where)
+    if fmt in ("messages", "sharegpt"):
+        system, turns = (_messages if fmt == "messages" else _sharegpt)(d, row, where)
         return system or d.system_prompt, turns
     system = _value(row, d, "system", where, required=False) or d.system_prompt
     if fmt == "instruction":
@@ -232,18 +297,33 @@ def _text_segments(d: DictConfig, tok, row: dict, where: str) -> Segments:
     return [(bos + text + eos, True)]
 
 
+def _prompt_completion_segments(d: DictConfig, tok, row: dict, where: str) -> Segments:
+    """Prompt and completion written as they are (no template), BOS before, EOS after; the loss on the
+    completion (as TRL treats a standard prompt-completion dataset)."""
+    prompt, completion = _value(row, d, "prompt", where), _value(row, d, "completion", where)
+    return [((tok.bos_token or "") + prompt, False), (completion + (tok.eos_token or ""), True)]
+
+
 def render(d: DictConfig, tok, row: dict, where: str) -> Segments:
-    """The (text, is_response) segments of one record under data.format and data.template."""
+    """The (text, is_response) segments of one record under data.format and data.template (resolved)."""
     if d.format == "text":
         return _text_segments(d, tok, row, where)
+    if d.format == "prompt_completion":
+        return _prompt_completion_segments(d, tok, row, where)
     system, turns = to_conversation(d, row, where)
     return TEMPLATES[d.template](tok, system, turns)
 
 
-def prompt_text(d: DictConfig, tok, user: str) -> str:
-    """A user message written out as the run's template writes prompts (for generation)."""
-    if d.format == "text":
-        return user
-    segs = TEMPLATES[d.template](tok, d.system_prompt, [{"role": "user", "content": user},
-                                                        {"role": "assistant", "content": ""}])
-    return segs[0][0]
+def prompt_text(d: DictConfig, tok, user: str | list[dict], input_text: str = "") -> str:
+    """A prompt written out as the run's (resolved) format and template write prompts, for generation:
+    a user message (with an optional separate input, as the instruction format has), or a list of
+    {role, content} messages ending with a user turn."""
+    if d.format in ("text", "prompt_completion"):
+        return user if isinstance(user, str) else user[-1]["content"]
+    if isinstance(user, str):
+        system, turns = d.system_prompt, [{"role": "user", "content": user, "input": input_text}]
+    else:
+        system = next((m["content"] for m in user if m.get("role") == "system"), d.system_prompt)
+        turns = [{"role": m["role"], "content": m["content"]} for m in user if m.get("role") != "system"]
+    segs = TEMPLATES[d.template](tok, system, [*turns, {"role": "assistant", "content": ""}])
+    return "".join(text for text, _ in segs[:-1])

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
-from lora_launch.conf.schema import ConfigError
+from lora_launch.conf.schema import ALL_LINEAR, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan
@@ -104,28 +104,42 @@ def check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.path={m.path}: cannot read its config here ({first}); with HF_HUB_OFFLINE=1 "
                           "a hub model must already be in the local cache: download it once, or give a "
                           "local directory") from None
-    check_lora_targets(config, list(cfg.lora.target_modules))
+    model = _meta_model(config, str(cfg.model.attn_implementation))
+    if model is not None:
+        check_lora_targets(model, config.model_type, lora_targets(cfg))
 
 
-def check_lora_targets(config, targets: list[str]) -> None:
-    """Each lora.target_modules name is a module of the model (as PEFT matches: the name's last parts)."""
-    if any(t in ("all-linear", "all_linear") for t in targets):
-        return
+def _meta_model(config, attn_implementation: str):
+    """The model of `config` on the meta device (no memory, no weights), built with the attention
+    implementation asked for, which transformers checks here (installed kernels, architecture support);
+    None for an architecture this transformers cannot build (PEFT and the load will say)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, ImportError):  # an architecture this transformers cannot build: PEFT will say
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except (ValueError, ImportError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "attn" in str(e).lower() or "attention" in str(e).lower() or attn_implementation in str(e):
+            raise ConfigError(f"model.attn_implementation={attn_implementation}: not usable here ({first}); "
+                              "use sdpa or eager, or install what it needs") from None
+        return None
+
+
+def check_lora_targets(model, model_type: str, targets) -> None:
+    """Each lora.target_modules name is a module of the model (as PEFT matches: the name's last parts)."""
+    import torch
+
+    if targets == ALL_LINEAR:
         return
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
                          if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head")})
-        raise ConfigError(f"lora.target_modules: {missing} not in this {config.model_type} model; its linear "
-                          f"layers are {linear}")
+        raise ConfigError(f"lora.target_modules: {missing} not in this {model_type} model; its linear "
+                          f"layers are {linear} (or use lora.target_modules={ALL_LINEAR})")
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -195,12 +209,20 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_attention_device(cfg: DictConfig, plan: RunPlan) -> None:
+    """flex_attention trains on GPUs only (torch has no backward for it on CPU)."""
+    if str(cfg.model.attn_implementation) == "flex_attention" and not plan.on_gpu:
+        raise ConfigError("model.attn_implementation=flex_attention: torch has no backward for it on CPU; "
+                          "use sdpa or eager here")
+
+
 def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_given: bool) -> None:
     """Everything that can be known wrong before a process starts."""
     check_multinode_run_dir(cfg, topo, run_dir_given)
     check_resume_config(cfg)
     check_global_batch(cfg, plan)
     check_model(cfg)
+    check_attention_device(cfg, plan)
     check_qlora_zero3(cfg)
     check_nf4(cfg)
     check_trackers(cfg)

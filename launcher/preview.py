@@ -25,6 +25,7 @@ import yaml
 from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
+from lora_launch.conf.schema import ALL_LINEAR, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
 
@@ -57,11 +58,13 @@ def model_config(cfg: DictConfig):
                                       trust_remote_code=False)
 
 
-def _targets(name: str, target_modules: list[str]) -> bool:
+def _targets(name: str, target_modules: str | list[str]) -> bool:
+    if target_modules == ALL_LINEAR:  # every linear layer but the output head (the caller's filter)
+        return True
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def model_shape(config, target_modules: list[str], r: int) -> ModelShape:
+def model_shape(config, target_modules: str | list[str], r: int) -> ModelShape:
     """Exact parameter counts of `config`'s causal LM, built on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -182,9 +185,14 @@ def _gib(x: float) -> str:
 
 def _shape_or_none(cfg: DictConfig) -> tuple[ModelShape | None, str]:
     try:
-        return model_shape(model_config(cfg), list(cfg.lora.target_modules), cfg.lora.r), ""
+        return model_shape(model_config(cfg), lora_targets(cfg), cfg.lora.r), ""
     except (OSError, ValueError) as e:
         return None, f"model shape unknown ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+def _target_names(cfg: DictConfig) -> str:
+    targets = lora_targets(cfg)
+    return targets if targets == ALL_LINEAR else ", ".join(targets)
 
 
 def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]) -> str:
@@ -212,7 +220,7 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
         mem = memory_estimate(cfg, shape, plan)
         chosen = "with" if mem.grad_ckpt else "without"
         out += ["", "# model", f"parameters {shape.total_params:,} ({shape.quantisable_params:,} in decoder linears)",
-                f"LoRA parameters {shape.lora_params:,} (r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)})",
+                f"LoRA parameters {shape.lora_params:,} (r={cfg.lora.r} on {_target_names(cfg)})",
                 "", "# memory per GPU (estimate, excludes CUDA context)",
                 f"weights      {_gib(mem.weights)} ({cfg.quant.mode if cfg.quant.mode == 'nf4' else plan.model_dtype})",
                 f"lora+grads   {_gib(mem.lora)}", f"optimizer    {_gib(mem.optimizer)}",

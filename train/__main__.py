@@ -112,6 +112,7 @@ def _quiet_third_party() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations of their own APIs
     warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")  # inductor's note to itself
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # they run unpaged
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # recompiles when the final sample is generated
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only, permissions: committed checkpoints stay as they were
         message = fault_message(e)
         if message is None:
+            _record_failure(run_dir, trainer, e)
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2

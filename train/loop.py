@@ -14,7 +14,8 @@ from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
 from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
-from lora_launch.data.samples import IGNORE, build_splits
+from lora_launch.data.samples import IGNORE, as_trained, build_splits
+from lora_launch.data.templates import prompt_text
 from lora_launch.data.tokenizer import load_tokenizer
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
@@ -25,16 +26,20 @@ from lora_launch.train.model import apply_lora, load_base_model
 from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
 
 
+BNB_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
 def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
     """optim.name's AdamW over the trainable parameters."""
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                   weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.name == "paged_adamw_32bit":
+    name = str(cfg.optim.name)
+    if name in BNB_OPTIMIZERS:
         import bitsandbytes as bnb
 
-        # on CPU bitsandbytes runs it unpaged (it warns so at the first step)
-        return bnb.optim.PagedAdamW32bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, **kwargs)
+    return torch.optim.AdamW(params, fused=name == "adamw_torch_fused" or None, **kwargs)
 
 
 def make_scheduler(cfg: DictConfig, optimizer, steps: int):
@@ -267,10 +272,12 @@ class Trainer:
                 return {"preempted_at": self.step, "seconds": time.perf_counter() - t_start}
         evals.append(self._log_eval())
         self.save_adapter()
-        sample = self.generate_sample()
+        prompt, sample = self.generate_sample()
         self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
         if self.main:
-            write_atomic(self.run_dir / "sample.txt", f"{cfg.sample.prompt} {sample}\n")
+            bos = self.tokenizer.bos_token or ""
+            shown = prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+            write_atomic(self.run_dir / "sample.txt", f"{shown} {sample}\n")
             plot_loss(self.run_dir)
             write_status(self.run_dir, "finished", self.step)
         self.accelerator.wait_for_everyone()  # no rank exits (and lets a launcher read status.json) before it
@@ -320,15 +327,17 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def generate_sample(self) -> str:
-        """Greedy completion of sample.prompt by the trained model (every rank runs it, for ZeRO-3)."""
+    def generate_sample(self) -> tuple[str, str]:
+        """(prompt, greedy completion) of sample.prompt, written out with the run's template, by the trained
+        model (every rank runs it, for ZeRO-3)."""
         cfg = self.cfg
+        prompt = prompt_text(as_trained(cfg.data, self.splits.report), self.tokenizer, cfg.sample.prompt)
         if cfg.sample.max_new_tokens == 0:
-            return ""
+            return prompt, ""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        return complete(model, self.tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens,
-                        synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
+        return prompt, complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
+                                synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
 
     def close(self) -> None:
         self.log.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from lora_launch.conf.schema import plain
+from lora_launch.conf.schema import lora_targets, plain
 from lora_launch.run.plan import RunPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -128,6 +128,6 @@ def apply_lora(cfg: DictConfig, model):
         # inputs must require grad for checkpointed blocks to backprop into the adapters
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias=str(cfg.lora.bias),
+                      target_modules=lora_targets(cfg), bias=str(cfg.lora.bias),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

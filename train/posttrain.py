@@ -14,6 +14,7 @@ loads; a QLoRA run is merged into its dequantized base, the weights it was train
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -73,19 +74,49 @@ def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None
 
 def generate(args: GenerateArgs) -> int:
     """Print the completion of `prompt` by base + adapter."""
+    from lora_launch.data.samples import as_trained
     from lora_launch.data.templates import prompt_text
 
     run = Path(args.run.dir)
     cfg = load_run(args.run.dir)
+    message = _message(args, cfg)  # before loading the model: a bad messages file is said at once
     model, tok = load_model(cfg, run)
-    prompt = args.prompt if args.prompt is not None else cfg.sample.prompt
     if args.template:
-        prompt = prompt_text(cfg.data, tok, prompt)
+        prompt = prompt_text(as_trained(cfg.data, _data_report(run)), tok, message, input_text=args.input)
+    else:
+        prompt = message if isinstance(message, str) else message[-1]["content"]
     max_new = args.max_new_tokens or cfg.sample.max_new_tokens or 64
     text = complete(model, tok, prompt, max_new, sample=args.sample,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(prompt + text, flush=True)
+    bos = tok.bos_token or ""
+    print((prompt[len(bos):] if bos and prompt.startswith(bos) else prompt) + text, flush=True)
     return 0
+
+
+def _message(args: GenerateArgs, cfg) -> str | list[dict]:
+    """What to complete: `messages` (a JSON file), `instruction`, `prompt`, or the run's sample.prompt."""
+    if args.messages is not None:
+        try:
+            messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"messages={args.messages}: cannot read it as JSON ({e})") from None
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(
+                m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in messages)
+                and messages[-1]["role"] == "user"):
+            raise UsageError(f"messages={args.messages}: give a JSON list of {{role: system|user|assistant, "
+                             "content}} ending with a user turn")
+        return messages
+    if args.instruction is not None:
+        return args.instruction
+    return args.prompt if args.prompt is not None else cfg.sample.prompt
+
+
+def _data_report(run: Path) -> dict:
+    """The run's data report (which format and template it trained with); {} when it has none."""
+    try:
+        return json.loads((run / "data_report.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 # ---- merge ------------------------------------------------------------------------------------

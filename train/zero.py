@@ -56,6 +56,86 @@ class TorchAdapter:
 
     def full_trainable_state(self, model) -> tuple[dict, dict]:
         """Full LoRA weights and optimizer state on the CPU, as {"param/NAME", "optim/KEY/NAME"}, and the
+        optimizer's {"keys", "step"}. A collective under ZeRO: every rank calls it.
+
+        Read through the optimizer's own state_dict, so any torch optimizer's state is saved as it holds it
+        (bitsandbytes' 8-bit states with their quantisation maps and block scales included)."""
+        opt, names = self.torch_optimizer, {id(p): n for n, p in trainable(model)}
+        saved = opt.state_dict()["state"]  # keyed by position in param_groups order
+        out, keys, step = {}, set(), 0.0
+        for i, p in enumerate(self._params()):
+            name = names[id(p)]
+            out[f"param/{name}"] = p.detach().cpu().clone()
+            for k, v in _flat_state(saved.get(i, {})).items():
+                if k == "step":
+                    step = float(v)
+                elif torch.is_tensor(v):
+                    out[f"optim/{k}/{name}"] = v.detach().cpu().clone()
+                    keys.add(k)
+        return out, {"keys": sorted(keys), "step": step}
+
+    def load_full_trainable_state(self, model, tensors: dict, meta: dict) -> None:
+        """Put what full_trainable_state returned (by this or another adapter) into the model and optimizer."""
+        opt, names = self.torch_optimizer, {id(p): n for n, p in trainable(model)}
+        # torch's optimizers keep the step as a tensor, bitsandbytes' as an int
+        torch_step = type(opt).__module__.startswith("torch.")
+        state = {}
+        for i, p in enumerate(self._params()):
+            name = names[id(p)]
+            with torch.no_grad():
+                p.copy_(tensors[f"param/{name}"].to(p.device))
+            st = {k: tensors[f"optim/{k}/{name}"] for k in meta["keys"] if f"optim/{k}/{name}" in tensors}
+            if st:
+                st["step"] = torch.tensor(meta["step"], dtype=torch.float32) if torch_step else int(meta["step"])
+                state[i] = _nested_state(st)
+        current = opt.state_dict()
+        opt.load_state_dict({"state": state, "param_groups": current["param_groups"]})  # this run's lr etc.
+
+    def loss_scaler(self):
+        """DeepSpeed's loss scaler, with state_dict/load_state_dict; None here."""
+        return None
+
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters in param_groups order: the positions the optimizer's state_dict is keyed by."""
+        return [q for group in self.torch_optimizer.param_groups for q in group["params"]]
+
+
+def _flat_state(state: dict) -> dict:
+    """One parameter's optimizer state with nested dicts (bitsandbytes keeps its 8-bit buffers in one)
+    as `outer.inner` keys."""
+    flat = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def _nested_state(flat: dict) -> dict:
+    """The inverse of _flat_state."""
+    state: dict = {}
+    for k, v in flat.items():
+        outer, _, inner = k.partition(".")
+        if inner:
+            state.setdefault(outer, {})[inner] = v
+        else:
+            state[k] = v
+    return state
+
+
+class DeepSpeedAdapter(TorchAdapter):
+    """DeepSpeed ZeRO-1/2/3: the torch optimizer's state is keyed by ZeRO's fp32 partitions."""
+
+    def __init__(self, zero_optimizer, torch_optimizer: torch.optim.Optimizer):
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        super().__init__(torch_optimizer)
+        self.zero = zero_optimizer
+        self.stage3 = isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+    def full_trainable_state(self, model) -> tuple[dict, dict]:
+        """Full LoRA weights and optimizer state on the CPU, as {"param/NAME", "optim/KEY/NAME"}, and the
         optimizer's {"keys", "step"}. A collective under ZeRO: every rank calls it."""
         keys, step = self._layout()
         out = {}
@@ -72,58 +152,6 @@ class TorchAdapter:
         for name, p in trainable(model):
             states = {k: tensors[f"optim/{k}/{name}"].to(p.device) for k in keys}
             self._set_full(p, tensors[f"param/{name}"].to(p.device), states)
-
-    def loss_scaler(self):
-        """DeepSpeed's loss scaler, with state_dict/load_state_dict; None here."""
-        return None
-
-    # ---- what ZeRO does differently ----
-
-    def _full_param(self, p) -> torch.Tensor:
-        return p
-
-    def _full_optimizer_state(self, p, key: str) -> torch.Tensor:
-        return self.torch_optimizer.state[p][key]
-
-    def _set_full(self, p, value: torch.Tensor, states: dict) -> None:
-        with torch.no_grad():
-            p.copy_(value)
-            for k, v in states.items():
-                self.torch_optimizer.state[p][k].copy_(v)
-
-    def _state_keys(self) -> list[torch.Tensor]:
-        """The tensors the torch optimizer's state is keyed by."""
-        return [q for group in self.torch_optimizer.param_groups for q in group["params"]]
-
-    # ---- the torch optimizer's state ----
-
-    def _layout(self) -> tuple[list[str], float]:
-        state = next(iter(self.torch_optimizer.state.values()), None)
-        if state is None:
-            return [], 0.0
-        keys = sorted(k for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0)
-        return keys, float(state["step"]) if "step" in state else 0.0
-
-    def _create_optimizer_state(self, keys: list[str], step: float) -> None:
-        # torch optimizers create their state lazily at the first step; a resume needs it now
-        for q in self._state_keys():
-            st = self.torch_optimizer.state[q]
-            old = st.get("step")
-            st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else torch.tensor(step, dtype=torch.float32)
-            for k in keys:
-                if k not in st:
-                    st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
-
-
-class DeepSpeedAdapter(TorchAdapter):
-    """DeepSpeed ZeRO-1/2/3: the torch optimizer's state is keyed by ZeRO's fp32 partitions."""
-
-    def __init__(self, zero_optimizer, torch_optimizer: torch.optim.Optimizer):
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-        super().__init__(torch_optimizer)
-        self.zero = zero_optimizer
-        self.stage3 = isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3)
 
     def loss_scaler(self):
         scaler = getattr(self.zero, "loss_scaler", None)
@@ -160,8 +188,22 @@ class DeepSpeedAdapter(TorchAdapter):
             return list(self.zero.fp32_partitioned_groups_flat)
         return list(self.zero.single_partition_of_fp32_groups)
 
+    def _layout(self) -> tuple[list[str], float]:
+        state = next(iter(self.torch_optimizer.state.values()), None)
+        if state is None:
+            return [], 0.0
+        keys = sorted(k for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0)
+        return keys, float(state["step"]) if "step" in state else 0.0
+
     def _create_optimizer_state(self, keys: list[str], step: float) -> None:
-        super()._create_optimizer_state(keys, step)
+        # torch optimizers create their state lazily at the first step; a resume needs it now
+        for q in self._state_keys():
+            st = self.torch_optimizer.state[q]
+            old = st.get("step")
+            st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else torch.tensor(step, dtype=torch.float32)
+            for k in keys:
+                if k not in st:
+                    st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
         if not self.stage3:  # ZeRO-1/2 map each parameter into the state it now has
             self.zero._lazy_init_hp_params_optimizer_state()
 

@@ -121,8 +121,18 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
 
     result = json.loads((run / "eval.json").read_text())
     assert result["loss"] == pytest.approx(final, rel=1e-5) and result["samples"] == 20
-    assert cli("generate", f"run.dir={run}", "prompt=[INST] Reverse: cat dog sun [/INST]",
+    # prompts are written out as the run's template wrote them in training (llama2 here)
+    assert cli("generate", f"run.dir={run}", "prompt=Reverse: cat dog sun",
                "max_new_tokens=4").startswith("[INST] Reverse: cat dog sun [/INST]")
+    assert cli("generate", f"run.dir={run}", "instruction=Reverse:", "input=cat dog sun",
+               "max_new_tokens=4").startswith("[INST] Reverse:\n\ncat dog sun [/INST]")
+    (tmp_path / "chat.json").write_text(json.dumps([{"role": "user", "content": "Reverse: cat dog"},
+                                                    {"role": "assistant", "content": "dog cat"},
+                                                    {"role": "user", "content": "Reverse: sun red"}]))
+    assert cli("generate", f"run.dir={run}", f"messages={tmp_path / 'chat.json'}", "max_new_tokens=4").startswith(
+        "[INST] Reverse: cat dog [/INST] dog cat </s><s>[INST] Reverse: sun red [/INST]")
+    assert cli("generate", f"run.dir={run}", "prompt=[INST] raw [/INST]", "template=false",
+               "max_new_tokens=4").startswith("[INST] raw [/INST]")
     assert "merged model" in cli("merge", f"run.dir={run}")
     assert (run / "merged" / "model.safetensors").is_file() and (run / "adapter").is_dir()
 

@@ -39,3 +39,21 @@ def make_tiny(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     return model_dir, data
+
+
+def make_tiny_qwen2(root: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Qwen2 (biased q/k/v projections, tied embeddings, its own attention and MLP module
+    names) sharing the tiny Llama's tokenizer: a second architecture, made locally."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    out = root / "qwen2"
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -65,7 +65,7 @@ def test_arguments_are_typed():
     args = parse_args("generate", ["run.dir=/r", "max_new_tokens=4", "sample=true", "temperature=1", "seed=3"])
     assert args.run.dir == "/r" and args.max_new_tokens == 4 and args.sample is True
     assert args.temperature == 1.0 and isinstance(args.temperature, float) and args.seed == 3
-    assert args.prompt is None and args.template is False
+    assert args.prompt is None and args.template is True  # written out as in training, by default
     merge = parse_args("merge", ["run.dir=/r", "dtype=float16"])
     assert merge.dtype == "float16" and merge.out is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -343,3 +344,75 @@ def test_group_by_length_is_a_resumable_permutation(tiny, tok, tmp_path):
     cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.group_by_length=true")
     stream = train_stream(cfg, build_splits(cfg, tok))
     assert stream.group_size == 50 * cfg.train.micro_batch_size and stream.lengths is not None
+
+
+# ---- data.format=auto and data.template=auto ----------------------------------------------------
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt"),
+    ({"instruction": "hi", "input": "", "output": "yo"}, "instruction"),
+    ({"prompt": "hi", "completion": " yo"}, "prompt_completion"),
+    ({"text": "hi yo"}, "text"),
+])
+def test_auto_format_follows_the_fields(tiny, tok, tmp_path, row, fmt):
+    path = write_jsonl(tmp_path / "d.jsonl", [row] * 3)
+    splits = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.format=auto",
+                                  "data.template=llama2"), tok, report=False)
+    assert splits.report["format"] == fmt
+    text = tok.decode(splits.train[0]["input_ids"])
+    assert "hi" in text and "yo" in text
+
+
+def test_auto_format_without_a_known_layout_names_the_fields(tiny, tok, tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question_text": "q", "reply": "r"}])
+    with pytest.raises(DataError, match=r"odd.jsonl: data.format=auto found no known layout in the fields "
+                                        r"\['question_text', 'reply'\].*set data.format"):
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=auto"), tok)
+
+
+def test_sharegpt_and_prompt_completion_mask_the_prompt(tiny, tok, tmp_path):
+    s = one_sample(tiny, tok, tmp_path, {"conversations": [{"from": "system", "value": "S"},
+                                                           {"from": "human", "value": "hi"},
+                                                           {"from": "gpt", "value": "one"}]}, "data.format=sharegpt")
+    assert tok.decode(s["input_ids"]) == "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nhi [/INST] one </s>"
+    assert response_text(tok, s) == " one </s>"
+    # prompt-completion is written as it is (no template): the loss on the completion and EOS
+    s = one_sample(tiny, tok, tmp_path, {"prompt": "Reverse: cat dog =", "completion": " dog cat"},
+                   "data.format=prompt_completion")
+    assert tok.decode(s["input_ids"]) == "<s>Reverse: cat dog = dog cat</s>"
+    assert response_text(tok, s) == " dog cat</s>"
+
+
+def test_auto_template_uses_the_tokenizers_chat_template_else_chatml(tok):
+    from omegaconf import OmegaConf
+
+    from lora_launch.data.templates import FALLBACK_TEMPLATE, resolve_template
+
+    d = OmegaConf.create({"template": "auto"})
+    plain_tok = copy.deepcopy(tok)
+    plain_tok.chat_template = None
+    assert resolve_template(d, plain_tok) == FALLBACK_TEMPLATE == "chatml"
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}"
+                              "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    assert resolve_template(d, chat_tok) == "tokenizer"
+    chat_tok.chat_template = "{{ raise_exception('no') }}"  # a template that cannot render: the fallback
+    assert resolve_template(d, chat_tok) == "chatml"
+
+
+def test_prompts_for_generation_follow_the_template(tok):
+    from omegaconf import OmegaConf
+
+    from lora_launch.data.templates import prompt_text
+
+    d = OmegaConf.create({"format": "instruction", "template": "alpaca", "system_prompt": None})
+    text = prompt_text(d, tok, "Reverse", input_text="cat dog")
+    assert text.endswith("### Instruction:\nReverse\n\n### Input:\ncat dog\n\n### Response:\n")
+    d = OmegaConf.create({"format": "messages", "template": "chatml", "system_prompt": None})
+    text = prompt_text(d, tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+    assert text == ("<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
+                    "b<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
+    d = OmegaConf.create({"format": "text", "template": "auto", "system_prompt": None})
+    assert prompt_text(d, tok, "raw text") == "raw text"
