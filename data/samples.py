@@ -30,7 +30,7 @@ __all__ = ["IGNORE", "DataError", "SampleSet", "Splits", "build_splits", "datase
            "pack", "cache_root", "prepare", "as_trained"]
 
 IGNORE = -100
-CACHE_VERSION = 2  # bump when the tokenised layout or the templates change
+CACHE_VERSION = 3  # bump when the tokenised layout or the templates change
 BATCH = 1000  # records rendered and tokenised per call (fast tokenizers batch in Rust)
 
 
@@ -176,6 +176,7 @@ def _tokenize_rows(cfg: DictConfig, d: DictConfig, tok, ds, where: str, show: bo
     seq_len = cfg.train.seq_len
     ids_l, labels_l, record, raw_len = [], [], [], []
     counts = {"ok": 0, "truncated": 0, "too_long": 0, "no_target": 0}
+    unk, unknown = tok.unk_token_id, 0
     bar = _progress(len(ds), show)
     for lo in range(0, len(ds), BATCH):
         rows = ds[lo: lo + BATCH]  # columnar dict
@@ -184,13 +185,16 @@ def _tokenize_rows(cfg: DictConfig, d: DictConfig, tok, ds, where: str, show: bo
                     for j in range(n)]
         for j, (ids, resp) in enumerate(_encode(tok, segments)):
             raw_len.append(len(ids))
+            if unk is not None:
+                unknown += ids.count(unk)
             status, ids, labels = _sample(ids, resp, seq_len, d)
             counts[status] += 1
             if ids:
                 ids_l.append(np.asarray(ids)), labels_l.append(np.asarray(labels)), record.append(lo + j)
         bar.update(n)
     bar.close()
-    stats = {"records": len(ds), **counts, "raw_length": _distribution(np.asarray(raw_len))}
+    stats = {"records": len(ds), **counts, "raw_length": _distribution(np.asarray(raw_len)),
+             "unknown_tokens": round(unknown / max(sum(raw_len), 1), 6)}  # share of tokens the tokenizer lacks
     return SampleSet.from_lists(ids_l, labels_l, record), stats
 
 
@@ -351,6 +355,20 @@ def _report(cfg: DictConfig, stats: dict, splits: Splits) -> dict:
     return report
 
 
+UNKNOWN_WARN = 0.01  # above this share of unknown tokens the run says what it means
+
+
+def unknown_tokens_warning(report: dict) -> str | None:
+    """One line when the tokenizer does not know a noticeable share of the data's tokens, else None."""
+    worst = max(report["sources"].items(), key=lambda kv: kv[1].get("unknown_tokens", 0.0))
+    share = worst[1].get("unknown_tokens", 0.0)
+    if share <= UNKNOWN_WARN:
+        return None
+    return (f"warning: {share:.1%} of the tokens of {worst[1]['source']} are unknown to the tokenizer: the model "
+            "sees them all as one token and cannot learn or write them; use a tokenizer (model) that covers "
+            "this text (the bundled tiny model knows only the demo's words)")
+
+
 def _announce(cfg: DictConfig, report: dict, run_dir: Path | None) -> None:
     picked = [f"data.{key}=auto: {report[key]}" for key in ("format", "template") if cfg.data[key] == "auto"
               and report.get(key) and not (key == "template" and report["format"] in ("text", "prompt_completion"))]
@@ -361,11 +379,15 @@ def _announce(cfg: DictConfig, report: dict, run_dir: Path | None) -> None:
         raw = s.get("raw_length", {})
         print(f"data [{split}] {s['source']}: {s['records']} records, {s['truncated']} truncated, "
               f"{s['too_long']} dropped as longer than seq_len, {s['no_target']} dropped with no response "
-              f"tokens; tokens per record p50 {raw.get('p50')} p90 {raw.get('p90')} max {raw.get('max')}"
+              f"tokens; tokens per record p50 {raw.get('p50')} p90 {raw.get('p90')} max {raw.get('max')}; "
+              f"{s.get('unknown_tokens', 0.0):.2%} unknown tokens"
               f"{' (tokenised before launch, read from the cache)' if s.get('cache') == 'hit' else ''}",
               flush=True)
     print(f"data: {report['train_samples']} train {'rows' if report['packing'] else 'samples'}, "
           f"{report['val_samples']} val samples, fingerprint {report['fingerprint'][:12]}", flush=True)
+    warning = unknown_tokens_warning(report)
+    if warning:
+        print(warning, flush=True)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "data_report.json", report, indent=2)

@@ -416,3 +416,26 @@ def test_prompts_for_generation_follow_the_template(tok):
                     "b<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
     d = OmegaConf.create({"format": "text", "template": "auto", "system_prompt": None})
     assert prompt_text(d, tok, "raw text") == "raw text"
+
+
+def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
+    """Words the bundled tiny model's tokenizer lacks become <unk>: the report gives their share and a
+    warning says what it means."""
+    from lora_launch.data.samples import unknown_tokens_warning
+    from lora_launch.data.tokenizer import load_tokenizer
+
+    def splits_of(rows, *overrides):
+        path = write_jsonl(tmp_path / "d.jsonl", rows)
+        cfg = compose(["data.source=local", f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}",
+                       f"run.dir={tmp_path / 'run'}", "data.val_split=0", *overrides])
+        return build_splits(cfg, load_tokenizer(cfg)), load_tokenizer(cfg)
+
+    splits, _ = splits_of([{"instruction": "Where is Italy?", "output": "Italy is in Europe."}] * 20)
+    assert splits.report["sources"]["train"]["unknown_tokens"] == 0.0
+    assert unknown_tokens_warning(splits.report) is None
+    splits, tok = splits_of([{"instruction": "Translate: the cat sleeps", "output": "le chat dort"}] * 20)
+    ids = np.concatenate([s["input_ids"] for s in splits.train])
+    share = splits.report["sources"]["train"]["unknown_tokens"]
+    assert share == pytest.approx(float((ids == tok.unk_token_id).mean()), abs=1e-6) and share > 0.01
+    out = capsys.readouterr().out
+    assert f"{share:.2%} unknown tokens" in out and "warning: " in out and "unknown to the tokenizer" in out
