@@ -49,8 +49,6 @@ def check_nf4(cfg: DictConfig) -> None:
     """quant=nf4 needs a bitsandbytes that can quantise here (on CPU too; no GPU needed)."""
     if cfg.quant.mode != "nf4":
         return
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("quant=nf4 needs bitsandbytes: `pip install bitsandbytes`, or use quant=none")
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,11 +62,26 @@ def check_nf4(cfg: DictConfig) -> None:
                           f"({type(e).__name__}: {first}); use quant=none") from None
 
 
-def check_trackers(cfg: DictConfig) -> None:
-    """A tracker asked for is installed (mlflow is an extra)."""
-    if cfg.logging.mlflow.enabled and importlib.util.find_spec("mlflow") is None:
-        raise ConfigError("logging.mlflow.enabled=true needs MLflow: `pip install lora-launch[mlflow]` "
-                          "(or mlflow), or set logging.mlflow.enabled=false")
+BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """What the config asks for is installed: DeepSpeed, bitsandbytes, wandb and MLflow are extras."""
+    needs = []
+    if cfg.distributed.strategy == "deepspeed":
+        needs.append(("deepspeed", "deepspeed", f"distributed={cfg.distributed.name}", "or use distributed=ddp"))
+    if cfg.quant.mode == "nf4":
+        needs.append(("bitsandbytes", "qlora", "quant=nf4", "or use quant=none"))
+    if cfg.optim.name in BNB_OPTIMIZERS:
+        needs.append(("bitsandbytes", "qlora", f"optim.name={cfg.optim.name}", "or use optim.name=adamw_torch"))
+    if cfg.logging.wandb.mode != "disabled":
+        needs.append(("wandb", "wandb", f"logging.wandb.mode={cfg.logging.wandb.mode}",
+                      "or set logging.wandb.mode=disabled"))
+    if cfg.logging.mlflow.enabled:
+        needs.append(("mlflow", "mlflow", "logging.mlflow.enabled=true", "or set logging.mlflow.enabled=false"))
+    for module, extra, key, other in needs:
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key} needs {module}: `pip install 'lora-launch[{extra}]'` (or {module}), {other}")
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -221,11 +234,11 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     check_multinode_run_dir(cfg, topo, run_dir_given)
     check_resume_config(cfg)
     check_global_batch(cfg, plan)
+    check_extras(cfg)
     check_model(cfg)
     check_attention_device(cfg, plan)
     check_qlora_zero3(cfg)
     check_nf4(cfg)
-    check_trackers(cfg)
     check_run_dir_writable(Path(cfg.run.dir))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,14 +197,25 @@ def test_qlora_zero3_needs_matching_storage_dtype(tmp_path):
     checks.check_qlora_zero3(_cfg(tmp_path, "quant=nf4", "distributed=zero2"))
 
 
-def test_nf4_runs_on_cpu_and_is_refused_without_bitsandbytes(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, "quant=nf4")
-    checks.check_nf4(cfg)  # bitsandbytes quantises on the CPU: no GPU needed
+def test_nf4_runs_on_cpu(tmp_path):
+    checks.check_nf4(_cfg(tmp_path, "quant=nf4"))  # bitsandbytes quantises on the CPU: no GPU needed
+
+
+@pytest.mark.parametrize("overrides, module, line", [
+    (["quant=nf4"], "bitsandbytes", "quant=nf4 needs bitsandbytes: `pip install 'lora-launch[qlora]'`"),
+    (["optim.name=adamw_bnb_8bit"], "bitsandbytes", "optim.name=adamw_bnb_8bit needs bitsandbytes"),
+    (["distributed=zero2"], "deepspeed", "distributed=zero2 needs deepspeed: `pip install 'lora-launch[deepspeed]'`"),
+    (["logging.wandb.mode=offline"], "wandb", "logging.wandb.mode=offline needs wandb"),
+    (["logging.mlflow.enabled=true"], "mlflow", "logging.mlflow.enabled=true needs mlflow"),
+])
+def test_a_missing_extra_is_named(tmp_path, monkeypatch, overrides, module, line):
+    cfg = _cfg(tmp_path, *overrides)
+    checks.check_extras(cfg)  # all installed here (the dev extra)
     real = checks.importlib.util.find_spec
-    monkeypatch.setattr(checks.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ConfigError, match="quant=nf4 needs bitsandbytes"):
-        checks.check_nf4(cfg)
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(ConfigError, match=re.escape(line)):
+        checks.check_extras(cfg)
+    checks.check_extras(_cfg(tmp_path))  # the default job needs none of them
 
 
 def test_unwritable_run_dir(tmp_path):
