@@ -214,6 +214,9 @@ class DataConfig:
     group_by_length: bool = False  # batches of similar length (not with packing)
     max_samples: int = ranged(-1, lo=-1)
     cache_dir: Optional[str] = None  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
+    # several datasets mixed by weight: [{path: a.jsonl, weight: 2}, {source: hub, path: OWNER/NAME, weight: 1}];
+    # each entry's keys (any data.* key but these two) override the settings above for that source
+    sources: list = field(default_factory=list)
     # synthetic sample lengths: `full` (train.seq_len each) or `lognormal` (instruction-data-like)
     synthetic_lengths: SyntheticLengths = SyntheticLengths.full
 
@@ -463,6 +466,7 @@ def validate(cfg: DictConfig) -> None:
     if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
         raise ConfigError(f"launcher.num_processes={n!r} must be a positive integer or 'auto'")
     lora_targets(cfg)
+    _check_data_sources(cfg)
     if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
     if cfg.model.path is None and not cfg.model.random_init:
@@ -552,6 +556,23 @@ def plain(cfg: DictConfig) -> dict:
 def _is_secret(key: str) -> bool:
     k = str(key).lower()
     return k == "token" or k.endswith(("_token", "api_key", "apikey")) or "password" in k or "secret" in k
+
+
+def _check_data_sources(cfg) -> None:
+    """Each data.sources entry is a mapping of data.* keys (plus weight > 0) that names its data."""
+    allowed = {f.name for f in fields(DataConfig)} - {"sources", "name"}
+    for i, entry in enumerate(cfg.data.get("sources") or []):
+        where = f"data.sources[{i}]"
+        if not isinstance(entry, (dict, DictConfig)):
+            raise ConfigError(f"{where}={entry!r}: give a mapping such as {{path: FILE, weight: 1}}")
+        unknown = sorted(set(entry) - allowed - {"weight"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; an entry takes weight and data.* keys")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"{where}.weight={weight!r} must be a number > 0")
+        if not entry.get("path") and (entry.get("source", cfg.data.source) not in ("demo", "synthetic")):
+            raise ConfigError(f"{where}: no path; give the file, directory or hub name of this source")
 
 
 ALL_LINEAR = "all-linear"

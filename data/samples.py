@@ -11,6 +11,7 @@ sample, so no sample attends to another.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
@@ -234,7 +235,7 @@ def _tokenizer_fingerprint(tok) -> str:
 
 def _cache_key(cfg: DictConfig, tok, split: str, source: str) -> str:
     d = plain(cfg.data)
-    for k in ("name", "val_split", "val_split_name", "packing", "group_by_length", "cache_dir"):
+    for k in ("name", "val_split", "val_split_name", "packing", "group_by_length", "cache_dir", "sources"):
         d.pop(k, None)  # these act after tokenisation
     ident = [CACHE_VERSION, source, _tokenizer_fingerprint(tok), d, split, cfg.train.seq_len]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -417,14 +418,27 @@ def prepare(cfg: DictConfig) -> Splits:
     return build_splits(cfg, tok, report=False, packed=False)
 
 
-def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool = True,
-                 packed: bool = True) -> Splits:
-    """Tokenised train and validation samples (train packed with data.packing, unless not `packed`).
+def source_configs(cfg: DictConfig) -> list[tuple[DictConfig, float]]:
+    """(config, weight) per data source: the run's own data, or one per data.sources entry, each entry's
+    keys laid over the run's data settings."""
+    from omegaconf import OmegaConf, open_dict
 
-    Validation is data.val_split_name (the dataset's own split) or a data.val_split share of the
-    records drawn by `seed`. The main process prints the data report and writes
-    run_dir/data_report.json when `report`.
-    """
+    if not cfg.data.get("sources"):
+        return [(cfg, 1.0)]
+    out = []
+    for entry in cfg.data.sources:
+        entry = OmegaConf.to_container(entry, resolve=True)
+        weight = float(entry.pop("weight", 1.0))
+        sub = copy.deepcopy(cfg)
+        with open_dict(sub):
+            sub.data = OmegaConf.merge(cfg.data, entry)
+            sub.data.sources = []
+        out.append((sub, weight))
+    return out
+
+
+def _source_splits(cfg: DictConfig, tok, main_process: bool) -> tuple[SampleSet, SampleSet, dict]:
+    """(train, val, stats by split) of one source."""
     d = cfg.data
     if d.source == "synthetic":
         samples, stats = synthetic_samples(cfg, tok)
@@ -438,6 +452,59 @@ def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool =
         train, val = _split_by_seed(samples, stats["records"], d.val_split, cfg.seed)
     if not len(train):
         raise DataError(f"{stats['source']}: no training sample left after data.val_split={d.val_split}")
+    return train, val, all_stats
+
+
+def concat(sets: list[SampleSet]) -> SampleSet:
+    """The samples of every set, in order; record ids stay distinct (offset by the sets before)."""
+    offsets, shift, pos, records, base = [np.zeros(1, np.int64)], 0, [], [], 0
+    for s in sets:
+        offsets.append(s.offsets[1:] + shift)
+        shift += int(s.offsets[-1])
+        records.append(s.record + base)
+        base += int(s.record.max()) + 1 if len(s.record) else 0
+        pos.append(s.positions)
+    has_pos = all(p is not None for p in pos)
+    return SampleSet(np.concatenate([s.ids for s in sets]), np.concatenate([s.labels for s in sets]),
+                     np.concatenate(offsets), np.concatenate(records),
+                     np.concatenate(pos) if has_pos and pos else None)
+
+
+def mix(sets: list[SampleSet], weights: list[float], seed: int) -> tuple[SampleSet, list[int]]:
+    """One training set drawing source i in proportion weights[i] (as many samples in all as the sources
+    hold): a source below its share is repeated, one above it subsampled, by a seeded choice. The result
+    is a plain sample set, so the resumable stream and its exact resume work unchanged. Returns it and how
+    many samples each source gave."""
+    total, wsum = sum(len(s) for s in sets), float(sum(weights))
+    rng = np.random.default_rng([seed, 3])
+    picked = []
+    for s, w in zip(sets, weights):
+        want = max(1, round(total * w / wsum))
+        reps, rest = divmod(want, len(s))
+        keep = np.concatenate([np.tile(np.arange(len(s)), reps), np.sort(rng.permutation(len(s))[:rest])])
+        picked.append(s.subset(keep.astype(np.int64)))
+    return concat(picked), [len(s) for s in picked]
+
+
+def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool = True,
+                 packed: bool = True) -> Splits:
+    """Tokenised train and validation samples (train packed with data.packing, unless not `packed`).
+
+    Validation is data.val_split_name (the dataset's own split) or a data.val_split share of the
+    records drawn by `seed`. With data.sources, each source is read and split so, and the training
+    set is their mixture by weight (`mix`). The main process prints the data report and writes
+    run_dir/data_report.json when `report`.
+    """
+    d = cfg.data
+    parts = [_source_splits(sub, tok, main_process) for sub, _ in source_configs(cfg)]
+    if len(parts) == 1:
+        train, val, all_stats = parts[0]
+    else:
+        weights = [w for _, w in source_configs(cfg)]
+        train, drawn = mix([p[0] for p in parts], weights, cfg.seed)
+        val = concat([p[1] for p in parts])
+        all_stats = {f"{split} [{i}]": {**s, "weight": weights[i], "train_samples_drawn": drawn[i]}
+                     for i, p in enumerate(parts) for split, s in p[2].items()}
     if d.packing and packed:
         train = pack(train, cfg.train.seq_len, cfg.seed)
     splits = Splits(train=train, val=val)

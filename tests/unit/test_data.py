@@ -14,6 +14,7 @@ import torch
 
 from support.cli import REPO, subprocess_env
 from lora_launch.conf.compose import compose
+from lora_launch.conf.schema import ConfigError
 from lora_launch.data import sources as data_sources
 from lora_launch.data.samples import IGNORE, DataError, build_splits, dataset_fingerprint, pack
 from lora_launch.train.data import SampleStream, collate, train_stream
@@ -439,3 +440,31 @@ def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
     assert share == pytest.approx(float((ids == tok.unk_token_id).mean()), abs=1e-6) and share > 0.01
     out = capsys.readouterr().out
     assert f"{share:.2%} unknown tokens" in out and "warning: " in out and "unknown to the tokenizer" in out
+
+
+# ---- several sources mixed by weight ----------------------------------------------------------------
+
+def test_sources_are_mixed_by_weight_deterministically(tiny, tok, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS)  # 20 records
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"plain text number {i}"} for i in range(10)])
+    sources = f"data.sources=[{{path: {a}, weight: 3}},{{path: {b}, weight: 1, format: text}}]"
+    cfg = cfg_for(tiny, tmp_path, sources, "data.val_split=0.1")
+    splits = build_splits(cfg, tok, report=False)
+    mixture = {k: v for k, v in splits.report["sources"].items()}
+    drawn = [v["train_samples_drawn"] for v in mixture.values()]
+    assert sum(drawn) == len(splits.train) == 18 + 9 and drawn == [round(27 * 3 / 4), round(27 / 4)]
+    assert len(splits.val) == 2 + 1  # each source keeps its own validation share
+    texts = [tok.decode(s["input_ids"]) for s in splits.train]
+    assert sum("plain text" in x for x in texts) == drawn[1] and sum("[INST]" in x for x in texts) == drawn[0]
+    again = build_splits(cfg, tok, report=False)
+    assert dataset_fingerprint(again) == dataset_fingerprint(splits)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{path: a.jsonl, weight: 0}", r"data.sources\[0\].weight=0 must be a number > 0"),
+    ("{path: a.jsonl, colour: red}", r"data.sources\[0\]: unknown key\(s\) \['colour'\]"),
+    ("{weight: 1}", r"data.sources\[0\]: no path"),
+])
+def test_bad_source_entries_are_named(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(["data.source=local", f"data.sources=[{entry}]"])
