@@ -296,6 +296,9 @@ class LauncherConfig:
     node_rank: Optional[int] = ranged(None, lo=0)
     # interface for GLOO/NCCL_SOCKET_IFNAME; null: the one that routes to the rendezvous address
     network_interface: Optional[str] = None
+    # your own accelerate config file, merged under what the run sets (process counts, distributed type,
+    # precision, port: absent or equal); its other settings are kept
+    accelerate_config: Optional[str] = None
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 

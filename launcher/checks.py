@@ -229,11 +229,26 @@ def check_attention_device(cfg: DictConfig, plan: RunPlan) -> None:
                           "use sdpa or eager here")
 
 
+def check_own_configs(cfg: DictConfig, plan: RunPlan) -> None:
+    """A user's accelerate config and DeepSpeed JSON read and merged now: a conflict is one line before launch."""
+    from lora_launch.launcher.accelerate_config import accelerate_config
+    from lora_launch.launcher.own_configs import merged_accelerate, merged_deepspeed
+    from lora_launch.run.plan import deepspeed_config
+
+    if cfg.distributed.deepspeed_config and cfg.distributed.strategy != "deepspeed":
+        raise ConfigError(f"distributed.deepspeed_config={cfg.distributed.deepspeed_config} with "
+                          f"distributed={cfg.distributed.name}: choose a DeepSpeed option (zero2, zero3, ...)")
+    if cfg.distributed.strategy == "deepspeed":
+        merged_deepspeed(deepspeed_config(cfg, plan), cfg.distributed.deepspeed_config)
+    merged_accelerate(accelerate_config(cfg, plan, "ds_config.json"), cfg.launcher.accelerate_config)
+
+
 def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_given: bool) -> None:
     """Everything that can be known wrong before a process starts."""
     check_multinode_run_dir(cfg, topo, run_dir_given)
     check_resume_config(cfg)
     check_global_batch(cfg, plan)
+    check_own_configs(cfg, plan)
     check_extras(cfg)
     check_model(cfg)
     check_attention_device(cfg, plan)

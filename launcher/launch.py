@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_launch.conf.schema import plain
 from lora_launch.launcher.accelerate_config import accelerate_config
+from lora_launch.launcher.own_configs import merged_accelerate, merged_deepspeed
 from lora_launch.launcher.hostfile import interface_for
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan, deepspeed_config
@@ -42,9 +43,11 @@ def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: Run
     files = {"config": write_config(shared, run_dir)}
     ds_path = None
     if cfg.distributed.strategy == "deepspeed":
-        ds_path = write_atomic(run_dir / "ds_config.json", json.dumps(deepspeed_config(shared, plan), indent=2))
+        ds = merged_deepspeed(deepspeed_config(shared, plan), cfg.distributed.deepspeed_config)
+        ds_path = write_atomic(run_dir / "ds_config.json", json.dumps(ds, indent=2))
         files["deepspeed"] = ds_path
-    acc = accelerate_config(shared, plan, str(ds_path) if ds_path else None)
+    acc = merged_accelerate(accelerate_config(shared, plan, str(ds_path) if ds_path else None),
+                            cfg.launcher.accelerate_config)
     files["accelerate"] = write_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))
     return files
 
