@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages the launcher tests need: `ip` for the two-namespace multi-node test, and a
-# single-node Slurm (controller, node daemon, client tools, munge) for the Slurm test.
+# Debian packages the launcher tests need: `ip` for the two-namespace multi-node tests; Slurm (controller,
+# node daemon, client tools, munge) for the Slurm tests, one node on this host and two nodes each in a
+# network namespace of its own (entered with util-linux's nsenter and unshare).
 # Idempotent: installs only what is missing. Needs root (CI runs as root).
 set -euo pipefail
-want=(iproute2 slurmctld slurmd slurm-client munge)
+want=(iproute2 util-linux slurmctld slurmd slurm-client munge)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -265,6 +265,9 @@ class DistributedConfig:
     zero_stage: int = ranged(0, lo=0, hi=3)
     offload_optimizer: bool = False
     offload_params: bool = False
+    # your own DeepSpeed JSON, merged under what the run sets (batch sizes, precision, stage: absent, equal or
+    # "auto"); the rest of it (bucket sizes, offload details, ...) is kept
+    deepspeed_config: Optional[str] = None
 
 
 @dataclass
@@ -299,6 +302,9 @@ class LauncherConfig:
     # your own accelerate config file, merged under what the run sets (process counts, distributed type,
     # precision, port: absent or equal); its other settings are kept
     accelerate_config: Optional[str] = None
+    # after a rank dies (a crash, an OOM kill, a lost host), stop every rank and relaunch from the last
+    # checkpoint up to this many times; a failure that repeats after the same step stops at once; 0: never
+    max_restarts: int = ranged(3, lo=0)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 

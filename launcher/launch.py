@@ -53,13 +53,15 @@ def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: Run
 
 
 def launch_command(files: dict[str, Path], python: str = sys.executable, node_rank: int | None = None,
-                   main_ip: str | None = None) -> list[str]:
+                   main_ip: str | None = None, main_port: int | None = None) -> list[str]:
     """`accelerate launch --config_file … [--machine_rank N] -m lora_launch.train --config …`, run with this interpreter."""
     node = []
     if node_rank is not None:
         node += ["--machine_rank", str(node_rank)]
     if main_ip is not None:
         node += ["--main_process_ip", main_ip]
+    if main_port is not None:
+        node += ["--main_process_port", str(main_port)]
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(files["accelerate"]), *node,
             "-m", "lora_launch.train", "--config", str(files["config"])]
 

@@ -7,6 +7,12 @@ which finds its node rank and the rendezvous host from Slurm's variables and sta
 preemption, or `scancel --signal=TERM`) reaches training through srun; training checkpoints after
 its current step and records `preempted` in RUN/status.json. The script then requeues the job,
 and the requeued job resumes from RUN/checkpoints. run.dir must be on a filesystem every node sees.
+
+A rank that dies (launcher.max_restarts) is restarted inside the job, by each node's launcher.node
+loop in step with the others, not by failing the step and requeueing: the job keeps its allocation
+(a requeue goes back to the queue, is held about two minutes, and on a busy cluster may wait hours for
+nodes), and the restart is the same code on Slurm, hostfile and local launches. A node that gives up
+exits non-zero, and `--kill-on-bad-exit` ends the step on the others.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from lora_launch.launcher.relay import StderrRelay
 from lora_launch.run.process import STOP_SIGNALS, die_with_parent
@@ -30,6 +31,8 @@ class Outcome:
     signum: int | None = None
     killed: bool = False  # a second Ctrl-C ended everything without a checkpoint
     errors: tuple[str, ...] = ()  # the ranks' one-line `error:` messages
+    aborted: bool = False  # ended by the launcher: another node's ranks failed (see launcher/restart.py)
+    first_exit: tuple[int, int] | None = None  # (local rank, exit code) of the first rank seen to fail
 
 
 def _is_rank(p) -> bool:
@@ -77,12 +80,16 @@ def _quiet_terminal() -> None:
 
 
 class Supervisor:
-    """One supervised `accelerate launch`; `wait()` returns its Outcome."""
+    """One supervised `accelerate launch`; `wait()` returns its Outcome.
 
-    def __init__(self, cmd: list[str], env: dict[str, str]):
-        self.cmd, self.env = cmd, env
+    `abort`, polled every second while no stop signal came, ends the launch at once when it returns True.
+    """
+
+    def __init__(self, cmd: list[str], env: dict[str, str], abort: Callable[[], bool] | None = None):
+        self.cmd, self.env, self.abort = cmd, env, abort
         self.first: int | None = None
         self.killed = False
+        self.aborted = False
         self.proc: subprocess.Popen | None = None
 
     def _on_signal(self, signum, _frame) -> None:
@@ -104,6 +111,9 @@ class Supervisor:
 
     def _kill_all(self) -> None:
         self.killed = True
+        self._kill_tree()
+
+    def _kill_tree(self) -> None:
         import psutil
 
         try:
@@ -130,9 +140,12 @@ class Supervisor:
                     break
                 except subprocess.TimeoutExpired:
                     ranks = ranks_of(self.proc.pid) or ranks
+                    if self.abort is not None and not self.aborted and self.first is None and self.abort():
+                        self.aborted = True  # a peer is gone: nothing here can finish or checkpoint
+                        self._kill_tree()
             _wait_gone(ranks, timeout_s=60.0)
             relay.join()
-            return Outcome(rc, self.first, self.killed, tuple(relay.errors))
+            return Outcome(rc, self.first, self.killed, tuple(relay.errors), self.aborted, relay.first_exit)
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -148,6 +161,28 @@ def _wait_gone(procs, timeout_s: float) -> None:
             pass
 
 
-def supervise(cmd: list[str], env: dict[str, str]) -> Outcome:
+def supervise(cmd: list[str], env: dict[str, str], abort: Callable[[], bool] | None = None) -> Outcome:
     """Run `cmd` (an accelerate launch) under a Supervisor."""
-    return Supervisor(cmd, env).wait()
+    return Supervisor(cmd, env, abort).wait()
+
+
+class HeldStops:
+    """Stop signals that arrive between two supervised launches (while a restart is prepared): the first is
+    recorded, so the launcher starts nothing more, and a hangup quiets the terminal as during a launch."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            _quiet_terminal()
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> "HeldStops":
+        self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)

@@ -18,6 +18,7 @@ import threading
 
 SUPERVISOR_ENV = "LORA_LAUNCH_SUPERVISOR"  # pid of the lora-launch that started this rank
 NODE_RANK_ENV = "LORA_LAUNCH_NODE_RANK"  # this node's rank, as the launcher knows it
+ATTEMPT_ENV = "LORA_LAUNCH_ATTEMPT"  # which attempt of the launch this is: 0, then one more per restart
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 ORPHAN_GRACE_S = 120.0
 _PR_SET_PDEATHSIG = 1

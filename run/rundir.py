@@ -2,10 +2,12 @@
 does to the files a killed attempt left.
 
     RUN/config.yaml          the resolved config every rank reads
-    RUN/status.json          {"state": running|preempted|finished, "step": N, "time": t[, "signal": NAME]}
+    RUN/status.json          {"state": running|preempted|finished|failed, "step": N, "time": t[, "signal": NAME]
+                              [, "restarts": [{"attempt", "step", "rank", "error", "time"}, ...]]}
     RUN/metrics.jsonl        one row per logged step (rewound to the checkpoint on resume)
     RUN/ranks/rank*.jsonl    the rank audit (rewound with metrics.jsonl)
     RUN/checkpoints/step-N/  committed checkpoints (a manifest.json marks one complete)
+    RUN/attempts/A/          how attempt A of a launch ended: rankR.json (a rank's crash), nodeN.json (a node's part)
     RUN/previous-<time>/     everything of an earlier run, moved aside by resume.mode=never
 
 Every file here is written through `atomic_path` (a temporary name unique to this host and process,
@@ -142,8 +144,19 @@ def read_status(run_dir: Path) -> dict:
 
 
 def write_status(run_dir: Path, state: str, step: int, **extra) -> None:
-    """Record the run's state (rank 0 only)."""
-    write_json(Path(run_dir) / STATUS, {"state": state, "step": step, "time": time.time(), **extra}, fsync=True)
+    """Record the run's state (rank 0; the launcher when it gives up on restarts); the record of restarts stays."""
+    status = {"state": state, "step": step, "time": time.time(), **extra}
+    restarts = read_status(run_dir).get("restarts")
+    if restarts:
+        status.setdefault("restarts", restarts)
+    write_json(Path(run_dir) / STATUS, status, fsync=True)
+
+
+def record_restart(run_dir: Path, restart: dict) -> None:
+    """Append one automatic restart to status.json's `restarts` (the launcher, while no rank runs)."""
+    status = read_status(run_dir)
+    status["restarts"] = [*status.get("restarts", []), restart]
+    write_json(Path(run_dir) / STATUS, status, fsync=True)
 
 
 def finished_step(run_dir: Path, resume_mode: str) -> int | None:
@@ -184,6 +197,52 @@ def resume_candidate(run_dir: Path, resume_mode: str) -> tuple[Path, dict] | Non
         return path, json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# ---- how each attempt of a launch ended: what a restart decides from ------------------------------
+
+ATTEMPTS = "attempts"
+
+
+def attempt_dir(run_dir: Path, attempt: int) -> Path:
+    return Path(run_dir) / ATTEMPTS / str(attempt)
+
+
+def write_attempt_record(run_dir: Path, attempt: int, name: str, record: dict) -> None:
+    """RUN/attempts/<attempt>/<name>.json: `record`, with the time and host that wrote it."""
+    folder = attempt_dir(run_dir, attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{name}.json", {**record, "time": time.time(), "host": socket.gethostname()})
+
+
+def attempt_records(run_dir: Path, attempt: int, prefix: str, since: float) -> dict[str, dict]:
+    """The records of an attempt whose names start with `prefix`, by name, written at `since` or later
+    (older ones are an earlier launch's: every launch counts its attempts from 0)."""
+    out = {}
+    for path in sorted(attempt_dir(run_dir, attempt).glob(f"{prefix}*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):  # being replaced right now: its next version is read on the next poll
+            continue
+        if record.get("time", 0) >= since:
+            out[path.stem] = record
+    return out
+
+
+def newest_logged_step(run_dir: Path) -> int | None:
+    """The step of the last training row in metrics.jsonl (None: there is none)."""
+    try:
+        lines = (Path(run_dir) / METRICS).read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if "loss" in row:
+            return int(row["step"])
+    return None
 
 
 # ---- what a restart does to a killed attempt's files ----------------------------------------------

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError, load
 from lora_launch.run import lock
-from lora_launch.run.process import (NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent, end_at_once_on_stop_signals,
-                                     guard_output)
+from lora_launch.run.process import (ATTEMPT_ENV, NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent,
+                                     end_at_once_on_stop_signals, guard_output)
 from lora_launch.run.plan import shape_from_env
-from lora_launch.run.rundir import fault_message, finished_step
+from lora_launch.run.rundir import fault_message, finished_step, write_attempt_record
 
 _held: list = []  # the locks this process holds for its whole life
 
@@ -178,10 +178,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except Exception as e:  # a crash, not the user's input: the launcher may restart the run
+        _record_failure(run_dir, trainer, e)
+        raise
     finally:
         if trainer is not None:
             trainer.close()
     return 0
+
+
+def _record_failure(run_dir: Path, trainer, e: Exception) -> None:
+    """Tell the launcher how this rank failed, before its peers see it gone: the step and the error in one
+    line, from which it tells a flaky host from a bug that repeats (launcher/restart.py)."""
+    attempt = os.environ.get(ATTEMPT_ENV)
+    if attempt is None:  # not started by lora-launch: nobody restarts it
+        return
+    lines = str(e).strip().splitlines()
+    error = f"{type(e).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:300]
+    try:
+        write_attempt_record(run_dir, int(attempt), f"rank{_env_int('RANK')}",
+                             {"rank": _env_int("RANK"), "step": trainer.step if trainer else None, "error": error})
+    except OSError:  # the run dir is what failed: the launcher falls back to metrics.jsonl
+        pass
 
 
 if __name__ == "__main__":

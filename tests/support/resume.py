@@ -13,10 +13,12 @@ from pathlib import Path
 
 from support.cli import CLI, read_jsonl, subprocess_env
 
-# small and quick, yet with grad_accum > 1, an epoch boundary every ~3 steps and dropout drawing RNG
+# small and quick, yet with grad_accum > 1, an epoch boundary every ~3 steps and dropout drawing RNG; no
+# automatic restarts: these tests kill or crash a run and relaunch it by hand
 BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24", "train.max_steps=12",
         "checkpoint.every_steps=3", "checkpoint.keep_last=2", "logging.tensorboard=false",
-        "logging.rank_audit=true", "sample.max_new_tokens=0", "eval.at_start=false", "lora.dropout=0.1"]
+        "logging.rank_audit=true", "sample.max_new_tokens=0", "eval.at_start=false", "lora.dropout=0.1",
+        "launcher.max_restarts=0"]
 
 
 def start(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.Popen:

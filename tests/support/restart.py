@@ -1,0 +1,88 @@
+"""Helpers for the restart tests: one uninterrupted reference run per session, and a SIGKILL to one rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import psutil
+
+from support.resume import BASE, eval_losses, launch, train_losses
+
+# the resume tests' small run, one thread per process (as torchrun sets for several processes per node,
+# so a run of one process on each of two nodes computes alike), with restarts
+RESTART_BASE = [*(o for o in BASE if not o.startswith("launcher.max_restarts=")), "train.threads=1",
+                "launcher.max_restarts=2"]
+
+_references: dict[tuple, dict] = {}
+
+
+def free_port(span: int = 4) -> int:
+    """A port with the next `span - 1` free too (each restart meets at the next port)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span < 65536 and all(_free(port + i) for i in range(1, span)):
+            return port
+    raise AssertionError("no run of free ports found")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def reference(tiny: dict, root: Path, overrides: list[str]) -> dict:
+    """Losses of an uninterrupted local run of `overrides` (run once per session and reused)."""
+    key = (str(tiny["model"]), *overrides)
+    if key not in _references:
+        run = root / f"reference-{len(_references)}"
+        rc, log = launch(run, [*tiny["overrides"], *overrides, f"launcher.main_process_port={free_port()}"])
+        assert rc == 0, log[-3000:]
+        _references[key] = {"train": train_losses(run), "eval": eval_losses(run), "dir": run}
+    return _references[key]
+
+
+def train_ranks(pids: list[int] | None = None) -> list[psutil.Process]:
+    """Training processes (`-m lora_launch.train`, not their data-loader workers), among `pids` if given."""
+    procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)] if pids is not None else psutil.process_iter()
+    ranks = []
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "-m" in cmd and cmd[cmd.index("-m") + 1:][:1] == ["lora_launch.train"]:
+            ranks.append(p)
+    pids_of_ranks = {p.pid for p in ranks}
+    return [p for p in ranks if _parent(p) not in pids_of_ranks]
+
+
+def _parent(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
+
+
+def rank_env(p: psutil.Process, name: str) -> str | None:
+    try:
+        return p.environ().get(name)
+    except psutil.Error:
+        return None
+
+
+def kill_rank(below: int, rank: int) -> int:
+    """SIGKILL the training process of global `rank` under process `below`; returns its pid."""
+    tree = [c.pid for c in psutil.Process(below).children(recursive=True)]
+    found = [p for p in train_ranks(tree) if rank_env(p, "RANK") == str(rank)]
+    assert found, f"no rank {rank} under pid {below}"
+    os.kill(found[0].pid, signal.SIGKILL)
+    return found[0].pid
