@@ -124,6 +124,9 @@ def _value(row: dict, d: DictConfig, key: str, where: str, required: bool = True
             raise DataError(f"{where}: field {name!r} ({field_key(key)}) is missing or null; "
                             f"fields present: {sorted(k for k, v in row.items() if v is not None)}")
         return ""
+    if isinstance(value, (list, dict)):  # a number is written as its text (CSV digits); a structure is not text
+        raise DataError(f"{where}: field {name!r} ({field_key(key)}) must be text, got a {type(value).__name__}; "
+                        "fix the record, or point the key at another column")
     return value if isinstance(value, str) else str(value)
 
 

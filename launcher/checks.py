@@ -20,7 +20,7 @@ from lora_launch.conf.schema import ALL_LINEAR, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan
-from lora_launch.run.rundir import resume_candidate
+from lora_launch.run.checkpoints import CheckpointError, choose
 
 
 def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
@@ -104,6 +104,7 @@ def check_model(cfg: DictConfig) -> None:
             if not (path / "config.json").is_file():
                 raise ConfigError(f"model.path={m.path}: no config.json there; give a model directory "
                                   "(what save_pretrained writes) or a hub id OWNER/NAME")
+            check_weights(m.path, path)
         elif not _HUB_ID.match(m.path):
             raise ConfigError(f"model.path={m.path}: no such directory, and not a hub id (OWNER/NAME)")
         elif not _offline():
@@ -140,6 +141,16 @@ def _meta_model(config, attn_implementation: str):
         return None
 
 
+def check_weights(key_value: str, path: Path) -> None:
+    """A local model directory holds safetensors weights (the only format loaded)."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = (f"it has only {other[:3]}: convert them to safetensors (save_pretrained(..., safe_serialization=True)), "
+            "which is the only format loaded" if other else "give the directory save_pretrained wrote")
+    raise ConfigError(f"model.path={key_value}: no *.safetensors weights there; {hint}")
+
+
 def check_lora_targets(model, model_type: str, targets) -> None:
     """Each lora.target_modules name is a module of the model (as PEFT matches: the name's last parts)."""
     import torch
@@ -158,19 +169,27 @@ def check_lora_targets(model, model_type: str, targets) -> None:
 def check_run_dir_writable(run_dir: Path) -> None:
     """The run dir exists (or can be made) and takes a file; dirs made only to find out are removed again."""
     run_dir = Path(run_dir)
-    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    made = []
+    for d in (run_dir, *run_dir.parents):
+        try:
+            if d.exists():
+                break
+        except OSError:  # a name too long to even look up
+            pass
+        made.append(d)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
             pass
     except OSError as e:
-        raise ConfigError(f"run.dir={run_dir} is not writable ({e.strerror}); choose another run.dir") from None
+        name = str(run_dir) if len(str(run_dir)) <= 200 else f"{str(run_dir)[:80]}...({len(str(run_dir))} characters)"
+        raise ConfigError(f"run.dir={name} is not writable ({e.strerror}); choose another run.dir") from None
     finally:
-        for d in made:  # innermost first
+        for d in made:  # innermost first; one that was never made (the error above) is skipped
             try:
                 d.rmdir()
             except OSError:
-                break
+                continue
 
 
 def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:
@@ -186,10 +205,14 @@ def _config_changes(old: dict, cfg: DictConfig) -> list[str]:
 
 
 def check_resume_config(cfg: DictConfig) -> None:
-    """A run dir's checkpoint written under another config is refused here, before this launch
-    rewrites the run dir's config.yaml (training checks data and tokenizer hashes again)."""
-    found = resume_candidate(Path(cfg.run.dir), cfg.resume.mode)
-    if found is None or "config" not in found[1]:
+    """The checkpoint a resume would load is complete (its files checksummed), and was written under this
+    config: refused here otherwise, before this launch rewrites anything in the run dir (training verifies
+    again and checks the data and tokenizer hashes)."""
+    try:  # complete and checksummed, as training will find it; a refusal now leaves the run dir as it is
+        found = choose(Path(cfg.run.dir), cfg.resume.mode, say=lambda message: print(f"checkpoint: {message}"))
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    if found is None:
         return
     path, manifest = found
     diff = _config_changes(manifest["config"], cfg)

@@ -178,27 +178,6 @@ def committed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
                   if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file())
 
 
-def resume_candidate(run_dir: Path, resume_mode: str) -> tuple[Path, dict] | None:
-    """The checkpoint resume.mode would try first, and its manifest, read without checking its files.
-
-    For the launcher's check before anything is written; training verifies checksums and falls
-    back to older checkpoints itself.
-    """
-    if resume_mode == "never":
-        return None
-    if resume_mode == "auto":
-        found = committed_checkpoints(run_dir)
-        if not found:
-            return None
-        path = found[-1][1]
-    else:
-        path = Path(resume_mode)
-    try:
-        return path, json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ---- how each attempt of a launch ended: what a restart decides from ------------------------------
 
 ATTEMPTS = "attempts"

@@ -42,39 +42,32 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import plain
+from lora_launch.run.checkpoints import FORMAT, CheckpointError, choose, loaded_files, sha256_file
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
 from lora_launch.train.zero import full_shape, trainable
 
-FORMAT = 1
 CRASH_ENV = "LORA_LAUNCH_CRASH_IN_SAVE"  # tests: `phase` or `phase@step`, see _crash_point
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and what to do."""
 
 
 # ---- files --------------------------------------------------------------------------------------
 
 def _save_tensors(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
+    """safetensors bytes written through Python's file API, so that a full disk is an OSError naming the
+    file (safetensors' own writer raises a SafetensorError that names nothing)."""
+    from safetensors.torch import save
 
-    save_file(tensors, str(path))
-    fsync_path(path)
+    data = save(tensors)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _crash_point(phase: str, step: int, rank: int) -> None:
@@ -177,31 +170,6 @@ def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
     return states, state
 
 
-def _loaded_files(world: int) -> list[str]:
-    """Every file the loader may read from a checkpoint saved by `world` processes (any rank resumes)."""
-    rng = [f"rng-rank{r}.{ext}" for r in range(world) for ext in ("safetensors", "json")]
-    return ["trainable.safetensors", "state.json", *rng]
-
-
-def _listed_files(path: Path, manifest: dict) -> dict:
-    """The manifest's checksums of every file the loader reads; CheckpointError naming the first it lacks."""
-    world, files = manifest.get("world_size"), manifest.get("files")
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise CheckpointError(f"{path}: manifest.json has no usable world_size ({world!r}); "
-                              "not a complete checkpoint")
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{path}: manifest.json lists no files; not a complete checkpoint")
-    listed = {}
-    for name in _loaded_files(world):
-        meta = files.get(name)
-        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
-                or not isinstance(meta.get("sha256"), str):
-            raise CheckpointError(f"{path}: manifest.json does not list {name} with its size and sha256; "
-                                  "not a complete checkpoint")
-        listed[name] = meta
-    return listed
-
-
 # ---- the checkpointer ----------------------------------------------------------------------------
 
 class Checkpointer:
@@ -278,13 +246,13 @@ class Checkpointer:
         return final
 
     def _commit(self, staging: Path, step: int) -> Path:
-        expected = set(_loaded_files(self.world))
+        expected = set(loaded_files(self.world))
         present = {f.name for f in staging.iterdir()}
         if expected - present:
             raise CheckpointError(f"{staging}: ranks did not write {sorted(expected - present)}; "
                                   "run.dir must be on a filesystem every node shares")
         manifest = self.manifest(step)
-        manifest["files"] = {name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
+        manifest["files"] = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
                              for name in sorted(present)}
         write_json(staging / "manifest.json", manifest, fsync=True)
         fsync_path(staging)
@@ -327,42 +295,9 @@ class Checkpointer:
         """(step, dir) of every committed checkpoint (has its manifest), oldest first."""
         return committed_checkpoints(self.run_dir)
 
-    def verify(self, path: Path) -> dict:
-        """The manifest of checkpoint `path` if it lists every file the loader reads, each matching its checksum."""
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: no readable manifest.json ({e}); not a complete checkpoint") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise CheckpointError(f"{path}: checkpoint format {found}, this version reads {FORMAT}")
-        for name, meta in _listed_files(path, manifest).items():
-            f = path / name
-            if not f.is_file() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
-                raise CheckpointError(f"{path}: {name} is missing or does not match its checksum")
-        return manifest
-
     def _choose(self) -> Path | None:
-        mode = self.cfg.resume.mode
-        if mode == "never":
-            return None
-        if mode != "auto":
-            path = Path(mode)
-            self.verify(path)
-            return path
-        rejected = []
-        for step, path in reversed(self.committed()):
-            try:
-                self.verify(path)
-                return path
-            except CheckpointError as e:
-                self._say(f"skipping {e}; trying an older checkpoint")
-                rejected.append(str(e))
-        if rejected:  # starting over here would also wipe the metrics the checkpoints belong to
-            raise CheckpointError(f"resume.mode=auto: every checkpoint in {self.dir} was rejected: "
-                                  f"{'; '.join(rejected)}; fix or remove them, or set resume.mode=never "
-                                  "to start over (it moves the earlier run aside)")
-        return None
+        found = choose(self.run_dir, self.cfg.resume.mode, say=self._say)
+        return None if found is None else found[0]
 
     def _agree_on_checkpoint(self) -> Path | None:
         """The checkpoint every rank loads: rank 0 chooses it (resume.mode) and checks it may be resumed."""

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
 from lora_launch.run.rundir import rewind_metrics, set_aside_previous
+from lora_launch.run.checkpoints import verify
 from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
 from lora_launch.train.state import ScalerState
 
@@ -162,21 +163,24 @@ def test_a_manifest_must_checksum_every_file_the_loader_reads(tmp_path, capsys):
     (lambda m: m.pop("world_size"), "has no usable world_size .None."),
     (lambda m: m.update(world_size=0), "has no usable world_size .0."),
     (lambda m: m.update(world_size="1"), "has no usable world_size ..1.."),
+    (lambda m: m.pop("config"), "has no config"),
+    (lambda m: m.pop("fingerprints"), "has no fingerprints"),
+    (lambda m: m.update(step="2"), "has no step"),
 ], ids=["empty", "no-files", "files-a-list", "no-sha256", "rank-1-unlisted", "rng-json-unlisted", "no-world-size",
-        "world-size-0", "world-size-str"])
+        "world-size-0", "world-size-str", "no-config", "no-fingerprints", "step-a-string"])
 def test_an_incomplete_manifest_is_rejected_naming_the_file(tmp_path, edit, reason):
     (path,) = saved_steps(tmp_path, (1,))
-    checkpointer(tmp_path).verify(path)
+    verify(path)
     edit_manifest(path, edit)
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: manifest.json {reason}"):
-        checkpointer(tmp_path).verify(path)
+        verify(path)
 
 
 def test_a_missing_rng_file_of_a_rank_is_rejected(tmp_path):
     (path,) = saved_steps(tmp_path, (1,))
     (path / "rng-rank0.safetensors").unlink()
     with pytest.raises(CheckpointError, match="step-1: rng-rank0.safetensors is missing or does not match"):
-        checkpointer(tmp_path).verify(path)
+        verify(path)
 
 
 def test_when_every_checkpoint_is_rejected_auto_refuses_to_start_over(tmp_path):
