@@ -104,7 +104,6 @@ def check_model(cfg: DictConfig) -> None:
             if not (path / "config.json").is_file():
                 raise ConfigError(f"model.path={m.path}: no config.json there; give a model directory "
                                   "(what save_pretrained writes) or a hub id OWNER/NAME")
-            check_weights(m.path, path)
         elif not _HUB_ID.match(m.path):
             raise ConfigError(f"model.path={m.path}: no such directory, and not a hub id (OWNER/NAME)")
         elif not _offline():
@@ -115,9 +114,14 @@ def check_model(cfg: DictConfig) -> None:
         config = model_config(cfg)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
+        if not m.random_init and Path(os.path.expanduser(m.path)).is_dir():
+            raise ConfigError(f"model.path={m.path}: its config.json cannot be read ({first}); fix or replace "
+                              "it (save_pretrained writes it)") from None
         raise ConfigError(f"model.path={m.path}: cannot read its config here ({first}); with HF_HUB_OFFLINE=1 "
                           "a hub model must already be in the local cache: download it once, or give a "
                           "local directory") from None
+    if not m.random_init and Path(os.path.expanduser(m.path)).is_dir():
+        check_weights(m.path, Path(os.path.expanduser(m.path)))
     model = _meta_model(config, str(cfg.model.attn_implementation))
     if model is not None:
         check_lora_targets(model, config.model_type, lora_targets(cfg))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from lora_launch.conf.schema import ConfigError, register
@@ -18,34 +17,12 @@ from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.rundir import fault_message, finished_step
 
 
-def _job(cfg: DictConfig) -> float | int:
-    """One launch, or one sweep trial; Hydra's output dir is the run dir."""
+def _job(cfg: DictConfig) -> int:
+    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: launcher/sweeper.py)."""
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run.dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        from lora_launch.launcher.sweep import remove_unused_sweep_dir, run_trial, summarize
-
-        if cfg.launcher.name == "slurm":  # each trial would be an sbatch that returns at once
-            print("error: a sweep (-m) cannot use launcher=slurm: sweeps run their trials locally, one after "
-                  "another; use launcher=local (e.g. inside one Slurm job), or submit one job per trial",
-                  file=sys.stderr)
-            _remove_if_unused(Path(cfg.run.dir))
-            remove_unused_sweep_dir(Path(hydra_cfg.sweep.dir))
-            sys.exit(2)
-        if cfg.preview:  # each trial's plan is printed; nothing is recorded, so a real run later trains them all
-            try:
-                return _launch(cfg, overrides)
-            finally:
-                _remove_if_unused(Path(cfg.run.dir))
-                remove_unused_sweep_dir(Path(hydra_cfg.sweep.dir))
-        try:
-            # the trial's best eval loss is what a sweeper (e.g. Optuna) minimises
-            return run_trial(Path(cfg.run.dir), overrides, lambda: _launch(cfg, overrides),
-                             continue_on_failure=cfg.sweep.continue_on_failure)
-        finally:
-            summarize(Path(hydra_cfg.sweep.dir))
     try:
         rc = _launch(cfg, overrides)
     except ConfigError as e:
@@ -53,7 +30,7 @@ def _job(cfg: DictConfig) -> float | int:
         _remove_if_unused(Path(cfg.run.dir))
         sys.exit(2)
     except OSError as e:  # disk full or read-only while writing the launch files: one line, nothing lost
-        message = fault_message(e)
+        message = fault_message(e, where=cfg.run.dir)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
@@ -114,11 +91,23 @@ SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
                "sweep-summary": "rebuild a sweep's summary files"}
 
 
+def _override_text(arg: str) -> str:
+    """The value of `key=value` as Hydra reads it (a sweep quotes its trial dirs: they hold `=` and `,`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        value = OverridesParser.create().parse_overrides([arg])[0].value()
+    except HydraException:
+        value = None
+    return value if isinstance(value, str) else arg.split("=", 1)[1]
+
+
 def _check_run_dir_arg(argv: list[str]) -> None:
     """Refuse an unwritable run.dir in one line before Hydra tries to create it (and dies in a traceback)."""
     from lora_launch.launcher.checks import check_run_dir_writable
 
-    given = [a.split("=", 1)[1] for a in argv if a.startswith(("run.dir=", "hydra.run.dir="))]
+    given = [_override_text(a) for a in argv if a.startswith(("run.dir=", "hydra.run.dir="))]
     if given and "${" not in given[-1]:
         try:
             check_run_dir_writable(Path(given[-1]))
@@ -168,6 +157,10 @@ def _main() -> None:
 
         print(help_text())
         sys.exit(0)
+    if {"-m", "--multirun"} & set(sys.argv[1:]):  # a sweep: each trial a `lora-launch` of its own
+        from lora_launch.launcher.sweeper import run_sweep
+
+        sys.exit(run_sweep([a for a in sys.argv[1:] if a not in ("-m", "--multirun")]))
     _check_run_dir_arg(sys.argv[1:])
     _compose_errors_in_one_line(sys.argv[1:])
     # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
@@ -176,12 +169,6 @@ def _main() -> None:
     register()
     register_resolvers()
     hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(_job)()
-    from lora_launch.launcher.sweep import FAILED_TRIALS  # filled only by a sweep's trials
-
-    if FAILED_TRIALS:
-        print(f"sweep: {len(FAILED_TRIALS)} trial(s) failed: {', '.join(FAILED_TRIALS)} (see the sweep's "
-              "summary.md)", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

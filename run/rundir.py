@@ -47,13 +47,14 @@ _FAULT_HINTS = {
 }
 
 
-def fault_message(e: OSError) -> str | None:
+def fault_message(e: OSError, where: Path | str | None = None) -> str | None:
     """One line for a file system fault the user can fix (disk full, read-only, permissions, a path too
-    long), naming the file; None for anything else, which is a bug and keeps its traceback."""
+    long), naming the file (or `where`, when the error does not say: a write to an open file); None for
+    anything else, which is a bug and keeps its traceback."""
     hint = _FAULT_HINTS.get(e.errno)
     if hint is None:
         return None
-    name = str(e.filename or "")
+    name = str(e.filename or where or "")
     if len(name) > 200:  # a path of thousands of characters would drown the message
         name = f"{name[:80]}...{name[-80:]} ({len(name)} characters)"
     where = f"{name}: " if name else ""

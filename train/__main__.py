@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only, permissions: committed checkpoints stay as they were
-        message = fault_message(e)
+        message = fault_message(e, where=run_dir)
         if message is None:
             _record_failure(run_dir, trainer, e)
             raise

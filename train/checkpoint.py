@@ -53,15 +53,21 @@ CRASH_ENV = "LORA_LAUNCH_CRASH_IN_SAVE"  # tests: `phase` or `phase@step`, see _
 # ---- files --------------------------------------------------------------------------------------
 
 def _save_tensors(path: Path, tensors: dict) -> None:
-    """safetensors bytes written through Python's file API, so that a full disk is an OSError naming the
-    file (safetensors' own writer raises a SafetensorError that names nothing)."""
-    from safetensors.torch import save
+    """safetensors file, fsynced. A write error (a full disk) is an OSError naming the file: safetensors'
+    own error names neither the file nor anything a caller can test."""
+    import errno
+    import re
 
-    data = save(tensors)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from None
+    fsync_path(path)
 
 
 def _load_tensors(path: Path) -> dict:
