@@ -114,7 +114,9 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
          "optim.max_grad_norm=0.3"]
     if spec.get("all_linear"):
         o.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
-    if spec.get("quant") == "nf4":
+    if spec.get("quant") == "nf4" and spec.get("random_nf4"):  # drawn and quantised layer by layer on the GPU
+        o += ["quant=nf4"]
+    elif spec.get("quant") == "nf4":
         o += ["quant=nf4", f"model.path={SAVED_7B}", "model.random_init=false"]
     return o + [f"seed={spec.get('seed', 0)}"] + list(spec.get("extra", []))
 
@@ -169,6 +171,9 @@ def checkpoint(spec: dict) -> dict:
         target = trainer.run_dir
         out["what"] = "save_adapter + torch.save(optimizer.state_dict()) (Checkpointer.save not implemented)"
     out["save_seconds"] = time.perf_counter() - t0
+    # what periodic checkpoints cost at the default interval, as a share of training time
+    every = trainer.cfg.checkpoint.every_steps or 500
+    out["overhead_at_default_interval"] = out["save_seconds"] / (every * out["step_time_median"])
     out["size_mib"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     out["peak_gib"] = peak_gib()
     trainer.close()

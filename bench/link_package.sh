@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Make `lora_launch` importable without installing it (the GPU machine has no network and no pip
-# install of the project): .pkg/lora_launch/{conf,run,launcher,train} link to the repository's folders,
+# install of the project): .pkg/lora_launch/{conf,run,data,launcher,train} link to the repository's folders,
 # the same mapping pyproject.toml installs. Then: export PYTHONPATH=$PWD/.pkg:$PWD/.devsite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .pkg/lora_launch
-for d in conf run launcher train; do ln -sfn "$PWD/$d" ".pkg/lora_launch/$d"; done
+for d in conf run data launcher train; do ln -sfn "$PWD/$d" ".pkg/lora_launch/$d"; done
 echo "$PWD/.pkg"

@@ -70,6 +70,15 @@ MATRICES = {
                  case("lora_ddp_2gpu", "project", nproc=2, warmup=3, steps=8, vs="lora_ddp_1gpu"),
                  case("lora_zero2_2gpu", "project", nproc=2, distributed="zero2", warmup=3, steps=8,
                       vs="lora_ddp_1gpu")],
+    # checkpoint cost at the default interval (every checkpoint is a PEFT adapter too), and QLoRA of a
+    # random model quantised layer by layer on the GPU (no saved model), 7B and 70B shapes
+    "ckpt": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False), case("checkpoint_7b", "checkpoint"),
+             case("lora_ckpt", "project", ckpt=True),
+             case("qlora_ckpt_random_nf4", "project", quant="nf4", random_nf4=True, ckpt=True)],
+    "big": [case("prepare", "prepare", save_7b=False), case("qlora_ckpt_random_nf4_70b_shape", "project", quant="nf4", random_nf4=True, ckpt=True, micro=1,
+                 warmup=2, steps=4, extra=["model.arch.hidden_size=8192", "model.arch.intermediate_size=28672",
+                                           "model.arch.num_hidden_layers=80", "model.arch.num_attention_heads=64",
+                                           "model.arch.num_key_value_heads=8"])],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],

@@ -113,6 +113,7 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations of their own APIs
     warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")  # inductor's note to itself
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # they run unpaged
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")  # inductor's advice on fp32 runs
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # recompiles when the final sample is generated
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

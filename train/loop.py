@@ -349,8 +349,10 @@ class Trainer:
             return prompt, ""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        return prompt, complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
-                                synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
+        # compiled decoder layers would recompile for every cache length (and warn): generate eagerly
+        with torch.compiler.set_stance("force_eager"):
+            return prompt, complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
+                                    synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
 
     def close(self) -> None:
         self.log.close()
