@@ -380,9 +380,31 @@ class RunConfig:
     dir: str = MISSING
 
 
+class SweepSearch(Choice):
+    grid = "grid"
+    tpe = "tpe"
+    random = "random"
+
+
+class Pruner(Choice):
+    none = "none"
+    median = "median"
+    hyperband = "hyperband"
+
+
 @dataclass
 class SweepConfig:
     continue_on_failure: bool = True
+    # concurrent trials, each on its own devices: "auto" is the visible GPUs / launcher.num_processes
+    # (1 on CPU); a number N runs N at once (on CPU each gets cores / N threads per process)
+    parallel: Any = field(default="auto", metadata={"type": "int|auto"})
+    # grid: every combination; tpe | random: an Optuna study over interval()/choice()/lists, kept in the sweep dir
+    search: SweepSearch = SweepSearch.grid
+    trials: int = ranged(20, lo=1)  # a search's trials in all; a re-run with more continues the study
+    prune: Pruner = Pruner.none  # stop trials whose eval loss falls behind (judged at each eval.every_steps)
+    prune_startup_trials: int = ranged(3, lo=0)  # median: trials that finish before any is pruned
+    prune_warmup_steps: int = ranged(0, lo=0)  # no trial is pruned before this optimizer step
+    resume_pruned: bool = False  # true: pruned trials continue from their checkpoints to the end
 
 
 @dataclass
@@ -474,8 +496,14 @@ def validate(cfg: DictConfig) -> None:
     n = cfg.launcher.num_processes
     if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
         raise ConfigError(f"launcher.num_processes={n!r} must be a positive integer or 'auto'")
+    p = cfg.sweep.parallel
+    if not (p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 1)):
+        raise ConfigError(f"sweep.parallel={p!r} must be a positive integer or 'auto'")
     lora_targets(cfg)
     _check_data_sources(cfg)
+    if cfg.distributed.strategy == "deepspeed" and cfg.optim.name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        raise ConfigError(f"optim.name={cfg.optim.name} with distributed={cfg.distributed.name}: ZeRO keeps the "
+                          "optimizer state in its own fp32 partitions; use optim.name=adamw_torch or distributed=ddp")
     if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
     if cfg.model.path is None and not cfg.model.random_init:

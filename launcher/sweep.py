@@ -1,20 +1,22 @@
-"""Hydra sweeps where every trial is a full launch: deterministic trial dirs, skip/resume, summaries.
+"""Sweep trials on disk: deterministic sweep and trial dirs, each trial's record, and the summaries.
 
-`lora-launch -m lora.r=8,16 optim.lr=1e-4,2e-4` runs one trial per combination. The sweep dir is
-named from the command line and each trial dir from its swept values, so re-running the same
-command finds the same dirs: finished trials are skipped, interrupted ones resume from their
-checkpoints, and the rest run. Each trial dir holds `trial.json` (status, launches, error).
+`lora-launch -m lora.r=8,16 optim.lr=1e-4,2e-4` runs one trial per combination (launcher/sweeper.py
+runs them). The sweep dir is named from the command line and each trial dir from its swept values,
+so re-running the same command finds the same dirs: finished trials are skipped, stopped ones resume
+from their checkpoints, and the rest run. Each trial dir holds `trial.json` (status, launches, error).
 
 A trial is `completed` only when its launch exited 0 and its RUN/status.json says `finished`.
 A trial stopped with a checkpoint stops the sweep: `interrupted` (Ctrl-C, exit 130) or `preempted`
 (SIGTERM/SIGHUP, e.g. Slurm preempting the sweep's job; the sweep exits 0 so a requeue re-runs the
-same command, which resumes that trial).
+same command, which resumes that trial). A trial the sweep's pruner stopped is `pruned`: it stopped
+with a checkpoint too, and a re-run skips it unless asked to continue it (sweep.resume_pruned=true).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import re
@@ -24,14 +26,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_launch.run.rundir import read_status, write_json
+from lora_launch.run.rundir import atomic_path, read_status, write_atomic, write_json
 
 TRIAL_FILE = "trial.json"
 INTERRUPTED = 130  # lora-launch's exit code after Ctrl-C stopped training with a checkpoint
-# names of the trials this process ran that failed: `lora-launch -m` exits 1 when there are any
-FAILED_TRIALS: list[str] = []
-_OPTUNA_PARAMS = "hydra.sweeper.params."
+LOG_FILE = "lora-launch.log"  # a trial's launches' output, appended
 _SWEEP_SYNTAX = re.compile(r",|^\w+\(|\b(range|choice|interval|glob)\(")
+# how many trials run at once, in all, and whether pruned ones go on: the same sweep either way
+_NOT_IN_NAME = ("sweep.parallel=", "sweep.trials=", "sweep.resume_pruned=")
 
 
 def _user_args(argv: list[str]) -> list[str]:
@@ -44,20 +46,22 @@ def swept_keys(argv: list[str]) -> set[str]:
     for arg in _user_args(argv):
         key, _, value = arg.partition("=")
         if _SWEEP_SYNTAX.search(value) and not value.startswith("["):
-            keys.add(key.lstrip("+~").removeprefix(_OPTUNA_PARAMS))
+            keys.add(key.lstrip("+~"))
     return keys
 
 
 def sweep_name(argv: list[str] | None = None) -> str:
     """Name of the sweep dir: a digest of the command line's overrides, order-independent."""
-    args = sorted(_user_args(sys.argv[1:] if argv is None else argv))
+    args = sorted(a for a in _user_args(sys.argv[1:] if argv is None else argv) if not a.startswith(_NOT_IN_NAME))
     return "sweep-" + hashlib.sha1("\n".join(args).encode()).hexdigest()[:10]
 
 
-def trial_name(job_overrides, argv: list[str] | None = None) -> str:
-    """Name of a trial dir: its swept values (`lora.r=8,optim.lr=0.0001`), or a digest if none."""
-    argv = sys.argv[1:] if argv is None else argv
-    keys = swept_keys(argv)
+def trial_name(job_overrides, argv: list[str] | None = None, keys: set[str] | None = None) -> str:
+    """Name of a trial dir: its swept values (`lora.r=8,optim.lr=0.0001`), or a digest if none.
+
+    The swept keys are `keys`, else those the command line `argv` gives several values."""
+    if keys is None:
+        keys = swept_keys(sys.argv[1:] if argv is None else argv)
     chosen = [o for o in job_overrides if o.partition("=")[0].lstrip("+~") in keys]
     if chosen:
         name = ",".join(sorted(chosen))
@@ -72,18 +76,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("trial_name", lambda overrides: trial_name(list(overrides)))
 
 
-def remove_unused_sweep_dir(sweep_dir: Path) -> None:
-    """Remove a sweep dir that holds nothing but the multirun.yaml Hydra wrote for a refused sweep."""
-    sweep_dir = Path(sweep_dir)
-    try:
-        if {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-            (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
-            sweep_dir.rmdir()
-            sweep_dir.parent.rmdir()  # sweeps/ itself, when this was its only sweep
-    except OSError:
-        pass
-
-
 # ---- one trial --------------------------------------------------------------------------------
 
 def read_trial(run_dir: Path) -> dict:
@@ -91,51 +83,49 @@ def read_trial(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_trial(run_dir: Path, record: dict) -> None:
+def write_trial(run_dir: Path, record: dict) -> None:
     write_json(Path(run_dir) / TRIAL_FILE, record, indent=2)
 
 
-def run_trial(run_dir: Path, overrides: list[str], launch, continue_on_failure: bool = True) -> float:
-    """Run one trial through `launch() -> returncode` unless it already finished; returns its best eval loss.
-
-    A failed trial is recorded with its error and, unless told otherwise, does not stop the sweep.
-    A trial stopped with a checkpoint (Ctrl-C, or SIGTERM/SIGHUP) stops the sweep; a re-run resumes it.
-    """
+def start_trial(run_dir: Path, overrides: list[str], resume_pruned: bool = False) -> dict | None:
+    """Record a new launch of the trial in `run_dir`; None when there is nothing to run (it completed, or
+    the pruner stopped it and `resume_pruned` is false)."""
     run_dir = Path(run_dir)
     record = read_trial(run_dir)
-    if record.get("status") == "completed":
-        print(f"sweep: {run_dir.name} finished earlier, skipped", flush=True)
-        return trial_row(run_dir)["best_eval_loss"]
+    if record.get("status") == "completed" or (record.get("status") == "pruned" and not resume_pruned):
+        return None
     record.update(overrides=overrides, status="running")
     record.setdefault("launches", []).append({"started": time.time()})
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_trial(run_dir, record)
-    t0 = time.time()
-    try:
-        rc, error = launch(), None
-    except SystemExit as e:
-        rc, error = (e.code if isinstance(e.code, int) else 1), None
-    except Exception as e:  # bad input for this trial (e.g. a value the schema rejects)
-        rc, error = 2, f"{type(e).__name__}: {e}"
-    record["launches"][-1].update(finished=time.time(), returncode=rc)
-    record["wall_time"] = record.get("wall_time", 0.0) + (time.time() - t0)
+    write_trial(run_dir, record)
+    return record
+
+
+def finish_trial(run_dir: Path, record: dict, rc: int, error: str | None = None, pruned: bool = False,
+                 stopped_by_sweep: bool = False) -> str:
+    """Record how the launch `start_trial` began ended, from its exit code and RUN/status.json; returns the
+    trial's status: completed, pruned, preempted, interrupted or failed.
+
+    `pruned`: the sweep's pruner stopped it (a SIGTERM, so it stopped as a preempted run does).
+    `stopped_by_sweep`: the sweep passed it a stop signal (Ctrl-C, SIGTERM); a launch that ended before
+    training had anything to save is then stopped, not failed: a re-run starts it.
+    """
+    run_dir = Path(run_dir)
+    launch = record["launches"][-1]
+    launch.update(finished=time.time(), returncode=rc)
+    record["wall_time"] = record.get("wall_time", 0.0) + (launch["finished"] - launch["started"])
     status = read_status(run_dir)
-    started = record["launches"][-1]["started"]
-    record["status"] = trial_status(rc, status, started, record["launches"][0]["started"])
+    record["status"] = trial_status(rc, status, launch["started"], record["launches"][0]["started"])
+    if pruned and record["status"] == "preempted":
+        record["status"] = "pruned"
+    elif stopped_by_sweep and record["status"] == "failed":
+        record["status"] = "interrupted" if rc == INTERRUPTED else "preempted"
     if record["status"] == "failed":
-        record["error"] = error or _unfinished_error(rc, status, started) or _last_error(run_dir) or f"exit code {rc}"
-        FAILED_TRIALS.append(run_dir.name)
+        record["error"] = error or _unfinished_error(rc, status, launch["started"]) or f"exit code {rc}"
     else:
         record.pop("error", None)  # an earlier launch's error, resumed past
-    _write_trial(run_dir, record)
-    if record["status"] in ("interrupted", "preempted"):
-        # stopped with a checkpoint: the sweep stops too; the same command resumes this trial, then the rest
-        print(f"sweep: stopped at {run_dir.name} ({record['status']}); run the same command to continue",
-              file=sys.stderr, flush=True)
-        raise SystemExit(INTERRUPTED if record["status"] == "interrupted" else 0)
-    if record["status"] == "failed" and not continue_on_failure:
-        raise SystemExit(rc or 1)
-    return trial_row(run_dir)["best_eval_loss"]
+    write_trial(run_dir, record)
+    return record["status"]
 
 
 def trial_status(rc: int, status: dict, started: float, first_started: float) -> str:
@@ -165,14 +155,16 @@ def _unfinished_error(rc: int, status: dict, started: float) -> str | None:
     return f"launch exited 0 but training did not finish (status.json: {state or 'not written by this launch'})"
 
 
-def _last_error(run_dir: Path) -> str | None:
-    for name in ("train.log", "cli.log", "lora-launch.log"):
-        path = run_dir / name
-        if path.exists():
-            lines = [l for l in path.read_text(errors="replace").splitlines() if "rror" in l]
-            if lines:
-                return lines[-1][-300:]
-    return None
+def last_error(log: Path, offset: int = 0) -> str | None:
+    """The last line that reports an error in `log` from byte `offset` on (what this launch wrote)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = [l for l in text.splitlines() if "rror" in l]
+    return lines[-1][-300:] if lines else None
 
 
 # ---- summaries --------------------------------------------------------------------------------
@@ -185,10 +177,7 @@ def trial_row(run_dir: Path) -> dict:
     """One summary row, computed from the trial's own files."""
     run_dir = Path(run_dir)
     record = read_trial(run_dir)
-    rows = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    rows = _read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
     speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
@@ -205,20 +194,40 @@ def trial_row(run_dir: Path) -> dict:
     }
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a running trial's last line may be half written: it is left out."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def _sort_key(row: dict):
+    """Completed trials first, each group by best eval loss: a stopped trial's early loss is no result."""
     loss = row["best_eval_loss"]
-    return (not math.isfinite(loss), loss if math.isfinite(loss) else 0.0, row["trial"])
+    return (row["status"] != "completed", not math.isfinite(loss), loss if math.isfinite(loss) else 0.0, row["trial"])
 
 
 def summarize(sweep_dir: Path) -> list[dict]:
-    """Write summary.csv, summary.md and sweep.png from the trial dirs; returns the rows, best first."""
+    """Write summary.csv, summary.json, summary.md and sweep.png from the trial dirs; returns the rows,
+    best first. Each file is replaced whole, so a reader never sees one half written."""
     sweep_dir = Path(sweep_dir)
     rows = sorted((trial_row(d) for d in sweep_dir.iterdir() if (d / TRIAL_FILE).exists()), key=_sort_key)
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(_markdown(rows))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(sweep_dir / "summary.csv", table.getvalue())
+    write_json(sweep_dir / "summary.json", [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                              for k, v in r.items()} for r in rows], indent=1)
+    write_atomic(sweep_dir / "summary.md", _markdown(rows))
     _plot(rows, sweep_dir / "sweep.png")
     return rows
 
@@ -244,11 +253,13 @@ def _plot(rows: list[dict], out: Path) -> None:
 
     shown = [r for r in rows if math.isfinite(r["best_eval_loss"])]
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.4 * max(len(shown), 1)))
-    ax.barh([r["trial"] for r in shown][::-1], [r["best_eval_loss"] for r in shown][::-1])
+    colors = ["tab:blue" if r["status"] == "completed" else "tab:gray" for r in shown]  # gray: pruned, stopped
+    ax.barh([r["trial"] for r in shown][::-1], [r["best_eval_loss"] for r in shown][::-1], color=colors[::-1])
     ax.set_xlabel("best eval loss")
     ax.set_title(f"{out.parent.name}: {len(shown)} of {len(rows)} trials with an eval loss")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
+from lora_launch.run.pruning import report_eval
 from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.data.samples import IGNORE, as_trained, build_splits
@@ -276,6 +277,8 @@ class Trainer:
             _injected_failure(self.step, self.rank)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 evals.append(self._log_eval())
+                if self.main:  # under a pruning sweep: go on, or its pruner's SIGTERM stops us after the next step
+                    report_eval(self.run_dir, self.step, evals[-1], stopped=lambda: self.stop.requested)
             stop = self._stop_requested()
             # with periodic checkpoints on, the last step is saved too: its adapter is a checkpoint's like the rest
             last = self.step == self.total_steps and self.checkpointer.every > 0

@@ -1,20 +1,23 @@
-"""Sweeps: every trial a full launch; killed and re-run, nothing trains twice; summaries match metrics."""
+"""Sweeps: every trial a full launch; killed and re-run, nothing trains twice; summaries match metrics; trials
+side by side on their own devices; bad trials pruned; a search's study continued after a kill."""
 
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
-from lora_launch.launcher.sweep import read_trial, swept_keys, sweep_name, trial_name
+from lora_launch.launcher.sweep import read_trial, swept_keys, sweep_name, trial_name, trial_row
 
 
 def test_names_are_deterministic_and_readable():
@@ -110,18 +113,188 @@ def test_sweep_with_the_slurm_launcher_is_refused_before_anything_is_submitted(t
     assert not sweep_dir.exists() and not list(tmp_path.glob("**/*.sbatch"))
 
 
-@pytest.mark.slow
-def test_optuna_sweeper_minimises_the_trials_best_eval_loss(tiny, tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    import yaml
+def _trials(sweep_dir: Path) -> dict[str, dict]:
+    return {d.name: read_trial(d) for d in sorted(sweep_dir.iterdir()) if (d / "trial.json").exists()}
 
-    sweep_dir = tmp_path / "optuna"
-    result = lora_launch("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0",
-                         "optim.lr=interval(0.0001,0.003)", "train.max_steps=2", "sample.max_new_tokens=0",
-                         *tiny["overrides"], f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=600)
+
+def _train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def _check_summary(sweep_dir: Path, count: int) -> list[dict]:
+    """The summary files agree with every trial's own files, best completed trial first."""
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert len(rows) == count and (sweep_dir / "sweep.png").stat().st_size > 0
+    assert [r["trial"] for r in csv.DictReader(open(sweep_dir / "summary.csv"))] == [r["trial"] for r in rows]
+    for row in rows:
+        own = trial_row(sweep_dir / row["trial"])
+        assert row == {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in own.items()}
+        metrics = read_jsonl(sweep_dir / row["trial"] / "metrics.jsonl")
+        assert row["best_eval_loss"] == min(r["eval_loss"] for r in metrics if "eval_loss" in r)
+    done = [r["best_eval_loss"] for r in rows if r["status"] == "completed"]
+    assert done == sorted(done) and [r["status"] == "completed" for r in rows] == sorted(
+        (r["status"] == "completed" for r in rows), reverse=True)
+    md = (sweep_dir / "summary.md").read_text().splitlines()
+    assert len(md) == count + 2 and all(f"| {r['trial']} | {r['status']} |" in "\n".join(md) for r in rows)
+    return rows
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"the sweep ended before {what}"
+        time.sleep(0.3)
+    pytest.fail(f"the sweep never reached {what}")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return read_trial(run_dir).get("status") == "running" and bool(list((run_dir / "checkpoints").glob("step-*")))
+
+
+GRID = ["lora.r=2,4", "optim.lr=1e-3,3e-3", "train.max_steps=6", "train.micro_batch_size=2", "eval.every_steps=3",
+        "launcher.num_processes=1"]
+
+
+@pytest.mark.slow
+def test_trials_side_by_side_finish_clearly_sooner_with_the_same_results(tiny, tmp_path):
+    wall, dirs = {}, {}
+    for parallel in (1, 2):
+        dirs[parallel] = tmp_path / f"parallel-{parallel}"
+        t0 = time.monotonic()
+        result = lora_launch("-m", *GRID, *tiny["overrides"], f"sweep.parallel={parallel}",
+                             f"hydra.sweep.dir={dirs[parallel]}", cwd=tmp_path, timeout=900)
+        wall[parallel] = time.monotonic() - t0
+        assert result.returncode == 0, result.stderr[-3000:]
+        if parallel == 1:  # one trial at a time: its output is shown as it runs
+            assert result.stdout.count("run dir: ") == 4
+    print(f"\n4 trials, 1 process each, {os.cpu_count()} CPUs: one after another {wall[1]:.1f} s, "
+          f"two at a time {wall[2]:.1f} s ({wall[1] / wall[2]:.2f}x)")
+    assert wall[2] < 0.85 * wall[1], wall
+
+    trials = _trials(dirs[2])
+    assert len(trials) == 4 and all(t["status"] == "completed" and len(t["launches"]) == 1 for t in trials.values())
+    spans = sorted((t["launches"][0]["started"], t["launches"][0]["finished"], name) for name, t in trials.items())
+    at_once = max(sum(s <= start < f for s, f, _ in spans) for start, _, _ in spans)
+    assert at_once == 2, f"never more than sweep.parallel trials, and that many: {spans}"
+    for (s1, f1, a), (s2, f2, b) in itertools.combinations(spans, 2):
+        if s2 < f1:  # side by side: rendezvous ports of their own
+            ports = {yaml.safe_load((dirs[2] / n / "config.yaml").read_text())["launcher"]["main_process_port"]
+                     for n in (a, b)}
+            assert len(ports) == 2, (a, b)
+    serial = {r["trial"]: r for r in _check_summary(dirs[1], 4)}
+    for row in _check_summary(dirs[2], 4):
+        assert _train_steps(dirs[2] / row["trial"]) == list(range(1, 7))
+        # the same trial alone or beside another: the same losses
+        assert row["best_eval_loss"] == pytest.approx(serial[row["trial"]]["best_eval_loss"], rel=1e-4)
+        assert row["final_train_loss"] == pytest.approx(serial[row["trial"]]["final_train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_parallel_sweep_checkpoints_its_trials_and_the_rerun_finishes_each_once(tiny, tmp_path, signum):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "lora.r=2,4,8", "train.max_steps=100", "checkpoint.every_steps=10", "train.micro_batch_size=2",
+            "sweep.parallel=2", *tiny["overrides"], f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = [sweep_dir / "lora.r=2", sweep_dir / "lora.r=4"]
+    _wait_for(lambda: all(_has_checkpoint(d) for d in first), proc, 600, "two trials with a checkpoint")
+    os.killpg(proc.pid, signum)  # a terminal's Ctrl-C reaches the foreground group: the sweep alone
+    rc = proc.wait(timeout=300)
+    assert rc == (130 if signum == signal.SIGINT else 0), proc.stderr.read()[-3000:]
+    stopped = _trials(sweep_dir)
+    assert set(stopped) == {"lora.r=2", "lora.r=4"}, "no trial starts once the sweep is stopped"
+    for name, record in stopped.items():
+        assert record["status"] == ("interrupted" if signum == signal.SIGINT else "preempted"), (name, record)
+        status = json.loads((sweep_dir / name / "status.json").read_text())
+        assert status["state"] == "preempted" and status["signal"] == signal.Signals(signum).name
+        assert (sweep_dir / name / "checkpoints" / f"step-{status['step']}").is_dir()
+        assert status["step"] < 100
+
+    result = lora_launch(*args, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
-    assert all(r["trial"].startswith("optim.lr=") for r in rows)
-    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["best_value"]
-    assert best == pytest.approx(float(rows[0]["best_eval_loss"]))
+    trials = _trials(sweep_dir)
+    assert {n: len(t["launches"]) for n, t in trials.items()} == {"lora.r=2": 2, "lora.r=4": 2, "lora.r=8": 1}
+    for name, record in trials.items():
+        assert record["status"] == "completed" and _train_steps(sweep_dir / name) == list(range(1, 101))
+    for name in stopped:
+        assert "resumed from" in (sweep_dir / name / "lora-launch.log").read_text().split("==== launch 2")[1]
+    _check_summary(sweep_dir, 3)
+
+
+@pytest.mark.slow
+def test_a_bad_trial_is_pruned_with_a_checkpoint_skipped_on_rerun_and_continued_on_request(tmp_path):
+    pytest.importorskip("optuna", reason="pruning needs the sweep extra (pip install 'lora-launch[sweep]')")
+    # the shipped tiny model knows the demo data: lr 10 wrecks it at once, 1e-3 and 2e-3 teach it
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "optim.lr=2e-3,1e-3,10", "train.max_steps=10", "eval.every_steps=2", "sweep.prune=median",
+            "sweep.prune_startup_trials=2", "sweep.parallel=1", "sample.max_new_tokens=0",
+            "logging.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"]
+    result = lora_launch(*args, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optim.lr=10: pruned at step 2" in result.stdout
+    trials = _trials(sweep_dir)
+    assert {n: t["status"] for n, t in trials.items()} == {
+        "optim.lr=0.001": "completed", "optim.lr=0.002": "completed", "optim.lr=10": "pruned"}
+    bad = sweep_dir / "optim.lr=10"
+    status = json.loads((bad / "status.json").read_text())
+    # the pruner's SIGTERM arrives while rank 0 waits at the eval of step 2: it stops after step 3
+    assert status["state"] == "preempted" and status["signal"] == "SIGTERM" and status["step"] == 3
+    assert _train_steps(bad) == [1, 2, 3] and (bad / "checkpoints" / "step-3").is_dir()
+    rows = _check_summary(sweep_dir, 3)
+    assert rows[-1]["trial"] == "optim.lr=10" and rows[-1]["status"] == "pruned" and rows[-1]["steps"] == 3
+    before = read_jsonl(bad / "metrics.jsonl")
+
+    again = lora_launch(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and "optim.lr=10: pruned earlier, skipped" in again.stdout, again.stderr[-3000:]
+    assert {n: len(t["launches"]) for n, t in _trials(sweep_dir).items()} == {
+        "optim.lr=0.001": 1, "optim.lr=0.002": 1, "optim.lr=10": 1}
+
+    resumed = lora_launch(*args, "sweep.resume_pruned=true", cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = read_trial(bad)
+    assert record["status"] == "completed" and len(record["launches"]) == 2
+    assert _train_steps(bad) == list(range(1, 11))
+    assert read_jsonl(bad / "metrics.jsonl")[:len(before)] == before  # continued from step 3, not restarted
+    _check_summary(sweep_dir, 3)
+
+
+@pytest.mark.slow
+def test_a_search_continues_its_study_after_the_sweep_is_killed(tiny, tmp_path):
+    optuna = pytest.importorskip("optuna", reason="a search needs the sweep extra (pip install 'lora-launch[sweep]')")
+
+    sweep_dir = tmp_path / "search"
+    args = ["-m", "sweep.search=tpe", "sweep.trials=3", "optim.lr=tag(log,interval(1e-4,1e-2))", "train.max_steps=60",
+            "checkpoint.every_steps=5", "eval.every_steps=20", "train.micro_batch_size=2", *tiny["overrides"],
+            f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def one_done_one_midway() -> bool:
+        dirs = sorted(d for d in sweep_dir.glob("0*") if (d / "trial.json").exists())
+        return len(dirs) == 2 and read_trial(dirs[0]).get("status") == "completed" and _has_checkpoint(dirs[1])
+
+    _wait_for(one_done_one_midway, proc, 600, "one trial done and the next midway")
+    proc.kill()  # the sweep alone: its trial gets SIGTERM from the kernel and checkpoints on its own
+    proc.wait()
+
+    result = lora_launch(*args, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _trials(sweep_dir)
+    assert [n[:4] for n in trials] == ["000-", "001-", "002-"], list(trials)
+    assert [len(t["launches"]) for t in trials.values()] == [1, 2, 1]
+    midway = sweep_dir / list(trials)[1]
+    assert "resumed from" in (midway / "lora-launch.log").read_text().split("==== launch 2")[1]
+    for name, record in trials.items():
+        assert record["status"] == "completed" and _train_steps(sweep_dir / name) == list(range(1, 61)), name
+
+    study = optuna.load_study(study_name="lora-launch", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    for t, record in zip(study.trials, trials.values()):
+        assert record["study_trial"] == t.number and f"optim.lr={t.params['optim.lr']!r}" in record["overrides"]
+        assert t.value == trial_row(next(sweep_dir.glob(f"{t.number:03d}-*")))["best_eval_loss"]
+    rows = _check_summary(sweep_dir, 3)
+    assert study.best_value == rows[0]["best_eval_loss"]
+
