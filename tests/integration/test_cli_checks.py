@@ -91,15 +91,23 @@ def test_cli_check_failures_are_one_line(tmp_path):
 
 
 def _fake_checkpoint(run: Path, overrides: list[str], step: int = 5) -> None:
-    """checkpoints/step-N/manifest.json holding the config `overrides` compose to (all the check reads)."""
+    """checkpoints/step-N/: a complete checkpoint as far as the launcher's check reads it (the manifest with
+    the config `overrides` compose to, every file the loader reads listed and checksummed)."""
     from omegaconf import OmegaConf
 
     from lora_launch.conf.schema import redact
+    from lora_launch.run.checkpoints import FORMAT, loaded_files, sha256_file
 
     cfg = compose([*overrides, f"run.dir={run}"])
     ckpt = run / "checkpoints" / f"step-{step}"
     ckpt.mkdir(parents=True)
-    (ckpt / "manifest.json").write_text(json.dumps({"step": step, "config": redact(OmegaConf.to_container(cfg, resolve=True))}))
+    for name in loaded_files(1):
+        (ckpt / name).write_bytes(f"contents of {name}".encode())
+    files = {name: {"sha256": sha256_file(ckpt / name), "bytes": (ckpt / name).stat().st_size}
+             for name in loaded_files(1)}
+    (ckpt / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "step": step, "world_size": 1, "files": files, "fingerprints": {},
+        "config": redact(OmegaConf.to_container(cfg, resolve=True))}))
 
 
 def test_resume_under_a_changed_config_is_refused_before_anything_is_written(tmp_path):
