@@ -24,7 +24,9 @@ MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "opt
              "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
              "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",
              "run.dir", "eval.every_steps", "checkpoint.every_steps", "checkpoint.keep_last", "resume.mode",
-             "resume.allow_changes", "seed", "preview")
+             "resume.allow_changes", "seed", "preview", "data.format", "data.template", "data.sources",
+             "optim.name", "model.attn_implementation", "launcher.max_restarts", "launcher.accelerate_config",
+             "distributed.deepspeed_config", "sweep.parallel", "sweep.prune", "sweep.search", "sweep.trials")
 
 
 def _conf_dir():
