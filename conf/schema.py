@@ -121,6 +121,11 @@ class Optimizer(Choice):
     paged_adamw_32bit = "paged_adamw_32bit"
 
 
+# optim.name -> the bitsandbytes optimizer class it runs (the others are torch's AdamW)
+BNB_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
 class Scheduler(Choice):
     constant = "constant"
     cosine = "cosine"

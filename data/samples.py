@@ -496,11 +496,12 @@ def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool =
     run_dir/data_report.json when `report`.
     """
     d = cfg.data
-    parts = [_source_splits(sub, tok, main_process) for sub, _ in source_configs(cfg)]
+    sources = source_configs(cfg)
+    parts = [_source_splits(sub, tok, main_process) for sub, _ in sources]
     if len(parts) == 1:
         train, val, all_stats = parts[0]
     else:
-        weights = [w for _, w in source_configs(cfg)]
+        weights = [w for _, w in sources]
         train, drawn = mix([p[0] for p in parts], weights, cfg.seed)
         val = concat([p[1] for p in parts])
         all_stats = {f"{split} [{i}]": {**s, "weight": weights[i], "train_samples_drawn": drawn[i]}

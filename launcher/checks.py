@@ -16,11 +16,12 @@ import yaml
 from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
-from lora_launch.conf.schema import ALL_LINEAR, ConfigError, lora_targets
+from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.checkpoints import CheckpointError, choose
+from lora_launch.run.rundir import short_path
 
 
 def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
@@ -60,9 +61,6 @@ def check_nf4(cfg: DictConfig) -> None:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"quant=nf4: bitsandbytes cannot quantise on {device} here "
                           f"({type(e).__name__}: {first}); use quant=none") from None
-
-
-BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def check_extras(cfg: DictConfig) -> None:
@@ -186,8 +184,7 @@ def check_run_dir_writable(run_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
             pass
     except OSError as e:
-        name = str(run_dir) if len(str(run_dir)) <= 200 else f"{str(run_dir)[:80]}...({len(str(run_dir))} characters)"
-        raise ConfigError(f"run.dir={name} is not writable ({e.strerror}); choose another run.dir") from None
+        raise ConfigError(f"run.dir={short_path(run_dir)} is not writable ({e.strerror}); choose another run.dir") from None
     finally:
         for d in made:  # innermost first; one that was never made (the error above) is skipped
             try:

@@ -47,6 +47,12 @@ _FAULT_HINTS = {
 }
 
 
+def short_path(path: Path | str) -> str:
+    """A path as a message shows it: one of thousands of characters would drown the message."""
+    name = str(path)
+    return name if len(name) <= 200 else f"{name[:80]}...{name[-80:]} ({len(name)} characters)"
+
+
 def fault_message(e: OSError, where: Path | str | None = None) -> str | None:
     """One line for a file system fault the user can fix (disk full, read-only, permissions, a path too
     long), naming the file (or `where`, when the error does not say: a write to an open file); None for
@@ -54,9 +60,7 @@ def fault_message(e: OSError, where: Path | str | None = None) -> str | None:
     hint = _FAULT_HINTS.get(e.errno)
     if hint is None:
         return None
-    name = str(e.filename or where or "")
-    if len(name) > 200:  # a path of thousands of characters would drown the message
-        name = f"{name[:80]}...{name[-80:]} ({len(name)} characters)"
+    name = short_path(e.filename or where or "")
     where = f"{name}: " if name else ""
     return f"{where}{e.strerror or os.strerror(e.errno)}; {hint}"
 

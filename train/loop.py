@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from lora_launch.conf.schema import BNB_OPTIMIZERS
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
 from lora_launch.run.pruning import report_eval
@@ -25,10 +26,6 @@ from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model
 from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
-
-
-BNB_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                  "paged_adamw_32bit": "PagedAdamW32bit"}
 
 
 def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
