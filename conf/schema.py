@@ -368,6 +368,9 @@ class EvalConfig:
 class CheckpointConfig:
     every_steps: int = ranged(500, lo=0)  # and the last step; 0: no periodic checkpoints
     keep_last: int = ranged(2, lo=1)
+    # periodic saves: copy the states, write the files in a thread while training goes on (false: wait)
+    background: bool = True
+    background_min_mib: int = ranged(64, lo=0)  # smaller saves are written at once (they take milliseconds)
 
 
 @dataclass

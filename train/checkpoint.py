@@ -17,7 +17,13 @@ run.dir/checkpoints/ holds:
 
 Commit rule: every rank writes into the staging dir, a barrier, then rank 0 hashes every file,
 writes the manifest, renames staging -> step-N, and only then updates `latest` and prunes. A crash
-at any point leaves the previous step-N untouched. A checkpoint is loadable only if its manifest
+at any point leaves the previous step-N untouched.
+
+Periodic saves write in the background (checkpoint.background): at step N every rank copies its states
+to the CPU (the only pause), and a thread writes and hashes the files while training goes on. Each later
+step asks whether every rank's thread is done (one tiny all-reduce while a save is pending); the first
+step where all are runs the same barrier-and-commit as above. A stop, the last step, and the next due
+save first finish a pending one, so at most one save is in flight and the last one is always committed. A checkpoint is loadable only if its manifest
 lists every file the loader reads, each checksummed; loading falls back to an older checkpoint when
 one fails, and refuses (rather than start over) when every one does.
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -154,14 +161,13 @@ def _shared_files(states: dict, world: int) -> tuple[dict, dict]:
     return states["trainable"]["tensors"], state
 
 
-def _save_adapter(staging: Path, peft_model, tensors: dict) -> None:
-    """adapter_config.json and adapter_model.safetensors of the saved LoRA weights, named as PEFT names them."""
+def _adapter_tensors(peft_model, tensors: dict) -> dict:
+    """The saved LoRA weights named as PEFT names them in adapter_model.safetensors."""
     from peft import get_peft_model_state_dict
 
     params = {name[len("param/"):]: t for name, t in tensors.items() if name.startswith("param/")}
     adapter = get_peft_model_state_dict(peft_model, state_dict=params)
-    _save_tensors(staging / "adapter_model.safetensors", {k: v.contiguous() for k, v in adapter.items()})
-    peft_model.peft_config["default"].save_pretrained(str(staging))
+    return {k: v.contiguous() for k, v in adapter.items()}
 
 
 def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
@@ -174,6 +180,60 @@ def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
               "scheduler": state["scheduler"], "scaler": state.get("scaler"), "rng": rng,
               "progress": {k: state[k] for k in PROGRESS}}
     return states, state
+
+
+def _write_rank_files(staging: Path, states: dict, rank: int, world: int, adapter: dict | None,
+                      adapter_config) -> dict:
+    """This rank's files of one checkpoint (rank 0 also the shared ones and the adapter); returns
+    {file: sha256} of what it wrote. Reads only the CPU copies in `states`: safe in a thread while training goes on."""
+    written = []
+    rng = states["rng"]
+    _save_tensors(staging / f"rng-rank{rank}.safetensors", rng["tensors"])
+    write_json(staging / f"rng-rank{rank}.json", {k: v for k, v in rng.items() if k != "tensors"}, fsync=True)
+    written += [f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
+    if rank == 0:
+        tensors, state = _shared_files(states, world)
+        _save_tensors(staging / "trainable.safetensors", tensors)
+        write_json(staging / "state.json", state, fsync=True)
+        written += ["trainable.safetensors", "state.json"]
+        if adapter is not None:
+            _save_tensors(staging / "adapter_model.safetensors", adapter)
+            adapter_config.save_pretrained(str(staging))
+            written += ["adapter_model.safetensors", "adapter_config.json"]
+    return {name: sha256_file(staging / name) for name in written}
+
+
+def _estimated_bytes(fingerprints: dict) -> int:
+    """What a save writes, near enough: fp32 LoRA weights and two optimizer states each. From the adapter's
+    full shapes, so every rank (whatever ZeRO gave it) comes to the same figure and takes the same path."""
+    numel = sum(math.prod(shape) for shape in fingerprints["lora_shapes"].values())
+    return 3 * 4 * numel
+
+
+class _Pending:
+    """A save whose files a thread is writing: its step, staging dir, pause, and the thread's outcome."""
+
+    def __init__(self, step: int, staging: Path, paused: float, work):
+        import threading
+
+        self.step, self.staging, self.paused = step, staging, paused
+        self.t0 = time.perf_counter()
+        self.hashes: dict = {}
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+        def run():
+            try:
+                self.hashes = work()
+            except BaseException as e:  # handed to the training thread at the commit
+                self.error = e
+            self.seconds = time.perf_counter() - self.t0
+
+        self.thread = threading.Thread(target=run, name=f"checkpoint-step-{step}", daemon=True)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
 
 
 # ---- the checkpointer ----------------------------------------------------------------------------
@@ -199,7 +259,12 @@ class Checkpointer:
         self.states = states
         self.fingerprints = fingerprints
         self.adapter_of = adapter_of  # the PEFT model, for the adapter files of each checkpoint
-        self.last_save: dict = {}  # {"step", "seconds", "bytes"} of the last save, for the log
+        self.background = bool(cfg.checkpoint.get("background", True))
+        self.background_min_bytes = cfg.checkpoint.get("background_min_mib", 64) * 2**20
+        self.pending: _Pending | None = None  # a background save not committed yet
+        # the last committed save, for the log: {"step", "seconds" (training paused), "bytes",
+        # "background" (whether a thread wrote it), "write_seconds" (the thread's time)}
+        self.last_save: dict = {}
 
     def _say(self, message: str) -> None:
         if self.main:
@@ -214,52 +279,102 @@ class Checkpointer:
     # ---- save ----
 
     def maybe_save(self, step: int, force: bool = False) -> Path | None:
-        """Save after optimizer step `step` if checkpoint.every_steps makes one due, or `force` (a stop) asks;
-        returns the checkpoint's directory, or None when none was due."""
-        if force or (self.every > 0 and step % self.every == 0):
+        """After optimizer step `step`: commit a background save every rank has finished writing; then
+        save if checkpoint.every_steps makes one due (in the background when it is large enough) or `force`
+        (a stop, the last step) asks (at once). Returns the directory of the checkpoint this call committed."""
+        committed = self._commit_pending(wait=False)
+        if force:
             return self.save(step)
-        return None
+        if self.every > 0 and step % self.every == 0:
+            return self.save(step, background=self.background) or committed
+        return committed
 
-    def save(self, step: int) -> Path:
-        """Write checkpoint step-`step` of the states from every rank and commit it; returns its directory."""
-        acc, t0 = self.accelerator, time.perf_counter()
+    def finish(self) -> Path | None:
+        """Wait for a background save and commit it (every rank calls it); its directory, or None."""
+        return self._commit_pending(wait=True)
+
+    def save(self, step: int, background: bool = False) -> Path | None:
+        """Checkpoint step-`step` of the states from every rank. Committed now (returns its directory), or,
+        with `background` and states of at least checkpoint.background_min_mib, written by a thread and
+        committed by a later call (returns None)."""
+        self._commit_pending(wait=True)  # at most one save in flight
+        t0 = time.perf_counter()
         states = {name: part.state_dict() for name, part in self.states.items()}  # a collective under ZeRO
         staging = self.dir / f".staging-step-{step}"
         if self.main:
             shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
             staging.mkdir(parents=True)
-        acc.wait_for_everyone()
-        rng = states["rng"]
+        self.accelerator.wait_for_everyone()
+        adapter = None
+        if self.main and self.adapter_of is not None:
+            adapter = _adapter_tensors(self.adapter_of, states["trainable"]["tensors"])
+        config = self.adapter_of.peft_config["default"] if self.adapter_of is not None else None
+
+        def write() -> dict:
+            return _write_rank_files(staging, states, self.rank, self.world, adapter, config)
+
+        if background and _estimated_bytes(self.fingerprints) >= self.background_min_bytes:
+            self.pending = _Pending(step, staging, time.perf_counter() - t0, write)
+            return None
         try:
-            _save_tensors(staging / f"rng-rank{self.rank}.safetensors", rng["tensors"])
-            write_json(staging / f"rng-rank{self.rank}.json", {k: v for k, v in rng.items() if k != "tensors"},
-                       fsync=True)
-            if self.main:
-                tensors, state = _shared_files(states, self.world)
-                _save_tensors(staging / "trainable.safetensors", tensors)
-                write_json(staging / "state.json", state, fsync=True)
-                if self.adapter_of is not None:
-                    _save_adapter(staging, self.adapter_of, tensors)
+            hashes = write()
         except OSError:  # a full disk: give back what this save took; the committed checkpoints are untouched
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        return self._finish_commit(staging, step, hashes, paused=time.perf_counter() - t0, background=False,
+                                   write_seconds=0.0)
+
+    def _all_done(self) -> bool:
+        """Whether every rank's thread has finished writing the pending save (a collective while one is pending)."""
+        done = self.pending.done()
+        if self.world == 1:
+            return done
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if done else 0], device=self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _commit_pending(self, wait: bool) -> Path | None:
+        """Commit the pending background save when every rank has written it (`wait`: block until then)."""
+        pending = self.pending
+        if pending is None or not (wait or self._all_done()):
+            return None
+        self.pending = None
+        t0 = time.perf_counter()
+        pending.thread.join()
+        if pending.error is not None:
+            shutil.rmtree(pending.staging, ignore_errors=True)
+            raise pending.error
+        return self._finish_commit(pending.staging, pending.step, pending.hashes,
+                                   paused=pending.paused + time.perf_counter() - t0, background=True,
+                                   write_seconds=pending.seconds)
+
+    def _finish_commit(self, staging: Path, step: int, hashes: dict, paused: float, background: bool,
+                       write_seconds: float) -> Path:
+        """Barrier, rank 0 commits, barrier; records what the save cost."""
+        t0 = time.perf_counter()
         _crash_point("after_rank_write", step, self.rank)
+        acc = self.accelerator
         acc.wait_for_everyone()
-        final = self._commit(staging, step) if self.main else self.dir / f"step-{step}"
+        final = self._commit(staging, step, hashes) if self.main else self.dir / f"step-{step}"
         acc.wait_for_everyone()
-        self.last_save = {"step": step, "seconds": time.perf_counter() - t0,
+        self.last_save = {"step": step, "seconds": paused + time.perf_counter() - t0, "background": background,
+                          "write_seconds": write_seconds,
                           "bytes": sum(f.stat().st_size for f in final.iterdir()) if self.main else 0}
         return final
 
-    def _commit(self, staging: Path, step: int) -> Path:
+    def _commit(self, staging: Path, step: int, hashes: dict) -> Path:
+        """Rank 0: the manifest (hashes the writers computed, the rest read now), then the rename."""
         expected = set(loaded_files(self.world))
         present = {f.name for f in staging.iterdir()}
         if expected - present:
             raise CheckpointError(f"{staging}: ranks did not write {sorted(expected - present)}; "
                                   "run.dir must be on a filesystem every node shares")
         manifest = self.manifest(step)
-        manifest["files"] = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-                             for name in sorted(present)}
+        manifest["files"] = {name: {"sha256": hashes.get(name) or sha256_file(staging / name),
+                                    "bytes": (staging / name).stat().st_size} for name in sorted(present)}
         write_json(staging / "manifest.json", manifest, fsync=True)
         fsync_path(staging)
         _crash_point("before_commit", step, self.rank)

@@ -147,8 +147,13 @@ class Trainer:
         """A checkpoint if one is due after this step (or `force`: a stop), its cost in the log."""
         if self.checkpointer.maybe_save(self.step, force) is not None:
             cost = self.checkpointer.last_save
-            self.log.write(f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s "
-                           f"({cost['bytes'] / 2**20:.2f} MiB)")
+            if cost["background"]:
+                self.log.write(f"step {self.step}: checkpoint of step {cost['step']} committed "
+                               f"({cost['bytes'] / 2**20:.2f} MiB written in {cost['write_seconds']:.2f} s "
+                               f"in the background; training paused {cost['seconds']:.2f} s)")
+            else:
+                self.log.write(f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s "
+                               f"({cost['bytes'] / 2**20:.2f} MiB)")
 
     # ---- one optimizer step ------------------------------------------------------------------
 

@@ -77,10 +77,12 @@ def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path):
 
 def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path):
     ref = reference(tiny, tmp_path, "zero2")
-    run, args = tmp_path / "run", overrides(tiny, "zero2")
+    # periodic saves written by a thread while training goes on (the reference saved at once)
+    run, args = tmp_path / "run", overrides(tiny, "zero2") + ["checkpoint.background_min_mib=0"]
     rc, log = launch(run, args, env={CRASH_ENV: "after_rank_write@6"})
     assert rc != 0 and "crashing at step 6" in log, log[-3000:]
-    assert committed_steps(run) == [3]  # step 6 was half written: never committed
+    assert "checkpoint of step 3 committed" in log and "in the background" in log, log[-3000:]
+    assert committed_steps(run) == [3]  # step 6 was written, its commit never came
 
     rc, seconds = sigterm_at(run, args, 7)
     assert rc == 0 and seconds < 45  # the step, the save and torchrun's 30 s shutdown window at most

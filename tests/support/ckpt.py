@@ -24,8 +24,11 @@ class OneProcess:
         pass
 
 
-def make_cfg(run_dir: Path, mode: str = "auto", allow=(), lr: float = 0.1, r: int = 4, every: int = 1):
-    return OmegaConf.create({"run": {"dir": str(run_dir)}, "checkpoint": {"every_steps": every, "keep_last": 2},
+def make_cfg(run_dir: Path, mode: str = "auto", allow=(), lr: float = 0.1, r: int = 4, every: int = 1,
+             background_min_mib: int = 64):
+    return OmegaConf.create({"run": {"dir": str(run_dir)},
+                             "checkpoint": {"every_steps": every, "keep_last": 2, "background": True,
+                                            "background_min_mib": background_min_mib},
                              "resume": {"mode": mode, "allow_changes": list(allow)},
                              "optim": {"lr": lr}, "lora": {"r": r}})
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
-from lora_launch.run.rundir import rewind_metrics, set_aside_previous
+from lora_launch.run.rundir import committed_checkpoints, rewind_metrics, set_aside_previous
 from lora_launch.run.checkpoints import verify
 from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
 from lora_launch.train.state import ScalerState
@@ -45,6 +45,47 @@ def test_the_checkpointer_decides_when_a_save_is_due(tmp_path):
     assert ck.maybe_save(3, force=True) == tmp_path / "checkpoints" / "step-3"  # a stop saves off the schedule
     never = checkpointer(tmp_path / "other", t, every=0)
     assert never.maybe_save(4) is None and never.maybe_save(4, force=True) is not None
+
+
+def test_a_background_save_writes_what_the_step_held_while_training_goes_on(tmp_path):
+    t = Training()
+    t.steps(2)
+    at_once = checkpointer(tmp_path / "at_once", t).save(2)
+    ck = checkpointer(tmp_path / "bg", t, every=2, background_min_mib=0)
+    assert ck.maybe_save(2) is None and ck.pending is not None  # written by a thread, not committed yet
+    t.steps(3)  # training changes the weights while (or after) the thread writes
+    path = ck.finish()
+    assert path == tmp_path / "bg" / "checkpoints" / "step-2" and ck.pending is None
+    assert ck.last_save["background"] and ck.last_save["step"] == 2 and ck.last_save["write_seconds"] > 0
+    verify(path)
+    for name in ("trainable.safetensors", "rng-rank0.safetensors", "state.json", "rng-rank0.json"):
+        assert (path / name).read_bytes() == (at_once / name).read_bytes(), name
+    # the next due step commits a finished save first; a stop (force) writes at once
+    assert ck.maybe_save(4) is None and ck.maybe_save(5, force=True) == tmp_path / "bg" / "checkpoints" / "step-5"
+    assert [s for s, _ in committed_checkpoints(tmp_path / "bg")] == [4, 5]
+
+
+def test_a_failed_background_write_is_raised_at_the_commit_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from lora_launch.train import checkpoint as module
+
+    t = Training()
+    ck = checkpointer(tmp_path, t, every=2, background_min_mib=0)
+    t.steps(2)
+    ck.maybe_save(2)
+    ck.finish()
+
+    def full(path, tensors):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(module, "_save_tensors", full)
+    t.steps(2)
+    assert ck.maybe_save(4) is None
+    with pytest.raises(OSError, match="No space left"):
+        ck.finish()
+    assert [s for s, _ in committed_checkpoints(tmp_path)] == [2] and not list((tmp_path / "checkpoints").glob(".staging-*"))
+    verify(tmp_path / "checkpoints" / "step-2")
 
 
 def test_the_files_keep_format_1(tmp_path):
