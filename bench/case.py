@@ -106,7 +106,7 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
     o = [f"model={model}"] + ([f"model.tokenizer={TOKENIZER}"] if model == "llama2_7b_random" else [])
     o += ["data.source=synthetic",
          f"data.synthetic_lengths={spec.get('lengths', 'full')}", "data.max_samples=2048", "data.val_split=0.0",
-         "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", "train.seq_len=512",
+         "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", f"train.seq_len={spec.get('seq', 512)}",
          f"train.micro_batch_size={spec.get('micro', 4)}", f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
          f"train.compile={spec.get('compile', 'auto')}", "train.max_steps=1000", "eval.at_start=false",
          "logging.progress_bar=false", "logging.tensorboard=false", f"run.dir={run_dir}",
@@ -149,47 +149,78 @@ def project(spec: dict) -> dict:
 
 
 def checkpoint(spec: dict) -> dict:
-    """Time and size of one checkpoint at 7B against the step time (the Checkpointer if it saves)."""
+    """What periodic checkpoints cost at 7B, as training sees it: the time of a window of steps in which one
+    background save is started, committed and waited for, against the same window without a save
+    (interleaved, medians); and the at-once save for comparison."""
     trainer = build_trainer(spec)
-    times = []
-    for _ in range(6):
-        times.append(trainer.train_step()["step_time"])
+    ck = trainer.checkpointer
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def window(n: int, save: bool) -> tuple[float, dict]:
+        sync()
+        t0 = time.perf_counter()
+        for i in range(n):
+            trainer.train_step()
+            if save and i == 0:
+                ck.save(trainer.step, background=True)
+            else:
+                ck.maybe_save(trainer.step)  # commits the pending save once every rank wrote it
+        ck.finish()  # a save still writing at the end of the window counts in full
+        sync()
+        return time.perf_counter() - t0, dict(ck.last_save)
+
+    times = [trainer.train_step()["step_time"] for _ in range(6)]
     out = {"step_time_median": statistics.median(times[2:])}
-    target = trainer.run_dir / "checkpoints"
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    n = spec.get("window", 40)
+    plain, saving, saves = [], [], []
+    for _ in range(spec.get("repeats", 3)):
+        plain.append(window(n, save=False)[0])
+        seconds, cost = window(n, save=True)
+        saving.append(seconds)
+        saves.append(cost)
+    sync()
     t0 = time.perf_counter()
-    try:
-        trainer.checkpointer.save(trainer.step)
-        out["what"] = "Checkpointer.save"
-    except NotImplementedError:
-        # the Checkpointer seam does not save yet: time what it must write (adapter + optimizer)
-        target = trainer.run_dir / "manual_ckpt"
-        target.mkdir(parents=True, exist_ok=True)
-        trainer.save_adapter()
-        torch.save(trainer.optimizer.state_dict(), target / "optimizer.pt")
-        target = trainer.run_dir
-        out["what"] = "save_adapter + torch.save(optimizer.state_dict()) (Checkpointer.save not implemented)"
-    out["save_seconds"] = time.perf_counter() - t0
-    # what periodic checkpoints cost at the default interval, as a share of training time
+    ck.save(trainer.step)
+    out["at_once_save_seconds"] = time.perf_counter() - t0
+    extra = statistics.median(saving) - statistics.median(plain)
     every = trainer.cfg.checkpoint.every_steps or 500
-    out["overhead_at_default_interval"] = out["save_seconds"] / (every * out["step_time_median"])
-    out["size_mib"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
-    out["peak_gib"] = peak_gib()
+    out.update(window_steps=n, window_plain_s=statistics.median(plain), window_saving_s=statistics.median(saving),
+               extra_seconds=extra, background=all(c.get("background") for c in saves),
+               paused_seconds=statistics.median(c["seconds"] for c in saves),
+               write_seconds=statistics.median(c["write_seconds"] for c in saves),
+               overhead_at_default_interval=max(extra, 0.0) / (every * out["step_time_median"]),
+               at_once_overhead_at_default_interval=out["at_once_save_seconds"] / (every * out["step_time_median"]),
+               size_mib=sum(f.stat().st_size for f in (trainer.run_dir / "checkpoints").glob("step-*/*")) / 2**20
+               / max(len(list((trainer.run_dir / "checkpoints").glob("step-*"))), 1),
+               peak_gib=peak_gib())
     trainer.close()
     return out
 
 
 # ---- the peer: the article's TRL recipe -------------------------------------------------------
 
+def lognormal_lengths(n: int, seq: int, seed: int = 0) -> list[int]:
+    """Instruction-data-like sample lengths: log-normal, median seq/4, clipped to [8, seq] (as the project's
+    data.synthetic_lengths=lognormal draws them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(seq / 4), 0.7, n).astype(int), 8, seq).tolist()
+
+
 def peer(spec: dict) -> dict:
-    """TRL SFTTrainer + PEFT (+ bitsandbytes), paged_adamw_32bit, packing off, same model and data."""
+    """TRL SFTTrainer + PEFT (+ bitsandbytes), paged_adamw_32bit, same model and data. Forms: TRL's defaults;
+    `liger`: its own use_liger_kernel=True; `padding_free`: that plus padding_free=True (real lengths).
+    Tokens/s counts real (non-padding) tokens, counted at the embedding of every forward."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    micro, seq, warm, steps = spec.get("micro", 4), 512, spec.get("warmup", 5), spec.get("steps", 15)
+    micro, seq, warm, steps = spec.get("micro", 4), spec.get("seq", 512), spec.get("warmup", 5), spec.get("steps", 15)
     if spec.get("quant") == "nf4":
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False)
@@ -198,18 +229,26 @@ def peer(spec: dict) -> dict:
     else:
         model = random_7b()
     model.config.use_cache = False
+    n = micro * (warm + steps + 2)
+    lengths = lognormal_lengths(n, seq) if spec.get("lengths") == "lognormal" else [seq] * n
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (micro * (warm + steps + 2), seq), generator=g).tolist()
+    ids = [torch.randint(3, model.config.vocab_size, (k,), generator=g).tolist() for k in lengths]
+    liger = bool(spec.get("liger") or spec.get("padding_free"))
     args = SFTConfig(output_dir=str(WORK / "runs" / "peer"), per_device_train_batch_size=micro,
                      gradient_accumulation_steps=1, optim="paged_adamw_32bit", learning_rate=2e-4,
                      weight_decay=0.001, max_grad_norm=0.3, lr_scheduler_type="cosine",
                      bf16=torch.cuda.is_available(), disable_tqdm=True,
                      max_steps=warm + steps, gradient_checkpointing=spec.get("ckpt", False),
-                     packing=False, max_length=seq, logging_steps=1000, save_strategy="no", report_to="none")
+                     packing=False, max_length=seq, logging_steps=1000, save_strategy="no", report_to="none",
+                     use_liger_kernel=liger, padding_free=bool(spec.get("padding_free")))
     lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
-    stamps = []
+    stamps, seen, loaded = [], [0], []
 
-    loaded = []
+    def count(module, inputs):  # real tokens of each micro-batch: the data's ids are >= 3, padding is id 0
+        seen[0] += int((inputs[0] != 0).sum())
+
+    model.get_input_embeddings().register_forward_pre_hook(count)
+    per_step = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -218,13 +257,15 @@ def peer(spec: dict) -> dict:
         def on_step_end(self, *a, **k):
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            per_step.append(seen[0])
+            seen[0] = 0
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}),
                          processing_class=AutoTokenizer.from_pretrained(TOKENIZER), peft_config=lora,
                          callbacks=[Clock()])
     trainer.train()
     times = [b - a for a, b in zip(stamps[warm - 1:], stamps[warm:])]
-    out = step_stats(times, [micro * seq] * len(times))
+    out = step_stats(times, per_step[warm:])
     out.update(world=1, peak_gib=peak_gib(), peak_after_load_gib=loaded[0])
     return out
 
