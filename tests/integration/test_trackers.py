@@ -1,11 +1,12 @@
 """Metrics the ecosystem reads: metrics.jsonl keeps its flat keys; accelerate's trackers (tensorboard,
-mlflow) get Hugging Face-style names (train/loss, eval/loss, ...) so charts overlay with TRL runs."""
+mlflow, wandb) get Hugging Face-style names (train/loss, eval/loss, ...) so charts overlay with TRL runs.
+Each is read back from what the tracker itself wrote."""
 
 from __future__ import annotations
 
 import pytest
 
-from support.cli import lora_launch, read_jsonl
+from support.cli import lora_launch, read_jsonl, subprocess_env
 
 
 def _tensorboard_tags(run) -> dict[str, list[int]]:
@@ -17,7 +18,8 @@ def _tensorboard_tags(run) -> dict[str, list[int]]:
 
 
 def test_trackers_get_hugging_face_keys_and_jsonl_keeps_its_own(tiny, tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow", reason="mlflow is in the dev extra; `pip install -e .[dev]`")
+    import mlflow  # in the dev extra: `pip install -e .[dev]`
+
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
     run = tmp_path / "run"
     done = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "logging.mlflow.enabled=true",
@@ -44,9 +46,32 @@ def test_trackers_get_hugging_face_keys_and_jsonl_keeps_its_own(tiny, tmp_path, 
     assert "lora.r" in client.get_run(run_id).data.params  # the (flattened) config
 
 
+def test_wandb_gets_hugging_face_keys_and_never_the_api_key(tiny, tmp_path):
+    from support.wandb_records import config_keys, history
+
+    run, secret = tmp_path / "run", "test-api-key-0123456789abcdef"
+    done = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "logging.wandb.mode=offline",
+                       cwd=tmp_path, env={**subprocess_env(), "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    rows = history(run)
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["_step"] for r in train] == [1, 2, 3]
+    assert [r["train/loss"] for r in train] == pytest.approx([r["loss"] for r in steps])
+    for key in ("train/learning_rate", "train/grad_norm", "train/mean_token_accuracy", "train/tokens_per_second",
+                "train/num_tokens"):
+        assert all(key in r for r in train), (key, sorted(train[0]))
+    assert [r["_step"] for r in rows if "eval/loss" in r] == [0, 3]
+    assert not any("loss" in r for r in rows)  # the flat name is metrics.jsonl's alone
+    assert {"lora", "optim", "train"} <= set(config_keys(run))
+    leaked = [str(f) for f in run.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert leaked == [] and secret not in done.stdout + done.stderr
+
+
 def test_a_resumed_run_logs_into_the_same_mlflow_run(tiny, tmp_path, monkeypatch):
     """The MLflow run id is kept in the run dir: the trackers of a resumed run continue that run."""
-    mlflow = pytest.importorskip("mlflow", reason="mlflow is in the dev extra; `pip install -e .[dev]`")
+    import mlflow
+
     from lora_launch.conf.compose import compose
     from lora_launch.train.metrics import make_trackers, tracker_row
 
