@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # torch's CPU build where there is no CUDA GPU; with a GPU, pip's default (CUDA) build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast setup system-deps clean
+.PHONY: demo test test-fast setup system-deps browser clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,16 @@ system-deps:
 		bash .ci/setup-system.sh; \
 	else echo "system-deps: not root or no apt-get: netns/Slurm tests will be skipped"; fi
 
-test: setup system-deps
+# the report's test opens the page in headless Chromium and fails without it: as root with apt-get,
+# installed here; otherwise the command to run is printed
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "browser: installing chromium for the HTML report's test (apt-get install chromium)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "browser: chromium is missing and the report's test will fail; install it: sudo apt-get install -y chromium"; fi
+
+test: setup system-deps browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), a minute or so on 2 cores

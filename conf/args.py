@@ -8,8 +8,8 @@ a sweep) or not at all: prompts and paths are free text (`prompt=[INST] Where is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from dataclasses import MISSING as NO_FACTORY, dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -74,8 +74,50 @@ class SweepSummaryArgs:
     dir: str = arg(help="the sweep directory (sweeps/sweep-...)")
 
 
+class ServeEngine(Choice):
+    transformers = "transformers"
+    vllm = "vllm"
+
+
+class ChatTemplate(Choice):
+    auto = "auto"
+    tokenizer = "tokenizer"
+    llama2 = "llama2"
+    alpaca = "alpaca"
+    chatml = "chatml"
+
+
+@dataclass
+class ServeRunDir:
+    dir: Optional[str] = arg(None, "a finished run directory to serve (its config.yaml and adapter/)")
+
+
+@dataclass
+class ServeArgs:
+    """Serve base + adapters over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+    run: ServeRunDir = arg(default_factory=ServeRunDir)
+    runs: List[str] = arg(help="more finished run directories: runs=[RUN1,RUN2]", default_factory=list)
+    sweep: Optional[str] = arg(None, "a sweep directory: every finished trial, named by its dir")
+    adapters: List[str] = arg(help="PEFT adapter directories (a run's checkpoints/step-N, ...)", default_factory=list)
+    base: Optional[str] = arg(None, "base model dir or hub id; null: the runs' model.path (a merged model "
+                                    "from `lora-launch merge` serves alone as a base)")
+    engine: ServeEngine = arg(ServeEngine.transformers, "transformers: this process, adapters mixed in one "
+                                                        "batch; vllm: run `vllm serve` with the same names")
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = arg(8000, "port to listen on; 0: a free one (printed at start)")
+    api_key: Optional[str] = arg(None, "require `Authorization: Bearer KEY` on /v1; null: $LORA_LAUNCH_API_KEY "
+                                       "if set (better: the key stays off the command line)")
+    max_tokens: int = arg(512, "most tokens one request may generate")
+    max_prompt_tokens: Optional[int] = arg(None, "longest prompt in tokens; null: the model's context length")
+    max_body_bytes: int = arg(1_048_576, "largest request body")
+    max_concurrent: int = arg(64, "requests answered at once; one more gets 429")
+    max_batch: int = arg(16, "requests generated together in one batch")
+    template: ChatTemplate = arg(ChatTemplate.auto, "chat template of a model that has no run (a merged model, "
+                                                    "bare adapters); auto: the tokenizer's, else chatml")
+
+
 COMMANDS: dict[str, type] = {"generate": GenerateArgs, "merge": MergeArgs, "eval": EvalArgs,
-                             "sweep-summary": SweepSummaryArgs}
+                             "sweep-summary": SweepSummaryArgs, "serve": ServeArgs}
 
 
 def parse_args(command: str, argv: list[str]) -> Any:
@@ -167,11 +209,12 @@ def usage(command: str) -> str:
     """The subcommand's own help: what it does and each key with its type, default and meaning."""
     schema = COMMANDS[command]
     required = [k for k in keys(schema) if _field(schema, k).default is MISSING]
-    lines = [f"usage: lora-launch {command} {' '.join(k + '=...' for k in required)} [key=value ...]", "",
+    lines = [" ".join(["usage: lora-launch", command, *(k + "=..." for k in required), "[key=value ...]"]), "",
              schema.__doc__.strip(), ""]
     for key in keys(schema):
         f = _field(schema, key)
-        default = "required" if f.default is MISSING else f"default {_shown(f.default)}"
+        value = f.default_factory() if f.default_factory is not NO_FACTORY else f.default  # a list's []
+        default = "required" if value is MISSING else f"default {_shown(value)}"
         lines.append(f"  {key + '=' + type_name(_key_type(schema, key)):<32} {default}; {_help(schema, key)}")
     return "\n".join(lines)
 

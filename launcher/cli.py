@@ -84,11 +84,15 @@ def _launch(cfg: DictConfig, overrides: list[str]) -> int:
 
 
 # `lora-launch COMMAND key=value ...`: arguments typed in conf/args.py, run by launcher/commands.py
-# (generate, merge and eval read RUN/config.yaml and RUN/adapter in their own process)
+# (generate, merge, eval and serve read RUN/config.yaml and RUN/adapter in their own process)
 SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
                "merge": "write base + adapter as one safetensors model",
                "eval": "eval loss and perplexity of base + adapter",
-               "sweep-summary": "rebuild a sweep's summary files"}
+               "serve": "an OpenAI-compatible HTTP endpoint for base + adapters (runs, sweeps)",
+               "sweep-summary": "rebuild a sweep's summary files",
+               # read run dirs only; flags, not key=value (launcher/runs.py, launcher/report.py)
+               "runs": "list runs and sweep trials; `runs diff A B` compares two",
+               "report": "write the runs as one self-contained HTML page"}
 
 
 def _override_text(arg: str) -> str:
@@ -148,6 +152,10 @@ def main() -> None:
 
 
 def _main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("runs", "report"):
+        from lora_launch.launcher.runs import main as runs_main
+
+        sys.exit(runs_main(sys.argv[1], sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         from lora_launch.launcher.commands import run_command
 

@@ -1,10 +1,10 @@
-"""`lora-launch --help`, and the subcommands `generate`, `merge`, `eval` and `sweep-summary`.
+"""`lora-launch --help`, and the subcommands `generate`, `merge`, `eval`, `serve` and `sweep-summary`.
 
 The help is the project's own: the config groups read from the installed conf directory, the
 most used keys with their type, default and range from the schema. The subcommands take
 `key=value` arguments typed in conf/args.py; `generate`, `merge` and `eval` then run
-`python -m lora_launch.train.posttrain` as their own process, as training runs `-m lora_launch.train`:
-the launcher does not import the training code.
+`python -m lora_launch.train.posttrain` as their own process, as training runs `-m lora_launch.train`,
+and `serve` runs `python -m lora_launch.serve`: the launcher imports neither.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import yaml
 
 from lora_launch.conf.args import COMMANDS, parse_args, usage
 from lora_launch.conf.schema import ConfigError, describe
+from lora_launch.launcher.runs import HELP as RUNS_HELP
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
+SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
 MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "optim.lr", "train.max_steps",
              "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
              "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",
@@ -99,6 +101,7 @@ def help_text() -> str:
     primary = _primary()
     width = max(map(len, COMMANDS))
     commands = [f"  {name:<{width}}  {schema.__doc__.strip().splitlines()[0]}" for name, schema in COMMANDS.items()]
+    commands += [f"  {name:<{width}}  {line}" for name, line in RUNS_HELP.items()]  # flags, not key=value
     return "\n".join([
         "usage: lora-launch [group=option ...] [key=value ...]    train (preview=true: show the plan, start nothing)",
         "       lora-launch -m key=a,b ...                         a sweep: one full launch per combination",
@@ -131,6 +134,8 @@ def run_command(name: str, argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.flush()
+    if name == "serve":
+        os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])
     os.execv(sys.executable, [sys.executable, "-m", POSTTRAIN_MODULE, name, *argv])
     return 1  # not reached: execv replaces this process
 

@@ -1,4 +1,4 @@
-"""Dependencies run one way: conf -> run (the run contract) -> data -> launcher | train. The launcher and the
+"""Dependencies run one way: conf -> run (the run contract) -> data -> launcher | train -> serve. The launcher and the
 training code never import each other; they meet only through lora_launch.run and lora_launch.conf."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import re
 
 from support.cli import REPO
 
-PACKAGES = ("conf", "run", "data", "launcher", "train")
+PACKAGES = ("conf", "run", "data", "launcher", "train", "serve")
 ALLOWED = {"conf": {"conf"}, "run": {"conf", "run"}, "data": {"conf", "run", "data"},
-           "launcher": {"conf", "run", "data", "launcher"}, "train": {"conf", "run", "data", "train"}}
+           "launcher": {"conf", "run", "data", "launcher"}, "train": {"conf", "run", "data", "train"},
+           "serve": {"conf", "run", "data", "train", "serve"}}  # serving sits above training
 _NAME = re.compile(r"lora_launch\.(\w+)")
 
 
