@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .pkg/lora_launch
-for d in conf run data launcher train; do ln -sfn "$PWD/$d" ".pkg/lora_launch/$d"; done
+for d in conf run data launcher train serve studio; do ln -sfn "$PWD/$d" ".pkg/lora_launch/$d"; done
 echo "$PWD/.pkg"

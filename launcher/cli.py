@@ -152,6 +152,10 @@ def main() -> None:
 
 
 def _main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "studio":  # the web app runs as its own process (studio/)
+        from lora_launch.launcher.commands import run_studio
+
+        sys.exit(run_studio(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] in ("runs", "report"):
         from lora_launch.launcher.runs import main as runs_main
 

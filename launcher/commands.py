@@ -22,6 +22,8 @@ from lora_launch.launcher.runs import HELP as RUNS_HELP
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
+STUDIO_MODULE = "lora_launch.studio"  # the web app sits above the launcher: its own process as well
+STUDIO_HELP = "A local web app to compose, preview, launch and watch runs: studio [--port P] [--root DIR]."
 MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "optim.lr", "train.max_steps",
              "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
              "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",
@@ -102,6 +104,7 @@ def help_text() -> str:
     width = max(map(len, COMMANDS))
     commands = [f"  {name:<{width}}  {schema.__doc__.strip().splitlines()[0]}" for name, schema in COMMANDS.items()]
     commands += [f"  {name:<{width}}  {line}" for name, line in RUNS_HELP.items()]  # flags, not key=value
+    commands.append(f"  {'studio':<{width}}  {STUDIO_HELP}")
     return "\n".join([
         "usage: lora-launch [group=option ...] [key=value ...]    train (preview=true: show the plan, start nothing)",
         "       lora-launch -m key=a,b ...                         a sweep: one full launch per combination",
@@ -138,6 +141,13 @@ def run_command(name: str, argv: list[str]) -> int:
         os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])
     os.execv(sys.executable, [sys.executable, "-m", POSTTRAIN_MODULE, name, *argv])
     return 1  # not reached: execv replaces this process
+
+
+def run_studio(argv: list[str]) -> int:
+    """`lora-launch studio [flags]`: run `python -m lora_launch.studio` in place of this process."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", STUDIO_MODULE, *argv])
+    return 1  # not reached
 
 
 def sweep_summary(args) -> int:

@@ -8,10 +8,11 @@ import re
 
 from support.cli import REPO
 
-PACKAGES = ("conf", "run", "data", "launcher", "train", "serve")
+PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "studio")
 ALLOWED = {"conf": {"conf"}, "run": {"conf", "run"}, "data": {"conf", "run", "data"},
            "launcher": {"conf", "run", "data", "launcher"}, "train": {"conf", "run", "data", "train"},
-           "serve": {"conf", "run", "data", "train", "serve"}}  # serving sits above training
+           "serve": {"conf", "run", "data", "train", "serve"},  # serving sits above training
+           "studio": {"conf", "run", "data", "launcher", "studio"}}  # runs training and serving as processes
 _NAME = re.compile(r"lora_launch\.(\w+)")
 
 
