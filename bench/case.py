@@ -143,6 +143,9 @@ def project(spec: dict) -> dict:
             tokens.append(row["tokens"] // trainer.world)  # per GPU
         out = step_stats(times, tokens)
         out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"])
+        if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding
+            out.update(row_fill=trainer.splits.report["train_rows_fill"],
+                       packing_strategy=trainer.splits.report["packing_strategy"])
         return out
     finally:
         trainer.close()

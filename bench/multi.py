@@ -37,7 +37,7 @@ from bench.case import WORK
 from bench.run import case, card, run_case
 
 REPO = Path(__file__).resolve().parents[1]
-DISTRIBUTED = ("ddp", "zero2", "zero3", "zero3_offload")
+DISTRIBUTED = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp2", "fsdp2_offload")
 
 
 class Budget:
@@ -169,12 +169,12 @@ def run_group(cmds: list[tuple[list[str], dict]], logs: list[Path], timeout: flo
 
 
 def correctness_runs(tiny: dict, dry: bool) -> list[dict]:
-    """Every distributed option x {LoRA, QLoRA}, plus QLoRA under ZeRO-3 in the form it allows."""
+    """Every distributed option x {LoRA, QLoRA}, plus QLoRA under ZeRO-3 and FSDP2 in the form they allow."""
     runs = []
     for d in DISTRIBUTED:
         runs.append({"name": f"lora_{d}", "overrides": [f"distributed={d}"]})
         runs.append({"name": f"qlora_{d}", "overrides": [f"distributed={d}", "quant=nf4"]})
-        if d.startswith("zero3"):
+        if d.startswith(("zero3", "fsdp2")):
             runs.append({"name": f"qlora_{d}_bf16_storage",
                          "overrides": [f"distributed={d}", "quant=nf4", "quant.storage_dtype=bfloat16"]})
     return runs

@@ -100,6 +100,27 @@ MATRICES = {
                 case("peer_seq16384_ckpt_liger", "peer", seq=16384, micro=1, ckpt=True, liger=True, warmup=3, steps=6),
                 case("seq16384_ckpt", "project", seq=16384, micro=1, ckpt=True, warmup=3, steps=6,
                      vs=["peer_seq16384_ckpt_liger"])],
+    # distributed=fsdp2 against ddp, bf16 LoRA and QLoRA (nf4 stored as bf16, which FSDP2 shards), per-GPU
+    # tokens/s; torch's AdamW for both (bitsandbytes' optimizers cannot step FSDP2's shards). Rows of N GPUs
+    # need N GPUs: pick with --only
+    "fsdp2": [case("prepare", "prepare"),
+              *[case(f"{q}_{d}_{n}gpu", "project", nproc=n, distributed=d, optim="adamw", ckpt=(q == "qlora"),
+                     warmup=4, steps=10, vs=None if d == "ddp" else f"{q}_ddp_{n}gpu",
+                     **({"quant": "nf4", "extra": ["quant.storage_dtype=bfloat16"]} if q == "qlora" else {}))
+                for q in ("lora", "qlora") for n in (1, 2, 4) for d in ("ddp", "fsdp2")],
+              case("lora_fsdp2_offload_1gpu", "project", distributed="fsdp2_offload", optim="adamw", warmup=3,
+                   steps=6, vs="lora_ddp_1gpu")],
+    # packing on real lengths (log-normal, seeded): real tokens/s of rows packed best-fit-decreasing and
+    # next-fit, and of padded batches, each against full-length rows of the same seq (the ratio column)
+    "packing": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
+                *[c for seq, micro in ((512, 4), (4096, 1)) for c in (
+                    case(f"fixed_seq{seq}", "project", seq=seq, micro=micro),
+                    case(f"lengths_bfd_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
+                         extra=["data.packing=true"], vs=f"fixed_seq{seq}"),
+                    case(f"lengths_next_fit_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
+                         extra=["data.packing=true", "data.packing_strategy=next_fit"], vs=f"fixed_seq{seq}"),
+                    case(f"lengths_padded_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
+                         vs=f"fixed_seq{seq}"))]],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],

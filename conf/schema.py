@@ -102,6 +102,11 @@ class SyntheticLengths(Choice):
     lognormal = "lognormal"
 
 
+class PackingStrategy(Choice):
+    bfd = "bfd"
+    next_fit = "next_fit"
+
+
 class LoraBias(Choice):
     none = "none"
     all = "all"
@@ -135,6 +140,7 @@ class Scheduler(Choice):
 class Strategy(Choice):
     ddp = "ddp"
     deepspeed = "deepspeed"
+    fsdp2 = "fsdp2"
 
 
 class WandbMode(Choice):
@@ -216,6 +222,8 @@ class DataConfig:
     train_on_prompt: bool = False  # structured formats: false masks prompt tokens out of the loss
     truncation: bool = True  # false drops samples longer than train.seq_len instead of cutting them
     packing: bool = False  # pack samples into train.seq_len rows (no attention across samples)
+    # how: `bfd` (best-fit decreasing, rows ~99% full) or `next_fit` (in order, ~80%; packing before bfd)
+    packing_strategy: PackingStrategy = PackingStrategy.bfd
     group_by_length: bool = False  # batches of similar length (not with packing)
     max_samples: int = ranged(-1, lo=-1)
     cache_dir: Optional[str] = None  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
@@ -268,6 +276,7 @@ class DistributedConfig:
     name: str = MISSING
     strategy: Strategy = Strategy.ddp
     zero_stage: int = ranged(0, lo=0, hi=3)
+    # to CPU memory; fsdp2 offloads both together (its optimizer step runs where the sharded parameters are)
     offload_optimizer: bool = False
     offload_params: bool = False
     # your own DeepSpeed JSON, merged under what the run sets (batch sizes, precision, stage: absent, equal or
@@ -514,10 +523,31 @@ def validate(cfg: DictConfig) -> None:
                           "optimizer state in its own fp32 partitions; use optim.name=adamw_torch or distributed=ddp")
     if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage not in (2, 3):
         raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
+    if cfg.distributed.strategy == "fsdp2":
+        _validate_fsdp2(cfg)
     if cfg.model.path is None and not cfg.model.random_init:
         raise ConfigError("model.path is null: give a hub id or local directory, or set model.random_init=true")
     _validate_data(cfg.data)
     _validate_resume(cfg.resume)
+
+
+def _validate_fsdp2(cfg: DictConfig) -> None:
+    """What distributed=fsdp2 cannot run, refused when the config is composed."""
+    d, name = cfg.distributed, cfg.distributed.name
+    if d.zero_stage != 0:
+        raise ConfigError(f"distributed.zero_stage={d.zero_stage} with distributed={name}: FSDP2 shards everything "
+                          "(ZeRO-3's scope) by itself; set distributed.zero_stage=0")
+    if d.offload_params != d.offload_optimizer:
+        params, optimizer = str(d.offload_params).lower(), str(d.offload_optimizer).lower()
+        raise ConfigError(f"distributed.offload_params={params} and distributed.offload_optimizer={optimizer} with "
+                          f"distributed={name}: FSDP2 offloads both or neither; set them equal "
+                          "(distributed=fsdp2_offload sets both)")
+    if cfg.optim.name in BNB_OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name} with distributed={name}: bitsandbytes' optimizers cannot "
+                          "update FSDP2's sharded parameters; use optim.name=adamw_torch (or adamw_torch_fused)")
+    if cfg.train.precision == "float16":
+        raise ConfigError(f"train.precision=float16 with distributed={name}: no loss scaler is set up for FSDP2's "
+                          "sharded gradients; use train.precision=bfloat16 (or float32)")
 
 
 def _validate_resume(r: DictConfig) -> None:

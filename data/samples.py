@@ -5,8 +5,9 @@ cache keyed on the bytes of the source, the tokenizer and the settings that shap
 split into train and validation. The launcher runs `prepare` before any training process starts,
 so data errors arrive before launch and the ranks read the cache; a rank that misses it (a direct
 `accelerate launch`, another node's disk) tokenises on its own, rank 0 first. With `data.packing`
-the training samples are packed into `train.seq_len` rows whose position ids restart at every
-sample, so no sample attends to another.
+the training samples are packed into `train.seq_len` rows (best-fit decreasing by default) that
+keep each sample's length, so attention can be kept within samples and position ids restart at
+each one.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ BATCH = 1000  # records rendered and tokenised per call (fast tokenizers batch i
 # ---- tokenised samples, held as flat arrays -----------------------------------------------------
 
 class SampleSet:
-    """Variable-length samples stored flat; `s[i]` is {"input_ids", "labels"[, "position_ids"]}."""
+    """Variable-length samples stored flat; `s[i]` is {"input_ids", "labels"}, and for a packed row also
+    "seq_lens" (the lengths of the samples it holds, in order) and "position_ids" (restarting at each)."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
-                 record: np.ndarray, positions: np.ndarray | None = None):
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, record: np.ndarray,
+                 seq_lens: np.ndarray | None = None, seq_offsets: np.ndarray | None = None):
         self.ids, self.labels, self.offsets, self.record = ids, labels, offsets, record
-        self.positions = positions
+        # packed rows: row i holds the samples of lengths seq_lens[seq_offsets[i]:seq_offsets[i + 1]]
+        self.seq_lens, self.seq_offsets = seq_lens, seq_offsets
+
+    @property
+    def packed(self) -> bool:
+        return self.seq_lens is not None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -56,8 +63,10 @@ class SampleSet:
         i = int(i) % len(self)
         lo, hi = self.offsets[i], self.offsets[i + 1]
         item = {"input_ids": self.ids[lo:hi], "labels": self.labels[lo:hi]}
-        if self.positions is not None:
-            item["position_ids"] = self.positions[lo:hi]
+        if self.packed:
+            lens = self.seq_lens[self.seq_offsets[i]:self.seq_offsets[i + 1]]
+            item["seq_lens"] = lens
+            item["position_ids"] = restarting_positions(lens)
         return item
 
     def __iter__(self):
@@ -68,22 +77,31 @@ class SampleSet:
         return np.diff(self.offsets)
 
     def subset(self, keep: np.ndarray) -> "SampleSet":
-        """The samples at indices `keep`, in that order."""
+        """The (unpacked) samples at indices `keep`, in that order."""
         parts = [(self.ids[self.offsets[i]:self.offsets[i + 1]], self.labels[self.offsets[i]:self.offsets[i + 1]])
                  for i in keep]
         return SampleSet.from_lists([p[0] for p in parts], [p[1] for p in parts], self.record[keep])
 
     @staticmethod
-    def from_lists(ids: list, labels: list, record, positions: list | None = None) -> "SampleSet":
+    def from_lists(ids: list, labels: list, record) -> "SampleSet":
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(x) for x in ids])
         flat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
-        return SampleSet(flat(ids), flat(labels), offsets, np.asarray(record, dtype=np.int64),
-                         flat(positions) if positions is not None else None)
+        return SampleSet(flat(ids), flat(labels), offsets, np.asarray(record, dtype=np.int64))
 
     def digest(self, h) -> None:
-        for a in (self.ids, self.labels, self.offsets, self.positions):
+        # packed rows hash as the positions they give the model (the same bytes for the same rows
+        # as when rows were stored with their positions)
+        positions = restarting_positions(self.seq_lens) if self.packed else None
+        for a in (self.ids, self.labels, self.offsets, positions):
             h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+
+
+def restarting_positions(seq_lens: np.ndarray) -> np.ndarray:
+    """Position ids of samples of these lengths laid end to end: 0, 1, ... within each sample (int32)."""
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    starts = np.cumsum(seq_lens) - seq_lens
+    return (np.arange(int(seq_lens.sum())) - np.repeat(starts, seq_lens)).astype(np.int32)
 
 
 @dataclass
@@ -235,7 +253,8 @@ def _tokenizer_fingerprint(tok) -> str:
 
 def _cache_key(cfg: DictConfig, tok, split: str, source: str) -> str:
     d = plain(cfg.data)
-    for k in ("name", "val_split", "val_split_name", "packing", "group_by_length", "cache_dir", "sources"):
+    for k in ("name", "val_split", "val_split_name", "packing", "packing_strategy", "group_by_length", "cache_dir",
+              "sources"):
         d.pop(k, None)  # these act after tokenisation
     ident = [CACHE_VERSION, source, _tokenizer_fingerprint(tok), d, split, cfg.train.seq_len]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -311,33 +330,95 @@ def _split_by_seed(samples: SampleSet, records: int, ratio: float, seed: int) ->
     return samples.subset(np.flatnonzero(~in_val)), samples.subset(np.flatnonzero(in_val))
 
 
-def pack(samples: SampleSet, seq_len: int, seed: int) -> SampleSet:
-    """Samples (in a seeded order) packed greedily into rows of at most seq_len tokens.
+PACKING_STRATEGIES = ("bfd", "next_fit")
 
-    Position ids restart at 0 for each sample, which is how the model tells the samples of a
-    row apart (no attention across them); the first label of each sample is masked because
-    in a row it would be predicted from the previous sample.
+
+def pack(samples: SampleSet, seq_len: int, seed: int, strategy: str = "bfd") -> SampleSet:
+    """Samples packed into rows of at most seq_len tokens; each row keeps the lengths of its samples.
+
+    `bfd` (best-fit decreasing): longest sample first, each into the row it fills most tightly, then
+    the rows in a seeded order (~99% of each row is samples on instruction-like lengths). `next_fit`:
+    samples in a seeded order, a new row whenever the next one does not fit (~80%; how rows were
+    packed before `bfd`, kept so that older packed runs resume on the same rows). A pure function of
+    the samples, seq_len and seed: every rank, whatever the world size, gets the same rows.
+
+    The first label of each sample is masked: in a row it would be predicted from the previous sample.
     """
-    lengths, rows, cur, used = samples.lengths, [], [], 0
-    for i in np.random.default_rng([seed, 1]).permutation(len(samples)):
-        if cur and used + lengths[i] > seq_len:
+    lengths = samples.lengths
+    if len(lengths) and int(lengths.max()) > seq_len:
+        raise ValueError(f"pack: a sample of {int(lengths.max())} tokens does not fit rows of {seq_len}")
+    if strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"pack: strategy {strategy!r} is not one of {PACKING_STRATEGIES}")
+    order = np.random.default_rng([seed, 1]).permutation(len(samples))
+    if strategy == "next_fit":
+        rows = next_fit_rows(lengths, seq_len, order)
+    else:
+        rows = best_fit_decreasing_rows(lengths, seq_len, order)
+        rows = [rows[k] for k in np.random.default_rng([seed, 1, 1]).permutation(len(rows))]
+    return _packed(samples, rows)
+
+
+def next_fit_rows(lengths: np.ndarray, capacity: int, order: np.ndarray) -> list[list[int]]:
+    """Sample indices per row: `order` cut into consecutive runs of at most `capacity` tokens."""
+    rows, cur, used = [], [], 0
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        if cur and used + n > capacity:
             rows.append(cur)
             cur, used = [], 0
-        cur.append(int(i))
-        used += int(lengths[i])
+        cur.append(i)
+        used += n
     if cur:
         rows.append(cur)
-    ids, labels, positions, record = [], [], [], []
-    for row in rows:
-        parts = [samples[i] for i in row]
-        ids.append(np.concatenate([p["input_ids"] for p in parts]))
-        lab = [p["labels"].copy() for p in parts]
-        for x in lab:
-            x[0] = IGNORE
-        labels.append(np.concatenate(lab))
-        positions.append(np.concatenate([np.arange(len(p["input_ids"])) for p in parts]))
-        record.append(samples.record[row[0]])
-    return SampleSet.from_lists(ids, labels, record, positions)
+    return rows
+
+
+def best_fit_decreasing_rows(lengths: np.ndarray, capacity: int, order: np.ndarray) -> list[list[int]]:
+    """Sample indices per row by best-fit decreasing: longest first (equal lengths in `order`'s order),
+    each sample into the open row with the least free space that still takes it, else a new row.
+
+    Open rows sit in buckets by free space, and one integer holds a bit per non-empty bucket, so the
+    best row is a shift and a lowest-set-bit away on a (capacity + 1)-bit integer, done in C: after
+    the O(n log n) sort, about a microsecond a sample (a million in one to two seconds). Rows of equal
+    free space are taken last in, first out, so the result depends on the lengths and `order` alone.
+    """
+    by_length = order[np.argsort(-lengths[order], kind="stable")]
+    rows: list[list[int]] = []
+    bucket: list[list[int]] = [[] for _ in range(capacity + 1)]  # bucket[c]: open rows with c tokens free
+    nonempty = 0  # bit c set while bucket[c] holds a row
+    for i, n in zip(by_length.tolist(), lengths[by_length].tolist()):
+        fits = nonempty >> n  # bit k: a row with n + k tokens free
+        if fits:
+            free = n + (fits & -fits).bit_length() - 1
+            row = bucket[free].pop()
+            if not bucket[free]:
+                nonempty ^= 1 << free
+        else:
+            row, free = len(rows), capacity
+            rows.append([])
+        rows[row].append(i)
+        free -= n
+        if free:
+            if not bucket[free]:
+                nonempty |= 1 << free
+            bucket[free].append(row)
+    return rows
+
+
+def _packed(samples: SampleSet, rows: list[list[int]]) -> SampleSet:
+    """The rows (lists of sample indices) as one flat set: tokens gathered in row order, each sample's
+    first label masked, each row's sample lengths kept."""
+    counts = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    order = np.fromiter((i for r in rows for i in r), np.int64, int(counts.sum()))
+    lens = samples.lengths[order]
+    starts = np.cumsum(lens) - lens  # where each sample starts in the packed arrays
+    source = np.repeat(samples.offsets[order] - starts, lens) + np.arange(int(lens.sum()))
+    ids, labels = samples.ids[source], samples.labels[source]
+    labels[starts] = IGNORE
+    seq_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    seq_offsets[1:] = np.cumsum(counts)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lens)[seq_offsets[1:] - 1] if len(rows) else []
+    return SampleSet(ids, labels, offsets, samples.record[order[seq_offsets[:-1]]], lens, seq_offsets)
 
 
 def _report(cfg: DictConfig, stats: dict, splits: Splits) -> dict:
@@ -349,6 +430,8 @@ def _report(cfg: DictConfig, stats: dict, splits: Splits) -> dict:
               "train_samples": len(splits.train), "val_samples": len(splits.val),
               "packing": bool(cfg.data.packing), "fingerprint": dataset_fingerprint(splits)}
     if cfg.data.packing:
+        report["packing_strategy"] = str(cfg.data.packing_strategy)
+        report["train_samples_packed"] = len(splits.train.seq_lens)
         report["train_rows_fill"] = round(float(splits.train.lengths.sum()) /
                                           (len(splits.train) * cfg.train.seq_len), 4)
     else:
@@ -384,7 +467,9 @@ def _announce(cfg: DictConfig, report: dict, run_dir: Path | None) -> None:
               f"{s.get('unknown_tokens', 0.0):.2%} unknown tokens"
               f"{' (tokenised before launch, read from the cache)' if s.get('cache') == 'hit' else ''}",
               flush=True)
-    print(f"data: {report['train_samples']} train {'rows' if report['packing'] else 'samples'}, "
+    rows = (f"rows ({report['train_samples_packed']} samples packed by {report['packing_strategy']}, "
+            f"{report['train_rows_fill']:.1%} full)" if report["packing"] else "samples")
+    print(f"data: {report['train_samples']} train {rows}, "
           f"{report['val_samples']} val samples, fingerprint {report['fingerprint'][:12]}", flush=True)
     warning = unknown_tokens_warning(report)
     if warning:
@@ -456,18 +541,22 @@ def _source_splits(cfg: DictConfig, tok, main_process: bool) -> tuple[SampleSet,
 
 
 def concat(sets: list[SampleSet]) -> SampleSet:
-    """The samples of every set, in order; record ids stay distinct (offset by the sets before)."""
-    offsets, shift, pos, records, base = [np.zeros(1, np.int64)], 0, [], [], 0
+    """The samples of every set, in order; record ids stay distinct (offset by the sets before). Packed
+    rows stay packed when every set is."""
+    offsets, shift, records, base = [np.zeros(1, np.int64)], 0, [], 0
+    seq_offsets, seq_shift = [np.zeros(1, np.int64)], 0
+    packed = bool(sets) and all(s.packed for s in sets)
     for s in sets:
         offsets.append(s.offsets[1:] + shift)
         shift += int(s.offsets[-1])
         records.append(s.record + base)
         base += int(s.record.max()) + 1 if len(s.record) else 0
-        pos.append(s.positions)
-    has_pos = all(p is not None for p in pos)
+        if packed:
+            seq_offsets.append(s.seq_offsets[1:] + seq_shift)
+            seq_shift += int(s.seq_offsets[-1])
+    seq_lens = (np.concatenate([s.seq_lens for s in sets]), np.concatenate(seq_offsets)) if packed else (None, None)
     return SampleSet(np.concatenate([s.ids for s in sets]), np.concatenate([s.labels for s in sets]),
-                     np.concatenate(offsets), np.concatenate(records),
-                     np.concatenate(pos) if has_pos and pos else None)
+                     np.concatenate(offsets), np.concatenate(records), *seq_lens)
 
 
 def mix(sets: list[SampleSet], weights: list[float], seed: int) -> tuple[SampleSet, list[int]]:
@@ -507,7 +596,7 @@ def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool =
         all_stats = {f"{split} [{i}]": {**s, "weight": weights[i], "train_samples_drawn": drawn[i]}
                      for i, p in enumerate(parts) for split, s in p[2].items()}
     if d.packing and packed:
-        train = pack(train, cfg.train.seq_len, cfg.seed)
+        train = pack(train, cfg.train.seq_len, cfg.seed, str(d.packing_strategy))
     splits = Splits(train=train, val=val)
     if not packed:  # the launcher's check: the ranks build the report of what they train on
         return splits

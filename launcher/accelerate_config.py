@@ -43,7 +43,8 @@ def accelerate_config(cfg: DictConfig, plan: RunPlan, ds_config_path: str | None
         conf["deepspeed_config"] = {"deepspeed_config_file": ds_config_path, "zero3_init_flag": False,
                                     "deepspeed_multinode_launcher": "standard"}
     else:
-        # MULTI_GPU is accelerate's name for "start processes with torchrun"; on CPU they use gloo
+        # MULTI_GPU is accelerate's name for "start processes with torchrun"; on CPU they use gloo. FSDP2 too:
+        # the ranks shard the model themselves (train/fsdp.py), as RUN/fsdp2.json shows
         conf["distributed_type"] = "MULTI_GPU" if multi else "NO"
     if multi:
         conf["main_process_port"] = launcher.main_process_port

@@ -37,13 +37,26 @@ def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
                       f"{t.grad_accum} x world {world} = {got}; {hint}")
 
 
-def check_qlora_zero3(cfg: DictConfig) -> None:
-    """QLoRA under ZeRO-3 needs the packed 4-bit weights stored in the compute dtype."""
+def check_qlora_sharded(cfg: DictConfig, plan: RunPlan) -> None:
+    """QLoRA under ZeRO-3 or FSDP2 needs the packed 4-bit weights stored in the compute dtype."""
     q = cfg.quant
-    if q.mode == "nf4" and cfg.distributed.zero_stage == 3 and q.storage_dtype != q.compute_dtype:
-        # ZeRO-3 shards and gathers parameters as one dtype; uint8-packed weights break that
+    if q.mode == "nf4" and plan.shards_params and q.storage_dtype != q.compute_dtype:
+        # ZeRO-3 and FSDP2 shard and gather floating-point parameters; uint8-packed weights break that
+        which = "FSDP2" if plan.strategy == "fsdp2" else "ZeRO-3"
         raise ConfigError(f"quant.storage_dtype={q.storage_dtype} with distributed={cfg.distributed.name}: "
-                          f"ZeRO-3 needs it equal to quant.compute_dtype, set quant.storage_dtype={q.compute_dtype}")
+                          f"{which} needs it equal to quant.compute_dtype, set quant.storage_dtype={q.compute_dtype}")
+
+
+def check_fsdp2() -> None:
+    """distributed=fsdp2 needs torch's fully_shard (torch >= 2.6, built with distributed support)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as e:
+        import torch
+
+        raise ConfigError(f"distributed=fsdp2 needs torch.distributed.fsdp.fully_shard, which torch "
+                          f"{torch.__version__} here lacks ({e}); install torch >= 2.6, or use distributed=ddp|zero3") \
+            from None
 
 
 def check_nf4(cfg: DictConfig) -> None:
@@ -256,7 +269,7 @@ def check_attention_device(cfg: DictConfig, plan: RunPlan) -> None:
 def check_own_configs(cfg: DictConfig, plan: RunPlan) -> None:
     """A user's accelerate config and DeepSpeed JSON read and merged now: a conflict is one line before launch."""
     from lora_launch.launcher.accelerate_config import accelerate_config
-    from lora_launch.launcher.own_configs import merged_accelerate, merged_deepspeed
+    from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
     from lora_launch.run.plan import deepspeed_config
 
     if cfg.distributed.deepspeed_config and cfg.distributed.strategy != "deepspeed":
@@ -276,7 +289,9 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     check_extras(cfg)
     check_model(cfg)
     check_attention_device(cfg, plan)
-    check_qlora_zero3(cfg)
+    check_qlora_sharded(cfg, plan)
+    if plan.strategy == "fsdp2":
+        check_fsdp2()
     check_nf4(cfg)
     check_run_dir_writable(Path(cfg.run.dir))
 

@@ -29,6 +29,7 @@ MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "opt
              "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",
              "run.dir", "eval.every_steps", "checkpoint.every_steps", "checkpoint.keep_last", "resume.mode",
              "resume.allow_changes", "seed", "preview", "data.format", "data.template", "data.sources",
+             "data.packing", "data.packing_strategy",
              "optim.name", "model.attn_implementation", "launcher.max_restarts", "launcher.accelerate_config",
              "distributed.deepspeed_config", "sweep.parallel", "sweep.prune", "sweep.search", "sweep.trials")
 

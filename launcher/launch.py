@@ -13,10 +13,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_launch.conf.schema import plain
 from lora_launch.launcher.accelerate_config import accelerate_config
-from lora_launch.launcher.own_configs import merged_accelerate, merged_deepspeed
+from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
 from lora_launch.launcher.hostfile import interface_for
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.plan import RunPlan, deepspeed_config
+from lora_launch.run.plan import RunPlan, deepspeed_config, fsdp2_config
 from lora_launch.run.process import NODE_RANK_ENV, SUPERVISOR_ENV
 from lora_launch.run.rundir import write_atomic, write_config
 
@@ -38,7 +38,8 @@ def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
 
 
 def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: RunPlan) -> dict[str, Path]:
-    """config.yaml, accelerate.yaml and (for DeepSpeed) ds_config.json in the run dir, the same on every node."""
+    """config.yaml, accelerate.yaml and ds_config.json (DeepSpeed) or fsdp2.json (FSDP2) in the run dir, the same
+    on every node."""
     shared = node_neutral(cfg, topo)
     files = {"config": write_config(shared, run_dir)}
     ds_path = None
@@ -46,6 +47,8 @@ def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: Run
         ds = merged_deepspeed(deepspeed_config(shared, plan), cfg.distributed.deepspeed_config)
         ds_path = write_atomic(run_dir / "ds_config.json", json.dumps(ds, indent=2))
         files["deepspeed"] = ds_path
+    if cfg.distributed.strategy == "fsdp2":  # what the ranks apply (they derive it from config.yaml alike)
+        files["fsdp2"] = write_atomic(run_dir / "fsdp2.json", json.dumps(fsdp2_config(shared, plan), indent=2))
     acc = merged_accelerate(accelerate_config(shared, plan, str(ds_path) if ds_path else None),
                             cfg.launcher.accelerate_config)
     files["accelerate"] = write_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))

@@ -6,9 +6,13 @@ be checked against hand-computed cases.
 
 Memory model (bytes per GPU), for a LoRA run where only the adapters train:
   weights      base params x dtype bytes; nf4: 4-bit linear weights (+ absmax per 64-block, 8-bit
-               with double quant) and the rest in the compute dtype; ZeRO-3 shards them over the world
-  lora         adapter params x 4 (PEFT keeps adapters in fp32), + 4 per param of gradients
-  optimizer    AdamW: 8 per adapter param (+4 fp32 master under DeepSpeed); ZeRO shards it
+               with double quant) and the rest in the compute dtype; ZeRO-3 shards them over the world;
+               FSDP2 too, plus what it holds gathered: the root group (embeddings, head, norms) from
+               forward to backward and two decoder layers (the one computing, the one prefetched)
+  lora         adapter params x 4 (PEFT keeps adapters in fp32), + 4 per param of gradients; FSDP2
+               shards both
+  optimizer    AdamW: 8 per adapter param (+4 fp32 master under DeepSpeed); ZeRO and FSDP2 shard it;
+               offload (zero3_offload, fsdp2_offload) moves the sharded part to CPU memory
   activations  per token and layer (12h + 4i) elements in the activation dtype (attention with a
                fused kernel, no seq^2 term); with grad ckpt only each layer's input (h) plus one
                layer recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
@@ -133,6 +137,17 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
     return shape.layers * per_layer + logits
 
 
+def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int,
+                         double_quant: bool) -> float:
+    """Base weights FSDP2 holds whole on a device at once: the root group (everything outside the decoder
+    layers) from forward to backward, and two decoder layers."""
+    whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
+    rest_bytes = compute_bytes if quant == "nf4" else dtype_bytes
+    linears = whole - (shape.total_params - shape.quantisable_params) * rest_bytes
+    per_layer = linears / shape.layers
+    return whole - linears + 2 * per_layer
+
+
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
     """Per-device memory in bytes for this config under `plan` (its world size and weight dtype)."""
     world = plan.world_size
@@ -140,13 +155,19 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
     compute_bytes = DTYPE_BYTES[cfg.quant.compute_dtype]
     d = cfg.distributed
     weights = weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
-    if d.zero_stage == 3:
-        weights = 0.0 if d.offload_params else weights / world
     lora_params = shape.lora_params * 4.0
-    grads = shape.lora_params * 4.0 / (world if d.zero_stage >= 2 else 1)
-    optim = shape.lora_params * (12.0 if d.strategy == "deepspeed" else 8.0)
-    if d.strategy == "deepspeed":
-        optim = 0.0 if d.offload_optimizer else optim / world
+    if d.strategy == "fsdp2":  # the base, the adapters, their gradients and optimizer state all sharded
+        share = 0.0 if d.offload_params else 1.0 / world
+        gathered = fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
+        weights, grads, optim = weights * share + gathered, lora_params * share, shape.lora_params * 8.0 * share
+        lora_params *= share
+    else:
+        if d.zero_stage == 3:
+            weights = 0.0 if d.offload_params else weights / world
+        grads = shape.lora_params * 4.0 / (world if d.zero_stage >= 2 else 1)
+        optim = shape.lora_params * (12.0 if d.strategy == "deepspeed" else 8.0)
+        if d.strategy == "deepspeed":
+            optim = 0.0 if d.offload_optimizer else optim / world
     act_bytes = compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     return Memory(weights, lora_params + grads, optim, activation_bytes(shape, tokens, act_bytes, True),
@@ -195,6 +216,10 @@ def _target_names(cfg: DictConfig) -> str:
     return targets if targets == ALL_LINEAR else ", ".join(targets)
 
 
+def _strategy_name(plan: RunPlan) -> str:
+    return {"deepspeed": f"ZeRO-{plan.zero_stage}", "fsdp2": "FSDP2 (per decoder layer)"}.get(plan.strategy, "DDP")
+
+
 def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]) -> str:
     """The preview text."""
     t = cfg.train
@@ -204,7 +229,7 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
            f"global batch = micro {t.micro_batch_size} x accum {t.grad_accum} x world {topo.world_size} = {gbs}",
            f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}",
            f"precision {plan.precision} (base weights {plan.model_dtype}), compile {plan.compile}, "
-           f"{'ZeRO-' + str(plan.zero_stage) if plan.strategy == 'deepspeed' else 'DDP'}"
+           f"{_strategy_name(plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
            f"{'' if plan.on_gpu else ' on CPU (gloo)'}"]
     n = train_samples_estimate(cfg)
     if n is not None:

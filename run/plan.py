@@ -49,7 +49,7 @@ class RunPlan:
     grad_accum: int
     precision: str  # compute precision: bfloat16 | float16 | float32
     model_dtype: str  # dtype the frozen base weights are held in
-    strategy: str  # ddp | deepspeed
+    strategy: str  # ddp | deepspeed | fsdp2
     zero_stage: int
     compile: str  # layers | loss | none
     max_steps: int
@@ -94,6 +94,11 @@ class RunPlan:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
     @property
+    def shards_params(self) -> bool:
+        """Whether each rank holds only a shard of the weights (ZeRO-3, FSDP2): forwards are collectives."""
+        return self.zero_stage == 3 or self.strategy == "fsdp2"
+
+    @property
     def mixed_precision(self) -> str:
         """accelerate's mixed_precision value (and the DeepSpeed JSON's bf16/fp16 switch)."""
         return _MIXED[self.precision]
@@ -133,6 +138,30 @@ def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+    }
+
+
+def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
+    """What every rank applies under distributed=fsdp2 (torch's fully_shard), from the config and the plan;
+    RUN/fsdp2.json shows it.
+
+    One shard group per decoder layer (the classes the model names in `_no_split_modules`), the rest of the
+    causal LM (embeddings, final norm, output head) in the root group. Parameters keep their dtypes (the
+    frozen base in the plan's weight dtype, the LoRA adapters in float32): the all-gathers move the base
+    weights as stored, 4-bit packed ones included, and compute runs under autocast in the plan's precision,
+    as it does under DDP; gradients are reduced in float32.
+    """
+    offload = bool(cfg.distributed.offload_params)
+    return {
+        "fsdp_version": 2,
+        "mesh": {"device_type": "cuda" if plan.on_gpu else "cpu", "shape": [plan.world_size]},
+        "shard": "each decoder layer (the model's _no_split_modules), then the causal LM as the root",
+        "reshard_after_forward": True,
+        "mixed_precision": {"param_dtype": None, "reduce_dtype": "float32",
+                            "autocast": None if plan.precision == "float32" else plan.precision},
+        "offload": {"params": offload, "gradients": offload, "optimizer_step": offload,
+                    "pin_memory": offload and plan.on_gpu},
+        "compile": plan.compile,
     }
 
 

@@ -71,16 +71,20 @@ def micro_batch_positions(start: int, micro: int, accum: int, world: int, rank: 
 def collate(samples: list[dict], pad_id: int, multiple_of: int = 8) -> dict:
     """Right-pad a list of samples into tensors; padding is masked out of attention and loss.
 
-    Packed rows also get position_ids; their padding gets positions of its own (restarting at
-    0), so it reads as one more sample that nothing attends to.
+    Packed rows also get position_ids (restarting at every sample) and their sample boundaries:
+    cu_seq_lens, the cumulative lengths of the samples of all rows laid end to end (int32, rows *
+    width in all), and max_length, the longest of them (a Python int, so the attention kernels
+    never wait for the device to learn it). A row's padding counts as one more sample, with
+    positions of its own, that nothing else attends to.
     """
     longest = max(len(s["input_ids"]) for s in samples)
     width = -(-longest // multiple_of) * multiple_of
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    packed = "position_ids" in samples[0]
+    packed = "seq_lens" in samples[0]
     positions = torch.zeros((len(samples), width), dtype=torch.long) if packed else None
+    segments = []
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[i, :n] = torch.as_tensor(s["input_ids"])
@@ -89,20 +93,75 @@ def collate(samples: list[dict], pad_id: int, multiple_of: int = 8) -> dict:
         if packed:
             positions[i, :n] = torch.as_tensor(s["position_ids"])
             positions[i, n:] = torch.arange(width - n)
+            segments += [*s["seq_lens"].tolist(), *([width - n] if width > n else [])]
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if packed:
         batch["position_ids"] = positions
+        batch["cu_seq_lens"] = torch.tensor(np.concatenate([[0], np.cumsum(segments)]), dtype=torch.int32)
+        batch["max_length"] = int(max(segments))
     return batch
 
 
-def model_inputs(batch: dict) -> dict:
-    """The model's forward arguments for a collated batch.
+def model_inputs(batch: dict, attention: str = "sdpa", dtype: torch.dtype = torch.float32) -> dict:
+    """The model's forward arguments for a collated batch, for a model whose attn_implementation is
+    `attention` (`dtype`: its activations', for eager's additive mask).
 
-    Packed rows pass position_ids and no attention mask: transformers then builds a
-    block-diagonal causal mask from where the positions restart (sdpa, eager), and
-    flash-attention 2 uses them as variable-length boundaries. It does so only without a KV
-    cache (transformers 5.24), hence use_cache=False: with a cache, samples would see each other.
+    Packed rows pass their sample boundaries explicitly, in the form transformers takes for that
+    attention: flash-attention kernels get the rows as one flattened sequence with cu_seq_lens_q/k and
+    max_length_q/k (variable-length attention; the logits come back as one row); sdpa a boolean
+    block-diagonal causal mask, eager the same as an additive one, flex_attention a BlockMask (each
+    4D mask is used as given). Position ids restart at each sample for the rotary embeddings.
+    An attention transformers maps to none of these gets position ids alone, from which it infers
+    the boundaries itself. use_cache=False: with a cache transformers would ignore the boundaries.
     """
-    if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "cu_seq_lens" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, flash_attention_mask,
+                                            flex_attention_mask, sdpa_mask)
+
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    kind = ALL_MASK_ATTENTION_FUNCTIONS.get(attention)
+    if kind is flash_attention_mask:
+        cu, longest = batch["cu_seq_lens"], batch["max_length"]
+        return {"input_ids": ids.view(1, -1), "position_ids": positions.view(1, -1), "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest, "use_cache": False}
+    inputs = {"input_ids": ids, "position_ids": positions, "use_cache": False}
+    if kind is sdpa_mask:
+        inputs["attention_mask"] = same_sample_causal_mask(batch)
+    elif kind is eager_mask:
+        allowed = same_sample_causal_mask(batch)
+        inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)
+    elif kind is flex_attention_mask:
+        inputs["attention_mask"] = same_sample_block_mask(batch)
+    return inputs
+
+
+def sample_ids(batch: dict) -> torch.Tensor:
+    """(rows, width): which sample of the batch each token belongs to (a row's padding is one of its own),
+    from cu_seq_lens, on its device."""
+    ids = batch["input_ids"]
+    first = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
+    first[batch["cu_seq_lens"][:-1].long()] = 1
+    return first.cumsum(0).view(ids.shape)
+
+
+def same_sample_causal_mask(batch: dict) -> torch.Tensor:
+    """(rows, 1, width, width) boolean: token q attends to token k when both are in one sample, k <= q."""
+    sample = sample_ids(batch)
+    width = sample.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=sample.device).tril()
+    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
+
+
+def same_sample_block_mask(batch: dict):
+    """The same pattern as same_sample_causal_mask as a flex-attention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sample = sample_ids(batch)
+    rows, width = sample.shape
+
+    def same_sample_causal(b, h, q, k):
+        return (sample[b, q] == sample[b, k]) & (q >= k)
+
+    return create_block_mask(same_sample_causal, rows, None, width, width, device=sample.device)

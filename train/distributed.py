@@ -8,11 +8,13 @@ from datetime import timedelta
 import torch
 from omegaconf import DictConfig
 
+from lora_launch.run.own_configs import merged_deepspeed
 from lora_launch.run.plan import RunPlan, deepspeed_config
 
 
 def make_accelerator(cfg: DictConfig, plan: RunPlan):
-    """An Accelerator for DDP or DeepSpeed ZeRO, on GPUs (NCCL) or CPU (gloo).
+    """An Accelerator for DDP, DeepSpeed ZeRO or FSDP2, on GPUs (NCCL) or CPU (gloo). Under FSDP2 it is
+    DDP's, and the model is sharded by `prepare` (train/fsdp.py says why).
 
     DeepSpeed on CPU needs ACCELERATE_USE_DEEPSPEED and DS_ACCELERATOR set before accelerate
     builds its state, and an explicit gloo backend: with `cpu=True` accelerate silently drops
@@ -29,7 +31,10 @@ def make_accelerator(cfg: DictConfig, plan: RunPlan):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, plan))
+        # the run's DeepSpeed JSON with the user's own (distributed.deepspeed_config) laid under it, as the
+        # launcher checked and wrote it to RUN/ds_config.json
+        ds = merged_deepspeed(deepspeed_config(cfg, plan), cfg.distributed.deepspeed_config)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     elif not on_gpu:
         kwargs["cpu"] = True
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
@@ -37,6 +42,26 @@ def make_accelerator(cfg: DictConfig, plan: RunPlan):
         raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but {world} were launched; "
                            "refusing to train with every rank thinking it is alone")
     return accelerator
+
+
+def prepare(accelerator, cfg: DictConfig, plan: RunPlan, model, optimizer):
+    """The model and optimizer ready to train: accelerate wraps both for DDP and DeepSpeed; under FSDP2 the
+    model is sharded here and accelerate wraps the optimizer alone."""
+    if cfg.distributed.strategy == "fsdp2":
+        from lora_launch.train.fsdp import shard
+
+        return shard(cfg, plan, model, optimizer), accelerator.prepare(optimizer)
+    return accelerator.prepare(model, optimizer)
+
+
+def adapter_state_dict(accelerator, model) -> dict:
+    """The model's state dict for the final PEFT adapter, with whole tensors (ZeRO-3 and FSDP2 gather their
+    shards: every rank calls it)."""
+    from lora_launch.train.fsdp import full_trainable_params, is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        return full_trainable_params(model)
+    return accelerator.get_state_dict(model)
 
 
 def all_sum(accelerator, *values: float) -> list[float]:

@@ -12,10 +12,18 @@ from lora_launch.data.samples import IGNORE
 from lora_launch.train.data import collate, model_inputs
 
 
+def attention_of(model) -> tuple[str, torch.dtype]:
+    """The attn_implementation a (PEFT, DDP or DeepSpeed wrapped) model runs, and its activations' dtype."""
+    while hasattr(model, "module"):  # DDP, DeepSpeed
+        model = model.module
+    return str(model.config._attn_implementation), model.get_input_embeddings().weight.dtype
+
+
 def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum, hits: bool = False):
     """Summed next-token cross-entropy over the unmasked labels (no host sync); with `hits`, also how many
     of those tokens the model's top prediction gets right (for the mean token accuracy)."""
-    logits = model(**model_inputs(batch)).logits  # packed rows: position_ids, no mask
+    logits = model(**model_inputs(batch, *attention_of(model))).logits
+    logits = logits.view(*batch["labels"].shape, -1)  # packed rows under flash attention run as one row
     loss = ce(logits, batch["labels"])
     if not hits:
         return loss
@@ -50,7 +58,8 @@ def loss_sum(model, samples, micro: int, pad_id: int, device, rank: int = 0, wor
     for b in range(rounds):
         lo = b * per_round + rank * micro
         mine = samples[lo: lo + micro]
-        batch = {k: v.to(device) for k, v in collate(mine or samples[:1], pad_id).items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in collate(mine or samples[:1], pad_id).items()}
         loss, n = token_loss_sum(model, batch, ce)
         if mine:
             total, count = total + loss.item(), count + n
@@ -67,13 +76,14 @@ def prompt_ids(tok, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False, temperature: float = 0.7,
-             top_p: float = 0.9, seed: int = 0, synced_gpus: bool = False) -> str:
+             top_p: float = 0.9, seed: int = 0, synced_gpus: bool = False, device=None) -> str:
     """The model's continuation of `prompt`: greedy, or sampled with temperature / top-p.
 
-    synced_gpus: every rank runs the same number of steps (ZeRO-3 shards the weights).
+    synced_gpus: every rank runs the same number of steps (ZeRO-3 and FSDP2 shard the weights).
+    device: where it computes, when that is not where its weights are kept (FSDP2 offloads them to CPU).
     """
     ids = prompt_ids(tok, prompt)
-    input_ids = torch.tensor([ids], device=model.device)
+    input_ids = torch.tensor([ids], device=device or model.device)
     kwargs = dict(do_sample=sample)
     if sample:
         torch.manual_seed(seed)

@@ -20,7 +20,8 @@ from lora_launch.data.samples import IGNORE, as_trained, build_splits
 from lora_launch.data.templates import prompt_text
 from lora_launch.data.tokenizer import load_tokenizer
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
-from lora_launch.train.distributed import all_sum, device_sum, make_accelerator
+from lora_launch.train.distributed import adapter_state_dict, all_sum, device_sum, make_accelerator, prepare
+from lora_launch.train.fsdp import local_shard
 from lora_launch.train import fast
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
@@ -94,7 +95,7 @@ class Trainer:
         self.total_steps = plan.total_steps(len(self.splits.train))
         # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
         self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = prepare(acc, cfg, plan, model, optimizer)
         self.stream = train_stream(cfg, self.splits)  # length-grouped with data.group_by_length
         self.global_batch = plan.global_batch
 
@@ -181,7 +182,8 @@ class Trainer:
         device = self.accelerator.device
         pin = device.type == "cuda"
         move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=pin)  # noqa: E731
-        return [{k: move(v) for k, v in b.items()} for b in host], move(counts)
+        on_device = lambda b: {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in b.items()}  # noqa: E731
+        return [on_device(b) for b in host], move(counts)
 
     def _prefetch(self, position: int) -> None:
         """Collate the next step's micro-batches now, while the device still runs this one."""
@@ -316,7 +318,7 @@ class Trainer:
         """ranks/rank{R}.jsonl: the samples this rank trained on and a digest of its trainable weights.
 
         Ranks whose digests differ after the same step are out of sync (DDP/ZeRO-2 keep every
-        trainable weight on every rank; under ZeRO-3 each rank digests only its own shard).
+        trainable weight on every rank; under ZeRO-3 and FSDP2 each rank digests only its own shard).
         """
         import hashlib
         import json
@@ -325,7 +327,7 @@ class Trainer:
         for name, p in sorted(self.accelerator.unwrap_model(self.model).named_parameters()):
             if p.requires_grad:
                 digest.update(name.encode())
-                digest.update(p.detach().float().cpu().numpy().tobytes())
+                digest.update(local_shard(p.detach()).float().cpu().numpy().tobytes())
         out = self.run_dir / "ranks"
         out.mkdir(exist_ok=True)
         with open(out / f"rank{self.rank}.jsonl", "a") as f:
@@ -335,7 +337,7 @@ class Trainer:
     def save_adapter(self) -> Path:
         """adapter/: the PEFT adapter and tokenizer, written to a temporary name then renamed."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.model)  # collective under ZeRO-3
+        state = adapter_state_dict(acc, self.model)  # collective under ZeRO-3 and FSDP2
         out = self.run_dir / "adapter"
         if self.main:
             with atomic_dir(out) as tmp:
@@ -357,7 +359,8 @@ class Trainer:
         # compiled decoder layers would recompile for every cache length (and warn): generate eagerly
         with torch.compiler.set_stance("force_eager"):
             return prompt, complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
-                                    synced_gpus=self.plan.zero_stage == 3 and self.world > 1)
+                                    synced_gpus=self.plan.shards_params and self.world > 1,
+                                    device=self.accelerator.device)
 
     def close(self) -> None:
         self.log.close()

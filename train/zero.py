@@ -1,6 +1,6 @@
 """The one adapter to DeepSpeed ZeRO's internals: the trainable LoRA weights and their optimizer state as
 full tensors by parameter name, out of and back into a model and optimizer that ZeRO may partition, and
-DeepSpeed's loss scaler.
+DeepSpeed's loss scaler. FSDP2's adapter, on torch's public state_dict functions, is in train/fsdp.py.
 
 ZeRO keeps the fp32 weights and the optimizer state in flat partitions spread over the ranks. DeepSpeed's
 `safe_get/set_full_*` functions reach them by parameter, but a resumed optimizer has no state yet (torch
@@ -32,10 +32,15 @@ def full_shape(p) -> torch.Size:
 
 
 def adapter_for(optimizer) -> TorchAdapter:
-    """The adapter for `optimizer` as accelerate prepared it: DeepSpeed's under ZeRO, plain torch otherwise."""
+    """The adapter for `optimizer` as accelerate prepared it: DeepSpeed's under ZeRO, FSDP2's for sharded
+    (DTensor) parameters, plain torch otherwise."""
     chain = [optimizer]  # accelerate's wrapper -> (DeepSpeed's ZeRO optimizer ->) the torch optimizer
     while hasattr(chain[-1], "optimizer"):
         chain.append(chain[-1].optimizer)
+    from lora_launch.train.fsdp import Fsdp2Adapter, is_dtensor
+
+    if any(is_dtensor(p) for group in chain[-1].param_groups for p in group["params"]):
+        return Fsdp2Adapter(chain[-1])
     if "deepspeed" in sys.modules:  # never imported for a DDP run
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer

@@ -94,9 +94,10 @@ def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path):
     assert_same_as(run, ref)
 
 
-def test_zero3_sigkill_and_world_size_changes(tiny, tmp_path):
-    ref = reference(tiny, tmp_path, "zero3")
-    run, args = tmp_path / "run", overrides(tiny, "zero3")
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_sigkill_and_world_size_changes(tiny, tmp_path, strategy):
+    ref = reference(tiny, tmp_path, strategy)
+    run, args = tmp_path / "run", overrides(tiny, strategy)
     sigkill_at(run, args, 5)
     other = tmp_path / "resized"
     shutil.copytree(run, other)
@@ -106,7 +107,7 @@ def test_zero3_sigkill_and_world_size_changes(tiny, tmp_path):
     assert_same_as(run, ref)
 
     # 2 -> 1 process, preempted, then 1 -> 2: no sample repeated or skipped
-    rc, _ = sigterm_at(other, overrides(tiny, "zero3", processes=1), committed_steps(other)[-1] + 1)
+    rc, _ = sigterm_at(other, overrides(tiny, strategy, processes=1), committed_steps(other)[-1] + 1)
     assert rc == 0 and status(other)["state"] == "preempted"
     log1 = (tmp_path / "resized.log").read_text()
     assert "world size changed: checkpoint written with world size 2, resuming with 1" in log1
@@ -118,3 +119,26 @@ def test_zero3_sigkill_and_world_size_changes(tiny, tmp_path):
     stream = SampleStream(train_size(log2), seed=0)
     consumed = [i for s in sorted(steps) for i in steps[s]]
     assert Counter(consumed) == Counter(stream.index(p) for p in range(len(consumed)))
+
+
+def test_a_checkpoint_moves_between_ddp_and_fsdp2(tiny, tmp_path):
+    """One run stopped and continued under ddp, fsdp2 (which crashes inside a save), fsdp2_offload and ddp
+    again: every option saves and loads the same format, so the run trains on as an uninterrupted ddp run
+    does (to float rounding: FSDP2 sums the gradient norm from its shards, in another order)."""
+    ref = reference(tiny, tmp_path, "ddp")
+    run = tmp_path / "run"
+    rc, _ = sigterm_at(run, overrides(tiny, "ddp"), 2)
+    assert rc == 0 and status(run)["state"] == "preempted"
+    rc, log = launch(run, overrides(tiny, "fsdp2"), env={CRASH_ENV: "after_rank_write@6"})
+    assert rc != 0 and "crashing at step 6" in log, log[-3000:]
+    assert 3 <= committed_steps(run)[-1] < 6  # step 6 was half written: never committed
+    rc, _ = sigterm_at(run, overrides(tiny, "fsdp2_offload"), 8)
+    assert rc == 0 and status(run)["state"] == "preempted"
+    rc, log = launch(run, overrides(tiny, "ddp"))
+    assert rc == 0, log[-3000:]
+    whole = (tmp_path / "run.log").read_text()
+    assert whole.count("checkpoint: resumed from") == 3, whole[-3000:]
+    assert [s for s, _ in train_losses(run)] == [s for s, _ in ref["train"]]
+    assert [loss for _, loss in train_losses(run)] == pytest.approx([loss for _, loss in ref["train"]], rel=1e-5)
+    assert [loss for _, loss in eval_losses(run)] == pytest.approx([loss for _, loss in ref["eval"]], rel=1e-5)
+    assert status(run)["state"] == "finished"

@@ -35,9 +35,10 @@ def _eval_loss_from_saved_adapter(run_dir: Path, base_dir: Path) -> float:
     return total / count
 
 
-def test_two_processes_split_data_sync_gradients_and_save_a_loadable_adapter(tiny, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_split_data_sync_gradients_and_save_a_loadable_adapter(tiny, tmp_path, strategy):
     run = tmp_path / "run"
-    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2",
+    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", f"distributed={strategy}",
                          "train.max_steps=4", "train.micro_batch_size=4", "eval.every_steps=2",
                          "optim.lr=1e-3", "logging.rank_audit=true", "logging.wandb.mode=offline")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -49,7 +50,10 @@ def test_two_processes_split_data_sync_gradients_and_save_a_loadable_adapter(tin
     for a, b in zip(*ranks):
         assert len(a["samples"]) == len(b["samples"]) == 4
         assert not set(a["samples"]) & set(b["samples"]), "both ranks trained on the same samples"
-        assert a["trainable_sha256"] == b["trainable_sha256"], f"ranks diverged at step {a['step']}"
+        if strategy == "ddp":
+            assert a["trainable_sha256"] == b["trainable_sha256"], f"ranks diverged at step {a['step']}"
+        else:  # each rank holds (and digests) only its shard of the adapters
+            assert a["trainable_sha256"] != b["trainable_sha256"], f"the adapters are not sharded at step {a['step']}"
     assert ranks[0][0]["trainable_sha256"] != ranks[0][-1]["trainable_sha256"], "weights never changed"
 
     rows = read_jsonl(run / "metrics.jsonl")
@@ -83,15 +87,33 @@ def test_accelerate_launch_module_gives_one_run_dir_for_all_ranks(tiny, tmp_path
     assert [r["step"] for r in read_jsonl(run_dirs[0] / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
-def test_qlora_under_zero3_trains_after_the_step0_eval(tiny, tmp_path):
-    """nf4 base + LoRA under ZeRO-3 with 2 processes: gradients flow (the eval at step 0 used to
-    repack the 4-bit weights into an inference layout with no autograd, zeroing every gradient)."""
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_qlora_sharded_trains_after_the_step0_eval(tiny, tmp_path, strategy):
+    """nf4 base (stored as bf16, which ZeRO-3 and FSDP2 shard) + LoRA with 2 processes: gradients flow (the
+    eval at step 0 used to repack the 4-bit weights into an inference layout with no autograd, zeroing every
+    gradient)."""
     run = tmp_path / "run"
     result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", "quant=nf4",
-                         "distributed=zero3", "quant.storage_dtype=bfloat16", "train.max_steps=3",
+                         f"distributed={strategy}", "quant.storage_dtype=bfloat16", "train.max_steps=3",
                          "optim.lr=1e-3", "sample.max_new_tokens=0")
     assert result.returncode == 0, result.stderr[-4000:]
     rows = read_jsonl(run / "metrics.jsonl")
     assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert evals[0] != evals[-1]
+
+
+def test_fsdp2_in_bfloat16_trains_as_ddp_does(tiny, tmp_path):
+    """bf16 mixed precision, the GPU default, on CPU: bf16 base weights, fp32 adapters, compute under autocast.
+    FSDP2 runs the same arithmetic as DDP; only the gradient norm's summation order differs."""
+    losses = {}
+    for strategy in ("ddp", "fsdp2"):
+        run = tmp_path / strategy
+        result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2",
+                             f"distributed={strategy}", "train.precision=bfloat16", "train.max_steps=4",
+                             "optim.lr=1e-3", "sample.max_new_tokens=0")
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "bfloat16" in (run / "config.yaml").read_text()
+        losses[strategy] = [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_jsonl(run / "metrics.jsonl")]
+    assert [s for s, _ in losses["fsdp2"]] == [s for s, _ in losses["ddp"]]
+    assert [v for _, v in losses["fsdp2"]] == pytest.approx([v for _, v in losses["ddp"]], rel=1e-3)

@@ -1,5 +1,6 @@
 """Bring your own: a YAML of one's own through Hydra's --config-dir, an accelerate config and a DeepSpeed JSON
-merged into the run dir's files; conflicts refused before launch in one line."""
+merged into the run dir's files and honoured by the training processes; conflicts refused before launch in
+one line."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def test_own_yaml_from_a_config_dir(tiny, tmp_path):
 
 def test_own_deepspeed_json_and_accelerate_config_are_merged(tiny, tmp_path):
     ds, acc = tmp_path / "ds.json", tmp_path / "acc.yaml"
+    # DeepSpeed's CSV monitor: files that only a rank whose engine got this JSON writes
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
-                              "zero_optimization": {"stage": 2, "reduce_bucket_size": 123456}}))
+                              "zero_optimization": {"stage": 2, "reduce_bucket_size": 123456},
+                              "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "monitor"),
+                                              "job_name": "mine"}}))
     acc.write_text(yaml.safe_dump({"enable_cpu_affinity": False, "num_machines": 1}))
     run = tmp_path / "run"
     args = [*tiny["overrides"], "distributed=zero2", "launcher.num_processes=1", "train.max_steps=1",
@@ -43,6 +47,9 @@ def test_own_deepspeed_json_and_accelerate_config_are_merged(tiny, tmp_path):
     assert written["train_micro_batch_size_per_gpu"] == yaml.safe_load((run / "config.yaml").read_text())["train"][
         "micro_batch_size"]
     assert yaml.safe_load((run / "accelerate.yaml").read_text())["enable_cpu_affinity"] is False
+    # honoured by the training process, not only written: DeepSpeed logged the one step's lr
+    lr = (tmp_path / "monitor" / "mine" / "Train_Samples_lr.csv").read_text().splitlines()
+    assert lr[0] == "step,lr" and len(lr) == 2, lr
 
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     refused = lora_launch(*args, f"run.dir={tmp_path / 'fresh'}", cwd=tmp_path)

@@ -190,11 +190,16 @@ def test_global_batch_mismatch(tmp_path):
         checks.check_global_batch(odd, run_plan(odd, topo))
 
 
-def test_qlora_zero3_needs_matching_storage_dtype(tmp_path):
+@pytest.mark.parametrize("option", ["zero3", "fsdp2"])
+def test_qlora_sharded_needs_matching_storage_dtype(tmp_path, option):
+    def check(*overrides):
+        cfg = _cfg(tmp_path, "quant=nf4", *overrides)
+        checks.check_qlora_sharded(cfg, run_plan(cfg, topology(cfg)))
+
     with pytest.raises(ConfigError, match="set quant.storage_dtype=bfloat16"):
-        checks.check_qlora_zero3(_cfg(tmp_path, "quant=nf4", "distributed=zero3"))
-    checks.check_qlora_zero3(_cfg(tmp_path, "quant=nf4", "distributed=zero3", "quant.storage_dtype=bfloat16"))
-    checks.check_qlora_zero3(_cfg(tmp_path, "quant=nf4", "distributed=zero2"))
+        check(f"distributed={option}")
+    check(f"distributed={option}", "quant.storage_dtype=bfloat16")
+    check("distributed=zero2")
 
 
 def test_nf4_runs_on_cpu(tmp_path):

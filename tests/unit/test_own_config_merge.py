@@ -11,7 +11,7 @@ import yaml
 from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.accelerate_config import accelerate_config
-from lora_launch.launcher.own_configs import merged_accelerate, merged_deepspeed
+from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
 from lora_launch.run.plan import deepspeed_config
 
 

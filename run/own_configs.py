@@ -130,5 +130,6 @@ def merged_accelerate(ours: dict, path: str | None) -> dict:
     user = read(path, key)
     if str(user.get("distributed_type", "")).upper() in ("FSDP", "MEGATRON_LM", "XLA", "TPU"):
         raise ConfigError(f"{key}={path}: distributed_type {user['distributed_type']} is not one this launcher runs; "
-                          "choose distributed=ddp|zero2|zero3|zero3_offload and remove it from the file")
+                          "choose distributed=ddp|zero2|zero3|zero3_offload|fsdp2|fsdp2_offload and remove it from "
+                          "the file")
     return _merge(ours, user, ACCELERATE_OWNED, key, path)

@@ -1,0 +1,161 @@
+"""distributed=fsdp2 without launching: the options compose and are refused where they cannot run, the run
+dir's files and the preview describe it, and its checkpoint adapter (train/fsdp.py) saves and loads the
+format the DDP and ZeRO adapters use, on a real FSDP2-sharded model in one process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lora_launch.conf.compose import compose
+from lora_launch.conf.schema import ConfigError
+from lora_launch.launcher import preview as pv
+from lora_launch.launcher.commands import help_text
+from lora_launch.launcher.launch import write_launch_files
+from lora_launch.launcher.topology import run_plan, topology
+from lora_launch.run.plan import RunPlan, fsdp2_config
+
+
+@pytest.mark.parametrize("option,offload", [("fsdp2", False), ("fsdp2_offload", True)])
+def test_the_run_dir_gets_a_torchrun_launch_and_the_sharding_plan(tmp_path, option, offload):
+    cfg = compose([f"distributed={option}", "launcher.num_processes=2", f"run.dir={tmp_path}"])
+    topo = topology(cfg)
+    files = write_launch_files(cfg, tmp_path, topo, run_plan(cfg, topo))
+    assert "deepspeed" not in files and not (tmp_path / "ds_config.json").exists()
+    acc = yaml.safe_load(files["accelerate"].read_text())
+    # torchrun starts the ranks (accelerate's MULTI_GPU launcher, gloo on CPU); the ranks shard themselves
+    assert acc["distributed_type"] == "MULTI_GPU" and acc["num_processes"] == 2
+    plan = json.loads(files["fsdp2"].read_text())
+    assert plan["fsdp_version"] == 2 and plan["mesh"] == {"device_type": "cpu", "shape": [2]}
+    assert plan["offload"]["params"] is offload and plan["offload"]["optimizer_step"] is offload
+    assert plan["offload"]["pin_memory"] is False  # no GPU here
+    assert plan["mixed_precision"] == {"param_dtype": None, "reduce_dtype": "float32", "autocast": None}
+
+
+def test_the_sharding_plan_follows_the_hardware():
+    cfg = compose(["distributed=fsdp2_offload"])
+    gpu = fsdp2_config(cfg, RunPlan.from_config(cfg, 2, 8, on_gpu=True, bf16=True))
+    assert gpu["mesh"] == {"device_type": "cuda", "shape": [16]}
+    assert gpu["mixed_precision"]["autocast"] == "bfloat16" and gpu["offload"]["pin_memory"] is True
+    assert gpu["compile"] == "layers"  # decoder layers compiled on GPUs, as under DDP
+    plan = RunPlan.from_config(compose(["distributed=fsdp2"]), 1, 2, on_gpu=False)
+    assert plan.shards_params and plan.compile == "none" and plan.strategy == "fsdp2"
+    assert not RunPlan.from_config(compose([]), 1, 2, on_gpu=False).shards_params
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["optim=paged_adamw_32bit"], "optim.name=paged_adamw_32bit with distributed=fsdp2: bitsandbytes"),
+    (["optim.name=adamw_bnb_8bit"], "use optim.name=adamw_torch"),
+    (["train.precision=float16"], "train.precision=float16 with distributed=fsdp2"),
+    (["distributed.zero_stage=3"], "distributed.zero_stage=3 with distributed=fsdp2"),
+    (["distributed.offload_params=true"], "FSDP2 offloads both or neither"),
+])
+def test_what_fsdp2_cannot_run_is_refused_at_compose(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        compose(["distributed=fsdp2", *overrides])
+
+
+def test_help_lists_the_fsdp2_options():
+    line = next(line for line in help_text().splitlines() if line.strip().startswith("distributed "))
+    assert "fsdp2" in line and "fsdp2_offload" in line
+
+
+@pytest.fixture(scope="module")
+def shape_7b():
+    cfg = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused"])
+    return pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], 64)
+
+
+def test_fsdp2_memory_is_the_shard_plus_what_it_holds_gathered(shape_7b):
+    def estimate(option):
+        cfg = compose(["model=llama2_7b_random", "lora.r=64", f"distributed={option}", "run.dir=/tmp/unused"])
+        return pv.memory_estimate(cfg, shape_7b, RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True))
+
+    ddp, z3, fsdp, off = (estimate(o) for o in ("ddp", "zero3", "fsdp2", "fsdp2_offload"))
+    whole = ddp.weights
+    # embeddings + head + norms (bf16) and two of the 32 decoder layers' linears
+    gathered = (shape_7b.total_params - shape_7b.quantisable_params) * 2 + 2 * shape_7b.quantisable_params * 2 / 32
+    assert fsdp.weights == pytest.approx(whole / 8 + gathered)
+    assert fsdp.weights > z3.weights  # ZeRO-3's estimate leaves out its gathered layers
+    assert fsdp.lora == pytest.approx(shape_7b.lora_params * 8 / 8)  # fp32 adapters and gradients, sharded
+    assert fsdp.optimizer == pytest.approx(shape_7b.lora_params * 8 / 8)  # no fp32 master copy: adapters are fp32
+    assert off.weights == pytest.approx(gathered) and off.optimizer == 0 and off.lora == 0
+    assert 2 < fsdp.weights / 2**30 < 3  # 12.6 GiB of bf16 weights over 8 GPUs, plus ~0.9 GiB gathered
+
+
+# ---- the checkpoint adapter on a real sharded model -----------------------------------------------------------
+
+@pytest.fixture
+def one_process_group():
+    """A process group of this one process (what train/fsdp.py makes for a single rank started alone)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "another test left a process group behind"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _lora_model(seed: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+def _trained(model, sharded: bool):
+    """A model after two AdamW steps, its optimizer, and the adapter for it (sharded: through train/fsdp.py)."""
+    from lora_launch.train.fsdp import shard
+    from lora_launch.train.zero import adapter_for
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if sharded:
+        cfg = compose(["distributed=fsdp2"])
+        model = shard(cfg, RunPlan.from_config(cfg, 1, 1, on_gpu=False), model, optimizer)
+    ids = torch.arange(24).reshape(2, 12) % 64
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, adapter_for(optimizer)
+
+
+def test_a_checkpoint_moves_between_the_ddp_and_fsdp2_adapters(one_process_group):
+    from lora_launch.train.fsdp import Fsdp2Adapter
+    from lora_launch.train.zero import TorchAdapter
+
+    plain, _, plain_adapter = _trained(_lora_model(0), sharded=False)
+    sharded, _, sharded_adapter = _trained(_lora_model(1), sharded=True)
+    assert type(plain_adapter) is TorchAdapter and type(sharded_adapter) is Fsdp2Adapter
+    assert sharded_adapter.loss_scaler() is None
+    tensors, meta = plain_adapter.full_trainable_state(plain)
+    theirs, their_meta = sharded_adapter.full_trainable_state(sharded)
+    assert sorted(theirs) == sorted(tensors) and their_meta == meta == {"keys": ["exp_avg", "exp_avg_sq"], "step": 2.0}
+    assert not any(torch.equal(tensors[k], theirs[k]) for k in tensors if k.startswith("param/") and "lora_A" in k)
+
+    # the DDP checkpoint into the sharded model: saved back whole, it is the same, bit for bit
+    sharded_adapter.load_full_trainable_state(sharded, tensors, meta)
+    again, again_meta = sharded_adapter.full_trainable_state(sharded)
+    assert again_meta == meta and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    # and the sharded one into the plain model
+    fresh, _, fresh_adapter = _trained(_lora_model(2), sharded=False)
+    fresh_adapter.load_full_trainable_state(fresh, theirs, their_meta)
+    back, _ = fresh_adapter.full_trainable_state(fresh)
+    assert all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+def test_the_saved_snapshot_does_not_follow_later_steps(one_process_group):
+    model, optimizer, adapter = _trained(_lora_model(0), sharded=True)
+    tensors, meta = adapter.full_trainable_state(model)
+    before = {k: t.clone() for k, t in tensors.items()}
+    ids = torch.arange(24).reshape(2, 12) % 64
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(tensors[k], before[k]) for k in tensors) and meta["step"] == 2.0

@@ -1,0 +1,156 @@
+"""distributed=fsdp2: the PEFT model sharded with torch's `fully_shard`, and the checkpoint adapter that gathers
+its trainable parameters and their optimizer state whole, by name.
+
+The ranks shard the model themselves rather than through accelerate's FSDP2 plugin: accelerate 1.15 applies
+that plugin only on GPU-like distributed types, and on CPU (gloo) it drops it without a word and trains
+unsharded. Sharding here runs the same calls on CPU and GPU, so the CPU tests exercise what GPUs run. The
+Accelerator stays the one DDP uses, given the optimizer alone: process group, device, gradient accumulation
+and clipping (accelerate's clipping reads DTensor gradients). What is applied comes from
+`lora_launch.run.plan.fsdp2_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from omegaconf import DictConfig
+
+from lora_launch.conf.schema import ConfigError
+from lora_launch.run.plan import RunPlan, fsdp2_config
+from lora_launch.train.zero import TorchAdapter, trainable
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The modules to shard one by one, innermost first: those whose class the causal LM names in
+    `_no_split_modules` (its decoder layer), else every `*DecoderLayer`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ConfigError(f"distributed=fsdp2: {type(model).__name__} names no decoder layer class "
+                          "(_no_split_modules) to shard by; use distributed=ddp or zero3")
+    return layers[::-1]
+
+
+def _process_group(plan: RunPlan) -> None:
+    """fully_shard needs a process group; a single process started without torchrun gets one of its own."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and plan.world_size == 1:
+        dist.init_process_group("nccl" if plan.on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shard(cfg: DictConfig, plan: RunPlan, model, optimizer: torch.optim.Optimizer):
+    """Shard the PEFT `model` in place (each decoder layer, then the causal LM as the root), point `optimizer`
+    at the sharded parameters and run forward under autocast in the plan's precision; returns the model.
+
+    The root is the causal LM inside the PEFT wrapper, not the wrapper: generate() calls the causal LM
+    directly, and its hooks are what gather the root group's weights.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    spec = fsdp2_config(cfg, plan)
+    _process_group(plan)
+    mesh = init_device_mesh(spec["mesh"]["device_type"], tuple(spec["mesh"]["shape"]))
+    offload = spec["offload"]
+    common = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+                  offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"]
+                  else OffloadPolicy())
+    names = {id(p): name for name, p in model.named_parameters()}
+    root = model.get_base_model()
+    for layer in decoder_layers(root):
+        fully_shard(layer, reshard_after_forward=spec["reshard_after_forward"], **common)
+    fully_shard(root, **common)
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    autocast = spec["mixed_precision"]["autocast"]
+    if autocast:
+        model.forward = _under_autocast(model.forward, spec["mesh"]["device_type"], getattr(torch, autocast))
+    return model
+
+
+def _under_autocast(forward, device_type: str, dtype: torch.dtype):
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+    return wrapped
+
+
+def is_dtensor(t) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 shard)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+_WHOLE = dict(full_state_dict=True, cpu_offload=True)  # gathered whole, on the CPU of rank 0 only
+
+
+def full_trainable_params(model) -> dict:
+    """The trainable parameters (and any tied weight state_dict lists with them) whole, by name, on rank 0's
+    CPU; empty on the other ranks. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True, **_WHOLE))
+
+
+class Fsdp2Adapter(TorchAdapter):
+    """FSDP2: every parameter and its optimizer state is a DTensor shard. torch's distributed state_dict
+    functions gather the trainable ones whole (on rank 0, which writes them) and cut whole tensors back into
+    this run's shards, so the saved form is DDP's and ZeRO's, at any world size."""
+
+    def full_trainable_state(self, model) -> tuple[dict, dict]:
+        """Full LoRA weights and optimizer state on rank 0's CPU, as {"param/NAME", "optim/KEY/NAME"} (empty on
+        the other ranks), and the optimizer's {"keys", "step"}. A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        params = full_trainable_params(model)
+        optim = get_optimizer_state_dict(model, self.torch_optimizer, options=StateDictOptions(**_WHOLE))
+        keys, step = self._layout()
+        out = {}
+        if params:  # rank 0; the clones keep the snapshot apart from the live tensors it may share storage with
+            for name, _ in trainable(model):
+                out[f"param/{name}"] = params[name].detach().clone()
+                out.update({f"optim/{k}/{name}": optim["state"][name][k].detach().clone() for k in keys})
+        return out, {"keys": keys, "step": step}
+
+    def load_full_trainable_state(self, model, tensors: dict, meta: dict) -> None:
+        """Put what full_trainable_state returned (by this or another adapter) into the sharded model and
+        optimizer; every rank holds the whole tensors and keeps its own shard of them."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        named = trainable(model)
+        set_model_state_dict(model, {name: tensors[f"param/{name}"] for name, _ in named}, options=options)
+        state = {}
+        for name, _ in named:
+            st = {k: tensors[f"optim/{k}/{name}"] for k in meta["keys"] if f"optim/{k}/{name}" in tensors}
+            if st:
+                state[name] = {**st, "step": torch.tensor(meta["step"], dtype=torch.float32)}
+        by_id = {id(p): name for name, p in named}
+        # this run's param groups (lr, weight decay), as the torch adapter keeps them
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]}
+                  for g in self.torch_optimizer.param_groups]
+        set_optimizer_state_dict(model, self.torch_optimizer, {"state": state, "param_groups": groups},
+                                 options=options)
+
+    def _layout(self) -> tuple[list[str], float]:
+        """The optimizer's state keys and step, from this rank's state (alike on every rank)."""
+        state = next(iter(self.torch_optimizer.state.values()), None)
+        if state is None:
+            return [], 0.0
+        keys = sorted(k for k, v in state.items() if k != "step" and torch.is_tensor(v))
+        return keys, float(state["step"]) if "step" in state else 0.0
