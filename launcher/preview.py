@@ -13,11 +13,15 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
                shards both
   optimizer    AdamW: 8 per adapter param (+4 fp32 master under DeepSpeed); ZeRO and FSDP2 shard it;
                offload (zero3_offload, fsdp2_offload) moves the sharded part to CPU memory
-  activations  per token and layer (12h + 4i) elements in the activation dtype (attention with a
-               fused kernel, no seq^2 term); with grad ckpt only each layer's input (h) plus one
-               layer recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
-On a 7B Llama (seq 512, micro 4, H100) this gives 25.0 / 14.5 / 5.6 GiB for bf16, bf16 + ckpt and
-nf4 + ckpt, against 25.3 / 16.7 / 5.0 GiB measured (CUDA context and allocator slack not included).
+  activations  per token and layer, what backward keeps: each norm's input and output (4h), q (h), k and v
+               (2 kv, the key/value width under grouped-query attention), the attention output (h), and the
+               MLP's gate, up and activated gate (3i), in the activation dtype (attention with a fused
+               kernel, no seq^2 term); with grad ckpt only each layer's input (h) plus one layer
+               recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
+Against the peaks measured on one H200 (2026-11-29, bench/results, seq 512, LoRA r=64 on q/v; torch's
+allocator peak, no CUDA context) this gives 21.7 / 14.4 / 5.5 GiB for a 7B in bf16, bf16 + ckpt and nf4 +
+ckpt at micro batch 4 (measured 20.8 / 14.0 / 5.1) and 36.7 GiB for a 70B shape in nf4 + ckpt at micro batch
+1 (measured 35.8): tests/unit/test_preview.py holds the estimate within 10% of each.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    kv_hidden: int = 0  # width of k and v (heads_kv x head_dim); 0: hidden (no grouped-query attention)
 
 
 # ---- the model's shape ---------------------------------------------------------------------------
@@ -83,8 +88,11 @@ def model_shape(config, target_modules: str | list[str], r: int) -> ModelShape:
             if _targets(name, target_modules):
                 lora += r * (module.in_features + module.out_features)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = head_dim * (getattr(text, "num_key_value_heads", None) or heads)
     return ModelShape(total, quantisable, lora, text.hidden_size, text.intermediate_size,
-                      text.num_hidden_layers, text.vocab_size)
+                      text.num_hidden_layers, text.vocab_size, kv)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -130,7 +138,8 @@ def weight_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes:
 
 def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: bool) -> float:
     """Activations kept for backward over one micro-batch of `tokens` tokens, plus the logits."""
-    per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate) * act_bytes
+    kv = shape.kv_hidden or shape.hidden
+    per_layer = tokens * (6 * shape.hidden + 2 * kv + 3 * shape.intermediate) * act_bytes
     logits = tokens * shape.vocab * 10
     if grad_ckpt:
         return shape.layers * tokens * shape.hidden * act_bytes + per_layer + logits
