@@ -53,7 +53,8 @@ def holder(run_dir: Path, node_rank: int = 0, num_machines: int = 1) -> dict:
     return _holder(lock_path(run_dir, node_rank, num_machines))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,7 +139,7 @@ class RunLock:
             return
         if holder.get("host") != socket.gethostname():
             raise ConfigError(_held_message(self.path, holder) + " (remove the lock file if that launch is gone)")
-        if _pid_alive(int(pid)):
+        if pid_alive(int(pid)):
             raise ConfigError(_held_message(self.path, holder))
 
     def release(self) -> None:

@@ -69,16 +69,6 @@ def _state_dir(root: Path, run_dir: Path) -> Path:
     return root / STATE / f"{run_dir.name}-{digest}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def launcher_pid(run_dir: Path) -> int | None:
     """The pid of the `lora-launch` that holds the run dir now, else None."""
     pid = holder(run_dir).get("pid")
