@@ -118,6 +118,11 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
         o += ["quant=nf4"]
     elif spec.get("quant") == "nf4":
         o += ["quant=nf4", f"model.path={SAVED_7B}", "model.random_init=false"]
+    if spec.get("ds_json"):  # the user's own DeepSpeed JSON, laid under the run's (distributed.deepspeed_config)
+        path = WORK / f"ds-{spec['name']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spec["ds_json"]))
+        o.append(f"distributed.deepspeed_config={path}")
     return o + [f"seed={spec.get('seed', 0)}"] + list(spec.get("extra", []))
 
 
@@ -217,33 +222,40 @@ def lognormal_lengths(n: int, seq: int, seed: int = 0) -> list[int]:
 def peer(spec: dict) -> dict:
     """TRL SFTTrainer + PEFT (+ bitsandbytes), paged_adamw_32bit, same model and data. Forms: TRL's defaults;
     `liger`: its own use_liger_kernel=True; `padding_free`: that plus padding_free=True (real lengths).
-    Tokens/s counts real (non-padding) tokens, counted at the embedding of every forward."""
+    Tokens/s counts real (non-padding) tokens, counted at the embedding of every forward (rank 0's: per GPU).
+
+    Under `accelerate launch --multi_gpu` each rank loads the model onto its own GPU and HF's Trainer wraps it
+    in DDP, with the usual settings for DDP and checkpointing: non-reentrant checkpointing (the reentrant kind
+    is limited under DDP) and no search for unused parameters (the Trainer's choice for a PEFT model)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     micro, seq, warm, steps = spec.get("micro", 4), spec.get("seq", 512), spec.get("warmup", 5), spec.get("steps", 15)
+    local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    torch.cuda.set_device(local)
     if spec.get("quant") == "nf4":
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False)
         model = AutoModelForCausalLM.from_pretrained(SAVED_7B, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": 0})
+                                                     device_map={"": local})
     else:
         model = random_7b()
     model.config.use_cache = False
-    n = micro * (warm + steps + 2)
+    n = micro * (warm + steps + 2) * world
     lengths = lognormal_lengths(n, seq) if spec.get("lengths") == "lognormal" else [seq] * n
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, model.config.vocab_size, (k,), generator=g).tolist() for k in lengths]
     liger = bool(spec.get("liger") or spec.get("padding_free"))
-    args = SFTConfig(output_dir=str(WORK / "runs" / "peer"), per_device_train_batch_size=micro,
+    ddp = {"gradient_checkpointing_kwargs": {"use_reentrant": False}, "ddp_find_unused_parameters": False}
+    args = SFTConfig(output_dir=str(WORK / "runs" / spec["name"]), per_device_train_batch_size=micro,
                      gradient_accumulation_steps=1, optim="paged_adamw_32bit", learning_rate=2e-4,
                      weight_decay=0.001, max_grad_norm=0.3, lr_scheduler_type="cosine",
                      bf16=torch.cuda.is_available(), disable_tqdm=True,
                      max_steps=warm + steps, gradient_checkpointing=spec.get("ckpt", False),
                      packing=False, max_length=seq, logging_steps=1000, save_strategy="no", report_to="none",
-                     use_liger_kernel=liger, padding_free=bool(spec.get("padding_free")))
+                     use_liger_kernel=liger, padding_free=bool(spec.get("padding_free")), **(ddp if world > 1 else {}))
     lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
     stamps, seen, loaded = [], [0], []
 
@@ -269,7 +281,7 @@ def peer(spec: dict) -> dict:
     trainer.train()
     times = [b - a for a, b in zip(stamps[warm - 1:], stamps[warm:])]
     out = step_stats(times, per_step[warm:])
-    out.update(world=1, peak_gib=peak_gib(), peak_after_load_gib=loaded[0])
+    out.update(world=world, peak_gib=peak_gib(), peak_after_load_gib=loaded[0])
     return out
 
 

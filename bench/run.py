@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,29 @@ MATRICES = {
                          extra=["data.packing=true", "data.packing_strategy=next_fit"], vs=f"fixed_seq{seq}"),
                     case(f"lengths_padded_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
                          vs=f"fixed_seq{seq}"))]],
+    # what sharding costs per step at world size 1 (its hooks and gathers still run), bf16 LoRA on the 7B,
+    # torch AdamW everywhere (FSDP2 cannot step bitsandbytes' optimizers), and each ZeRO-3 setting on its own
+    # (through distributed.deepspeed_config, the user's own DeepSpeed JSON)
+    "sharding": [case("prepare", "prepare", save_7b=False),
+                 *[case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=10,
+                        vs=None if d == "ddp" else "ddp_ws1", distributed=d, **kw) for name, d, kw in (
+                     ("ddp_ws1", "ddp", {}),
+                     ("fsdp2_ws1", "fsdp2", {}),
+                     ("zero3_ws1", "zero3", {}),
+                     ("zero3_persist_all_ws1", "zero3", {"ds_json": {"zero_optimization": {
+                         "stage3_param_persistence_threshold": 1e10}}}),
+                     ("zero3_prefetch_5e8_ws1", "zero3", {"ds_json": {"zero_optimization": {
+                         "stage3_prefetch_bucket_size": 5e8, "stage3_max_live_parameters": 3e9}}}),
+                     ("zero3_compile_layers_ws1", "zero3", {"compile": "layers"}))],
+                 # one gather per decoder layer (DeepSpeed's leaf modules) works with grad ckpt only: without it
+                 # the frozen weights are freed before backward (DeepSpeed 0.19.8 with PEFT, seen on CPU)
+                 case("ddp_ckpt_ws1", "project", torchrun=True, optim="adamw", ckpt=True, warmup=4, steps=10),
+                 *[case(name, "project", torchrun=True, optim="adamw", ckpt=True, warmup=4, steps=10,
+                        vs="ddp_ckpt_ws1", distributed=d, **kw) for name, d, kw in (
+                     ("fsdp2_ckpt_ws1", "fsdp2", {}),
+                     ("zero3_ckpt_ws1", "zero3", {}),
+                     ("zero3_leaf_layers_ckpt_ws1", "zero3", {"ds_json": {"zero_optimization": {"leaf_module": {
+                         "classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}}}))]],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],
@@ -148,9 +172,20 @@ def versions() -> dict:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def command(spec: dict) -> list[str]:
+    """One process, or torchrun (`"torchrun": true` also at 1); the peer above 1 GPU as its users start it."""
     n = spec.get("nproc", 1)
-    if n == 1:
+    if spec["kind"] == "peer" and n > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
+                "--num_machines=1", "--mixed_precision=bf16", "--dynamo_backend=no",
+                f"--main_process_port={free_port()}", "-m", "bench.case", json.dumps(spec)]
+    if n == 1 and not spec.get("torchrun"):
         return [sys.executable, "-m", "bench.case", json.dumps(spec)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
             "-m", "bench.case", json.dumps(spec)]
