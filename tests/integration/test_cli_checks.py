@@ -168,7 +168,7 @@ def test_preview_starts_nothing(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("override,line", [
-    ("distributed=zero5", "error: distributed=zero5 is not a choice of distributed; choose one of: ddp, zero2, zero3"),
+    ("distributed=zero5", "error: distributed=zero5 is not a choice of distributed; choose one of: ddp, fsdp2, fsdp2_offload, zero2, zero3, zero3_offload"),
     ("model=nosuch", "error: model=nosuch is not a choice of model; choose one of: llama2_7b, llama2_7b_random, tiny"),
     ("lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
     ("+lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
