@@ -195,7 +195,9 @@ def test_trials_run_side_by_side_with_the_same_results(tiny, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_parallel_sweep_checkpoints_its_trials_and_the_rerun_finishes_each_once(tiny, tmp_path, signum):
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", "lora.r=2,4,8", "train.max_steps=100", "checkpoint.every_steps=10", "train.micro_batch_size=2",
+    # long enough that neither first trial can finish before both have a checkpoint, even when one of them
+    # starts late on a loaded machine (at 100 steps one did, once)
+    args = ["-m", "lora.r=2,4,8", "train.max_steps=300", "checkpoint.every_steps=10", "train.micro_batch_size=2",
             "sweep.parallel=2", *tiny["overrides"], f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -211,14 +213,14 @@ def test_a_stopped_parallel_sweep_checkpoints_its_trials_and_the_rerun_finishes_
         status = json.loads((sweep_dir / name / "status.json").read_text())
         assert status["state"] == "preempted" and status["signal"] == signal.Signals(signum).name
         assert (sweep_dir / name / "checkpoints" / f"step-{status['step']}").is_dir()
-        assert status["step"] < 100
+        assert status["step"] < 300
 
     result = lora_launch(*args, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = _trials(sweep_dir)
     assert {n: len(t["launches"]) for n, t in trials.items()} == {"lora.r=2": 2, "lora.r=4": 2, "lora.r=8": 1}
     for name, record in trials.items():
-        assert record["status"] == "completed" and _train_steps(sweep_dir / name) == list(range(1, 101))
+        assert record["status"] == "completed" and _train_steps(sweep_dir / name) == list(range(1, 301))
     for name in stopped:
         assert "resumed from" in (sweep_dir / name / "lora-launch.log").read_text().split("==== launch 2")[1]
     _check_summary(sweep_dir, 3)
