@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_launch.conf.schema import Choice, ConfigError, Dtype, type_name
+from lora_launch.conf.schema import Choice, ConfigError, Dtype, Template, type_name
 
 
 def arg(default: Any = MISSING, help: str = "", default_factory: Any = None):
@@ -79,14 +79,6 @@ class ServeEngine(Choice):
     vllm = "vllm"
 
 
-class ChatTemplate(Choice):
-    auto = "auto"
-    tokenizer = "tokenizer"
-    llama2 = "llama2"
-    alpaca = "alpaca"
-    chatml = "chatml"
-
-
 @dataclass
 class ServeRunDir:
     dir: Optional[str] = arg(None, "a finished run directory to serve (its config.yaml and adapter/)")
@@ -112,7 +104,7 @@ class ServeArgs:
     max_body_bytes: int = arg(1_048_576, "largest request body")
     max_concurrent: int = arg(64, "requests answered at once; one more gets 429")
     max_batch: int = arg(16, "requests generated together in one batch")
-    template: ChatTemplate = arg(ChatTemplate.auto, "chat template of a model that has no run (a merged model, "
+    template: Template = arg(Template.auto, "chat template of a model that has no run (a merged model, "
                                                     "bare adapters); auto: the tokenizer's, else chatml")
 
 

@@ -623,6 +623,15 @@ def describe(key: str, schema: type = Config) -> KeyInfo:
     return KeyInfo(key, f.metadata.get("type") or type_name(hint), default, _range_text(dict(f.metadata)))
 
 
+def dotted(tree: dict, key: str, missing=None):
+    """The value at dotted `key` (`lora.r`) of a plain nested dict, or `missing` where the path is absent."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return missing
+        tree = tree[part]
+    return tree
+
+
 def plain(cfg: DictConfig) -> dict:
     """The resolved config as plain data (choices as their words), secrets redacted: what files and logs get."""
     return redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))

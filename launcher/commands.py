@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from lora_launch.conf.args import COMMANDS, parse_args, usage
-from lora_launch.conf.schema import ConfigError, describe
+from lora_launch.conf.schema import ConfigError, describe, dotted
 from lora_launch.launcher.runs import HELP as RUNS_HELP
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
@@ -70,14 +70,6 @@ def _groups_text(primary: dict) -> list[str]:
     return lines
 
 
-def _value_in(tree: dict, key: str, fallback):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return fallback
-        tree = tree[part]
-    return tree
-
-
 def _shown(value) -> str:
     """A value as it is written on the command line."""
     if value is None:
@@ -94,7 +86,7 @@ def _keys_text(primary: dict) -> list[str]:
     for key in MOST_USED:
         info = describe(key)
         # config.yaml's value where it sets one (run.dir's timestamp), else the schema's default
-        rows.append((key, info.type, _shown(_value_in(primary, key, info.default)), info.range))
+        rows.append((key, info.type, _shown(dotted(primary, key, info.default)), info.range))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return [f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {r}".rstrip() for k, t, d, r in rows]
 

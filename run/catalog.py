@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from lora_launch.conf.schema import dotted
 from lora_launch.run.lock import holder, lock_holders
 from lora_launch.run.rundir import METRICS, STATUS, short_path
 
@@ -60,12 +61,7 @@ class Run:
 
     def setting(self, key: str):
         """A dotted config key's value (`lora.r`), None when the config lacks it or cannot be read."""
-        node = self.config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
+        return dotted(self.config, key)
 
     def row(self) -> dict:
         """The run's summary under the names `lora-launch runs` sorts, filters and prints by."""

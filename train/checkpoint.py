@@ -259,8 +259,8 @@ class Checkpointer:
         self.states = states
         self.fingerprints = fingerprints
         self.adapter_of = adapter_of  # the PEFT model, for the adapter files of each checkpoint
-        self.background = bool(cfg.checkpoint.get("background", True))
-        self.background_min_bytes = cfg.checkpoint.get("background_min_mib", 64) * 2**20
+        self.background = cfg.checkpoint.background
+        self.background_min_bytes = cfg.checkpoint.background_min_mib * 2**20
         self.pending: _Pending | None = None  # a background save not committed yet
         # the last committed save, for the log: {"step", "seconds" (training paused), "bytes",
         # "background" (whether a thread wrote it), "write_seconds" (the thread's time)}

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from support.cli import CLI, lora_launch, subprocess_env
-from support.resume import launch, sigterm_at, status, train_losses
+from support.resume import stopped_and_resumed_equals_uninterrupted
 from support.tiny import make_tiny_qwen2
 
 SHORT = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=40", "train.max_steps=8",
@@ -16,30 +16,18 @@ SHORT = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=40"
          "lora.dropout=0.1"]
 
 
-def _stopped_and_resumed_equals_uninterrupted(tmp_path, args: list[str]) -> None:
-    ref = tmp_path / "reference"
-    rc, log = launch(ref, args)
-    assert rc == 0, log[-3000:]
-    run = tmp_path / "run"
-    rc, _ = sigterm_at(run, args, 3)
-    assert rc == 0 and status(run)["state"] == "preempted", (rc, status(run))
-    rc, log = launch(run, args)
-    assert rc == 0 and "resumed from" in log, log[-3000:]
-    assert train_losses(run) == train_losses(ref) and [s for s, _ in train_losses(ref)] == list(range(1, 9))
-
-
 @pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "adamw_bnb_8bit"])
 def test_every_optimizer_resumes_exactly(tiny, tmp_path, optimizer):
     """r=64 makes the LoRA matrices large enough (>= 4096 values) for bitsandbytes' 8-bit states, whose
     quantisation maps and block scales must come back with the checkpoint."""
-    _stopped_and_resumed_equals_uninterrupted(tmp_path, [*tiny["overrides"], *SHORT, f"optim.name={optimizer}",
+    stopped_and_resumed_equals_uninterrupted(tmp_path, [*tiny["overrides"], *SHORT, f"optim.name={optimizer}",
                                                          "lora.r=64"])
 
 
 def test_a_second_architecture_trains_resumes_and_generates(tiny, tmp_path):
     model = make_tiny_qwen2(tmp_path, tiny["model"])
     args = [*tiny["overrides"], *SHORT, f"model.path={model}", "lora.target_modules=all-linear"]
-    _stopped_and_resumed_equals_uninterrupted(tmp_path, args)
+    stopped_and_resumed_equals_uninterrupted(tmp_path, args)
     run = tmp_path / "run"
     # all-linear: every projection of Qwen2's attention and MLP got an adapter, the tied head did not
     from safetensors.torch import load_file
@@ -68,6 +56,6 @@ def test_mixed_sources_resume_exactly(tiny, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"text": f"count {i} {i + 1} {i + 2}"}) + "\n" for i in range(30)))
     sources = f"data.sources=[{{path: {tiny['data']}, weight: 1}},{{path: {other}, weight: 2, format: text}}]"
-    _stopped_and_resumed_equals_uninterrupted(tmp_path, [*tiny["overrides"], *SHORT, sources])
+    stopped_and_resumed_equals_uninterrupted(tmp_path, [*tiny["overrides"], *SHORT, sources])
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert [s["weight"] for s in report["sources"].values()] == [1.0, 2.0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from support.cli import lora_launch
-from support.resume import launch, sigterm_at, status, train_losses
+from support.resume import stopped_and_resumed_equals_uninterrupted
 
 SHORT = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=40", "train.max_steps=8",
          "checkpoint.every_steps=2", "logging.tensorboard=false", "sample.max_new_tokens=4", "eval.at_start=false",
@@ -15,19 +15,11 @@ SHORT = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=40"
 
 def test_packed_run_resumes_exactly(tiny, tmp_path):
     args = [*tiny["overrides"], *SHORT]
-    ref = tmp_path / "reference"
-    rc, log = launch(ref, args)
-    assert rc == 0, log[-3000:]
+    log = stopped_and_resumed_equals_uninterrupted(tmp_path, args)
     assert "samples packed by bfd" in log, log[-3000:]
-    report = json.loads((ref / "data_report.json").read_text())
+    report = json.loads((tmp_path / "reference" / "data_report.json").read_text())
     kept = report["sources"]["train"]["ok"] + report["sources"]["train"]["truncated"]
     assert report["packing_strategy"] == "bfd" and report["train_samples_packed"] == kept - report["val_samples"]
-    run = tmp_path / "run"
-    rc, _ = sigterm_at(run, args, 3)
-    assert rc == 0 and status(run)["state"] == "preempted", (rc, status(run))
-    rc, log = launch(run, args)
-    assert rc == 0 and "resumed from" in log, log[-3000:]
-    assert train_losses(run) == train_losses(ref) and [s for s, _ in train_losses(ref)] == list(range(1, 9))
 
 
 def test_unknown_packing_strategy_is_one_line(tiny, tmp_path):

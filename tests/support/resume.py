@@ -145,3 +145,18 @@ def consumed_samples(run_dir: Path) -> dict[int, list[int]]:
     for (_, step), samples in per_rank.items():
         steps.setdefault(step, []).extend(samples)
     return steps
+
+
+def stopped_and_resumed_equals_uninterrupted(tmp_path: Path, args: list[str]) -> str:
+    """An 8-step run stopped with SIGTERM after step 3 and re-run trains to the uninterrupted run's losses, bit for
+    bit; returns what the uninterrupted launch printed."""
+    ref = tmp_path / "reference"
+    rc, ref_log = launch(ref, args)
+    assert rc == 0, ref_log[-3000:]
+    run = tmp_path / "run"
+    rc, _ = sigterm_at(run, args, 3)
+    assert rc == 0 and status(run)["state"] == "preempted", (rc, status(run))
+    rc, log = launch(run, args)
+    assert rc == 0 and "resumed from" in log, log[-3000:]
+    assert train_losses(run) == train_losses(ref) and [s for s, _ in train_losses(ref)] == list(range(1, 9))
+    return ref_log
