@@ -74,6 +74,7 @@ class Cluster:
     nodes: list[Node]
     env: dict
     procs: list[subprocess.Popen] = field(default_factory=list)
+    held_since: dict[str, float] = field(default_factory=dict)
 
     def on(self, argv: list[str], node: int = 0) -> list[str]:
         """`argv` as a command run on node `node` (its network, host name and /etc/hosts)."""
@@ -100,11 +101,18 @@ class Cluster:
         restarts = re.search(r"Restarts=(\d+)", out)
         return (state.group(1) if state else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
 
-    def release_if_held(self, job: str) -> None:
+    def release_if_held(self, job: str, settle_s: float = 5.0) -> None:
         """Slurm holds a requeued job back by about two minutes (Reason=BeginTime); a test need not wait for
-        that. The update only takes once the attempt before has finished completing and the job is pending."""
+        that. The update only takes once the attempt before has finished completing and the job is pending,
+        and only `settle_s` after that: the nodes revoke the previous attempt's credential with a time stamp
+        in whole seconds, and a launch whose credential is stamped in that same second is killed ("Job
+        credential revoked")."""
         show = self.run(["scontrol", "show", "job", job]).stdout
-        if "JobState=PENDING" in show and "Reason=BeginTime" in show:
+        if not ("JobState=PENDING" in show and "Reason=BeginTime" in show):
+            self.held_since.pop(job, None)
+            return
+        since = self.held_since.setdefault(job, time.monotonic())
+        if time.monotonic() - since >= settle_s:
             self.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
 
     def diagnosis(self, job: str, log: Path) -> str:
