@@ -14,6 +14,7 @@ from lora_launch.launcher.checks import check_before_launch, check_data, check_f
 from lora_launch.conf.compose import resolve_run
 from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
+from lora_launch.run.process import exit_on_closed_stdout
 from lora_launch.run.rundir import fault_message, finished_step
 
 
@@ -29,6 +30,9 @@ def _job(cfg: DictConfig) -> int:
         print(f"error: {e}", file=sys.stderr)
         _remove_if_unused(Path(cfg.run.dir))
         sys.exit(2)
+    except BrokenPipeError:  # `lora-launch preview=true | head -1`; here, as Hydra reports what _job raises
+        _remove_if_unused(Path(cfg.run.dir))
+        exit_on_closed_stdout()
     except OSError as e:  # disk full or read-only while writing the launch files: one line, nothing lost
         message = fault_message(e, where=cfg.run.dir)
         if message is None:
@@ -145,10 +149,15 @@ def _compose_errors_in_one_line(args: list[str]) -> None:
 def main() -> None:
     """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
     try:
-        _main()
+        try:
+            _main()
+        finally:
+            sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's flush at exit (a traceback)
     except KeyboardInterrupt:  # Ctrl-C before training started (while composing, checking): nothing to save
         print("interrupted before training started", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `lora-launch --help | head -1`
+        exit_on_closed_stdout()
 
 
 def _main() -> None:

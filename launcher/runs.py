@@ -310,6 +310,8 @@ def main(command: str, argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lora-launch runs | head -1`: the console script ends quietly
+        raise
     except OSError as e:  # the page cannot be written (read-only, disk full): one line
         print(f"error: {command}: {fault_message(e) or f'{e.filename}: {e.strerror}'}", file=sys.stderr)
         return 2

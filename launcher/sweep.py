@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_launch.run.rundir import atomic_path, read_status, write_atomic, write_json
+from lora_launch.run.rundir import atomic_path, read_metrics, read_status, write_atomic, write_json
 
 TRIAL_FILE = "trial.json"
 INTERRUPTED = 130  # lora-launch's exit code after Ctrl-C stopped training with a checkpoint
@@ -177,7 +177,7 @@ def trial_row(run_dir: Path) -> dict:
     """One summary row, computed from the trial's own files."""
     run_dir = Path(run_dir)
     record = read_trial(run_dir)
-    rows = _read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir)  # a running trial's half-written last line is left out
     train = [r for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
     speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
@@ -192,21 +192,6 @@ def trial_row(run_dir: Path) -> dict:
         "wall_time_s": record.get("wall_time", math.nan),
         "error": record.get("error", ""),
     }
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's rows; a running trial's last line may be half written: it is left out."""
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def _sort_key(row: dict):

@@ -19,7 +19,7 @@ import yaml
 
 from lora_launch.conf.schema import dotted
 from lora_launch.run.lock import holder, lock_holders
-from lora_launch.run.rundir import METRICS, STATUS, short_path
+from lora_launch.run.rundir import METRICS, STATUS, read_metrics, short_path
 
 TRIAL = "trial.json"  # a sweep trial's record (launcher/sweep.py writes it)
 _RUN_FILES = ("config.yaml", STATUS, METRICS, TRIAL)
@@ -230,14 +230,9 @@ def _read_config(run: Run) -> str | None:
 
 def _read_metrics(run: Run) -> None:
     """Loss curves, speed and memory from metrics.jsonl; lines cut short by a kill are left out."""
-    try:
-        lines = (run.path / METRICS).read_text(errors="replace").splitlines()
-    except OSError:
-        return
     speeds, memory = [], []
-    for line in lines:
+    for row in read_metrics(run.path):
         try:
-            row = json.loads(line)
             step = int(row["step"])
         except (ValueError, TypeError, KeyError):
             continue

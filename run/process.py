@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 SUPERVISOR_ENV = "LORA_LAUNCH_SUPERVISOR"  # pid of the lora-launch that started this rank
 NODE_RANK_ENV = "LORA_LAUNCH_NODE_RANK"  # this node's rank, as the launcher knows it
@@ -43,6 +44,15 @@ def end_at_once_on_stop_signals() -> None:
     """Before training runs: a stop signal ends the process at once and without a traceback."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+
+
+def exit_on_closed_stdout() -> NoReturn:
+    """The reader of stdout went away (`lora-launch --help | head -1`): exit 1 without a word, as Unix
+    tools do. stdout now points at os.devnull, so what is still buffered cannot fail again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(1)
 
 
 def redirect_output(path: str) -> None:

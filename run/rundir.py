@@ -172,6 +172,29 @@ def finished_step(run_dir: Path, resume_mode: str) -> int | None:
     return None
 
 
+# ---- metrics ----------------------------------------------------------------------------------------
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl, oldest first; [] when there is none or it cannot be read.
+
+    The file is appended to while a run trains and a kill can cut its last line short: a line that is
+    not a whole JSON object is left out, and bytes that are not UTF-8 do not make the file unreadable.
+    """
+    try:
+        lines = (Path(run_dir) / METRICS).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 # ---- checkpoints as the run dir lists them --------------------------------------------------------
 
 def committed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -215,15 +238,7 @@ def attempt_records(run_dir: Path, attempt: int, prefix: str, since: float) -> d
 
 def newest_logged_step(run_dir: Path) -> int | None:
     """The step of the last training row in metrics.jsonl (None: there is none)."""
-    try:
-        lines = (Path(run_dir) / METRICS).read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
+    for row in reversed(read_metrics(run_dir)):
         if "loss" in row:
             return int(row["step"])
     return None

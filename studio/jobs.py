@@ -27,7 +27,7 @@ from pathlib import Path
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.catalog import read_run
 from lora_launch.run.lock import holder, lock_holders, lock_path
-from lora_launch.run.rundir import METRICS
+from lora_launch.run.rundir import read_metrics
 
 CLI_MODULE = "lora_launch.launcher.cli"  # what the `lora-launch` console script runs
 STATE = ".studio"
@@ -165,7 +165,7 @@ class Launches:
 def progress(run_dir: Path) -> dict:
     """Status, curves and the latest step's numbers of a run, with an ETA while it runs."""
     run = read_run(run_dir)
-    rows = _metric_rows(run_dir / METRICS)
+    rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     last = train_rows[-1] if train_rows else {}
     out = {"status": run.status, "note": run.note, "steps": run.steps, "train": run.train, "evals": run.evals,
@@ -176,22 +176,6 @@ def progress(run_dir: Path) -> dict:
     if run.status == "running" and out["total_steps"] and times:
         out["eta_s"] = max(0.0, (out["total_steps"] - run.steps) * sum(times) / len(times))
     return out
-
-
-def _metric_rows(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill, or still being written
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _total_steps(run, last: dict) -> int | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import plain, redact
+from lora_launch.run.rundir import read_metrics
 
 # metrics.jsonl keys -> the names trackers get, as transformers' Trainer / TRL name them, so charts
 # overlay with runs made by those tools
@@ -170,14 +171,6 @@ def _run_id(run_dir: Path) -> str:
     import hashlib
 
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss(run_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 """The checkpointer on one process with a tiny model: round trip into its states, when a save is due,
-retention, the commit rule, corruption, the config comparison and metrics rewinding. No launcher; the
-crash tests (tests/integration) run a save in a subprocess."""
+retention, the commit rule, corruption, the config comparison, reading and rewinding metrics. No launcher;
+the crash tests (tests/integration) run a save in a subprocess."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
-from lora_launch.run.rundir import committed_checkpoints, rewind_metrics, set_aside_previous
+from lora_launch.run.rundir import committed_checkpoints, read_metrics, rewind_metrics, set_aside_previous
 from lora_launch.run.checkpoints import verify
 from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
 from lora_launch.train.state import ScalerState
@@ -299,5 +299,14 @@ def test_rewind_metrics_keeps_one_row_per_step(tmp_path):
     assert (tmp_path / "ranks" / "rank1.jsonl").read_text() == '{"step": 2, "samples": [1]}\n'
     rewind_metrics(tmp_path, 2, total_steps=2)  # the final eval of a finished step is written again
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:3]
+
+
+def test_read_metrics_leaves_out_a_line_cut_short_by_a_kill(tmp_path):
+    assert read_metrics(tmp_path) == []  # no metrics.jsonl yet
+    rows = [{"step": 1, "loss": 2.5}, {"step": 1, "eval_loss": 2.0}, {"step": 2, "loss": 2.25}]
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "metrics.jsonl").write_bytes(text + b'\n[1, 2]\n{"step": 3, "x": "\xff"}\n{"step": 4, "lo')
+    got = read_metrics(tmp_path)  # not UTF-8 still reads; a blank line, a list and the cut line are left out
+    assert got[:3] == rows and [r["step"] for r in got] == [1, 1, 2, 3]
 
 
