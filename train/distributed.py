@@ -44,13 +44,11 @@ def make_accelerator(cfg: DictConfig, plan: RunPlan):
     return accelerator
 
 
-def prepare(accelerator, cfg: DictConfig, plan: RunPlan, model, optimizer):
+def prepare(accelerator, cfg: DictConfig, model, optimizer):
     """The model and optimizer ready to train: accelerate wraps both for DDP and DeepSpeed; under FSDP2 the
-    model is sharded here and accelerate wraps the optimizer alone."""
+    model is sharded already (`lora_launch.train.fsdp.shard`) and accelerate wraps the optimizer alone."""
     if cfg.distributed.strategy == "fsdp2":
-        from lora_launch.train.fsdp import shard
-
-        return shard(cfg, plan, model, optimizer), accelerator.prepare(optimizer)
+        return model, accelerator.prepare(optimizer)
     return accelerator.prepare(model, optimizer)
 
 

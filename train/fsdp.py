@@ -42,9 +42,25 @@ def _process_group(plan: RunPlan) -> None:
         dist.init_process_group("nccl" if plan.on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard(cfg: DictConfig, plan: RunPlan, model, optimizer: torch.optim.Optimizer):
-    """Shard the PEFT `model` in place (each decoder layer, then the causal LM as the root), point `optimizer`
-    at the sharded parameters and run forward under autocast in the plan's precision; returns the model.
+def loads_from_rank0(cfg: DictConfig) -> bool:
+    """Whether rank 0 alone reads the base weights and sends each rank its shards: FSDP2 with a bf16/fp32
+    base. A 4-bit base is small enough that every rank loads its own (quantised as it loads)."""
+    return cfg.distributed.strategy == "fsdp2" and cfg.quant.mode != "nf4"
+
+
+def build_device(cfg: DictConfig, device: torch.device, main: bool) -> torch.device:
+    """Where this rank builds the base model before `shard`: under `loads_from_rank0`, rank 0 on its CPU and
+    every other rank on the meta device (its shape alone), so no rank ever holds the whole model on its
+    accelerator and only one holds it in host memory; else `device`, as DDP and ZeRO load."""
+    if not loads_from_rank0(cfg):
+        return device
+    return torch.device("cpu") if main else torch.device("meta")
+
+
+def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
+    """Shard the PEFT `model` in place (each decoder layer, then the causal LM as the root), fill the shards
+    from rank 0's weights when the ranks built it as `build_device` says, and run forward under autocast in
+    the plan's precision; returns the model. Build the optimizer after this, over the sharded parameters.
 
     The root is the causal LM inside the PEFT wrapper, not the wrapper: generate() calls the causal LM
     directly, and its hooks are what gather the root group's weights.
@@ -59,18 +75,39 @@ def shard(cfg: DictConfig, plan: RunPlan, model, optimizer: torch.optim.Optimize
     common = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"]
                   else OffloadPolicy())
-    names = {id(p): name for name, p in model.named_parameters()}
+    from_rank0 = loads_from_rank0(cfg)
+    # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
+    whole = model.state_dict() if from_rank0 and main else {}
     root = model.get_base_model()
     for layer in decoder_layers(root):
         fully_shard(layer, reshard_after_forward=spec["reshard_after_forward"], **common)
     fully_shard(root, **common)
-    sharded = dict(model.named_parameters())
-    for group in optimizer.param_groups:
-        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    if from_rank0:
+        _from_rank0(model, whole)
     autocast = spec["mixed_precision"]["autocast"]
     if autocast:
         model.forward = _under_autocast(model.forward, spec["mesh"]["device_type"], getattr(torch, autocast))
     return model
+
+
+def _from_rank0(model, whole: dict) -> None:
+    """Send rank 0's whole weights to every rank, tensor by tensor, each keeping its shard; and give every
+    rank rank 0's random state, which building the model on the meta device did not advance elsewhere (so
+    the ranks draw alike afterwards, as when each builds the whole model)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    whole.clear()
+    # a meta shard is replaced by a new parameter, once per name: tie the output embedding to the input again
+    model.get_base_model().tie_weights()
+    left = [n for n, p in model.named_parameters() if local_shard(p).is_meta]
+    if left:
+        raise RuntimeError(f"FSDP2: rank 0 sent no weights for {left[:3]}")
+    if dist.get_world_size() > 1:
+        state = [torch.get_rng_state()]
+        dist.broadcast_object_list(state, src=0)
+        torch.set_rng_state(state[0])
 
 
 def _under_autocast(forward, device_type: str, dtype: torch.dtype):

@@ -22,7 +22,7 @@ from lora_launch.data.tokenizer import load_tokenizer
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import adapter_state_dict, all_sum, device_sum, make_accelerator, prepare
 from lora_launch.train.fsdp import local_shard
-from lora_launch.train import fast
+from lora_launch.train import fast, fsdp
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model
@@ -88,14 +88,17 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         with acc.main_process_first():
             self.splits = build_splits(cfg, self.tokenizer, main_process=self.main)
-        model = apply_lora(cfg, load_base_model(cfg, acc.device, plan))
+        model = apply_lora(cfg, load_base_model(cfg, fsdp.build_device(cfg, acc.device, self.main), plan))
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
+        if cfg.distributed.strategy == "fsdp2":  # sharded before the optimizer sees the parameters
+            model = fsdp.shard(cfg, plan, model, self.main)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
         self.total_steps = plan.total_steps(len(self.splits.train))
         # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
         self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
-        self.model, self.optimizer = prepare(acc, cfg, plan, model, optimizer)
+        self.model, self.optimizer = prepare(acc, cfg, model, optimizer)
+        self.host_peak_at_start_mib = _host_peak_mib()  # the model built, sharded and placed; nothing trained
         self.stream = train_stream(cfg, self.splits)  # length-grouped with data.group_by_length
         self.global_batch = plan.global_batch
 
@@ -315,7 +318,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _audit(self) -> None:
-        """ranks/rank{R}.jsonl: the samples this rank trained on and a digest of its trainable weights.
+        """ranks/rank{R}.jsonl: the samples this rank trained on, a digest of its trainable weights, and its peak
+        host memory, so far and before training started.
 
         Ranks whose digests differ after the same step are out of sync (DDP/ZeRO-2 keep every
         trainable weight on every rank; under ZeRO-3 and FSDP2 each rank digests only its own shard).
@@ -332,7 +336,8 @@ class Trainer:
         out.mkdir(exist_ok=True)
         with open(out / f"rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "samples": self.last_indices,
-                                "trainable_sha256": digest.hexdigest()}) + "\n")
+                                "trainable_sha256": digest.hexdigest(), "host_peak_mib": _host_peak_mib(),
+                                "host_peak_at_start_mib": self.host_peak_at_start_mib}) + "\n")
 
     def save_adapter(self) -> Path:
         """adapter/: the PEFT adapter and tokenizer, written to a temporary name then renamed."""
@@ -365,3 +370,10 @@ class Trainer:
     def close(self) -> None:
         self.log.close()
         self.accelerator.end_training()
+
+
+def _host_peak_mib() -> float:
+    """This process's peak resident host memory so far, in MiB (Linux counts ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -22,12 +22,31 @@ def _quantization_config(cfg: DictConfig):
 
 
 def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None = None):
-    """The frozen base causal LM, on `device`, its weights in the plan's dtype."""
+    """The frozen base causal LM, on `device`, its weights in the plan's dtype.
+
+    On the meta device it is the model's shape alone, no weights read or drawn (buffers computed from the
+    config, such as rotary frequencies, are real): FSDP2's ranks other than 0 build this, shard it, and
+    receive their shards from rank 0 (lora_launch.train.fsdp).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     plan = plan or RunPlan.for_this_process(cfg)
     dtype = DTYPES[plan.model_dtype]
     common = dict(attn_implementation=str(cfg.model.attn_implementation))
+    if device.type == "meta":
+        from accelerate import init_empty_weights
+
+        if cfg.quant.mode == "nf4":
+            raise ValueError("a 4-bit base is loaded on every rank, not built on the meta device")
+        config = (AutoConfig.for_model(**plain(cfg.model.arch)) if cfg.model.random_init else
+                  AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
+                                             trust_remote_code=cfg.model.trust_remote_code))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=cfg.model.trust_remote_code, **common)
+        model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which undid the tying
+        model.config.use_cache = False
+        return model
     if cfg.model.random_init:
         arch = plain(cfg.model.arch)
         config = AutoConfig.for_model(**arch)

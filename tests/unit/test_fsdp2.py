@@ -115,10 +115,10 @@ def _trained(model, sharded: bool):
     from lora_launch.train.fsdp import shard
     from lora_launch.train.zero import adapter_for
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     if sharded:
         cfg = compose(["distributed=fsdp2"])
-        model = shard(cfg, RunPlan.from_config(cfg, 1, 1, on_gpu=False), model, optimizer)
+        model = shard(cfg, RunPlan.from_config(cfg, 1, 1, on_gpu=False), model, main=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.arange(24).reshape(2, 12) % 64
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
