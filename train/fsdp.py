@@ -42,17 +42,18 @@ def _process_group(plan: RunPlan) -> None:
         dist.init_process_group("nccl" if plan.on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def loads_from_rank0(cfg: DictConfig) -> bool:
-    """Whether rank 0 alone reads the base weights and sends each rank its shards: FSDP2 with a bf16/fp32
-    base. A 4-bit base is small enough that every rank loads its own (quantised as it loads)."""
-    return cfg.distributed.strategy == "fsdp2" and cfg.quant.mode != "nf4"
+def loads_from_rank0(cfg: DictConfig, plan: RunPlan) -> bool:
+    """Whether rank 0 alone reads the base weights and sends each rank its shards: FSDP2 over several
+    processes with a bf16/fp32 base. A 4-bit base is small enough that every rank loads its own (quantised
+    as it loads); a single process builds it where it trains."""
+    return cfg.distributed.strategy == "fsdp2" and cfg.quant.mode != "nf4" and plan.world_size > 1
 
 
-def build_device(cfg: DictConfig, device: torch.device, main: bool) -> torch.device:
+def build_device(cfg: DictConfig, plan: RunPlan, device: torch.device, main: bool) -> torch.device:
     """Where this rank builds the base model before `shard`: under `loads_from_rank0`, rank 0 on its CPU and
     every other rank on the meta device (its shape alone), so no rank ever holds the whole model on its
     accelerator and only one holds it in host memory; else `device`, as DDP and ZeRO load."""
-    if not loads_from_rank0(cfg):
+    if not loads_from_rank0(cfg, plan):
         return device
     return torch.device("cpu") if main else torch.device("meta")
 
@@ -75,7 +76,7 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     common = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"]
                   else OffloadPolicy())
-    from_rank0 = loads_from_rank0(cfg)
+    from_rank0 = loads_from_rank0(cfg, plan)
     # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
     whole = model.state_dict() if from_rank0 and main else {}
     root = model.get_base_model()
