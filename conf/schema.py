@@ -282,6 +282,9 @@ class DistributedConfig:
     # your own DeepSpeed JSON, merged under what the run sets (batch sizes, precision, stage: absent, equal or
     # "auto"); the rest of it (bucket sizes, offload details, ...) is kept
     deepspeed_config: Optional[str] = None
+    # fsdp2: copies of the model, each sharded over world / replicate ranks, gradients averaged between the
+    # copies (hybrid sharding: gathers stay inside a copy). "auto": one copy per node when several nodes run
+    replicate: Any = field(default="auto", metadata={"type": "int|auto"})
 
 
 @dataclass
@@ -513,6 +516,12 @@ def validate(cfg: DictConfig) -> None:
     n = cfg.launcher.num_processes
     if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
         raise ConfigError(f"launcher.num_processes={n!r} must be a positive integer or 'auto'")
+    r = cfg.distributed.replicate
+    if not (r == "auto" or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)):
+        raise ConfigError(f"distributed.replicate={r!r} must be a positive integer or 'auto'")
+    if r not in ("auto", 1) and cfg.distributed.strategy != "fsdp2":
+        raise ConfigError(f"distributed.replicate={r} with distributed={cfg.distributed.name}: only fsdp2 shards "
+                          "within copies of the model; use distributed=fsdp2, or leave distributed.replicate=auto")
     p = cfg.sweep.parallel
     if not (p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 1)):
         raise ConfigError(f"sweep.parallel={p!r} must be a positive integer or 'auto'")

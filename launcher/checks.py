@@ -19,7 +19,7 @@ from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
-from lora_launch.run.plan import RunPlan
+from lora_launch.run.plan import RunPlan, fsdp2_mesh
 from lora_launch.run.checkpoints import CheckpointError, choose
 from lora_launch.run.rundir import short_path
 
@@ -292,6 +292,7 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     check_qlora_sharded(cfg, plan)
     if plan.strategy == "fsdp2":
         check_fsdp2()
+        fsdp2_mesh(cfg, plan)  # distributed.replicate must divide the world size
     check_nf4(cfg)
     check_run_dir_writable(Path(cfg.run.dir))
 

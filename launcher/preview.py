@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.plan import RunPlan
+from lora_launch.run.plan import RunPlan, fsdp2_mesh
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -160,13 +160,14 @@ def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, comput
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
     """Per-device memory in bytes for this config under `plan` (its world size and weight dtype)."""
     world = plan.world_size
+    shards = fsdp2_mesh(cfg, plan)[1] if cfg.distributed.strategy == "fsdp2" else world
     dtype_bytes = DTYPE_BYTES[plan.model_dtype]
     compute_bytes = DTYPE_BYTES[cfg.quant.compute_dtype]
     d = cfg.distributed
     weights = weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
     lora_params = shape.lora_params * 4.0
     if d.strategy == "fsdp2":  # the base, the adapters, their gradients and optimizer state all sharded
-        share = 0.0 if d.offload_params else 1.0 / world
+        share = 0.0 if d.offload_params else 1.0 / shards  # within one copy of the model
         gathered = fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
         weights, grads, optim = weights * share + gathered, lora_params * share, shape.lora_params * 8.0 * share
         lora_params *= share
@@ -225,8 +226,12 @@ def _target_names(cfg: DictConfig) -> str:
     return targets if targets == ALL_LINEAR else ", ".join(targets)
 
 
-def _strategy_name(plan: RunPlan) -> str:
-    return {"deepspeed": f"ZeRO-{plan.zero_stage}", "fsdp2": "FSDP2 (per decoder layer)"}.get(plan.strategy, "DDP")
+def _strategy_name(cfg: DictConfig, plan: RunPlan) -> str:
+    if plan.strategy == "fsdp2":
+        copies, per_copy = fsdp2_mesh(cfg, plan)
+        hybrid = f", {copies} copies each sharded over {per_copy} processes" if copies > 1 else ""
+        return f"FSDP2 (per decoder layer{hybrid})"
+    return f"ZeRO-{plan.zero_stage}" if plan.strategy == "deepspeed" else "DDP"
 
 
 def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]) -> str:
@@ -238,7 +243,7 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
            f"global batch = micro {t.micro_batch_size} x accum {t.grad_accum} x world {topo.world_size} = {gbs}",
            f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}",
            f"precision {plan.precision} (base weights {plan.model_dtype}), compile {plan.compile}, "
-           f"{_strategy_name(plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
+           f"{_strategy_name(cfg, plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
            f"{'' if plan.on_gpu else ' on CPU (gloo)'}"]
     n = train_samples_estimate(cfg)
     if n is not None:

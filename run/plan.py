@@ -141,6 +141,20 @@ def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
     }
 
 
+def fsdp2_mesh(cfg: DictConfig, plan: RunPlan) -> tuple[int, int]:
+    """(copies, ranks per copy) under distributed=fsdp2: `distributed.replicate` copies of the model, each
+    sharded over world / copies ranks ("auto": one copy per node when several nodes run, else one in all)."""
+    from lora_launch.conf.schema import ConfigError
+
+    r, world = cfg.distributed.replicate, plan.world_size
+    copies = (plan.num_machines if plan.num_machines > 1 else 1) if r == "auto" else int(r)
+    if world % copies:
+        raise ConfigError(f"distributed.replicate={copies} does not divide the world size {world} "
+                          f"({plan.num_machines} nodes x {plan.procs_per_node} processes); set a divisor of "
+                          f"{world}, or distributed.replicate=auto")
+    return copies, world // copies
+
+
 def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
     """What every rank applies under distributed=fsdp2 (torch's fully_shard), from the config and the plan;
     RUN/fsdp2.json shows it.
@@ -149,12 +163,16 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
     causal LM (embeddings, final norm, output head) in the root group. Parameters keep their dtypes (the
     frozen base in the plan's weight dtype, the LoRA adapters in float32): the all-gathers move the base
     weights as stored, 4-bit packed ones included, and compute runs under autocast in the plan's precision,
-    as it does under DDP; gradients are reduced in float32.
+    as it does under DDP; gradients are reduced in float32. With several copies (`fsdp2_mesh`) the mesh is
+    2-D, (replicate, shard): torch's hybrid sharding.
     """
     offload = bool(cfg.distributed.offload_params)
+    copies, per_copy = fsdp2_mesh(cfg, plan)
     return {
         "fsdp_version": 2,
-        "mesh": {"device_type": "cuda" if plan.on_gpu else "cpu", "shape": [plan.world_size]},
+        "mesh": {"device_type": "cuda" if plan.on_gpu else "cpu",
+                 **({"shape": [copies, per_copy], "dim_names": ["replicate", "shard"]} if copies > 1
+                    else {"shape": [plan.world_size]})},
         "shard": "each decoder layer (the model's _no_split_modules), then the causal LM as the root",
         "reshard_after_forward": True,
         "mixed_precision": {"param_dtype": None, "reduce_dtype": "float32",

@@ -71,7 +71,10 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
 
     spec = fsdp2_config(cfg, plan)
     _process_group(plan)
-    mesh = init_device_mesh(spec["mesh"]["device_type"], tuple(spec["mesh"]["shape"]))
+    m = spec["mesh"]
+    # 2-D (replicate, shard): fully_shard then shards within each copy and all-reduces between copies
+    mesh = init_device_mesh(m["device_type"], tuple(m["shape"]),
+                            mesh_dim_names=tuple(m["dim_names"]) if "dim_names" in m else None)
     offload = spec["offload"]
     common = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"]

@@ -4,12 +4,14 @@ bit for bit. Each strategy gets different interruptions so the suite stays short
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from collections import Counter
 
 import pytest
 
+from support.cli import read_jsonl
 from support.resume import (BASE, committed_steps, consumed_samples, eval_losses, kill_tree, launch, sigterm_at,
                             start, status, train_losses, train_size, wait_for_step)
 from lora_launch.train.checkpoint import CRASH_ENV
@@ -141,4 +143,32 @@ def test_a_checkpoint_moves_between_ddp_and_fsdp2(tiny, tmp_path):
     assert [s for s, _ in train_losses(run)] == [s for s, _ in ref["train"]]
     assert [loss for _, loss in train_losses(run)] == pytest.approx([loss for _, loss in ref["train"]], rel=1e-5)
     assert [loss for _, loss in eval_losses(run)] == pytest.approx([loss for _, loss in ref["eval"]], rel=1e-5)
+    assert status(run)["state"] == "finished"
+
+
+def test_fsdp2_hybrid_sharding_keeps_a_copy_per_group_and_resumes_flat(tiny, tmp_path):
+    """4 processes as 2 copies of the model, each sharded over 2 (distributed.replicate=2, what several nodes
+    get by default): ranks 0 and 2 hold the same shard, as do 1 and 3. Stopped, the run continues sharded over
+    all 4 and trains as an uninterrupted 4-process ddp run does (to float rounding, as fsdp2 does)."""
+    ref = tmp_path / "reference"
+    rc, log = launch(ref, overrides(tiny, "ddp", processes=4))
+    assert rc == 0, log[-3000:]
+    run = tmp_path / "run"
+    rc, _ = sigterm_at(run, overrides(tiny, "fsdp2", processes=4) + ["distributed.replicate=2"], 4)
+    assert rc == 0 and status(run)["state"] == "preempted"
+    assert json.loads((run / "fsdp2.json").read_text())["mesh"]["shape"] == [2, 2]
+    audits = [read_jsonl(run / "ranks" / f"rank{r}.jsonl") for r in range(4)]
+    for rows in zip(*audits):
+        digests = [row["trainable_sha256"] for row in rows]
+        assert digests[0] == digests[2] and digests[1] == digests[3], f"copies differ at step {rows[0]['step']}"
+        assert digests[0] != digests[1], f"not sharded within a copy at step {rows[0]['step']}"
+    steps_before = len(audits[0])
+    rc, log = launch(run, overrides(tiny, "fsdp2", processes=4) + ["distributed.replicate=1"])
+    assert rc == 0, log[-3000:]
+    assert json.loads((run / "fsdp2.json").read_text())["mesh"]["shape"] == [4]
+    digests = [read_jsonl(run / "ranks" / f"rank{r}.jsonl")[-1]["trainable_sha256"] for r in range(4)]
+    assert len(set(digests)) == 4 and steps_before < 12  # flat: four different shards
+    assert [s for s, _ in train_losses(run)] == [s for s, _ in train_losses(ref)]
+    assert [v for _, v in train_losses(run)] == pytest.approx([v for _, v in train_losses(ref)], rel=1e-5)
+    assert [v for _, v in eval_losses(run)] == pytest.approx([v for _, v in eval_losses(ref)], rel=1e-5)
     assert status(run)["state"] == "finished"

@@ -38,7 +38,7 @@ def test_the_run_dir_gets_a_torchrun_launch_and_the_sharding_plan(tmp_path, opti
 def test_the_sharding_plan_follows_the_hardware():
     cfg = compose(["distributed=fsdp2_offload"])
     gpu = fsdp2_config(cfg, RunPlan.from_config(cfg, 2, 8, on_gpu=True, bf16=True))
-    assert gpu["mesh"] == {"device_type": "cuda", "shape": [16]}
+    assert gpu["mesh"] == {"device_type": "cuda", "shape": [2, 8], "dim_names": ["replicate", "shard"]}
     assert gpu["mixed_precision"]["autocast"] == "bfloat16" and gpu["offload"]["pin_memory"] is True
     assert gpu["compile"] == "layers"  # decoder layers compiled on GPUs, as under DDP
     plan = RunPlan.from_config(compose(["distributed=fsdp2"]), 1, 2, on_gpu=False)
@@ -159,3 +159,32 @@ def test_the_saved_snapshot_does_not_follow_later_steps(one_process_group):
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert all(torch.equal(tensors[k], before[k]) for k in tensors) and meta["step"] == 2.0
+
+
+def test_several_nodes_shard_within_a_copy_of_the_model_per_node():
+    """distributed.replicate=auto: one copy per node (hybrid sharding, gathers stay inside a node); an explicit
+    count must divide the world; other strategies have no copies to set."""
+    cfg = compose(["distributed=fsdp2"])
+    one_node = fsdp2_config(cfg, RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True))
+    assert one_node["mesh"] == {"device_type": "cuda", "shape": [8]}
+    two_nodes = fsdp2_config(cfg, RunPlan.from_config(cfg, 2, 8, on_gpu=True, bf16=True))
+    assert two_nodes["mesh"] == {"device_type": "cuda", "shape": [2, 8], "dim_names": ["replicate", "shard"]}
+    flat = compose(["distributed=fsdp2", "distributed.replicate=1"])
+    assert fsdp2_config(flat, RunPlan.from_config(flat, 2, 8, on_gpu=True))["mesh"]["shape"] == [16]
+    three = compose(["distributed=fsdp2", "distributed.replicate=3"])
+    with pytest.raises(ConfigError, match=r"distributed.replicate=3 does not divide the world size 16"):
+        fsdp2_config(three, RunPlan.from_config(three, 2, 8, on_gpu=True))
+    with pytest.raises(ConfigError, match=r"distributed.replicate=2 with distributed=ddp: only fsdp2"):
+        compose(["distributed.replicate=2"])
+    with pytest.raises(ConfigError, match=r"distributed.replicate=0 must be a positive integer or 'auto'"):
+        compose(["distributed=fsdp2", "distributed.replicate=0"])
+
+
+def test_the_memory_estimate_shards_within_one_copy(shape_7b):
+    """Under hybrid sharding a device holds 1/(ranks per copy) of the model, not 1/world."""
+    flat = compose(["model=llama2_7b_random", "distributed=fsdp2", "distributed.replicate=1"])
+    hybrid = compose(["model=llama2_7b_random", "distributed=fsdp2"])
+    plan = RunPlan.from_config(flat, 2, 4, on_gpu=True, bf16=True)
+    one, two = pv.memory_estimate(flat, shape_7b, plan), pv.memory_estimate(hybrid, shape_7b, plan)
+    single = pv.memory_estimate(flat, shape_7b, RunPlan.from_config(flat, 1, 4, on_gpu=True, bf16=True))
+    assert two.weights > one.weights and two.weights == pytest.approx(single.weights)
