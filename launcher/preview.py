@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.plan import RunPlan, fsdp2_mesh
+from lora_launch.run.plan import RunPlan, fsdp2_mesh, loads_from_rank0
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -265,5 +265,9 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
                 f"lora+grads   {_gib(mem.lora)}", f"optimizer    {_gib(mem.optimizer)}",
                 f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
                 f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)"]
+        if loads_from_rank0(cfg, plan):
+            whole = weight_bytes(shape, "none", DTYPE_BYTES[plan.model_dtype], 0, False)
+            out.append(f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "
+                       "rank its shards; the other ranks hold none of it")
     out += ["", "# commands (nothing was started)", *node_commands(cfg, topo, overrides)]
     return "\n".join(out)

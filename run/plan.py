@@ -141,6 +141,13 @@ def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
     }
 
 
+def loads_from_rank0(cfg: DictConfig, plan: RunPlan) -> bool:
+    """Whether rank 0 alone reads the base weights and sends each rank its shards: FSDP2 over several
+    processes with a bf16/fp32 base. A 4-bit base is small enough that every rank loads its own (quantised
+    as it loads); a single process builds it where it trains."""
+    return cfg.distributed.strategy == "fsdp2" and cfg.quant.mode != "nf4" and plan.world_size > 1
+
+
 def fsdp2_mesh(cfg: DictConfig, plan: RunPlan) -> tuple[int, int]:
     """(copies, ranks per copy) under distributed=fsdp2: `distributed.replicate` copies of the model, each
     sharded over world / copies ranks ("auto": one copy per node when several nodes run, else one in all)."""

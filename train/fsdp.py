@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.run.plan import RunPlan, fsdp2_config
+from lora_launch.run.plan import RunPlan, fsdp2_config, loads_from_rank0
 from lora_launch.train.zero import TorchAdapter, trainable
 
 
@@ -40,13 +40,6 @@ def _process_group(plan: RunPlan) -> None:
 
     if not dist.is_initialized() and plan.world_size == 1:
         dist.init_process_group("nccl" if plan.on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
-def loads_from_rank0(cfg: DictConfig, plan: RunPlan) -> bool:
-    """Whether rank 0 alone reads the base weights and sends each rank its shards: FSDP2 over several
-    processes with a bf16/fp32 base. A 4-bit base is small enough that every rank loads its own (quantised
-    as it loads); a single process builds it where it trains."""
-    return cfg.distributed.strategy == "fsdp2" and cfg.quant.mode != "nf4" and plan.world_size > 1
 
 
 def build_device(cfg: DictConfig, plan: RunPlan, device: torch.device, main: bool) -> torch.device:

@@ -112,3 +112,22 @@ def test_preview_text_for_two_nodes(tmp_path, tiny):
     assert "--machine_rank 1" in text
 
 
+
+
+def test_preview_of_fsdp2_on_two_nodes_names_the_copies_and_rank0s_host_memory(tmp_path, tiny):
+    """Two nodes x 2: one sharded copy per node, and the whole base in rank 0's host memory while it sends the
+    shards (a 4-bit base is read by every rank: no such line)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=2\nnode-b slots=2\n")
+    common = [*tiny["overrides"], "launcher=hostfile", f"launcher.hostfile={hosts}", f"run.dir={tmp_path}/r",
+              "distributed=fsdp2"]
+    topo = Topology(2, 2, 0, "node-a", 29500, ("node-a", "node-b"))
+    cfg = compose(common)
+    text = pv.preview(cfg, topo, RunPlan.from_config(cfg, 2, 2, on_gpu=False), common)
+    assert "FSDP2 (per decoder layer, 2 copies each sharded over 2 processes)" in text
+    assert "host memory  rank 0 reads the whole base into CPU memory" in text
+    flat = compose([*common, "distributed.replicate=1"])
+    assert "FSDP2 (per decoder layer) on CPU" in pv.preview(flat, topo, RunPlan.from_config(flat, 2, 2, on_gpu=False),
+                                                            common)
+    qlora = compose([*common, "quant=nf4", "quant.storage_dtype=float32", "quant.compute_dtype=float32"])
+    assert "host memory" not in pv.preview(qlora, topo, RunPlan.from_config(qlora, 2, 2, on_gpu=False), common)
