@@ -36,6 +36,16 @@ def step_stats(times: list[float], tokens: list[int]) -> dict:
             "tokens_per_step": statistics.mean(tokens)}
 
 
+def attention_context(samples) -> float:
+    """The mean number of positions a trained token's sample spans, sum(n^2) / sum(n) over the samples: each
+    sample attends only within itself, whether padded to the batch or packed with others into a row (its
+    boundaries are passed to attention), so this, not the row length, sets the attention FLOPs per token."""
+    import numpy as np
+
+    lengths = (samples.seq_lens if samples.packed else np.diff(samples.offsets)).astype(np.float64)
+    return float((lengths ** 2).sum() / lengths.sum())
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -147,7 +157,8 @@ def project(spec: dict) -> dict:
             times.append(row["step_time"])
             tokens.append(row["tokens"] // trainer.world)  # per GPU
         out = step_stats(times, tokens)
-        out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"])
+        out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"],
+                   attention_context=attention_context(trainer.splits.train))
         if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding
             out.update(row_fill=trainer.splits.report["train_rows_fill"],
                        packing_strategy=trainer.splits.report["packing_strategy"])

@@ -224,7 +224,10 @@ def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
     if "tokens_per_s" not in row or not rate:
         return
     seq = spec.get("seq", 512)
-    per_sample = seq if spec.get("lengths", "full") == "full" else row.get("tokens_per_step", seq) / spec.get("micro", 4)
+    # attention spans a token's own sample (packed rows included): the project measures that; the peer's
+    # figure falls back to the real tokens per sample
+    per_sample = seq if spec.get("lengths", "full") == "full" else row.get(
+        "attention_context", row.get("tokens_per_step", seq) / spec.get("micro", 4))
     fpt = flops_per_token(LLAMA2_7B, min(per_sample, seq), bool(spec.get("ckpt")), 64,
                           ALL if spec.get("all_linear") else QV)
     row["flops_per_token"] = fpt

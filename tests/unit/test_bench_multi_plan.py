@@ -1,5 +1,6 @@
 """bench.multi's plan without running it: the cases for 2, 4 and 8 GPUs, how they share the GPUs, the
-ratios and targets printed next to the figures, and the resumed run's losses against two references."""
+ratios and targets printed next to the figures, the resumed run's losses against two references; and how
+bench counts attention FLOPs for MFU."""
 
 from __future__ import annotations
 
@@ -114,3 +115,26 @@ def test_resumed_losses_against_the_references_spread():
     far = loss_spread(a, b, {**a, 8: a[8] + 3e-2}, 4)
     assert far["within_spread"] is False and far["resumed_vs_spread"] > 100
     assert loss_spread(a, b, {}, None) == {"compared_steps": 0, "within_spread": False}
+
+
+def test_mfu_counts_attention_over_each_sample_not_the_packed_row():
+    """Packed or padded, a token attends only within its own sample: the attention context is sum(n^2)/sum(n),
+    the same for both forms of the same samples, and well below the row length for short samples."""
+    import numpy as np
+
+    from bench.case import attention_context
+    from bench.run import add_mfu
+    from lora_launch.data.samples import SampleSet, pack
+
+    lengths = [100, 30, 300, 60, 12]
+    ids = [np.arange(n) for n in lengths]
+    samples = SampleSet.from_lists(ids, ids, np.arange(len(lengths)))
+    want = sum(n * n for n in lengths) / sum(lengths)
+    assert attention_context(samples) == pytest.approx(want)
+    assert attention_context(pack(samples, 512, seed=0)) == pytest.approx(want)
+    spec = {"seq": 512, "micro": 1, "lengths": "lognormal"}
+    packed = {"tokens_per_s": 1000.0, "tokens_per_step": 502, "attention_context": want}
+    row_long = {"tokens_per_s": 1000.0, "tokens_per_step": 502}
+    add_mfu(packed, spec, 100.0)
+    add_mfu(row_long, spec, 100.0)
+    assert packed["flops_per_token"] < row_long["flops_per_token"]
