@@ -46,6 +46,46 @@ def attention_context(samples) -> float:
     return float((lengths ** 2).sum() / lengths.sum())
 
 
+def profiled(step, steps: int) -> dict:
+    """`steps` calls of `step` under torch's profiler, summarised by `profile_summary`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    return profile_summary(prof.key_averages(), time.perf_counter() - t0, steps, cuda)
+
+
+def profile_summary(events, wall_s: float, steps: int, cuda: bool, top: int = 10) -> dict:
+    """Where a step's time goes: the share of the wall time the device (CPU ops where there is no GPU) was
+    busy, a low share meaning the host cannot feed it, kernels (or ops) per step, and the `top` by self time.
+    The profiler slows the host, so the busy share is a lower bound."""
+    from torch.autograd import DeviceType
+
+    def self_time(e) -> float:  # microseconds
+        if cuda:
+            return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    device = DeviceType.CUDA if cuda else DeviceType.CPU
+    rows = [(e.key, self_time(e), e.count) for e in events if e.device_type == device and self_time(e) > 0]
+    busy_s = sum(t for _, t, _ in rows) / 1e6
+    ranked = sorted(rows, key=lambda r: -r[1])[:top]
+    return {"profile_steps": steps, "profile_wall_s": wall_s,
+            "device_busy": min(1.0, busy_s / wall_s) if cuda else None,
+            "host_op_share": None if cuda else min(1.0, busy_s / wall_s),
+            "kernels_per_step": sum(c for _, _, c in rows) / steps,
+            "top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}
+                    for k, t, c in ranked]}
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -159,6 +199,8 @@ def project(spec: dict) -> dict:
         out = step_stats(times, tokens)
         out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"],
                    attention_context=attention_context(trainer.splits.train))
+        if spec.get("profile"):  # after the timed steps, so the profiler's overhead stays out of tokens/s
+            out.update(profiled(trainer.train_step, int(spec["profile"])))
         if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding
             out.update(row_fill=trainer.splits.report["train_rows_fill"],
                        packing_strategy=trainer.splits.report["packing_strategy"])

@@ -145,6 +145,14 @@ MATRICES = {
                      ("zero3_ckpt_ws1", "zero3", {}),
                      ("zero3_leaf_layers_ckpt_ws1", "zero3", {"ds_json": {"zero_optimization": {"leaf_module": {
                          "classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}}}))]],
+    # where a step's time goes: each case timed as usual, then 3 more steps under torch's profiler (device busy
+    # share, kernels per step, the top kernels); the QLoRA, LoRA and sharded steps whose speed is short of target
+    "profile": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
+                case("lora", "project", warmup=4, steps=8, profile=3),
+                case("lora_ckpt", "project", ckpt=True, warmup=4, steps=8, profile=3),
+                case("qlora_ckpt", "project", quant="nf4", ckpt=True, warmup=4, steps=8, profile=3),
+                *[case(f"{d}_ws1", "project", torchrun=True, optim="adamw", distributed=d, warmup=4, steps=8,
+                       profile=3) for d in ("ddp", "fsdp2", "zero3")]],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],
@@ -253,6 +261,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: list[dict]) -> str:
+    """The profiled cases: device busy share, kernels per step and the three costliest kernels."""
+    lines = []
+    for r in rows:
+        if "kernels_per_step" not in r:
+            continue
+        busy = r.get("device_busy")
+        top = "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.1f} ms x{k['calls_per_step']:.0f}" for k in r["top"][:3])
+        lines.append(f"{r['name']:28} busy {'-' if busy is None else f'{busy:.0%}':>4}  "
+                     f"kernels/step {r['kernels_per_step']:7.0f}  {top}")
+    return "\n".join(["", "# profile (3 steps under torch.profiler)", *lines]) if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--matrix", choices=sorted(MATRICES), default="single")
@@ -285,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - start:6.0f}s] {spec['name']}: "
                   f"{row.get('tokens_per_s', row.get('error', ''))}", flush=True)
     text = (f"{meta['card']}, {meta['date']}, bf16 matmul {rate and round(rate)} TFLOP/s\n"
-            f"{' '.join(f'{k} {v}' for k, v in meta['versions'].items() if v)}\n" + table(rows))
+            f"{' '.join(f'{k} {v}' for k, v in meta['versions'].items() if v)}\n" + table(rows) + profile_table(rows))
     (out / "table.txt").write_text(text + "\n")
     print(text)
     return 0

@@ -138,3 +138,26 @@ def test_mfu_counts_attention_over_each_sample_not_the_packed_row():
     add_mfu(packed, spec, 100.0)
     add_mfu(row_long, spec, 100.0)
     assert packed["flops_per_token"] < row_long["flops_per_token"]
+
+
+def test_a_profiled_step_reports_its_costliest_ops_per_step():
+    """bench's profile (here on the CPU, whose ops stand in for kernels): three steps of four matmuls come out
+    as four calls a step, and the case gets a line in the printed table."""
+    import torch
+
+    from bench.case import profiled
+    from bench.run import profile_table
+
+    a, b = torch.randn(384, 384), torch.randn(16, 16)
+
+    def step():
+        for _ in range(2):
+            a @ a
+            b @ b
+
+    out = profiled(step, 3)
+    assert out["profile_steps"] == 3 and out["device_busy"] is None and 0 < out["host_op_share"] <= 1
+    mm = [t for t in out["top"] if t["name"] in ("aten::mm", "aten::matmul")]
+    assert mm and mm[0]["calls_per_step"] == pytest.approx(4.0)
+    text = profile_table([{"name": "step", **out}])
+    assert "# profile" in text and "step" in text and "kernels/step" in text
