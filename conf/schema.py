@@ -283,7 +283,8 @@ class DistributedConfig:
     # "auto"); the rest of it (bucket sizes, offload details, ...) is kept
     deepspeed_config: Optional[str] = None
     # fsdp2: copies of the model, each sharded over world / replicate ranks, gradients averaged between the
-    # copies (hybrid sharding: gathers stay inside a copy). "auto": one copy per node when several nodes run
+    # copies (hybrid sharding: gathers stay inside a copy). "auto": one copy per node when several nodes of
+    # several processes each run
     replicate: Any = field(default="auto", metadata={"type": "int|auto"})
 
 

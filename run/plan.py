@@ -150,11 +150,15 @@ def loads_from_rank0(cfg: DictConfig, plan: RunPlan) -> bool:
 
 def fsdp2_mesh(cfg: DictConfig, plan: RunPlan) -> tuple[int, int]:
     """(copies, ranks per copy) under distributed=fsdp2: `distributed.replicate` copies of the model, each
-    sharded over world / copies ranks ("auto": one copy per node when several nodes run, else one in all)."""
+    sharded over world / copies ranks ("auto": one copy per node when several nodes of several processes run,
+    else one in all: a node of one process would hold a whole copy, unsharded)."""
     from lora_launch.conf.schema import ConfigError
 
     r, world = cfg.distributed.replicate, plan.world_size
-    copies = (plan.num_machines if plan.num_machines > 1 else 1) if r == "auto" else int(r)
+    if r == "auto":
+        copies = plan.num_machines if plan.num_machines > 1 and plan.procs_per_node > 1 else 1
+    else:
+        copies = int(r)
     if world % copies:
         raise ConfigError(f"distributed.replicate={copies} does not divide the world size {world} "
                           f"({plan.num_machines} nodes x {plan.procs_per_node} processes); set a divisor of "

@@ -169,6 +169,8 @@ def test_several_nodes_shard_within_a_copy_of_the_model_per_node():
     assert one_node["mesh"] == {"device_type": "cuda", "shape": [8]}
     two_nodes = fsdp2_config(cfg, RunPlan.from_config(cfg, 2, 8, on_gpu=True, bf16=True))
     assert two_nodes["mesh"] == {"device_type": "cuda", "shape": [2, 8], "dim_names": ["replicate", "shard"]}
+    # a node of one process would hold a whole copy: auto shards over the nodes instead
+    assert fsdp2_config(cfg, RunPlan.from_config(cfg, 4, 1, on_gpu=True))["mesh"]["shape"] == [4]
     flat = compose(["distributed=fsdp2", "distributed.replicate=1"])
     assert fsdp2_config(flat, RunPlan.from_config(flat, 2, 8, on_gpu=True))["mesh"]["shape"] == [16]
     three = compose(["distributed=fsdp2", "distributed.replicate=3"])
