@@ -174,10 +174,15 @@ def main(argv: list[str]) -> int:
     from lora_launch.conf.args import parse_args
     from lora_launch.conf.schema import ConfigError
     from lora_launch.data.templates import DataError
+    from lora_launch.run.process import exit_on_closed_stdout
 
     command, rest = argv[0], argv[1:]
     try:
-        return COMMANDS[command](parse_args(command, rest))
+        code = COMMANDS[command](parse_args(command, rest))
+        sys.stdout.flush()  # here, not at exit, so a reader gone away (`... | head -1`) is caught below
+        return code
+    except BrokenPipeError:
+        exit_on_closed_stdout()
     except (UsageError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -117,6 +117,13 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
     assert "val loss" in cli("eval", f"run.dir={run}")
+    # into a pipe whose reader is gone (`lora-launch eval ... | head -1`): exit 1, no BrokenPipeError
+    for args in (("eval", f"run.dir={run}"), ("generate", f"run.dir={run}", "prompt=cat", "max_new_tokens=4")):
+        proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1 and "BrokenPipeError" not in err and "Traceback" not in err, err[-2000:]
     import json
 
     result = json.loads((run / "eval.json").read_text())
