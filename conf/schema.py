@@ -514,18 +514,14 @@ def validate(cfg: DictConfig) -> None:
     """Check keys, value ranges and cross-field rules; raise ConfigError naming the key."""
     _check_keys(cfg)
     _walk("", Config, cfg)
-    n = cfg.launcher.num_processes
-    if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
-        raise ConfigError(f"launcher.num_processes={n!r} must be a positive integer or 'auto'")
+    for key in ("launcher.num_processes", "distributed.replicate", "sweep.parallel"):  # the "int|auto" fields
+        v = OmegaConf.select(cfg, key)
+        if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
+            raise ConfigError(f"{key}={v!r} must be a positive integer or 'auto'")
     r = cfg.distributed.replicate
-    if not (r == "auto" or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)):
-        raise ConfigError(f"distributed.replicate={r!r} must be a positive integer or 'auto'")
     if r not in ("auto", 1) and cfg.distributed.strategy != "fsdp2":
         raise ConfigError(f"distributed.replicate={r} with distributed={cfg.distributed.name}: only fsdp2 shards "
                           "within copies of the model; use distributed=fsdp2, or leave distributed.replicate=auto")
-    p = cfg.sweep.parallel
-    if not (p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 1)):
-        raise ConfigError(f"sweep.parallel={p!r} must be a positive integer or 'auto'")
     lora_targets(cfg)
     _check_data_sources(cfg)
     if cfg.distributed.strategy == "deepspeed" and cfg.optim.name in ("adamw_bnb_8bit", "paged_adamw_8bit"):

@@ -101,10 +101,9 @@ def _from_rank0(model, whole: dict) -> None:
     left = [n for n, p in model.named_parameters() if local_shard(p).is_meta]
     if left:
         raise RuntimeError(f"FSDP2: rank 0 sent no weights for {left[:3]}")
-    if dist.get_world_size() > 1:
-        state = [torch.get_rng_state()]
-        dist.broadcast_object_list(state, src=0)
-        torch.set_rng_state(state[0])
+    state = [torch.get_rng_state()]
+    dist.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
 
 
 def _under_autocast(forward, device_type: str, dtype: torch.dtype):

@@ -21,7 +21,6 @@ from lora_launch.data.templates import prompt_text
 from lora_launch.data.tokenizer import load_tokenizer
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import adapter_state_dict, all_sum, device_sum, make_accelerator, prepare
-from lora_launch.train.fsdp import local_shard
 from lora_launch.train import fast, fsdp
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
@@ -331,7 +330,7 @@ class Trainer:
         for name, p in sorted(self.accelerator.unwrap_model(self.model).named_parameters()):
             if p.requires_grad:
                 digest.update(name.encode())
-                digest.update(local_shard(p.detach()).float().cpu().numpy().tobytes())
+                digest.update(fsdp.local_shard(p.detach()).float().cpu().numpy().tobytes())
         out = self.run_dir / "ranks"
         out.mkdir(exist_ok=True)
         with open(out / f"rank{self.rank}.jsonl", "a") as f:

@@ -38,7 +38,7 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
 
         if cfg.quant.mode == "nf4":
             raise ValueError("a 4-bit base is loaded on every rank, not built on the meta device")
-        config = (AutoConfig.for_model(**plain(cfg.model.arch)) if cfg.model.random_init else
+        config = (_random_config(cfg) if cfg.model.random_init else
                   AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                              trust_remote_code=cfg.model.trust_remote_code))
         with init_empty_weights(include_buffers=False):
@@ -48,8 +48,7 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
         model.config.use_cache = False
         return model
     if cfg.model.random_init:
-        arch = plain(cfg.model.arch)
-        config = AutoConfig.for_model(**arch)
+        config = _random_config(cfg)
         torch.manual_seed(cfg.seed)
         if cfg.quant.mode == "nf4":
             model = _random_4bit(cfg, config, device, common)
@@ -71,6 +70,13 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
         _keep_cpu_4bit_trainable(model)
     model.config.use_cache = False
     return model
+
+
+def _random_config(cfg: DictConfig):
+    """The transformers config of a model built from `model.arch` (model.random_init=true)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**plain(cfg.model.arch))
 
 
 def _random_4bit(cfg: DictConfig, config, device: torch.device, common: dict):
