@@ -130,15 +130,17 @@ def test_fsdp2_ranks_other_than_0_never_hold_the_whole_base(tiny, tmp_path):
             "+model.arch.max_position_embeddings=256"]
     model_mib = (32 * (4 * 512 * 512 + 3 * 512 * 2048) + 2 * 4096 * 512) * 4 / 2**20
     peaks, losses = {}, {}
+    (tmp_path / "train.py").write_text("open('USER_TRAIN_RAN', 'w').close()\n")  # a user's own, never run
     for strategy in ("ddp", "fsdp2"):
         run = tmp_path / strategy
         result = lora_launch(*tiny["overrides"], *arch, f"model.tokenizer={tiny['model']}", f"run.dir={run}",
                              "launcher.num_processes=2", f"distributed={strategy}", "train.max_steps=2",
-                             "eval.every_steps=0",
-                             "logging.rank_audit=true", "sample.max_new_tokens=0")
+                             "eval.every_steps=0", "logging.rank_audit=true", "sample.max_new_tokens=0",
+                             cwd=tmp_path)  # from a directory of the user's, not the repository
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         peaks[strategy] = [read_jsonl(run / "ranks" / f"rank{r}.jsonl")[-1]["host_peak_at_start_mib"] for r in (0, 1)]
         losses[strategy] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert not (tmp_path / "USER_TRAIN_RAN").exists()
     print(f"host peak MiB (rank 0, rank 1): {peaks}; the base is {model_mib:.0f} MiB")
     assert peaks["fsdp2"][1] < peaks["ddp"][1] - 0.35 * model_mib, peaks
     assert peaks["fsdp2"][1] < peaks["fsdp2"][0] - 0.6 * model_mib, peaks
