@@ -78,12 +78,18 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, top: int = 10
     rows = [(e.key, self_time(e), e.count) for e in events if e.device_type == device and self_time(e) > 0]
     busy_s = sum(t for _, t, _ in rows) / 1e6
     ranked = sorted(rows, key=lambda r: -r[1])[:top]
+    # the host's side: the operators (and Python-level hooks torch records) with the most CPU time of their own
+    host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events
+                   if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0), key=lambda r: -r[1])[:top]
     return {"profile_steps": steps, "profile_wall_s": wall_s,
             "device_busy": min(1.0, busy_s / wall_s) if cuda else None,
+            "device_ms_per_step": busy_s * 1e3 / steps if cuda else None,
             "host_op_share": None if cuda else min(1.0, busy_s / wall_s),
             "kernels_per_step": sum(c for _, _, c in rows) / steps,
             "top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}
-                    for k, t, c in ranked]}
+                    for k, t, c in ranked],
+            "host_top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}
+                         for k, t, c in host]}
 
 
 def peak_gib() -> float:
@@ -176,17 +182,35 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
     return o + [f"seed={spec.get('seed', 0)}"] + list(spec.get("extra", []))
 
 
-def build_trainer(spec: dict):
+def preview_estimate(cfg) -> dict:
+    """What `preview=true` estimates for this run's peak device memory, and the shape the MFU needs. Called
+    before the Trainer exists: under ZeRO-3, transformers builds every model (the meta one here too) through
+    DeepSpeed once a DeepSpeed engine is configured."""
+    from lora_launch.conf.compose import plain
+    from lora_launch.conf.schema import lora_targets
+    from lora_launch.launcher.preview import GIB, memory_estimate, model_config, model_shape
+    from lora_launch.run.plan import RunPlan
+
+    shape = model_shape(model_config(cfg), lora_targets(cfg), cfg.lora.r)
+    out = {"estimate_gib": memory_estimate(cfg, shape, RunPlan.for_this_process(cfg)).total / GIB}
+    if cfg.model.random_init:
+        out["arch"] = plain(cfg.model.arch)
+    return out
+
+
+def build_trainer(spec: dict, with_estimate: bool = False):
     from lora_launch.conf.compose import compose
     from lora_launch.train.loop import Trainer
 
-    run_dir = str(WORK / "runs" / spec["name"])
-    return Trainer(compose(project_overrides(spec, run_dir)))
+    cfg = compose(project_overrides(spec, str(WORK / "runs" / spec["name"])))
+    estimate = preview_estimate(cfg) if with_estimate else {}
+    trainer = Trainer(cfg)
+    return (trainer, estimate) if with_estimate else trainer
 
 
 def project(spec: dict) -> dict:
     """Warm-up steps (compilation happens here), then timed steps of the project's Trainer."""
-    trainer = build_trainer(spec)
+    trainer, estimate = build_trainer(spec, with_estimate=True)
     loaded = peak_gib()
     try:
         for _ in range(spec.get("warmup", 5)):
@@ -198,9 +222,11 @@ def project(spec: dict) -> dict:
             tokens.append(row["tokens"] // trainer.world)  # per GPU
         out = step_stats(times, tokens)
         out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"],
-                   attention_context=attention_context(trainer.splits.train))
+                   attention_context=attention_context(trainer.splits.train), **estimate)
         if spec.get("profile"):  # after the timed steps, so the profiler's overhead stays out of tokens/s
             out.update(profiled(trainer.train_step, int(spec["profile"])))
+            if out.get("device_ms_per_step") is not None:  # against a step timed without the profiler
+                out["device_busy"] = min(1.0, out["device_ms_per_step"] / 1e3 / out["step_time_median"])
         if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding
             out.update(row_fill=trainer.splits.report["train_rows_fill"],
                        packing_strategy=trainer.splits.report["packing_strategy"])

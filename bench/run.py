@@ -76,10 +76,20 @@ MATRICES = {
     "ckpt": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False), case("checkpoint_7b", "checkpoint"),
              case("lora_ckpt", "project", ckpt=True),
              case("qlora_ckpt_random_nf4", "project", quant="nf4", random_nf4=True, ckpt=True)],
-    "big": [case("prepare", "prepare", save_7b=False), case("qlora_ckpt_random_nf4_70b_shape", "project", quant="nf4", random_nf4=True, ckpt=True, micro=1,
-                 warmup=2, steps=4, extra=["model.arch.hidden_size=8192", "model.arch.intermediate_size=28672",
-                                           "model.arch.num_hidden_layers=80", "model.arch.num_attention_heads=64",
-                                           "model.arch.num_key_value_heads=8"])],
+    # the preview's memory estimate against the measured peak, 7B and 70B shapes, bf16 and nf4, with and without
+    # grad ckpt; nf4 drawn and quantised layer by layer on the GPU. A 70B in bf16 without ckpt does not fit one
+    # H200 (129 GiB of weights + 42 GiB of activations): that row keeps the 70B's width with 40 of its 80 layers
+    "big": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
+            *[case(f"{q}{'_ckpt' if ck else ''}_7b", "project", ckpt=ck, **({"quant": "nf4", "random_nf4": True}
+                                                                               if q == "qlora" else {}))
+              for q in ("qlora", "lora") for ck in (True, False)],
+            *[case(f"{q}{'_ckpt' if ck else ''}_70b_shape{'_40_layers' if layers == 40 else ''}_seq2048", "project",
+                   ckpt=ck, seq=2048, micro=1, warmup=2, steps=4,
+                   **({"quant": "nf4", "random_nf4": True} if q == "qlora" else {}),
+                   extra=["model.arch.hidden_size=8192", "model.arch.intermediate_size=28672",
+                          f"model.arch.num_hidden_layers={layers}", "model.arch.num_attention_heads=64",
+                          "model.arch.num_key_value_heads=8"])
+              for q, ck, layers in (("qlora", True, 80), ("qlora", False, 80), ("lora", False, 40), ("lora", True, 80))]],
     # the peer in its three forms (TRL defaults, + use_liger_kernel, + padding_free on real lengths) against
     # this project, and what periodic checkpoints cost now that they are written in the background
     "speed": [case("matmul", "matmul"), case("prepare", "prepare"), case("checkpoint_7b", "checkpoint"),
@@ -127,24 +137,28 @@ MATRICES = {
     # (through distributed.deepspeed_config, the user's own DeepSpeed JSON)
     "sharding": [case("prepare", "prepare", save_7b=False),
                  *[case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=10,
-                        vs=None if d == "ddp" else "ddp_ws1", distributed=d, **kw) for name, d, kw in (
-                     ("ddp_ws1", "ddp", {}),
-                     ("fsdp2_ws1", "fsdp2", {}),
-                     ("zero3_ws1", "zero3", {}),
-                     ("zero3_persist_all_ws1", "zero3", {"ds_json": {"zero_optimization": {
+                        vs=None if d.startswith("ddp") else base, distributed=d, ckpt=ckpt, **kw)
+                   for name, d, ckpt, base, kw in (
+                     ("ddp_ws1", "ddp", False, None, {"profile": 2}),
+                     ("fsdp2_ws1", "fsdp2", False, "ddp_ws1", {"profile": 2}),
+                     ("zero3_ws1", "zero3", False, "ddp_ws1", {"profile": 2}),
+                     # FSDP2 keeping each layer's gathered weights from forward to backward (one gather a step)
+                     ("fsdp2_keep_gathered_ws1", "fsdp2", False, "ddp_ws1", {
+                         "extra": ["distributed.reshard_after_forward=false"]}),
+                     # the fused AdamW kernel on FSDP2's sharded (DTensor) parameters
+                     ("fsdp2_fused_adamw_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["optim.name=adamw_torch_fused"]}),
+                     ("ddp_ckpt_ws1", "ddp", True, None, {}),
+                     ("fsdp2_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {}),
+                     ("zero3_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {}),
+                     ("zero3_persist_all_ws1", "zero3", False, "ddp_ws1", {"ds_json": {"zero_optimization": {
                          "stage3_param_persistence_threshold": 1e10}}}),
-                     ("zero3_prefetch_5e8_ws1", "zero3", {"ds_json": {"zero_optimization": {
+                     ("zero3_prefetch_5e8_ws1", "zero3", False, "ddp_ws1", {"ds_json": {"zero_optimization": {
                          "stage3_prefetch_bucket_size": 5e8, "stage3_max_live_parameters": 3e9}}}),
-                     ("zero3_compile_layers_ws1", "zero3", {"compile": "layers"}))],
-                 # one gather per decoder layer (DeepSpeed's leaf modules) works with grad ckpt only: without it
-                 # the frozen weights are freed before backward (DeepSpeed 0.19.8 with PEFT, seen on CPU)
-                 case("ddp_ckpt_ws1", "project", torchrun=True, optim="adamw", ckpt=True, warmup=4, steps=10),
-                 *[case(name, "project", torchrun=True, optim="adamw", ckpt=True, warmup=4, steps=10,
-                        vs="ddp_ckpt_ws1", distributed=d, **kw) for name, d, kw in (
-                     ("fsdp2_ckpt_ws1", "fsdp2", {}),
-                     ("zero3_ckpt_ws1", "zero3", {}),
-                     ("zero3_leaf_layers_ckpt_ws1", "zero3", {"ds_json": {"zero_optimization": {"leaf_module": {
-                         "classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}}}))]],
+                     ("zero3_compile_layers_ws1", "zero3", False, "ddp_ws1", {"compile": "layers"}),
+                     # one gather per decoder layer (DeepSpeed's leaf modules) works with grad ckpt only: without
+                     # it the frozen weights are freed before backward (DeepSpeed 0.19.8 with PEFT, seen on CPU)
+                     ("zero3_leaf_layers_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {"ds_json": {"zero_optimization": {
+                         "leaf_module": {"classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}}}))]],
     # where a step's time goes: each case timed as usual, then 3 more steps under torch's profiler (device busy
     # share, kernels per step, the top kernels); the QLoRA, LoRA and sharded steps whose speed is short of target
     "profile": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
@@ -236,7 +250,7 @@ def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
     # figure falls back to the real tokens per sample
     per_sample = seq if spec.get("lengths", "full") == "full" else row.get(
         "attention_context", row.get("tokens_per_step", seq) / spec.get("micro", 4))
-    fpt = flops_per_token(LLAMA2_7B, min(per_sample, seq), bool(spec.get("ckpt")), 64,
+    fpt = flops_per_token(row.get("arch") or LLAMA2_7B, min(per_sample, seq), bool(spec.get("ckpt")), 64,
                           ALL if spec.get("all_linear") else QV)
     row["flops_per_token"] = fpt
     row["mfu"] = row["tokens_per_s"] * fpt / (rate * 1e12)
@@ -244,7 +258,7 @@ def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
 
 def table(rows: list[dict]) -> str:
     by_name = {r["name"]: r for r in rows}
-    lines = [f"{'case':28} {'tok/s/GPU':>10} {'x peer':>7} {'MFU':>6} {'peak GiB':>9} {'step cv':>8}"]
+    lines = [f"{'case':28} {'tok/s/GPU':>10} {'x peer':>7} {'MFU':>6} {'peak GiB':>9} {'est GiB':>8} {'step cv':>8}"]
     for r in rows:
         if "tokens_per_s" not in r:
             extra = r.get("error") or {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()
@@ -257,7 +271,7 @@ def table(rows: list[dict]) -> str:
         peer = max(peers, key=lambda p: p["tokens_per_s"], default={})
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "-"
         lines.append(f"{r['name']:28} {r['tokens_per_s']:10.0f} {ratio:>7} {r.get('mfu', 0):6.1%} "
-                     f"{r['peak_gib']:9.1f} {r['step_time_cv']:8.3f}")
+                     f"{r['peak_gib']:9.1f} {r.get('estimate_gib', float('nan')):8.1f} {r['step_time_cv']:8.3f}")
     return "\n".join(lines)
 
 
@@ -269,8 +283,12 @@ def profile_table(rows: list[dict]) -> str:
             continue
         busy = r.get("device_busy")
         top = "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.1f} ms x{k['calls_per_step']:.0f}" for k in r["top"][:3])
+        host = "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.1f} ms x{k['calls_per_step']:.0f}"
+                         for k in r.get("host_top", [])[:4])
         lines.append(f"{r['name']:28} busy {'-' if busy is None else f'{busy:.0%}':>4}  "
                      f"kernels/step {r['kernels_per_step']:7.0f}  {top}")
+        if host:
+            lines.append(f"{'':28} host: {host}")
     return "\n".join(["", "# profile (3 steps under torch.profiler)", *lines]) if lines else ""
 
 

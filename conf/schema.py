@@ -286,6 +286,9 @@ class DistributedConfig:
     # copies (hybrid sharding: gathers stay inside a copy). "auto": one copy per node when several nodes of
     # several processes each run
     replicate: Any = field(default="auto", metadata={"type": "int|auto"})
+    # fsdp2: free each decoder layer's gathered weights after its forward (gather again for backward); false
+    # keeps them from forward to backward: one gather a step instead of two, at the memory of the whole base
+    reshard_after_forward: bool = True
 
 
 @dataclass

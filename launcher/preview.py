@@ -8,7 +8,8 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
   weights      base params x dtype bytes; nf4: 4-bit linear weights (+ absmax per 64-block, 8-bit
                with double quant) and the rest in the compute dtype; ZeRO-3 shards them over the world;
                FSDP2 too, plus what it holds gathered: the root group (embeddings, head, norms) from
-               forward to backward and two decoder layers (the one computing, the one prefetched)
+               forward to backward and two decoder layers (the one computing, the one prefetched); with
+               distributed.reshard_after_forward=false every layer stays gathered from forward to backward
   lora         adapter params x 4 (PEFT keeps adapters in fp32), + 4 per param of gradients; FSDP2
                shards both
   optimizer    AdamW: 8 per adapter param (+4 fp32 master under DeepSpeed); ZeRO and FSDP2 shard it;
@@ -16,12 +17,15 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
   activations  per token and layer, what backward keeps: each norm's input and output (4h), q (h), k and v
                (2 kv, the key/value width under grouped-query attention), the attention output (h), and the
                MLP's gate, up and activated gate (3i), in the activation dtype (attention with a fused
-               kernel, no seq^2 term); with grad ckpt only each layer's input (h) plus one layer
-               recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
-Against the peaks measured on one H200 (2026-11-29, bench/results, seq 512, LoRA r=64 on q/v; torch's
-allocator peak, no CUDA context) this gives 21.7 / 14.4 / 5.5 GiB for a 7B in bf16, bf16 + ckpt and nf4 +
-ckpt at micro batch 4 (measured 20.8 / 14.0 / 5.1) and 36.7 GiB for a 70B shape in nf4 + ckpt at micro batch
-1 (measured 35.8): tests/unit/test_preview.py holds the estimate within 10% of each.
+               kernel, no seq^2 term); a compiled decoder layer (train.compile=layers, the GPU default) keeps
+               3h + 2kv + 3i, its norms recomputed in backward; with grad ckpt only each layer's input (h) plus
+               one layer recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
+Against the peaks measured on one H200 (2026-11-29, bench/results/2026-11-29-h200-big-estimates.jsonl, LoRA
+r=64 on q/v, compiled layers; torch's allocator peak, no CUDA context), tests/unit/test_preview.py holds the
+estimate within 10% of each: a 7B at seq 512 x micro batch 4 in bf16 and nf4, with and without grad ckpt
+(measured 20.8 / 14.0 / 11.8 / 5.1 GiB), and a 70B shape at seq 2048 x 1 in nf4 with and without ckpt (38.2
+/ 71.1 GiB) and in bf16 with ckpt (132.2 GiB; 80 layers), without ckpt with 40 of its 80 layers (83.5 GiB: the
+whole 70B in bf16 without ckpt does not fit one H200).
 """
 
 from __future__ import annotations
@@ -136,10 +140,12 @@ def weight_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes:
     return shape.quantisable_params * (0.5 + absmax) + rest * compute_bytes
 
 
-def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: bool) -> float:
-    """Activations kept for backward over one micro-batch of `tokens` tokens, plus the logits."""
+def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: bool, compiled: bool = False) -> float:
+    """Activations kept for backward over one micro-batch of `tokens` tokens, plus the logits. A compiled
+    decoder layer (train.compile=layers) keeps three hidden-size tensors where eager keeps six: the compiler
+    recomputes the norms' elementwise work in backward rather than storing its inputs and outputs."""
     kv = shape.kv_hidden or shape.hidden
-    per_layer = tokens * (6 * shape.hidden + 2 * kv + 3 * shape.intermediate) * act_bytes
+    per_layer = tokens * ((3 if compiled else 6) * shape.hidden + 2 * kv + 3 * shape.intermediate) * act_bytes
     logits = tokens * shape.vocab * 10
     if grad_ckpt:
         return shape.layers * tokens * shape.hidden * act_bytes + per_layer + logits
@@ -168,7 +174,9 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
     lora_params = shape.lora_params * 4.0
     if d.strategy == "fsdp2":  # the base, the adapters, their gradients and optimizer state all sharded
         share = 0.0 if d.offload_params else 1.0 / shards  # within one copy of the model
-        gathered = fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
+        gathered = (fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
+                    if d.reshard_after_forward else weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes,
+                                                                 cfg.quant.double_quant))
         weights, grads, optim = weights * share + gathered, lora_params * share, shape.lora_params * 8.0 * share
         lora_params *= share
     else:
@@ -180,8 +188,9 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
             optim = 0.0 if d.offload_optimizer else optim / world
     act_bytes = compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
-    return Memory(weights, lora_params + grads, optim, activation_bytes(shape, tokens, act_bytes, True),
-                  activation_bytes(shape, tokens, act_bytes, False), cfg.train.grad_ckpt)
+    compiled = plan.compile == "layers"
+    return Memory(weights, lora_params + grads, optim, activation_bytes(shape, tokens, act_bytes, True, compiled),
+                  activation_bytes(shape, tokens, act_bytes, False, compiled), cfg.train.grad_ckpt)
 
 
 # ---- commands --------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
                  **({"shape": [copies, per_copy], "dim_names": ["replicate", "shard"]} if copies > 1
                     else {"shape": [plan.world_size]})},
         "shard": "each decoder layer (the model's _no_split_modules), then the causal LM as the root",
-        "reshard_after_forward": True,
+        "reshard_after_forward": bool(cfg.distributed.reshard_after_forward),
         "mixed_precision": {"param_dtype": None, "reduce_dtype": "float32",
                             "autocast": None if plan.precision == "float32" else plan.precision},
         "offload": {"params": offload, "gradients": offload, "optimizer_step": offload,

@@ -21,13 +21,20 @@ from lora_launch.run.plan import RunPlan, fsdp2_config, loads_from_rank0
 from lora_launch.train.zero import TorchAdapter, trainable
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The modules to shard one by one, innermost first: those whose class the causal LM names in
-    `_no_split_modules` (its decoder layer), else every `*DecoderLayer`."""
+def decoder_layer_classes(model) -> list[type]:
+    """The classes of the model's decoder layers: those the causal LM names in `_no_split_modules`, else every
+    `*DecoderLayer` (none where it has neither)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    found = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not found:
+        found = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The modules to shard one by one, innermost first: the instances of `decoder_layer_classes`."""
+    classes = tuple(decoder_layer_classes(model))
+    layers = [m for m in model.modules() if isinstance(m, classes)] if classes else []
     if not layers:
         raise ConfigError(f"distributed=fsdp2: {type(model).__name__} names no decoder layer class "
                           "(_no_split_modules) to shard by; use distributed=ddp or zero3")

@@ -26,6 +26,7 @@ from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model
 from lora_launch.train.state import Progress, RngState, SchedulerState, TrainableState, scaler_state
+from lora_launch.train.zero import gather_whole_layers
 
 
 def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
@@ -91,6 +92,10 @@ class Trainer:
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         if cfg.distributed.strategy == "fsdp2":  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)
+        whole_layers = gather_whole_layers(cfg, plan, model)
+        if whole_layers and self.main:
+            print(f"ZeRO-3: each {', '.join(whole_layers)} gathered whole (DeepSpeed leaf modules, with grad ckpt)",
+                  flush=True)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
         self.total_steps = plan.total_steps(len(self.splits.train))

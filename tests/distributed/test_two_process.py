@@ -146,3 +146,25 @@ def test_fsdp2_ranks_other_than_0_never_hold_the_whole_base(tiny, tmp_path):
     assert peaks["fsdp2"][1] < peaks["fsdp2"][0] - 0.6 * model_mib, peaks
     # the same weights reached the shards: the same first loss as DDP's (later ones differ in summation order)
     assert losses["fsdp2"][0] == pytest.approx(losses["ddp"][0], rel=1e-6)
+
+
+def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, tmp_path):
+    """Under zero3 with grad ckpt DeepSpeed gathers each decoder layer at once (its leaf modules): the log says
+    so, and the losses are DDP's (with grad ckpt too) but for summation order. A leaf_module in the user's own
+    DeepSpeed JSON is left to DeepSpeed: then the project sets none."""
+    common = [*tiny["overrides"], "launcher.num_processes=2", "train.grad_ckpt=true", "train.max_steps=4",
+              "optim.lr=1e-3", "sample.max_new_tokens=0"]
+    losses, logs = {}, {}
+    own = tmp_path / "own_ds.json"
+    own.write_text('{"zero_optimization": {"leaf_module": {"classes": ["LlamaMLP"]}}}')
+    for name, extra in (("ddp", ["distributed=ddp"]), ("zero3", ["distributed=zero3"]),
+                        ("zero3_own", ["distributed=zero3", f"distributed.deepspeed_config={own}"])):
+        run = tmp_path / name
+        result = lora_launch(*common, f"run.dir={run}", *extra)
+        assert result.returncode == 0, result.stderr[-4000:]
+        logs[name] = result.stdout + result.stderr
+        losses[name] = [r.get("loss", r.get("eval_loss")) for r in read_jsonl(run / "metrics.jsonl")]
+    assert "ZeRO-3: each LlamaDecoderLayer gathered whole" in logs["zero3"]
+    assert "gathered whole" not in logs["ddp"] + logs["zero3_own"]
+    assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-4)
+    assert losses["zero3_own"] == pytest.approx(losses["ddp"], rel=1e-4)

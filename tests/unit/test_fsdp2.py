@@ -86,6 +86,26 @@ def test_fsdp2_memory_is_the_shard_plus_what_it_holds_gathered(shape_7b):
     assert 2 < fsdp.weights / 2**30 < 3  # 12.6 GiB of bf16 weights over 8 GPUs, plus ~0.9 GiB gathered
 
 
+
+def test_keeping_the_gathered_layers_is_a_choice_the_plan_and_the_estimate_follow(shape_7b):
+    """distributed.reshard_after_forward=false: fully_shard keeps each layer gathered from forward to backward
+    (one gather a step), so the estimate holds the whole base on every GPU besides its shard."""
+    def plan_and_estimate(*extra):
+        cfg = compose(["model=llama2_7b_random", "lora.r=64", "distributed=fsdp2", "run.dir=/tmp/unused", *extra])
+        plan = RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True)
+        return fsdp2_config(cfg, plan), pv.memory_estimate(cfg, shape_7b, plan)
+
+    (default, free), (keep, kept) = plan_and_estimate(), plan_and_estimate("distributed.reshard_after_forward=false")
+    assert default["reshard_after_forward"] is True and keep["reshard_after_forward"] is False
+    whole = shape_7b.total_params * 2
+    assert kept.weights == pytest.approx(whole / 8 + whole)
+    assert kept.weights > free.weights
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="reshard_after_forward"):
+        compose(["distributed=fsdp2", "distributed.reshard_after_forward=sometimes", "run.dir=/tmp/unused"])
+
+
 # ---- the checkpoint adapter on a real sharded model -----------------------------------------------------------
 
 @pytest.fixture

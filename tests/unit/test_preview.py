@@ -59,6 +59,8 @@ def test_activation_bytes_by_hand(shape_7b):
     logits = tokens * 32000 * 10
     assert pv.activation_bytes(shape_7b, tokens, 2, False) == 32 * per_layer + logits
     assert pv.activation_bytes(shape_7b, tokens, 2, True) == 32 * tokens * 4096 * 2 + per_layer + logits
+    compiled = tokens * (5 * 4096 + 3 * 11008) * 2  # a compiled layer recomputes its norms: 3h, not 6h
+    assert pv.activation_bytes(shape_7b, tokens, 2, False, compiled=True) == 32 * compiled + logits
 
 
 def test_zero_sharding_divides_by_world(shape_7b):
@@ -73,10 +75,14 @@ def test_zero_sharding_divides_by_world(shape_7b):
 
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
+BIG = "2026-11-29-h200-big-estimates.jsonl"  # one call: 7B and 70B shapes, bf16 and nf4, with and without ckpt
 MEASURED = [("2026-11-29-h200-speed-peer-forms.jsonl", "lora"),
             ("2026-11-29-h200-speed-peer-forms.jsonl", "lora_ckpt"),
             ("2026-11-29-h200-speed-peer-forms.jsonl", "qlora_ckpt"),
-            ("2026-11-29-h200-checkpoints-random-nf4.jsonl", "qlora_ckpt_random_nf4_70b_shape")]
+            ("2026-11-29-h200-checkpoints-random-nf4.jsonl", "qlora_ckpt_random_nf4_70b_shape"),
+            *[(BIG, name) for name in ("qlora_ckpt_7b", "qlora_7b", "lora_ckpt_7b", "lora_7b",
+                                       "qlora_ckpt_70b_shape_seq2048", "qlora_70b_shape_seq2048",
+                                       "lora_70b_shape_40_layers_seq2048", "lora_ckpt_70b_shape_seq2048")]]
 
 
 @pytest.mark.parametrize("results,case", MEASURED)
