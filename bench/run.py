@@ -243,6 +243,8 @@ def _last_error(out: str) -> str:
 
 
 def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
+    """MFU counts the model's FLOPs per token (4N + attention for a frozen base: what a step must do); HFU adds
+    what grad ckpt recomputes (6N + attention). Without ckpt the two are equal."""
     if "tokens_per_s" not in row or not rate:
         return
     seq = spec.get("seq", 512)
@@ -250,15 +252,17 @@ def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
     # figure falls back to the real tokens per sample
     per_sample = seq if spec.get("lengths", "full") == "full" else row.get(
         "attention_context", row.get("tokens_per_step", seq) / spec.get("micro", 4))
-    fpt = flops_per_token(row.get("arch") or LLAMA2_7B, min(per_sample, seq), bool(spec.get("ckpt")), 64,
-                          ALL if spec.get("all_linear") else QV)
-    row["flops_per_token"] = fpt
-    row["mfu"] = row["tokens_per_s"] * fpt / (rate * 1e12)
+    arch, targets = row.get("arch") or LLAMA2_7B, ALL if spec.get("all_linear") else QV
+    model = flops_per_token(arch, min(per_sample, seq), False, 64, targets)
+    hardware = flops_per_token(arch, min(per_sample, seq), bool(spec.get("ckpt")), 64, targets)
+    row.update(flops_per_token=model, hardware_flops_per_token=hardware,
+               mfu=row["tokens_per_s"] * model / (rate * 1e12), hfu=row["tokens_per_s"] * hardware / (rate * 1e12))
 
 
 def table(rows: list[dict]) -> str:
     by_name = {r["name"]: r for r in rows}
-    lines = [f"{'case':28} {'tok/s/GPU':>10} {'x peer':>7} {'MFU':>6} {'peak GiB':>9} {'est GiB':>8} {'step cv':>8}"]
+    lines = [f"{'case':28} {'tok/s/GPU':>10} {'x peer':>7} {'MFU':>6} {'HFU':>6} {'peak GiB':>9} {'est GiB':>8} "
+             f"{'step cv':>8}"]
     for r in rows:
         if "tokens_per_s" not in r:
             extra = r.get("error") or {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()
@@ -270,7 +274,7 @@ def table(rows: list[dict]) -> str:
         peers = [by_name[v] for v in ([vs] if isinstance(vs, str) else vs) if "tokens_per_s" in by_name.get(v, {})]
         peer = max(peers, key=lambda p: p["tokens_per_s"], default={})
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "-"
-        lines.append(f"{r['name']:28} {r['tokens_per_s']:10.0f} {ratio:>7} {r.get('mfu', 0):6.1%} "
+        lines.append(f"{r['name']:28} {r['tokens_per_s']:10.0f} {ratio:>7} {r.get('mfu', 0):6.1%} {r.get('hfu', 0):6.1%} "
                      f"{r['peak_gib']:9.1f} {r.get('estimate_gib', float('nan')):8.1f} {r['step_time_cv']:8.3f}")
     return "\n".join(lines)
 

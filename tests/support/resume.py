@@ -21,12 +21,30 @@ BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24",
         "launcher.max_restarts=0"]
 
 
+def user_dir(run_dir: Path) -> Path:
+    """Where a launch starts, as a user's does: their own project directory beside the run, holding a
+    `train.py` and a `conf/` of its own that the installed package must never pick up. The decoy `train.py`
+    leaves a file behind if anything ever runs or imports it (`assert_user_code_untouched`)."""
+    d = Path(run_dir).absolute().parent / "user-project"
+    if not (d / "train.py").exists():
+        (d / "conf").mkdir(parents=True, exist_ok=True)
+        (d / "conf" / "config.yaml").write_text("defaults: [this_group_does_not_exist]\n")
+        (d / "train.py").write_text("open(__file__ + '.ran', 'w').close()\nraise SystemExit('the user train.py ran')\n")
+    return d
+
+
+def assert_user_code_untouched(run_dir: Path) -> None:
+    ran = user_dir(run_dir) / "train.py.ran"
+    assert not ran.exists(), f"the user's own train.py in {ran.parent} ran"
+
+
 def start(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
-    """Start `lora-launch` in its own session (output in run_dir.log); returns the process."""
+    """Start `lora-launch` in its own session from `user_dir` (output in run_dir.log); returns the process."""
+    run_dir = Path(run_dir).absolute()
     cmd = [CLI, f"run.dir={run_dir}", *overrides]
     log = open(f"{run_dir}.log", "a")
     return subprocess.Popen(cmd, env={**subprocess_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, cwd=user_dir(run_dir))
 
 
 def launch(run_dir: Path, overrides: list[str], env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
@@ -34,6 +52,7 @@ def launch(run_dir: Path, overrides: list[str], env: dict | None = None, timeout
     before = _log_size(run_dir)
     proc = start(run_dir, overrides, env)
     rc = proc.wait(timeout=timeout)
+    assert_user_code_untouched(run_dir)
     return rc, Path(f"{run_dir}.log").read_text()[before:]
 
 
@@ -68,7 +87,9 @@ def sigterm_at(run_dir: Path, overrides: list[str], step: int) -> tuple[int, flo
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)  # what Slurm and cloud preemption send
     rc = proc.wait(timeout=120)
-    return rc, time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    assert_user_code_untouched(run_dir)
+    return rc, seconds
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

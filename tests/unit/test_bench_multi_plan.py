@@ -140,6 +140,18 @@ def test_mfu_counts_attention_over_each_sample_not_the_packed_row():
     assert packed["flops_per_token"] < row_long["flops_per_token"]
 
 
+def test_mfu_leaves_out_what_grad_ckpt_recomputes_and_hfu_counts_it():
+    from bench.flops import LLAMA2_7B, flops_per_token
+    from bench.run import QV, add_mfu
+
+    plain, ckpt = {"tokens_per_s": 1000.0}, {"tokens_per_s": 1000.0}
+    add_mfu(plain, {"seq": 512}, 100.0)
+    add_mfu(ckpt, {"seq": 512, "ckpt": True}, 100.0)
+    assert ckpt["mfu"] == plain["mfu"] == plain["hfu"] == 1000.0 * flops_per_token(LLAMA2_7B, 512, False, 64, QV) / 1e14
+    assert ckpt["hfu"] == 1000.0 * flops_per_token(LLAMA2_7B, 512, True, 64, QV) / 1e14
+    assert 1.45 < ckpt["hfu"] / ckpt["mfu"] < 1.5  # 6N against 4N, attention aside
+
+
 def test_a_profiled_step_reports_its_costliest_ops_per_step():
     """bench's profile (here on the CPU, whose ops stand in for kernels): three steps of four matmuls come out
     as four calls a step, and the case gets a line in the printed table."""
