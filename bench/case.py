@@ -46,8 +46,9 @@ def attention_context(samples) -> float:
     return float((lengths ** 2).sum() / lengths.sum())
 
 
-def profiled(step, steps: int) -> dict:
-    """`steps` calls of `step` under torch's profiler, summarised by `profile_summary`."""
+def profiled(step, steps: int, step_s: float | None = None) -> dict:
+    """`steps` calls of `step` under torch's profiler, summarised by `profile_summary` (`step_s`: the step's
+    time measured without the profiler, for the device's busy share)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -60,13 +61,15 @@ def profiled(step, steps: int) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
-    return profile_summary(prof.key_averages(), time.perf_counter() - t0, steps, cuda)
+    return profile_summary(prof.key_averages(), time.perf_counter() - t0, steps, cuda, step_s)
 
 
-def profile_summary(events, wall_s: float, steps: int, cuda: bool, top: int = 10) -> dict:
-    """Where a step's time goes: the share of the wall time the device (CPU ops where there is no GPU) was
-    busy, a low share meaning the host cannot feed it, kernels (or ops) per step, and the `top` by self time.
-    The profiler slows the host, so the busy share is a lower bound."""
+def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float | None = None,
+                    top: int = 10) -> dict:
+    """Where a step's time goes: the share of a step the device was busy (kernel time per step over `step_s`,
+    a step timed without the profiler, whose own start-up would swamp its wall time), a low share meaning the
+    host cannot feed it; where there is no GPU, the share of the profiled wall time in CPU ops (a lower bound:
+    the profiler slows the host). Also kernels (or ops) per step, and the `top` by self time, device and host."""
     from torch.autograd import DeviceType
 
     def self_time(e) -> float:  # microseconds
@@ -82,7 +85,7 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, top: int = 10
     host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events
                    if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0), key=lambda r: -r[1])[:top]
     return {"profile_steps": steps, "profile_wall_s": wall_s,
-            "device_busy": min(1.0, busy_s / wall_s) if cuda else None,
+            "device_busy": min(1.0, busy_s / steps / step_s) if cuda and step_s else None,
             "device_ms_per_step": busy_s * 1e3 / steps if cuda else None,
             "host_op_share": None if cuda else min(1.0, busy_s / wall_s),
             "kernels_per_step": sum(c for _, _, c in rows) / steps,
@@ -198,19 +201,25 @@ def preview_estimate(cfg) -> dict:
     return out
 
 
-def build_trainer(spec: dict, with_estimate: bool = False):
+def project_config(spec: dict):
     from lora_launch.conf.compose import compose
+
+    return compose(project_overrides(spec, str(WORK / "runs" / spec["name"])))
+
+
+def build_trainer(spec: dict):
     from lora_launch.train.loop import Trainer
 
-    cfg = compose(project_overrides(spec, str(WORK / "runs" / spec["name"])))
-    estimate = preview_estimate(cfg) if with_estimate else {}
-    trainer = Trainer(cfg)
-    return (trainer, estimate) if with_estimate else trainer
+    return Trainer(project_config(spec))
 
 
 def project(spec: dict) -> dict:
     """Warm-up steps (compilation happens here), then timed steps of the project's Trainer."""
-    trainer, estimate = build_trainer(spec, with_estimate=True)
+    from lora_launch.train.loop import Trainer
+
+    cfg = project_config(spec)
+    estimate = preview_estimate(cfg)
+    trainer = Trainer(cfg)
     loaded = peak_gib()
     try:
         for _ in range(spec.get("warmup", 5)):
@@ -224,9 +233,7 @@ def project(spec: dict) -> dict:
         out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"],
                    attention_context=attention_context(trainer.splits.train), **estimate)
         if spec.get("profile"):  # after the timed steps, so the profiler's overhead stays out of tokens/s
-            out.update(profiled(trainer.train_step, int(spec["profile"])))
-            if out.get("device_ms_per_step") is not None:  # against a step timed without the profiler
-                out["device_busy"] = min(1.0, out["device_ms_per_step"] / 1e3 / out["step_time_median"])
+            out.update(profiled(trainer.train_step, int(spec["profile"]), out["step_time_median"]))
         if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding
             out.update(row_fill=trainer.splits.report["train_rows_fill"],
                        packing_strategy=trainer.splits.report["packing_strategy"])

@@ -28,7 +28,7 @@ def _two_ranks_at_step_4(tiny, tmp_path, strategy: str):
     return args, train_losses(ref), run, log, job, ranks
 
 
-def _one_checkpoint_and_the_rerun_matches(tiny, tmp_path, args, ref_losses, run) -> None:
+def _one_checkpoint_and_the_rerun_matches(tmp_path, args, ref_losses, run) -> None:
     st = status(run)
     assert st["state"] == "preempted", st
     assert committed_steps(run)[-1] == st["step"]
@@ -46,7 +46,7 @@ def test_ctrl_c_with_two_ranks_checkpoints_once_and_resumes_bit_for_bit(tiny, tm
     out = log.read_text()
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert status(run)["signal"] == "SIGINT"
-    _one_checkpoint_and_the_rerun_matches(tiny, tmp_path, args, ref, run)
+    _one_checkpoint_and_the_rerun_matches(tmp_path, args, ref, run)
 
 
 def test_fsdp2_ranks_of_a_launcher_killed_alone_checkpoint_together_and_the_rerun_matches(tiny, tmp_path):
@@ -57,4 +57,4 @@ def test_fsdp2_ranks_of_a_launcher_killed_alone_checkpoint_together_and_the_reru
     job.send_signal(signal.SIGKILL)  # the launcher alone, not its group
     job.wait(timeout=30)
     assert gone_within(ranks, 120)
-    _one_checkpoint_and_the_rerun_matches(tiny, tmp_path, args, ref, run)
+    _one_checkpoint_and_the_rerun_matches(tmp_path, args, ref, run)
