@@ -92,7 +92,8 @@ class Trainer:
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         if cfg.distributed.strategy == "fsdp2":  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)
-        whole_layers = gather_whole_layers(cfg, plan, model)
+        plugin = acc.state.deepspeed_plugin  # the merged DeepSpeed config, the user's own JSON under the run's
+        whole_layers = gather_whole_layers(cfg, model, plugin.deepspeed_config if plugin else {})
         if whole_layers and self.main:
             print(f"ZeRO-3: each {', '.join(whole_layers)} gathered whole (DeepSpeed leaf modules, with grad ckpt)",
                   flush=True)

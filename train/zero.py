@@ -26,20 +26,18 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def gather_whole_layers(cfg, plan, model) -> list[str]:
+def gather_whole_layers(cfg, model, ds_config: dict) -> list[str]:
     """Under ZeRO-3 with grad ckpt, have DeepSpeed gather each decoder layer's weights in one go (its "leaf
     modules") instead of hooking every submodule: on one H200 (2026-11-29, 7B, bf16 LoRA, world size 1) this
     took ZeRO-3 + ckpt from 1,959 to 4,504 tokens/s, the hooks' host time being most of the step. Without grad
     ckpt DeepSpeed 0.19.8 frees a leaf layer's weights before PEFT's LoRA backward needs them, so it is left
-    off there; a `leaf_module` in the user's own DeepSpeed JSON is theirs to set. Returns the class names set,
-    for the log. Call before accelerate prepares the model."""
-    from lora_launch.run.own_configs import merged_deepspeed
-    from lora_launch.run.plan import deepspeed_config
-
+    off there; a `leaf_module` in the user's own DeepSpeed JSON (in `ds_config`, the merged config the
+    Accelerator was given) is theirs to set. Returns the class names set, for the log. Call before accelerate
+    prepares the model."""
     d = cfg.distributed
     if not (d.strategy == "deepspeed" and d.zero_stage == 3 and cfg.train.grad_ckpt):
         return []
-    if "leaf_module" in merged_deepspeed(deepspeed_config(cfg, plan), d.deepspeed_config).get("zero_optimization", {}):
+    if "leaf_module" in ds_config.get("zero_optimization", {}):
         return []
     from lora_launch.train.fsdp import decoder_layer_classes
 
