@@ -157,13 +157,15 @@ def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, 
     losses, logs = {}, {}
     own = tmp_path / "own_ds.json"
     own.write_text('{"zero_optimization": {"leaf_module": {"classes": ["LlamaMLP"]}}}')
+    (tmp_path / "train.py").write_text("open('USER_TRAIN_RAN', 'w').close()\n")  # a user's own, never run
     for name, extra in (("ddp", ["distributed=ddp"]), ("zero3", ["distributed=zero3"]),
                         ("zero3_own", ["distributed=zero3", f"distributed.deepspeed_config={own}"])):
         run = tmp_path / name
-        result = lora_launch(*common, f"run.dir={run}", *extra)
+        result = lora_launch(*common, f"run.dir={run}", *extra, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
         logs[name] = result.stdout + result.stderr
         losses[name] = [r.get("loss", r.get("eval_loss")) for r in read_jsonl(run / "metrics.jsonl")]
+    assert not (tmp_path / "USER_TRAIN_RAN").exists()
     assert "ZeRO-3: each LlamaDecoderLayer gathered whole" in logs["zero3"]
     assert "gathered whole" not in logs["ddp"] + logs["zero3_own"]
     assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-4)
