@@ -101,10 +101,11 @@ MATRICES = {
               case("qlora_ckpt", "project", quant="nf4", ckpt=True, vs=["peer_qlora_ckpt", "peer_qlora_ckpt_liger"])],
     # real lengths and long context, each against the peer's fastest form for it
     "lengths": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
+                case("peer_lengths", "peer", lengths="lognormal"),
                 case("peer_lengths_liger", "peer", lengths="lognormal", liger=True),
                 case("peer_lengths_padding_free", "peer", lengths="lognormal", padding_free=True),
                 case("lengths_packed", "project", lengths="lognormal", extra=["data.packing=true"],
-                     vs=["peer_lengths_liger", "peer_lengths_padding_free"]),
+                     vs=["peer_lengths", "peer_lengths_liger", "peer_lengths_padding_free"]),
                 case("lora_fixed", "project"),
                 case("peer_seq4096_liger", "peer", seq=4096, micro=1, liger=True),
                 case("seq4096", "project", seq=4096, micro=1, vs=["peer_seq4096_liger"]),
@@ -145,6 +146,17 @@ MATRICES = {
                      # FSDP2 keeping each layer's gathered weights from forward to backward (one gather a step)
                      ("fsdp2_keep_gathered_ws1", "fsdp2", False, "ddp_ws1", {
                          "extra": ["distributed.reshard_after_forward=false"]}),
+                     # fewer, larger shard groups (fewer hooks and copies a step), and gathers issued further ahead
+                     *[(f"fsdp2_groups{k}_ws1", "fsdp2", False, "ddp_ws1", {
+                         "extra": [f"distributed.layers_per_group={k}"]}) for k in (2, 4)],
+                     ("fsdp2_prefetch2_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["distributed.prefetch=2"]}),
+                     ("fsdp2_groups8_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["distributed.layers_per_group=8"]}),
+                     ("fsdp2_groups2_prefetch2_ws1", "fsdp2", False, "ddp_ws1", {
+                         "extra": ["distributed.layers_per_group=2", "distributed.prefetch=2"]}),
+                     ("fsdp2_groups2_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {
+                         "extra": ["distributed.layers_per_group=2"]}),
+                     ("fsdp2_groups4_keep_gathered_ws1", "fsdp2", False, "ddp_ws1", {
+                         "extra": ["distributed.layers_per_group=4", "distributed.reshard_after_forward=false"]}),
                      # the fused AdamW kernel on FSDP2's sharded (DTensor) parameters
                      ("fsdp2_fused_adamw_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["optim.name=adamw_torch_fused"]}),
                      ("ddp_ckpt_ws1", "ddp", True, None, {}),

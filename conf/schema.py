@@ -289,6 +289,12 @@ class DistributedConfig:
     # fsdp2: free each decoder layer's gathered weights after its forward (gather again for backward); false
     # keeps them from forward to backward: one gather a step instead of two, at the memory of the whole base
     reshard_after_forward: bool = True
+    # fsdp2: consecutive decoder layers in each shard group: one gather, and one set of hooks, for all of them
+    layers_per_group: int = ranged(1, lo=1)
+    # fsdp2: shard groups whose gathers each group issues ahead of its own compute, in forward and backward;
+    # null: FSDP2's own prefetch (one group ahead, issued when the CPU reaches it). Each more holds one more
+    # group gathered
+    prefetch: Optional[int] = ranged(None, lo=1)
 
 
 @dataclass

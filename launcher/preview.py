@@ -8,7 +8,8 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
   weights      base params x dtype bytes; nf4: 4-bit linear weights (+ absmax per 64-block, 8-bit
                with double quant) and the rest in the compute dtype; ZeRO-3 shards them over the world;
                FSDP2 too, plus what it holds gathered: the root group (embeddings, head, norms) from
-               forward to backward and two decoder layers (the one computing, the one prefetched); with
+               forward to backward and two shard groups of distributed.layers_per_group decoder layers (the
+               one computing, the one prefetched; distributed.prefetch=N: N prefetched); with
                distributed.reshard_after_forward=false every layer stays gathered from forward to backward
   lora         adapter params x 4 (PEFT keeps adapters in fp32), + 4 per param of gradients; FSDP2
                shards both
@@ -153,14 +154,15 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
 
 
 def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int,
-                         double_quant: bool) -> float:
+                         double_quant: bool, per_group: int = 1, prefetch: int | None = None) -> float:
     """Base weights FSDP2 holds whole on a device at once: the root group (everything outside the decoder
-    layers) from forward to backward, and two decoder layers."""
+    layers) from forward to backward, the group computing and the `prefetch` groups gathered ahead of it
+    (FSDP2's own: one), each of `per_group` decoder layers."""
     whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     rest_bytes = compute_bytes if quant == "nf4" else dtype_bytes
     linears = whole - (shape.total_params - shape.quantisable_params) * rest_bytes
     per_layer = linears / shape.layers
-    return whole - linears + 2 * per_layer
+    return whole - linears + min(shape.layers, (1 + (prefetch or 1)) * per_group) * per_layer
 
 
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
@@ -174,7 +176,8 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
     lora_params = shape.lora_params * 4.0
     if d.strategy == "fsdp2":  # the base, the adapters, their gradients and optimizer state all sharded
         share = 0.0 if d.offload_params else 1.0 / shards  # within one copy of the model
-        gathered = (fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
+        gathered = (fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant,
+                                         d.layers_per_group, d.prefetch)
                     if d.reshard_after_forward else weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes,
                                                                  cfg.quant.double_quant))
         weights, grads, optim = weights * share + gathered, lora_params * share, shape.lora_params * 8.0 * share

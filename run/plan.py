@@ -170,8 +170,8 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
     """What every rank applies under distributed=fsdp2 (torch's fully_shard), from the config and the plan;
     RUN/fsdp2.json shows it.
 
-    One shard group per decoder layer (the classes the model names in `_no_split_modules`), the rest of the
-    causal LM (embeddings, final norm, output head) in the root group. Parameters keep their dtypes (the
+    One shard group per `distributed.layers_per_group` consecutive decoder layers (the classes the model names
+    in `_no_split_modules`), the rest of the causal LM (embeddings, final norm, output head) in the root group. Parameters keep their dtypes (the
     frozen base in the plan's weight dtype, the LoRA adapters in float32): the all-gathers move the base
     weights as stored, 4-bit packed ones included, and compute runs under autocast in the plan's precision,
     as it does under DDP; gradients are reduced in float32. With several copies (`fsdp2_mesh`) the mesh is
@@ -184,8 +184,11 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
         "mesh": {"device_type": "cuda" if plan.on_gpu else "cpu",
                  **({"shape": [copies, per_copy], "dim_names": ["replicate", "shard"]} if copies > 1
                     else {"shape": [plan.world_size]})},
-        "shard": "each decoder layer (the model's _no_split_modules), then the causal LM as the root",
+        "shard": "decoder layers (the model's _no_split_modules), layers_per_group to a group, then the causal LM "
+                 "as the root",
         "reshard_after_forward": bool(cfg.distributed.reshard_after_forward),
+        "layers_per_group": int(cfg.distributed.layers_per_group),
+        "prefetch": cfg.distributed.prefetch,  # null: FSDP2's own (one group ahead)
         "mixed_precision": {"param_dtype": None, "reduce_dtype": "float32",
                             "autocast": None if plan.precision == "float32" else plan.precision},
         "offload": {"params": offload, "gradients": offload, "optimizer_step": offload,

@@ -83,15 +83,32 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
     whole = model.state_dict() if from_rank0 and main else {}
     root = model.get_base_model()
-    for layer in decoder_layers(root):
-        fully_shard(layer, reshard_after_forward=spec["reshard_after_forward"], **common)
+    groups = layer_groups(decoder_layers(root)[::-1], spec["layers_per_group"])
+    for group in groups:
+        fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=spec["reshard_after_forward"],
+                    **common)
     fully_shard(root, **common)
+    if spec["prefetch"]:
+        _prefetch([g[0] for g in groups], spec["prefetch"])
     if from_rank0:
         _from_rank0(model, whole)
     autocast = spec["mixed_precision"]["autocast"]
     if autocast:
         model.forward = _under_autocast(model.forward, spec["mesh"]["device_type"], getattr(torch, autocast))
     return model
+
+
+def layer_groups(layers: list, per_group: int) -> list[list]:
+    """`layers` in forward order, cut into runs of `per_group` consecutive layers (the last run may be shorter)."""
+    return [layers[i:i + per_group] for i in range(0, len(layers), per_group)]
+
+
+def _prefetch(units: list, ahead: int) -> None:
+    """Each shard group (in forward order) issues the gathers of the next `ahead` groups as soon as its own is
+    done in forward, and of the previous `ahead` in backward, rather than FSDP2's own one ahead."""
+    for i, unit in enumerate(units):
+        unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + ahead])
+        unit.set_modules_to_backward_prefetch(units[max(0, i - ahead):i][::-1])
 
 
 def _from_rank0(model, whole: dict) -> None:

@@ -119,32 +119,74 @@ def one_process_group():
     dist.destroy_process_group()
 
 
-def _lora_model(seed: int):
+def _lora_model(seed: int, layers: int = 2):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
 
 
-def _trained(model, sharded: bool):
-    """A model after two AdamW steps, its optimizer, and the adapter for it (sharded: through train/fsdp.py)."""
+def _trained(model, sharded: bool, *overrides: str, losses: list | None = None):
+    """A model after two AdamW steps, its optimizer, and the adapter for it (sharded: through train/fsdp.py,
+    under `overrides`); each step's loss is appended to `losses`."""
     from lora_launch.train.fsdp import shard
     from lora_launch.train.zero import adapter_for
 
     if sharded:
-        cfg = compose(["distributed=fsdp2"])
+        cfg = compose(["distributed=fsdp2", *overrides])
         model = shard(cfg, RunPlan.from_config(cfg, 1, 1, on_gpu=False), model, main=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.arange(24).reshape(2, 12) % 64
     for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if losses is not None:
+            losses.append(loss.item())
     return model, optimizer, adapter_for(optimizer)
+
+
+def test_layers_grouped_and_prefetched_shard_and_train_as_one_layer_groups_do(one_process_group):
+    """distributed.layers_per_group=2 distributed.prefetch=2: the 5 decoder layers share 3 shard groups (2, 2,
+    1), each group gathers the next two ahead, and training matches the unsharded model's."""
+    from lora_launch.train.fsdp import decoder_layers
+
+    plain, sharded = [], []
+    _trained(_lora_model(0, layers=5), False, losses=plain)
+    model, _, _ = _trained(_lora_model(0, layers=5), True, "distributed.layers_per_group=2",
+                           "distributed.prefetch=2", losses=sharded)
+    layers = decoder_layers(model.get_base_model())[::-1]
+    states = [layer._get_fsdp_state() for layer in layers]
+    assert states[0] is states[1] and states[2] is states[3] and len({id(s) for s in states}) == 3
+    assert states[0]._states_to_forward_prefetch == [states[2], states[4]]
+    assert states[4]._states_to_backward_prefetch == [states[2], states[0]]
+    assert sharded == pytest.approx(plain, rel=1e-5) and sharded[-1] < sharded[0]
+
+
+def test_grouping_and_prefetch_are_in_the_plan_and_the_estimate(shape_7b, tmp_path):
+    """What a group gathers at once (the one computing and the ones prefetched) is in the estimate; the plan
+    file says what was applied; a value out of range is refused at compose, naming the key."""
+    def plan_and_estimate(*extra):
+        cfg = compose(["model=llama2_7b_random", "distributed=fsdp2", "run.dir=/tmp/unused", *extra])
+        plan = RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True)
+        return fsdp2_config(cfg, plan), pv.memory_estimate(cfg, shape_7b, plan)
+
+    (one, base), (four, grouped) = plan_and_estimate(), plan_and_estimate("distributed.layers_per_group=4",
+                                                                          "distributed.prefetch=2")
+    assert (one["layers_per_group"], one["prefetch"]) == (1, None)
+    assert (four["layers_per_group"], four["prefetch"]) == (4, 2)
+    per_layer = 2 * (shape_7b.quantisable_params / shape_7b.layers)  # bf16 linear weights of one decoder layer
+    assert grouped.weights - base.weights == pytest.approx((3 * 4 - 2) * per_layer, rel=1e-6)
+    from hydra.errors import ConfigCompositionException
+
+    for bad in ("distributed.layers_per_group=0", "distributed.prefetch=0"):
+        with pytest.raises((ConfigError, ConfigCompositionException), match=bad.split("=")[0].split(".")[1]):
+            compose(["distributed=fsdp2", bad, "run.dir=/tmp/unused"])
 
 
 def test_a_checkpoint_moves_between_the_ddp_and_fsdp2_adapters(one_process_group):
