@@ -137,7 +137,7 @@ MATRICES = {
     # torch AdamW everywhere (FSDP2 cannot step bitsandbytes' optimizers), and each ZeRO-3 setting on its own
     # (through distributed.deepspeed_config, the user's own DeepSpeed JSON)
     "sharding": [case("prepare", "prepare", save_7b=False),
-                 *[case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=10,
+                 *[case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=30,
                         vs=None if d.startswith("ddp") else base, distributed=d, ckpt=ckpt, **kw)
                    for name, d, ckpt, base, kw in (
                      ("ddp_ws1", "ddp", False, None, {"profile": 2}),
