@@ -31,6 +31,8 @@ PEERS = [case("peer_qlora_ckpt", "peer", quant="nf4", ckpt=True),
          case("peer_lora_ckpt", "peer", ckpt=True),
          case("peer_lora", "peer")]
 
+G1 = "distributed.layers_per_group=1"  # FSDP2 as it sharded before groups of layers (one layer a group)
+
 MATRICES = {
     # the headline: the peer's three configs and this project's, plus what each speed change gives
     "single": [case("matmul", "matmul"), case("prepare", "prepare"), *PEERS,
@@ -141,15 +143,17 @@ MATRICES = {
                         vs=None if d.startswith("ddp") else base, distributed=d, ckpt=ckpt, **kw)
                    for name, d, ckpt, base, kw in (
                      ("ddp_ws1", "ddp", False, None, {"profile": 2}),
-                     ("fsdp2_ws1", "fsdp2", False, "ddp_ws1", {"profile": 2}),
+                     # one decoder layer a shard group (distributed.layers_per_group=auto makes 4 for the 7B in bf16)
+                     ("fsdp2_ws1", "fsdp2", False, "ddp_ws1", {"profile": 2,
+                                                              "extra": [G1]}),
                      ("zero3_ws1", "zero3", False, "ddp_ws1", {"profile": 2}),
                      # FSDP2 keeping each layer's gathered weights from forward to backward (one gather a step)
                      ("fsdp2_keep_gathered_ws1", "fsdp2", False, "ddp_ws1", {
-                         "extra": ["distributed.reshard_after_forward=false"]}),
+                         "extra": ["distributed.reshard_after_forward=false", G1]}),
                      # fewer, larger shard groups (fewer hooks and copies a step), and gathers issued further ahead
                      *[(f"fsdp2_groups{k}_ws1", "fsdp2", False, "ddp_ws1", {
                          "extra": [f"distributed.layers_per_group={k}"]}) for k in (2, 4)],
-                     ("fsdp2_prefetch2_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["distributed.prefetch=2"]}),
+                     ("fsdp2_prefetch2_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["distributed.prefetch=2", G1]}),
                      ("fsdp2_groups8_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["distributed.layers_per_group=8"]}),
                      ("fsdp2_groups2_prefetch2_ws1", "fsdp2", False, "ddp_ws1", {
                          "extra": ["distributed.layers_per_group=2", "distributed.prefetch=2"]}),
@@ -158,9 +162,9 @@ MATRICES = {
                      ("fsdp2_groups4_keep_gathered_ws1", "fsdp2", False, "ddp_ws1", {
                          "extra": ["distributed.layers_per_group=4", "distributed.reshard_after_forward=false"]}),
                      # the fused AdamW kernel on FSDP2's sharded (DTensor) parameters
-                     ("fsdp2_fused_adamw_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["optim.name=adamw_torch_fused"]}),
+                     ("fsdp2_fused_adamw_ws1", "fsdp2", False, "ddp_ws1", {"extra": ["optim.name=adamw_torch_fused", G1]}),
                      ("ddp_ckpt_ws1", "ddp", True, None, {}),
-                     ("fsdp2_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {}),
+                     ("fsdp2_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {"extra": [G1]}),
                      ("zero3_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {}),
                      ("zero3_persist_all_ws1", "zero3", False, "ddp_ws1", {"ds_json": {"zero_optimization": {
                          "stage3_param_persistence_threshold": 1e10}}}),

@@ -289,8 +289,9 @@ class DistributedConfig:
     # fsdp2: free each decoder layer's gathered weights after its forward (gather again for backward); false
     # keeps them from forward to backward: one gather a step instead of two, at the memory of the whole base
     reshard_after_forward: bool = True
-    # fsdp2: consecutive decoder layers in each shard group: one gather, and one set of hooks, for all of them
-    layers_per_group: int = ranged(1, lo=1)
+    # fsdp2: consecutive decoder layers in each shard group: one gather, and one set of hooks, for all of them.
+    # "auto": up to 4 layers, as many as hold at most 2 GiB of weights (7B in bf16: 4; 70B in bf16: 1)
+    layers_per_group: Any = field(default="auto", metadata={"type": "int|auto"})
     # fsdp2: shard groups whose gathers each group issues ahead of its own compute, in forward and backward;
     # null: FSDP2's own prefetch (one group ahead, issued when the CPU reaches it). Each more holds one more
     # group gathered
@@ -523,7 +524,8 @@ def validate(cfg: DictConfig) -> None:
     """Check keys, value ranges and cross-field rules; raise ConfigError naming the key."""
     _check_keys(cfg)
     _walk("", Config, cfg)
-    for key in ("launcher.num_processes", "distributed.replicate", "sweep.parallel"):  # the "int|auto" fields
+    for key in ("launcher.num_processes", "distributed.replicate", "distributed.layers_per_group",
+                "sweep.parallel"):  # the "int|auto" fields
         v = OmegaConf.select(cfg, key)
         if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             raise ConfigError(f"{key}={v!r} must be a positive integer or 'auto'")

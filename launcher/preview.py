@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.plan import RunPlan, fsdp2_mesh, loads_from_rank0
+from lora_launch.run.plan import RunPlan, fsdp2_mesh, layers_per_group, loads_from_rank0
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -154,7 +154,7 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
 
 
 def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int,
-                         double_quant: bool, per_group: int = 1, prefetch: int | None = None) -> float:
+                         double_quant: bool, per_group="auto", prefetch: int | None = None) -> float:
     """Base weights FSDP2 holds whole on a device at once: the root group (everything outside the decoder
     layers) from forward to backward, the group computing and the `prefetch` groups gathered ahead of it
     (FSDP2's own: one), each of `per_group` decoder layers."""
@@ -162,6 +162,7 @@ def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, comput
     rest_bytes = compute_bytes if quant == "nf4" else dtype_bytes
     linears = whole - (shape.total_params - shape.quantisable_params) * rest_bytes
     per_layer = linears / shape.layers
+    per_group = layers_per_group(per_group, per_layer)
     return whole - linears + min(shape.layers, (1 + (prefetch or 1)) * per_group) * per_layer
 
 

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.run.plan import RunPlan, fsdp2_config, loads_from_rank0
+from lora_launch.run.plan import RunPlan, fsdp2_config, layers_per_group, loads_from_rank0
 from lora_launch.train.zero import TorchAdapter, trainable
 
 
@@ -83,19 +83,28 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
     whole = model.state_dict() if from_rank0 and main else {}
     root = model.get_base_model()
-    groups = layer_groups(decoder_layers(root)[::-1], spec["layers_per_group"])
+    layers = decoder_layers(root)[::-1]
+    groups = layer_groups(layers, layers_per_group(spec["layers_per_group"], stored_bytes(layers[0])))
     for group in groups:
         fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=spec["reshard_after_forward"],
                     **common)
     fully_shard(root, **common)
     if spec["prefetch"]:
         _prefetch([g[0] for g in groups], spec["prefetch"])
+    if main:
+        print(f"FSDP2: {len(layers)} decoder layers in {len(groups)} shard groups of up to {len(groups[0])} "
+              f"(distributed.layers_per_group={spec['layers_per_group']})", flush=True)
     if from_rank0:
         _from_rank0(model, whole)
     autocast = spec["mixed_precision"]["autocast"]
     if autocast:
         model.forward = _under_autocast(model.forward, spec["mesh"]["device_type"], getattr(torch, autocast))
     return model
+
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters as stored (4-bit packed ones as packed; meta ones by their shape)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def layer_groups(layers: list, per_group: int) -> list[list]:

@@ -76,14 +76,14 @@ def test_fsdp2_memory_is_the_shard_plus_what_it_holds_gathered(shape_7b):
 
     ddp, z3, fsdp, off = (estimate(o) for o in ("ddp", "zero3", "fsdp2", "fsdp2_offload"))
     whole = ddp.weights
-    # embeddings + head + norms (bf16) and two of the 32 decoder layers' linears
-    gathered = (shape_7b.total_params - shape_7b.quantisable_params) * 2 + 2 * shape_7b.quantisable_params * 2 / 32
+    # embeddings + head + norms (bf16) and two shard groups of 4 of the 32 decoder layers' linears (auto)
+    gathered = (shape_7b.total_params - shape_7b.quantisable_params) * 2 + 8 * shape_7b.quantisable_params * 2 / 32
     assert fsdp.weights == pytest.approx(whole / 8 + gathered)
     assert fsdp.weights > z3.weights  # ZeRO-3's estimate leaves out its gathered layers
     assert fsdp.lora == pytest.approx(shape_7b.lora_params * 8 / 8)  # fp32 adapters and gradients, sharded
     assert fsdp.optimizer == pytest.approx(shape_7b.lora_params * 8 / 8)  # no fp32 master copy: adapters are fp32
     assert off.weights == pytest.approx(gathered) and off.optimizer == 0 and off.lora == 0
-    assert 2 < fsdp.weights / 2**30 < 3  # 12.6 GiB of bf16 weights over 8 GPUs, plus ~0.9 GiB gathered
+    assert 4.5 < fsdp.weights / 2**30 < 5.5  # 12.6 GiB of bf16 weights over 8 GPUs, plus ~3.5 GiB gathered
 
 
 
@@ -164,6 +164,7 @@ def test_layers_grouped_and_prefetched_shard_and_train_as_one_layer_groups_do(on
     states = [layer._get_fsdp_state() for layer in layers]
     assert states[0] is states[1] and states[2] is states[3] and len({id(s) for s in states}) == 3
     assert states[0]._states_to_forward_prefetch == [states[2], states[4]]
+    assert not hasattr(states[2], "_states_to_forward_prefetch") or states[2]._states_to_forward_prefetch == [states[4]]
     assert states[4]._states_to_backward_prefetch == [states[2], states[0]]
     assert sharded == pytest.approx(plain, rel=1e-5) and sharded[-1] < sharded[0]
 
@@ -178,13 +179,16 @@ def test_grouping_and_prefetch_are_in_the_plan_and_the_estimate(shape_7b, tmp_pa
 
     (one, base), (four, grouped) = plan_and_estimate(), plan_and_estimate("distributed.layers_per_group=4",
                                                                           "distributed.prefetch=2")
-    assert (one["layers_per_group"], one["prefetch"]) == (1, None)
+    assert (one["layers_per_group"], one["prefetch"]) == ("auto", None)
     assert (four["layers_per_group"], four["prefetch"]) == (4, 2)
     per_layer = 2 * (shape_7b.quantisable_params / shape_7b.layers)  # bf16 linear weights of one decoder layer
-    assert grouped.weights - base.weights == pytest.approx((3 * 4 - 2) * per_layer, rel=1e-6)
+    # auto: 4 layers of a 7B in bf16 (0.38 GiB each) in a group, 2 groups gathered; prefetch=2: 3 groups
+    assert grouped.weights - base.weights == pytest.approx((3 * 4 - 2 * 4) * per_layer, rel=1e-6)
+    (_, single), = [plan_and_estimate("distributed.layers_per_group=1")]
+    assert base.weights - single.weights == pytest.approx((2 * 4 - 2) * per_layer, rel=1e-6)
     from hydra.errors import ConfigCompositionException
 
-    for bad in ("distributed.layers_per_group=0", "distributed.prefetch=0"):
+    for bad in ("distributed.layers_per_group=0", "distributed.layers_per_group=some", "distributed.prefetch=0"):
         with pytest.raises((ConfigError, ConfigCompositionException), match=bad.split("=")[0].split(".")[1]):
             compose(["distributed=fsdp2", bad, "run.dir=/tmp/unused"])
 
@@ -252,3 +256,12 @@ def test_the_memory_estimate_shards_within_one_copy(shape_7b):
     one, two = pv.memory_estimate(flat, shape_7b, plan), pv.memory_estimate(hybrid, shape_7b, plan)
     single = pv.memory_estimate(flat, shape_7b, RunPlan.from_config(flat, 1, 4, on_gpu=True, bf16=True))
     assert two.weights > one.weights and two.weights == pytest.approx(single.weights)
+
+
+@pytest.mark.parametrize("layer_gib,expected", [(0.38, 4), (0.59, 3), (1.6, 1), (3.0, 1), (0.1, 4)])
+def test_auto_groups_as_many_layers_as_hold_2_gib_up_to_4(layer_gib, expected):
+    """distributed.layers_per_group=auto: 7B, 13B, 70B in bf16, a layer larger than the budget, a small one."""
+    from lora_launch.run.plan import layers_per_group
+
+    assert layers_per_group("auto", layer_gib * 2**30) == expected
+    assert layers_per_group(3, layer_gib * 2**30) == 3
