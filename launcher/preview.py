@@ -8,8 +8,8 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
   weights      base params x dtype bytes; nf4: 4-bit linear weights (+ absmax per 64-block, 8-bit
                with double quant) and the rest in the compute dtype; ZeRO-3 shards them over the world;
                FSDP2 too, plus what it holds gathered: the root group (embeddings, head, norms) from
-               forward to backward and two shard groups of distributed.layers_per_group decoder layers (the
-               one computing, the one prefetched; distributed.prefetch=N: N prefetched); with
+               forward to backward, the shard group computing (distributed.layers_per_group decoder layers)
+               and a layer more per group prefetched (one; distributed.prefetch=N: N), as measured; with
                distributed.reshard_after_forward=false every layer stays gathered from forward to backward
   lora         adapter params x 4 (PEFT keeps adapters in fp32), + 4 per param of gradients; FSDP2
                shards both
@@ -155,15 +155,17 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
 
 def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int,
                          double_quant: bool, per_group="auto", prefetch: int | None = None) -> float:
-    """Base weights FSDP2 holds whole on a device at once: the root group (everything outside the decoder
-    layers) from forward to backward, the group computing and the `prefetch` groups gathered ahead of it
-    (FSDP2's own: one), each of `per_group` decoder layers."""
+    """Base weights FSDP2 holds whole on a device at its peak: the root group (everything outside the decoder
+    layers) from forward to backward, the shard group computing (`per_group` decoder layers) and one layer
+    more per group prefetched (FSDP2's own: one). Measured on one H200 (7B, bf16, world size 1, 2026-11-29,
+    bench/results/2026-11-29-h200-sharding-{3,5}.jsonl): groups of 1, 2, 4 and 8 layers peaked at 2, 3, 5
+    and 9 layers' weights above the rest, not two whole groups; prefetch=2 added nothing measurable."""
     whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     rest_bytes = compute_bytes if quant == "nf4" else dtype_bytes
     linears = whole - (shape.total_params - shape.quantisable_params) * rest_bytes
     per_layer = linears / shape.layers
     per_group = layers_per_group(per_group, per_layer)
-    return whole - linears + min(shape.layers, (1 + (prefetch or 1)) * per_group) * per_layer
+    return whole - linears + min(shape.layers, per_group + (prefetch or 1)) * per_layer
 
 
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:

@@ -82,7 +82,13 @@ MEASURED = [("2026-11-29-h200-speed-peer-forms.jsonl", "lora"),
             ("2026-11-29-h200-checkpoints-random-nf4.jsonl", "qlora_ckpt_random_nf4_70b_shape"),
             *[(BIG, name) for name in ("qlora_ckpt_7b", "qlora_7b", "lora_ckpt_7b", "lora_7b",
                                        "qlora_ckpt_70b_shape_seq2048", "qlora_70b_shape_seq2048",
-                                       "lora_70b_shape_40_layers_seq2048", "lora_ckpt_70b_shape_seq2048")]]
+                                       "lora_70b_shape_40_layers_seq2048", "lora_ckpt_70b_shape_seq2048")],
+            # world size 1 under torchrun: ddp, and fsdp2 with shard groups of 2, 4 and 8 layers (sharding-5's
+            # rows), 4 kept gathered from forward to backward, zero3 with grad ckpt (sharding-2, -3)
+            *[("2026-11-29-h200-sharding-5.jsonl", name) for name in (
+                "ddp_ws1", "fsdp2_groups2_ws1", "fsdp2_groups4_ws1", "fsdp2_groups8_ws1")],
+            ("2026-11-29-h200-sharding-3.jsonl", "fsdp2_groups4_keep_gathered_ws1"),
+            ("2026-11-29-h200-sharding-2.jsonl", "zero3_ckpt_ws1")]
 
 
 @pytest.mark.parametrize("results,case", MEASURED)
@@ -94,7 +100,8 @@ def test_estimate_is_within_10_percent_of_the_h200_peaks(results, case):
     overrides = ["model=llama2_7b_random", "lora.r=64", f"train.seq_len={spec.get('seq', 512)}",
                  f"train.micro_batch_size={spec.get('micro', 4)}", f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
                  "run.dir=/tmp/unused", *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
-                 *[o for o in spec.get("extra", []) if o.startswith("model.arch.")]]
+                 f"distributed={spec.get('distributed', 'ddp')}",
+                 *[o for o in spec.get("extra", []) if o.startswith(("model.arch.", "distributed."))]]
     cfg = compose(overrides)
     shape = pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], 64)
     est = pv.memory_estimate(cfg, shape, _gpu_plan(cfg, 1)).total / GIB
