@@ -92,8 +92,8 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     if spec["prefetch"]:
         _prefetch([g[0] for g in groups], spec["prefetch"])
     if main:
-        print(f"FSDP2: {len(layers)} decoder layers in {len(groups)} shard groups of up to {len(groups[0])} "
-              f"(distributed.layers_per_group={spec['layers_per_group']})", flush=True)
+        print(f"FSDP2: {len(layers)} decoder layers, {len(groups)} shard group{'s' * (len(groups) > 1)} of up to "
+              f"{len(groups[0])} (distributed.layers_per_group={spec['layers_per_group']})", flush=True)
     if from_rank0:
         _from_rank0(model, whole)
     autocast = spec["mixed_precision"]["autocast"]

@@ -170,3 +170,23 @@ def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, 
     assert "gathered whole" not in logs["ddp"] + logs["zero3_own"]
     assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-4)
     assert losses["zero3_own"] == pytest.approx(losses["ddp"], rel=1e-4)
+
+
+def test_fsdp2_shard_groups_train_as_one_layer_groups_do(tiny, tmp_path):
+    """Both of the tiny model's layers in one shard group (distributed.layers_per_group=auto) against one layer a
+    group with explicit prefetch: two processes started from the user's own directory, the log naming the
+    groups, the same losses."""
+    from support.resume import launch
+
+    losses, logs = {}, {}
+    for name, extra in (("one", ["distributed.layers_per_group=1", "distributed.prefetch=1"]), ("auto", [])):
+        run = tmp_path / name
+        rc, log = launch(run, [*tiny["overrides"], "launcher.num_processes=2", "distributed=fsdp2",
+                               "train.max_steps=4", "optim.lr=1e-3", "sample.max_new_tokens=0", *extra])
+        assert rc == 0, log[-3000:]
+        logs[name] = log
+        losses[name] = [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_jsonl(run / "metrics.jsonl")]
+    assert "FSDP2: 2 decoder layers, 2 shard groups of up to 1 (distributed.layers_per_group=1)" in logs["one"]
+    assert "FSDP2: 2 decoder layers, 1 shard group of up to 2 (distributed.layers_per_group=auto)" in logs["auto"]
+    assert [s for s, _ in losses["auto"]] == [s for s, _ in losses["one"]] and len(losses["one"]) > 4
+    assert [v for _, v in losses["auto"]] == pytest.approx([v for _, v in losses["one"]], rel=1e-5)
