@@ -46,6 +46,8 @@ class Run:
     adapter: Path | None = None
     restarts: int = 0
     sample: str = ""  # the end-of-run sample (RUN/sample.txt): prompt and completion
+    last_train_row: dict = field(default_factory=dict)  # metrics.jsonl's last row with a train loss
+    step_times: list[float] = field(default_factory=list)  # the last 20 training rows' step_time
 
     @property
     def best_eval_loss(self) -> float | None:
@@ -236,6 +238,10 @@ def _read_metrics(run: Run) -> None:
             step = int(row["step"])
         except (ValueError, TypeError, KeyError):
             continue
+        if "loss" in row:  # a training row, its loss finite or not
+            run.last_train_row = row
+            if _finite(row.get("step_time")):
+                run.step_times = [*run.step_times[-19:], float(row["step_time"])]
         if _finite(row.get("loss")):
             run.train.append((step, float(row["loss"])))
             run.steps = max(run.steps, step)

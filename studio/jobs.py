@@ -27,7 +27,6 @@ from pathlib import Path
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.catalog import read_run
 from lora_launch.run.lock import holder, lock_holders, lock_path
-from lora_launch.run.rundir import read_metrics
 
 CLI_MODULE = "lora_launch.launcher.cli"  # what the `lora-launch` console script runs
 STATE = ".studio"
@@ -164,15 +163,13 @@ class Launches:
 
 def progress(run_dir: Path) -> dict:
     """Status, curves and the latest step's numbers of a run, with an ETA while it runs."""
-    run = read_run(run_dir)
-    rows = read_metrics(run_dir)
-    train_rows = [r for r in rows if "loss" in r]
-    last = train_rows[-1] if train_rows else {}
+    run = read_run(run_dir)  # reads metrics.jsonl once: the curves, the last training row, recent step times
+    last = run.last_train_row
     out = {"status": run.status, "note": run.note, "steps": run.steps, "train": run.train, "evals": run.evals,
            "lr": last.get("lr"), "tokens_per_s": last.get("tokens_per_s"),
            "peak_memory_gib": run.peak_memory_gib, "epoch": last.get("epoch"), "row": run.row(),
            "sample": run.sample, "total_steps": _total_steps(run, last), "eta_s": None}
-    times = [r["step_time"] for r in train_rows[-20:] if isinstance(r.get("step_time"), (int, float))]
+    times = run.step_times
     if run.status == "running" and out["total_steps"] and times:
         out["eta_s"] = max(0.0, (out["total_steps"] - run.steps) * sum(times) / len(times))
     return out
