@@ -293,8 +293,7 @@ class DistributedConfig:
     # "auto": up to 4 layers, as many as hold at most 2 GiB of weights (7B in bf16: 4; 70B in bf16: 1)
     layers_per_group: Any = field(default="auto", metadata={"type": "int|auto"})
     # fsdp2: shard groups whose gathers each group issues ahead of its own compute, in forward and backward;
-    # null: FSDP2's own prefetch (one group ahead, issued when the CPU reaches it). Each more holds one more
-    # group gathered
+    # null: FSDP2's own prefetch (one group ahead, issued when the CPU reaches it)
     prefetch: Optional[int] = ranged(None, lo=1)
 
 

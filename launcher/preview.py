@@ -168,6 +168,14 @@ def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, comput
     return whole - linears + min(shape.layers, per_group + (prefetch or 1)) * per_layer
 
 
+def fsdp2_group_size(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> int:
+    """Decoder layers in each FSDP2 shard group for this config and model (distributed.layers_per_group)."""
+    dtype_bytes, compute_bytes = DTYPE_BYTES[plan.model_dtype], DTYPE_BYTES[cfg.quant.compute_dtype]
+    whole = weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
+    rest = (shape.total_params - shape.quantisable_params) * (compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes)
+    return layers_per_group(cfg.distributed.layers_per_group, (whole - rest) / shape.layers)
+
+
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
     """Per-device memory in bytes for this config under `plan` (its world size and weight dtype)."""
     world = plan.world_size
@@ -245,7 +253,7 @@ def _strategy_name(cfg: DictConfig, plan: RunPlan) -> str:
     if plan.strategy == "fsdp2":
         copies, per_copy = fsdp2_mesh(cfg, plan)
         hybrid = f", {copies} copies each sharded over {per_copy} processes" if copies > 1 else ""
-        return f"FSDP2 (per decoder layer{hybrid})"
+        return f"FSDP2 (decoder layers in shard groups{hybrid})"
     return f"ZeRO-{plan.zero_stage}" if plan.strategy == "deepspeed" else "DDP"
 
 
@@ -280,6 +288,10 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
                 f"lora+grads   {_gib(mem.lora)}", f"optimizer    {_gib(mem.optimizer)}",
                 f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
                 f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)"]
+        if plan.strategy == "fsdp2":
+            k = min(shape.layers, fsdp2_group_size(cfg, shape, plan))
+            out.append(f"shard groups {-(-shape.layers // k)} of up to {k} of the {shape.layers} decoder layers "
+                       f"(distributed.layers_per_group={cfg.distributed.layers_per_group})")
         if loads_from_rank0(cfg, plan):
             whole = weight_bytes(shape, "none", DTYPE_BYTES[plan.model_dtype], 0, False)
             out.append(f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "

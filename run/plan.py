@@ -166,7 +166,7 @@ def fsdp2_mesh(cfg: DictConfig, plan: RunPlan) -> tuple[int, int]:
     return copies, world // copies
 
 
-GROUP_BYTES = 2 * 2**30  # distributed.layers_per_group=auto: the most weight bytes a shard group of several layers holds
+GROUP_BYTES = 2 * 2**30  # distributed.layers_per_group=auto: the most weight bytes in a group of several layers
 GROUP_LAYERS = 4  # and the most layers in one
 
 
@@ -185,10 +185,10 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
     RUN/fsdp2.json shows it.
 
     One shard group per `distributed.layers_per_group` consecutive decoder layers (the classes the model names
-    in `_no_split_modules`), the rest of the causal LM (embeddings, final norm, output head) in the root group. Parameters keep their dtypes (the
-    frozen base in the plan's weight dtype, the LoRA adapters in float32): the all-gathers move the base
-    weights as stored, 4-bit packed ones included, and compute runs under autocast in the plan's precision,
-    as it does under DDP; gradients are reduced in float32. With several copies (`fsdp2_mesh`) the mesh is
+    in `_no_split_modules`), the rest of the causal LM (embeddings, final norm, output head) in the root group.
+    Parameters keep their dtypes (the frozen base in the plan's weight dtype, the LoRA adapters in float32):
+    the all-gathers move the base weights as stored, 4-bit packed ones included, and compute runs under
+    autocast in the plan's precision, as it does under DDP; gradients are reduced in float32. With several copies (`fsdp2_mesh`) the mesh is
     2-D, (replicate, shard): torch's hybrid sharding.
     """
     offload = bool(cfg.distributed.offload_params)

@@ -137,10 +137,14 @@ def test_preview_of_fsdp2_on_two_nodes_names_the_copies_and_rank0s_host_memory(t
     topo = Topology(2, 2, 0, "node-a", 29500, ("node-a", "node-b"))
     cfg = compose(common)
     text = pv.preview(cfg, topo, RunPlan.from_config(cfg, 2, 2, on_gpu=False), common)
-    assert "FSDP2 (per decoder layer, 2 copies each sharded over 2 processes)" in text
+    assert "FSDP2 (decoder layers in shard groups, 2 copies each sharded over 2 processes)" in text
     assert "host memory  rank 0 reads the whole base into CPU memory" in text
     flat = compose([*common, "distributed.replicate=1"])
-    assert "FSDP2 (per decoder layer) on CPU" in pv.preview(flat, topo, RunPlan.from_config(flat, 2, 2, on_gpu=False),
-                                                            common)
+    text = pv.preview(flat, topo, RunPlan.from_config(flat, 2, 2, on_gpu=False), common)
+    assert "FSDP2 (decoder layers in shard groups) on CPU" in text
+    assert "shard groups 1 of up to 2 of the 2 decoder layers (distributed.layers_per_group=auto)" in text
+    one = compose([*common, "distributed.layers_per_group=1"])
+    assert "shard groups 2 of up to 1 of the 2 decoder layers (distributed.layers_per_group=1)" in pv.preview(
+        one, topo, RunPlan.from_config(one, 2, 2, on_gpu=False), common)
     qlora = compose([*common, "quant=nf4", "quant.storage_dtype=float32", "quant.compute_dtype=float32"])
     assert "host memory" not in pv.preview(qlora, topo, RunPlan.from_config(qlora, 2, 2, on_gpu=False), common)
