@@ -341,7 +341,8 @@ def peer(spec: dict) -> dict:
                      bf16=torch.cuda.is_available(), disable_tqdm=True,
                      max_steps=warm + steps, gradient_checkpointing=spec.get("ckpt", False),
                      # padding-free rows are not cut to max_length by TRL: the samples are no longer than seq
-                     packing=False, max_length=None if spec.get("padding_free") else seq, logging_steps=1000, save_strategy="no", report_to="none",
+                     packing=False, max_length=None if spec.get("padding_free") else seq, logging_steps=1000,
+                     save_strategy="no", report_to="none",
                      use_liger_kernel=liger, padding_free=bool(spec.get("padding_free")), **(ddp if world > 1 else {}))
     lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
     stamps, seen, loaded = [], [0], []

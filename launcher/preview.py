@@ -161,19 +161,23 @@ def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, comput
     bench/results/2026-11-29-h200-sharding-{3,5}.jsonl): groups of 1, 2, 4 and 8 layers peaked at 2, 3, 5
     and 9 layers' weights above the rest, not two whole groups; prefetch=2 added nothing measurable."""
     whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
-    rest_bytes = compute_bytes if quant == "nf4" else dtype_bytes
-    linears = whole - (shape.total_params - shape.quantisable_params) * rest_bytes
-    per_layer = linears / shape.layers
+    per_layer = _layer_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     per_group = layers_per_group(per_group, per_layer)
-    return whole - linears + min(shape.layers, per_group + (prefetch or 1)) * per_layer
+    return whole - per_layer * shape.layers + min(shape.layers, per_group + (prefetch or 1)) * per_layer
+
+
+def _layer_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int, double_quant: bool) -> float:
+    """One decoder layer's linear weights as stored (nf4: packed, with their absmax)."""
+    whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
+    rest_bytes = compute_bytes if quant == "nf4" else dtype_bytes
+    return (whole - (shape.total_params - shape.quantisable_params) * rest_bytes) / shape.layers
 
 
 def fsdp2_group_size(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> int:
     """Decoder layers in each FSDP2 shard group for this config and model (distributed.layers_per_group)."""
-    dtype_bytes, compute_bytes = DTYPE_BYTES[plan.model_dtype], DTYPE_BYTES[cfg.quant.compute_dtype]
-    whole = weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
-    rest = (shape.total_params - shape.quantisable_params) * (compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes)
-    return layers_per_group(cfg.distributed.layers_per_group, (whole - rest) / shape.layers)
+    per_layer = _layer_bytes(shape, cfg.quant.mode, DTYPE_BYTES[plan.model_dtype], DTYPE_BYTES[cfg.quant.compute_dtype],
+                             cfg.quant.double_quant)
+    return layers_per_group(cfg.distributed.layers_per_group, per_layer)
 
 
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:

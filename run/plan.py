@@ -188,8 +188,8 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
     in `_no_split_modules`), the rest of the causal LM (embeddings, final norm, output head) in the root group.
     Parameters keep their dtypes (the frozen base in the plan's weight dtype, the LoRA adapters in float32):
     the all-gathers move the base weights as stored, 4-bit packed ones included, and compute runs under
-    autocast in the plan's precision, as it does under DDP; gradients are reduced in float32. With several copies (`fsdp2_mesh`) the mesh is
-    2-D, (replicate, shard): torch's hybrid sharding.
+    autocast in the plan's precision, as it does under DDP; gradients are reduced in float32. With several
+    copies (`fsdp2_mesh`) the mesh is 2-D, (replicate, shard): torch's hybrid sharding.
     """
     offload = bool(cfg.distributed.offload_params)
     copies, per_copy = fsdp2_mesh(cfg, plan)

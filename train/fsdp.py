@@ -32,13 +32,13 @@ def decoder_layer_classes(model) -> list[type]:
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The modules to shard one by one, innermost first: the instances of `decoder_layer_classes`."""
+    """The instances of `decoder_layer_classes`, in the model's (forward) order: what `shard` groups."""
     classes = tuple(decoder_layer_classes(model))
     layers = [m for m in model.modules() if isinstance(m, classes)] if classes else []
     if not layers:
         raise ConfigError(f"distributed=fsdp2: {type(model).__name__} names no decoder layer class "
                           "(_no_split_modules) to shard by; use distributed=ddp or zero3")
-    return layers[::-1]
+    return layers
 
 
 def _process_group(plan: RunPlan) -> None:
@@ -83,7 +83,7 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
     whole = model.state_dict() if from_rank0 and main else {}
     root = model.get_base_model()
-    layers = decoder_layers(root)[::-1]
+    layers = decoder_layers(root)
     groups = layer_groups(layers, layers_per_group(spec["layers_per_group"], stored_bytes(layers[0])))
     for group in groups:
         fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=spec["reshard_after_forward"],

@@ -160,11 +160,11 @@ def test_layers_grouped_and_prefetched_shard_and_train_as_one_layer_groups_do(on
     _trained(_lora_model(0, layers=5), False, losses=plain)
     model, _, _ = _trained(_lora_model(0, layers=5), True, "distributed.layers_per_group=2",
                            "distributed.prefetch=2", losses=sharded)
-    layers = decoder_layers(model.get_base_model())[::-1]
+    layers = decoder_layers(model.get_base_model())
     states = [layer._get_fsdp_state() for layer in layers]
     assert states[0] is states[1] and states[2] is states[3] and len({id(s) for s in states}) == 3
     assert states[0]._states_to_forward_prefetch == [states[2], states[4]]
-    assert not hasattr(states[2], "_states_to_forward_prefetch") or states[2]._states_to_forward_prefetch == [states[4]]
+    assert states[2]._states_to_forward_prefetch == [states[4]]
     assert states[4]._states_to_backward_prefetch == [states[2], states[0]]
     assert sharded == pytest.approx(plain, rel=1e-5) and sharded[-1] < sharded[0]
 
