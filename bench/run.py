@@ -131,6 +131,13 @@ MATRICES = {
                     case(f"fixed_seq{seq}", "project", seq=seq, micro=micro),
                     case(f"lengths_bfd_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
                          extra=["data.packing=true"], vs=f"fixed_seq{seq}"),
+                    # the same rows through torch's varlen flash kernel, and through flex_attention's block mask
+                    case(f"lengths_bfd_varlen_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
+                         extra=["data.packing=true", "model.attn_implementation=sdpa_varlen"],
+                         vs=f"fixed_seq{seq}"),
+                    case(f"lengths_bfd_flex_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
+                         extra=["data.packing=true", "model.attn_implementation=flex_attention"],
+                         vs=f"fixed_seq{seq}"),
                     case(f"lengths_next_fit_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",
                          extra=["data.packing=true", "data.packing_strategy=next_fit"], vs=f"fixed_seq{seq}"),
                     case(f"lengths_padded_seq{seq}", "project", seq=seq, micro=micro, lengths="lognormal",

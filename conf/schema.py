@@ -156,6 +156,9 @@ class Compile(Choice):
     none = "none"
 
 
+SDPA_VARLEN = "sdpa_varlen"  # registered with transformers by lora_launch.train.attention
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -168,7 +171,8 @@ class ModelConfig:
     arch: dict = field(default_factory=dict)
     dtype: AutoDtype = AutoDtype.auto
     # any implementation transformers takes: sdpa, eager, flash_attention_2/3, flex_attention, a hub kernel
-    # (kernels-community/...); checked before launch by building the model on the meta device
+    # (kernels-community/...), or this project's sdpa_varlen (sdpa, with packed rows through torch's
+    # variable-length flash kernel); checked before launch by building the model on the meta device
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 

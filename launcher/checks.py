@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
-from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, ConfigError, lora_targets
+from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, SDPA_VARLEN, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan, fsdp2_mesh
@@ -145,6 +145,8 @@ def _meta_model(config, attn_implementation: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == SDPA_VARLEN:  # sdpa with packed rows through torch's own varlen kernel
+        attn_implementation = "sdpa"
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)

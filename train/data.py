@@ -107,8 +107,9 @@ def model_inputs(batch: dict, attention: str = "sdpa", dtype: torch.dtype = torc
     `attention` (`dtype`: its activations', for eager's additive mask).
 
     Packed rows pass their sample boundaries explicitly, in the form transformers takes for that
-    attention: flash-attention kernels get the rows as one flattened sequence with cu_seq_lens_q/k and
-    max_length_q/k (variable-length attention; the logits come back as one row); sdpa a boolean
+    attention: flash-attention kernels and sdpa_varlen (lora_launch.train.attention) get the rows as one
+    flattened sequence with cu_seq_lens_q/k and max_length_q/k (variable-length attention; the logits come
+    back as one row); sdpa a boolean
     block-diagonal causal mask, eager the same as an additive one, flex_attention a BlockMask (each
     4D mask is used as given). Position ids restart at each sample for the rotary embeddings.
     An attention transformers maps to none of these gets position ids alone, from which it infers
@@ -119,12 +120,17 @@ def model_inputs(batch: dict, attention: str = "sdpa", dtype: torch.dtype = torc
     from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, flash_attention_mask,
                                             flex_attention_mask, sdpa_mask)
 
+    from lora_launch.train.attention import VARLEN
+
     ids, positions = batch["input_ids"], batch["position_ids"]
     kind = ALL_MASK_ATTENTION_FUNCTIONS.get(attention)
-    if kind is flash_attention_mask:
+    if kind is flash_attention_mask or attention == VARLEN:
         cu, longest = batch["cu_seq_lens"], batch["max_length"]
-        return {"input_ids": ids.view(1, -1), "position_ids": positions.view(1, -1), "cu_seq_lens_q": cu,
+        flat = {"input_ids": ids.view(1, -1), "position_ids": positions.view(1, -1), "cu_seq_lens_q": cu,
                 "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest, "use_cache": False}
+        if attention == VARLEN:  # an all-ones mask: sdpa's mask function then builds none (nor infers one)
+            flat["attention_mask"] = torch.ones_like(flat["input_ids"])
+        return flat
     inputs = {"input_ids": ids, "position_ids": positions, "use_cache": False}
     if kind is sdpa_mask:
         inputs["attention_mask"] = same_sample_causal_mask(batch)

@@ -30,6 +30,9 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lora_launch.train.attention import register
+
+    register()
     plan = plan or RunPlan.for_this_process(cfg)
     dtype = DTYPES[plan.model_dtype]
     common = dict(attn_implementation=str(cfg.model.attn_implementation))

@@ -12,6 +12,7 @@ import torch
 from lora_launch.conf.compose import compose
 from lora_launch.data.samples import (IGNORE, SampleSet, best_fit_decreasing_rows, build_splits,
                                       dataset_fingerprint, pack)
+from lora_launch.train.attention import register
 from lora_launch.train.data import collate, model_inputs
 from lora_launch.train.evaluate import attention_of, token_loss_sum
 
@@ -138,6 +139,7 @@ def _tokenizer(tiny):
 def _model(tiny, attention: str):
     from transformers import AutoModelForCausalLM
 
+    register()  # sdpa_varlen, as loading a model for training does
     return AutoModelForCausalLM.from_pretrained(tiny["model"], attn_implementation=attention).eval()
 
 
@@ -175,7 +177,7 @@ def _packed_logits(model, batch: dict, rows: SampleSet) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sdpa_varlen"])
 def test_a_packed_row_is_its_samples_run_one_by_one(tiny, attention):
     model = _model(tiny, attention)
     samples, rows = _rows()
@@ -210,7 +212,7 @@ def _members(rows: SampleSet, samples: SampleSet, r: int) -> np.ndarray:
     return np.array(out)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sdpa_varlen"])
 def test_boundaries_come_from_the_batch_not_from_position_ids(tiny, attention):
     """With position ids that do not restart, transformers alone would let samples attend to each other; the
     explicit boundaries still keep them apart (rotary attention depends only on position differences, so
@@ -269,6 +271,80 @@ def test_flash_attention_gets_the_rows_flattened_with_cu_seq_lens(tiny, monkeypa
     padded_rows = int((batch["attention_mask"].sum(1) < batch["input_ids"].shape[1]).sum())
     assert calls and calls[0] == len(samples) + padded_rows  # every sample and each row's padding
     assert loss.item() == pytest.approx(separate_loss, rel=1e-5)
+
+
+def test_sdpa_varlen_flattens_packed_rows_and_is_sdpa_otherwise(tiny):
+    """Packed rows reach sdpa_varlen's attention as one row with their boundaries (and no mask is built for
+    them); a batch that is not packed, and generation, are sdpa's to the bit."""
+    from transformers import AttentionInterface
+
+    varlen, sdpa = _model(tiny, "sdpa_varlen"), _model(tiny, "sdpa")
+    samples, rows = _rows()
+    batch = collate(list(rows), PAD)
+    inputs = model_inputs(batch, *attention_of(varlen))
+    assert inputs["input_ids"].shape == (1, batch["input_ids"].numel())
+    seen = []
+    original = AttentionInterface._global_mapping["sdpa_varlen"]
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.shape, attention_mask, kwargs.get("cu_seq_lens_q")))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("sdpa_varlen", spy)
+    try:
+        with torch.no_grad():
+            varlen(**inputs)
+    finally:
+        AttentionInterface.register("sdpa_varlen", original)
+    assert len(seen) == varlen.config.num_hidden_layers
+    assert all(mask is None and cu is batch["cu_seq_lens"] for _, mask, cu in seen)
+
+    plain = collate(list(samples)[:4], PAD)  # padded rows, not packed
+    assert plain["attention_mask"].min() == 0
+    with torch.no_grad():
+        assert torch.equal(varlen(**model_inputs(plain, *attention_of(varlen))).logits,
+                           sdpa(**model_inputs(plain, *attention_of(sdpa))).logits)
+    prompt = plain["input_ids"][:1, :5]
+    assert torch.equal(varlen.generate(prompt, max_new_tokens=6, do_sample=False),
+                       sdpa.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("api", ["window_size, scale, enable_gqa", "is_causal"])
+def test_sdpa_varlen_calls_the_kernel_as_this_torch_takes_it(monkeypatch, api):
+    """The GPU path, on the CPU with stand-in kernels of the two forms torch's varlen_attn has had (causal as a
+    window with scale and grouped KV heads; or is_causal alone, which scales by 1/sqrt(dim) and needs as many
+    KV heads as query heads): the result is sdpa run on each sample alone, with the model's own scaling."""
+    import torch.nn.functional as F
+
+    from lora_launch.train import attention
+
+    takes = {name.strip() for name in api.split(",")}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        assert set(kwargs) <= takes and cu_q.dtype == torch.int32 and cu_k is cu_q
+        assert max_q == max_k == int(cu_q.diff().max())
+        assert kwargs.get("window_size", (-1, 0)) == (-1, 0) and kwargs.get("is_causal", True)
+        if "enable_gqa" not in takes:
+            assert k.shape[1] == q.shape[1]
+        out = torch.empty_like(q)
+        for lo, hi in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            out[lo:hi] = F.scaled_dot_product_attention(
+                *(t[lo:hi].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=kwargs.get("scale"),
+                enable_gqa=kwargs.get("enable_gqa", False)).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(attention, "_KERNEL", (kernel, frozenset(takes)))
+    torch.manual_seed(0)
+    lengths = [7, 1, 12, 5]
+    q, k, v = torch.randn(30, 8, 16), torch.randn(30, 2, 16), torch.randn(30, 2, 16)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+    scaling = 0.3  # not 1/sqrt(16): the kernel without `scale` gets it folded into the query
+    got = attention._flash(q[:25], k[:25], v[:25], cu, max(lengths), scaling)
+    want = attention._masked(q[:25], k[:25], v[:25], cu, scaling)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    first = F.scaled_dot_product_attention(q[:7].transpose(0, 1), k[:7].transpose(0, 1), v[:7].transpose(0, 1),
+                                           is_causal=True, scale=scaling, enable_gqa=True).transpose(0, 1)
+    torch.testing.assert_close(want[:7], first, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
