@@ -170,10 +170,10 @@ class ModelConfig:
     # LlamaConfig fields for random_init models (e.g. the 7B shape for benchmarks).
     arch: dict = field(default_factory=dict)
     dtype: AutoDtype = AutoDtype.auto
+    # this project's sdpa_varlen (sdpa, with packed rows through torch's variable-length flash kernel), or
     # any implementation transformers takes: sdpa, eager, flash_attention_2/3, flex_attention, a hub kernel
-    # (kernels-community/...), or this project's sdpa_varlen (sdpa, with packed rows through torch's
-    # variable-length flash kernel); checked before launch by building the model on the meta device
-    attn_implementation: str = "sdpa"
+    # (kernels-community/...); checked before launch by building the model on the meta device
+    attn_implementation: str = SDPA_VARLEN
     trust_remote_code: bool = False
 
 

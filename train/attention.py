@@ -9,8 +9,9 @@ packed batch goes through the model as one flattened row with `cu_seq_lens_q/k` 
 is needed (no flash-attn build).
 
 Everything else is sdpa's: batches that are not packed, generation with a cache and the masks for them
-(the mask function is sdpa's). On the CPU, which has no varlen kernel, packed rows run sdpa with the same
-boundaries as a block-diagonal mask, so the CPU tests check the same inputs the GPU kernel gets.
+(the mask function is sdpa's). On the CPU, which has no varlen kernel, and in sliding-window layers, packed
+rows run sdpa with the same boundaries as a block-diagonal mask, so the CPU tests check the same inputs the
+GPU kernel gets. It is the default: unpacked, it is sdpa to the bit (tests/unit/test_packing.py).
 """
 
 from __future__ import annotations
@@ -43,16 +44,16 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if query.shape[0] != 1 or dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ValueError(f"{VARLEN}: packed rows are one flattened row of full causal attention without dropout "
-                         f"(got a batch of {query.shape[0]}, dropout {dropout}, sliding window "
-                         f"{kwargs.get('sliding_window')}, softcap {kwargs.get('softcap')}); use "
-                         "model.attn_implementation=sdpa for this model")
+    if query.shape[0] != 1 or dropout or kwargs.get("softcap") is not None:
+        raise ValueError(f"{VARLEN}: packed rows are one flattened row of attention without dropout or softcap "
+                         f"(got a batch of {query.shape[0]}, dropout {dropout}, softcap {kwargs.get('softcap')}); "
+                         "use model.attn_implementation=eager for this model")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
-    if q.is_cuda and _KERNEL is not None:
+    window = kwargs.get("sliding_window")
+    if q.is_cuda and _KERNEL is not None and window is None:
         out = _flash(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)
-    else:
-        out = _masked(q, k, v, cu_seq_lens_q, scaling)
+    else:  # a sliding window's layers (Mistral-style) take the mask with the window in it
+        out = _masked(q, k, v, cu_seq_lens_q, scaling, window)
     return out.unsqueeze(0), None
 
 
@@ -89,14 +90,17 @@ def _flash(q, k, v, cu: torch.Tensor, longest: int, scaling: float | None) -> to
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
-def _masked(q, k, v, cu: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """The same attention with sdpa and a block-diagonal causal mask built from cu (CPU; no varlen kernel)."""
+def _masked(q, k, v, cu: torch.Tensor, scaling: float | None, window: int | None = None) -> torch.Tensor:
+    """The same attention with sdpa and a block-diagonal causal mask built from cu (the CPU, which has no
+    varlen kernel, and sliding-window layers: token q then sees the `window` tokens up to itself)."""
     tokens = q.shape[0]
     starts = torch.zeros(tokens, dtype=torch.int32, device=q.device)
     starts[cu[1:-1].to(device=q.device, dtype=torch.long)] = 1
     sample = starts.cumsum(0)
     allowed = (sample[:, None] == sample[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool,
                                                                  device=q.device).tril()
+    if window is not None:
+        allowed &= torch.ones_like(allowed).triu(1 - window)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, tokens, dim)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
                                                            enable_gqa=k.shape[0] != q.shape[0])

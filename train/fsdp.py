@@ -134,9 +134,12 @@ def _from_rank0(model, whole: dict) -> None:
     left = [n for n, p in model.named_parameters() if local_shard(p).is_meta]
     if left:
         raise RuntimeError(f"FSDP2: rank 0 sent no weights for {left[:3]}")
-    state = [torch.get_rng_state()]
+    on_gpu = torch.cuda.is_available() and local_shard(next(model.parameters())).is_cuda
+    state = [torch.get_rng_state(), torch.cuda.get_rng_state() if on_gpu else None]  # rank 0 drew on its GPU
     dist.broadcast_object_list(state, src=0)
     torch.set_rng_state(state[0])
+    if on_gpu:
+        torch.cuda.set_rng_state(state[1])
 
 
 def _under_autocast(forward, device_type: str, dtype: torch.dtype):

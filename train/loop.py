@@ -88,7 +88,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         with acc.main_process_first():
             self.splits = build_splits(cfg, self.tokenizer, main_process=self.main)
-        model = apply_lora(cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan))
+        model = apply_lora(cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan,
+                                                draw=acc.device))
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         if cfg.distributed.strategy == "fsdp2":  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)

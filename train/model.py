@@ -21,8 +21,12 @@ def _quantization_config(cfg: DictConfig):
                               bnb_4bit_quant_storage=DTYPES.get(q.storage_dtype, torch.uint8))
 
 
-def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None = None):
+def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None = None,
+                    draw: torch.device | None = None):
     """The frozen base causal LM, on `device`, its weights in the plan's dtype.
+
+    `draw`: where a random_init model's weights are drawn, when not on `device`: FSDP2's rank 0 keeps the
+    whole model on its CPU but draws it on its GPU one tensor at a time (a CPU draws a 7B in minutes).
 
     On the meta device it is the model's shape alone, no weights read or drawn (buffers computed from the
     config, such as rotary frequencies, are real): FSDP2's ranks other than 0 build this, shard it, and
@@ -55,6 +59,8 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
         torch.manual_seed(cfg.seed)
         if cfg.quant.mode == "nf4":
             model = _random_4bit(cfg, config, device, common)
+        elif draw is not None and draw != device:
+            model = _random_drawn_on(config, dtype, draw, device, common)
         else:
             with device:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
@@ -114,23 +120,43 @@ def _random_4bit(cfg: DictConfig, config, device: torch.device, common: dict):
                 layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=compute, device=device))
             setattr(parent, name, layer)
             del weight
-    for module in model.modules():  # what is left on meta: embeddings, norms, lm_head
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.device.type != "meta":
-                continue
-            value = torch.empty(param.shape, dtype=param.dtype, device=device)
-            if param.ndim == 1:
-                value.fill_(1.0 if name == "weight" else 0.0)  # norm scales and biases
-            else:
-                value.normal_(0, std)
-            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
-        for name, buf in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = buf.to(device)
+    _draw_meta_parameters(model, std, device, device)  # what is left: embeddings, norms, lm_head
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.is_loaded_in_4bit = True  # what PEFT and prepare_model_for_kbit_training look for
     model.config.quantization_config = _quantization_config(cfg)
     return model
+
+
+def _random_drawn_on(config, dtype: torch.dtype, draw: torch.device, keep: torch.device, common: dict):
+    """A random-weight model held on `keep`, each tensor drawn on `draw` and moved: the device draws in
+    milliseconds what a CPU draws in minutes, and holds one tensor at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+    _draw_meta_parameters(model, getattr(config, "initializer_range", 0.02), draw, keep)
+    model.tie_weights()  # each parameter was replaced: tie the output embedding to the input again (if tied)
+    return model
+
+
+def _draw_meta_parameters(model, std: float, draw: torch.device, keep: torch.device) -> None:
+    """Give every parameter still on the meta device a value as transformers initialises Llama-style models
+    (matrices normal(0, std), norm scales 1, biases 0), drawn on `draw` and kept on `keep`, frozen; buffers
+    move to `keep`."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            value = torch.empty(param.shape, dtype=param.dtype, device=draw)
+            if param.ndim == 1:
+                value.fill_(1.0 if name == "weight" else 0.0)  # norm scales and biases
+            else:
+                value.normal_(0, std)
+            setattr(module, name, torch.nn.Parameter(value.to(keep), requires_grad=False))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buf.to(keep)
 
 
 def _keep_cpu_4bit_trainable(model) -> None:

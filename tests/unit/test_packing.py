@@ -309,6 +309,36 @@ def test_sdpa_varlen_flattens_packed_rows_and_is_sdpa_otherwise(tiny):
                        sdpa.generate(prompt, max_new_tokens=6, do_sample=False))
 
 
+def test_sdpa_varlen_keeps_a_sliding_window_within_each_sample():
+    """A Mistral-style model whose layers see 4 tokens back: packed rows under sdpa_varlen give each sample the
+    logits it has alone under sdpa (the window applies, and no sample sees another)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    register()
+    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, sliding_window=4)
+    torch.manual_seed(0)
+    varlen = AutoModelForCausalLM.from_config(MistralConfig(**config), attn_implementation="sdpa_varlen").eval()
+    sdpa = AutoModelForCausalLM.from_config(MistralConfig(**config), attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(varlen.state_dict())
+    lengths = [9, 3, 12]
+    ids = [torch.randint(0, 64, (n,)).numpy() for n in lengths]
+    rows = pack(SampleSet.from_lists(ids, ids, np.arange(3)), 32, seed=0)
+    batch = collate(list(rows), PAD)
+    with torch.no_grad():
+        packed = varlen(**model_inputs(batch, *attention_of(varlen))).logits[0]
+        order = [next(i for i in range(3) if np.array_equal(ids[i], rows[0]["input_ids"][lo:lo + n]))
+                 for lo, n in zip(np.cumsum([0, *rows[0]["seq_lens"][:-1]]), rows[0]["seq_lens"])]
+        alone = torch.cat([sdpa(input_ids=torch.as_tensor(ids[i])[None]).logits[0] for i in order])
+    torch.testing.assert_close(packed[:sum(lengths)], alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the window matters here: without it the longest sample's logits are others
+        unwindowed = AutoModelForCausalLM.from_config(MistralConfig(**{**config, "sliding_window": None}),
+                                                      attn_implementation="sdpa").eval()
+        unwindowed.load_state_dict(varlen.state_dict())
+        longest = torch.as_tensor(ids[2])[None]
+        assert not torch.allclose(unwindowed(input_ids=longest).logits, sdpa(input_ids=longest).logits, atol=1e-3)
+
+
 @pytest.mark.parametrize("api", ["window_size, scale, enable_gqa", "is_causal"])
 def test_sdpa_varlen_calls_the_kernel_as_this_torch_takes_it(monkeypatch, api):
     """The GPU path, on the CPU with stand-in kernels of the two forms torch's varlen_attn has had (causal as a

@@ -112,3 +112,42 @@ def test_random_init_with_nf4_is_quantised_and_trains():
     assert abs(loss.item() - torch.log(torch.tensor(300.0)).item()) < 0.5  # random weights: about uniform
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
+
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_random_init_drawn_elsewhere_is_a_whole_model_where_it_is_kept(tied, monkeypatch):
+    """FSDP2's rank 0 keeps a random_init model on its CPU but draws it on its GPU, one tensor at a time
+    (`draw`; drawn on the CPU here): every parameter real and frozen where it is kept, matrices
+    normal(0, initializer_range), norm scales 1, rotary buffers real, the embeddings tied when the config ties
+    them, and the model scores random tokens about uniformly."""
+    from lora_launch.train import model as model_module
+    from lora_launch.train.model import load_base_model
+
+    cfg = compose(["model=llama2_7b_random", "model.arch.hidden_size=64", "model.arch.vocab_size=300",
+                   "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+                   "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=4",
+                   f"+model.arch.tie_word_embeddings={str(tied).lower()}"])
+    asked = []
+    drawn_on = model_module._random_drawn_on
+
+    def on_cpu(config, dtype, draw, keep, common):  # this machine has no GPU to draw on: the CPU draws
+        asked.append((draw, keep))
+        return drawn_on(config, dtype, torch.device("cpu"), keep, common)
+
+    monkeypatch.setattr(model_module, "_random_drawn_on", on_cpu)
+    model = load_base_model(cfg, torch.device("cpu"), draw=torch.device("cuda", 0))
+    assert asked == [(torch.device("cuda", 0), torch.device("cpu"))]
+    assert load_base_model(cfg, torch.device("cpu"), draw=torch.device("cpu")) and len(asked) == 1  # same: as before
+    params = dict(model.named_parameters())
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in params.values())
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert torch.equal(model.model.norm.weight, torch.ones(64))
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.dtype == torch.float32 and abs(q.std().item() - 0.02) < 0.002 and abs(q.mean().item()) < 0.002
+    assert not torch.equal(q, model.model.layers[1].self_attn.q_proj.weight)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - torch.log(torch.tensor(300.0)).item()) < 0.1
