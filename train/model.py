@@ -25,8 +25,10 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
                     draw: torch.device | None = None):
     """The frozen base causal LM, on `device`, its weights in the plan's dtype.
 
-    `draw`: where a random_init model's weights are drawn, when not on `device`: FSDP2's rank 0 keeps the
-    whole model on its CPU but draws it on its GPU one tensor at a time (a CPU draws a 7B in minutes).
+    `draw`: where a random_init model's weights are drawn, when that is another kind of device: FSDP2's rank
+    0 keeps the whole model on its CPU but draws it on its GPU one tensor at a time (a CPU draws a 7B in
+    minutes). Those weights are normal(0, initializer_range) as transformers draws them, but not the same
+    numbers as a `ddp` run's.
 
     On the meta device it is the model's shape alone, no weights read or drawn (buffers computed from the
     config, such as rotary frequencies, are real): FSDP2's ranks other than 0 build this, shard it, and
@@ -59,7 +61,7 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
         torch.manual_seed(cfg.seed)
         if cfg.quant.mode == "nf4":
             model = _random_4bit(cfg, config, device, common)
-        elif draw is not None and draw != device:
+        elif draw is not None and draw.type != device.type:
             model = _random_drawn_on(config, dtype, draw, device, common)
         else:
             with device:

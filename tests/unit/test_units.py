@@ -138,7 +138,8 @@ def test_random_init_drawn_elsewhere_is_a_whole_model_where_it_is_kept(tied, mon
     monkeypatch.setattr(model_module, "_random_drawn_on", on_cpu)
     model = load_base_model(cfg, torch.device("cpu"), draw=torch.device("cuda", 0))
     assert asked == [(torch.device("cuda", 0), torch.device("cpu"))]
-    assert load_base_model(cfg, torch.device("cpu"), draw=torch.device("cpu")) and len(asked) == 1  # same: as before
+    for same in (torch.device("cpu"), torch.device("cpu", 0)):  # the same kind of device: as before
+        assert load_base_model(cfg, torch.device("cpu"), draw=same) and len(asked) == 1
     params = dict(model.named_parameters())
     assert all(p.device.type == "cpu" and not p.requires_grad for p in params.values())
     assert all(b.device.type == "cpu" for b in model.buffers())
