@@ -22,6 +22,7 @@ import math
 import torch
 
 from lora_launch.conf.schema import SDPA_VARLEN as VARLEN
+from lora_launch.train.data import same_sample_causal_mask
 
 
 def register() -> None:
@@ -93,12 +94,7 @@ def _flash(q, k, v, cu: torch.Tensor, longest: int, scaling: float | None) -> to
 def _masked(q, k, v, cu: torch.Tensor, scaling: float | None, window: int | None = None) -> torch.Tensor:
     """The same attention with sdpa and a block-diagonal causal mask built from cu (the CPU, which has no
     varlen kernel, and sliding-window layers: token q then sees the `window` tokens up to itself)."""
-    tokens = q.shape[0]
-    starts = torch.zeros(tokens, dtype=torch.int32, device=q.device)
-    starts[cu[1:-1].to(device=q.device, dtype=torch.long)] = 1
-    sample = starts.cumsum(0)
-    allowed = (sample[:, None] == sample[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool,
-                                                                 device=q.device).tril()
+    allowed = same_sample_causal_mask(cu, torch.Size((1, q.shape[0])), q.device)[0, 0]
     if window is not None:
         allowed &= torch.ones_like(allowed).triu(1 - window)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, tokens, dim)

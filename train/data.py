@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from lora_launch.conf.schema import SDPA_VARLEN
 from lora_launch.data.samples import IGNORE, Splits
 
 __all__ = ["SampleStream", "train_stream", "micro_batch_positions", "collate", "model_inputs"]
@@ -120,51 +121,49 @@ def model_inputs(batch: dict, attention: str = "sdpa", dtype: torch.dtype = torc
     from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, flash_attention_mask,
                                             flex_attention_mask, sdpa_mask)
 
-    from lora_launch.train.attention import VARLEN
-
     ids, positions = batch["input_ids"], batch["position_ids"]
     kind = ALL_MASK_ATTENTION_FUNCTIONS.get(attention)
-    if kind is flash_attention_mask or attention == VARLEN:
+    if kind is flash_attention_mask or attention == SDPA_VARLEN:
         cu, longest = batch["cu_seq_lens"], batch["max_length"]
         flat = {"input_ids": ids.view(1, -1), "position_ids": positions.view(1, -1), "cu_seq_lens_q": cu,
                 "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest, "use_cache": False}
-        if attention == VARLEN:  # an all-ones mask: sdpa's mask function then builds none (nor infers one)
+        if attention == SDPA_VARLEN:  # an all-ones mask: sdpa's mask function then builds none (nor infers one)
             flat["attention_mask"] = torch.ones_like(flat["input_ids"])
         return flat
     inputs = {"input_ids": ids, "position_ids": positions, "use_cache": False}
+    boundaries = (batch["cu_seq_lens"], ids.shape, ids.device)
     if kind is sdpa_mask:
-        inputs["attention_mask"] = same_sample_causal_mask(batch)
+        inputs["attention_mask"] = same_sample_causal_mask(*boundaries)
     elif kind is eager_mask:
-        allowed = same_sample_causal_mask(batch)
+        allowed = same_sample_causal_mask(*boundaries)
         inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(
             ~allowed, torch.finfo(dtype).min)
     elif kind is flex_attention_mask:
-        inputs["attention_mask"] = same_sample_block_mask(batch)
+        inputs["attention_mask"] = same_sample_block_mask(*boundaries)
     return inputs
 
 
-def sample_ids(batch: dict) -> torch.Tensor:
-    """(rows, width): which sample of the batch each token belongs to (a row's padding is one of its own),
-    from cu_seq_lens, on its device."""
-    ids = batch["input_ids"]
-    first = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
-    first[batch["cu_seq_lens"][:-1].long()] = 1
-    return first.cumsum(0).view(ids.shape)
+def sample_ids(cu_seq_lens: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """`shape` (rows, width): which sample each token of the batch belongs to (a row's padding is one of its
+    own), from the batch's cu_seq_lens, on `device`."""
+    first = torch.zeros(shape.numel(), dtype=torch.int32, device=device)
+    first[cu_seq_lens[:-1].long()] = 1
+    return first.cumsum(0).view(shape)
 
 
-def same_sample_causal_mask(batch: dict) -> torch.Tensor:
+def same_sample_causal_mask(cu_seq_lens: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """(rows, 1, width, width) boolean: token q attends to token k when both are in one sample, k <= q."""
-    sample = sample_ids(batch)
+    sample = sample_ids(cu_seq_lens, shape, device)
     width = sample.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=sample.device).tril()
     return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
 
 
-def same_sample_block_mask(batch: dict):
+def same_sample_block_mask(cu_seq_lens: torch.Tensor, shape: torch.Size, device: torch.device):
     """The same pattern as same_sample_causal_mask as a flex-attention BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    sample = sample_ids(batch)
+    sample = sample_ids(cu_seq_lens, shape, device)
     rows, width = sample.shape
 
     def same_sample_causal(b, h, q, k):
