@@ -32,6 +32,16 @@ PEERS = [case("peer_qlora_ckpt", "peer", quant="nf4", ckpt=True),
          case("peer_lora", "peer")]
 
 G1 = "distributed.layers_per_group=1"  # FSDP2 as it sharded before groups of layers (one layer a group)
+K0 = "distributed.keep_gathered=0"  # FSDP2 as it ran before keep_gathered=auto: every group gathered twice a step
+
+
+def _resharded(d: str, kw: dict) -> dict:
+    """An FSDP2 case of the earlier sharding calls as they ran then: keep_gathered=0 unless the case sets
+    reshard_after_forward (every group kept) itself."""
+    extra = kw.get("extra", [])
+    if d == "fsdp2" and not any("reshard_after_forward" in e for e in extra):
+        return {**kw, "extra": [*extra, K0]}
+    return kw
 
 MATRICES = {
     # the headline: the peer's three configs and this project's, plus what each speed change gives
@@ -147,7 +157,7 @@ MATRICES = {
     # (through distributed.deepspeed_config, the user's own DeepSpeed JSON)
     "sharding": [case("prepare", "prepare", save_7b=False),
                  *[case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=30,
-                        vs=None if d.startswith("ddp") else base, distributed=d, ckpt=ckpt, **kw)
+                        vs=None if d.startswith("ddp") else base, distributed=d, ckpt=ckpt, **_resharded(d, kw))
                    for name, d, ckpt, base, kw in (
                      ("ddp_ws1", "ddp", False, None, {"profile": 2}),
                      # one decoder layer a shard group (distributed.layers_per_group=auto makes 4 for the 7B in bf16)
@@ -182,6 +192,19 @@ MATRICES = {
                      # it the frozen weights are freed before backward (DeepSpeed 0.19.8 with PEFT, seen on CPU)
                      ("zero3_leaf_layers_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {"ds_json": {"zero_optimization": {
                          "leaf_module": {"classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}}}))]],
+    # distributed.keep_gathered=auto (the default) against every group gathered twice a step, at world size 1
+    # with and without grad ckpt, and where ZeRO-3's step goes with its decoder layers gathered whole
+    "keep": [case("prepare", "prepare", save_7b=False),
+             *[case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=30, distributed=d, ckpt=ckpt,
+                    vs=base, **kw)
+               for name, d, ckpt, base, kw in (
+                   ("ddp_ws1", "ddp", False, None, {}),
+                   ("fsdp2_resharded_ws1", "fsdp2", False, "ddp_ws1", {"extra": [K0]}),
+                   ("fsdp2_keep_auto_ws1", "fsdp2", False, "ddp_ws1", {}),
+                   ("ddp_ckpt_ws1", "ddp", True, None, {}),
+                   ("fsdp2_resharded_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {"extra": [K0]}),
+                   ("fsdp2_keep_auto_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {}),
+                   ("zero3_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {"profile": 2}))]],
     # where a step's time goes: each case timed as usual, then 3 more steps under torch's profiler (device busy
     # share, kernels per step, the top kernels); the QLoRA, LoRA and sharded steps whose speed is short of target
     "profile": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),

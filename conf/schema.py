@@ -293,6 +293,11 @@ class DistributedConfig:
     # fsdp2: free each decoder layer's gathered weights after its forward (gather again for backward); false
     # keeps them from forward to backward: one gather a step instead of two, at the memory of the whole base
     reshard_after_forward: bool = True
+    # fsdp2: the last N shard groups (they run last in forward, first in backward) stay gathered from forward to
+    # backward: no second gather for them, at their whole weights in memory. "auto": as many as the GPU's spare
+    # memory holds after the first step (never above 90% of what this process can reach; none on CPU), the
+    # same on every rank; the log says how many. 0: every group gathered twice a step, the least memory
+    keep_gathered: Any = field(default="auto", metadata={"type": "int|auto"})
     # fsdp2: consecutive decoder layers in each shard group: one gather, and one set of hooks, for all of them.
     # "auto": up to 4 layers, as many as hold at most 2 GiB of weights (7B in bf16: 4; 70B in bf16: 1)
     layers_per_group: Any = field(default="auto", metadata={"type": "int|auto"})
@@ -532,6 +537,13 @@ def validate(cfg: DictConfig) -> None:
         v = OmegaConf.select(cfg, key)
         if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             raise ConfigError(f"{key}={v!r} must be a positive integer or 'auto'")
+    keep = cfg.distributed.keep_gathered
+    if not (keep == "auto" or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0)):
+        raise ConfigError(f"distributed.keep_gathered={keep!r} must be a whole number of shard groups (0 or more) "
+                          "or 'auto'")
+    if keep not in ("auto", 0) and cfg.distributed.strategy != "fsdp2":
+        raise ConfigError(f"distributed.keep_gathered={keep} with distributed={cfg.distributed.name}: only fsdp2 "
+                          "gathers shard groups; use distributed=fsdp2, or leave distributed.keep_gathered=auto")
     r = cfg.distributed.replicate
     if r not in ("auto", 1) and cfg.distributed.strategy != "fsdp2":
         raise ConfigError(f"distributed.replicate={r} with distributed={cfg.distributed.name}: only fsdp2 shards "

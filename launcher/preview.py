@@ -10,7 +10,9 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
                FSDP2 too, plus what it holds gathered: the root group (embeddings, head, norms) from
                forward to backward, the shard group computing (distributed.layers_per_group decoder layers)
                and a layer more per group prefetched (one; distributed.prefetch=N: N), as measured; with
-               distributed.reshard_after_forward=false every layer stays gathered from forward to backward
+               distributed.reshard_after_forward=false every layer stays gathered from forward to backward,
+               with distributed.keep_gathered=N the last N groups (auto: decided by the GPU's spare memory after
+               the first step, not in the estimate; the preview says how much it may add)
   lora         adapter params x 4 (PEFT keeps adapters in fp32), + 4 per param of gradients; FSDP2
                shards both
   optimizer    AdamW: 8 per adapter param (+4 fp32 master under DeepSpeed); ZeRO and FSDP2 shard it;
@@ -154,16 +156,18 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
 
 
 def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int,
-                         double_quant: bool, per_group="auto", prefetch: int | None = None) -> float:
+                         double_quant: bool, per_group="auto", prefetch: int | None = None, kept: int = 0) -> float:
     """Base weights FSDP2 holds whole on a device at its peak: the root group (everything outside the decoder
     layers) from forward to backward, the shard group computing (`per_group` decoder layers) and one layer
     more per group prefetched (FSDP2's own: one). Measured on one H200 (7B, bf16, world size 1, 2026-11-29,
     bench/results/2026-11-29-h200-sharding-{3,5}.jsonl): groups of 1, 2, 4 and 8 layers peaked at 2, 3, 5
-    and 9 layers' weights above the rest, not two whole groups; prefetch=2 added nothing measurable."""
+    and 9 layers' weights above the rest, not two whole groups; prefetch=2 added nothing measurable. `kept`
+    groups (distributed.keep_gathered) are held from their forward to their backward on top of that."""
     whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     per_layer = _layer_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     per_group = layers_per_group(per_group, per_layer)
-    return whole - per_layer * shape.layers + min(shape.layers, per_group + (prefetch or 1)) * per_layer
+    held = per_group + (prefetch or 1) + kept * per_group
+    return whole - per_layer * shape.layers + min(shape.layers, held) * per_layer
 
 
 def _layer_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int, double_quant: bool) -> float:
@@ -192,7 +196,8 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
     if d.strategy == "fsdp2":  # the base, the adapters, their gradients and optimizer state all sharded
         share = 0.0 if d.offload_params else 1.0 / shards  # within one copy of the model
         gathered = (fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant,
-                                         d.layers_per_group, d.prefetch)
+                                         d.layers_per_group, d.prefetch,
+                                         d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
                     if d.reshard_after_forward else weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes,
                                                                  cfg.quant.double_quant))
         weights, grads, optim = weights * share + gathered, lora_params * share, shape.lora_params * 8.0 * share
@@ -296,6 +301,12 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
             k = min(shape.layers, fsdp2_group_size(cfg, shape, plan))
             out.append(f"shard groups {-(-shape.layers // k)} of up to {k} of the {shape.layers} decoder layers "
                        f"(distributed.layers_per_group={cfg.distributed.layers_per_group})")
+            if cfg.distributed.keep_gathered == "auto" and cfg.distributed.reshard_after_forward:
+                whole = _layer_bytes(shape, cfg.quant.mode, DTYPE_BYTES[plan.model_dtype],
+                                     DTYPE_BYTES[cfg.quant.compute_dtype], cfg.quant.double_quant) * shape.layers
+                out.append(f"kept gathered the last shard groups that the GPU's spare memory holds after the first "
+                           f"step (distributed.keep_gathered=auto), at most all {shape.layers} layers' weights whole "
+                           f"({_gib(whole)}) from forward to backward; distributed.keep_gathered=0 keeps none")
         if loads_from_rank0(cfg, plan):
             whole = weight_bytes(shape, "none", DTYPE_BYTES[plan.model_dtype], 0, False)
             out.append(f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "

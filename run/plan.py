@@ -201,6 +201,8 @@ def fsdp2_config(cfg: DictConfig, plan: RunPlan) -> dict:
         "shard": "decoder layers (the model's _no_split_modules), layers_per_group to a group, then the causal LM "
                  "as the root",
         "reshard_after_forward": bool(cfg.distributed.reshard_after_forward),
+        # the last N groups not resharded after forward; auto: decided after the first step (the log says)
+        "keep_gathered": cfg.distributed.keep_gathered if cfg.distributed.reshard_after_forward else "all",
         "layers_per_group": cfg.distributed.layers_per_group,  # auto: see layers_per_group(); the log says
         "prefetch": cfg.distributed.prefetch,  # null: FSDP2's own (one group ahead)
         "mixed_precision": {"param_dtype": None, "reduce_dtype": "float32",

@@ -91,6 +91,8 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     fully_shard(root, **common)
     if spec["prefetch"]:
         _prefetch([g[0] for g in groups], spec["prefetch"])
+    if isinstance(spec["keep_gathered"], int):
+        _keep_last(groups, spec["keep_gathered"])
     if main:
         print(f"FSDP2: {len(layers)} decoder layers, {len(groups)} shard group{'s' * (len(groups) > 1)} of up to "
               f"{len(groups[0])} (distributed.layers_per_group={spec['layers_per_group']})", flush=True)
@@ -118,6 +120,76 @@ def _prefetch(units: list, ahead: int) -> None:
     for i, unit in enumerate(units):
         unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + ahead])
         unit.set_modules_to_backward_prefetch(units[max(0, i - ahead):i][::-1])
+
+
+HEADROOM = 0.9  # distributed.keep_gathered=auto: the share of the GPU memory this process can reach that it may use
+
+
+def shard_groups(model) -> list[list[torch.nn.Module]]:
+    """The decoder layers of the sharded PEFT `model` by shard group (one gather each), in forward order."""
+    groups, states = [], []
+    for layer in decoder_layers(model.get_base_model()):
+        state = layer._get_fsdp_state()
+        if states and state is states[-1]:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+            states.append(state)
+    return groups
+
+
+def _keep_last(groups: list[list], k: int) -> None:
+    """The last `k` shard groups keep their gathered weights from forward to backward (they are gathered once
+    a step, not twice); the rest free them after forward. Training computes the same either way. A forward
+    without backward (evaluation) leaves a kept group gathered until the next backward; FSDP2 reshards it
+    itself before a state_dict reads it."""
+    for i, group in enumerate(groups):
+        group[0].set_reshard_after_forward(i < len(groups) - k, recurse=False)
+
+
+def gathered_bytes(group: list[torch.nn.Module]) -> int:
+    """Bytes of a shard group's parameters gathered whole (a sharded parameter's numel is its whole shape's)."""
+    return sum(p.numel() * p.element_size() for layer in group for p in layer.parameters())
+
+
+def groups_that_fit(sizes: list[int], spare: float) -> int:
+    """How many of the last shard groups (`sizes`: their gathered bytes, in forward order) fit in `spare` bytes."""
+    k, used = 0, 0
+    for size in reversed(sizes):
+        if used + size > spare:
+            break
+        k, used = k + 1, used + size
+    return k
+
+
+def keep_gathered_after_first_step(cfg: DictConfig, model, device: torch.device, step_start_bytes: int,
+                                   fill: float) -> tuple[int, int, float] | None:
+    """distributed.keep_gathered=auto, after the first step this process ran: keep as many of the last shard
+    groups gathered from forward to backward as the GPU's spare memory holds, the same number on every rank
+    (the fewest any rank can hold: the ranks' gathers must match). The step's peak is scaled up to a full
+    micro-batch (`fill`: the first step's largest micro-batch as a share of micro_batch_size x seq_len rows, so
+    shorter first batches are not taken for the largest). Returns (kept, groups, spare GiB), or None where
+    there is nothing to decide (another setting, no GPU: all groups resharded). A collective: every rank calls
+    it."""
+    import torch.distributed as dist
+
+    d = cfg.distributed
+    if d.strategy != "fsdp2" or d.keep_gathered != "auto" or not d.reshard_after_forward:
+        return None
+    groups = shard_groups(model)
+    k, spare = 0, 0.0
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        reachable = free + torch.cuda.memory_reserved(device)
+        peak = torch.cuda.max_memory_reserved(device)
+        peak = step_start_bytes + (peak - step_start_bytes) / max(min(fill, 1.0), 1e-3)
+        spare = HEADROOM * reachable - peak
+        k = groups_that_fit([gathered_bytes(g) for g in groups], spare)
+    agreed = torch.tensor([k], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    k = int(agreed.item())
+    _keep_last(groups, k)
+    return k, len(groups), spare / 2**30
 
 
 def _from_rank0(model, whole: dict) -> None:

@@ -110,6 +110,7 @@ class Trainer:
 
         self.progress = Progress(train_size=len(self.splits.train))
         self._prefetched = None  # (stream position, host batches) collated ahead by _prefetch
+        self._gathers_undecided = cfg.distributed.strategy == "fsdp2"  # distributed.keep_gathered=auto
         # what a restart needs; the checkpointer saves and loads exactly these
         self.states = {"trainable": TrainableState(self.model, self.optimizer),
                        "scheduler": SchedulerState(self.scheduler), "rng": RngState(), "progress": self.progress}
@@ -210,6 +211,7 @@ class Trainer:
         self.model.train()
         batches, counts = self._micro_batches()
         counts = device_sum(acc, counts)  # [targets, tokens] of the global batch
+        start_bytes = torch.cuda.memory_reserved(acc.device) if acc.device.type == "cuda" else 0
         # the step's loss is the mean over every target token of the global batch; accelerate
         # (or DeepSpeed) divides by grad_accum and the gradient all-reduce averages over ranks
         scale = (self.world * cfg.train.grad_accum / counts[0].clamp(min=1.0)).float()
@@ -246,7 +248,22 @@ class Trainer:
             row["grad_norm"] = float(grad_norm)
         if acc.device.type == "cuda":  # this rank's peak since the start (the others' are alike)
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        if self._gathers_undecided:
+            self._gathers_undecided = False
+            self._keep_gathered(start_bytes, batches)
         return row
+
+    def _keep_gathered(self, start_bytes: int, batches: list[dict]) -> None:
+        """distributed=fsdp2 keep_gathered=auto, after this process's first step: how many shard groups stay
+        gathered from forward to backward, from the memory that step took (see fsdp.keep_gathered_after_first_step)."""
+        cfg = self.cfg
+        fill = max(b["input_ids"].numel() for b in batches) / (cfg.train.micro_batch_size * cfg.train.seq_len)
+        decided = fsdp.keep_gathered_after_first_step(cfg, self.accelerator.unwrap_model(self.model),
+                                                      self.accelerator.device, start_bytes, fill)
+        if decided:
+            kept, groups, spare = decided
+            self.log.write(f"FSDP2: the last {kept} of {groups} shard groups stay gathered from forward to backward "
+                           f"(distributed.keep_gathered=auto: {spare:.1f} GiB to spare after step {self.step})")
 
     # ---- evaluation -----------------------------------------------------------------------------
 

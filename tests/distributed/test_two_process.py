@@ -174,19 +174,39 @@ def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, 
 
 def test_fsdp2_shard_groups_train_as_one_layer_groups_do(tiny, tmp_path):
     """Both of the tiny model's layers in one shard group (distributed.layers_per_group=auto) against one layer a
-    group with explicit prefetch: two processes started from the user's own directory, the log naming the
-    groups, the same losses."""
+    group with explicit prefetch, and one layer a group with the last kept gathered from forward to backward
+    (distributed.keep_gathered=1), evaluated and checkpointed between steps: two processes started from the
+    user's own directory, the log naming the groups and what was kept, the same losses, and the kept run's
+    checkpoint and adapter the same as the others'."""
     from support.resume import launch
 
     losses, logs = {}, {}
-    for name, extra in (("one", ["distributed.layers_per_group=1", "distributed.prefetch=1"]), ("auto", [])):
+    for name, extra in (("one", ["distributed.layers_per_group=1", "distributed.prefetch=1"]), ("auto", []),
+                        ("kept", ["distributed.layers_per_group=1", "distributed.keep_gathered=1"])):
         run = tmp_path / name
         rc, log = launch(run, [*tiny["overrides"], "launcher.num_processes=2", "distributed=fsdp2",
-                               "train.max_steps=4", "optim.lr=1e-3", "sample.max_new_tokens=0", *extra])
+                               "train.max_steps=4", "optim.lr=1e-3", "sample.max_new_tokens=2", "eval.every_steps=2",
+                               "checkpoint.every_steps=2", *extra])
         assert rc == 0, log[-3000:]
         logs[name] = log
         losses[name] = [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_jsonl(run / "metrics.jsonl")]
     assert "FSDP2: 2 decoder layers, 2 shard groups of up to 1 (distributed.layers_per_group=1)" in logs["one"]
     assert "FSDP2: 2 decoder layers, 1 shard group of up to 2 (distributed.layers_per_group=auto)" in logs["auto"]
-    assert [s for s, _ in losses["auto"]] == [s for s, _ in losses["one"]] and len(losses["one"]) > 4
-    assert [v for _, v in losses["auto"]] == pytest.approx([v for _, v in losses["one"]], rel=1e-5)
+    # auto on CPUs: nothing kept (no GPU memory to judge by), said once, after the first step
+    assert logs["auto"].count("FSDP2: the last 0 of 1 shard groups stay gathered from forward to backward "
+                              "(distributed.keep_gathered=auto") == 1
+    assert "stay gathered" not in logs["kept"]  # a number is applied at sharding, not decided
+    for name in ("auto", "kept"):
+        assert [s for s, _ in losses[name]] == [s for s, _ in losses["one"]] and len(losses["one"]) > 4
+        assert [v for _, v in losses[name]] == pytest.approx([v for _, v in losses["one"]], rel=1e-5)
+    from safetensors.torch import load_file
+
+    for step in ("step-2", "step-4"):  # saved after an evaluation left the kept group gathered
+        ckpts = {n: sorted(p for p in (tmp_path / n / "checkpoints" / step).rglob("*.safetensors")
+                           if not p.name.startswith("rng-")) for n in ("one", "kept")}  # RNG: each process's own
+        assert ckpts["kept"] and [p.name for p in ckpts["kept"]] == [p.name for p in ckpts["one"]]
+        for a, b in zip(ckpts["one"], ckpts["kept"]):
+            one, kept = load_file(a), load_file(b)
+            assert one.keys() == kept.keys()
+            for k in one:
+                torch.testing.assert_close(kept[k], one[k], rtol=1e-4, atol=1e-6)

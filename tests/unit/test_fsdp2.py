@@ -106,6 +106,44 @@ def test_keeping_the_gathered_layers_is_a_choice_the_plan_and_the_estimate_follo
         compose(["distributed=fsdp2", "distributed.reshard_after_forward=sometimes", "run.dir=/tmp/unused"])
 
 
+def test_groups_kept_gathered_are_in_the_plan_the_estimate_and_refused_where_they_cannot_be(shape_7b):
+    """distributed.keep_gathered=N holds the last N shard groups whole from forward to backward: the plan says
+    so, the estimate adds them (auto, decided on the GPU, adds nothing but is named in the preview), and a value
+    that means nothing is refused at compose, naming the key."""
+    def plan_and_estimate(*extra):
+        cfg = compose(["model=llama2_7b_random", "lora.r=64", "distributed=fsdp2", "run.dir=/tmp/unused", *extra])
+        plan = RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True)
+        return fsdp2_config(cfg, plan), pv.memory_estimate(cfg, shape_7b, plan)
+
+    (auto, free), (two, kept) = plan_and_estimate(), plan_and_estimate("distributed.keep_gathered=2")
+    (none, zero), (_, all_kept) = plan_and_estimate("distributed.keep_gathered=0"), plan_and_estimate(
+        "distributed.keep_gathered=100")
+    assert (auto["keep_gathered"], two["keep_gathered"], none["keep_gathered"]) == ("auto", 2, 0)
+    per_layer = 2 * (shape_7b.quantisable_params / shape_7b.layers)
+    assert kept.weights - free.weights == pytest.approx(2 * 4 * per_layer, rel=1e-6)  # 2 groups of 4 layers
+    assert zero.weights == pytest.approx(free.weights)
+    whole = shape_7b.total_params * 2
+    assert all_kept.weights == pytest.approx(whole / 8 + whole)  # as reshard_after_forward=false
+    reshard_off, _ = plan_and_estimate("distributed.reshard_after_forward=false")
+    assert reshard_off["keep_gathered"] == "all"
+    for bad, needle in (("distributed.keep_gathered=-1", "distributed.keep_gathered=-1 must be a whole number"),
+                        ("distributed.keep_gathered=some", "distributed.keep_gathered='some' must be")):
+        with pytest.raises(ConfigError, match=needle):
+            compose(["distributed=fsdp2", bad, "run.dir=/tmp/unused"])
+    with pytest.raises(ConfigError, match="distributed.keep_gathered=2 with distributed=ddp: only fsdp2"):
+        compose(["distributed.keep_gathered=2", "run.dir=/tmp/unused"])
+
+
+def test_how_many_groups_fit_counts_from_the_last():
+    from lora_launch.train.fsdp import groups_that_fit
+
+    assert groups_that_fit([3, 2, 2, 1], 0) == 0
+    assert groups_that_fit([3, 2, 2, 1], 1) == 1
+    assert groups_that_fit([3, 2, 2, 1], 4.5) == 2  # 1 + 2; the third (2) would need 5
+    assert groups_that_fit([3, 2, 2, 1], 100) == 4
+    assert groups_that_fit([], 100) == 0
+
+
 # ---- the checkpoint adapter on a real sharded model -----------------------------------------------------------
 
 @pytest.fixture
@@ -265,3 +303,37 @@ def test_auto_groups_as_many_layers_as_hold_2_gib_up_to_4(layer_gib, expected):
 
     assert layers_per_group("auto", layer_gib * 2**30) == expected
     assert layers_per_group(3, layer_gib * 2**30) == 3
+
+
+def test_groups_kept_gathered_train_alike_and_are_freed_for_a_checkpoint(one_process_group):
+    """distributed.keep_gathered=1 with 3 shard groups: only the last stays gathered after forward, training
+    matches the unsharded model's, a forward without backward (evaluation) leaves that group gathered, and the
+    checkpoint adapter then still saves what the unsharded model's adapter saves (FSDP2 reshards before a
+    state_dict). On the CPU, auto keeps none."""
+    from lora_launch.train.fsdp import is_dtensor, keep_gathered_after_first_step, shard_groups
+
+    plain, sharded = [], []
+    ref, _, ref_adapter = _trained(_lora_model(0, layers=5), False, losses=plain)
+    model, _, adapter = _trained(_lora_model(0, layers=5), True, "distributed.layers_per_group=2",
+                                 "distributed.keep_gathered=1", losses=sharded)
+    assert sharded == pytest.approx(plain, rel=1e-5)
+    groups = shard_groups(model)
+    assert [len(g) for g in groups] == [2, 2, 1]
+    assert [g[0]._get_fsdp_state()._fsdp_param_group._reshard_after_forward for g in groups] == [True, True, False]
+    with torch.no_grad():
+        model(input_ids=torch.arange(12).reshape(1, 12))
+    gathered = lambda g: not any(is_dtensor(p) for layer in g for p in layer.parameters())  # noqa: E731
+    assert [gathered(g) for g in groups] == [False, False, True]
+    saved, _ = adapter.full_trainable_state(model)
+    assert not any(gathered(g) for g in groups)
+    expected, _ = ref_adapter.full_trainable_state(ref)
+    assert saved.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(saved[k], expected[k], rtol=1e-4, atol=1e-6)
+
+    cfg = compose(["distributed=fsdp2", "run.dir=/tmp/unused"])
+    kept, count, spare = keep_gathered_after_first_step(cfg, model, torch.device("cpu"), 0, 1.0)
+    assert (kept, count, spare) == (0, 3, 0.0)
+    assert all(g[0]._get_fsdp_state()._fsdp_param_group._reshard_after_forward for g in groups)
+    assert keep_gathered_after_first_step(compose(["distributed=fsdp2", "distributed.keep_gathered=1"]), model,
+                                          torch.device("cpu"), 0, 1.0) is None
