@@ -232,6 +232,8 @@ def project(spec: dict) -> dict:
         out = step_stats(times, tokens)
         out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"],
                    attention_context=attention_context(trainer.splits.train), **estimate)
+        if trainer.kept_gathered:  # FSDP2's keep_gathered=auto: (groups kept, groups)
+            out["kept_gathered"] = list(trainer.kept_gathered)
         if spec.get("profile"):  # after the timed steps, so the profiler's overhead stays out of tokens/s
             out.update(profiled(trainer.train_step, int(spec["profile"]), out["step_time_median"]))
         if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding

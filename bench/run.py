@@ -201,10 +201,18 @@ MATRICES = {
                    ("ddp_ws1", "ddp", False, None, {}),
                    ("fsdp2_resharded_ws1", "fsdp2", False, "ddp_ws1", {"extra": [K0]}),
                    ("fsdp2_keep_auto_ws1", "fsdp2", False, "ddp_ws1", {}),
+                   ("fsdp2_keep_auto_profiled_ws1", "fsdp2", False, "ddp_ws1", {"profile": 2}),
                    ("ddp_ckpt_ws1", "ddp", True, None, {}),
                    ("fsdp2_resharded_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {"extra": [K0]}),
                    ("fsdp2_keep_auto_ckpt_ws1", "fsdp2", True, "ddp_ckpt_ws1", {}),
-                   ("zero3_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {"profile": 2}))]],
+                   ("zero3_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {"profile": 2}),
+                   # DeepSpeed's own autograd function for every nn.Linear under ZeRO-3 (its host time led the
+                   # profile above) against torch's linear: zero_optimization.memory_efficient_linear=false
+                   ("zero3_plain_linear_ckpt_ws1", "zero3", True, "ddp_ckpt_ws1", {"profile": 2, "ds_json": {
+                       "zero_optimization": {"memory_efficient_linear": False}}}),
+                   ("zero3_ws1", "zero3", False, "ddp_ws1", {}),
+                   ("zero3_plain_linear_ws1", "zero3", False, "ddp_ws1", {"ds_json": {
+                       "zero_optimization": {"memory_efficient_linear": False}}}))]],
     # where a step's time goes: each case timed as usual, then 3 more steps under torch's profiler (device busy
     # share, kernels per step, the top kernels); the QLoRA, LoRA and sharded steps whose speed is short of target
     "profile": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),

@@ -111,6 +111,7 @@ class Trainer:
         self.progress = Progress(train_size=len(self.splits.train))
         self._prefetched = None  # (stream position, host batches) collated ahead by _prefetch
         self._gathers_undecided = cfg.distributed.strategy == "fsdp2"  # distributed.keep_gathered=auto
+        self.kept_gathered = None  # then (shard groups kept gathered, shard groups), after the first step
         # what a restart needs; the checkpointer saves and loads exactly these
         self.states = {"trainable": TrainableState(self.model, self.optimizer),
                        "scheduler": SchedulerState(self.scheduler), "rng": RngState(), "progress": self.progress}
@@ -262,6 +263,7 @@ class Trainer:
                                                       self.accelerator.device, start_bytes, fill)
         if decided:
             kept, groups, spare = decided
+            self.kept_gathered = (kept, groups)
             self.log.write(f"FSDP2: the last {kept} of {groups} shard groups stay gathered from forward to backward "
                            f"(distributed.keep_gathered=auto: {spare:.1f} GiB to spare after step {self.step})")
 
