@@ -219,6 +219,8 @@ def project(spec: dict) -> dict:
 
     cfg = project_config(spec)
     estimate = preview_estimate(cfg)
+    if spec.get("compile_mode"):  # an experiment, not a project setting: torch.compile's mode for the layers
+        _compile_layers_with_mode(spec["compile_mode"])
     trainer = Trainer(cfg)
     loaded = peak_gib()
     try:
@@ -242,6 +244,20 @@ def project(spec: dict) -> dict:
         return out
     finally:
         trainer.close()
+
+
+def _compile_layers_with_mode(mode: str) -> None:
+    """Compile the decoder layers with torch.compile's `mode` (e.g. reduce-overhead: CUDA graphs) in this
+    bench process only, to see what the host's share of a step is worth."""
+    from lora_launch.train import fast
+
+    def compile_decoder_layers(model, dynamic=None):
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers:
+            layer.compile(dynamic=dynamic, mode=mode)
+        return len(layers)
+
+    fast.compile_decoder_layers = compile_decoder_layers
 
 
 def checkpoint(spec: dict) -> dict:
