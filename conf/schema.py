@@ -63,6 +63,11 @@ class AutoDtype(Choice):
     float32 = "float32"
 
 
+class QuantKernel(Choice):
+    bitsandbytes = "bitsandbytes"
+    torch = "torch"
+
+
 class StorageDtype(Choice):
     uint8 = "uint8"
     bfloat16 = "bfloat16"
@@ -258,6 +263,10 @@ class QuantConfig:
     # PEFT's prepare_model_for_kbit_training casts every non-4-bit weight (norms, embeddings,
     # lm_head) to float32; false keeps them in the compute dtype: less memory, faster steps
     upcast_frozen: bool = False
+    # the 4-bit layers' matmul: bitsandbytes' matmul_4bit, or `torch`: the same dequantisation written in torch
+    # operations (bit-identical weights), which torch.compile fuses into each compiled decoder layer; the
+    # packed weight alone is kept for backward. ddp and zero2 only (every process holds whole weights)
+    kernel: QuantKernel = QuantKernel.bitsandbytes
 
 
 @dataclass
@@ -537,6 +546,9 @@ def validate(cfg: DictConfig) -> None:
         v = OmegaConf.select(cfg, key)
         if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             raise ConfigError(f"{key}={v!r} must be a positive integer or 'auto'")
+    if str(cfg.quant.kernel) == "torch" and (cfg.distributed.strategy == "fsdp2" or cfg.distributed.zero_stage == 3):
+        raise ConfigError(f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "
+                          "there; use quant.kernel=bitsandbytes, or distributed=ddp or zero2")
     keep = cfg.distributed.keep_gathered
     if not (keep == "auto" or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0)):
         raise ConfigError(f"distributed.keep_gathered={keep!r} must be a whole number of shard groups (0 or more) "

@@ -79,6 +79,10 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
             model.to(device)
     if cfg.quant.mode == "nf4" and device.type == "cpu":
         _keep_cpu_4bit_trainable(model)
+    if cfg.quant.mode == "nf4" and str(cfg.quant.kernel) == "torch":
+        from lora_launch.train.nf4 import use_torch_matmul
+
+        use_torch_matmul(model, DTYPES[cfg.quant.compute_dtype])
     model.config.use_cache = False
     return model
 
