@@ -111,8 +111,10 @@ MATRICES = {
               case("lora", "project", vs=["peer_lora", "peer_lora_liger"]),
               case("lora_ckpt", "project", ckpt=True, vs=["peer_lora_ckpt", "peer_lora_ckpt_liger"]),
               case("qlora_ckpt", "project", quant="nf4", ckpt=True, vs=["peer_qlora_ckpt", "peer_qlora_ckpt_liger"]),
-              # the 4-bit matmul in torch operations, fused by compile into each decoder layer's graph
-              case("qlora_ckpt_torch_kernel", "project", quant="nf4", ckpt=True, extra=["quant.kernel=torch"],
+              # bitsandbytes' matmul_4bit, the default before quant.kernel=auto (torch operations, fused by compile
+              # into each decoder layer's graph); the 2026-11-30 speed-1/2 rows name the two qlora_ckpt (bitsandbytes)
+              # and qlora_ckpt_torch_kernel
+              case("qlora_ckpt_bnb_kernel", "project", quant="nf4", ckpt=True, extra=["quant.kernel=bitsandbytes"],
                    vs=["peer_qlora_ckpt", "peer_qlora_ckpt_liger"])],
     # real lengths and long context, each against the peer's fastest form for it
     "lengths": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),

@@ -64,6 +64,7 @@ class AutoDtype(Choice):
 
 
 class QuantKernel(Choice):
+    auto = "auto"
     bitsandbytes = "bitsandbytes"
     torch = "torch"
 
@@ -263,10 +264,11 @@ class QuantConfig:
     # PEFT's prepare_model_for_kbit_training casts every non-4-bit weight (norms, embeddings,
     # lm_head) to float32; false keeps them in the compute dtype: less memory, faster steps
     upcast_frozen: bool = False
-    # the 4-bit layers' matmul: bitsandbytes' matmul_4bit, or `torch`: the same dequantisation written in torch
+    # training's 4-bit matmul: bitsandbytes' matmul_4bit, or `torch`: the same dequantisation written in torch
     # operations (bit-identical weights), which torch.compile fuses into each compiled decoder layer; the
-    # packed weight alone is kept for backward. ddp and zero2 only (every process holds whole weights)
-    kernel: QuantKernel = QuantKernel.bitsandbytes
+    # packed weight alone is kept for backward. `torch` needs whole weights on every process (ddp, zero2);
+    # auto: torch there, bitsandbytes under fsdp2 and zero3. `generate` and `serve` keep bitsandbytes'
+    kernel: QuantKernel = QuantKernel.auto
 
 
 @dataclass
@@ -535,6 +537,15 @@ def _check_keys(cfg: DictConfig) -> None:
         OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     except ConfigKeyError as e:
         raise ConfigError(unknown_key(getattr(e, "full_key", None) or str(e).splitlines()[0])) from None
+
+
+def quant_kernel(cfg: DictConfig) -> str:
+    """The 4-bit matmul training uses (quant.kernel, `auto` resolved): `torch` or `bitsandbytes`."""
+    kernel = str(cfg.quant.kernel)
+    if kernel != "auto":
+        return kernel
+    sharded = cfg.distributed.strategy == "fsdp2" or cfg.distributed.zero_stage == 3
+    return "bitsandbytes" if sharded else "torch"
 
 
 def validate(cfg: DictConfig) -> None:

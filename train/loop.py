@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from lora_launch.conf.schema import BNB_OPTIMIZERS
+from lora_launch.conf.schema import BNB_OPTIMIZERS, quant_kernel
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
 from lora_launch.run.pruning import report_eval
@@ -91,6 +91,9 @@ class Trainer:
         model = apply_lora(cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan,
                                                 draw=acc.device))
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
+        if cfg.quant.mode == "nf4" and self.main:
+            print(f"QLoRA: the 4-bit layers' matmul through {quant_kernel(cfg)} (quant.kernel={cfg.quant.kernel})",
+                  flush=True)
         if cfg.distributed.strategy == "fsdp2":  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)
         plugin = acc.state.deepspeed_plugin  # the merged DeepSpeed config, the user's own JSON under the run's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from lora_launch.conf.schema import lora_targets, plain
+from lora_launch.conf.schema import lora_targets, plain, quant_kernel
 from lora_launch.run.plan import RunPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -79,10 +79,6 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
             model.to(device)
     if cfg.quant.mode == "nf4" and device.type == "cpu":
         _keep_cpu_4bit_trainable(model)
-    if cfg.quant.mode == "nf4" and str(cfg.quant.kernel) == "torch":
-        from lora_launch.train.nf4 import use_torch_matmul
-
-        use_torch_matmul(model, DTYPES[cfg.quant.compute_dtype])
     model.config.use_cache = False
     return model
 
@@ -181,6 +177,10 @@ def apply_lora(cfg: DictConfig, model):
     """Wrap the base model with trainable LoRA adapters; everything else stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if cfg.quant.mode == "nf4" and quant_kernel(cfg) == "torch":  # training only: generate and serve keep bnb's
+        from lora_launch.train.nf4 import use_torch_matmul
+
+        use_torch_matmul(model, DTYPES[cfg.quant.compute_dtype])
     if cfg.quant.mode == "nf4" and cfg.quant.upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_ckpt)
     elif cfg.train.grad_ckpt:

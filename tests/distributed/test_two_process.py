@@ -103,6 +103,30 @@ def test_qlora_sharded_trains_after_the_step0_eval(tiny, tmp_path, strategy):
     assert evals[0] != evals[-1]
 
 
+def test_qlora_under_ddp_trains_alike_through_either_4bit_kernel(tiny, tmp_path):
+    """quant=nf4 with 2 DDP processes: the default (quant.kernel=auto: torch operations here) and bitsandbytes'
+    matmul_4bit give the same losses and adapters, from the user's own directory."""
+    from safetensors.torch import load_file
+
+    losses = {}
+    for kernel in ("auto", "bitsandbytes"):
+        run = tmp_path / kernel
+        result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", "quant=nf4",
+                             f"quant.kernel={kernel}", "train.max_steps=4", "optim.lr=1e-3", "sample.max_new_tokens=2",
+                             cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+        said = "torch (quant.kernel=auto)" if kernel == "auto" else "bitsandbytes (quant.kernel=bitsandbytes)"
+        assert f"QLoRA: the 4-bit layers' matmul through {said}" in result.stdout + result.stderr
+        losses[kernel] = [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_jsonl(run / "metrics.jsonl")]
+    assert [s for s, _ in losses["auto"]] == [s for s, _ in losses["bitsandbytes"]] and len(losses["auto"]) > 4
+    assert [v for _, v in losses["auto"]] == pytest.approx([v for _, v in losses["bitsandbytes"]], rel=1e-4)
+    assert losses["auto"][-1][1] < losses["auto"][0][1]
+    ours, theirs = (load_file(tmp_path / k / "adapter" / "adapter_model.safetensors") for k in ("auto", "bitsandbytes"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-3, atol=1e-5)
+
+
 def test_fsdp2_in_bfloat16_trains_as_ddp_does(tiny, tmp_path):
     """bf16 mixed precision, the GPU default, on CPU: bf16 base weights, fp32 adapters, compute under autocast.
     FSDP2 runs the same arithmetic as DDP; only the gradient norm's summation order differs."""

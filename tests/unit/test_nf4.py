@@ -67,8 +67,14 @@ def test_a_qlora_model_through_the_torch_kernel_computes_what_bitsandbytes_does(
     assert shapes and not any(tuple(t.shape) in shapes for t in saved_t)
 
 
-def test_the_torch_kernel_is_refused_where_the_4bit_weights_are_sharded():
+def test_the_torch_kernel_is_the_default_where_weights_are_whole_and_refused_where_they_are_sharded():
+    from lora_launch.conf.schema import quant_kernel
+
     for option in ("fsdp2", "zero3"):
         with pytest.raises(ConfigError, match=f"quant.kernel=torch with distributed={option}: the 4-bit weights"):
             compose(["quant=nf4", "quant.kernel=torch", f"distributed={option}", "quant.storage_dtype=bfloat16"])
-    compose(["quant=nf4", "quant.kernel=torch", "distributed=zero2"])
+        assert quant_kernel(compose(["quant=nf4", f"distributed={option}", "quant.storage_dtype=bfloat16"])) == (
+            "bitsandbytes")
+    for option in ("ddp", "zero2"):
+        assert quant_kernel(compose(["quant=nf4", f"distributed={option}"])) == "torch"
+    assert quant_kernel(compose(["quant=nf4", "quant.kernel=bitsandbytes"])) == "bitsandbytes"
