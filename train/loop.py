@@ -267,8 +267,10 @@ class Trainer:
         if decided:
             kept, groups, spare = decided
             self.kept_gathered = (kept, groups)
+            why = (f"{spare:.1f} GiB to spare after step {self.step}" if self.accelerator.device.type == "cuda"
+                   else "no GPU memory to hold them")
             self.log.write(f"FSDP2: the last {kept} of {groups} shard groups stay gathered from forward to backward "
-                           f"(distributed.keep_gathered=auto: {spare:.1f} GiB to spare after step {self.step})")
+                           f"(distributed.keep_gathered=auto: {why})")
 
     # ---- evaluation -----------------------------------------------------------------------------
 
