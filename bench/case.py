@@ -249,15 +249,11 @@ def project(spec: dict) -> dict:
 def _compile_layers_with_mode(mode: str) -> None:
     """Compile the decoder layers with torch.compile's `mode` (e.g. reduce-overhead: CUDA graphs) in this
     bench process only, to see what the host's share of a step is worth."""
+    import functools
+
     from lora_launch.train import fast
 
-    def compile_decoder_layers(model, dynamic=None):
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        for layer in layers:
-            layer.compile(dynamic=dynamic, mode=mode)
-        return len(layers)
-
-    fast.compile_decoder_layers = compile_decoder_layers
+    fast.compile_decoder_layers = functools.partial(fast.compile_decoder_layers, mode=mode)
 
 
 def checkpoint(spec: dict) -> dict:

@@ -539,31 +539,33 @@ def _check_keys(cfg: DictConfig) -> None:
         raise ConfigError(unknown_key(getattr(e, "full_key", None) or str(e).splitlines()[0])) from None
 
 
+def _shards_weights(cfg: DictConfig) -> bool:
+    """Whether the distributed option shards the base weights (fsdp2, ZeRO-3): no process holds them whole."""
+    return cfg.distributed.strategy == "fsdp2" or cfg.distributed.zero_stage == 3
+
+
 def quant_kernel(cfg: DictConfig) -> str:
     """The 4-bit matmul training uses (quant.kernel, `auto` resolved): `torch` or `bitsandbytes`."""
     kernel = str(cfg.quant.kernel)
     if kernel != "auto":
         return kernel
-    sharded = cfg.distributed.strategy == "fsdp2" or cfg.distributed.zero_stage == 3
-    return "bitsandbytes" if sharded else "torch"
+    return "bitsandbytes" if _shards_weights(cfg) else "torch"
 
 
 def validate(cfg: DictConfig) -> None:
     """Check keys, value ranges and cross-field rules; raise ConfigError naming the key."""
     _check_keys(cfg)
     _walk("", Config, cfg)
-    for key in ("launcher.num_processes", "distributed.replicate", "distributed.layers_per_group",
-                "sweep.parallel"):  # the "int|auto" fields
+    for key, least in (("launcher.num_processes", 1), ("distributed.replicate", 1), ("distributed.layers_per_group", 1),
+                       ("distributed.keep_gathered", 0), ("sweep.parallel", 1)):  # the "int|auto" fields
         v = OmegaConf.select(cfg, key)
-        if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
-            raise ConfigError(f"{key}={v!r} must be a positive integer or 'auto'")
-    if str(cfg.quant.kernel) == "torch" and (cfg.distributed.strategy == "fsdp2" or cfg.distributed.zero_stage == 3):
+        if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= least)):
+            what = "a positive integer" if least == 1 else "a whole number (0 or more)"
+            raise ConfigError(f"{key}={v!r} must be {what} or 'auto'")
+    if str(cfg.quant.kernel) == "torch" and _shards_weights(cfg):
         raise ConfigError(f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "
                           "there; use quant.kernel=bitsandbytes, or distributed=ddp or zero2")
     keep = cfg.distributed.keep_gathered
-    if not (keep == "auto" or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0)):
-        raise ConfigError(f"distributed.keep_gathered={keep!r} must be a whole number of shard groups (0 or more) "
-                          "or 'auto'")
     if keep not in ("auto", 0) and cfg.distributed.strategy != "fsdp2":
         raise ConfigError(f"distributed.keep_gathered={keep} with distributed={cfg.distributed.name}: only fsdp2 "
                           "gathers shard groups; use distributed=fsdp2, or leave distributed.keep_gathered=auto")

@@ -18,11 +18,12 @@ from omegaconf import DictConfig
 from lora_launch.data.samples import IGNORE
 
 
-def compile_decoder_layers(model, dynamic: bool | None = None) -> int:
-    """Compile every decoder layer in place (before DDP/DeepSpeed wrap the model); returns how many."""
+def compile_decoder_layers(model, dynamic: bool | None = None, **options) -> int:
+    """Compile every decoder layer in place (before DDP/DeepSpeed wrap the model), with torch.compile's other
+    `options` if any (the bench tries `mode`); returns how many."""
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
-        layer.compile(dynamic=dynamic)
+        layer.compile(dynamic=dynamic, **options)
     return len(layers)
 
 

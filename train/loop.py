@@ -215,7 +215,9 @@ class Trainer:
         self.model.train()
         batches, counts = self._micro_batches()
         counts = device_sum(acc, counts)  # [targets, tokens] of the global batch
-        start_bytes = torch.cuda.memory_reserved(acc.device) if acc.device.type == "cuda" else 0
+        # what the device held before the first step, for keep_gathered=auto (read once)
+        first = self._gathers_undecided and acc.device.type == "cuda"
+        start_bytes = torch.cuda.memory_reserved(acc.device) if first else 0
         # the step's loss is the mean over every target token of the global batch; accelerate
         # (or DeepSpeed) divides by grad_accum and the gradient all-reduce averages over ranks
         scale = (self.world * cfg.train.grad_accum / counts[0].clamp(min=1.0)).float()
