@@ -58,10 +58,53 @@ def profiled(step, steps: int, step_s: float | None = None) -> dict:
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step()
+            with torch.profiler.record_function(STEP_MARK):
+                step()
         if cuda:
             torch.cuda.synchronize()
-    return profile_summary(prof.key_averages(), time.perf_counter() - t0, steps, cuda, step_s)
+    out = profile_summary(prof.key_averages(), time.perf_counter() - t0, steps, cuda, step_s)
+    if cuda:
+        out["idle"] = idle_gaps(prof.events())
+    return out
+
+
+STEP_MARK = "bench.step"
+
+
+def idle_gaps(events, top: int = 8) -> dict:
+    """Where the device waits for the host, from the profiled kernels' timeline: per step, the wait between the
+    previous step's last kernel and this step's first (the step boundary: the host's sync and its next launches)
+    and the gaps inside the step; the longest gaps with their place in the step (ms after its first kernel, and the
+    step's length), which tell forward, backward and the optimizer apart."""
+    from torch.autograd import DeviceType
+
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.name == STEP_MARK and e.device_type == DeviceType.CPU)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    if not merged or not steps:
+        return {}
+    per_step, gaps = [], []
+    for i, (s0, _) in enumerate(steps):
+        end = steps[i + 1][0] if i + 1 < len(steps) else merged[-1][1]
+        mine = [m for m in merged if s0 <= m[0] < end]
+        if not mine:
+            continue
+        before = [m for m in merged if m[0] < s0]
+        boundary = (mine[0][0] - before[-1][1]) / 1e3 if before else None
+        inner = [(b[0] - a[1], a[1] - mine[0][0]) for a, b in zip(mine, mine[1:])]
+        per_step.append({"boundary_ms": boundary, "inside_ms": sum(g for g, _ in inner) / 1e3,
+                         "kernels_span_ms": (mine[-1][1] - mine[0][0]) / 1e3})
+        gaps += [{"ms": g / 1e3, "at_ms": at / 1e3, "of_ms": (mine[-1][1] - mine[0][0]) / 1e3} for g, at in inner]
+    gaps.sort(key=lambda g: -g["ms"])
+    return {"steps": per_step, "longest": gaps[:top],
+            "small_gaps_ms": sum(g["ms"] for g in gaps if g["ms"] < 0.05) / max(len(per_step), 1)}
 
 
 def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float | None = None,
@@ -84,7 +127,11 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float
     # the host's side: the operators (and Python-level hooks torch records) with the most CPU time of their own
     host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events
                    if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0), key=lambda r: -r[1])[:top]
-    return {"profile_steps": steps, "profile_wall_s": wall_s,
+    kinds: dict[str, float] = {}  # device ms per step by kind of kernel (host: empty)
+    if cuda:
+        for k, t, _ in rows:
+            kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + t / 1e3 / steps
+    return {"profile_steps": steps, "profile_wall_s": wall_s, "kinds_ms_per_step": kinds,
             "device_busy": min(1.0, busy_s / steps / step_s) if cuda and step_s else None,
             "device_ms_per_step": busy_s * 1e3 / steps if cuda else None,
             "host_op_share": None if cuda else min(1.0, busy_s / wall_s),
@@ -93,6 +140,20 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float
                     for k, t, c in ranked],
             "host_top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}
                          for k, t, c in host]}
+
+
+KERNEL_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
+                ("attention", ("flash", "fmha", "attention", "cudnn")),
+                ("optimizer", ("optimizer", "adam", "multi_tensor")),
+                ("fused (triton)", ("triton",)),
+                ("copy", ("memcpy", "memset", "copy")))
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device kernel by its name: matmul, attention, optimizer, copies, compiled (Triton) or
+    other (eager elementwise and reductions)."""
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
 
 
 def peak_gib() -> float:
@@ -320,7 +381,8 @@ def lognormal_lengths(n: int, seq: int, seed: int = 0) -> list[int]:
 
 
 def peer(spec: dict) -> dict:
-    """TRL SFTTrainer + PEFT (+ bitsandbytes), paged_adamw_32bit, same model and data. Forms: TRL's defaults;
+    """TRL SFTTrainer + PEFT (+ bitsandbytes), paged_adamw_32bit unless `optim` names another of the Trainer's
+    optimizers (adamw_torch_fused), same model and data. Forms: TRL's defaults;
     `liger`: its own use_liger_kernel=True; `padding_free`: that plus padding_free=True (real lengths).
     Tokens/s counts real (non-padding) tokens, counted at the embedding of every forward (rank 0's: per GPU).
 
@@ -350,7 +412,7 @@ def peer(spec: dict) -> dict:
     liger = bool(spec.get("liger") or spec.get("padding_free"))
     ddp = {"gradient_checkpointing_kwargs": {"use_reentrant": False}, "ddp_find_unused_parameters": False}
     args = SFTConfig(output_dir=str(WORK / "runs" / spec["name"]), per_device_train_batch_size=micro,
-                     gradient_accumulation_steps=1, optim="paged_adamw_32bit", learning_rate=2e-4,
+                     gradient_accumulation_steps=1, optim=spec.get("optim", "paged_adamw_32bit"), learning_rate=2e-4,
                      weight_decay=0.001, max_grad_norm=0.3, lr_scheduler_type="cosine",
                      bf16=torch.cuda.is_available(), disable_tqdm=True,
                      max_steps=warm + steps, gradient_checkpointing=spec.get("ckpt", False),

@@ -31,6 +31,7 @@ PEERS = [case("peer_qlora_ckpt", "peer", quant="nf4", ckpt=True),
          case("peer_lora_ckpt", "peer", ckpt=True),
          case("peer_lora", "peer")]
 
+FUSED = "optim.name=adamw_torch_fused"  # torch's fused AdamW kernel (optim=adamw's name is adamw_torch: foreach)
 G1 = "distributed.layers_per_group=1"  # FSDP2 as it sharded before groups of layers (one layer a group)
 K0 = "distributed.keep_gathered=0"  # FSDP2 as it ran before keep_gathered=auto: every group gathered twice a step
 
@@ -231,6 +232,31 @@ MATRICES = {
                     ("qlora_ckpt", dict(quant="nf4", random_nf4=True, ckpt=True)), ("lora", {}))],
                 *[case(f"{d}_ws1", "project", torchrun=True, optim="adamw", distributed=d, warmup=4, steps=8,
                        profile=3) for d in ("ddp", "fsdp2", "zero3")]],
+    # bf16 LoRA's MFU and the ckpt cases' speed: what bitsandbytes' paged AdamW costs a step (its per-tensor launches
+    # against torch's fused AdamW kernel over the same LoRA parameters), and CUDA graphs over the compiled layers
+    "mfu": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
+            case("lora", "project", warmup=4, steps=12, profile=3),
+            case("lora_fused_adamw", "project", optim="adamw", extra=["optim.name=adamw_torch_fused"], warmup=4,
+                 steps=12, profile=3, vs="lora"),
+            case("lora_foreach_adamw", "project", optim="adamw", warmup=4, steps=12, vs="lora"),
+            case("lora_fused_adamw_cudagraphs", "project", optim="adamw", extra=["optim.name=adamw_torch_fused"],
+                 compile_mode="reduce-overhead", warmup=6, steps=12, profile=2, vs="lora"),
+            case("lora_ckpt", "project", ckpt=True, warmup=4, steps=12),
+            case("lora_ckpt_fused_adamw", "project", ckpt=True, optim="adamw", extra=["optim.name=adamw_torch_fused"],
+                 warmup=4, steps=12, vs="lora_ckpt"),
+            case("qlora_ckpt", "project", quant="nf4", random_nf4=True, ckpt=True, warmup=4, steps=12, profile=3),
+            case("qlora_ckpt_fused_adamw", "project", quant="nf4", random_nf4=True, ckpt=True, optim="adamw",
+                 extra=["optim.name=adamw_torch_fused"], warmup=4, steps=12, profile=3, vs="qlora_ckpt")],
+    # torch's fused AdamW on both sides (bitsandbytes' paged AdamW took 12.8-17.2 ms of device time a step in the mfu
+    # matrix, torch's fused 0.8 ms): the peer's forms with it against this project's, and where bf16 LoRA's step idles
+    "optim": [case("matmul", "matmul"), case("prepare", "prepare"),
+              case("lora_fused_adamw_profiled", "project", optim="adamw", extra=[FUSED], warmup=4, steps=12, profile=3),
+              *[c for name, kw in (("lora_ckpt", {"ckpt": True}), ("qlora_ckpt", {"quant": "nf4", "ckpt": True}),
+                                   ("lora", {}))
+                for c in (case(f"peer_{name}_fused_adamw", "peer", optim="adamw_torch_fused", **kw),
+                          case(f"peer_{name}_liger_fused_adamw", "peer", optim="adamw_torch_fused", liger=True, **kw),
+                          case(f"{name}_fused_adamw", "project", optim="adamw", extra=[FUSED], **kw,
+                               vs=[f"peer_{name}_fused_adamw", f"peer_{name}_liger_fused_adamw"]))]],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],
@@ -357,6 +383,18 @@ def profile_table(rows: list[dict]) -> str:
                      f"kernels/step {r['kernels_per_step']:7.0f}  {top}")
         if host:
             lines.append(f"{'':28} host: {host}")
+        if r.get("kinds_ms_per_step"):
+            kinds = sorted(r["kinds_ms_per_step"].items(), key=lambda kv: -kv[1])
+            lines.append(f"{'':28} device ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds)
+                         + f" (step {r['step_time_median'] * 1e3:.1f})")
+        idle = r.get("idle") or {}
+        if idle.get("steps"):
+            st = idle["steps"]
+            bound = [x["boundary_ms"] for x in st if x["boundary_ms"] is not None]
+            lines.append(f"{'':28} idle ms/step: at the step boundary "
+                         f"{sum(bound) / max(len(bound), 1):.1f}, inside {sum(x['inside_ms'] for x in st) / len(st):.1f} "
+                         f"(gaps < 50 us: {idle['small_gaps_ms']:.1f}); longest: "
+                         + ", ".join(f"{g['ms']:.2f} at {g['at_ms']:.0f}/{g['of_ms']:.0f}" for g in idle["longest"][:6]))
     return "\n".join(["", "# profile (3 steps under torch.profiler)", *lines]) if lines else ""
 
 
