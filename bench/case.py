@@ -81,7 +81,7 @@ def idle_gaps(events, top: int = 8) -> dict:
     steps = sorted((e.time_range.start, e.time_range.end) for e in events
                    if e.name == STEP_MARK and e.device_type == DeviceType.CPU)
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+                   if e.device_type == DeviceType.CUDA and e.name != STEP_MARK and e.time_range.end > e.time_range.start)
     merged: list[list[float]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
@@ -121,7 +121,8 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float
         return e.self_cpu_time_total
 
     device = DeviceType.CUDA if cuda else DeviceType.CPU
-    rows = [(e.key, self_time(e), e.count) for e in events if e.device_type == device and self_time(e) > 0]
+    rows = [(e.key, self_time(e), e.count) for e in events
+            if e.device_type == device and self_time(e) > 0 and e.key != STEP_MARK]
     busy_s = sum(t for _, t, _ in rows) / 1e6
     ranked = sorted(rows, key=lambda r: -r[1])[:top]
     # the host's side: the operators (and Python-level hooks torch records) with the most CPU time of their own

@@ -251,6 +251,8 @@ MATRICES = {
     # matrix, torch's fused 0.8 ms): the peer's forms with it against this project's, and where bf16 LoRA's step idles
     "optim": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora_fused_adamw_profiled", "project", optim="adamw", extra=[FUSED], warmup=4, steps=12, profile=3),
+              case("qlora_ckpt_fused_adamw_profiled", "project", quant="nf4", ckpt=True, optim="adamw", extra=[FUSED],
+                   warmup=4, steps=12, profile=3),
               *[c for name, kw in (("lora_ckpt", {"ckpt": True}), ("qlora_ckpt", {"quant": "nf4", "ckpt": True}),
                                    ("lora", {}))
                 for c in (case(f"peer_{name}_fused_adamw", "peer", optim="adamw_torch_fused", **kw),
