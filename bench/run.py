@@ -258,6 +258,9 @@ MATRICES = {
                 for c in (case(f"peer_{name}_fused_adamw", "peer", optim="adamw_torch_fused", **kw),
                           case(f"peer_{name}_liger_fused_adamw", "peer", optim="adamw_torch_fused", liger=True, **kw),
                           case(f"{name}_fused_adamw", "project", optim="adamw", extra=[FUSED], **kw,
+                               vs=[f"peer_{name}_fused_adamw", f"peer_{name}_liger_fused_adamw"]),
+                          # optim=adamw as it stands (adamw_torch: torch's foreach implementation)
+                          case(f"{name}_adamw", "project", optim="adamw", **kw,
                                vs=[f"peer_{name}_fused_adamw", f"peer_{name}_liger_fused_adamw"]))]],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
