@@ -131,7 +131,8 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float
     kinds: dict[str, float] = {}  # device ms per step by kind of kernel (host: empty)
     if cuda:
         for k, t, _ in rows:
-            kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + t / 1e3 / steps
+            kind = kernel_kind(k)
+            kinds[kind] = kinds.get(kind, 0.0) + t / 1e3 / steps
     return {"profile_steps": steps, "profile_wall_s": wall_s, "kinds_ms_per_step": kinds,
             "device_busy": min(1.0, busy_s / steps / step_s) if cuda and step_s else None,
             "device_ms_per_step": busy_s * 1e3 / steps if cuda else None,

@@ -232,21 +232,21 @@ MATRICES = {
                     ("qlora_ckpt", dict(quant="nf4", random_nf4=True, ckpt=True)), ("lora", {}))],
                 *[case(f"{d}_ws1", "project", torchrun=True, optim="adamw", distributed=d, warmup=4, steps=8,
                        profile=3) for d in ("ddp", "fsdp2", "zero3")]],
-    # bf16 LoRA's MFU and the ckpt cases' speed: what bitsandbytes' paged AdamW costs a step (its per-tensor launches
-    # against torch's fused AdamW kernel over the same LoRA parameters), and CUDA graphs over the compiled layers
+    # bf16 LoRA's MFU and the ckpt cases' speed: what bitsandbytes' paged AdamW costs a step against torch's fused
+    # and foreach AdamW over the same LoRA parameters, and CUDA graphs over the compiled layers
     "mfu": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
             case("lora", "project", warmup=4, steps=12, profile=3),
-            case("lora_fused_adamw", "project", optim="adamw", extra=["optim.name=adamw_torch_fused"], warmup=4,
+            case("lora_fused_adamw", "project", optim="adamw", extra=[FUSED], warmup=4,
                  steps=12, profile=3, vs="lora"),
             case("lora_foreach_adamw", "project", optim="adamw", warmup=4, steps=12, vs="lora"),
-            case("lora_fused_adamw_cudagraphs", "project", optim="adamw", extra=["optim.name=adamw_torch_fused"],
+            case("lora_fused_adamw_cudagraphs", "project", optim="adamw", extra=[FUSED],
                  compile_mode="reduce-overhead", warmup=6, steps=12, profile=2, vs="lora"),
             case("lora_ckpt", "project", ckpt=True, warmup=4, steps=12),
-            case("lora_ckpt_fused_adamw", "project", ckpt=True, optim="adamw", extra=["optim.name=adamw_torch_fused"],
+            case("lora_ckpt_fused_adamw", "project", ckpt=True, optim="adamw", extra=[FUSED],
                  warmup=4, steps=12, vs="lora_ckpt"),
             case("qlora_ckpt", "project", quant="nf4", random_nf4=True, ckpt=True, warmup=4, steps=12, profile=3),
             case("qlora_ckpt_fused_adamw", "project", quant="nf4", random_nf4=True, ckpt=True, optim="adamw",
-                 extra=["optim.name=adamw_torch_fused"], warmup=4, steps=12, profile=3, vs="qlora_ckpt")],
+                 extra=[FUSED], warmup=4, steps=12, profile=3, vs="qlora_ckpt")],
     # torch's fused AdamW on both sides (bitsandbytes' paged AdamW took 12.8-17.2 ms of device time a step in the mfu
     # matrix, torch's fused 0.8 ms): the peer's forms with it against this project's, and where bf16 LoRA's step idles
     "optim": [case("matmul", "matmul"), case("prepare", "prepare"),
