@@ -4,12 +4,16 @@ OmegaConf checks types, choices (Enum fields) and unknown keys when the config i
 the value ranges (``lora.r >= 1``, ``optim.lr > 0``, ...) live next to each field as metadata
 and are checked by :func:`validate`, so a bad value fails with its key's name before any
 process starts. Keys that may change when a run resumes are marked on the fields too
-(:func:`resume_free_keys`).
+(:func:`resume_free_keys`), and so are the keys that name files, directories or URIs (:func:`path_keys`).
+Every string value must be one line of printable text (:func:`check_text`): values reach scripts,
+command lines and generated files, and never become code there.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import re
+import unicodedata
 from dataclasses import MISSING as NO_DEFAULT, dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -38,6 +42,18 @@ def ranged(default, lo=None, hi=None, *, lo_open=False, resume: str | None = Non
 def free(default=NO_DEFAULT, *, default_factory=NO_DEFAULT):
     """A field (or a whole group) that may change when a run resumes."""
     return field(default=default, default_factory=default_factory, metadata=RESUME_FREE)
+
+
+def pathlike(default=None, *, writes=False, uri=False, **meta):
+    """A field that names a file or directory (a hub name or URI that may be one too): the studio keeps each
+    inside its folders. `writes`: training writes there (read-only places such as bundled assets won't do);
+    `uri`: a URI whose file:/sqlite: forms are local paths."""
+    return field(default=default, metadata={**meta, "path": "writes" if writes else "reads", "uri": uri})
+
+
+def prose(default=None):
+    """A free-text field only the model reads (prompts): it may span lines; other control characters are refused."""
+    return field(default=default, metadata={"prose": True})
 
 
 class Choice(str, Enum):
@@ -169,8 +185,8 @@ SDPA_VARLEN = "sdpa_varlen"  # registered with transformers by lora_launch.train
 class ModelConfig:
     name: str = MISSING
     # Hub id or local directory; null builds the model from `arch` with random weights.
-    path: Optional[str] = None
-    tokenizer: Optional[str] = None  # defaults to `path`
+    path: Optional[str] = pathlike()
+    tokenizer: Optional[str] = pathlike()  # defaults to `path`
     revision: Optional[str] = None
     random_init: bool = False
     # LlamaConfig fields for random_init models (e.g. the 7B shape for benchmarks).
@@ -204,13 +220,13 @@ class DataFields:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    name: str = pathlike(MISSING)  # data=hub with data.path null: the hub dataset's name
     # `demo` (bundled), `hub` (datasets.load_dataset(path)), `local` (a json/jsonl/csv/parquet
     # file or a directory of them), `synthetic` (random tokens for benchmarks: no file, no
     # tokenizer work).
     source: DataSource = DataSource.demo
     # local file or directory, or the hub dataset's name (data=hub: null takes `name`)
-    path: Optional[str] = None
+    path: Optional[str] = pathlike()
     revision: Optional[str] = None  # hub datasets: branch, tag or commit
     split: str = "train"
     # `auto`: picked from the fields present (messages, conversations, instruction + output, prompt +
@@ -224,8 +240,8 @@ class DataConfig:
     # how structured formats are written out: `auto` (the tokenizer's chat template when it has one that
     # masks cleanly, else chatml), `llama2` ([INST] … [/INST]), `alpaca`, `chatml`, `tokenizer`
     template: Template = Template.auto
-    system_prompt: Optional[str] = None
-    task_instruction: Optional[str] = None  # classification/summary/qa: replaces the default instruction
+    system_prompt: Optional[str] = prose()
+    task_instruction: Optional[str] = prose()  # classification/summary/qa: replaces the default instruction
     label_names: list = field(default_factory=list)  # classification: names of integer labels, listed in the prompt
     val_split: float = ranged(0.05, lo=0.0, hi=0.9)  # share of records held out, drawn by `seed`
     val_split_name: Optional[str] = None  # the dataset's own validation split instead (e.g. validation)
@@ -236,7 +252,7 @@ class DataConfig:
     packing_strategy: PackingStrategy = PackingStrategy.bfd
     group_by_length: bool = False  # batches of similar length (not with packing)
     max_samples: int = ranged(-1, lo=-1)
-    cache_dir: Optional[str] = None  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
+    cache_dir: Optional[str] = pathlike(writes=True)  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
     # several datasets mixed by weight: [{path: a.jsonl, weight: 2}, {source: hub, path: OWNER/NAME, weight: 1}];
     # each entry's keys (any data.* key but these two) override the settings above for that source
     sources: list = field(default_factory=list)
@@ -296,7 +312,7 @@ class DistributedConfig:
     offload_params: bool = False
     # your own DeepSpeed JSON, merged under what the run sets (batch sizes, precision, stage: absent, equal or
     # "auto"); the rest of it (bucket sizes, offload details, ...) is kept
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: Optional[str] = pathlike()
     # fsdp2: copies of the model, each sharded over world / replicate ranks, gradients averaged between the
     # copies (hybrid sharding: gathers stay inside a copy). "auto": one copy per node when several nodes of
     # several processes each run
@@ -341,14 +357,14 @@ class LauncherConfig:
     main_process_ip: str = "127.0.0.1"
     main_process_port: int = ranged(29500, lo=1, hi=65535)
     # launcher=hostfile: DeepSpeed-style hostfile; the first host is the rendezvous
-    hostfile: Optional[str] = None
+    hostfile: Optional[str] = pathlike()
     # this node's line in the hostfile (0-based); null: found from the host's names and addresses
     node_rank: Optional[int] = ranged(None, lo=0)
     # interface for GLOO/NCCL_SOCKET_IFNAME; null: the one that routes to the rendezvous address
     network_interface: Optional[str] = None
     # your own accelerate config file, merged under what the run sets (process counts, distributed type,
     # precision, port: absent or equal); its other settings are kept
-    accelerate_config: Optional[str] = None
+    accelerate_config: Optional[str] = pathlike()
     # after a rank dies (a crash, an OOM kill, a lost host), stop every rank and relaunch from the last
     # checkpoint up to this many times; a failure that repeats after the same step stops at once; 0: never
     max_restarts: int = ranged(3, lo=0)
@@ -366,7 +382,7 @@ class WandbConfig:
 class MlflowConfig:
     enabled: bool = False
     experiment: str = "lora-launch"
-    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
+    tracking_uri: Optional[str] = pathlike(writes=True, uri=True)  # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
 
 
 @dataclass
@@ -419,7 +435,7 @@ class CheckpointConfig:
 class ResumeConfig:
     # auto: continue from the newest complete checkpoint in run.dir; never: start over
     # (earlier checkpoints and metrics are moved aside); or the path of one checkpoint directory
-    mode: str = field(default="auto", metadata={"type": "auto|never|CHECKPOINT_DIR"})
+    mode: str = pathlike("auto", type="auto|never|CHECKPOINT_DIR")
     # config keys that may differ from the checkpoint's (e.g. [optim.lr, train.max_steps]);
     # `data` and `tokenizer` also accept a changed tokenised dataset or tokenizer
     allow_changes: list = field(default_factory=list)
@@ -427,7 +443,7 @@ class ResumeConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = MISSING
+    dir: str = pathlike(MISSING, writes=True)
 
 
 class SweepSearch(Choice):
@@ -460,7 +476,7 @@ class SweepConfig:
 @dataclass
 class SampleConfig:
     # a user message, written out with the run's template (raw for data.format=text)
-    prompt: str = "Where is Italy?"
+    prompt: str = prose("Where is Italy?")
     max_new_tokens: int = ranged(48, lo=0)
 
 
@@ -529,14 +545,49 @@ def unknown_key(key: str) -> str:
     return f"{key} is not a key of the config" + (f" ({parent or 'the top level'} has: {known})" if known else "")
 
 
-def _check_keys(cfg: DictConfig) -> None:
+def _check_keys(tree: dict) -> None:
     """Every key is one of the schema's: `+group.key=...` can append keys Hydra then lets through."""
     from omegaconf.errors import ConfigKeyError
 
     try:
-        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        OmegaConf.merge(OmegaConf.structured(Config), tree)
     except ConfigKeyError as e:
         raise ConfigError(unknown_key(getattr(e, "full_key", None) or str(e).splitlines()[0])) from None
+
+
+def _control(text: str, prose: bool = False) -> str | None:
+    """The first control character or line/paragraph separator in `text` (prose may hold newlines and tabs)."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") and not (prose and c in "\n\t")),
+                None)
+
+
+def check_text(key: str, value: Any, prose: bool = False) -> None:
+    """ConfigError naming `key` when a string `value` holds a control character: it could end a line of a script
+    or a file and start another (a newline in an #SBATCH line becomes a shell command)."""
+    bad = _control(value, prose) if isinstance(value, str) else None
+    if bad is not None:
+        rule = ("this text may span lines but holds no other control characters" if prose else
+                "a value must be one line without control characters (values reach command lines, scripts and "
+                "generated files)")
+        raise ConfigError(f"{key}={value!r} holds the control character {bad!r}; {rule}")
+
+
+def _prose_keys() -> set[str]:
+    return {k for k, f in _leaf_fields(Config) if f.metadata.get("prose")}
+
+
+def _check_texts(tree: Any, key: str = "", prose: frozenset = frozenset()) -> None:
+    """check_text on every string of a plain config tree, mapping keys and list entries included."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            check_text(f"a key of {key or 'the config'}", k)
+            _check_texts(v, f"{key}.{k}" if key else str(k), prose)
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _check_texts(v, f"{key}[{i}]", prose)
+    else:
+        # a data.sources entry takes data.* keys: its prompts are prose as data's are
+        check_text(key, tree, re.sub(r"^data\.sources\[\d+\]\.", "data.", key) in prose)
 
 
 def _shards_weights(cfg: DictConfig) -> bool:
@@ -553,8 +604,10 @@ def quant_kernel(cfg: DictConfig) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check keys, value ranges and cross-field rules; raise ConfigError naming the key."""
-    _check_keys(cfg)
+    """Check keys, text, value ranges and cross-field rules; raise ConfigError naming the key."""
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    _check_keys(tree)
+    _check_texts(tree, prose=frozenset(_prose_keys()))
     _walk("", Config, cfg)
     for key, least in (("launcher.num_processes", 1), ("distributed.replicate", 1), ("distributed.layers_per_group", 1),
                        ("distributed.keep_gathered", 0), ("sweep.parallel", 1)):  # the "int|auto" fields
@@ -625,6 +678,25 @@ def load(path: str) -> DictConfig:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     validate(cfg)
     return cfg
+
+
+def _leaf_fields(schema: type, prefix: str = ""):
+    """(dotted key, dataclass field) of every leaf of the schema."""
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        if is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def path_keys() -> dict[str, dict]:
+    """Dotted keys of the fields that name files, directories or URIs (`pathlike`), with their metadata;
+    `data.sources[*].KEY` stands for that key in each data.sources entry."""
+    keys = {k: dict(f.metadata) for k, f in _leaf_fields(Config) if "path" in f.metadata}
+    keys.update({f"data.sources[*].{k[5:]}": m for k, m in list(keys.items())
+                 if k.startswith("data.") and k[5:] in SOURCE_KEYS})
+    return keys
 
 
 def resume_free_keys(schema: type = Config, prefix: str = "") -> tuple[str, ...]:
@@ -699,9 +771,13 @@ def _is_secret(key: str) -> bool:
     return k == "token" or k.endswith(("_token", "api_key", "apikey")) or "password" in k or "secret" in k
 
 
+# the keys a data.sources entry takes besides `weight`
+SOURCE_KEYS = frozenset({f.name for f in fields(DataConfig)} - {"sources", "name"})
+
+
 def _check_data_sources(cfg) -> None:
     """Each data.sources entry is a mapping of data.* keys (plus weight > 0) that names its data."""
-    allowed = {f.name for f in fields(DataConfig)} - {"sources", "name"}
+    allowed = SOURCE_KEYS
     for i, entry in enumerate(cfg.data.get("sources") or []):
         where = f"data.sources[{i}]"
         if not isinstance(entry, (dict, DictConfig)):

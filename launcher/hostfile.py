@@ -25,7 +25,8 @@ from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError
 
-_LINE = re.compile(r"^(?P<host>[^\s=#]+)(?:\s+slots\s*=\s*(?P<slots>\S+))?\s*$")
+# a host is a name or an address: it reaches command lines and the rendezvous, so nothing else may pass
+_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:%-]+)(?:\s+slots\s*=\s*(?P<slots>\S+))?\s*$")
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,12 @@ def parse_hostfile_text(text: str, source: str = "hostfile") -> list[Host]:
             continue
         m = _LINE.match(line)
         if m is None:
-            raise ConfigError(f"{source}:{lineno}: expected 'HOST slots=N', got {raw.strip()!r}")
+            raise ConfigError(f"{source}:{lineno}: expected 'HOST slots=N' (HOST: a name or address of letters, "
+                              f"digits and . _ - : %), got {raw.strip()!r}")
         slots_text = m.group("slots")
         if slots_text is None:
             raise ConfigError(f"{source}:{lineno}: {m.group('host')} has no 'slots=N' (processes it may run)")
-        if not slots_text.isdigit() or int(slots_text) < 1:
+        if not re.fullmatch("[0-9]+", slots_text) or int(slots_text) < 1:
             raise ConfigError(f"{source}:{lineno}: slots={slots_text!r} must be a positive integer")
         name = m.group("host")
         if name in seen:

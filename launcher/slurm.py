@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lora_launch.conf.schema import ConfigError
+from lora_launch.conf.schema import ConfigError, check_text
 from lora_launch.launcher.launch import write_launch_files
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
@@ -34,7 +34,14 @@ from lora_launch.run.rundir import write_atomic
 
 
 def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
+    """The `#SBATCH` lines: one option each, quoted as sbatch reads them (an unquoted `#` starts a comment)."""
     s = cfg.launcher.slurm
+    for i, option in enumerate(s.extra):
+        check_text(f"launcher.slurm.extra[{i}]", option)  # composition refused these; a hand-written file too
+        if not str(option).startswith("-"):
+            raise ConfigError(f"launcher.slurm.extra[{i}]={option!r}: each entry is one sbatch option, "
+                              "e.g. --exclusive or --mem=0")
+    check_text("the working directory", os.getcwd())
     opts = [f"--job-name=lora-{run_dir.name}", f"--nodes={topo.num_machines}", "--ntasks-per-node=1",
             f"--output={run_dir}/slurm-%j.out", "--open-mode=append", "--requeue", f"--chdir={os.getcwd()}"]
     if s.signal_before_s:
@@ -43,14 +50,16 @@ def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
         opts.append(f"--gpus-per-node={s.gpus_per_node}")
     if s.cpus_per_task:
         opts.append(f"--cpus-per-task={s.cpus_per_task}")
-    for key, value in (("partition", s.partition), ("account", s.account), ("time", s.time)):
-        if value:
-            opts.append(f"--{key}={value}")
-    return [f"#SBATCH {o}" for o in [*opts, *s.extra]]
+    for key in ("partition", "account", "time"):
+        if s[key]:
+            check_text(f"launcher.slurm.{key}", s[key])
+            opts.append(f"--{key}={s[key]}")
+    return [f"#SBATCH {shlex.quote(str(o))}" for o in [*opts, *s.extra]]
 
 
 def sbatch_script(cfg: DictConfig, topo: Topology, run_dir: Path, python: str = sys.executable) -> str:
     """The job script: one launcher.node task per node, requeue when training stopped for SIGTERM."""
+    check_text("run.dir", str(run_dir))  # it is written unquoted in a comment line too
     run = shlex.quote(str(run_dir))
     node = f"{shlex.quote(python)} -m lora_launch.launcher.node --run-dir {run}"
     return "\n".join([
