@@ -1,14 +1,18 @@
 """`lora-launch studio`: a local web app to compose, preview, launch and watch runs (FastAPI + uvicorn).
 
 Nothing answers without the access token printed at start (`?token=` once, then a cookie or the
-`X-Studio-Token` header): 401 without one, 403 for a wrong one. Every refusal is JSON `{"error": LINE}`.
+`X-Studio-Token` header): 401 without one, 403 for a wrong one. On loopback it answers only requests whose Host
+is a loopback name (a web page cannot rebind its own name to this port). Bodies are JSON objects of at most
+MAX_BODY bytes. Every refusal is JSON `{"error": LINE}`.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: the routes' body types are imported with fastapi, inside create_app,
+# and FastAPI would look a string annotation up in this module's globals
 
 import argparse
 import hmac
 import importlib.resources
+import json
 import os
 import secrets
 import socket
@@ -18,11 +22,12 @@ from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError
 from lora_launch.studio import form as forms
-from lora_launch.studio.jobs import Endpoints, Launches, command_line, preview, progress
+from lora_launch.studio.jobs import Endpoints, Launches, check_run_dir, command_line, preview, progress
 from lora_launch.studio.paths import Places, confine
 
 HEADER = "x-studio-token"
 LOCAL = ("127.0.0.1", "::1", "localhost")
+MAX_BODY = 1 << 20  # a form is a few KiB; the studio takes no uploads
 
 
 class Refused(Exception):
@@ -35,12 +40,17 @@ def _page() -> str:
     return importlib.resources.files("lora_launch.studio").joinpath("page.html").read_text()
 
 
-def create_app(token: str, places: Places, port: int):
-    """The app: the page, the form from the schema, and the API behind its buttons."""
-    from fastapi import Body, FastAPI, Request
+def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | None = LOCAL):
+    """The app: the page, the form from the schema, and the API behind its buttons; `hosts`: the Host names it
+    answers (None: any)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
-    from lora_launch.run.catalog import find_runs, read_run
+    from starlette.exceptions import HTTPException
+
     from lora_launch.launcher.runs import diff_json, sort_runs
+    from lora_launch.run.catalog import find_runs, read_run
+    from lora_launch.studio.bodies import AskBody, DataBody, FormBody, RunBody
 
     app = FastAPI(title="lora-launch studio", docs_url=None, redoc_url=None, openapi_url=None)
     launches, endpoints = Launches(places.root), Endpoints(places.root)
@@ -63,6 +73,8 @@ def create_app(token: str, places: Places, port: int):
             response.set_cookie(cookie, token, httponly=True, samesite="strict")
         return response
 
+    app.add_middleware(_Gate, hosts=hosts)  # added last: it runs first, before the token is looked at
+
     @app.exception_handler(Refused)
     async def refused(request, e: Refused):
         return JSONResponse({"error": e.message}, status_code=e.status)
@@ -71,12 +83,30 @@ def create_app(token: str, places: Places, port: int):
     async def config_error(request, e: ConfigError):
         return JSONResponse({"error": str(e)}, status_code=400)
 
-    def composed(body: dict, launch: bool = False):
-        overrides = forms.build_overrides(dict(body.get("groups") or {}), dict(body.get("values") or {}))
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return JSONResponse({"error": _invalid_body(e.errors())}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):
+        return JSONResponse({"error": f"internal error ({type(e).__name__}); the studio's terminal shows it"},
+                            status_code=500)
+
+    def checked(cfg) -> None:
+        """The composed config's paths lie in the studio's folders, its run dir apart from the studio's own."""
+        confine(cfg, places)
+        check_run_dir(places.root, places.resolve(cfg.run.dir), cfg.run.dir)
+
+    def composed(body: FormBody, launch: bool = False):
+        overrides = forms.build_overrides(body.groups, body.values)
         if launch and not any(o.startswith("run.dir=") for o in overrides):
             overrides.append(f"run.dir={_new_run_dir(places.root)}")
         cfg = forms.compose_checked(overrides)
-        confine(cfg, places)
+        checked(cfg)
         return overrides, cfg
 
     def run_path(ref: str) -> Path:
@@ -97,26 +127,26 @@ def create_app(token: str, places: Places, port: int):
         return {**forms.form(), "values": forms.flat_values(cfg), "root": str(places.root)}
 
     @app.post("/api/validate")
-    def validate(body: dict = Body(...)):
+    def validate(body: FormBody):
         overrides, cfg = composed(body)
         return {"ok": True, "overrides": overrides, "command": command_line(overrides),
                 "values": forms.flat_values(cfg)}
 
     @app.post("/api/preview")
-    def do_preview(body: dict = Body(...)):
+    def do_preview(body: FormBody):
         overrides, _ = composed(body)
         return {"text": preview(places.root, overrides), "command": command_line(overrides),
                 "preview_command": command_line([*overrides, "preview=true"])}
 
     @app.post("/api/data")
-    def data(body: dict = Body(...)):
+    def data(body: DataBody):
         from lora_launch.studio.samples_view import data_view
 
         _, cfg = composed(body)
-        return data_view(cfg, int(body.get("records") or 3))
+        return data_view(cfg, body.records)
 
     @app.post("/api/launch")
-    def launch(body: dict = Body(...)):
+    def launch(body: FormBody):
         overrides, cfg = composed(body, launch=True)
         return _start(overrides, places.check("run.dir", cfg.run.dir))
 
@@ -128,20 +158,20 @@ def create_app(token: str, places: Places, port: int):
         return {**started, "run_dir": str(run_dir), "command": command_line(overrides)}
 
     @app.post("/api/stop")
-    def stop(body: dict = Body(...)):
+    def stop(body: RunBody):
         try:
-            return launches.stop(run_path(body.get("dir", "")))
+            return launches.stop(run_path(body.dir))
         except ConfigError as e:
             raise Refused(str(e), 409) from None
 
     @app.post("/api/resume")
-    def resume(body: dict = Body(...)):
-        run_dir = run_path(body.get("dir", ""))
+    def resume(body: RunBody):
+        run_dir = run_path(body.dir)
         overrides = launches.resume_overrides(run_dir)
         for o in overrides:
             forms.check_override(o)
         cfg = forms.compose_checked(overrides)
-        confine(cfg, places)
+        checked(cfg)
         if places.check("run.dir", cfg.run.dir) != run_dir:
             raise Refused(f"{run_dir}: its command names another run.dir ({cfg.run.dir})")
         return _start(overrides, run_dir)
@@ -176,27 +206,94 @@ def create_app(token: str, places: Places, port: int):
         return diff_json(read_run(run_path(a), a), read_run(run_path(b), b))
 
     @app.post("/api/serve")
-    def serve(body: dict = Body(...)):
-        path = run_path(body.get("dir", ""))
+    def serve(body: RunBody):
+        path = run_path(body.dir)
         r = read_run(path)
         if r.status != "finished" or r.adapter is None:
-            raise Refused(f"{body.get('dir')}: {r.status}; an endpoint serves a finished run's adapter", 409)
+            raise Refused(f"{body.dir}: {r.status}; an endpoint serves a finished run's adapter", 409)
         ep = endpoints.start(path)
         return {"url": ep.url, "model": ep.model}
 
     @app.post("/api/serve/stop")
-    def serve_stop(body: dict = Body(...)):
-        endpoints.stop(run_path(body.get("dir", "")))
+    def serve_stop(body: RunBody):
+        endpoints.stop(run_path(body.dir))
         return {"ok": True}
 
     @app.post("/api/ask")
-    def ask(body: dict = Body(...)):
-        prompt = str(body.get("prompt") or "")
-        if not prompt.strip():
+    def ask(body: AskBody):
+        if not body.prompt.strip():
             raise Refused("write a prompt first")
-        return endpoints.ask(run_path(body.get("dir", "")), prompt, int(body.get("max_tokens") or 48))
+        return endpoints.ask(run_path(body.dir), body.prompt, body.max_tokens)
 
     return app
+
+
+def _invalid_body(errors: list[dict]) -> str:
+    """One line for FastAPI's reading of a body: not JSON, or the first field that is missing, extra or mistyped."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error') or first.get('msg')})"
+    path = [p for p in first.get("loc", ()) if p != "body"]
+    if not path:
+        return f"the request body: {first.get('msg')} (send a JSON object)"
+    where = str(path[0]) + "".join(f"[{json.dumps(p)}]" for p in path[1:])
+    return f"{where}: {first.get('msg')}"
+
+
+class _Gate:
+    """ASGI middleware in front of everything: the Host check, then the body limit, counted as the body arrives so
+    that no more than MAX_BODY bytes are ever held."""
+
+    def __init__(self, app, hosts: tuple[str, ...] | None):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = _hostname(headers.get(b"host", b"").decode("latin-1").lower())
+        if self.hosts is not None and host not in self.hosts:
+            return await _refuse(send, 403, f"Host {host or '(none)'}: this studio answers at "
+                                            f"{' or '.join(self.hosts)} only; open the URL it printed")
+        length = headers.get(b"content-length", b"0").decode("latin-1")
+        too_big = f"the request body is larger than the studio takes ({MAX_BODY} bytes)"
+        if not length.isdigit():
+            return await _refuse(send, 400, f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > MAX_BODY:
+            return await _refuse(send, 413, too_big)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY:  # a chunked body has no Content-Length
+                return await _refuse(send, 413, too_big)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port or an IPv6 address's brackets."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _new_run_dir(root: Path) -> str:
@@ -259,7 +356,7 @@ def _serve(sock: socket.socket, places: Places, host: str) -> int:
 
     port = sock.getsockname()[1]
     token = secrets.token_urlsafe(24)
-    app = create_app(token, places, port)
+    app = create_app(token, places, port, LOCAL if host in LOCAL else None)  # elsewhere: names are unknown
     shown = f"[{host}]" if ":" in host else host
     print(f"lora-launch studio for {places.root}: open http://{shown}:{port}/?token={token}", flush=True)
     if host not in LOCAL:

@@ -31,6 +31,12 @@ _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _PLAIN = re.compile(r"^[\w.+-]+$")  # a number, a word, a bool: typed as it is, as on the command line
 _BARE = re.compile(r"^[\w./@+-]+$")  # a string that needs no quotes (a path, a name)
 _compose_lock = threading.Lock()  # Hydra's global state admits one composition at a time
+# Hydra's parser and the composition cost CPU with a value's size (a 20,000-entry list took two minutes):
+# the studio refuses what no form needs before parsing it
+MAX_ENTRIES = 256  # list/mapping entries in one value, nested ones counted
+MAX_TEXT = 16_384  # characters of one value as typed
+MAX_FORM_TEXT = 65_536  # characters of all values together: composing one such form takes about a second
+MAX_OVERRIDES = 256  # more than the schema's keys and groups together
 
 
 # ---- the form -----------------------------------------------------------------------------------
@@ -155,6 +161,9 @@ def override_for(key: str, text: str, spec: dict | None) -> str:
             if spec["type"] != "any":
                 raise ConfigError(f"{key}={text}: write a JSON {spec['type']} (e.g. [\"q_proj\", \"v_proj\"])") from None
             value = text  # a word (lora.target_modules=all-linear)
+        except RecursionError:
+            raise ConfigError(f"{key}: nested too deep; a value holds at most {MAX_ENTRIES} entries") from None
+        _count_entries(key, value)
         return f"{key}={hydra_value(value)}"
     if spec["type"] == "str" and not (spec["nullable"] and text == "null"):
         return f"{key}={_quoted(text)}"
@@ -163,8 +172,27 @@ def override_for(key: str, text: str, spec: dict | None) -> str:
     return f"{key}={text}"  # typed by the schema when composed: a bad one is the command line's error
 
 
+def _count_entries(key: str, value: Any, seen: int = 0) -> int:
+    """Entries in a list/mapping value, nested ones counted; ConfigError naming `key` past MAX_ENTRIES."""
+    if isinstance(value, (list, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            seen = _count_entries(key, item, seen + 1)
+            if seen > MAX_ENTRIES:
+                raise ConfigError(f"{key}: more than {MAX_ENTRIES} entries; a list or mapping value holds at most "
+                                  f"{MAX_ENTRIES}")
+    return seen
+
+
 def build_overrides(groups: dict, values: dict) -> list[str]:
     """The overrides for a form: the groups that differ from config.yaml's, then each field the page sent."""
+    if len(groups) + len(values) > MAX_OVERRIDES:
+        raise ConfigError(f"{len(groups) + len(values)} groups and values; a form sends at most {MAX_OVERRIDES}")
+    for key, text in values.items():
+        if len(str(text)) > MAX_TEXT:
+            raise ConfigError(f"{key}: {len(str(text))} characters; a value takes at most {MAX_TEXT}")
+    total = sum(len(str(text)) for text in values.values())
+    if total > MAX_FORM_TEXT:
+        raise ConfigError(f"the form's values hold {total} characters; a form sends at most {MAX_FORM_TEXT}")
     known = {g["name"]: g for g in form()["groups"]}
     out = []
     for group, choice in groups.items():
@@ -189,6 +217,9 @@ def check_override(override: str) -> str:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    if len(override) > MAX_TEXT + 256:  # a key and a value at its limit, quoted
+        raise ConfigError(f"{override.partition('=')[0]}: the override is {len(override)} characters; a value takes "
+                          f"at most {MAX_TEXT}")
     try:
         parsed = OverridesParser.create().parse_overrides([override])[0]
     except HydraException:

@@ -63,6 +63,20 @@ def preview(root: Path, overrides: list[str], timeout: int = 300) -> str:
 
 # ---- launches ----------------------------------------------------------------------------------------
 
+def check_run_dir(root: Path, run_dir: Path, given) -> None:
+    """ConfigError naming run.dir when `run_dir` (resolved) would take the studio's own files: its root, a folder
+    above it, its state (.studio/) or another studio's root."""
+    if root.is_relative_to(run_dir):
+        why = "is the studio's root" if run_dir == root else f"holds the studio's root ({root})"
+    elif run_dir.is_relative_to(root / STATE) or (run_dir / STATE).exists():
+        why = f"is or holds a studio's {STATE}/ folder"
+    else:
+        return
+    # resume.mode=never moves what a run dir holds aside: here the user's files and the launch.log being written
+    raise ConfigError(f"run.dir={given}: {run_dir} {why}; a launch may move what its run dir holds, so give the "
+                      "run a folder of its own, e.g. runs/NAME")
+
+
 def _state_dir(root: Path, run_dir: Path) -> Path:
     digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
     return root / STATE / f"{run_dir.name}-{digest}"
