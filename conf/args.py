@@ -99,6 +99,12 @@ class ServeArgs:
     port: int = arg(8000, "port to listen on; 0: a free one (printed at start)")
     api_key: Optional[str] = arg(None, "require `Authorization: Bearer KEY` on /v1; null: $LORA_LAUNCH_API_KEY "
                                        "if set (better: the key stays off the command line)")
+    allow_no_key: bool = arg(False, "serve without an API key on a non-loopback host (anyone who reaches the "
+                                    "port can use the models)")
+    allowed_hosts: List[str] = arg(help="Host header names answered besides loopback and host= (others get 421, "
+                                        "against DNS rebinding): allowed_hosts=[gpu-box.lan]; ['*']: any",
+                                   default_factory=list)
+    shutdown_timeout_s: int = arg(120, "after SIGTERM, seconds to finish the requests taken; then they are cut")
     max_tokens: int = arg(512, "most tokens one request may generate")
     max_prompt_tokens: Optional[int] = arg(None, "longest prompt in tokens; null: the model's context length")
     max_body_bytes: int = arg(1_048_576, "largest request body")

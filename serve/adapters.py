@@ -10,6 +10,7 @@ make the `vllm serve` command line (engine=vllm).
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import shlex
@@ -47,6 +48,7 @@ class Served:
 def resolve(args) -> Served:
     """The base model and the adapters `args` (conf/args.py ServeArgs) name, checked on disk."""
     check_limits(args)
+    check_access(args)
     runs = [Path(d) for d in ([args.run.dir] if args.run.dir else []) + list(args.runs)]
     if args.sweep:
         runs += finished_trials(Path(args.sweep))
@@ -71,10 +73,27 @@ def check_limits(args) -> None:
     """The request limits and the port are numbers a server can use."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"serve: port={args.port}: give 0..65535 (0: a free port)")
-    for key in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_concurrent", "max_batch"):
+    for key in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_concurrent", "max_batch",
+                "shutdown_timeout_s"):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"serve: {key}={value}: give a number >= 1")
+
+
+def check_access(args) -> None:
+    """No API key is asked only on a loopback address, unless allow_no_key=true says so."""
+    if api_key(args) or args.allow_no_key or is_loopback(args.host):
+        return
+    raise UsageError(f"serve: host={args.host} without an API key lets anyone who reaches the port use the models; "
+                     f"set LORA_LAUNCH_API_KEY (or api_key=), or give allow_no_key=true to serve openly")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine's own loopback address (only local clients reach it)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def finished_trials(sweep: Path) -> list[Path]:

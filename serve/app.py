@@ -1,16 +1,22 @@
 """The HTTP API: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (streamed as server-sent events
 with `stream: true`), and /health, on FastAPI + uvicorn.
 
-Safe by default: it listens on 127.0.0.1; with an API key every /v1 request needs `Authorization: Bearer KEY`
-(/health stays open: it says only "ok"); request bodies, prompts, max_tokens and the requests answered at once
-are limited, and every refusal is a JSON error in OpenAI's shape. SIGTERM stops taking connections, answers
-every request already taken, and exits 0. The key is never printed or logged.
+Safe by default: it listens on 127.0.0.1 and answers only requests whose Host header names this machine's
+loopback, host= or allowed_hosts= (a web page cannot reach it by DNS rebinding); with an API key every /v1
+request needs `Authorization: Bearer KEY` (/health stays open: it says only "ok"); request bodies (their size
+and how long they take to arrive), prompts, max_tokens and the requests answered at once are limited, and every
+refusal, a client's mistake or a parameter this server cannot honour (tools, response_format, n>1), is a JSON
+error in OpenAI's shape. SIGTERM stops taking connections, answers every request already taken (within
+shutdown_timeout_s), and exits 0. The key is never printed or logged, nor is any query string.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
+import logging
 import signal
 import socket
 import sys
@@ -21,17 +27,23 @@ from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lora_launch.data.samples import as_trained
 from lora_launch.data.templates import check_template, prompt_text, resolve_template
-from lora_launch.serve.adapters import Served
+from lora_launch.serve.adapters import Served, is_loopback
 from lora_launch.serve.engine import Engine, Job
 from lora_launch.train.evaluate import prompt_ids
 from lora_launch.train.posttrain import UsageError
+
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+BODY_IDLE_S = 5  # a body that stalls this long, or takes BODY_TOTAL_S in all, gets 408: no client holds a
+BODY_TOTAL_S = 30  # connection (nor, after SIGTERM, the server) open by sending slowly
+MIN_TEMPERATURE = 0.01  # below: greedy (dividing the logits by less overflows them to inf and nan)
 
 
 # ---- errors in OpenAI's shape -----------------------------------------------------------------
@@ -45,8 +57,9 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        # json.dumps escapes to ASCII: a message quoting a client's lone surrogate still encodes
+        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json")
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -57,16 +70,25 @@ class _Request(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = 1
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 1)  # a 64-bit integer, as torch's seed takes
     stream: bool = False
     stream_options: Optional[dict] = None
+
+    def refused(self) -> list[str]:
+        """The parameters given that this server cannot honour."""
+        return ["n"] if self.n != 1 else []
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # each token's, with this many likeliest rivals
+    echo: bool = False
+
+    def refused(self) -> list[str]:
+        return super().refused() + (["echo"] if self.echo else [])
 
 
 class TextPart(BaseModel):
@@ -82,6 +104,16 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list] = None
+    functions: Optional[list] = None
+    response_format: Optional[dict] = None
+
+    def refused(self) -> list[str]:
+        asked = {"tools": bool(self.tools), "functions": bool(self.functions),
+                 "response_format": self.response_format not in (None, {"type": "text"})}
+        return super().refused() + [param for param, given in asked.items() if given]
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -125,10 +157,11 @@ def _run_chat(cfg: DictConfig, run) -> DictConfig:
     return as_trained(cfg.data, report)
 
 
-def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key: str | None) -> FastAPI:
-    """The FastAPI app over `engine`; `api_key` None: no key asked."""
+def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key: str | None,
+               hosts: frozenset[str] = LOOPBACK) -> FastAPI:
+    """The FastAPI app over `engine`; `api_key` None: no key asked; `hosts`: the Host names answered ('*': any)."""
     app = FastAPI(title="lora-launch serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, hosts=hosts)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -166,26 +199,27 @@ def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         model = _model(models, req.model)
+        _refuse(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or (req.stream and len(prompts) != 1):
             raise ApiError(400, "give one prompt (several only without stream)", "prompt")
-        jobs = [_job(engine, model, text, req, req.max_tokens, limits, "prompt") for text in prompts]
+        # tokenising a long prompt takes a while: in a thread, so that the other requests go on meanwhile
+        jobs = await run_in_threadpool(lambda: [_job(engine, model, text, req, req.max_tokens, limits, "prompt",
+                                                     req.logprobs) for text in prompts])
         return await _answer(engine, jobs, req, model, limits, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         model = _model(models, req.model)
+        _refuse(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in req.messages]
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must be the user's", "messages")
-        try:
-            text = prompt_text(model.chat, engine.tok, messages)
-        except Exception as e:  # noqa: BLE001 - a chat template may refuse an order of roles
-            raise ApiError(400, f"cannot write these messages out with the {model.chat.template} template "
-                           f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
-        job = _job(engine, model, text, req, req.max_completion_tokens or req.max_tokens, limits, "messages")
+        job = await run_in_threadpool(_chat_job, engine, model, messages, req, limits)  # as completions: a thread
         return await _answer(engine, [job], req, model, limits, chat=True)
 
     return app
@@ -203,9 +237,32 @@ def _model(models: dict[str, Model], name: str) -> Model:
     return models[name]
 
 
+def _refuse(req: _Request) -> None:
+    """A 400 naming a parameter this server cannot honour, rather than an answer that ignores it."""
+    if refused := req.refused():
+        raise ApiError(400, f"{refused[0]}: not supported by this server (lora-launch serve)", refused[0],
+                       "unsupported_parameter")
+
+
+def _chat_job(engine: Engine, model: Model, messages: list[dict], req: ChatRequest, limits: Limits) -> Job:
+    """The chat request written out with the model's template, as the engine runs it."""
+    try:
+        text = prompt_text(model.chat, engine.tok, messages)
+    except Exception as e:  # noqa: BLE001 - a chat template may refuse an order of roles
+        raise ApiError(400, f"cannot write these messages out with the {model.chat.template} template "
+                       f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
+    return _job(engine, model, text, req, req.max_completion_tokens or req.max_tokens, limits, "messages",
+                (req.top_logprobs or 0) if req.logprobs else None)
+
+
 def _job(engine: Engine, model: Model, text: str, req: _Request, max_tokens: int | None, limits: Limits,
-         param: str) -> Job:
-    """The request as the engine runs it, within the limits (400 naming the field otherwise)."""
+         param: str, logprobs: int | None = None) -> Job:
+    """The request as the engine runs it, within the limits (400 naming the field otherwise). It tokenises the
+    prompt: call it off the event loop."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may carry a lone surrogate ("\ud800"), which no tokenizer takes
+        raise ApiError(400, f"{param}: not valid Unicode (a lone surrogate)", param, "invalid_value") from None
     ids = prompt_ids(engine.tok, text)
     room = engine.context - len(ids) if engine.context else limits.max_tokens
     max_new = max_tokens or max(1, min(limits.max_tokens, room))  # none asked: as many as fit
@@ -219,19 +276,18 @@ def _job(engine: Engine, model: Model, text: str, req: _Request, max_tokens: int
     if engine.context is not None and len(ids) + max_new > engine.context:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_new}) exceed the model's context "
                        f"({engine.context} tokens); ask for fewer tokens", param, "context_length_exceeded")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(s for s in req.stop or () if s)
+    # an empty stop string would end every answer before its first token: it asks for nothing, and is dropped
+    stop = tuple(s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or ()) if s)
     if len(stop) > 4:
         raise ApiError(400, "give at most 4 stop strings", "stop")
-    sampling = () if req.temperature == 0 else (req.temperature, req.top_p)
+    sampling = () if req.temperature < MIN_TEMPERATURE else (req.temperature, req.top_p)
     if sampling and req.seed is not None:
         sampling += (req.seed,)
-    return Job(ids, model.adapter, max_new, sampling, stop)
+    return Job(ids, model.adapter, max_new, sampling, stop, logprobs)
 
 
 async def _answer(engine: Engine, jobs: list[Job], req: _Request, model: Model, limits: Limits, chat: bool):
     """Run the jobs: one JSON response, or a stream of server-sent events."""
-    import asyncio
-
     if engine.active + len(jobs) > limits.max_concurrent:
         raise ApiError(429, f"this server answers {limits.max_concurrent} requests at once; try again shortly",
                        code="rate_limit_exceeded", kind="rate_limit_exceeded")
@@ -246,10 +302,11 @@ async def _answer(engine: Engine, jobs: list[Job], req: _Request, model: Model, 
         raise ApiError(500, "generation failed (the server's log says why)", kind="server_error")
     if chat:
         choices = [{"index": 0, "message": {"role": "assistant", "content": results[0][0]},
-                    "finish_reason": results[0][1], "logprobs": None}]
+                    "finish_reason": results[0][1], "logprobs": _logprobs(jobs[0], jobs[0].token_logprobs, chat)}]
     else:
-        choices = [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                   for i, (text, finish) in enumerate(results)]
+        choices = [{"index": i, "text": text, "finish_reason": finish,
+                    "logprobs": _logprobs(job, job.token_logprobs, chat)}
+                   for i, ((text, finish), job) in enumerate(zip(results, jobs))]
     prompt = sum(len(j.ids) for j in jobs)
     completion = sum(len(j.tokens) for j in jobs)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -261,12 +318,19 @@ async def _events(engine: Engine, job: Job, queue, model: Model, rid: str, chat:
     """The server-sent events of one streamed request, ending with `data: [DONE]`."""
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
+    sent = 0  # the tokens whose log-probabilities went out: each event carries those made since
+
     def event(text: str | None, finish: str | None, role: bool = False) -> str:
+        nonlocal sent
+        tokens = job.token_logprobs[sent:] if not role else []
+        offset = sum(len(t) for t, _, _ in job.token_logprobs[:sent])
+        sent += len(tokens)
+        logprobs = _logprobs(job, tokens, chat, offset)
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None if role else logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return _sse({"id": rid, "object": kind, "created": created, "model": model.name, "choices": [choice]})
 
     if chat:
@@ -284,24 +348,42 @@ async def _events(engine: Engine, job: Job, queue, model: Model, rid: str, chat:
     yield "data: [DONE]\n\n"
 
 
+def _logprobs(job: Job, tokens: list, chat: bool, offset: int = 0) -> dict | None:
+    """OpenAI's `logprobs` of these tokens of the job: chat's per-token list with bytes and top rivals, or the
+    completions API's parallel lists; None where the request did not ask for them."""
+    if job.logprobs is None:
+        return None
+    if chat:
+        def one(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [one(t, lp) | {"top_logprobs": [one(r, v) for r, v in rivals]} for t, lp, rivals in tokens],
+                "refusal": None}
+    offsets = [offset + sum(len(t) for t, _, _ in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [dict(rivals) | {t: lp} for t, lp, rivals in tokens], "text_offset": offsets}
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
 class _Guard:
-    """ASGI middleware in front of every route: the API key on /v1, and the body limit (413) before any
-    route reads the body."""
+    """ASGI middleware in front of every route: the Host header and the API key (both but on /health), and the
+    body's size (413) and time to arrive (408) before any route reads it."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
-        self.key = f"Bearer {api_key}".encode() if api_key else None
+    def __init__(self, app, api_key: str | None, max_body: int, hosts: frozenset[str]):
+        self.app, self.max_body, self.hosts = app, max_body, hosts
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.key and scope["path"].startswith("/v1") and not hmac.compare_digest(
-                headers.get(b"authorization", b""), self.key):
+        host = _host_name(headers.get(b"host", b""))
+        if scope["path"] != "/health" and host not in self.hosts and "*" not in self.hosts:
+            return await _send(send, ApiError(421, f"this server does not answer to Host {host!r}; to allow it, "
+                                                   f"start it with allowed_hosts=[{host}]", code="invalid_host"))
+        if self.key and scope["path"].startswith("/v1") and not self._authorized(headers.get(b"authorization", b"")):
             return await _send(send, ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                                               code="invalid_api_key"))
         too_big = ApiError(413, f"the request body is larger than this server takes ({self.max_body} bytes)",
@@ -309,9 +391,14 @@ class _Guard:
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
             return await _send(send, too_big if length.isdigit() else ApiError(400, "bad Content-Length"))
-        body, more = b"", True
-        while more:  # read the whole body here, counting, then hand it on
-            message = await receive()
+        body, more, deadline = b"", True, time.monotonic() + BODY_TOTAL_S
+        while more:  # read the whole body here, counting and timing, then hand it on
+            try:
+                message = await asyncio.wait_for(receive(), min(BODY_IDLE_S, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await _send(send, ApiError(408, f"the request body did not arrive in time (a pause over "
+                                                       f"{BODY_IDLE_S} s, or {BODY_TOTAL_S} s in all)",
+                                                  code="request_timeout"), close=True)
             if message["type"] != "http.request":
                 return
             body += message.get("body", b"")
@@ -329,12 +416,35 @@ class _Guard:
 
         return await self.app(scope, replay, send)
 
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.key)  # the scheme in any case
 
-async def _send(send, error: ApiError) -> None:
+
+def _host_name(header: bytes) -> str:
+    """The name a Host header gives, lowercase, without its port or brackets ([::1]:8000 -> ::1)."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")]
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
+
+
+async def _send(send, error: ApiError, close: bool = False) -> None:
     body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})
+
+
+class _NoQuery(logging.Filter):
+    """Uvicorn's access log without query strings: a client may put a key there, and it must not be logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, path, HTTP version, status
+            client, method, path, version, status = record.args
+            record.args = (client, method, str(path).split("?")[0], version, status)
+        return True
 
 
 # ---- running it -------------------------------------------------------------------------------
@@ -348,15 +458,17 @@ def serve(served: Served, args, api_key: str | None) -> int:
     sock = _listen(args.host, args.port)
     engine = load_engine(served, args.max_batch)
     limits = Limits(args.max_tokens, args.max_prompt_tokens, args.max_body_bytes, args.max_concurrent)
-    app = create_app(engine, models_of(served, engine, args.template), limits, api_key)
     host, port = sock.getsockname()[:2]
+    hosts = LOOPBACK | {h.lower() for h in (args.host, host, *args.allowed_hosts) if not _unspecified(h)}
+    app = create_app(engine, models_of(served, engine, args.template), limits, api_key, frozenset(hosts))
     names = ", ".join([served.base_name + " (base)"] + [a.name for a in served.adapters])
     print(f"serving {names} on http://{_url_host(host)}:{port}/v1 (adapters share batches of up to "
           f"{args.max_batch}; API key {'required' if api_key else 'not required'})", flush=True)
-    if not api_key and host not in ("127.0.0.1", "::1", "localhost"):
+    if not api_key and not is_loopback(host):  # allow_no_key=true
         print(f"warning: listening on {host} without an API key: anyone who reaches this port can use the models "
               "(set LORA_LAUNCH_API_KEY)", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout_s))
+    logging.getLogger("uvicorn.access").addFilter(_NoQuery())  # after Config, which sets uvicorn's logging up
     # uvicorn drains on SIGTERM, then raises the signal again once done: this handler takes that one
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
@@ -377,6 +489,14 @@ def _listen(host: str, port: int) -> socket.socket:
                          "choose another port= (0: a free one) or host=") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _unspecified(host: str) -> bool:
+    """0.0.0.0 or ::, every interface: no name a client's Host header should carry."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _url_host(host: str) -> str:

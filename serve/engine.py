@@ -36,8 +36,10 @@ class Job:
     max_new: int
     sampling: tuple = ()  # (): greedy; (temperature, top_p), and a seed (such a request is batched alone)
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none asked; k: each token's log-probability and its k likeliest rivals
     emit: Callable[[str, str | None], None] = lambda text, finish: None  # (new text, finish reason or None)
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[tuple[str, float, list[tuple[str, float]]]] = field(default_factory=list)  # per token
     sent: str = ""  # the text emitted so far
     finish: str | None = None  # stop | length | error | cancelled
     cancelled: bool = False
@@ -150,18 +152,21 @@ class Engine:
     def _generate(self, batch: list[Job]) -> None:
         if not batch:
             return
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         class Done(StoppingCriteria):  # a row stops when its request is done, the others go on
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.tensor([j.finish is not None for j in batch], device=input_ids.device)
 
+        logprobs = _LogProbs() if any(j.logprobs is not None for j in batch) else None
         width = max(len(j.ids) for j in batch)
         rows = [[self.pad_id] * (width - len(j.ids)) + j.ids for j in batch]  # left-padded
         mask = [[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch]
         dev = self.model.device
         kwargs = dict(max_new_tokens=max(j.max_new for j in batch), pad_token_id=self.pad_id, use_cache=True,
-                      streamer=_Rows(self, batch), stopping_criteria=StoppingCriteriaList([Done()]))
+                      streamer=_Rows(self, batch, logprobs), stopping_criteria=StoppingCriteriaList([Done()]))
+        if logprobs is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([logprobs])
         sampling = batch[0].sampling
         if sampling:
             kwargs.update(do_sample=True, temperature=sampling[0], top_p=sampling[1], top_k=0)
@@ -178,14 +183,17 @@ class Engine:
             if job.finish is None:  # the batch ended at its longest request's max_tokens
                 self._finish(job, "length")
 
-    def _advance(self, job: Job, token: int) -> None:
-        """One new token of a request: emit the text it completes, and finish the request where it ends."""
+    def _advance(self, job: Job, token: int, dist: torch.Tensor | None = None) -> None:
+        """One new token of a request: emit the text it completes, and finish the request where it ends;
+        `dist`: the row's log-probabilities this step, for a request that asked for them."""
         if job.cancelled:
             return self._end(job, "cancelled")
         if token in self.eos_ids:
             return self._finish(job, "stop")
         job.tokens.append(token)
         text = self.tok.decode(job.tokens, skip_special_tokens=True)
+        if job.logprobs is not None and dist is not None:
+            self._record_logprobs(job, dist, text)
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:
             return self._finish(job, "stop", text[:cut])
@@ -198,6 +206,17 @@ class Engine:
         if keep > len(job.sent) and text.startswith(job.sent):
             job.emit(text[len(job.sent):keep], None)
             job.sent = text[:keep]
+
+    def _record_logprobs(self, job: Job, dist: torch.Tensor, text: str) -> None:
+        """The new token's text and log-probability, and its likeliest rivals' (each token's text is what it
+        adds to the answer, so that the tokens put together read as the answer)."""
+        before_ids = job.tokens[:-1]
+        before = self.tok.decode(before_ids, skip_special_tokens=True)
+        top = dist.topk(job.logprobs) if job.logprobs else None
+        rivals = [] if top is None else [
+            (self.tok.decode(before_ids + [i], skip_special_tokens=True)[len(before):], value)
+            for value, i in zip(top.values.tolist(), top.indices.tolist())]
+        job.token_logprobs.append((text[len(before):], float(dist[job.tokens[-1]]), rivals))
 
     def _finish(self, job: Job, reason: str, text: str | None = None) -> None:
         if text is None:
@@ -214,19 +233,32 @@ class Engine:
             job.emit(text, reason)
 
 
+class _LogProbs:
+    """A logits processor that keeps each step's log-probabilities of every row (before temperature and top_p:
+    the model's own, as OpenAI reports them) and changes nothing."""
+
+    last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # -9999 for a token ruled out (-inf), as vLLM reports it: JSON has no -Infinity
+        self.last = scores.float().log_softmax(-1).clamp(min=-9999.0).cpu()
+        return scores
+
+
 class _Rows:
     """generate()'s streamer: the prompts first, then each step's new token of every row."""
 
-    def __init__(self, engine: Engine, batch: list[Job]):
-        self.engine, self.batch, self.prompts_seen = engine, batch, False
+    def __init__(self, engine: Engine, batch: list[Job], logprobs: _LogProbs | None = None):
+        self.engine, self.batch, self.logprobs, self.prompts_seen = engine, batch, logprobs, False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompts_seen:
             self.prompts_seen = True
             return
-        for job, token in zip(self.batch, value.reshape(-1).tolist()):
+        dists = self.logprobs.last if self.logprobs is not None else None
+        for row, (job, token) in enumerate(zip(self.batch, value.reshape(-1).tolist())):
             if job.finish is None:
-                self.engine._advance(job, token)
+                self.engine._advance(job, token, dists[row] if dists is not None else None)
 
     def end(self) -> None:
         pass
