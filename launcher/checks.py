@@ -21,7 +21,7 @@ from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan, fsdp2_mesh
 from lora_launch.run.checkpoints import CheckpointError, choose
-from lora_launch.run.rundir import short_path
+from lora_launch.run.rundir import check_set_aside, short_path
 
 
 def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
@@ -286,6 +286,8 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     """Everything that can be known wrong before a process starts."""
     check_multinode_run_dir(cfg, topo, run_dir_given)
     check_resume_config(cfg)
+    if cfg.resume.mode == "never":  # before anything is moved or written: the user's files stay where they are
+        check_set_aside(Path(cfg.run.dir))
     check_global_batch(cfg, plan)
     check_own_configs(cfg, plan)
     check_extras(cfg)

@@ -9,6 +9,7 @@ does to the files a killed attempt left.
     RUN/checkpoints/step-N/  committed checkpoints (a manifest.json marks one complete)
     RUN/attempts/A/          how attempt A of a launch ended: rankR.json (a rank's crash), nodeN.json (a node's part)
     RUN/previous-<time>/     everything of an earlier run, moved aside by resume.mode=never
+    RUN/.lora-launch-run     written when lora-launch first writes the dir: it is a run's (see check_set_aside)
 
 Every file here is written through `atomic_path` (a temporary name unique to this host and process,
 then a rename), so a reader sees a whole file or the old one, also when nodes share the directory.
@@ -26,6 +27,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from lora_launch.conf.schema import ConfigError
 
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -129,12 +132,15 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def write_config(cfg, run_dir: Path) -> Path:
-    """RUN/config.yaml: the fully resolved config (secrets redacted) every rank reads."""
+    """RUN/config.yaml: the fully resolved config (secrets redacted) every rank reads; the dir is marked a run's."""
     import yaml
 
     from lora_launch.conf.compose import plain
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if not (Path(run_dir) / RUN_MARKER).exists():
+        write_atomic(Path(run_dir) / RUN_MARKER, "a lora-launch run dir: resume.mode=never moves aside only what "
+                                                 "lora-launch wrote here\n")
     return write_atomic(Path(run_dir) / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
 
 
@@ -277,19 +283,56 @@ def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
 
 
 # what a launch writes before training starts; training's own set-aside leaves these in place
-LAUNCH_FILES = frozenset({"config.yaml", "accelerate.yaml", "ds_config.json", "slurm.sbatch", ".slurm-attempt",
-                          ".hydra", "data_report.json"})
+LAUNCH_FILES = frozenset({"config.yaml", "accelerate.yaml", "ds_config.json", "fsdp2.json", "slurm.sbatch",
+                          ".slurm-attempt", ".hydra", "data_report.json"})
+RUN_MARKER = ".lora-launch-run"
+# every other name lora-launch writes at the top of a run dir: training, the trackers, `merge`/`eval`, a sweep
+# trial's record and log (launcher/sweep.py), a pruning sweep's report and verdict (run/pruning.py)
+_OWN_NAMES = LAUNCH_FILES | {RUN_MARKER, STATUS, METRICS, CHECKPOINTS, ATTEMPTS, "ranks", "adapter", "merged",
+                             "eval.json", "loss.png", "sample.txt", "tensorboard", "wandb", "mlruns", "mlflow_run_id",
+                             "trial.json", "lora-launch.log", "eval_report.json", "eval_verdict.json"}
+# locks, earlier set-asides, Slurm logs, rank logs, atomic writes' temporary names, the writability probe
+_OWN_PATTERN = re.compile(r"\.(launch|ranks)\.lock(\.node\d+)?|previous-.+|slurm-\d+\.out|rank\d+\.log"
+                          r"|\..+\.(tmp|old)\..+|\.write-test\..+")
 
 
 def _kept_always(name: str) -> bool:
-    # the locks of live processes, earlier set-asides, and the Slurm job's own log (still being appended)
-    return name.startswith((".launch.lock", ".ranks.lock", "previous-", "slurm-")) or name.endswith(".tmp")
+    # the locks of live processes, the marker, earlier set-asides, and the Slurm job's own log (still being appended)
+    return name.startswith((".launch.lock", ".ranks.lock", "previous-", "slurm-", RUN_MARKER)) or name.endswith(".tmp")
+
+
+def written_by_us(name: str) -> bool:
+    """Whether lora-launch writes an entry of this name at the top of a run dir."""
+    return name in _OWN_NAMES or bool(_OWN_PATTERN.fullmatch(name))
+
+
+def check_set_aside(run_dir: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Refuse (ConfigError) what set_aside_previous would do to a dir that is not a run's: the user's files are
+    never moved. A run dir is one with the marker (or, made before it, with a status.json) holding only names
+    lora-launch writes; an empty dir is fine too."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    names = sorted(p.name for p in run_dir.iterdir())
+    foreign = [n for n in names if not written_by_us(n)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ConfigError(f"resume.mode=never would move {short_path(run_dir / foreign[0])}{more} aside, and "
+                          f"lora-launch did not write it: move what is yours out of {short_path(run_dir)}, or "
+                          "choose another run.dir")
+    movable = [n for n in names if not _kept_always(n) and n not in keep]
+    if movable and RUN_MARKER not in names and read_status(run_dir).get("state") is None:
+        raise ConfigError(f"resume.mode=never would move {short_path(run_dir / movable[0])} aside, but "
+                          f"{short_path(run_dir)} has no {RUN_MARKER} or status.json, so lora-launch did not make "
+                          "it: move what is yours out of it, or choose another run.dir")
 
 
 def set_aside_previous(run_dir: Path, keep: frozenset[str] = frozenset()) -> Path | None:
     """Move every file of an earlier run (checkpoints, metrics, status, adapter, plots, reports,
-    tensorboard, ...) but the names in `keep` into RUN/previous-<time>/ (resume.mode=never)."""
+    tensorboard, ...) but the names in `keep` into RUN/previous-<time>/ (resume.mode=never); a dir holding
+    anything lora-launch did not write is refused first, with nothing moved (check_set_aside)."""
     run_dir = Path(run_dir)
+    check_set_aside(run_dir, keep)
     if not run_dir.is_dir():
         return None
     olds = sorted(p for p in run_dir.iterdir() if not _kept_always(p.name) and p.name not in keep)

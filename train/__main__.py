@@ -15,7 +15,8 @@ from lora_launch.run import lock
 from lora_launch.run.process import (ATTEMPT_ENV, NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent,
                                      end_at_once_on_stop_signals, guard_output)
 from lora_launch.run.plan import shape_from_env
-from lora_launch.run.rundir import fault_message, finished_step, write_attempt_record
+from lora_launch.run.rundir import (fault_message, finished_step, read_status, write_attempt_record,
+                                    write_status)
 
 _held: list = []  # the locks this process holds for its whole life
 
@@ -165,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     from lora_launch.data.templates import DataError
     from lora_launch.train.loop import Trainer
 
-    trainer = None
+    trainer, failed = None, True
     try:
         trainer = Trainer(cfg)
         trainer.fit()  # loads the checkpoint first: a refused or damaged one is one line too
-    except (CheckpointError, DataError) as e:  # bad data or checkpoint: one line, nothing of the run lost
+        failed = False
+    except (CheckpointError, DataError, ConfigError) as e:  # bad data, checkpoint or run dir: one line, nothing lost
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only, permissions: committed checkpoints stay as they were
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             _record_failure(run_dir, trainer, e)
             raise
+        _write_failed(run_dir, trainer.step if trainer else 0, message)
         print(f"error: {message}", file=sys.stderr)
         return 2
     except Exception as e:  # a crash, not the user's input: the launcher may restart the run
@@ -184,8 +187,24 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         if trainer is not None:
-            trainer.close()
+            try:
+                trainer.close()
+            except Exception:
+                if not failed:
+                    raise
+                # closing after a failure fails alike (the disk is still full): the failure said is the story
     return 0
+
+
+def _write_failed(run_dir: Path, step: int, reason: str) -> None:
+    """Rank 0: status.json of a run that was training says it failed and why (the disk may refuse that too)."""
+    status = read_status(run_dir)
+    if _env_int("RANK") != 0 or status.get("state") != "running":
+        return
+    try:
+        write_status(run_dir, "failed", step, error=reason)
+    except OSError:
+        pass
 
 
 def _record_failure(run_dir: Path, trainer, e: Exception) -> None:
