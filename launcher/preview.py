@@ -33,6 +33,7 @@ whole 70B in bf16 without ckpt does not fit one H200).
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,17 +225,19 @@ def node_commands(cfg: DictConfig, topo: Topology, overrides: list[str]) -> list
 
     run_dir = Path(cfg.run.dir)
     files = {"accelerate": run_dir / "accelerate.yaml", "config": run_dir / "config.yaml"}
-    user = [o for o in overrides if not o.startswith(("preview=", "launcher.node_rank="))]
+    # quoted as a shell reads them: a user pastes these lines
+    user = shlex.join(o for o in overrides if not o.startswith(("preview=", "launcher.node_rank=")))
     if cfg.launcher.name == "slurm":
-        return [f"submit: lora-launch {' '.join(user)}  (writes {run_dir}/slurm.sbatch, runs sbatch on it)",
-                f"each of the {topo.num_machines} nodes then runs: python -m lora_launch.launcher.node --run-dir {run_dir}"]
+        return [f"submit: lora-launch {user}  (writes {run_dir}/slurm.sbatch, runs sbatch on it)",
+                f"each of the {topo.num_machines} nodes then runs: python -m lora_launch.launcher.node --run-dir "
+                f"{shlex.quote(str(run_dir))}"]
     lines = []
     for rank in range(topo.num_machines):
         host = topo.hosts[rank] if topo.hosts else "this host"
         multi = topo.num_machines > 1
         cmd = launch_command(files, node_rank=rank if multi else None)
         extra = f" launcher.node_rank={rank}" if multi else ""
-        lines.append(f"node {rank} ({host}): lora-launch {' '.join(user)}{extra}")
+        lines.append(f"node {rank} ({host}): lora-launch {user}{extra}")
         note = "  (GLOO/NCCL_SOCKET_IFNAME: the interface routing to the first host)" if multi else ""
         lines.append(f"    runs: {printable(cmd)}{note}")
     return lines

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from lora_launch.conf.compose import compose, plain
 from lora_launch.conf.schema import ConfigError, load
 from lora_launch.launcher import hostfile
+from lora_launch.launcher.preview import node_commands
 from lora_launch.launcher.slurm import sbatch_script
 from lora_launch.launcher.topology import topology
 
@@ -106,3 +107,10 @@ def test_hostfile_line_separators_split_lines_so_each_part_is_checked():
         hostfile.parse_hostfile_text("a\x1cb slots=2\n")
     with pytest.raises(ConfigError, match="slots='²'"):
         hostfile.parse_hostfile_text("a slots=²\n")
+
+
+def test_preview_commands_are_quoted_as_a_shell_reads_them():
+    overrides = ["sample.prompt='x; touch pwned $(id)'", "run.dir=runs/a b"]
+    cfg = compose(overrides)
+    line = node_commands(cfg, topology(cfg), overrides)[0]
+    assert shlex.split(line.split(": lora-launch ", 1)[1]) == overrides
