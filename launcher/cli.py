@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from lora_launch.launcher.checks import check_before_launch, check_data, check_f
 from lora_launch.conf.compose import resolve_run
 from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
+from lora_launch.run.lock import in_use
 from lora_launch.run.process import exit_on_closed_stdout
-from lora_launch.run.rundir import fault_message, finished_step
+from lora_launch.run.rundir import fault_message, finished_step, read_status
 
 
-def _job(cfg: DictConfig) -> int:
-    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: launcher/sweeper.py)."""
+def _job(cfg: DictConfig, made: bool) -> int:
+    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: launcher/sweeper.py).
+    `made`: the run dir did not exist before this command."""
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run.dir = hydra_cfg.runtime.output_dir
@@ -28,30 +31,29 @@ def _job(cfg: DictConfig) -> int:
         rc = _launch(cfg, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        _remove_if_unused(Path(cfg.run.dir))
+        _remove_if_made(Path(cfg.run.dir), made)
         sys.exit(2)
     except BrokenPipeError:  # `lora-launch preview=true | head -1`; here, as Hydra reports what _job raises
-        _remove_if_unused(Path(cfg.run.dir))
+        _remove_if_made(Path(cfg.run.dir), made)
         exit_on_closed_stdout()
     except OSError as e:  # disk full or read-only while writing the launch files: one line, nothing lost
         message = fault_message(e, where=cfg.run.dir)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        _remove_if_unused(Path(cfg.run.dir))
+        _remove_if_made(Path(cfg.run.dir), made)
         sys.exit(2)
     if rc != 0:
         sys.exit(rc)  # run_node said why
     return rc
 
 
-def _remove_if_unused(run_dir: Path) -> None:
-    """A refused launch leaves no run dir behind: remove the one Hydra made for it when it is still empty
-    (lock files stay: a live launch may hold them)."""
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass
+def _remove_if_made(run_dir: Path, made: bool) -> None:
+    """A refused launch leaves no new run dir behind: the one made for it goes, with what the launch wrote there
+    (locks, the marker, a file a full disk cut short), unless a live launch holds it (two launches in the same
+    second share the timestamped default) or a run trained there. A dir that existed before stays as it is."""
+    if made and not in_use(run_dir) and not read_status(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _launch(cfg: DictConfig, overrides: list[str]) -> int:
@@ -111,14 +113,19 @@ def _override_text(arg: str) -> str:
     return value if isinstance(value, str) else arg.split("=", 1)[1]
 
 
-def _check_run_dir_arg(argv: list[str]) -> None:
+def _run_dir_arg(argv: list[str]) -> Path | None:
+    """The run.dir the command line names (None: the timestamped default, or a value Hydra interpolates)."""
+    given = [_override_text(a) for a in argv if a.startswith(("run.dir=", "hydra.run.dir="))]
+    return Path(given[-1]) if given and "${" not in given[-1] else None
+
+
+def _check_run_dir_arg(run_dir: Path | None) -> None:
     """Refuse an unwritable run.dir in one line before Hydra tries to create it (and dies in a traceback)."""
     from lora_launch.launcher.checks import check_run_dir_writable
 
-    given = [_override_text(a) for a in argv if a.startswith(("run.dir=", "hydra.run.dir="))]
-    if given and "${" not in given[-1]:
+    if run_dir is not None:
         try:
-            check_run_dir_writable(Path(given[-1]))
+            check_run_dir_writable(run_dir)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -182,14 +189,21 @@ def _main() -> None:
         from lora_launch.launcher.sweeper import run_sweep
 
         sys.exit(run_sweep([a for a in sys.argv[1:] if a not in ("-m", "--multirun")]))
-    _check_run_dir_arg(sys.argv[1:])
+    given = _run_dir_arg(sys.argv[1:])
+    # looked at before Hydra makes it; a value Hydra interpolates may name an existing dir
+    made = not given.exists() if given is not None else not run_dir_given(sys.argv[1:])
+    _check_run_dir_arg(given)
     _compose_errors_in_one_line(sys.argv[1:])
     # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
     # leave an existing run's files as they were; a launch records its command once its checks passed
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     register()
     register_resolvers()
-    hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(_job)()
+
+    def job(cfg: DictConfig) -> int:
+        return _job(cfg, made)
+
+    hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(job)()
 
 
 if __name__ == "__main__":

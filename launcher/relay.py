@@ -23,6 +23,7 @@ _ELASTIC_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ \d+ \S*torch/distributed/")  # t
 _TORCHRUN_FAILED = re.compile(r"\bfailed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 _DIED_BY_SIGNAL = re.compile(r"died with <Signals\.\w+: (\d+)>")
 _BOX = "=" * 60
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch prefixes an uncaught exception's lines in a rank
 
 
@@ -51,6 +52,7 @@ class StderrRelay:
 
     def _run(self) -> None:
         block: list[str] = []  # a traceback being read, not yet known to be the launcher's
+        ended = False  # the block has its exception line; a chained exception may still follow
         skipping_box = 0
         for raw in iter(self.pipe.readline, b""):
             line = raw.decode(errors="replace")
@@ -59,18 +61,16 @@ class StderrRelay:
                 self._emit([line])
                 continue
             body = _RANK_PREFIX.sub("", line)
+            if block:
+                if not ended or body.startswith(_CHAINED) or not body.strip():
+                    block.append(line)
+                    if body.strip():  # an exception line ends it, unless a chained exception follows
+                        ended = body[:1] not in (" ", "\t") and not body.startswith(("Traceback", *_CHAINED))
+                    continue
+                skipping_box = self._end(block)
+                block, ended = [], False
             if skipping_box:  # torchrun's ChildFailedError report, between two rules of '='
                 skipping_box -= body.startswith(_BOX)
-                continue
-            if block:
-                block.append(line)
-                if body[:1] not in (" ", "\t", "\n") and not body.startswith("Traceback"):
-                    # after a rank's one-line error, the other ranks' tracebacks (their peer is gone) are noise
-                    if not self.errors and not _is_launcher_traceback(block):
-                        self._emit(block)
-                    elif "ChildFailedError" in body:
-                        skipping_box = 2
-                    block = []
                 continue
             if body.startswith("Traceback (most recent call last):"):
                 block = [line]
@@ -79,9 +79,19 @@ class StderrRelay:
             else:
                 if line.startswith("error: "):
                     self.errors.append(line.strip())
+                    if len(self.errors) > 1:  # every rank's copy of one refusal, or a peer's failure after it
+                        continue
                 self._emit([line])
         if block:
+            self._end(block)
+
+    def _end(self, block: list[str]) -> int:
+        """Emit a whole traceback (chained ones included) unless it is noise; 2 when torchrun's box follows."""
+        # after a rank's one-line error, the other ranks' tracebacks (their peer is gone) are noise
+        if not self.errors and not _is_launcher_traceback(block):
             self._emit(block)
+            return 0
+        return 2 if any("ChildFailedError" in line for line in block[-3:]) else 0
 
     def _note_exit(self, line: str) -> None:
         if self.first_exit is not None:
@@ -94,5 +104,6 @@ class StderrRelay:
 
 def _is_launcher_traceback(block: list[str]) -> bool:
     frames = [l for l in block if l.lstrip().startswith('File "')]
+    last = next((l for l in reversed(block) if l.strip()), "")  # the exception line (blank lines may follow)
     return bool(frames) and any(f in frames[0] or f in frames[-1] for f in _LAUNCHER_FRAMES) and any(
-        kind in block[-1] for kind in ("CalledProcessError", "ChildFailedError", "SignalException"))
+        kind in last for kind in ("CalledProcessError", "ChildFailedError", "SignalException"))

@@ -80,6 +80,24 @@ def lock_holders(path: Path) -> list[int]:
     return sorted(set(pids))
 
 
+def in_use(run_dir: Path) -> bool:
+    """Whether a live launch holds one of `run_dir`'s launch locks (by flock; by the recorded pid without it)."""
+    for path in Path(run_dir).glob(".launch.lock*"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            pid = _holder(path).get("pid")
+            if e.errno in _BUSY or (pid and pid != os.getpid() and pid_alive(int(pid))):
+                return True
+        finally:
+            os.close(fd)
+    return False
+
+
 def _held_message(path: Path, holder: dict) -> str:
     return (f"run.dir {path.parent} is in use by a live launch (pid {holder.get('pid', '?')} on "
             f"{holder.get('host', '?')}, lock {path}); wait for it or choose another run.dir")

@@ -52,3 +52,15 @@ def test_a_ranks_error_line_is_all_that_is_left():
 def test_a_ranks_own_traceback_passes_and_verbose_passes_everything():
     assert relay("warming up\n" + RANK_BUG + ACCELERATE_TB)[0] == "warming up\n" + RANK_BUG
     assert relay(RANK_BUG + ACCELERATE_TB, verbose=True)[0] == RANK_BUG + ACCELERATE_TB
+
+
+def test_one_refusal_from_every_rank_is_one_line_and_a_chained_traceback_goes_whole():
+    refusal = "error: cannot resume from RUN/checkpoints/step-2: data\n"
+    chained = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n[rank1]: OSError: gone\n"
+               "[rank1]: \n[rank1]: The above exception was the direct cause of the following exception:\n"
+               "[rank1]: \n[rank1]: Traceback (most recent call last):\n[rank1]:   File \"y.py\", line 2\n"
+               "[rank1]: RuntimeError: peer closed\n")
+    out, errors = relay(refusal + refusal + chained + TORCHRUN)
+    assert out == refusal and len(errors) == 2
+    # a rank's own chained traceback passes whole, and so does an unrelated traceback after it
+    assert relay(chained + RANK_BUG + ACCELERATE_TB)[0] == chained + RANK_BUG
