@@ -252,7 +252,8 @@ class DataConfig:
     packing_strategy: PackingStrategy = PackingStrategy.bfd
     group_by_length: bool = False  # batches of similar length (not with packing)
     max_samples: int = ranged(-1, lo=-1)
-    cache_dir: Optional[str] = pathlike(writes=True)  # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
+    # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
+    cache_dir: Optional[str] = pathlike(writes=True)
     # several datasets mixed by weight: [{path: a.jsonl, weight: 2}, {source: hub, path: OWNER/NAME, weight: 1}];
     # each entry's keys (any data.* key but these two) override the settings above for that source
     sources: list = field(default_factory=list)
@@ -382,7 +383,8 @@ class WandbConfig:
 class MlflowConfig:
     enabled: bool = False
     experiment: str = "lora-launch"
-    tracking_uri: Optional[str] = pathlike(writes=True, uri=True)  # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
+    # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
+    tracking_uri: Optional[str] = pathlike(writes=True, uri=True)
 
 
 @dataclass
