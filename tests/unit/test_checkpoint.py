@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
-from lora_launch.run.rundir import committed_checkpoints, read_metrics, rewind_metrics, set_aside_previous
+from lora_launch.run.rundir import (RUN_MARKER, committed_checkpoints, read_metrics, rewind_metrics,
+                                   set_aside_previous)
 from lora_launch.run.checkpoints import verify
 from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
 from lora_launch.train.state import ScalerState
@@ -282,10 +283,26 @@ def test_resume_never_sets_the_earlier_run_aside(tmp_path):
     assert checkpointer(tmp_path, fresh, mode="never").load() is None  # never: nothing loaded, nothing moved
     assert all(torch.equal(a, b) for a, b in zip(before, fresh.model.parameters())) and fresh.progress.step == 0
     assert checkpointer(tmp_path).load() == 1
+    (tmp_path / RUN_MARKER).write_text("")  # as the launch that made the run dir left it
     set_aside_previous(tmp_path)  # what training does first under resume.mode=never (Trainer.restore)
     previous = list(tmp_path.glob("previous-*"))
     assert len(previous) == 1 and (previous[0] / "checkpoints" / "step-1" / "manifest.json").exists()
     assert not (tmp_path / "metrics.jsonl").exists() and checkpointer(tmp_path).load() is None
+
+
+def test_resume_never_moves_nothing_where_a_file_is_not_lora_launchs(tmp_path):
+    from lora_launch.conf.schema import ConfigError
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="no .lora-launch-run or status.json"):
+        set_aside_previous(tmp_path)  # names lora-launch uses, but nothing says lora-launch made the dir
+    (tmp_path / RUN_MARKER).write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'notes.txt'} aside, and lora-launch did not write it")):
+        set_aside_previous(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER, "checkpoints", "notes.txt"]
+    (tmp_path / "notes.txt").unlink()
+    assert (set_aside_previous(tmp_path) / "checkpoints").is_dir()
 
 
 def test_rewind_metrics_keeps_one_row_per_step(tmp_path):
