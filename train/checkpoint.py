@@ -262,9 +262,10 @@ class Checkpointer:
         self.background = cfg.checkpoint.background
         self.background_min_bytes = cfg.checkpoint.background_min_mib * 2**20
         self.pending: _Pending | None = None  # a background save not committed yet
-        # the last committed save, for the log: {"step", "seconds" (training paused), "bytes",
-        # "background" (whether a thread wrote it), "write_seconds" (the thread's time)}
+        # the last committed save: {"step", "seconds" (training paused), "bytes", "background" (whether a
+        # thread wrote it), "write_seconds" (the thread's time)}; `commits` holds each one until the log takes it
         self.last_save: dict = {}
+        self.commits: list[dict] = []
 
     def _say(self, message: str) -> None:
         if self.main:
@@ -288,6 +289,11 @@ class Checkpointer:
         if self.every > 0 and step % self.every == 0:
             return self.save(step, background=self.background) or committed
         return committed
+
+    def take_commits(self) -> list[dict]:
+        """The saves committed since the last call, oldest first (their `last_save` records), for the log."""
+        commits, self.commits = self.commits, []
+        return commits
 
     def finish(self) -> Path | None:
         """Wait for a background save and commit it (every rank calls it); its directory, or None."""
@@ -363,6 +369,7 @@ class Checkpointer:
         self.last_save = {"step": step, "seconds": paused + time.perf_counter() - t0, "background": background,
                           "write_seconds": write_seconds,
                           "bytes": sum(f.stat().st_size for f in final.iterdir()) if self.main else 0}
+        self.commits.append(self.last_save)
         return final
 
     def _commit(self, staging: Path, step: int, hashes: dict) -> Path:

@@ -11,6 +11,8 @@ CPU runs resolve `auto` to `none` and keep the plain eager path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -47,9 +49,28 @@ def loss_function(mode: str):
     return _compiled_ce
 
 
+def rule_chosen_reductions() -> None:
+    """Have Inductor choose its reduction kernels' block sizes by rule instead of by timing them.
+
+    By default Inductor times several block sizes of each reduction kernel the first time a process meets a
+    size and keeps the fastest. The block size sets the order of the sums, so the winner sets the last bits
+    of every loss after it, and it depends on what else the GPU was doing at that moment: a resumed process
+    meets the sizes anew and may pick another winner, and its losses drift from the uninterrupted run's
+    (seen on an H200 as a resume that matched for a dozen steps, then differed). Exact resume needs the
+    choice to be the same in every process. TORCHINDUCTOR_DETERMINISTIC=0 in the environment keeps torch's
+    own behaviour.
+    """
+    import torch._inductor.config as inductor
+
+    if "TORCHINDUCTOR_DETERMINISTIC" not in os.environ and hasattr(inductor, "deterministic"):
+        inductor.deterministic = True
+
+
 def apply(cfg: DictConfig, model, mode: str):
     """Apply the speed path `mode` (the plan's reading of `train.compile`) to the PEFT model; returns the
     loss function."""
+    if mode != "none":
+        rule_chosen_reductions()
     if mode == "layers":
         compile_decoder_layers(model, dynamic=None if fixed_lengths(cfg) else True)
         # Under DDP, dynamo cuts every graph it compiles at DDP bucket boundaries (the first at

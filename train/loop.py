@@ -159,9 +159,10 @@ class Trainer:
         return self._stop
 
     def _save_checkpoint(self, force: bool) -> None:
-        """A checkpoint if one is due after this step (or `force`: a stop), its cost in the log."""
-        if self.checkpointer.maybe_save(self.step, force) is not None:
-            cost = self.checkpointer.last_save
+        """A checkpoint if one is due after this step (or `force`: a stop); what each save it committed cost
+        in the log (a stop first commits a background save still in flight, then saves its own step)."""
+        self.checkpointer.maybe_save(self.step, force)
+        for cost in self.checkpointer.take_commits():
             if cost["background"]:
                 self.log.write(f"step {self.step}: checkpoint of step {cost['step']} committed "
                                f"({cost['bytes'] / 2**20:.2f} MiB written in {cost['write_seconds']:.2f} s "

@@ -1,0 +1,184 @@
+"""Kill a run at random steps and resume it; every resumed run must match an uninterrupted one bit for bit.
+
+`python -m bench.kill_resume [--out DIR] [--kills 12] [--parallel 6] [--steps 120] [-- OVERRIDES...]`
+
+The tiny model with a background save every 5 steps (checkpoint.background_min_mib=0, so every periodic
+save goes through the writer thread) runs once uninterrupted. Then each kill starts the same command in a
+run directory of its own, waits until metrics.jsonl reaches a drawn step, and ends it one of three ways:
+
+- `group`:   SIGKILL to the launcher's process group (the ranks see their parent die and stop with a
+             checkpoint); the same command is run again.
+- `rank`:    SIGKILL to one rank under launcher.max_restarts=2; the launcher restarts it by itself.
+- `sigterm`: SIGTERM to the launcher, as a scheduler preempts; the same command is run again.
+
+Each row of OUT/results.jsonl says where it was killed, which checkpoint the run resumed from, whether a
+background save was in flight at the kill, and how many of the losses equal the uninterrupted run's (the
+floats as metrics.jsonl writes them). Runs share the GPU a few at a time (`--parallel`). Extra overrides
+after `--` go to every run (e.g. `train.compile=none`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.run import card, versions
+
+KINDS = ("group", "rank", "sigterm")
+RANK_MODULE = "lora_launch.train"
+
+
+def base_overrides(steps: int) -> list[str]:
+    return [f"train.max_steps={steps}", "checkpoint.every_steps=5", "checkpoint.background_min_mib=0",
+            "checkpoint.keep_last=3", "logging.every_steps=1", "eval.at_start=false", "logging.progress_bar=false",
+            "logging.tensorboard=false", "sample.max_new_tokens=0"]
+
+
+def cli(run_dir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "lora_launch.launcher.cli", f"run.dir={run_dir}", *overrides]
+
+
+def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """The launcher in a session of its own (its group is what `group` kills), output appended to RUN.log."""
+    log = open(f"{run_dir}.log", "a")
+    return subprocess.Popen(cli(run_dir, overrides), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def last_step(run_dir: Path) -> int:
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return 0
+    steps = [int(m) for m in re.findall(r'"step": (\d+), "loss"', text)]
+    return max(steps, default=0)
+
+
+def ranks(pid: int) -> list:
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for p in below:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "-m" in cmd and cmd[cmd.index("-m") + 1:][:1] == [RANK_MODULE]:
+            out.append(p)
+    return out
+
+
+def wait_gone(procs, timeout: float) -> None:
+    import psutil
+
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def in_flight(log: str, every: int = 5) -> bool:
+    """Whether the stop's own checkpoint (step S) was taken while the periodic save before it was not yet
+    committed: its writer thread still running, or done but not yet committed."""
+    stops = [int(s) for s in re.findall(r"step (\d+): checkpoint saved", log)]
+    if not stops:
+        return False
+    due = (stops[-1] - 1) // every * every
+    committed = {int(s) for s in re.findall(r"checkpoint of step (\d+) committed", log)}
+    return due > 0 and due not in committed
+
+
+def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str], reference: dict) -> dict:
+    run_dir = work / f"kill-{n:02d}-{kind}-{at}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    extra = ["launcher.max_restarts=2"] if kind == "rank" else ["launcher.max_restarts=0"]
+    proc = start(run_dir, overrides + extra)
+    t0 = time.monotonic()
+    while last_step(run_dir) < at and proc.poll() is None and time.monotonic() - t0 < 400:
+        time.sleep(0.02)
+    seen = last_step(run_dir)
+    below = ranks(proc.pid)
+    if kind == "group":
+        os.killpg(proc.pid, signal.SIGKILL)
+        wait_gone(below, 180)
+    elif kind == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    else:
+        below[0].send_signal(signal.SIGKILL)
+    rc_first = proc.wait(timeout=400)
+    first_log = Path(f"{run_dir}.log").read_text()
+    rc = rc_first
+    if kind != "rank":
+        rc = start(run_dir, overrides + extra).wait(timeout=400)
+    log = Path(f"{run_dir}.log").read_text()
+    got = losses(run_dir)
+    equal = sum(1 for s, v in reference.items() if got.get(s) == v)
+    diff = [s for s in sorted(reference) if got.get(s) != reference[s]]
+    resumed = re.findall(r"resumed from \S*?(step-\d+)", log)
+    return {"kill": n, "kind": kind, "asked_step": at, "seen_step": seen, "resumed_from": resumed,
+            "save_in_flight": in_flight(first_log), "rc_first": rc_first, "rc": rc,
+            "equal": equal, "of": len(reference), "first_diff": diff[0] if diff else None,
+            "bitwise": not diff}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="kill-resume-out")
+    ap.add_argument("--kills", type=int, default=12)
+    ap.add_argument("--parallel", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    out = Path(args.out).absolute()
+    work = out / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = base_overrides(args.steps) + list(args.overrides)
+    head = {"card": card(), "date": datetime.date.today().isoformat(), "versions": versions(), "overrides": overrides}
+    results = out / "results.jsonl"
+    with results.open("a") as f:
+        f.write(json.dumps(head) + "\n")
+    print(json.dumps(head), flush=True)
+
+    reference_dir = work / "uninterrupted"
+    shutil.rmtree(reference_dir, ignore_errors=True)
+    t0 = time.monotonic()
+    rc = start(reference_dir, overrides).wait(timeout=600)
+    reference = losses(reference_dir)
+    print(f"uninterrupted: rc={rc}, {len(reference)} losses in {time.monotonic() - t0:.0f} s", flush=True)
+
+    draw = random.Random(args.seed)
+    plan = [(n, KINDS[n % len(KINDS)], draw.randint(3, args.steps - 3)) for n in range(args.kills)]
+    rows = []
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for row in pool.map(lambda p: one_kill(work, *p, overrides, reference), plan):
+            rows.append(row)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    bitwise = sum(r["bitwise"] for r in rows)
+    overlap = [r for r in rows if r["save_in_flight"]]
+    print(f"{bitwise} of {len(rows)} kills resumed bitwise; {len(overlap)} came while a background save was in "
+          f"flight, {sum(r['bitwise'] for r in overlap)} of them bitwise", flush=True)
+    return 0 if bitwise == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
