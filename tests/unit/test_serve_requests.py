@@ -36,7 +36,7 @@ def _client(engine, api_key=None, hosts=None):
     from lora_launch.serve.app import LOOPBACK, Limits, create_app, models_of
 
     models = models_of(Served(str(TINY), "tiny-llama", [], {}, None), engine, "auto")
-    limits = Limits(max_tokens=8, max_prompt_tokens=None, max_body_bytes=20_000, max_concurrent=8)
+    limits = Limits(max_tokens=16, max_prompt_tokens=None, max_body_bytes=20_000, max_concurrent=8)
     return TestClient(create_app(engine, models, limits, api_key, hosts or LOOPBACK), base_url="http://localhost")
 
 
@@ -167,37 +167,49 @@ def test_completion_logprobs_are_the_legacy_parallel_lists(client):
 
 # ---- any body: a 400-class answer or a real one, never a 500 -------------------------------------
 
-TEXT = st.text(max_size=30) | st.sampled_from(["", "\ud800", "x\udfffy", "</s>", "<s>[INST]"])
-ANY = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+TEXT = st.text(max_size=30) | st.sampled_from(["", " ", "</s>", "<s>[INST]", "\u2603"])
+ANY = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT | st.just("\ud800"),
                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
                    max_leaves=6)
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | ANY,
-                                 "content": TEXT | st.lists(st.fixed_dictionaries(
-                                     {"type": st.just("text") | ANY, "text": TEXT}), max_size=2) | ANY})
+ROLE = st.sampled_from(["system", "developer", "user", "assistant"])
+CONTENT = TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
+MESSAGES = st.builds(lambda head, last: head + [{"role": "user", "content": last}],
+                     st.lists(st.fixed_dictionaries({"role": ROLE, "content": CONTENT}), max_size=2), CONTENT)
+# what a client may send within each field's range, the edges included (None: the field not given)
 FIELDS = {
-    "model": st.sampled_from(["tiny-llama", "nope"]) | ANY,
-    "prompt": TEXT | st.lists(TEXT, max_size=3) | ANY,
-    "messages": st.lists(MESSAGE, max_size=3) | ANY,
-    "max_tokens": st.integers(-1, 10) | ANY,
-    "max_completion_tokens": st.integers(-1, 10) | ANY,
-    "temperature": st.floats(0, 2) | st.sampled_from([1e-300, 5e-324, 2.0, -0.0]) | ANY,
-    "top_p": st.floats(0, 1) | st.sampled_from([1e-300, 5e-324]) | ANY,
-    "n": st.integers(0, 3) | ANY,
-    "stop": TEXT | st.lists(TEXT, max_size=6) | ANY,
-    "seed": st.integers() | ANY,
-    "stream": st.booleans() | ANY,
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | ANY}) | ANY,
-    "logprobs": st.booleans() | st.integers(-1, 6) | ANY,
-    "top_logprobs": st.integers(-1, 21) | ANY,
-    "echo": st.booleans() | ANY,
-    "tools": st.just([]) | ANY,
-    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]) | ANY,
+    "model": st.just("tiny-llama"),
+    "prompt": TEXT | st.lists(TEXT, min_size=1, max_size=3),
+    "messages": MESSAGES,
+    "max_tokens": st.none() | st.integers(1, 4),
+    "max_completion_tokens": st.none() | st.integers(1, 4),
+    "temperature": st.none() | st.sampled_from([1e-300, 5e-324, 1e-8, 0.0, 2.0]) | st.floats(0, 2),
+    "top_p": st.none() | st.sampled_from([1e-300, 5e-324, 1.0]) | st.floats(0, 1, exclude_min=True),
+    "stop": st.none() | TEXT | st.lists(TEXT, max_size=4),
+    "seed": st.none() | st.integers(-2**63, 2**63 - 1),
+    "stream": st.none() | st.booleans(),
+    "stream_options": st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logprobs": st.none() | st.booleans() | st.integers(0, 5),
+    "top_logprobs": st.none() | st.integers(0, 20),
+    "n": st.none() | st.just(1),
+    "response_format": st.none() | st.just({"type": "text"}),
 }
+# and one field outside it: a mistake a client may make, or anything at all
+EDGES = st.sampled_from([
+    ("model", "nope"), ("prompt", "a\ud800"), ("messages", [{"role": "user", "content": "\udfff"}]),
+    ("messages", [{"role": "tool", "content": "x"}]), ("messages", []), ("max_tokens", 0), ("max_tokens", 17),
+    ("max_tokens", 2**70), ("temperature", 2.0001), ("temperature", -1e-300), ("top_p", 0.0), ("n", 2),
+    ("seed", 2**63), ("seed", 2**70), ("seed", -2**63 - 1), ("stop", ["a", "b", "c", "d", "e"]), ("logprobs", 6),
+    ("top_logprobs", 21), ("echo", True), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("response_format", {"type": "json_object"}), ("temperature", float("nan")), ("seed", float("inf"))])
+BODY = st.fixed_dictionaries(FIELDS).map(lambda body: {key: value for key, value in body.items() if value is not None
+                                                         and (key != "top_logprobs" or body["logprobs"] is True)})
+MISTAKE = st.none() | EDGES | st.tuples(st.sampled_from(list(FIELDS)), ANY)
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(path=st.sampled_from(["/v1/completions", CHAT]), body=st.fixed_dictionaries({}, optional=FIELDS) | ANY)
-def test_no_request_body_gets_a_500(client, path, body):
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/completions", CHAT]), body=BODY, mistake=MISTAKE)
+def test_no_request_body_gets_a_500(client, path, body, mistake):
+    body = body | dict([mistake] if mistake else [])
     response = client.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     assert response.status_code < 500, (body, response.text)
     if response.status_code >= 400:
