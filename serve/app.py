@@ -22,10 +22,11 @@ import socket
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from omegaconf import DictConfig, OmegaConf
@@ -158,9 +159,15 @@ def _run_chat(cfg: DictConfig, run) -> DictConfig:
 
 
 def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key: str | None,
-               hosts: frozenset[str] = LOOPBACK) -> FastAPI:
-    """The FastAPI app over `engine`; `api_key` None: no key asked; `hosts`: the Host names answered ('*': any)."""
-    app = FastAPI(title="lora-launch serve", docs_url=None, redoc_url=None, openapi_url=None)
+               hosts: frozenset[str] = LOOPBACK, started: Callable[[], None] = lambda: None) -> FastAPI:
+    """The FastAPI app over `engine`; `api_key` None: no key asked; `hosts`: the Host names answered ('*': any);
+    `started` is called once the server has started."""
+    @asynccontextmanager
+    async def lifespan(app):
+        started()
+        yield
+
+    app = FastAPI(title="lora-launch serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, hosts=hosts)
     created = int(time.time())
 
@@ -460,13 +467,16 @@ def serve(served: Served, args, api_key: str | None) -> int:
     limits = Limits(args.max_tokens, args.max_prompt_tokens, args.max_body_bytes, args.max_concurrent)
     host, port = sock.getsockname()[:2]
     hosts = LOOPBACK | {h.lower() for h in (args.host, host, *args.allowed_hosts) if not _unspecified(h)}
-    app = create_app(engine, models_of(served, engine, args.template), limits, api_key, frozenset(hosts))
     names = ", ".join([served.base_name + " (base)"] + [a.name for a in served.adapters])
-    print(f"serving {names} on http://{_url_host(host)}:{port}/v1 (adapters share batches of up to "
-          f"{args.max_batch}; API key {'required' if api_key else 'not required'})", flush=True)
-    if not api_key and not is_loopback(host):  # allow_no_key=true
-        print(f"warning: listening on {host} without an API key: anyone who reaches this port can use the models "
-              "(set LORA_LAUNCH_API_KEY)", file=sys.stderr, flush=True)
+
+    def started() -> None:  # said once uvicorn handles SIGTERM: a stop sent on reading this line drains too
+        print(f"serving {names} on http://{_url_host(host)}:{port}/v1 (adapters share batches of up to "
+              f"{args.max_batch}; API key {'required' if api_key else 'not required'})", flush=True)
+        if not api_key and not is_loopback(host):  # allow_no_key=true
+            print(f"warning: listening on {host} without an API key: anyone who reaches this port can use the "
+                  "models (set LORA_LAUNCH_API_KEY)", file=sys.stderr, flush=True)
+
+    app = create_app(engine, models_of(served, engine, args.template), limits, api_key, frozenset(hosts), started)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout_s))
     logging.getLogger("uvicorn.access").addFilter(_NoQuery())  # after Config, which sets uvicorn's logging up
     # uvicorn drains on SIGTERM, then raises the signal again once done: this handler takes that one
