@@ -198,7 +198,7 @@ def _client(fake, api_key=None, **limits):
     chat = OmegaConf.create({"format": "messages", "template": "llama2", "system_prompt": None})
     models = {"tiny": Model("tiny", "__base__", chat, None), "run-a": Model("run-a", "a0", chat, "tiny")}
     settings = dict(max_tokens=32, max_prompt_tokens=None, max_body_bytes=2000, max_concurrent=4) | limits
-    return TestClient(create_app(fake, models, Limits(**settings), api_key))
+    return TestClient(create_app(fake, models, Limits(**settings), api_key), base_url="http://localhost")
 
 
 def _error(response, status: int) -> dict:
