@@ -375,7 +375,7 @@ def _sse(data: dict) -> str:
 
 
 class _Guard:
-    """ASGI middleware in front of every route: the Host header and the API key (both but on /health), and the
+    """ASGI middleware in front of every route: the Host header (but on /health), the API key on /v1, and the
     body's size (413) and time to arrive (408) before any route reads it."""
 
     def __init__(self, app, api_key: str | None, max_body: int, hosts: frozenset[str]):
