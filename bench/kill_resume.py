@@ -104,7 +104,8 @@ def in_flight(log: str, every: int = 5) -> bool:
     return due > 0 and due not in committed
 
 
-def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str], reference: dict) -> dict:
+def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> dict:
+    """Start a run, kill it `kind`'s way once metrics.jsonl reaches step `at`, and see it to the end."""
     run_dir = work / f"kill-{n:02d}-{kind}-{at}"
     shutil.rmtree(run_dir, ignore_errors=True)
     extra = ["launcher.max_restarts=2"] if kind == "rank" else ["launcher.max_restarts=0"]
@@ -119,7 +120,6 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str], refer
         wait_gone(below, 180)
     elif kind == "sigterm":
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
     else:
         below[0].send_signal(signal.SIGKILL)
     rc_first = proc.wait(timeout=400)
@@ -128,21 +128,24 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str], refer
     if kind != "rank":
         rc = start(run_dir, overrides + extra).wait(timeout=400)
     log = Path(f"{run_dir}.log").read_text()
-    got = losses(run_dir)
-    equal = sum(1 for s, v in reference.items() if got.get(s) == v)
+    return {"kill": n, "kind": kind, "asked_step": at, "seen_step": seen,
+            "resumed_from": re.findall(r"resumed from \S*?(step-\d+)", log),
+            "save_in_flight": in_flight(first_log), "rc_first": rc_first, "rc": rc, "dir": run_dir}
+
+
+def compare(row: dict, reference: dict) -> dict:
+    """The row with how many of its losses equal the uninterrupted run's."""
+    got = losses(row.pop("dir"))
     diff = [s for s in sorted(reference) if got.get(s) != reference[s]]
-    resumed = re.findall(r"resumed from \S*?(step-\d+)", log)
-    return {"kill": n, "kind": kind, "asked_step": at, "seen_step": seen, "resumed_from": resumed,
-            "save_in_flight": in_flight(first_log), "rc_first": rc_first, "rc": rc,
-            "equal": equal, "of": len(reference), "first_diff": diff[0] if diff else None,
-            "bitwise": not diff}
+    return {**row, "equal": len(reference) - len(diff), "of": len(reference),
+            "first_diff": diff[0] if diff else None, "bitwise": not diff and bool(reference)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="kill-resume-out")
     ap.add_argument("--kills", type=int, default=12)
-    ap.add_argument("--parallel", type=int, default=6)
+    ap.add_argument("--parallel", type=int, default=12)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*")
@@ -159,20 +162,19 @@ def main() -> int:
 
     reference_dir = work / "uninterrupted"
     shutil.rmtree(reference_dir, ignore_errors=True)
-    t0 = time.monotonic()
-    rc = start(reference_dir, overrides).wait(timeout=600)
-    reference = losses(reference_dir)
-    print(f"uninterrupted: rc={rc}, {len(reference)} losses in {time.monotonic() - t0:.0f} s", flush=True)
-
     draw = random.Random(args.seed)
     plan = [(n, KINDS[n % len(KINDS)], draw.randint(3, args.steps - 3)) for n in range(args.kills)]
-    rows = []
-    with ThreadPoolExecutor(args.parallel) as pool:
-        for row in pool.map(lambda p: one_kill(work, *p, overrides, reference), plan):
-            rows.append(row)
+    with ThreadPoolExecutor(args.parallel + 1) as pool:  # the uninterrupted run alongside the kills
+        uninterrupted = pool.submit(lambda: start(reference_dir, overrides).wait(timeout=900))
+        killed = [pool.submit(one_kill, work, *p, overrides) for p in plan]
+        print(f"uninterrupted: rc={uninterrupted.result()}", flush=True)
+        reference = losses(reference_dir)
+        rows = []
+        for future in killed:
+            rows.append(compare(future.result(), reference))
             with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+                f.write(json.dumps(rows[-1]) + "\n")
+            print(json.dumps(rows[-1]), flush=True)
     bitwise = sum(r["bitwise"] for r in rows)
     overlap = [r for r in rows if r["save_in_flight"]]
     print(f"{bitwise} of {len(rows)} kills resumed bitwise; {len(overlap)} came while a background save was in "

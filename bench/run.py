@@ -262,6 +262,14 @@ MATRICES = {
                           # optim=adamw as it stands (adamw_torch: torch's foreach implementation)
                           case(f"{name}_adamw", "project", optim="adamw", **kw,
                                vs=[f"peer_{name}_fused_adamw", f"peer_{name}_liger_fused_adamw"]))]],
+    # Inductor's reduction block sizes chosen by rule (the project's default since exact resume needed it)
+    # against timed on the device (TORCHINDUCTOR_DETERMINISTIC=0, torch's own default), alternated twice
+    "determinism": [case("matmul", "matmul"), case("prepare", "prepare", save_7b=False),
+                    *[case(f"{name}_{how}_{rep}", "project", optim="adamw", extra=[FUSED], warmup=4, steps=12, env=env,
+                           **kw)
+                      for rep in (1, 2)
+                      for name, kw in (("lora", {}), ("qlora_ckpt", dict(quant="nf4", random_nf4=True, ckpt=True)))
+                      for how, env in (("rule", {}), ("timed", {"TORCHINDUCTOR_DETERMINISTIC": "0"}))]],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"),
               case("lora", "project", warmup=2, steps=3)],
@@ -310,7 +318,7 @@ def command(spec: dict) -> list[str]:
 
 def run_case(spec: dict, timeout: float, log, devices: str | None = None) -> dict:
     """Run one case in its own process(es) on `devices` (CUDA_VISIBLE_DEVICES; default GPU 0 or all)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **spec.get("env", {}))
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     elif spec.get("nproc", 1) == 1:
