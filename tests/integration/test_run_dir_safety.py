@@ -38,13 +38,13 @@ def test_resume_never_moves_every_file_of_the_earlier_run_aside(tiny, tmp_path):
     first = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "checkpoint.every_steps=2",
                         cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    earlier = {p.name for p in run.iterdir()} - {".launch.lock", ".ranks.lock"}
+    earlier = {p.name for p in run.iterdir()} - {".launch.lock", ".ranks.lock", ".lora-launch-run"}
     assert {"adapter", "loss.png", "sample.txt", "metrics.jsonl", "checkpoints", "config.yaml"} <= earlier
 
     again = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=2", "resume.mode=never",
                         cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     (previous,) = run.glob("previous-*")
-    assert {p.name for p in previous.iterdir()} == earlier
+    assert {p.name for p in previous.iterdir()} == earlier and (run / ".lora-launch-run").is_file()  # still a run dir
     assert status(previous)["step"] == 3 and status(run)["step"] == 2
     assert (previous / "adapter" / "adapter_config.json").is_file()  # the earlier trained adapter survives
