@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # torch's CPU build where there is no CUDA GPU; with a GPU, pip's default (CUDA) build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast setup system-deps browser clean
+.PHONY: demo test test-fast test-latest setup system-deps browser clean
 
 setup: $(VENV)/.installed
 
@@ -43,5 +43,22 @@ test: setup system-deps browser
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests/unit $(ARGS)
 
+# what users get from `pip install`: the newest versions pyproject.toml's ranges allow (no constraints.txt),
+# in a venv of its own, running the bad-input catalogue (one `error:` line, no traceback, for every refusal)
+LATEST ?= .venv-latest
+BAD_INPUTS = tests/integration/test_bad_inputs.py tests/integration/test_bad_inputs_rundir.py \
+	tests/integration/test_bad_inputs_injection.py tests/integration/test_bad_inputs_serve.py \
+	tests/unit/test_values_never_code.py tests/unit/test_serve_requests.py tests/unit/test_studio_hardening.py \
+	tests/unit/test_studio_confinement.py
+$(LATEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q "$(TORCH)"
+	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[dev]"
+	touch $@
+
+test-latest: $(LATEST)/.installed
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -rs $(BAD_INPUTS) $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs sweeps
+	rm -rf $(VENV) $(LATEST) runs sweeps
