@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.run import card, versions
+from lora_launch.launcher.supervise import ranks_of
 
 KINDS = ("group", "rank", "sigterm")
-RANK_MODULE = "lora_launch.train"
 
 
 def base_overrides(steps: int) -> list[str]:
@@ -69,24 +69,6 @@ def last_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def ranks(pid: int) -> list:
-    import psutil
-
-    try:
-        below = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for p in below:
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "-m" in cmd and cmd[cmd.index("-m") + 1:][:1] == [RANK_MODULE]:
-            out.append(p)
-    return out
-
-
 def wait_gone(procs, timeout: float) -> None:
     import psutil
 
@@ -114,7 +96,7 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> di
     while last_step(run_dir) < at and proc.poll() is None and time.monotonic() - t0 < 400:
         time.sleep(0.02)
     seen = last_step(run_dir)
-    below = ranks(proc.pid)
+    below = ranks_of(proc.pid)
     if kind == "group":
         os.killpg(proc.pid, signal.SIGKILL)
         wait_gone(below, 180)
