@@ -17,6 +17,7 @@ from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.lock import in_use
 from lora_launch.run.process import exit_on_closed_stdout
+from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.rundir import fault_message, finished_step, read_status
 
 
@@ -155,6 +156,7 @@ def _compose_errors_in_one_line(args: list[str]) -> None:
 
 def main() -> None:
     """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
+    quiet_third_party()
     try:
         try:
             _main()

@@ -25,6 +25,9 @@ _DIED_BY_SIGNAL = re.compile(r"died with <Signals\.\w+: (\d+)>")
 _BOX = "=" * 60
 _CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch prefixes an uncaught exception's lines in a rank
+# an exception line with no traceback above it: accelerate >= 1.16 raises CalledProcessError from a
+# RuntimeError made of the rank's last stderr line, which Python prints bare, then "The above exception ..."
+_BARE_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 
 
 class StderrRelay:
@@ -53,6 +56,7 @@ class StderrRelay:
     def _run(self) -> None:
         block: list[str] = []  # a traceback being read, not yet known to be the launcher's
         ended = False  # the block has its exception line; a chained exception may still follow
+        held: list[str] = []  # a bare exception line (and blank lines): the start of a chain, or just a line
         skipping_box = 0
         for raw in iter(self.pipe.readline, b""):
             line = raw.decode(errors="replace")
@@ -72,18 +76,35 @@ class StderrRelay:
             if skipping_box:  # torchrun's ChildFailedError report, between two rules of '='
                 skipping_box -= body.startswith(_BOX)
                 continue
+            if held:
+                if not body.strip():
+                    held.append(line)
+                    continue
+                if body.startswith(_CHAINED):  # the bare line was the cause of the traceback that follows
+                    block, ended, held = held + [line], False, []
+                    continue
+                self._plain(held)
+                held = []
             if body.startswith("Traceback (most recent call last):"):
                 block = [line]
             elif _ELASTIC_LOG.match(line):
                 continue
+            elif _BARE_EXCEPTION.match(body):
+                held = [line]
             else:
-                if line.startswith("error: "):
-                    self.errors.append(line.strip())
-                    if len(self.errors) > 1:  # every rank's copy of one refusal, or a peer's failure after it
-                        continue
-                self._emit([line])
+                self._plain([line])
         if block:
             self._end(block)
+        self._plain(held)
+
+    def _plain(self, lines: list[str]) -> None:
+        """Lines outside any traceback: each shown, but only the first `error:` line of the ranks."""
+        for line in lines:
+            if line.startswith("error: "):
+                self.errors.append(line.strip())
+                if len(self.errors) > 1:  # every rank's copy of one refusal, or a peer's failure after it
+                    continue
+            self._emit([line])
 
     def _end(self, block: list[str]) -> int:
         """Emit a whole traceback (chained ones included) unless it is noise; 2 when torchrun's box follows."""

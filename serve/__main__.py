@@ -13,7 +13,9 @@ def main(argv: list[str]) -> int:
     from lora_launch.data.templates import DataError
     from lora_launch.serve.adapters import api_key, exec_vllm, resolve
     from lora_launch.train.posttrain import UsageError
+    from lora_launch.run.quiet import quiet_third_party
 
+    quiet_third_party()
     try:
         args = parse_args("serve", argv)
         if args.engine == "transformers":

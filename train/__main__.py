@@ -15,6 +15,7 @@ from lora_launch.run import lock
 from lora_launch.run.process import (ATTEMPT_ENV, NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent,
                                      end_at_once_on_stop_signals, guard_output)
 from lora_launch.run.plan import shape_from_env
+from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.rundir import (fault_message, finished_step, read_status, write_attempt_record,
                                     write_status)
 
@@ -105,21 +106,10 @@ def _compose_on_rank0(overrides: list[str]) -> Path:
 
 
 def _quiet_third_party() -> None:
-    """Notices a user cannot act on stay out of the log; LORA_LAUNCH_VERBOSE=1 shows them."""
+    """The libraries' notices out of the log (run/quiet.py), and those only a rank meets."""
+    quiet_third_party()
     if os.environ.get("LORA_LAUNCH_VERBOSE"):
         return
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecations of their own APIs
-    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")  # inductor's note to itself
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # they run unpaged
-    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")  # inductor's advice on fp32 runs
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # recompiles when the final sample is generated
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split: ..."
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU. If you have GPU ..."

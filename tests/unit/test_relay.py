@@ -64,3 +64,24 @@ def test_one_refusal_from_every_rank_is_one_line_and_a_chained_traceback_goes_wh
     assert out == refusal and len(errors) == 2
     # a rank's own chained traceback passes whole, and so does an unrelated traceback after it
     assert relay(chained + RANK_BUG + ACCELERATE_TB)[0] == chained + RANK_BUG
+
+
+# accelerate 1.16 raises CalledProcessError from a RuntimeError holding the rank's last stderr line: Python
+# prints that cause bare (no traceback of its own) before the chained traceback
+ACCELERATE_116 = """error: boom
+RuntimeError: error: boom
+
+
+The above exception was the direct cause of the following exception:
+
+""" + ACCELERATE_TB
+
+
+def test_accelerate_116s_bare_cause_and_its_chain_are_dropped_after_the_ranks_error_line():
+    shown, errors = relay(ACCELERATE_116)
+    assert shown == "error: boom\n" and errors == ["error: boom"]
+
+
+def test_a_bare_exception_line_that_starts_no_chain_still_passes():
+    text = "ValueError: a rank's own message\nstep 3: loss 1.0\n"
+    assert relay(text)[0] == text
