@@ -75,3 +75,22 @@ def device_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(t)
     return t
+
+
+def what_runs(accelerator, plan: RunPlan) -> str:
+    """The run's processes in words, from what accelerate set up (not only what the config asked):
+    '1 process on the CPU', '8 processes on 8 GPUs, DeepSpeed ZeRO-3', '2 processes on the CPU across 2 nodes, DDP'."""
+    n = accelerator.num_processes
+    where = "on the CPU" if accelerator.device.type == "cpu" else f"on {n} GPU{'s' if n > 1 else ''}"
+    if plan.num_machines > 1:
+        where += f" across {plan.num_machines} nodes"
+    kind = accelerator.distributed_type.name
+    if kind == "DEEPSPEED":
+        how = f"DeepSpeed ZeRO-{plan.zero_stage}"
+    elif n > 1 and plan.strategy == "fsdp2":
+        how = "FSDP2"
+    elif kind in ("MULTI_CPU", "MULTI_GPU"):
+        how = "DDP"
+    else:
+        how = ""
+    return f"{n} process{'es' if n > 1 else ''} {where}" + (f", {how}" if how else "")

@@ -20,7 +20,8 @@ from lora_launch.data.samples import IGNORE, as_trained, build_splits
 from lora_launch.data.templates import prompt_text
 from lora_launch.data.tokenizer import load_tokenizer
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
-from lora_launch.train.distributed import adapter_state_dict, all_sum, device_sum, make_accelerator, prepare
+from lora_launch.train.distributed import (adapter_state_dict, all_sum, device_sum, make_accelerator, prepare,
+                                           what_runs)
 from lora_launch.train import fast, fsdp
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
@@ -303,7 +304,7 @@ class Trainer:
         self.log.write(f"training {self.total_steps} steps, global batch {self.global_batch} "
                        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
                        f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
-                       f"{self.accelerator.distributed_type.value} on {self.accelerator.device}")
+                       f"{what_runs(self.accelerator, self.plan)}")
         self.stop.install()
         evals = []
         if cfg.eval.at_start and self.step == 0:

@@ -108,7 +108,9 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3]
     assert "x 2 processes" in outs[0]
-    assert ("DEEPSPEED on cpu" if distributed == "zero2" else "MULTI_CPU on cpu") in outs[0]
+    # what accelerate set up, in words: DeepSpeed must not silently fall back to DDP (or to one process)
+    assert ("2 processes on the CPU across 2 nodes, " + ("DeepSpeed ZeRO-2" if distributed == "zero2" else "DDP")) \
+        in outs[0]
 
     # both ranks trained: disjoint samples making up the global batch of 2 x 1 x 2, and the same
     # trainable weights after every step (their gradients were averaged across the two nodes)
