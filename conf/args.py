@@ -1,4 +1,4 @@
-"""Typed arguments of the subcommands: `lora-launch generate|merge|eval|sweep-summary key=value ...`.
+"""Typed arguments of the subcommands: `lora-launch generate|merge|eval|serve|studio|sweep-summary key=value ...`.
 
 Arguments are read with Hydra's override grammar, as training overrides are, and merged into one
 dataclass per subcommand, so an unknown key or a wrong type fails in one line naming the key. A
@@ -8,6 +8,7 @@ a sweep) or not at all: prompts and paths are free text (`prompt=[INST] Where is
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import MISSING as NO_FACTORY, dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -114,8 +115,20 @@ class ServeArgs:
                                                     "bare adapters); auto: the tokenizer's, else chatml")
 
 
+@dataclass
+class StudioArgs:
+    """A local web app to compose, preview, launch and watch runs.
+
+    The flags --host, --port, --root and --allow-path DIR (repeatable) are the same keys."""
+    host: str = arg("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = arg(8765, "port to listen on; 0: a free one (printed at start)")
+    root: str = arg(".", "folder of run dirs and data; paths outside it are refused")
+    allow_path: List[str] = arg(help="more folders configs may name (data, models, run dirs): allow_path=[DIR1,DIR2]",
+                                default_factory=list)
+
+
 COMMANDS: dict[str, type] = {"generate": GenerateArgs, "merge": MergeArgs, "eval": EvalArgs,
-                             "sweep-summary": SweepSummaryArgs, "serve": ServeArgs}
+                             "sweep-summary": SweepSummaryArgs, "serve": ServeArgs, "studio": StudioArgs}
 
 
 def parse_args(command: str, argv: list[str]) -> Any:
@@ -208,7 +221,7 @@ def usage(command: str) -> str:
     schema = COMMANDS[command]
     required = [k for k in keys(schema) if _field(schema, k).default is MISSING]
     lines = [" ".join(["usage: lora-launch", command, *(k + "=..." for k in required), "[key=value ...]"]), "",
-             schema.__doc__.strip(), ""]
+             inspect.cleandoc(schema.__doc__), ""]
     for key in keys(schema):
         f = _field(schema, key)
         value = f.default_factory() if f.default_factory is not NO_FACTORY else f.default  # a list's []

@@ -9,8 +9,9 @@ from lora_launch.conf.schema import plain, register, validate
 __all__ = ["compose", "plain", "resolve_run"]  # plain: schema's, still importable from here
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config that `lora-launch <overrides>` would use, without Hydra's output dirs or chdir."""
+def compose(overrides: list[str], check: bool = True) -> DictConfig:
+    """The config that `lora-launch <overrides>` would use, without Hydra's output dirs or chdir
+    (check=False: resolved, not validated: the launcher reads its run dir before the launch validates)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -21,7 +22,10 @@ def compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="lora_launch.conf", version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    resolve_run(cfg)
+    if check:
+        resolve_run(cfg)
+    else:
+        OmegaConf.resolve(cfg)
     return cfg
 
 

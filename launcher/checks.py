@@ -19,7 +19,7 @@ from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, SDPA_VARLEN, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
-from lora_launch.run.plan import RunPlan, fsdp2_mesh
+from lora_launch.run.plan import RunPlan, fsdp2_mesh, warmup_steps
 from lora_launch.run.checkpoints import CheckpointError, choose
 from lora_launch.run.rundir import check_set_aside, short_path
 
@@ -299,6 +299,19 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
         fsdp2_mesh(cfg, plan)  # distributed.replicate must divide the world size
     check_nf4(cfg)
     check_run_dir_writable(Path(cfg.run.dir))
+
+
+def warmup_warning(cfg: DictConfig) -> str | None:
+    """One line when the warm-up lasts the whole run (train.max_steps set and no longer than it): the learning
+    rate then never reaches optim.lr. None otherwise (a run of epochs learns its step count from the data)."""
+    steps = cfg.train.max_steps
+    warmup = warmup_steps(cfg.optim, steps)
+    if steps <= 0 or warmup < steps:
+        return None
+    given = (f"optim.warmup_steps={warmup}" if cfg.optim.warmup_steps
+             else f"optim.warmup_ratio={cfg.optim.warmup_ratio} ({warmup} steps)")
+    return (f"{given} >= train.max_steps={steps}: the learning rate never reaches optim.lr={cfg.optim.lr}; "
+            "lower optim.warmup_steps (or optim.warmup_ratio) or raise train.max_steps")
 
 
 def run_dir_given(overrides: list[str]) -> bool:

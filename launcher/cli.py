@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from lora_launch.conf.schema import ConfigError, register
-from lora_launch.launcher.checks import check_before_launch, check_data, check_finished_config, run_dir_given
+from lora_launch.launcher.checks import (check_before_launch, check_data, check_finished_config, run_dir_given,
+                                         warmup_warning)
 from lora_launch.conf.compose import resolve_run
 from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
@@ -21,15 +25,30 @@ from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.rundir import fault_message, finished_step, read_status
 
 
-def _job(cfg: DictConfig, made: bool) -> int:
-    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: launcher/sweeper.py).
-    `made`: the run dir did not exist before this command."""
+class Made(NamedTuple):
+    """What this command creates on disk, as seen before Hydra makes the run dir."""
+    run_dir: bool  # the run dir did not exist
+    above: Path | None  # the topmost missing folder above it (runs/ in a fresh directory), made with it
+
+
+def first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` (itself included) that does not exist yet: what creating `path` makes."""
+    missing = None
+    for folder in [Path(os.path.abspath(path)), *Path(os.path.abspath(path)).parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _job(cfg: DictConfig, made: Made) -> int:
+    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: launcher/sweeper.py)."""
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run.dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
     try:
-        rc = _launch(cfg, overrides)
+        rc = _launch(cfg, overrides, made)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         _remove_if_made(Path(cfg.run.dir), made)
@@ -49,29 +68,37 @@ def _job(cfg: DictConfig, made: bool) -> int:
     return rc
 
 
-def _remove_if_made(run_dir: Path, made: bool) -> None:
-    """A refused launch leaves no new run dir behind: the one made for it goes, with what the launch wrote there
-    (locks, the marker, a file a full disk cut short), unless a live launch holds it (two launches in the same
-    second share the timestamped default) or a run trained there. A dir that existed before stays as it is."""
-    if made and not in_use(run_dir) and not read_status(run_dir):
+def _remove_if_made(run_dir: Path, made: Made) -> None:
+    """A refused launch or a preview leaves no new run dir behind: the one made for it goes, with what the launch
+    wrote there (locks, the marker, a file a full disk cut short) and the empty folders made above it, unless a
+    live launch holds it (two launches in the same second share the timestamped default) or a run trained
+    there. A dir that existed before stays as it is."""
+    if made.run_dir and not in_use(run_dir) and not read_status(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in Path(os.path.abspath(run_dir)).parents if made.above else []:
+            try:
+                folder.rmdir()  # only while empty: another launch may have put its run dir there meanwhile
+            except OSError:
+                break
+            if folder == made.above:
+                break
 
 
-def _launch(cfg: DictConfig, overrides: list[str]) -> int:
+def _launch(cfg: DictConfig, overrides: list[str], made: Made) -> int:
     """Validate, check, then preview, submit to Slurm or launch this node; returns the exit code."""
     resolve_run(cfg)
     topo = topology(cfg, strict=not cfg.preview)
     plan = run_plan(cfg, topo)
     check_before_launch(cfg, topo, plan, run_dir_given(overrides))
+    warning = warmup_warning(cfg)
+    if warning:  # here, in the one launcher process, not once per rank
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_dir = Path(cfg.run.dir)
     if cfg.preview:
         from lora_launch.launcher.preview import preview
 
         print(preview(cfg, topo, plan, overrides), flush=True)
-        try:
-            run_dir.rmdir()  # the empty dir Hydra made for this preview; a used one stays
-        except OSError:
-            pass
+        _remove_if_made(run_dir, made)  # the dir Hydra made for this preview: a preview creates nothing
         return 0
     if cfg.launcher.name == "slurm":
         from lora_launch.launcher.slurm import submit
@@ -96,6 +123,7 @@ SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
                "merge": "write base + adapter as one safetensors model",
                "eval": "eval loss and perplexity of base + adapter",
                "serve": "an OpenAI-compatible HTTP endpoint for base + adapters (runs, sweeps)",
+               "studio": "a local web app to compose, preview, launch and watch runs",
                "sweep-summary": "rebuild a sweep's summary files",
                # read run dirs only; flags, not key=value (launcher/runs.py, launcher/report.py)
                "runs": "list runs and sweep trials; `runs diff A B` compares two",
@@ -132,11 +160,12 @@ def _check_run_dir_arg(run_dir: Path | None) -> None:
             sys.exit(2)
 
 
-def _compose_errors_in_one_line(args: list[str]) -> None:
+def _compose_errors_in_one_line(args: list[str]) -> DictConfig | None:
     """Compose once before Hydra does: a bad choice, key or value is then one line naming it, exit 2
-    (Hydra prints a block ending in its config search path). Sweeps and Hydra's flags are Hydra's."""
+    (Hydra prints a block ending in its config search path). Returns the config, not yet validated (None when
+    Hydra's flags are on the line: they are Hydra's)."""
     if any(a.startswith("-") for a in args):
-        return
+        return None
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -144,9 +173,9 @@ def _compose_errors_in_one_line(args: list[str]) -> None:
     from lora_launch.conf.compose import compose, composition_error
 
     try:
-        compose(args)
+        return compose(args, check=False)  # a value the schema refuses: the launch reports it (and cleans up)
     except ConfigError:
-        pass  # a value the schema refuses: the launch reports it (and cleans up) in one line itself
+        return None
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: {composition_error(e)}", file=sys.stderr)
         sys.exit(2)
@@ -169,11 +198,40 @@ def main() -> None:
         exit_on_closed_stdout()
 
 
-def _main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "studio":  # the web app runs as its own process (studio/)
-        from lora_launch.launcher.commands import run_studio
+# Hydra's flags that take a value; --info takes one optionally, one of its topics
+HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
-        sys.exit(run_studio(sys.argv[2:]))
+
+def hydra_argv(args: list[str]) -> list[str]:
+    """Hydra's flags (with their values) first, then the overrides: Hydra's parser reads overrides only up to
+    its first flag, and a user writes `preset=x --cfg job` as readily as `--cfg job preset=x`."""
+    flags, overrides = [], []
+    takes_value = False
+    for i, arg in enumerate(args):
+        if takes_value or arg.startswith("-"):
+            flags.append(arg)
+            takes_value = not takes_value and (arg in HYDRA_VALUE_FLAGS or (
+                arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS))
+        else:
+            overrides.append(arg)
+    return flags + overrides
+
+
+def did_you_mean(word: str) -> str | None:
+    """A one-line error for a first word that is no override and close to a command's name, else None."""
+    if "=" in word or word.startswith(("-", "+", "~")):
+        return None
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
+    return f"unknown command {word!r}; did you mean {close[0]}?" if close else None
+
+
+def _main() -> None:
+    unknown = did_you_mean(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] not in SUBCOMMANDS else None
+    if unknown:
+        print(f"error: {unknown} (lora-launch --help lists the commands)", file=sys.stderr)
+        sys.exit(2)
     if len(sys.argv) > 1 and sys.argv[1] in ("runs", "report"):
         from lora_launch.launcher.runs import main as runs_main
 
@@ -192,13 +250,17 @@ def _main() -> None:
 
         sys.exit(run_sweep([a for a in sys.argv[1:] if a not in ("-m", "--multirun")]))
     given = _run_dir_arg(sys.argv[1:])
-    # looked at before Hydra makes it; a value Hydra interpolates may name an existing dir
-    made = not given.exists() if given is not None else not run_dir_given(sys.argv[1:])
     _check_run_dir_arg(given)
-    _compose_errors_in_one_line(sys.argv[1:])
+    cfg = _compose_errors_in_one_line(sys.argv[1:])
+    # looked at before Hydra makes it; a value Hydra interpolates may name an existing dir. The default's
+    # timestamp may turn a second later in Hydra, but the folders above it are the same
+    run_dir = given if given is not None else Path(cfg.run.dir) if cfg is not None else None
+    made = Made(run_dir=not given.exists() if given is not None else not run_dir_given(sys.argv[1:]),
+                above=first_missing(run_dir.parent) if run_dir is not None else None)
     # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
     # leave an existing run's files as they were; a launch records its command once its checks passed
-    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    sys.argv[1:] = hydra_argv(sys.argv[1:]) + ["hydra.output_subdir=null", "hydra/job_logging=none",
+                                                "hydra/hydra_logging=none"]
     register()
     register_resolvers()
 

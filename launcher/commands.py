@@ -1,10 +1,11 @@
-"""`lora-launch --help`, and the subcommands `generate`, `merge`, `eval`, `serve` and `sweep-summary`.
+"""`lora-launch --help`, and the subcommands `generate`, `merge`, `eval`, `serve`, `studio` and `sweep-summary`.
 
 The help is the project's own: the config groups read from the installed conf directory, the
 most used keys with their type, default and range from the schema. The subcommands take
 `key=value` arguments typed in conf/args.py; `generate`, `merge` and `eval` then run
 `python -m lora_launch.train.posttrain` as their own process, as training runs `-m lora_launch.train`,
-and `serve` runs `python -m lora_launch.serve`: the launcher imports neither.
+`serve` runs `python -m lora_launch.serve` and `studio` `python -m lora_launch.studio` (its key=value
+arguments passed on as the studio's flags): the launcher imports none of them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from lora_launch.conf.args import COMMANDS, parse_args, usage
+from lora_launch.conf.args import COMMANDS, StudioArgs, keys, parse_args, usage
 from lora_launch.conf.schema import ConfigError, describe, dotted
 from lora_launch.launcher.runs import HELP as RUNS_HELP
+from lora_launch.launcher.terminal import terminal_width, wrap
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
 STUDIO_MODULE = "lora_launch.studio"  # the web app sits above the launcher: its own process as well
-STUDIO_HELP = "A local web app to compose, preview, launch and watch runs: studio [--port P] [--root DIR]."
 MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "optim.lr", "train.max_steps",
              "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
              "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",
@@ -82,65 +83,84 @@ def _shown(value) -> str:
 
 
 def _keys_text(primary: dict) -> list[str]:
-    rows = [("key", "type", "default", "range")]
+    width = max(map(len, MOST_USED))
+    lines = []
     for key in MOST_USED:
         info = describe(key)
-        # config.yaml's value where it sets one (run.dir's timestamp), else the schema's default
-        rows.append((key, info.type, _shown(dotted(primary, key, info.default)), info.range))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return [f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {r}".rstrip() for k, t, d, r in rows]
+        # config.yaml's value where it sets one (run.dir's timestamp), else the schema's default; choices are
+        # spaced so that a narrow terminal can fold them
+        text = "; ".join(filter(None, [info.type.replace("|", " | "),
+                                       f"default {_shown(dotted(primary, key, info.default))}", info.range]))
+        lines.append(f"  {key:<{width}}  {text}")
+    return lines
 
 
-def help_text() -> str:
-    """The text of `lora-launch --help`."""
+def help_text(width: int | None = None) -> str:
+    """The text of `lora-launch --help`, folded to `width` columns (None: the terminal's)."""
     primary = _primary()
-    width = max(map(len, COMMANDS))
-    commands = [f"  {name:<{width}}  {schema.__doc__.strip().splitlines()[0]}" for name, schema in COMMANDS.items()]
-    commands += [f"  {name:<{width}}  {line}" for name, line in RUNS_HELP.items()]  # flags, not key=value
-    commands.append(f"  {'studio':<{width}}  {STUDIO_HELP}")
-    return "\n".join([
-        "usage: lora-launch [group=option ...] [key=value ...]    train (preview=true: show the plan, start nothing)",
-        "       lora-launch -m key=a,b ...                         a sweep: one full launch per combination",
-        "       lora-launch COMMAND key=value ...                  after training or a sweep",
-        "       lora-launch COMMAND --help                         that command's keys",
+    names = max(map(len, [*COMMANDS, *RUNS_HELP]))
+    commands = [f"  {name:<{names}}  {schema.__doc__.strip().splitlines()[0]}" for name, schema in COMMANDS.items()]
+    commands += [f"  {name:<{names}}  {line}" for name, line in RUNS_HELP.items()]  # flags, not key=value
+    return wrap("\n".join([
+        "usage: lora-launch [group=option ...] [key=value ...]  train (preview=true: show the plan, start nothing)",
+        "       lora-launch -m key=a,b ...                      a sweep: one full launch per combination",
+        "       lora-launch COMMAND key=value ...               after training or a sweep",
+        "       lora-launch COMMAND --help                      that command's keys",
         "",
         "Commands:", *commands,
         "",
         "Config groups (group=option; * marks the default):", *_groups_text(primary),
         "",
-        "Most used keys (any key of the config can be set: key=value):", *_keys_text(primary),
+        "Most used keys: type; default; range (any key of the config can be set: key=value):", *_keys_text(primary),
         "",
-        "A bad key or value fails before anything starts, naming the key. Hydra's own options still work:",
-        "--cfg job prints the composed config, --hydra-help Hydra's help, -m/--multirun sweeps.",
-    ])
+        "A bad key or value fails before anything starts, naming the key. Hydra's own options work anywhere "
+        "on the line: --cfg job prints the composed config, --info what Hydra found, --hydra-help Hydra's help, "
+        "-m/--multirun sweeps.",
+    ]), terminal_width() if width is None else width)
 
 
 def run_command(name: str, argv: list[str]) -> int:
     """Run subcommand `name` with its `key=value` arguments; a bad argument is one line and exit 2."""
     if "--help" in argv or "-h" in argv:
-        print(usage(name))
+        print(wrap(usage(name), terminal_width()))
         return 0
     if name == "sweep-summary" and len(argv) == 1 and "=" not in argv[0]:
         argv = [f"dir={argv[0]}"]  # the earlier `lora-launch sweep-summary DIR`
     try:
-        args = parse_args(name, argv)
+        if name == "studio":
+            argv = studio_flags(argv)
+        else:
+            args = parse_args(name, argv)
         if name == "sweep-summary":
             return sweep_summary(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.flush()
-    if name == "serve":
-        os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])
+    if name in ("serve", "studio"):
+        os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE if name == "serve" else STUDIO_MODULE, *argv])
     os.execv(sys.executable, [sys.executable, "-m", POSTTRAIN_MODULE, name, *argv])
     return 1  # not reached: execv replaces this process
 
 
-def run_studio(argv: list[str]) -> int:
-    """`lora-launch studio [flags]`: run `python -m lora_launch.studio` in place of this process."""
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", STUDIO_MODULE, *argv])
-    return 1  # not reached
+# the studio's own flags, each followed by its value; they stay aliases of host=, port=, root=, allow_path=
+STUDIO_FLAGS = ("--host", "--port", "--root", "--allow-path")
+
+
+def studio_flags(argv: list[str]) -> list[str]:
+    """`studio` arguments as the studio's flags: `port=8001 allow_path=[a,b]` -> `--port 8001 --allow-path a
+    --allow-path b` (typed and checked here, as every subcommand's are); flags pass through as given."""
+    flags, pairs = [], []
+    for i, arg in enumerate(argv):
+        is_flag_value = i > 0 and argv[i - 1] in STUDIO_FLAGS
+        (pairs if "=" in arg and not arg.startswith("-") and not is_flag_value else flags).append(arg)
+    args = parse_args("studio", pairs)
+    for key in keys(StudioArgs):
+        if any(p.startswith(key + "=") for p in pairs):
+            value = getattr(args, key)
+            for one in value if isinstance(value, list) else [value]:
+                flags += ["--" + key.replace("_", "-"), str(one)]
+    return flags
 
 
 def sweep_summary(args) -> int:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError
+from lora_launch.launcher.terminal import fit_table, terminal_width, wrap
 from lora_launch.run.catalog import Run, find_runs, flatten, is_run_dir, read_run
 from lora_launch.run.rundir import fault_message
 
@@ -144,16 +145,30 @@ def cell(key: str, row: dict) -> str:
     return text(v)
 
 
-def table(runs: list[Run]) -> str:
-    """The runs as an aligned text table (a `note` column when any run has one: why it failed, ...)."""
+# what goes first when the table is wider than the terminal; name, status, steps and best eval stay
+DROPPED_FIRST = ("adapter", "distributed", "alpha", "tokens_per_s", "final_eval_loss", "data", "date", "model",
+                 "r", "lr")
+
+
+def table(runs: list[Run], width: int | None = None) -> str:
+    """The runs as an aligned text table (a `note` column when any run has one: why it failed, ...), cut down
+    to `width` columns (None: every column whole) with a last line naming the columns left out."""
     rows = [r.row() for r in runs]
     columns = list(COLUMNS) + (["note"] if any(row["note"] for row in rows) else [])
     cells = [[HEADERS.get(c, c) for c in columns]]
     cells += [[cell(c, row)[:70] for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    numeric = {i for i, c in enumerate(columns) if c in ("steps", "r", "alpha", "lr") or c in METRICS}
-    return "\n".join("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
-                               for i, (v, w) in enumerate(zip(line, widths))).rstrip() for line in cells)
+    cells, dropped = fit_table(cells, width, [columns.index(c) for c in DROPPED_FIRST],
+                               [columns.index(c) for c in ("note", "name") if c in columns], keep_end=(0,))
+    kept = [c for i, c in enumerate(columns) if i not in dropped]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(kept))]
+    numeric = {i for i, c in enumerate(kept) if c in ("steps", "r", "alpha", "lr") or c in METRICS}
+    lines = ["  ".join(v.rjust(w) if i in numeric else v.ljust(w)
+                       for i, (v, w) in enumerate(zip(line, widths))).rstrip() for line in cells]
+    if dropped:
+        left_out = ", ".join(HEADERS.get(columns[i], columns[i]) for i in dropped)
+        lines.append(wrap(f"(left out to fit {width} columns: {left_out}; --json or a wider terminal shows them)",
+                          width))
+    return "\n".join(lines)
 
 
 # ---- diff -------------------------------------------------------------------------------------------
@@ -280,7 +295,7 @@ def runs_command(argv: list[str]) -> int:
     if args.json:
         print(json.dumps([r.row() for r in runs], indent=1))
     elif runs:
-        print(table(runs))
+        print(table(runs, terminal_width(fallback=None)))  # into a pipe: every column, for grep and scripts
     else:
         print(nothing_found(args.dirs) if not args.where else f"no run meets {' and '.join(args.where)}")
     return 0

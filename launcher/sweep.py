@@ -26,6 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lora_launch.launcher.terminal import fit_table, terminal_width, wrap
 from lora_launch.run.rundir import atomic_path, read_metrics, read_status, write_atomic, write_json
 
 TRIAL_FILE = "trial.json"
@@ -248,6 +249,23 @@ def _plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+SHOWN = {"trial": "trial", "status": "status", "steps": "steps", "best_eval_loss": "best eval",
+         "final_train_loss": "final loss", "tokens_per_s": "tok/s", "wall_time_s": "wall s", "error": "error"}
+
+
+def summary_text(sweep_dir: Path, rows: list[dict], width: int | None) -> str:
+    """The summary table, best first, fitted to `width` columns (None: whole), and where summary.md is."""
+    cols = list(SHOWN)
+    cells = [[SHOWN[c] for c in cols]] + [[_fmt(r[c]) for c in cols] for r in rows]
+    drop = [cols.index(c) for c in ("wall_time_s", "tokens_per_s", "final_train_loss", "steps")]
+    cells, dropped = fit_table(cells, width, drop, [cols.index("error"), 0], keep_end=(0,))
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells]
+    if dropped:
+        lines.append(f"(left out to fit: {', '.join(SHOWN[cols[i]] for i in dropped)})")
+    return "\n".join(lines + [wrap(f"summary: {Path(sweep_dir) / 'summary.md'}", width)])
+
+
 def print_summary(sweep_dir: Path) -> None:
     """Rebuild the summary files from the trial dirs and print the table (`lora-launch sweep-summary`)."""
-    print(_markdown(summarize(sweep_dir)), end="")
+    print(summary_text(sweep_dir, summarize(sweep_dir), terminal_width(fallback=None)))

@@ -113,6 +113,11 @@ class RunPlan:
         return max(1, math.ceil(self.epochs * train_samples / self.global_batch))
 
 
+def warmup_steps(optim: DictConfig, total_steps: int) -> int:
+    """Steps of the learning rate's warm-up: optim.warmup_steps, else optim.warmup_ratio of the run's steps."""
+    return optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps)
+
+
 def deepspeed_config(cfg: DictConfig, plan: RunPlan) -> dict:
     """DeepSpeed JSON for distributed.zero_stage, with batch sizes, precision and clipping from the plan."""
     d, t = cfg.distributed, cfg.train

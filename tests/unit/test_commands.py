@@ -26,7 +26,7 @@ def test_help_groups_are_the_installed_conf_directories():
 
 
 def test_help_names_commands_groups_options_and_keys():
-    text = help_text()
+    text = help_text(width=1000)  # one line per entry
     assert text.startswith("usage: lora-launch")
     for name in COMMANDS:
         assert f"\n  {name} " in text, name
@@ -36,8 +36,9 @@ def test_help_names_commands_groups_options_and_keys():
     assert "automatically" in lines["model_recipe"] and "tiny*" in lines["model"]
     for key in MOST_USED:
         assert key in lines, key
-    assert lines["lora.r"].split() == ["lora.r", "int", "8", ">=", "1"]
-    assert lines["train.precision"].split() == ["train.precision", "auto|bfloat16|float16|float32", "auto"]
+    assert lines["lora.r"].split() == ["lora.r", "int;", "default", "8;", ">=", "1"]
+    assert lines["train.precision"].split() == ["train.precision", *"auto | bfloat16 | float16 | float32;".split(),
+                                                "default", "auto"]
     assert "runs/${now:" in lines["run.dir"]
     assert "--hydra-help" in text and "--cfg job" in text
 
