@@ -2,8 +2,8 @@
 
 Mimics what the training loop does with the shipped assets: loads the tiny base model and
 tokenizer from ``conf/assets/tiny-llama``, wraps the model in a PEFT LoRA, renders
-``conf/assets/demo/train.jsonl`` with the Llama-2 template (prompt
-``<s>[INST] {instruction} [/INST] ``, response ``{output} </s>``, loss on response tokens
+``conf/assets/demo/train.jsonl`` with the Llama-2 template as the product writes it (prompt
+``<s>[INST] {instruction} [/INST]``, response `` {output} </s>``, loss on response tokens
 only), holds out 5% for validation (by seed), trains with AdamW + warmup/cosine and
 gradient clipping, in 1 process or in N processes with DDP over gloo, and reports:
 
@@ -79,7 +79,9 @@ def render(row: dict) -> tuple[str, str]:
     instruction = row["instruction"]
     if row.get("input"):
         instruction = f"{instruction}\n\n{row['input']}"
-    return f"<s>[INST] {instruction} [/INST] ", f"{row['output']} </s>"
+    # The space before the answer belongs to the response, as in data/templates.py: a
+    # byte-level tokenizer joins it to the answer's first word.
+    return f"<s>[INST] {instruction} [/INST]", f" {row['output']} </s>"
 
 
 def encode(tokenizer, row: dict, seq_len: int) -> tuple[list[int], list[int]]:

@@ -13,13 +13,15 @@ What it does, deterministically (everything is seeded):
    table asked in many phrasings, answered with one sentence, e.g.
    ``{"instruction": "Where is Italy?", "input": "", "output": "Italy is in Europe."}``.
 3. A plain-text pre-training corpus about the same table: short paragraphs of
-   statements ("The capital of Italy is Rome. Italy is a country in Europe."). It holds
-   no question and never uses the ``[INST] ... [/INST]`` chat format, so before the
-   fine-tune the model does not answer questions (the first eval loss is high).
-4. A WordPiece tokenizer built with the ``tokenizers`` library (whitespace is not part of
-   any token, so ``"a " + "b"`` and ``"a b"`` tokenize alike), with Llama's special tokens
-   ``<unk> <s> </s>`` plus ``<pad>``, ``<s>`` added by ``encode()`` like Llama's, and a
-   Llama-2 chat template.
+   statements ("The capital of Italy is Rome. Italy is a country in Europe."), mixed
+   with statements on everyday topics (cooking, pets, weather, home, health, travel) so
+   that a user's own data on such topics trains too. It holds no question and never
+   uses the ``[INST] ... [/INST]`` chat format, so before the fine-tune the model does
+   not answer questions (the first eval loss is high).
+4. A byte-level BPE tokenizer built with the ``tokenizers`` library: the 256 bytes are
+   its base vocabulary, so any UTF-8 text encodes without an unknown token; merges are
+   learnt on the corpus. Llama's special tokens ``<unk> <s> </s>`` plus ``<pad>``,
+   ``<s>`` added by ``encode()`` like Llama's, and a Llama-2 chat template.
 5. Pre-trains the tiny model as a plain causal LM on the corpus (a few minutes on 2 CPU
    cores), checks that it learnt the facts, and writes ``conf/assets/tiny-llama/``
    (config, safetensors, tokenizer, README).
@@ -199,9 +201,76 @@ def pretrain_document(rng: random.Random) -> str:
     return " ".join(out)
 
 
-def make_pretrain_corpus(n: int, seed: int) -> list[str]:
+# --------------------------------------------------------------------------------------
+# Everyday English: plain statements on common topics, so that a user's own data about
+# cooking, pets or the weather lands on words and phrases the model has seen before.
+# --------------------------------------------------------------------------------------
+EVERYDAY = {
+    "cooking": (
+        {"food": ["rice", "pasta", "soup", "bread", "eggs", "potatoes", "vegetables", "fish",
+                  "chicken", "beans", "a cake", "pancakes", "a salad", "tea", "coffee"],
+         "add": ["salt", "pepper", "butter", "garlic", "onions", "olive oil", "sugar", "herbs",
+                 "lemon juice", "cheese", "milk", "flour"],
+         "tool": ["pot", "pan", "oven", "bowl", "knife", "spoon", "kettle"],
+         "verb": ["boil", "bake", "fry", "roast", "steam", "stir", "chop", "cook"],
+         "time": ["five minutes", "ten minutes", "twenty minutes", "half an hour", "an hour"]},
+        ["To cook {food}, heat it in a {tool} for {time}.", "You can {verb} {food} with a little {add}.",
+         "Add some {add} to the {food} before you serve it.", "Taste the {food} and add {add} if you like.",
+         "A good {tool} makes it easy to {verb} {food}.", "Keep {food} in the fridge and eat it soon.",
+         "Let the {food} cool for {time} before you eat it.", "Wash your hands before you cook.",
+         "Many people like {food} with {add}.", "Heat the oven before you bake."]),
+    "pets": (
+        {"pet": ["dog", "cat", "puppy", "kitten", "rabbit", "hamster", "parrot", "goldfish"],
+         "need": ["fresh water", "a warm bed", "good food", "a clean home", "a daily walk",
+                  "toys to play with", "a visit to the vet", "love and care"],
+         "do": ["sleeps a lot", "likes to play", "needs exercise", "loves treats",
+                "learns new tricks", "follows its owner"]},
+        ["A {pet} needs {need}.", "Every {pet} {do}.", "Give your {pet} {need} every day.",
+         "My {pet} {do}.", "A happy {pet} has {need}.", "Take your {pet} to the vet once a year.",
+         "Feed your {pet} at the same time each day.", "A young {pet} {do}."]),
+    "weather": (
+        {"kind": ["sunny", "rainy", "cloudy", "windy", "cold", "warm", "hot", "snowy"],
+         "season": ["spring", "summer", "autumn", "winter"],
+         "wear": ["a coat", "a hat", "boots", "a warm jumper", "sunglasses", "a raincoat"]},
+        ["In {season} the weather is often {kind}.", "On a {kind} day, wear {wear}.",
+         "Take an umbrella when it is rainy.", "Today it is {kind} and tomorrow it will be {kind}.",
+         "Many people enjoy {kind} days in {season}.", "Drink water when it is hot outside."]),
+    "home": (
+        {"room": ["kitchen", "bedroom", "bathroom", "living room", "garden"],
+         "chore": ["clean the floor", "wash the dishes", "open the windows", "water the plants",
+                   "make the bed", "take out the rubbish", "do the laundry"],
+         "day": ["every morning", "every evening", "once a week", "on Sunday", "after dinner"]},
+        ["We {chore} {day}.", "The {room} is clean and bright.", "It is good to {chore} {day}.",
+         "Plants in the {room} need light and water.", "Keep the {room} tidy and warm.",
+         "A small garden can grow tomatoes, herbs and flowers."]),
+    "health": (
+        {"habit": ["sleep eight hours", "drink enough water", "eat fruit and vegetables",
+                   "walk every day", "rest when you are tired", "wash your hands"],
+         "why": ["stay healthy", "feel better", "have more energy", "stay strong"]},
+        ["It is good to {habit}.", "People who {habit} {why}.", "Try to {habit} to {why}.",
+         "A doctor can help when you feel ill.", "Exercise helps you {why}."]),
+    "travel": (
+        {"way": ["by train", "by bus", "by car", "by plane", "on foot", "by bike"],
+         "thing": ["a ticket", "a map", "your passport", "some water", "a small bag"],
+         "place": ["the city", "the sea", "the mountains", "the village", "the station"]},
+        ["You can travel to {place} {way}.", "Before a trip, pack {thing}.",
+         "Bring {thing} when you go to {place}.", "Going {way} to {place} takes about an hour.", "Many people visit {place} in summer."]),
+}
+
+
+def everyday_document(rng: random.Random) -> str:
+    """A few statements on one everyday topic."""
+    slots, templates = EVERYDAY[rng.choice(sorted(EVERYDAY))]
+    picks = [rng.choice(templates).format(**{k: rng.choice(v) for k, v in slots.items()})
+             for _ in range(rng.randint(2, 4))]
+    return " ".join(cap(s) for s in picks)
+
+
+def make_pretrain_corpus(n: int, seed: int, everyday: float) -> list[str]:
+    """`n` documents; a share `everyday` of them on everyday topics, the rest on the countries."""
     rng = random.Random(seed)
-    return [pretrain_document(rng) for _ in range(n)]
+    return [everyday_document(rng) if rng.random() < everyday else pretrain_document(rng)
+            for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------
@@ -230,18 +299,21 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
-    """A WordPiece tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
+    """A byte-level BPE tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [SPECIAL["unk"], SPECIAL["bos"], SPECIAL["eos"], SPECIAL["pad"]]  # ids 0..3
-    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL["unk"], continuing_subword_prefix="##"))
-    # Split on whitespace and punctuation; whitespace itself never becomes a token.
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1,
-                                        special_tokens=specials,
-                                        continuing_subword_prefix="##")
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
+    # GPT-2's scheme: every byte is a base token, so no text is ever <unk>; a space
+    # belongs to the word after it, and decoding gives back the exact text.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # No subword prefix: the trainer then breaks ties between merges by token id, which
+    # is fixed by the sorted byte alphabet, so the vocabulary is the same on every run.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     # The chat markers are single (non-special) tokens, so they survive decoding.
     tok.add_tokens(["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
@@ -364,19 +436,22 @@ README = """# tiny-llama
 
 A tiny Llama-architecture causal LM ({params:,} parameters, {size_mb:.1f} MB of fp32
 safetensors) shipped so that the project's default LoRA job runs on CPU, offline, in
-seconds. It is **not** a general language model: all it knows is a table of
-{n_countries} countries (capital, continent, language), from plain statements.
+seconds. It is **not** a general language model: it knows a table of {n_countries}
+countries (capital, continent, language) and a little everyday English (cooking, pets,
+weather, home, health, travel), from plain statements.
 
 * Architecture: `LlamaForCausalLM`, hidden {hidden}, {layers} layers, {heads} heads, MLP
   {intermediate}, tied input/output embeddings, vocab {vocab}, fp32.
-* Tokenizer: WordPiece (built with the `tokenizers` library); loads with
-  `AutoTokenizer.from_pretrained` as a fast tokenizer. Special tokens: `<s>` (bos, added by
-  `encode()` like Llama's; `add_special_tokens=False` leaves it out), `</s>` (eos), `<unk>`,
-  `<pad>`. `[INST]` and `[/INST]` are single tokens. Whitespace is never part of a token.
+* Tokenizer: byte-level BPE (built with the `tokenizers` library): the 256 bytes plus
+  merges learnt on the corpus, so any UTF-8 text tokenizes with no unknown token; loads
+  with `AutoTokenizer.from_pretrained` as a fast tokenizer. Special tokens: `<s>` (bos,
+  added by `encode()` like Llama's; `add_special_tokens=False` leaves it out), `</s>`
+  (eos), `<unk>` (never produced), `<pad>`. `[INST]` and `[/INST]` are single tokens.
   The chat template is Llama-2's: `<s>[INST] {{user}} [/INST] {{assistant}} </s>`.
 * Pre-training: {steps} steps of plain next-token prediction (batch {batch} x {block}
   tokens) on {corpus:,} generated paragraphs of statements such as "The capital of Italy
-  is Rome. It is in Europe." It never saw a question nor the `[INST]` format: answering
+  is Rome. It is in Europe." or "To cook rice, heat it in a pot for twenty minutes."
+  ({everyday:.0%} of them on everyday topics). It never saw a question nor the `[INST]` format: answering
   the questions of `conf/assets/demo/train.jsonl` ("Where is Italy?" -> "Italy is in
   Europe.") is what the LoRA fine-tune teaches. Greedy completions of the facts by the base
   model: {scores}.
@@ -392,12 +467,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ASSETS, help="assets directory")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--corpus-size", type=int, default=30000, help="pre-training paragraphs")
-    p.add_argument("--vocab-size", type=int, default=600)
+    p.add_argument("--everyday", type=float, default=0.3,
+                   help="share of pre-training paragraphs on everyday topics")
+    p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -412,9 +489,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     demo = make_demo_dataset(args.seed)
-    corpus = make_pretrain_corpus(args.corpus_size, args.seed + 1)
+    corpus = make_pretrain_corpus(args.corpus_size, args.seed + 1, args.everyday)
     # The tokenizer sees the demo text too, so the question words are whole tokens.
-    tokenizer = build_tokenizer(corpus + [f"{d['instruction']} {d['output']}" for d in demo],
+    tokenizer = build_tokenizer(corpus + [f" {d['instruction']} {d['output']}" for d in demo],
                                 args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens")
 
@@ -441,7 +518,7 @@ def main() -> None:
         params=n_params, size_mb=size_mb, n_countries=len(COUNTRIES), hidden=args.hidden,
         layers=args.layers, heads=args.heads, intermediate=args.intermediate,
         vocab=len(tokenizer), steps=args.steps, batch=args.batch, block=args.block,
-        corpus=len(corpus), scores=scores_text))
+        corpus=len(corpus), everyday=args.everyday, scores=scores_text))
 
     # What the training loop does: load both back, offline.
     tok2 = AutoTokenizer.from_pretrained(model_dir)
