@@ -24,10 +24,12 @@ from lora_launch.conf.schema import ConfigError
 from lora_launch.studio import form as forms
 from lora_launch.studio.jobs import Endpoints, Launches, check_run_dir, command_line, preview, progress
 from lora_launch.studio.paths import Places, confine
+from lora_launch.studio.uploads import MAX_UPLOAD, data_files, save_upload
 
 HEADER = "x-studio-token"
 LOCAL = ("127.0.0.1", "::1", "localhost")
-MAX_BODY = 1 << 20  # a form is a few KiB; the studio takes no uploads
+MAX_BODY = 1 << 20  # a form is a few KiB
+UPLOAD = "/api/upload"  # the one route that takes a file's bytes, up to MAX_UPLOAD
 
 
 class Refused(Exception):
@@ -137,6 +139,14 @@ def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | N
         overrides, _ = composed(body)
         return {"text": preview(places.root, overrides), "command": command_line(overrides),
                 "preview_command": command_line([*overrides, "preview=true"])}
+
+    @app.get("/api/files")
+    def files():
+        return {"files": data_files(places.root)}
+
+    @app.post(UPLOAD)
+    async def upload(request: Request, name: str = ""):
+        return {"path": save_upload(places.root, name, await request.body())}
 
     @app.post("/api/data")
     def data(body: DataBody):
@@ -256,10 +266,11 @@ class _Gate:
             return await _refuse(send, 403, f"Host {host or '(none)'}: this studio answers at "
                                             f"{' or '.join(self.hosts)} only; open the URL it printed")
         length = headers.get(b"content-length", b"0").decode("latin-1")
-        too_big = f"the request body is larger than the studio takes ({MAX_BODY} bytes)"
+        limit = MAX_UPLOAD if scope["path"] == UPLOAD else MAX_BODY
+        too_big = f"the request body is larger than the studio takes ({limit} bytes)"
         if not length.isdigit():
             return await _refuse(send, 400, f"Content-Length {length!r} is not a number of bytes")
-        if int(length) > MAX_BODY:
+        if int(length) > limit:
             return await _refuse(send, 413, too_big)
         body, more = b"", True
         while more:
@@ -268,7 +279,7 @@ class _Gate:
                 return  # the client went away
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > MAX_BODY:  # a chunked body has no Content-Length
+            if len(body) > limit:  # a chunked body has no Content-Length
                 return await _refuse(send, 413, too_big)
         replayed = False
 

@@ -9,9 +9,15 @@ with the project's own `compose`, whose refusals are the command line's one-line
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.resources
+import inspect
+import io
 import json
 import re
 import threading
+import tokenize
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -79,17 +85,89 @@ def schema_fields(schema: type = Config, prefix: str = "") -> list[dict]:
             continue
         info, (kind, choices, nullable) = describe(key), _kind(hints[f.name])
         meta = dict(f.metadata)
-        out.append({"key": key, "section": key.split(".")[0], "type": kind, "choices": choices,
+        out.append({"key": key, "section": key.split(".")[0], "help": field_help().get((schema.__name__, f.name)) or yaml_help().get(key, ""),
+                    "type": kind, "choices": choices,
                     "nullable": nullable, "type_text": info.type, "default": _json_safe(info.default),
                     "range": info.range, "lo": meta.get("lo"), "hi": meta.get("hi"),
                     "lo_open": bool(meta.get("lo_open")), "set_by_group": info.default == MISSING})
     return out
 
 
+@functools.cache
+def field_help() -> dict[tuple[str, str], str]:
+    """The comment written beside or above each field of conf/schema.py, by (dataclass name, field name): the
+    schema's own words, read once from its source."""
+    from lora_launch.conf import schema
+
+    source = inspect.getsource(schema)
+    comments = {tok.start[0]: (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            above, line = [], stmt.lineno - 1
+            while line in comments and comments[line][1]:  # a block of whole-line comments right above
+                above.insert(0, comments[line][0])
+                line -= 1
+            beside = comments.get(stmt.lineno, ("", True))
+            text = " ".join(above + ([beside[0]] if not beside[1] else []))
+            if text:
+                out[(node.name, stmt.target.id)] = text
+    return out
+
+
+_YAML_KEY = re.compile(r"^(\s*)([A-Za-z_]\w*):[^#]*?(?:#\s*(.*))?$")
+
+
+@functools.cache
+def yaml_help() -> dict[str, str]:
+    """The comment beside each key in conf/config.yaml and the group options' YAML files, by dotted key: what the
+    defaults say where the schema has no comment of its own."""
+    conf = importlib.resources.files("lora_launch.conf")
+    files = [("", conf.joinpath("config.yaml"))]
+    files += [(group + ".", conf.joinpath(group, f"{option}.yaml"))
+              for group, options in config_groups().items() for option in options]
+    out: dict[str, str] = {}
+    for prefix, path in files:
+        parents: list[tuple[int, str]] = []
+        for line in path.read_text().splitlines():
+            found = _YAML_KEY.match(line)
+            if not found:
+                continue
+            indent, name, comment = len(found.group(1)), found.group(2), found.group(3)
+            parents = [(i, n) for i, n in parents if i < indent]
+            key = prefix + ".".join([n for _, n in parents] + [name])
+            parents.append((indent, name))
+            if comment and key not in out:
+                out[key] = comment.strip()
+    return out
+
+
+@functools.cache
+def choice_help() -> dict[str, dict[str, str]]:
+    """The opening comment of each group option's YAML file (conf/GROUP/CHOICE.yaml), by group and choice."""
+    conf = importlib.resources.files("lora_launch.conf")
+    out: dict[str, dict[str, str]] = {}
+    for group, options in config_groups().items():
+        for option in options:
+            lines = []
+            for line in conf.joinpath(group, f"{option}.yaml").read_text().splitlines():
+                if not line.startswith("#"):
+                    break
+                lines.append(line.lstrip("#").strip())
+            out.setdefault(group, {})[option] = " ".join(lines)
+    return out
+
+
 def form() -> dict:
-    """What the page builds its form from: groups with choices and defaults, fields, task types."""
+    """What the page builds its form from: groups with choices, defaults and what each choice is, fields, task
+    types."""
     chosen = _default_choices(_primary())
-    groups = [{"name": g, "choices": options, "default": chosen.get(g, options[0])}
+    groups = [{"name": g, "choices": options, "default": chosen.get(g, options[0]), "help": choice_help()[g]}
               for g, options in config_groups().items() if g not in AUTOMATIC_GROUPS]
     tasks = [{"name": t, "formats": formats, "fields": {f: [k for k, _ in FORMAT_FIELDS[f]] for f in formats}}
              for t, formats in TASKS.items()]

@@ -148,8 +148,10 @@ class Launches:
                     raise ConfigError(last_error(text))
                 return {"pid": proc.pid, "state": "ended", "message": last_error(text)}
             if launcher_pid(run_dir) == proc.pid:
+                _reap(proc)
                 return {"pid": proc.pid, "state": "running", "message": f"launched (pid {proc.pid})"}
             time.sleep(0.2)
+        _reap(proc)
         return {"pid": proc.pid, "state": "starting", "message": f"still starting (pid {proc.pid}); see its log"}
 
     def stop(self, run_dir: Path) -> dict:
@@ -171,6 +173,12 @@ class Launches:
             raise ConfigError(f"{run_dir}: {run.note or 'no config.yaml'}; nothing to resume")
         given = run.config.get("run", {}).get("dir") or str(run_dir)
         return [*run.overrides, f"run.dir={given}"]
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for a launch in a thread of its own, so that one that ends is not left <defunct> until the studio exits
+    (started once the launch is no longer watched: Popen.poll() answers None while a wait() blocks)."""
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
 
 
 # ---- a run's progress --------------------------------------------------------------------------------

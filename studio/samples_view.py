@@ -12,6 +12,7 @@ from lora_launch.data.samples import IGNORE, DataError, build_splits
 from lora_launch.data.tokenizer import load_tokenizer
 
 MAX_TOKENS_SHOWN = 400  # per sample
+MAX_RAW_CHARS = 600  # per record as read
 
 
 def _tokens(tok, ids: np.ndarray, labels: np.ndarray, seq_lens) -> list[dict]:
@@ -49,11 +50,30 @@ def data_view(cfg: DictConfig, records: int = 3) -> dict:
         shown.append({"record": int(train.record[i]), "length": int(len(item["input_ids"])),
                       "target_tokens": int(np.sum(item["labels"] != IGNORE)),
                       "tokens": _tokens(tok, item["input_ids"], item["labels"], seq_lens)})
+    raw, columns = _raw_records(cfg, [s["record"] for s in shown])
     lengths = np.concatenate([train.seq_lens if train.packed else train.lengths, splits.val.lengths])
     report = splits.report
     sources = report.get("sources", {})
     totals = {k: sum(int(s.get(k, 0)) for s in sources.values()) for k in ("records", "ok", "truncated",
                                                                              "too_long", "no_target")}
-    return {"records": shown, "report": report, "histogram": histogram(lengths),
+    for s, row in zip(shown, raw):
+        s["raw"] = row
+    return {"records": shown, "fields": columns, "report": report, "histogram": histogram(lengths),
             "kept": totals["ok"] + totals["truncated"], "truncated": totals["truncated"],
             "dropped": totals["too_long"] + totals["no_target"], "total": totals["records"]}
+
+
+def _raw_records(cfg: DictConfig, records: list[int]) -> tuple[list[str | None], list[str]]:
+    """The records as read (JSON, cut to MAX_RAW_CHARS) and the source's fields; none for mixed sources."""
+    import json
+
+    from lora_launch.data.sources import load_rows
+
+    if cfg.data.sources or cfg.data.source == "synthetic":
+        return [None] * len(records), []
+    ds, columns, _ = load_rows(cfg.data, cfg.data.split)  # read through the datasets cache, as just built
+    out = []
+    for i in records:
+        text = json.dumps(ds[int(i)], ensure_ascii=False, default=str)
+        out.append(text if len(text) <= MAX_RAW_CHARS else text[:MAX_RAW_CHARS] + "…")
+    return out, columns
