@@ -262,8 +262,8 @@ def summary_text(sweep_dir: Path, rows: list[dict], width: int | None) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells]
     if dropped:
-        lines.append(f"(left out to fit: {', '.join(SHOWN[cols[i]] for i in dropped)})")
-    return "\n".join(lines + [wrap(f"summary: {Path(sweep_dir) / 'summary.md'}", width)])
+        lines.append(wrap(f"(left out to fit: {', '.join(SHOWN[cols[i]] for i in dropped)})", width))
+    return "\n".join(lines + [f"summary: {Path(sweep_dir) / 'summary.md'}"])  # whole, to be copied
 
 
 def print_summary(sweep_dir: Path) -> None:

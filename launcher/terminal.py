@@ -30,7 +30,7 @@ def wrap(text: str, width: int | None) -> str:
         leading = len(line) - len(line.lstrip())
         column = _SECOND_COLUMN.match(line)
         indent = len(column.group(0)) if column else leading
-        if width - indent < MIN_TEXT:
+        if width - indent < max(MIN_TEXT, *map(len, line.split())):  # a long word (a path) goes whole, on the left
             indent = min(leading + 4, max(width - MIN_TEXT, 0))
         out += textwrap.wrap(line, width, subsequent_indent=" " * indent, break_on_hyphens=False) or [""]
     return "\n".join(out)

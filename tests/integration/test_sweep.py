@@ -90,10 +90,18 @@ def test_sweep_killed_midway_resumes_without_training_any_trial_twice(tiny, tmp_
 @pytest.mark.slow
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
     result = lora_launch("-m", "lora.r=0,2", "train.max_steps=1", "sample.max_new_tokens=0", *tiny["overrides"],
-                         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600)
+                         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600,
+                         env=subprocess_env(COLUMNS="80"))
     # every trial ran (the failure did not stop the sweep), and the sweep's exit status says one failed
     assert result.returncode == 1, result.stderr[-3000:]
     assert "1 trial(s) failed: lora.r=0" in result.stderr
+    # the sweep ends with its table, completed trials first, fitted to the terminal, and where summary.md is
+    out = result.stdout.splitlines()
+    header = max(i for i, line in enumerate(out) if line.split()[:2] == ["trial", "status"])
+    assert [line.split()[:2] for line in out[header + 1:header + 3]] == [["lora.r=2", "completed"],
+                                                                         ["lora.r=0", "failed"]]
+    assert out[-1] == f"summary: {tmp_path / 'sweep' / 'summary.md'}"
+    assert max(map(len, out[header:-1])) <= 80
     rows = {r["trial"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))}
     assert rows["lora.r=0"]["status"] == "failed" and "lora.r" in rows["lora.r=0"]["error"]
     assert rows["lora.r=2"]["status"] == "completed" and math.isfinite(float(rows["lora.r=2"]["best_eval_loss"]))
