@@ -61,7 +61,7 @@ def save_upload(root: Path, name: str, content: bytes) -> str:
         try:
             check_file(Path(tmp))
         except DataError as e:
-            raise ConfigError(f"upload {base}: {str(e).split(': ', 1)[-1]}") from None
+            raise ConfigError(f"upload: {str(e).replace(tmp, base)}") from None
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

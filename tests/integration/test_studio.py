@@ -153,5 +153,5 @@ def test_the_page_renders_the_generated_form_in_chromium(studio):
     for group in ("model", "data", "lora", "quant", "optim", "distributed", "launcher", "logging", "preset"):
         assert f'id="g-{group}"' in html, group
     assert 'id="f-lora.r"' in html and 'id="f-optim.lr"' in html and "&gt;= 1" in html
-    assert re.search(r'<option value="instruction">instruction \(instruction\)</option>', html)
+    assert re.search(r'<input type="radio" name="format" data-key="data.format" value="instruction">', html)
     assert "error:" not in re.sub(r"<script.*?</script>", "", html, flags=re.S)

@@ -83,6 +83,11 @@ def step_number(page) -> int:
     return int(re.match(r"step (\d+)", page.locator("#run-step").inner_text()).group(1))
 
 
+def train_points(page) -> int:
+    """Points of the chart's training loss line."""
+    return len(page.locator("#chart polyline").first.get_attribute("points").split())
+
+
 def test_the_wizard_from_task_to_an_answer(page, studio, home, tmp_path, shots):
     # 1 task: chat, said in words
     chat = page.locator("label.choice", has_text="Chat").first
@@ -155,9 +160,9 @@ def test_the_wizard_from_task_to_an_answer(page, studio, home, tmp_path, shots):
     # the run view: the chart moves, Stop, Resume, finished
     expect(page.locator("#step-runs")).to_be_visible()
     expect(page.locator("#run-step")).to_contain_text(re.compile(r"step [1-9]"), timeout=180_000)
-    seen, points = step_number(page), page.locator("#chart circle.pt-train").count()
+    seen, points = step_number(page), train_points(page)
     expect(page.locator("#run-step")).not_to_have_text(re.compile(rf"step {seen} "), timeout=60_000)
-    assert step_number(page) > seen and page.locator("#chart circle.pt-train").count() > points
+    assert step_number(page) > seen and train_points(page) > points
     page.get_by_role("button", name="Stop (checkpoint)", exact=True).click()
     expect(page.locator("#run-msg")).to_contain_text("SIGTERM")
     expect(page.locator("#run-status")).to_have_text("preempted", timeout=120_000)
@@ -221,3 +226,28 @@ def test_advanced_holds_every_other_key_with_its_help_and_filters(page, shots):
         "PEFT matches a name's last parts")  # conf/schema.py's comment
     assert advanced.locator('.field[data-field="lora.r"]').count() == 0  # asked on its step, not here
     shots(page, "10-advanced")
+
+
+def test_a_launch_that_ends_is_reaped_not_left_defunct(tmp_path, monkeypatch):
+    """The studio's own process: a launch watched until it runs, then ending on its own while the studio goes on."""
+    import sys
+    import time
+
+    from lora_launch.studio import jobs
+
+    monkeypatch.setattr(jobs, "cli_argv", lambda args: [sys.executable, "-c", "import time; time.sleep(0.5)"])
+    monkeypatch.setattr(jobs, "launcher_pid", lambda run_dir: started[0] if started else None)
+    started = []
+    real_popen = jobs.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen)
+    assert jobs.Launches(tmp_path).start(tmp_path / "runs" / "x", ["lora.r=4"])["state"] == "running"
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(started[0]) and time.monotonic() < deadline:  # a <defunct> child's pid exists
+        time.sleep(0.1)
+    assert not psutil.pid_exists(started[0])

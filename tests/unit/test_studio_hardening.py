@@ -158,3 +158,19 @@ def test_a_foreign_host_name_is_refused_and_loopback_names_answer(root):
         assert answered.status_code == 200, (host, answered.text)
     anywhere = TestClient(create_app(TOKEN, places, 8765, hosts=None)).get("/api/runs", headers=headers)
     assert anywhere.status_code == 200  # started on another address: the token alone guards it
+
+
+def test_an_upload_takes_up_to_its_own_limit_and_other_routes_keep_theirs(client, root, monkeypatch):
+    import lora_launch.studio.app as studio_app
+
+    monkeypatch.setattr(studio_app, "MAX_UPLOAD", 4096)
+    rows = b'{"text": "hi"}\n' * 200  # 3000 bytes: past no limit of the upload, past none of a form
+    got = client.post("/api/upload?name=notes.jsonl", content=rows)
+    assert got.status_code == 200 and got.json() == {"path": "data/notes.jsonl"}
+    assert (root / "data" / "notes.jsonl").read_bytes() == rows
+    assert "larger than the studio takes (4096 bytes)" in _error(
+        client.post("/api/upload?name=big.jsonl", content=rows * 2), 413)
+    assert _error(client.post("/api/upload?name=bad.jsonl", content=b"[1]\n"), 400).startswith(
+        "upload: bad.jsonl:1: expected a JSON object per line")
+    assert client.get("/api/files").json() == {"files": ["data/d.jsonl", "data/notes.jsonl"]}
+    assert not (root / "data" / "big.jsonl").exists() and not (root / "data" / "bad.jsonl").exists()

@@ -158,3 +158,39 @@ def test_argv_is_a_list_of_checked_overrides_never_a_shell_string():
     assert command_line(overrides) == "lora-launch 'sample.prompt='\"'\"'x; rm -rf / $(id)'\"'\"'' lora.r=4"
     assert last_error("loading\nerror: run.dir x is in use by a live launch\n") == "run.dir x is in use by a live launch"
     assert last_error("") == "it exited without a message"
+
+
+def test_each_field_carries_the_comment_beside_or_above_it_in_the_schema_or_the_yaml():
+    specs = forms.field_map()
+    assert specs["lora.target_modules"]["help"].startswith("module names (PEFT matches a name's last parts)")
+    assert specs["data.val_split"]["help"] == "share of records held out, drawn by `seed`"  # beside the field
+    assert specs["train.compile"]["help"].startswith("torch.compile: `layers`")  # a block of lines above it
+    assert specs["checkpoint.keep_last"]["help"] == "newest complete checkpoints kept"  # conf/config.yaml's
+    assert specs["launcher.max_restarts"]["help"].startswith("after a rank dies")
+    assert not specs["lora.r"]["help"]  # no comment anywhere: no words made up
+    groups = {g["name"]: g for g in forms.form()["groups"]}
+    assert groups["distributed"]["help"]["zero2"].startswith("DeepSpeed ZeRO-2")
+    assert groups["model"]["help"]["tiny"].startswith("A tiny Llama-architecture model")
+
+
+def test_an_upload_lands_under_root_data_checked_and_never_over_another_file(tmp_path):
+    from lora_launch.studio.uploads import data_files, save_upload
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / ".studio").mkdir()
+    (tmp_path / ".studio" / "x.json").write_text("{}")
+    body = b'{"text": "hello"}\n'
+    assert save_upload(tmp_path, "../../etc/my data.jsonl", body) == "data/my-data.jsonl"
+    assert (tmp_path / "data" / "my-data.jsonl").read_bytes() == body
+    assert save_upload(tmp_path, "my-data.jsonl", body) == "data/my-data.jsonl"  # the same bytes: the same file
+    assert save_upload(tmp_path, "my-data.jsonl", b'{"text": "other"}\n') == "data/my-data-2.jsonl"
+    assert data_files(tmp_path) == ["data/my-data-2.jsonl", "data/my-data.jsonl", "mine/a.jsonl"]
+    for name, content, why in [("a.exe", body, "give a data file named like"), ("a.jsonl", b"", "empty"),
+                               ("b.jsonl", b"[1]\n", "^upload: b.jsonl:1: expected a JSON object per line"),
+                               ("c.jsonl", b'{"a": \n', "^upload: c.jsonl:1: not valid JSON")]:
+        with pytest.raises(ConfigError, match=why):
+            save_upload(tmp_path, name, content)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["my-data-2.jsonl", "my-data.jsonl"]
