@@ -91,8 +91,8 @@ def _launch(cfg: DictConfig, overrides: list[str], made: Made) -> int:
     plan = run_plan(cfg, topo)
     check_before_launch(cfg, topo, plan, run_dir_given(overrides))
     warning = warmup_warning(cfg)
-    if warning:  # here, in the one launcher process, not once per rank
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if warning:  # here, in the one launcher process, not once per rank; stdout: stderr is for the one error line
+        print(f"warning: {warning}", flush=True)
     run_dir = Path(cfg.run.dir)
     if cfg.preview:
         from lora_launch.launcher.preview import preview
