@@ -206,17 +206,20 @@ INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchp
 
 def hydra_argv(args: list[str]) -> list[str]:
     """Hydra's flags (with their values) first, then the overrides: Hydra's parser reads overrides only up to
-    its first flag, and a user writes `preset=x --cfg job` as readily as `--cfg job preset=x`."""
-    flags, overrides = [], []
+    its first flag, and a user writes `preset=x --cfg job` as readily as `--cfg job preset=x`. A bare --info
+    goes last, where it cannot take an override for its topic."""
+    flags, overrides, info = [], [], []
     takes_value = False
     for i, arg in enumerate(args):
-        if takes_value or arg.startswith("-"):
+        topic = i + 1 < len(args) and args[i + 1] in INFO_TOPICS
+        if arg in ("--info", "-i") and not topic:
+            info.append(arg)
+        elif takes_value or arg.startswith("-"):
             flags.append(arg)
-            takes_value = not takes_value and (arg in HYDRA_VALUE_FLAGS or (
-                arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS))
+            takes_value = not takes_value and (arg in HYDRA_VALUE_FLAGS or (arg in ("--info", "-i") and topic))
         else:
             overrides.append(arg)
-    return flags + overrides
+    return flags + overrides + info
 
 
 def did_you_mean(word: str) -> str | None:
@@ -259,8 +262,8 @@ def _main() -> None:
                 above=first_missing(run_dir.parent) if run_dir is not None else None)
     # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
     # leave an existing run's files as they were; a launch records its command once its checks passed
-    sys.argv[1:] = hydra_argv(sys.argv[1:]) + ["hydra.output_subdir=null", "hydra/job_logging=none",
-                                                "hydra/hydra_logging=none"]
+    sys.argv[1:] = hydra_argv(sys.argv[1:] + ["hydra.output_subdir=null", "hydra/job_logging=none",
+                                              "hydra/hydra_logging=none"])
     register()
     register_resolvers()
 

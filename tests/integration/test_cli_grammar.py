@@ -56,6 +56,13 @@ def test_hydra_flags_work_in_any_position(tmp_path, args):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [["lora.r=4", "--info"], ["--info", "lora.r=4"], ["lora.r=4", "--info", "config"]])
+def test_info_works_in_any_position(tmp_path, args):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 0 and "r: 4" in result.stdout, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_misspelled_command_gets_did_you_mean(tmp_path):
     result = run("serv", "port=8001", cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""

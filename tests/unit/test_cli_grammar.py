@@ -20,7 +20,8 @@ from lora_launch.launcher.terminal import fit_table, terminal_width, wrap
 
 @pytest.mark.parametrize("argv,want", [
     (["preset=llama2_guanaco", "--cfg", "job"], ["--cfg", "job", "preset=llama2_guanaco"]),
-    (["lora.r=4", "--info", "lora.r=8"], ["--info", "lora.r=4", "lora.r=8"]),  # --info's topic is optional
+    (["lora.r=4", "--info", "lora.r=8"], ["lora.r=4", "lora.r=8", "--info"]),  # last: it would take lora.r=8
+    (["--info"], ["--info"]),
     (["lora.r=4", "--info", "defaults", "seed=1"], ["--info", "defaults", "lora.r=4", "seed=1"]),
     (["-c", "all", "seed=1", "--resolve"], ["-c", "all", "--resolve", "seed=1"]),
     (["seed=1", "--config-name=config"], ["--config-name=config", "seed=1"]),
