@@ -397,9 +397,11 @@ class Trainer:
         model.eval()
         # compiled decoder layers would recompile for every cache length (and warn): generate eagerly
         with torch.compiler.set_stance("force_eager"):
-            return prompt, complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
-                                    synced_gpus=self.plan.shards_params and self.world > 1,
-                                    device=self.accelerator.device)
+            text = complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
+                            synced_gpus=self.plan.shards_params and self.world > 1, device=self.accelerator.device)
+        # without the spaces a template puts around the answer (llama2: " answer </s>"), which a
+        # byte-level tokenizer writes out
+        return prompt, text.strip()
 
     def close(self) -> None:
         self.log.close()
