@@ -171,6 +171,9 @@ def test_the_wizard_from_task_to_an_answer(page, studio, home, tmp_path, shots):
     page.get_by_role("button", name="Resume", exact=True).click()
     expect(page.locator("#run-status")).to_have_text("resuming")  # not the old step's numbers as if running
     expect(page.locator("#run-stats")).to_contain_text("ETA —")
+    expect(page.locator("#run-msg")).to_contain_text("launched", timeout=180_000)
+    status = page.locator("#run-status").inner_text()  # the resumed launch holds the run: still no stale ETA
+    assert status == "resuming" or step_number(page) > stopped, (status, page.locator("#run-stats").inner_text())
     expect(page.locator("#run-status")).to_have_text("finished", timeout=240_000)
     expect(page.locator("#run-step")).to_have_text(re.compile(rf"step {STEPS} / {STEPS}"))
     shots(page, "07-run")
@@ -224,7 +227,9 @@ def test_advanced_holds_every_other_key_with_its_help_and_filters(page, shots):
     page.get_by_placeholder("filter: a key or a word of its help").fill("target_modules")
     expect(advanced.locator('.field[data-field="lora.target_modules"]')).to_contain_text(
         "PEFT matches a name's last parts")  # conf/schema.py's comment
+    expect(advanced.locator('.field[data-field="lora.dropout"]')).to_be_hidden()  # its section shown, not its row
     assert advanced.locator('.field[data-field="lora.r"]').count() == 0  # asked on its step, not here
+    advanced.locator('.field[data-field="lora.target_modules"]').scroll_into_view_if_needed()
     shots(page, "10-advanced")
 
 
