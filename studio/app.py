@@ -3,7 +3,8 @@
 Nothing answers without the access token printed at start (`?token=` once, then a cookie or the
 `X-Studio-Token` header): 401 without one, 403 for a wrong one. On loopback it answers only requests whose Host
 is a loopback name (a web page cannot rebind its own name to this port). Bodies are JSON objects of at most
-MAX_BODY bytes. Every refusal is JSON `{"error": LINE}`.
+MAX_BODY bytes, but for an upload's file (at most MAX_UPLOAD bytes, written under ROOT/data). Every refusal is JSON
+`{"error": LINE}`.
 """
 
 # no `from __future__ import annotations`: the routes' body types are imported with fastapi, inside create_app,

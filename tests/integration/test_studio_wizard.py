@@ -208,10 +208,35 @@ def test_a_bad_value_is_shown_beside_its_field_and_the_button(page, shots):
     assert 0 <= button["y"] - (field["y"] + field["height"]) < 80  # right under the input
     shots(page, "09-error")
 
+    # from a later step: the button's line says where the field is
+    page.get_by_role("button", name="6 Preview & launch", exact=True).click()
+    page.get_by_role("button", name="Preview", exact=True).click()
+    expect(page.locator("#msg-launch")).to_have_text("error: lora.r=0 must be >= 1 (on step 4 Settings)")
+    expect(page.locator("#msg-launch")).to_be_in_viewport()
+    page.get_by_role("button", name="4 Settings", exact=True).click()
+    expect(beside_field).to_be_visible()
     page.locator("#f-lora\\.r").fill("4")
     page.get_by_role("button", name="Next: Resources", exact=True).click()
     expect(page.locator("#step-resources")).to_be_visible()
     expect(beside_field).to_have_count(0)
+
+    # a key under Advanced: its section opens and the error stands beside it
+    page.locator("details#advanced > summary").click()
+    page.get_by_placeholder("filter: a key or a word of its help").fill("keep")
+    page.locator("#f-checkpoint\\.keep_last").fill("0")
+    page.locator("details#advanced > summary").click()  # closed again: the error opens it
+    page.get_by_role("button", name="Next: Preview & launch", exact=True).click()
+    advanced_error = page.locator('.field[data-field="checkpoint.keep_last"] .field-err')
+    expect(advanced_error).to_have_text("checkpoint.keep_last=0 must be >= 1")
+    expect(advanced_error).to_be_in_viewport()
+    expect(page.locator("#msg-resources")).to_have_text("error: checkpoint.keep_last=0 must be >= 1")
+
+    # the data step: a local source without a file says so at the file list
+    page.get_by_role("button", name="3 Data", exact=True).click()
+    page.locator("label.choice", has_text="Your own files").click()
+    page.get_by_role("button", name="Next: Settings", exact=True).click()
+    expect(page.locator('.field[data-field="data.path"] .field-err')).to_contain_text("choose a file from the list")
+    expect(page.locator("#msg-data")).to_be_in_viewport()
 
 
 def test_advanced_holds_every_other_key_with_its_help_and_filters(page, shots):
