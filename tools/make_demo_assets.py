@@ -214,9 +214,12 @@ EVERYDAY = {
          "tool": ["pot", "pan", "oven", "bowl", "knife", "spoon", "kettle"],
          "verb": ["boil", "bake", "fry", "roast", "steam", "stir", "chop", "cook"],
          "time": ["five minutes", "ten minutes", "twenty minutes", "half an hour", "an hour"]},
-        ["To cook {food}, heat it in a {tool} for {time}.", "You can {verb} {food} with a little {add}.",
-         "Add some {add} to the {food} before you serve it.", "Taste the {food} and add {add} if you like.",
-         "A good {tool} makes it easy to {verb} {food}.", "Keep {food} in the fridge and eat it soon.",
+        ["To cook {food}, heat it in a {tool} for {time}.",
+         "You can {verb} {food} with a little {add}.",
+         "Add some {add} to the {food} before you serve it.",
+         "Taste the {food} and add {add} if you like.",
+         "A good {tool} makes it easy to {verb} {food}.",
+         "Keep {food} in the fridge and eat it soon.",
          "Let the {food} cool for {time} before you eat it.", "Wash your hands before you cook.",
          "Many people like {food} with {add}.", "Heat the oven before you bake."]),
     "pets": (
@@ -254,7 +257,8 @@ EVERYDAY = {
          "thing": ["a ticket", "a map", "your passport", "some water", "a small bag"],
          "place": ["the city", "the sea", "the mountains", "the village", "the station"]},
         ["You can travel to {place} {way}.", "Before a trip, pack {thing}.",
-         "Bring {thing} when you go to {place}.", "Going {way} to {place} takes about an hour.", "Many people visit {place} in summer."]),
+         "Bring {thing} when you go to {place}.", "Going {way} to {place} takes about an hour.",
+         "Many people visit {place} in summer."]),
 }
 
 
@@ -362,7 +366,9 @@ def pack(tokenizer, corpus: list[str], block: int):
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     flat = []
-    for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:
+    # A leading space, so that a document's first word is the same token as it is inside a
+    # sentence or after "[INST]" ("ĠItaly", not "Italy"): what is learnt about it is shared.
+    for ids in tokenizer([" " + doc for doc in corpus], add_special_tokens=False)["input_ids"]:
         flat += [bos] + ids + [eos]
     n = len(flat) // block
     return torch.tensor(flat[: n * block], dtype=torch.long).view(n, block)
@@ -417,7 +423,7 @@ def fact_accuracy(model, tokenizer) -> dict:
         hits = 0
         for c, k, o, l in COUNTRIES:
             facts = {"c": c, "C": cap(c), "k": k, "o": o, "l": l}
-            ids = tokenizer(prompt.format(**facts), return_tensors="pt")["input_ids"]
+            ids = tokenizer(" " + prompt.format(**facts), return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                      max_new_tokens=6, do_sample=False,
@@ -451,10 +457,10 @@ weather, home, health, travel), from plain statements.
 * Pre-training: {steps} steps of plain next-token prediction (batch {batch} x {block}
   tokens) on {corpus:,} generated paragraphs of statements such as "The capital of Italy
   is Rome. It is in Europe." or "To cook rice, heat it in a pot for twenty minutes."
-  ({everyday:.0%} of them on everyday topics). It never saw a question nor the `[INST]` format: answering
-  the questions of `conf/assets/demo/train.jsonl` ("Where is Italy?" -> "Italy is in
-  Europe.") is what the LoRA fine-tune teaches. Greedy completions of the facts by the base
-  model: {scores}.
+  ({everyday:.0%} of them on everyday topics). It never saw a question nor the `[INST]`
+  format: answering the questions of `conf/assets/demo/train.jsonl` ("Where is Italy?" ->
+  "Italy is in Europe.") is what the LoRA fine-tune teaches. Greedy completions of the
+  facts by the base model: {scores}.
 
 Made by `tools/make_demo_assets.py` (deterministic, seeded; rerun with
 `python tools/make_demo_assets.py`, a few minutes on 2 CPU cores). Check the default job's
@@ -474,7 +480,7 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
