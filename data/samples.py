@@ -450,7 +450,7 @@ def unknown_tokens_warning(report: dict) -> str | None:
         return None
     return (f"warning: {share:.1%} of the tokens of {worst[1]['source']} are unknown to the tokenizer: the model "
             "sees them all as one token and cannot learn or write them; use a tokenizer (model) that covers "
-            "this text (the bundled tiny model knows only the demo's words)")
+            "this text")
 
 
 def _announce(cfg: DictConfig, report: dict, run_dir: Path | None) -> None:

@@ -420,8 +420,11 @@ def test_prompts_for_generation_follow_the_template(tok):
 
 
 def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
-    """Words the bundled tiny model's tokenizer lacks become <unk>: the report gives their share and a
-    warning says what it means."""
+    """The bundled tiny model's byte-level tokenizer knows any text; words a tokenizer lacks become <unk>:
+    the report gives their share and a warning says what it means."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     from lora_launch.data.samples import unknown_tokens_warning
     from lora_launch.data.tokenizer import load_tokenizer
 
@@ -431,10 +434,18 @@ def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
                        f"run.dir={tmp_path / 'run'}", "data.val_split=0", *overrides])
         return build_splits(cfg, load_tokenizer(cfg)), load_tokenizer(cfg)
 
-    splits, _ = splits_of([{"instruction": "Where is Italy?", "output": "Italy is in Europe."}] * 20)
-    assert splits.report["sources"]["train"]["unknown_tokens"] == 0.0
-    assert unknown_tokens_warning(splits.report) is None
-    splits, tok = splits_of([{"instruction": "Translate: the cat sleeps", "output": "le chat dort"}] * 20)
+    foreign = [{"instruction": "Translate: the cat sleeps", "output": "le chat dort, grüße aus 東京 🍕"}] * 20
+    for rows in ([{"instruction": "Where is Italy?", "output": "Italy is in Europe."}] * 20, foreign):
+        splits, _ = splits_of(rows)
+        assert splits.report["sources"]["train"]["unknown_tokens"] == 0.0
+        assert unknown_tokens_warning(splits.report) is None
+    # a word-level tokenizer that knows only the demo's words
+    words = ["<unk>", "<s>", "</s>", "<pad>", "Where", "is", "Italy", "?", "in", "Europe", "."]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "words")
+    splits, tok = splits_of(foreign, f"model.tokenizer={tmp_path / 'words'}")
     ids = np.concatenate([s["input_ids"] for s in splits.train])
     share = splits.report["sources"]["train"]["unknown_tokens"]
     assert share == pytest.approx(float((ids == tok.unk_token_id).mean()), abs=1e-6) and share > 0.01

@@ -134,7 +134,8 @@ def test_an_empty_stop_string_is_ignored(client):
 # ---- logprobs as OpenAI shapes them --------------------------------------------------------------
 
 def test_chat_logprobs_list_each_token_with_its_likeliest_rivals(client):
-    answer = client.post(CHAT, json=_chat("Hello", logprobs=True, top_logprobs=3)).json()
+    # a question the base model answers at some length (to "Hello" it says "." and stops)
+    answer = client.post(CHAT, json=_chat("Tell me about Peru.", logprobs=True, top_logprobs=3)).json()
     out, content = answer["choices"][0], answer["choices"][0]["logprobs"]["content"]
     assert len(content) == answer["usage"]["completion_tokens"] > 3
     assert "".join(t["token"] for t in content) == out["message"]["content"]
@@ -145,7 +146,7 @@ def test_chat_logprobs_list_each_token_with_its_likeliest_rivals(client):
         assert len(rivals) == 3 and rivals == sorted(rivals, reverse=True)
         assert math.isclose(token["logprob"], rivals[0], abs_tol=1e-5)  # greedy takes the likeliest
         assert sum(math.exp(v) for v in rivals) <= 1 + 1e-5
-    plain = client.post(CHAT, json=_chat("Hello", logprobs=True)).json()["choices"][0]
+    plain = client.post(CHAT, json=_chat("Tell me about Peru.", logprobs=True)).json()["choices"][0]
     assert plain["message"] == out["message"] and all(t["top_logprobs"] == [] for t in plain["logprobs"]["content"])
     assert client.post(CHAT, json=_chat("Where is Italy?")).json()["choices"][0]["logprobs"] is None
 

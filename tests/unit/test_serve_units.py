@@ -266,7 +266,7 @@ def test_bad_requests_are_openai_errors(fake):
         "code"] == "context_length_exceeded"
     from lora_launch.train.evaluate import prompt_ids
 
-    fits = "x " * 40
+    fits = "rice " * 40  # a word the tiny model's tokenizer holds whole: one token a repeat
     assert 32 < len(prompt_ids(fake.tok, fits)) <= 64
     assert _error(post("/v1/completions", json={"model": "tiny", "prompt": fits, "max_tokens": 32}), 400)[
         "code"] == "context_length_exceeded"  # the prompt fits, but not with max_tokens after it
