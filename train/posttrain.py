@@ -175,7 +175,9 @@ def main(argv: list[str]) -> int:
     from lora_launch.conf.schema import ConfigError
     from lora_launch.data.templates import DataError
     from lora_launch.run.process import exit_on_closed_stdout
+    from lora_launch.run.quiet import quiet_third_party
 
+    quiet_third_party()  # its own process (lora-launch execs it): the launcher's filters do not carry over
     command, rest = argv[0], argv[1:]
     try:
         code = COMMANDS[command](parse_args(command, rest))
