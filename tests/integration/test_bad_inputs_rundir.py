@@ -72,8 +72,10 @@ def test_resume_never_starts_over_in_an_empty_dir_and_in_its_own_run_dir_only(tm
 @pytest.mark.parametrize("background_min_mib", [64, 0], ids=["save-at-once", "save-in-background"])
 def test_a_full_disk_during_a_save_is_one_line_and_a_failed_status(tmp_path, background_min_mib):
     disk, after = tmp_path / "disk", tmp_path / "disk-after"
+    # a LoRA on q/v alone: checkpoints of ~200 kB, so a few are complete before the 900k disk fills
     argv = [CLI, f"run.dir={disk / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=40",
-            "checkpoint.every_steps=2", "checkpoint.keep_last=40", f"checkpoint.background_min_mib={background_min_mib}"]
+            "checkpoint.every_steps=2", "checkpoint.keep_last=40", f"checkpoint.background_min_mib={background_min_mib}",
+            "lora.target_modules=[q_proj,v_proj]"]
     result = faults.full_disk(disk, "900k", after, argv, subprocess_env(), cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:]
     line = _one_error_line(result.stderr)
