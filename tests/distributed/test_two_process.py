@@ -43,7 +43,8 @@ def test_two_processes_split_data_sync_gradients_and_save_a_loadable_adapter(tin
                          "optim.lr=1e-3", "logging.rank_audit=true", "logging.wandb.mode=offline")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout + result.stderr
-    assert "(4 x 1 accum x 2 processes)" in out and "MULTI_CPU" in out
+    # accelerate set up both processes (not one each) and the strategy asked for
+    assert "(4 x 1 accum x 2 processes)" in out and f"2 processes on the CPU, {strategy.upper()}" in out
 
     ranks = [read_jsonl(run / "ranks" / f"rank{r}.jsonl") for r in (0, 1)]
     assert [row["step"] for row in ranks[0]] == [row["step"] for row in ranks[1]] == [1, 2, 3, 4]
