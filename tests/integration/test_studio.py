@@ -29,10 +29,8 @@ def home(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def studio(home):
-    s = Studio(home)
-    yield s
-    if s.proc.poll() is None:
-        s.stop()
+    with Studio(home) as s:
+        yield s
 
 
 FORM = {"groups": {"data": "local"},

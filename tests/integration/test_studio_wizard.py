@@ -47,10 +47,8 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def studio(home):
-    s = Studio(home)
-    yield s
-    if s.proc.poll() is None:
-        s.stop()
+    with Studio(home) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,13 @@ class Studio:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
 
+    def __enter__(self) -> "Studio":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.proc.poll() is None:  # a test may have stopped it already
+            self.stop()
+
 
 def chromium() -> str:
     """The installed Chromium's path; the test fails naming how to install one when there is none."""
