@@ -10,14 +10,12 @@ arguments passed on as the studio's flags): the launcher imports none of them.
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from lora_launch.conf.args import COMMANDS, StudioArgs, keys, parse_args, usage
+from lora_launch.conf.groups import config_groups, default_choices, primary_config
 from lora_launch.conf.schema import ConfigError, describe, dotted
 from lora_launch.launcher.runs import HELP as RUNS_HELP
 from lora_launch.launcher.terminal import terminal_width, wrap
@@ -35,32 +33,8 @@ MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "opt
              "distributed.deepspeed_config", "sweep.parallel", "sweep.prune", "sweep.search", "sweep.trials")
 
 
-def _conf_dir():
-    return importlib.resources.files("lora_launch.conf")
-
-
-def config_groups() -> dict[str, list[str]]:
-    """Each config group of the installed conf directory, with its options."""
-    groups = {}
-    for entry in sorted(_conf_dir().iterdir(), key=lambda e: e.name):
-        if entry.is_dir():
-            options = sorted(p.name.removesuffix(".yaml") for p in entry.iterdir() if p.name.endswith(".yaml"))
-            if options:
-                groups[entry.name] = options
-    return groups
-
-
-def _primary() -> dict:
-    """conf/config.yaml as written (interpolations unresolved): its defaults list and key values."""
-    return yaml.safe_load(_conf_dir().joinpath("config.yaml").read_text()) or {}
-
-
-def _default_choices(primary: dict) -> dict[str, str]:
-    return {k: str(v) for entry in primary.get("defaults", []) if isinstance(entry, dict) for k, v in entry.items()}
-
-
 def _groups_text(primary: dict) -> list[str]:
-    chosen = _default_choices(primary)
+    chosen = default_choices(primary)
     lines = []
     for group, options in config_groups().items():
         if group == "model_recipe":
@@ -97,7 +71,7 @@ def _keys_text(primary: dict) -> list[str]:
 
 def help_text(width: int | None = None) -> str:
     """The text of `lora-launch --help`, folded to `width` columns (None: the terminal's)."""
-    primary = _primary()
+    primary = primary_config()
     names = max(map(len, [*COMMANDS, *RUNS_HELP]))
     commands = [f"  {name:<{names}}  {schema.__doc__.strip().splitlines()[0]}" for name, schema in COMMANDS.items()]
     commands += [f"  {name:<{names}}  {line}" for name, line in RUNS_HELP.items()]  # flags, not key=value

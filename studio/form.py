@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig
 
 from lora_launch.conf.schema import Config, ConfigError, describe, plain, unknown_key
 from lora_launch.data.templates import FORMAT_FIELDS, AUTO_ORDER
-from lora_launch.launcher.commands import _default_choices, _primary, config_groups
+from lora_launch.conf.groups import config_groups, default_choices, primary_config
 
 AUTOMATIC_GROUPS = ("model_recipe",)  # picked by the model, never by hand
 NOT_IN_FORM = ("preview",)  # the studio's Preview button sets it
@@ -166,7 +166,7 @@ def choice_help() -> dict[str, dict[str, str]]:
 def form() -> dict:
     """What the page builds its form from: groups with choices, defaults and what each choice is, fields, task
     types."""
-    chosen = _default_choices(_primary())
+    chosen = default_choices(primary_config())
     groups = [{"name": g, "choices": options, "default": chosen.get(g, options[0]), "help": choice_help()[g]}
               for g, options in config_groups().items() if g not in AUTOMATIC_GROUPS]
     tasks = [{"name": t, "formats": formats, "fields": {f: [k for k, _ in FORMAT_FIELDS[f]] for f in formats}}

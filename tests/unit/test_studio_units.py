@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lora_launch.conf.compose import compose, composition_error
+from lora_launch.conf.groups import config_groups
 from lora_launch.conf.schema import Config, ConfigError, describe
-from lora_launch.launcher.commands import config_groups
 from lora_launch.studio import form as forms
 from lora_launch.studio.jobs import cli_argv, command_line, last_error
 from lora_launch.studio.paths import Places, confine
