@@ -146,15 +146,6 @@ class Trainer:
             self.log = MetricsLogger(self.cfg, self.run_dir, self.total_steps, self.step)
         return resumed
 
-    def state_dict(self) -> dict:
-        """Everything a restart needs, by part (a collective under ZeRO: every rank calls it)."""
-        return {name: part.state_dict() for name, part in self.states.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Put back what state_dict() returned (every rank)."""
-        for name, part in self.states.items():
-            part.load_state_dict(state[name])
-
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal by the end of the last step: every rank agrees, so all stop after it."""
         return self._stop
