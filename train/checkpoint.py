@@ -40,7 +40,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import time
 from importlib import metadata
@@ -53,8 +52,6 @@ from lora_launch.run.checkpoints import FORMAT, CheckpointError, choose, loaded_
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
 from lora_launch.train.zero import full_shape, trainable
-
-CRASH_ENV = "LORA_LAUNCH_CRASH_IN_SAVE"  # tests: `phase` or `phase@step`, see _crash_point
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -81,22 +78,6 @@ def _load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def _crash_point(phase: str, step: int, rank: int) -> None:
-    """Die here if CRASH_ENV names this phase (and step): a test hook for crashes inside a save.
-
-    Rank 0 kills its launcher parent and itself with SIGKILL, like a lost node: under torchrun the
-    other ranks die with their parent (train/__main__.py arms PR_SET_PDEATHSIG).
-    """
-    spec = os.environ.get(CRASH_ENV, "")
-    name, _, at = spec.partition("@")
-    if name != phase or rank != 0 or (at and int(at) != step):
-        return
-    print(f"checkpoint: {CRASH_ENV}={spec}: crashing at step {step}", flush=True)
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        os.kill(os.getppid(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- what identifies a run: config, data, tokenizer, model ----------------------------------------
@@ -361,7 +342,6 @@ class Checkpointer:
                        write_seconds: float) -> Path:
         """Barrier, rank 0 commits, barrier; records what the save cost."""
         t0 = time.perf_counter()
-        _crash_point("after_rank_write", step, self.rank)
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self._commit(staging, step, hashes) if self.main else self.dir / f"step-{step}"
@@ -373,7 +353,15 @@ class Checkpointer:
         return final
 
     def _commit(self, staging: Path, step: int, hashes: dict) -> Path:
-        """Rank 0: the manifest (hashes the writers computed, the rest read now), then the rename."""
+        """Rank 0: the manifest, the rename (the commit itself), then `latest` and retention."""
+        self._write_manifest(staging, step, hashes)
+        final = self._rename_committed(staging, step)
+        write_atomic(self.dir / "latest", final.name + "\n")
+        self._prune(step)  # also removes a step-N this one replaced
+        return final
+
+    def _write_manifest(self, staging: Path, step: int, hashes: dict) -> None:
+        """Rank 0: the manifest in the staging dir (hashes the writers computed, the rest read now), synced."""
         expected = set(loaded_files(self.world))
         present = {f.name for f in staging.iterdir()}
         if expected - present:
@@ -384,18 +372,14 @@ class Checkpointer:
                                     "bytes": (staging / name).stat().st_size} for name in sorted(present)}
         write_json(staging / "manifest.json", manifest, fsync=True)
         fsync_path(staging)
-        _crash_point("before_commit", step, self.rank)
+
+    def _rename_committed(self, staging: Path, step: int) -> Path:
+        """Rank 0: staging -> step-N, synced: from here on the checkpoint counts."""
         final = self.dir / f"step-{step}"
-        old = None
-        if final.exists():  # from an abandoned later part of this run (see _prune)
-            old = final.rename(self.dir / f".trash-step-{step}")
+        if final.exists():  # from an abandoned later part of this run (see _prune); _prune removes it
+            final.rename(self.dir / f".trash-step-{step}")
         staging.rename(final)
         fsync_path(self.dir)
-        _crash_point("after_commit", step, self.rank)
-        write_atomic(self.dir / "latest", final.name + "\n")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._prune(step)
         return final
 
     def _prune(self, step: int) -> None:

@@ -50,18 +50,6 @@ def make_scheduler(cfg: DictConfig, optimizer, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-FAIL_ENV = "LORA_LAUNCH_FAIL_AFTER_STEP"  # tests: `N` or `N@RANK` (rank 0 if not given), see _injected_failure
-
-
-def _injected_failure(step: int, rank: int) -> None:
-    """Raise if FAIL_ENV names this step (and rank): a test hook for a rank that crashes mid-run, every time
-    it gets there (restarts must notice that a failure repeats)."""
-    spec = os.environ.get(FAIL_ENV, "")
-    at, _, who = spec.partition("@")
-    if at and int(at) == step and int(who or 0) == rank:
-        raise RuntimeError(f"{FAIL_ENV}={spec}: injected failure after step {step}")
-
-
 def _progress_field(name: str) -> property:
     """A Trainer attribute that is self.progress's field `name` (what checkpoints save)."""
     return property(lambda self: getattr(self.progress, name),
@@ -306,7 +294,6 @@ class Trainer:
                 self.log.log(row)
             if cfg.logging.rank_audit:
                 self._audit()
-            _injected_failure(self.step, self.rank)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 evals.append(self._log_eval())
                 if self.main:  # under a pruning sweep: go on, or its pruner's SIGTERM stops us after the next step

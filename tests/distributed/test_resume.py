@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 
+from support import inject
 from support.cli import read_jsonl
 from support.resume import (BASE, committed_steps, consumed_samples, eval_losses, kill_tree, launch, sigterm_at,
                             start, status, train_losses, train_size, wait_for_step)
-from lora_launch.train.checkpoint import CRASH_ENV
 from lora_launch.train.data import SampleStream
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x55
     weights.write_bytes(bytes(data))
-    rc, log = launch(run, args, env={CRASH_ENV: "after_commit@9"})
+    rc, log = launch(run, args, env=inject.env(CRASH_IN_SAVE="after_commit@9"))
     assert rc != 0 and "crashing at step 9" in log, log[-3000:]
     assert f"step-{steps[-1]}: trainable.safetensors is missing or does not match its checksum" in log
     assert committed_steps(run)[-1] == 9  # committed before the crash, `latest` not yet updated
@@ -81,7 +81,7 @@ def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path):
     ref = reference(tiny, tmp_path, "zero2")
     # periodic saves written by a thread while training goes on (the reference saved at once)
     run, args = tmp_path / "run", overrides(tiny, "zero2") + ["checkpoint.background_min_mib=0"]
-    rc, log = launch(run, args, env={CRASH_ENV: "after_rank_write@6"})
+    rc, log = launch(run, args, env=inject.env(CRASH_IN_SAVE="after_rank_write@6"))
     assert rc != 0 and "crashing at step 6" in log, log[-3000:]
     assert "checkpoint of step 3 committed" in log and "in the background" in log, log[-3000:]
     assert committed_steps(run) == [3]  # step 6 was written, its commit never came
@@ -131,7 +131,7 @@ def test_a_checkpoint_moves_between_ddp_and_fsdp2(tiny, tmp_path):
     run = tmp_path / "run"
     rc, _ = sigterm_at(run, overrides(tiny, "ddp"), 2)
     assert rc == 0 and status(run)["state"] == "preempted"
-    rc, log = launch(run, overrides(tiny, "fsdp2"), env={CRASH_ENV: "after_rank_write@6"})
+    rc, log = launch(run, overrides(tiny, "fsdp2"), env=inject.env(CRASH_IN_SAVE="after_rank_write@6"))
     assert rc != 0 and "crashing at step 6" in log, log[-3000:]
     assert 3 <= committed_steps(run)[-1] < 6  # step 6 was half written: never committed
     rc, _ = sigterm_at(run, overrides(tiny, "fsdp2_offload"), 8)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from support import faults
+from support import faults, inject
 from support.cli import CLI, lora_launch, subprocess_env
 
 LOCKS = (".launch.lock", ".ranks.lock")
@@ -116,7 +116,7 @@ def runs(tiny, tmp_path_factory) -> Runs:
 
     killed = r.train("unfinished", ["train.max_steps=8", "checkpoint.every_steps=2", "resume.mode=auto",
                                     "launcher.max_restarts=0"],
-                     LORA_LAUNCH_CRASH_IN_SAVE="after_rank_write@6")
+                     **inject.env(CRASH_IN_SAVE="after_rank_write@6"))
     unfinished = r.dirs["unfinished"]
     assert killed.returncode != 0, killed.stdout[-2000:]
     assert [p.name for p in _committed(unfinished)] == ["step-2", "step-4"], sorted(_snapshot(unfinished))

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from support import inject
 from support.cli import TESTS, subprocess_env
-
-from lora_launch.train.checkpoint import CRASH_ENV
 from support.ckpt import Training, checkpointer
 
-
 CRASHING_SAVE = """
-import sys
-sys.path.insert(0, {tests!r})
 from pathlib import Path
 from support.ckpt import Training, checkpointer
 training = Training()
@@ -29,8 +26,9 @@ print("not reached")
 
 @pytest.mark.parametrize("phase, loadable", [("after_rank_write", 1), ("before_commit", 1), ("after_commit", 2)])
 def test_crash_inside_save_leaves_a_loadable_checkpoint(tmp_path, phase, loadable):
-    code = CRASHING_SAVE.format(tests=str(TESTS), run=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env={**subprocess_env(), CRASH_ENV: f"{phase}@2"},
+    env = subprocess_env(**inject.env(CRASH_IN_SAVE=f"{phase}@2"))
+    env["PYTHONPATH"] += os.pathsep + str(TESTS)  # the child imports support.ckpt
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE.format(run=str(tmp_path))], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr  # died by SIGKILL inside the save of step 2
     assert "not reached" not in proc.stdout
