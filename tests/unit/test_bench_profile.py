@@ -3,16 +3,14 @@ host (at the step boundary, inside the step) from the kernels' timeline. Fake pr
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import pytest
 from torch.autograd import DeviceType
 
-from support.cli import REPO
+from support.bench import bench_module
 
-sys.path.insert(0, str(REPO))  # bench/ is the repository's benchmark folder, not part of the installed package
-from bench.case import STEP_MARK, idle_gaps, kernel_kind  # noqa: E402
+case = bench_module("case")
 
 
 @pytest.mark.parametrize("name,kind", [
@@ -24,7 +22,7 @@ from bench.case import STEP_MARK, idle_gaps, kernel_kind  # noqa: E402
     ("Memcpy DtoH (Device -> Pinned)", "copy"),
     ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", "other")])
 def test_kernel_kinds(name, kind):
-    assert kernel_kind(name) == kind
+    assert case.kernel_kind(name) == kind
 
 
 def _event(name: str, start: float, end: float, device: DeviceType):
@@ -33,13 +31,14 @@ def _event(name: str, start: float, end: float, device: DeviceType):
 
 def test_idle_gaps_split_the_step_boundary_from_gaps_inside_steps():
     cpu, gpu = DeviceType.CPU, DeviceType.CUDA
-    events = [_event(STEP_MARK, 0, 1000, cpu), _event(STEP_MARK, 0, 1000, gpu),  # the mark's device copy is no kernel
+    mark = case.STEP_MARK
+    events = [_event(mark, 0, 1000, cpu), _event(mark, 0, 1000, gpu),  # the mark's device copy is no kernel
               _event("k", 100, 300, gpu), _event("k", 250, 400, gpu),  # overlapping kernels: busy 100-400
               _event("k", 420, 900, gpu),  # a 20 us gap inside step 1
-              _event(STEP_MARK, 1000, 3000, cpu),
+              _event(mark, 1000, 3000, cpu),
               _event("k", 1500, 2000, gpu),  # 600 us from step 1's last kernel: the boundary
               _event("k", 2300, 2900, gpu)]  # a 300 us gap, 500 us into step 2's kernels
-    idle = idle_gaps(events)
+    idle = case.idle_gaps(events)
     first, second = idle["steps"]
     assert first["boundary_ms"] is None and first["inside_ms"] == pytest.approx(0.02)
     assert first["kernels_span_ms"] == pytest.approx(0.8)
@@ -49,4 +48,4 @@ def test_idle_gaps_split_the_step_boundary_from_gaps_inside_steps():
 
 
 def test_idle_gaps_without_kernels_is_empty():
-    assert idle_gaps([_event(STEP_MARK, 0, 10, DeviceType.CPU)]) == {}
+    assert case.idle_gaps([_event(case.STEP_MARK, 0, 10, DeviceType.CPU)]) == {}

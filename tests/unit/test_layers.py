@@ -45,3 +45,12 @@ def test_nothing_imports_the_old_top_level_names():
     hits = [str(p.relative_to(REPO)) for pkg in (*PACKAGES, "tests", "bench", "tools")
             for p in (REPO / pkg).rglob("*.py") if old.search(p.read_text())]
     assert hits == []
+
+
+def test_nothing_puts_the_repository_on_sys_path():
+    """Tests, bench and tools import the product as lora_launch.*: the repository on sys.path would make its
+    top-level folders importable again and hide an import that skips the namespace."""
+    edit = re.compile(r"\bsys\.path\.(insert|append|extend)\(|\bsys\.path\s*\+?=[^=]|\bsite\.addsitedir\(")
+    hits = [str(p.relative_to(REPO)) for pkg in ("tests", "bench", "tools")
+            for p in (REPO / pkg).rglob("*.py") if edit.search(p.read_text())]
+    assert hits == []
