@@ -4,7 +4,7 @@
 set -uo pipefail
 out=${1:-bench-out}
 mkdir -p "$out"
-cli="python -m lora_launch.launcher.cli"
+cli="python -m lora_launch.cli"
 row() {  # name, then overrides
   local name=$1; shift
   local t0=$SECONDS

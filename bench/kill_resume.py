@@ -46,7 +46,7 @@ def base_overrides(steps: int) -> list[str]:
 
 
 def cli(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lora_launch.launcher.cli", f"run.dir={run_dir}", *overrides]
+    return [sys.executable, "-m", "lora_launch.cli", f"run.dir={run_dir}", *overrides]
 
 
 def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:

@@ -299,7 +299,7 @@ def tiny_overrides(tiny: dict) -> list[str]:
 
 
 def lora_launch(overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lora_launch.launcher.cli", *overrides]
+    return [sys.executable, "-m", "lora_launch.cli", *overrides]
 
 
 def tiny_env(devices: str | None) -> dict:

@@ -254,7 +254,7 @@ class Sweep:
             offset = log.tell()
             log.write(f"==== launch {launch}, {time.strftime('%Y-%m-%d %H:%M:%S')}, {slot.describe()}\n".encode())
             log.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "lora_launch.launcher.cli", *args], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "lora_launch.cli", *args], env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
         return proc, offset
@@ -405,7 +405,7 @@ def _preview(request: SweepRequest) -> int:
         overrides = request.trial_overrides(chosen) if chosen is not None else [
             o.input_line for o in request.overrides if not o.is_sweep_override()]
         run_dir = request.sweep_dir / name
-        rc = subprocess.run([sys.executable, "-m", "lora_launch.launcher.cli", *overrides,
+        rc = subprocess.run([sys.executable, "-m", "lora_launch.cli", *overrides,
                              f"run.dir={_quoted(run_dir)}"]).returncode or rc
     for d in (request.sweep_dir, request.sweep_dir.parent):
         try:

@@ -28,7 +28,7 @@ from lora_launch.conf.schema import ConfigError
 from lora_launch.run.catalog import read_run
 from lora_launch.run.lock import holder, lock_holders, lock_path
 
-CLI_MODULE = "lora_launch.launcher.cli"  # what the `lora-launch` console script runs
+CLI_MODULE = "lora_launch.cli"  # what the `lora-launch` console script runs
 STATE = ".studio"
 LAUNCH_WAIT_S = 180  # how long a launch is watched for its checks to pass (the lock taken) or a refusal
 SERVE_WAIT_S = 300

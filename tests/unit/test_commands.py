@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
+from lora_launch.cli import main as cli
+from lora_launch.cli.commands import MOST_USED, help_text, run_command
 from lora_launch.conf.args import COMMANDS, keys, parse_args
-from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher import cli
 from lora_launch.conf.groups import config_groups
-from lora_launch.launcher.commands import MOST_USED, help_text, run_command
+from lora_launch.conf.schema import ConfigError
 from support.cli import REPO
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
+from lora_launch.cli.commands import help_text
 from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import preview as pv
-from lora_launch.launcher.commands import help_text
 from lora_launch.launcher.launch import write_launch_files
 from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.plan import RunPlan, fsdp2_config

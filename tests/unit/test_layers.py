@@ -8,11 +8,12 @@ import re
 
 from support.cli import REPO
 
-PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "studio")
+PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "studio", "cli")
 ALLOWED = {"conf": {"conf"}, "run": {"conf", "run"}, "data": {"conf", "run", "data"},
            "launcher": {"conf", "run", "data", "launcher"}, "train": {"conf", "run", "data", "train"},
            "serve": {"conf", "run", "data", "train", "serve"},  # serving sits above training
-           "studio": {"conf", "run", "data", "launcher", "studio"}}  # runs training and serving as processes
+           "studio": {"conf", "run", "data", "launcher", "studio"},  # runs training and serving as processes
+           "cli": set(PACKAGES)}  # the front door sits above everything
 _NAME = re.compile(r"lora_launch\.(\w+)")
 
 

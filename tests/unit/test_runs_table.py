@@ -191,7 +191,7 @@ def test_diff_shows_only_what_differs(tmp_path):
 
 
 def test_commands_in_process(tmp_path, monkeypatch, capsys):
-    from lora_launch.launcher.commands import help_text
+    from lora_launch.cli.commands import help_text
 
     assert all(f"\n  {name} " in help_text() for name in ("runs", "runs diff", "report"))
     monkeypatch.chdir(tmp_path)

@@ -66,7 +66,7 @@ def test_every_data_format_belongs_to_a_task():
 
 
 def _cli_error(overrides: list[str]) -> str:
-    """The line the command line prints for these overrides (conf/compose.py, as launcher/cli.py uses it)."""
+    """The line the command line prints for these overrides (conf/compose.py, as cli/train.py uses it)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -154,7 +154,7 @@ def test_paths_stay_inside_the_root(tmp_path):
 def test_argv_is_a_list_of_checked_overrides_never_a_shell_string():
     overrides = forms.build_overrides({}, {"sample.prompt": "x; rm -rf / $(id)", "lora.r": "4"})
     argv = cli_argv(overrides)
-    assert argv == [sys.executable, "-m", "lora_launch.launcher.cli", "sample.prompt='x; rm -rf / $(id)'", "lora.r=4"]
+    assert argv == [sys.executable, "-m", "lora_launch.cli", "sample.prompt='x; rm -rf / $(id)'", "lora.r=4"]
     assert command_line(overrides) == "lora-launch 'sample.prompt='\"'\"'x; rm -rf / $(id)'\"'\"'' lora.r=4"
     assert last_error("loading\nerror: run.dir x is in use by a live launch\n") == "run.dir x is in use by a live launch"
     assert last_error("") == "it exited without a message"

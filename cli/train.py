@@ -1,8 +1,8 @@
-"""`lora-launch [overrides]`: compose the config with Hydra, write the run dir, launch training."""
+"""`lora-launch [group=option ...] [key=value ...]`: compose the config with Hydra, write the run dir, then
+preview, submit to Slurm or launch training on this node."""
 
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 import sys
@@ -13,15 +13,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.conf.compose import resolve_run
 from lora_launch.conf.schema import ConfigError, register
 from lora_launch.launcher.checks import (check_before_launch, check_data, check_finished_config, run_dir_given,
                                          warmup_warning)
-from lora_launch.conf.compose import resolve_run
 from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.lock import in_use
 from lora_launch.run.process import exit_on_closed_stdout
-from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.rundir import fault_message, finished_step, read_status
 
 
@@ -117,19 +116,6 @@ def _launch(cfg: DictConfig, overrides: list[str], made: Made) -> int:
     return run_node(cfg, topo, plan)
 
 
-# `lora-launch COMMAND key=value ...`: arguments typed in conf/args.py, run by launcher/commands.py
-# (generate, merge, eval and serve read RUN/config.yaml and RUN/adapter in their own process)
-SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
-               "merge": "write base + adapter as one safetensors model",
-               "eval": "eval loss and perplexity of base + adapter",
-               "serve": "an OpenAI-compatible HTTP endpoint for base + adapters (runs, sweeps)",
-               "studio": "a local web app to compose, preview, launch and watch runs",
-               "sweep-summary": "rebuild a sweep's summary files",
-               # read run dirs only; flags, not key=value (launcher/runs.py, launcher/report.py)
-               "runs": "list runs and sweep trials; `runs diff A B` compares two",
-               "report": "write the runs as one self-contained HTML page"}
-
-
 def _override_text(arg: str) -> str:
     """The value of `key=value` as Hydra reads it (a sweep quotes its trial dirs: they hold `=` and `,`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -183,21 +169,6 @@ def _compose_errors_in_one_line(args: list[str]) -> DictConfig | None:
         GlobalHydra.instance().clear()
 
 
-def main() -> None:
-    """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
-    quiet_third_party()
-    try:
-        try:
-            _main()
-        finally:
-            sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's flush at exit (a traceback)
-    except KeyboardInterrupt:  # Ctrl-C before training started (while composing, checking): nothing to save
-        print("interrupted before training started", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:  # `lora-launch --help | head -1`
-        exit_on_closed_stdout()
-
-
 # Hydra's flags that take a value; --info takes one optionally, one of its topics
 HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun"}
@@ -222,36 +193,8 @@ def hydra_argv(args: list[str]) -> list[str]:
     return flags + overrides + info
 
 
-def did_you_mean(word: str) -> str | None:
-    """A one-line error for a first word that is no override and close to a command's name, else None."""
-    if "=" in word or word.startswith(("-", "+", "~")):
-        return None
-    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
-    return f"unknown command {word!r}; did you mean {close[0]}?" if close else None
-
-
-def _main() -> None:
-    unknown = did_you_mean(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] not in SUBCOMMANDS else None
-    if unknown:
-        print(f"error: {unknown} (lora-launch --help lists the commands)", file=sys.stderr)
-        sys.exit(2)
-    if len(sys.argv) > 1 and sys.argv[1] in ("runs", "report"):
-        from lora_launch.launcher.runs import main as runs_main
-
-        sys.exit(runs_main(sys.argv[1], sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        from lora_launch.launcher.commands import run_command
-
-        sys.exit(run_command(sys.argv[1], sys.argv[2:]))
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        from lora_launch.launcher.commands import help_text
-
-        print(help_text())
-        sys.exit(0)
-    if {"-m", "--multirun"} & set(sys.argv[1:]):  # a sweep: each trial a `lora-launch` of its own
-        from lora_launch.launcher.sweeper import run_sweep
-
-        sys.exit(run_sweep([a for a in sys.argv[1:] if a not in ("-m", "--multirun")]))
+def launch() -> None:
+    """`lora-launch OVERRIDES` (read from sys.argv, which Hydra reads too): a launch composed by Hydra."""
     given = _run_dir_arg(sys.argv[1:])
     _check_run_dir_arg(given)
     cfg = _compose_errors_in_one_line(sys.argv[1:])
@@ -271,7 +214,3 @@ def _main() -> None:
         return _job(cfg, made)
 
     hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(job)()
-
-
-if __name__ == "__main__":
-    main()

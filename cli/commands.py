@@ -5,7 +5,7 @@ most used keys with their type, default and range from the schema. The subcomman
 `key=value` arguments typed in conf/args.py; `generate`, `merge` and `eval` then run
 `python -m lora_launch.train.posttrain` as their own process, as training runs `-m lora_launch.train`,
 `serve` runs `python -m lora_launch.serve` and `studio` `python -m lora_launch.studio` (its key=value
-arguments passed on as the studio's flags): the launcher imports none of them.
+arguments passed on as the studio's flags): the front door imports none of them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lora_launch.launcher.terminal import terminal_width, wrap
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
-STUDIO_MODULE = "lora_launch.studio"  # the web app sits above the launcher: its own process as well
+STUDIO_MODULE = "lora_launch.studio"  # the web app: its own process as well
 MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "optim.lr", "train.max_steps",
              "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
              "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",

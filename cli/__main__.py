@@ -1,0 +1,6 @@
+"""`python -m lora_launch.cli`: the `lora-launch` console script (what a sweep's trials and the studio run)."""
+
+from lora_launch.cli.main import main
+
+if __name__ == "__main__":
+    main()
