@@ -22,6 +22,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lora_launch import strategies
+
 
 class ConfigError(ValueError):
     """A config value that composes but cannot be used; the message names the key."""
@@ -159,10 +161,8 @@ class Scheduler(Choice):
     linear = "linear"
 
 
-class Strategy(Choice):
-    ddp = "ddp"
-    deepspeed = "deepspeed"
-    fsdp2 = "fsdp2"
+# the strategies' own modules (lora_launch.strategies) are the choices
+Strategy = Choice("Strategy", [(name, name) for name in strategies.names()])
 
 
 class WandbMode(Choice):
@@ -306,7 +306,7 @@ class OptimConfig:
 @dataclass
 class DistributedConfig:
     name: str = MISSING
-    strategy: Strategy = Strategy.ddp
+    strategy: Strategy = Strategy["ddp"]
     zero_stage: int = ranged(0, lo=0, hi=3)
     # to CPU memory; fsdp2 offloads both together (its optimizer step runs where the sharded parameters are)
     offload_optimizer: bool = False
@@ -592,17 +592,12 @@ def _check_texts(tree: Any, key: str = "", prose: frozenset = frozenset()) -> No
         check_text(key, tree, re.sub(r"^data\.sources\[\d+\]\.", "data.", key) in prose)
 
 
-def _shards_weights(cfg: DictConfig) -> bool:
-    """Whether the distributed option shards the base weights (fsdp2, ZeRO-3): no process holds them whole."""
-    return cfg.distributed.strategy == "fsdp2" or cfg.distributed.zero_stage == 3
-
-
 def quant_kernel(cfg: DictConfig) -> str:
     """The 4-bit matmul training uses (quant.kernel, `auto` resolved): `torch` or `bitsandbytes`."""
     kernel = str(cfg.quant.kernel)
     if kernel != "auto":
         return kernel
-    return "bitsandbytes" if _shards_weights(cfg) else "torch"
+    return "bitsandbytes" if strategies.strategy_for(cfg).shards_weights(cfg) else "torch"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -617,49 +612,17 @@ def validate(cfg: DictConfig) -> None:
         if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= least)):
             what = "a positive integer" if least == 1 else "a whole number (0 or more)"
             raise ConfigError(f"{key}={v!r} must be {what} or 'auto'")
-    if str(cfg.quant.kernel) == "torch" and _shards_weights(cfg):
+    if str(cfg.quant.kernel) == "torch" and strategies.strategy_for(cfg).shards_weights(cfg):
         raise ConfigError(f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "
                           "there; use quant.kernel=bitsandbytes, or distributed=ddp or zero2")
-    keep = cfg.distributed.keep_gathered
-    if keep not in ("auto", 0) and cfg.distributed.strategy != "fsdp2":
-        raise ConfigError(f"distributed.keep_gathered={keep} with distributed={cfg.distributed.name}: only fsdp2 "
-                          "gathers shard groups; use distributed=fsdp2, or leave distributed.keep_gathered=auto")
-    r = cfg.distributed.replicate
-    if r not in ("auto", 1) and cfg.distributed.strategy != "fsdp2":
-        raise ConfigError(f"distributed.replicate={r} with distributed={cfg.distributed.name}: only fsdp2 shards "
-                          "within copies of the model; use distributed=fsdp2, or leave distributed.replicate=auto")
+    for problem in strategies.strategy_for(cfg).problems(cfg):
+        raise ConfigError(problem)
     lora_targets(cfg)
     _check_data_sources(cfg)
-    if cfg.distributed.strategy == "deepspeed" and cfg.optim.name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-        raise ConfigError(f"optim.name={cfg.optim.name} with distributed={cfg.distributed.name}: ZeRO keeps the "
-                          "optimizer state in its own fp32 partitions; use optim.name=adamw_torch or distributed=ddp")
-    if cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage not in (2, 3):
-        raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
-    if cfg.distributed.strategy == "fsdp2":
-        _validate_fsdp2(cfg)
     if cfg.model.path is None and not cfg.model.random_init:
         raise ConfigError("model.path is null: give a hub id or local directory, or set model.random_init=true")
     _validate_data(cfg.data)
     _validate_resume(cfg.resume)
-
-
-def _validate_fsdp2(cfg: DictConfig) -> None:
-    """What distributed=fsdp2 cannot run, refused when the config is composed."""
-    d, name = cfg.distributed, cfg.distributed.name
-    if d.zero_stage != 0:
-        raise ConfigError(f"distributed.zero_stage={d.zero_stage} with distributed={name}: FSDP2 shards everything "
-                          "(ZeRO-3's scope) by itself; set distributed.zero_stage=0")
-    if d.offload_params != d.offload_optimizer:
-        params, optimizer = str(d.offload_params).lower(), str(d.offload_optimizer).lower()
-        raise ConfigError(f"distributed.offload_params={params} and distributed.offload_optimizer={optimizer} with "
-                          f"distributed={name}: FSDP2 offloads both or neither; set them equal "
-                          "(distributed=fsdp2_offload sets both)")
-    if cfg.optim.name in BNB_OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.optim.name} with distributed={name}: bitsandbytes' optimizers cannot "
-                          "update FSDP2's sharded parameters; use optim.name=adamw_torch (or adamw_torch_fused)")
-    if cfg.train.precision == "float16":
-        raise ConfigError(f"train.precision=float16 with distributed={name}: no loss scaler is set up for FSDP2's "
-                          "sharded gradients; use train.precision=bfloat16 (or float32)")
 
 
 def _validate_resume(r: DictConfig) -> None:

@@ -1,7 +1,7 @@
 """The accelerate config file, derived from the resolved config and the run plan.
 
 A pure function: config in, dict out. Every value comes from the config and the plan (the
-DeepSpeed JSON too: `lora_launch.run.plan.deepspeed_config`), so the files in a run directory
+DeepSpeed JSON too: the strategy's `deepspeed_config`), so the files in a run directory
 can never disagree with what trains.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
 
 
 def accelerate_config(cfg: DictConfig, plan: RunPlan, ds_config_path: str | None = None) -> dict:
@@ -37,15 +38,12 @@ def accelerate_config(cfg: DictConfig, plan: RunPlan, ds_config_path: str | None
     if launcher.num_machines > 1:
         conf["main_process_ip"] = launcher.main_process_ip
         conf["main_process_port"] = launcher.main_process_port
-    if cfg.distributed.strategy == "deepspeed":
-        conf["distributed_type"] = "DEEPSPEED"
+    strategy = strategy_for(cfg)
+    if strategy.deepspeed_config(cfg, plan) is not None:
         del conf["mixed_precision"]  # the DeepSpeed JSON owns precision; accelerate refuses both
-        conf["deepspeed_config"] = {"deepspeed_config_file": ds_config_path, "zero3_init_flag": False,
-                                    "deepspeed_multinode_launcher": "standard"}
-    else:
-        # MULTI_GPU is accelerate's name for "start processes with torchrun"; on CPU they use gloo. FSDP2 too:
-        # the ranks shard the model themselves (train/fsdp.py), as RUN/fsdp2.json shows
-        conf["distributed_type"] = "MULTI_GPU" if multi else "NO"
+    # FSDP2 starts its processes as DDP does: the ranks shard the model themselves (train/fsdp.py), as
+    # RUN/fsdp2.json shows
+    conf.update(strategy.accelerate_settings(multi, ds_config_path))
     if multi:
         conf["main_process_port"] = launcher.main_process_port
     return conf

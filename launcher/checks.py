@@ -19,9 +19,10 @@ from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, SDPA_VARLEN, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.compat import config_changes, resume_refusal
-from lora_launch.run.plan import RunPlan, fsdp2_mesh, warmup_steps
+from lora_launch.run.plan import RunPlan, warmup_steps
 from lora_launch.run.checkpoints import CheckpointError, choose
 from lora_launch.run.rundir import check_set_aside, short_path
+from lora_launch.strategies import strategy_for
 
 
 def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
@@ -42,21 +43,16 @@ def check_qlora_sharded(cfg: DictConfig, plan: RunPlan) -> None:
     q = cfg.quant
     if q.mode == "nf4" and plan.shards_params and q.storage_dtype != q.compute_dtype:
         # ZeRO-3 and FSDP2 shard and gather floating-point parameters; uint8-packed weights break that
-        which = "FSDP2" if plan.strategy == "fsdp2" else "ZeRO-3"
+        which = strategy_for(cfg).label(plan)
         raise ConfigError(f"quant.storage_dtype={q.storage_dtype} with distributed={cfg.distributed.name}: "
                           f"{which} needs it equal to quant.compute_dtype, set quant.storage_dtype={q.compute_dtype}")
 
 
-def check_fsdp2() -> None:
-    """distributed=fsdp2 needs torch's fully_shard (torch >= 2.6, built with distributed support)."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError as e:
-        import torch
-
-        raise ConfigError(f"distributed=fsdp2 needs torch.distributed.fsdp.fully_shard, which torch "
-                          f"{torch.__version__} here lacks ({e}); install torch >= 2.6, or use distributed=ddp|zero3") \
-            from None
+def check_strategy(cfg: DictConfig, plan: RunPlan) -> None:
+    """What the strategy cannot run on this launch's shape or installation (FSDP2: torch's fully_shard, a
+    distributed.replicate that divides the world size)."""
+    for problem in strategy_for(cfg).launch_problems(cfg, plan):
+        raise ConfigError(problem)
 
 
 def check_nf4(cfg: DictConfig) -> None:
@@ -79,8 +75,10 @@ def check_nf4(cfg: DictConfig) -> None:
 def check_extras(cfg: DictConfig) -> None:
     """What the config asks for is installed: DeepSpeed, bitsandbytes, wandb and MLflow are extras."""
     needs = []
-    if cfg.distributed.strategy == "deepspeed":
-        needs.append(("deepspeed", "deepspeed", f"distributed={cfg.distributed.name}", "or use distributed=ddp"))
+    strategy = strategy_for(cfg)
+    if strategy.needs:
+        module, extra = strategy.needs
+        needs.append((module, extra, f"distributed={cfg.distributed.name}", "or use distributed=ddp"))
     if cfg.quant.mode == "nf4":
         needs.append(("bitsandbytes", "qlora", "quant=nf4", "or use quant=none"))
     if cfg.optim.name in BNB_OPTIMIZERS:
@@ -272,13 +270,13 @@ def check_own_configs(cfg: DictConfig, plan: RunPlan) -> None:
     """A user's accelerate config and DeepSpeed JSON read and merged now: a conflict is one line before launch."""
     from lora_launch.launcher.accelerate_config import accelerate_config
     from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
-    from lora_launch.run.plan import deepspeed_config
 
-    if cfg.distributed.deepspeed_config and cfg.distributed.strategy != "deepspeed":
+    ours = strategy_for(cfg).deepspeed_config(cfg, plan)
+    if cfg.distributed.deepspeed_config and ours is None:
         raise ConfigError(f"distributed.deepspeed_config={cfg.distributed.deepspeed_config} with "
                           f"distributed={cfg.distributed.name}: choose a DeepSpeed option (zero2, zero3, ...)")
-    if cfg.distributed.strategy == "deepspeed":
-        merged_deepspeed(deepspeed_config(cfg, plan), cfg.distributed.deepspeed_config)
+    if ours is not None:
+        merged_deepspeed(ours, cfg.distributed.deepspeed_config)
     merged_accelerate(accelerate_config(cfg, plan, "ds_config.json"), cfg.launcher.accelerate_config)
 
 
@@ -294,9 +292,7 @@ def check_before_launch(cfg: DictConfig, topo: Topology, plan: RunPlan, run_dir_
     check_model(cfg)
     check_attention_device(cfg, plan)
     check_qlora_sharded(cfg, plan)
-    if plan.strategy == "fsdp2":
-        check_fsdp2()
-        fsdp2_mesh(cfg, plan)  # distributed.replicate must divide the world size
+    check_strategy(cfg, plan)
     check_nf4(cfg)
     check_run_dir_writable(Path(cfg.run.dir))
 

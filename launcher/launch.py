@@ -16,9 +16,10 @@ from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
 from lora_launch.launcher.hostfile import interface_for
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.plan import RunPlan, deepspeed_config, fsdp2_config
+from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import NODE_RANK_ENV, SUPERVISOR_ENV
 from lora_launch.run.rundir import write_atomic, write_config
+from lora_launch.strategies import strategy_for
 
 
 def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
@@ -38,17 +39,19 @@ def node_neutral(cfg: DictConfig, topo: Topology) -> DictConfig:
 
 
 def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: RunPlan) -> dict[str, Path]:
-    """config.yaml, accelerate.yaml and ds_config.json (DeepSpeed) or fsdp2.json (FSDP2) in the run dir, the same
-    on every node."""
+    """config.yaml, accelerate.yaml and the strategy's files (DeepSpeed's ds_config.json, FSDP2's fsdp2.json) in the
+    run dir, the same on every node."""
     shared = node_neutral(cfg, topo)
     files = {"config": write_config(shared, run_dir)}
     ds_path = None
-    if cfg.distributed.strategy == "deepspeed":
-        ds = merged_deepspeed(deepspeed_config(shared, plan), cfg.distributed.deepspeed_config)
+    strategy = strategy_for(cfg)
+    ds = strategy.deepspeed_config(shared, plan)
+    if ds is not None:
+        ds = merged_deepspeed(ds, cfg.distributed.deepspeed_config)
         ds_path = write_atomic(run_dir / "ds_config.json", json.dumps(ds, indent=2))
         files["deepspeed"] = ds_path
-    if cfg.distributed.strategy == "fsdp2":  # what the ranks apply (they derive it from config.yaml alike)
-        files["fsdp2"] = write_atomic(run_dir / "fsdp2.json", json.dumps(fsdp2_config(shared, plan), indent=2))
+    for key, (name, content) in strategy.shown_files(shared, plan).items():  # what the ranks apply (from config.yaml)
+        files[key] = write_atomic(run_dir / name, json.dumps(content, indent=2))
     acc = merged_accelerate(accelerate_config(shared, plan, str(ds_path) if ds_path else None),
                             cfg.launcher.accelerate_config)
     files["accelerate"] = write_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))

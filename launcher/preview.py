@@ -43,7 +43,9 @@ from omegaconf import DictConfig
 from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.plan import RunPlan, fsdp2_mesh, layers_per_group, loads_from_rank0
+from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
+from lora_launch.strategies.fsdp2 import layers_per_group
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -178,42 +180,21 @@ def _layer_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes:
     return (whole - (shape.total_params - shape.quantisable_params) * rest_bytes) / shape.layers
 
 
-def fsdp2_group_size(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> int:
-    """Decoder layers in each FSDP2 shard group for this config and model (distributed.layers_per_group)."""
-    per_layer = _layer_bytes(shape, cfg.quant.mode, DTYPE_BYTES[plan.model_dtype], DTYPE_BYTES[cfg.quant.compute_dtype],
-                             cfg.quant.double_quant)
-    return layers_per_group(cfg.distributed.layers_per_group, per_layer)
-
-
 def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
     """Per-device memory in bytes for this config under `plan` (its world size and weight dtype)."""
-    world = plan.world_size
-    shards = fsdp2_mesh(cfg, plan)[1] if cfg.distributed.strategy == "fsdp2" else world
     dtype_bytes = DTYPE_BYTES[plan.model_dtype]
     compute_bytes = DTYPE_BYTES[cfg.quant.compute_dtype]
-    d = cfg.distributed
-    weights = weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant)
-    lora_params = shape.lora_params * 4.0
-    if d.strategy == "fsdp2":  # the base, the adapters, their gradients and optimizer state all sharded
-        share = 0.0 if d.offload_params else 1.0 / shards  # within one copy of the model
-        gathered = (fsdp2_gathered_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes, cfg.quant.double_quant,
-                                         d.layers_per_group, d.prefetch,
-                                         d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
-                    if d.reshard_after_forward else weight_bytes(shape, cfg.quant.mode, dtype_bytes, compute_bytes,
-                                                                 cfg.quant.double_quant))
-        weights, grads, optim = weights * share + gathered, lora_params * share, shape.lora_params * 8.0 * share
-        lora_params *= share
-    else:
-        if d.zero_stage == 3:
-            weights = 0.0 if d.offload_params else weights / world
-        grads = shape.lora_params * 4.0 / (world if d.zero_stage >= 2 else 1)
-        optim = shape.lora_params * (12.0 if d.strategy == "deepspeed" else 8.0)
-        if d.strategy == "deepspeed":
-            optim = 0.0 if d.offload_optimizer else optim / world
+    quant, double_quant = cfg.quant.mode, cfg.quant.double_quant
+    weights = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
+
+    def gathered(per_group, prefetch, kept) -> float:
+        return fsdp2_gathered_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant, per_group, prefetch, kept)
+
+    held = strategy_for(cfg).memory(cfg, plan, weights, shape.lora_params, gathered)
     act_bytes = compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     compiled = plan.compile == "layers"
-    return Memory(weights, lora_params + grads, optim, activation_bytes(shape, tokens, act_bytes, True, compiled),
+    return Memory(held.weights, held.lora, held.optimizer, activation_bytes(shape, tokens, act_bytes, True, compiled),
                   activation_bytes(shape, tokens, act_bytes, False, compiled), cfg.train.grad_ckpt)
 
 
@@ -261,24 +242,16 @@ def _target_names(cfg: DictConfig) -> str:
     return targets if targets == ALL_LINEAR else ", ".join(targets)
 
 
-def _strategy_name(cfg: DictConfig, plan: RunPlan) -> str:
-    if plan.strategy == "fsdp2":
-        copies, per_copy = fsdp2_mesh(cfg, plan)
-        hybrid = f", {copies} copies each sharded over {per_copy} processes" if copies > 1 else ""
-        return f"FSDP2 (decoder layers in shard groups{hybrid})"
-    return f"ZeRO-{plan.zero_stage}" if plan.strategy == "deepspeed" else "DDP"
-
-
 def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]) -> str:
     """The preview text."""
-    t = cfg.train
+    t, strategy = cfg.train, strategy_for(cfg)
     gbs = plan.global_batch
     out = ["# resolved config", yaml.safe_dump(plain(cfg), sort_keys=False).rstrip(), "", "# launch",
            f"nodes {topo.num_machines} x {topo.procs_per_node} processes = world size {topo.world_size}",
            f"global batch = micro {t.micro_batch_size} x accum {t.grad_accum} x world {topo.world_size} = {gbs}",
            f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}",
            f"precision {plan.precision} (base weights {plan.model_dtype}), compile {plan.compile}, "
-           f"{_strategy_name(cfg, plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
+           f"{strategy.describe(cfg, plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
            f"{'' if plan.on_gpu else ' on CPU (gloo)'}"]
     n = train_samples_estimate(cfg)
     if n is not None:
@@ -300,17 +273,11 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
                 f"lora+grads   {_gib(mem.lora)}", f"optimizer    {_gib(mem.optimizer)}",
                 f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
                 f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)"]
-        if plan.strategy == "fsdp2":
-            k = min(shape.layers, fsdp2_group_size(cfg, shape, plan))
-            out.append(f"shard groups {-(-shape.layers // k)} of up to {k} of the {shape.layers} decoder layers "
-                       f"(distributed.layers_per_group={cfg.distributed.layers_per_group})")
-            if cfg.distributed.keep_gathered == "auto" and cfg.distributed.reshard_after_forward:
-                whole = _layer_bytes(shape, cfg.quant.mode, DTYPE_BYTES[plan.model_dtype],
-                                     DTYPE_BYTES[cfg.quant.compute_dtype], cfg.quant.double_quant) * shape.layers
-                out.append(f"kept gathered the last shard groups that the GPU's spare memory holds after the first "
-                           f"step (distributed.keep_gathered=auto), at most all {shape.layers} layers' weights whole "
-                           f"({_gib(whole)}) from forward to backward; distributed.keep_gathered=0 keeps none")
-        if loads_from_rank0(cfg, plan):
+        out += strategy.preview_lines(cfg, plan, shape.layers,
+                                      _layer_bytes(shape, cfg.quant.mode, DTYPE_BYTES[plan.model_dtype],
+                                                   DTYPE_BYTES[cfg.quant.compute_dtype], cfg.quant.double_quant),
+                                      _gib)
+        if strategy.loads_from_rank0(cfg, plan):
             whole = weight_bytes(shape, "none", DTYPE_BYTES[plan.model_dtype], 0, False)
             out.append(f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "
                        "rank its shards; the other ranks hold none of it")

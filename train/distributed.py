@@ -8,8 +8,10 @@ from datetime import timedelta
 import torch
 from omegaconf import DictConfig
 
+from lora_launch.conf.schema import ConfigError
 from lora_launch.run.own_configs import merged_deepspeed
-from lora_launch.run.plan import RunPlan, deepspeed_config
+from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for, strategy_named
 
 
 def make_accelerator(cfg: DictConfig, plan: RunPlan):
@@ -27,13 +29,17 @@ def make_accelerator(cfg: DictConfig, plan: RunPlan):
     kwargs = dict(mixed_precision=plan.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
     backend = "gloo" if world > 1 and not on_gpu else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
-    if cfg.distributed.strategy == "deepspeed":
+    strategy = strategy_for(cfg)
+    for problem in strategy.launch_problems(cfg, plan):  # as the launcher checked, for ranks started by hand
+        raise ConfigError(problem)
+    ds = strategy.deepspeed_config(cfg, plan)
+    if ds is not None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # the run's DeepSpeed JSON with the user's own (distributed.deepspeed_config) laid under it, as the
         # launcher checked and wrote it to RUN/ds_config.json
-        ds = merged_deepspeed(deepspeed_config(cfg, plan), cfg.distributed.deepspeed_config)
+        ds = merged_deepspeed(ds, cfg.distributed.deepspeed_config)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     elif not on_gpu:
         kwargs["cpu"] = True
@@ -47,7 +53,7 @@ def make_accelerator(cfg: DictConfig, plan: RunPlan):
 def prepare(accelerator, cfg: DictConfig, model, optimizer):
     """The model and optimizer ready to train: accelerate wraps both for DDP and DeepSpeed; under FSDP2 the
     model is sharded already (`lora_launch.train.fsdp.shard`) and accelerate wraps the optimizer alone."""
-    if cfg.distributed.strategy == "fsdp2":
+    if strategy_for(cfg).shards_model_itself:
         return model, accelerator.prepare(optimizer)
     return accelerator.prepare(model, optimizer)
 
@@ -84,13 +90,5 @@ def what_runs(accelerator, plan: RunPlan) -> str:
     where = "on the CPU" if accelerator.device.type == "cpu" else f"on {n} GPU{'s' if n > 1 else ''}"
     if plan.num_machines > 1:
         where += f" across {plan.num_machines} nodes"
-    kind = accelerator.distributed_type.name
-    if kind == "DEEPSPEED":
-        how = f"DeepSpeed ZeRO-{plan.zero_stage}"
-    elif n > 1 and plan.strategy == "fsdp2":
-        how = "FSDP2"
-    elif kind in ("MULTI_CPU", "MULTI_GPU"):
-        how = "DDP"
-    else:
-        how = ""
+    how = strategy_named(plan.strategy).running(accelerator.distributed_type.name, n, plan)
     return f"{n} process{'es' if n > 1 else ''} {where}" + (f", {how}" if how else "")

@@ -6,7 +6,7 @@ that plugin only on GPU-like distributed types, and on CPU (gloo) it drops it wi
 unsharded. Sharding here runs the same calls on CPU and GPU, so the CPU tests exercise what GPUs run. The
 Accelerator stays the one DDP uses, given the optimizer alone: process group, device, gradient accumulation
 and clipping (accelerate's clipping reads DTensor gradients). What is applied comes from
-`lora_launch.run.plan.fsdp2_config`.
+`lora_launch.strategies.fsdp2.config`.
 """
 
 from __future__ import annotations
@@ -17,18 +17,11 @@ import torch
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.run.plan import RunPlan, fsdp2_config, layers_per_group, loads_from_rank0
+from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
+from lora_launch.strategies.fsdp2 import config as fsdp2_config, layers_per_group
+from lora_launch.train.model import decoder_layer_classes
 from lora_launch.train.zero import TorchAdapter, trainable
-
-
-def decoder_layer_classes(model) -> list[type]:
-    """The classes of the model's decoder layers: those the causal LM names in `_no_split_modules`, else every
-    `*DecoderLayer` (none where it has neither)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    found = {type(m) for m in model.modules() if type(m).__name__ in names}
-    if not found:
-        found = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
-    return sorted(found, key=lambda c: c.__name__)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -50,10 +43,10 @@ def _process_group(plan: RunPlan) -> None:
 
 
 def build_device(cfg: DictConfig, plan: RunPlan, device: torch.device, main: bool) -> torch.device:
-    """Where this rank builds the base model before `shard`: under `loads_from_rank0`, rank 0 on its CPU and
-    every other rank on the meta device (its shape alone), so no rank ever holds the whole model on its
+    """Where this rank builds the base model before `shard`: where the strategy `loads_from_rank0`, rank 0 on its
+    CPU and every other rank on the meta device (its shape alone), so no rank ever holds the whole model on its
     accelerator and only one holds it in host memory; else `device`, as DDP and ZeRO load."""
-    if not loads_from_rank0(cfg, plan):
+    if not strategy_for(cfg).loads_from_rank0(cfg, plan):
         return device
     return torch.device("cpu") if main else torch.device("meta")
 
@@ -79,7 +72,7 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     common = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"]
                   else OffloadPolicy())
-    from_rank0 = loads_from_rank0(cfg, plan)
+    from_rank0 = strategy_for(cfg).loads_from_rank0(cfg, plan)
     # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
     whole = model.state_dict() if from_rank0 and main else {}
     root = model.get_base_model()
@@ -173,8 +166,7 @@ def keep_gathered_after_first_step(cfg: DictConfig, model, device: torch.device,
     it."""
     import torch.distributed as dist
 
-    d = cfg.distributed
-    if d.strategy != "fsdp2" or d.keep_gathered != "auto" or not d.reshard_after_forward:
+    if not strategy_for(cfg).decides_gathers_after_first_step(cfg):
         return None
     groups = shard_groups(model)
     k, spare = 0, 0.0

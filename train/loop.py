@@ -14,6 +14,7 @@ from lora_launch.conf.schema import BNB_OPTIMIZERS, quant_kernel
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
 from lora_launch.run.pruning import report_eval
+from lora_launch.strategies import strategy_for
 from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.data.samples import IGNORE, as_trained, build_splits
@@ -83,7 +84,7 @@ class Trainer:
         if cfg.quant.mode == "nf4" and self.main:
             print(f"QLoRA: the 4-bit layers' matmul through {quant_kernel(cfg)} (quant.kernel={cfg.quant.kernel})",
                   flush=True)
-        if cfg.distributed.strategy == "fsdp2":  # sharded before the optimizer sees the parameters
+        if strategy_for(cfg).shards_model_itself:  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)
         plugin = acc.state.deepspeed_plugin  # the merged DeepSpeed config, the user's own JSON under the run's
         whole_layers = gather_whole_layers(cfg, model, plugin.deepspeed_config if plugin else {})
@@ -102,7 +103,7 @@ class Trainer:
 
         self.progress = Progress(train_size=len(self.splits.train))
         self._prefetched = None  # (stream position, host batches) collated ahead by _prefetch
-        self._gathers_undecided = cfg.distributed.strategy == "fsdp2"  # distributed.keep_gathered=auto
+        self._gathers_undecided = strategy_for(cfg).decides_gathers_after_first_step(cfg)  # keep_gathered=auto
         self.kept_gathered = None  # then (shard groups kept gathered, shard groups), after the first step
         # what a restart needs; the checkpointer saves and loads exactly these
         self.states = {"trainable": TrainableState(self.model, self.optimizer),

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.schema import lora_targets, plain, quant_kernel
 from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -72,10 +73,10 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
         if cfg.quant.mode == "nf4":
             kwargs["quantization_config"] = _quantization_config(cfg)
             kwargs["dtype"] = DTYPES[cfg.quant.compute_dtype]
-            if cfg.distributed.zero_stage != 3:  # ZeRO-3 places (and shards) the weights itself
+            if not strategy_for(cfg).places_weights(cfg):  # ZeRO-3 places (and shards) the weights itself
                 kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
-        if cfg.quant.mode != "nf4" or cfg.distributed.zero_stage == 3:
+        if cfg.quant.mode != "nf4" or strategy_for(cfg).places_weights(cfg):
             model.to(device)
     if cfg.quant.mode == "nf4" and device.type == "cpu":
         _keep_cpu_4bit_trainable(model)
@@ -191,3 +192,13 @@ def apply_lora(cfg: DictConfig, model):
                       target_modules=lora_targets(cfg), bias=str(cfg.lora.bias),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def decoder_layer_classes(model) -> list[type]:
+    """The classes of the model's decoder layers: those the causal LM names in `_no_split_modules`, else every
+    `*DecoderLayer` (none where it has neither)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not found:
+        found = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
+    return sorted(found, key=lambda c: c.__name__)

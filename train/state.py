@@ -6,6 +6,7 @@ where each goes on disk; ZeRO's partitions stay behind train/zero.py.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,7 +14,28 @@ import numpy as np
 import torch
 
 from lora_launch.train.checkpoint import CheckpointError
-from lora_launch.train.zero import adapter_for, full_shape, trainable
+from lora_launch.train.fsdp import Fsdp2Adapter, is_dtensor
+from lora_launch.train.zero import DeepSpeedAdapter, TorchAdapter, full_shape, trainable
+
+
+def adapter_for(optimizer) -> TorchAdapter:
+    """The adapter for `optimizer` as accelerate prepared it: DeepSpeed's under ZeRO, FSDP2's for sharded
+    (DTensor) parameters, plain torch otherwise."""
+    chain = [optimizer]  # accelerate's wrapper -> (DeepSpeed's ZeRO optimizer ->) the torch optimizer
+    while hasattr(chain[-1], "optimizer"):
+        chain.append(chain[-1].optimizer)
+    if any(is_dtensor(p) for group in chain[-1].param_groups for p in group["params"]):
+        return Fsdp2Adapter(chain[-1])
+    if "deepspeed" in sys.modules:  # never imported for a DDP run
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        for link in chain:
+            if isinstance(link, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+                return DeepSpeedAdapter(link, chain[-1])
+        if any(type(link).__module__.startswith("deepspeed.") for link in chain):
+            raise NotImplementedError(f"checkpoints of DeepSpeed's {type(chain[1]).__name__} (only ZeRO 1-3)")
+    return TorchAdapter(chain[-1])
 
 
 class Stateful(Protocol):

@@ -1,6 +1,7 @@
 """The one adapter to DeepSpeed ZeRO's internals: the trainable LoRA weights and their optimizer state as
 full tensors by parameter name, out of and back into a model and optimizer that ZeRO may partition, and
-DeepSpeed's loss scaler. FSDP2's adapter, on torch's public state_dict functions, is in train/fsdp.py.
+DeepSpeed's loss scaler. FSDP2's adapter, on torch's public state_dict functions, is in train/fsdp.py; which one a
+run uses is `lora_launch.train.state.adapter_for`.
 
 ZeRO keeps the fp32 weights and the optimizer state in flat partitions spread over the ranks. DeepSpeed's
 `safe_get/set_full_*` functions reach them by parameter, but a resumed optimizer has no state yet (torch
@@ -11,9 +12,10 @@ installed DeepSpeed is in that range and still has every private name used here.
 
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from lora_launch.strategies import strategy_for
+from lora_launch.train.model import decoder_layer_classes
 
 SUPPORTED = ">=0.17,<0.20"  # the DeepSpeed versions this adapter was written against
 LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
@@ -34,13 +36,10 @@ def gather_whole_layers(cfg, model, ds_config: dict) -> list[str]:
     off there; a `leaf_module` in the user's own DeepSpeed JSON (in `ds_config`, the merged config the
     Accelerator was given) is theirs to set. Returns the class names set, for the log. Call before accelerate
     prepares the model."""
-    d = cfg.distributed
-    if not (d.strategy == "deepspeed" and d.zero_stage == 3 and cfg.train.grad_ckpt):
+    if not strategy_for(cfg).gathers_whole_layers(cfg):
         return []
     if "leaf_module" in ds_config.get("zero_optimization", {}):
         return []
-    from lora_launch.train.fsdp import decoder_layer_classes
-
     classes = decoder_layer_classes(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if classes:
         from deepspeed.utils import set_z3_leaf_modules
@@ -52,28 +51,6 @@ def gather_whole_layers(cfg, model, ds_config: dict) -> list[str]:
 def full_shape(p) -> torch.Size:
     """The parameter's shape before partitioning (ZeRO-3 leaves an empty placeholder in p itself)."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
-
-
-def adapter_for(optimizer) -> TorchAdapter:
-    """The adapter for `optimizer` as accelerate prepared it: DeepSpeed's under ZeRO, FSDP2's for sharded
-    (DTensor) parameters, plain torch otherwise."""
-    chain = [optimizer]  # accelerate's wrapper -> (DeepSpeed's ZeRO optimizer ->) the torch optimizer
-    while hasattr(chain[-1], "optimizer"):
-        chain.append(chain[-1].optimizer)
-    from lora_launch.train.fsdp import Fsdp2Adapter, is_dtensor
-
-    if any(is_dtensor(p) for group in chain[-1].param_groups for p in group["params"]):
-        return Fsdp2Adapter(chain[-1])
-    if "deepspeed" in sys.modules:  # never imported for a DDP run
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-        for link in chain:
-            if isinstance(link, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
-                return DeepSpeedAdapter(link, chain[-1])
-        if any(type(link).__module__.startswith("deepspeed.") for link in chain):
-            raise NotImplementedError(f"checkpoints of DeepSpeed's {type(chain[1]).__name__} (only ZeRO 1-3)")
-    return TorchAdapter(chain[-1])
 
 
 class TorchAdapter:

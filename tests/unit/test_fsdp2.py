@@ -16,7 +16,9 @@ from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import preview as pv
 from lora_launch.launcher.launch import write_launch_files
 from lora_launch.launcher.topology import run_plan, topology
-from lora_launch.run.plan import RunPlan, fsdp2_config
+from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
+from lora_launch.strategies.fsdp2 import config as fsdp2_config
 
 
 @pytest.mark.parametrize("option,offload", [("fsdp2", False), ("fsdp2_offload", True)])
@@ -172,7 +174,7 @@ def _trained(model, sharded: bool, *overrides: str, losses: list | None = None):
     """A model after two AdamW steps, its optimizer, and the adapter for it (sharded: through train/fsdp.py,
     under `overrides`); each step's loss is appended to `losses`."""
     from lora_launch.train.fsdp import shard
-    from lora_launch.train.zero import adapter_for
+    from lora_launch.train.state import adapter_for
 
     if sharded:
         cfg = compose(["distributed=fsdp2", *overrides])
@@ -278,8 +280,8 @@ def test_several_nodes_shard_within_a_copy_of_the_model_per_node():
     flat = compose(["distributed=fsdp2", "distributed.replicate=1"])
     assert fsdp2_config(flat, RunPlan.from_config(flat, 2, 8, on_gpu=True))["mesh"]["shape"] == [16]
     three = compose(["distributed=fsdp2", "distributed.replicate=3"])
-    with pytest.raises(ConfigError, match=r"distributed.replicate=3 does not divide the world size 16"):
-        fsdp2_config(three, RunPlan.from_config(three, 2, 8, on_gpu=True))
+    [problem] = strategy_for(three).launch_problems(three, RunPlan.from_config(three, 2, 8, on_gpu=True))
+    assert problem.startswith("distributed.replicate=3 does not divide the world size 16")
     with pytest.raises(ConfigError, match=r"distributed.replicate=2 with distributed=ddp: only fsdp2"):
         compose(["distributed.replicate=2"])
     with pytest.raises(ConfigError, match=r"distributed.replicate=0 must be a positive integer or 'auto'"):
@@ -299,7 +301,7 @@ def test_the_memory_estimate_shards_within_one_copy(shape_7b):
 @pytest.mark.parametrize("layer_gib,expected", [(0.38, 4), (0.59, 3), (1.6, 1), (3.0, 1), (0.1, 4)])
 def test_auto_groups_as_many_layers_as_hold_2_gib_up_to_4(layer_gib, expected):
     """distributed.layers_per_group=auto: 7B, 13B, 70B in bf16, a layer larger than the budget, a small one."""
-    from lora_launch.run.plan import layers_per_group
+    from lora_launch.strategies.fsdp2 import layers_per_group
 
     assert layers_per_group("auto", layer_gib * 2**30) == expected
     assert layers_per_group(3, layer_gib * 2**30) == 3

@@ -1,5 +1,5 @@
-"""Dependencies run one way: conf -> run (the run contract) -> data -> launcher | train -> serve. The launcher and the
-training code never import each other; they meet only through lora_launch.run and lora_launch.conf."""
+"""Dependencies run one way: strategies -> conf -> run (the run contract) -> data -> launcher | train -> serve. The
+launcher and the training code never import each other; they meet only through lora_launch.run and lora_launch.conf."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ ALLOWED = {"conf": {"conf"}, "run": {"conf", "run"}, "data": {"conf", "run", "da
            "serve": {"conf", "run", "data", "train", "serve"},  # serving sits above training
            "studio": {"conf", "run", "data", "launcher", "studio"},  # runs training and serving as processes
            "cli": set(PACKAGES)}  # the front door sits above everything
+# the distributed strategies sit under everything: the schema takes its choices and refusals from them
+PACKAGES += ("strategies",)
+ALLOWED = {**{package: {*allowed, "strategies"} for package, allowed in ALLOWED.items()}, "strategies": {"strategies"}}
 _NAME = re.compile(r"lora_launch\.(\w+)")
 
 

@@ -12,7 +12,7 @@ from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
-from lora_launch.run.plan import deepspeed_config
+from lora_launch.strategies import strategy_for
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_deepspeed_json_keeps_the_users_settings_and_fills_auto(plan_of, tmp_pat
             "communication_data_type": "fp32"}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    ours = deepspeed_config(cfg, plan)
+    ours = strategy_for(cfg).deepspeed_config(cfg, plan)
     merged = merged_deepspeed(ours, str(path))
     assert merged["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size  # auto: the run's value
     assert merged["zero_optimization"]["reduce_bucket_size"] == 1000000  # the user's, over the default
@@ -52,7 +52,7 @@ def test_deepspeed_json_conflicts_are_one_line(plan_of, tmp_path, user, message)
     path.write_text(json.dumps(user))
     with pytest.raises(ConfigError, match="distributed.deepspeed_config=.*ds.json: " + message.replace("(", r"\(")
                        .replace(")", r"\)")):
-        merged_deepspeed(deepspeed_config(cfg, plan), str(path))
+        merged_deepspeed(strategy_for(cfg).deepspeed_config(cfg, plan), str(path))
 
 
 def test_accelerate_config_keeps_the_users_settings(plan_of, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lora_launch.conf.compose import compose
-from lora_launch.run.plan import RunPlan, deepspeed_config
+from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
 
 
 def test_global_batch_and_steps_by_hand():
@@ -42,7 +43,7 @@ def test_compile_mode_auto_is_layers_on_gpus_loss_under_zero3_none_on_cpu():
 
 def test_deepspeed_json_precision_comes_from_the_plan():
     cfg = compose(["distributed=zero2", "model=llama2_7b_random"])
-    on_gpu = deepspeed_config(cfg, RunPlan.from_config(cfg, 1, 2, on_gpu=True, bf16=True))
-    on_cpu = deepspeed_config(cfg, RunPlan.from_config(cfg, 1, 2, on_gpu=False))
+    on_gpu = strategy_for(cfg).deepspeed_config(cfg, RunPlan.from_config(cfg, 1, 2, on_gpu=True, bf16=True))
+    on_cpu = strategy_for(cfg).deepspeed_config(cfg, RunPlan.from_config(cfg, 1, 2, on_gpu=False))
     assert on_gpu["bf16"]["enabled"] and not on_cpu["bf16"]["enabled"]
     assert on_gpu["train_batch_size"] == on_cpu["train_batch_size"] == 4 * 1 * 2

@@ -10,7 +10,8 @@ from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.conf.compose import compose
 from lora_launch.data.samples import IGNORE, tokenize
 from lora_launch.train.data import SampleStream, collate, micro_batch_positions
-from lora_launch.run.plan import RunPlan, deepspeed_config
+from lora_launch.run.plan import RunPlan
+from lora_launch.strategies import strategy_for
 
 
 @pytest.mark.parametrize("micro,accum,world", [(1, 1, 1), (2, 3, 2), (4, 2, 4), (3, 1, 2)])
@@ -66,7 +67,7 @@ def test_deepspeed_json_is_derived_from_the_config(dist, stage):
     cfg = compose([f"distributed={dist}", "train.micro_batch_size=3", "train.grad_accum=5",
                    "optim.max_grad_norm=0.3"])
     plan = RunPlan.from_config(cfg, 2, 2, on_gpu=False)
-    ds = deepspeed_config(cfg, plan)
+    ds = strategy_for(cfg).deepspeed_config(cfg, plan)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 3 * 5 * 4

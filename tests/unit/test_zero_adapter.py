@@ -12,7 +12,8 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from lora_launch.train.zero import LOSS_SCALE_FIELDS, SUPPORTED, TorchAdapter, adapter_for
+from lora_launch.train.state import adapter_for
+from lora_launch.train.zero import LOSS_SCALE_FIELDS, SUPPORTED, TorchAdapter
 
 deepspeed = pytest.importorskip("deepspeed")
 
