@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # torch's CPU build where there is no CUDA GPU; with a GPU, pip's default (CUDA) build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast test-latest setup system-deps browser clean
+.PHONY: demo test test-fast test-latest setup system-deps browser docs clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ test: setup system-deps browser
 # the fast tier: unit tests only (no subprocesses), a minute or so on 2 cores
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests/unit $(ARGS)
+
+# the documentation site (mkdocs.yml, docs/); --strict: a broken link or an unlisted page fails the build
+SITE ?= build/site
+docs: setup
+	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE)
 
 # what users get from `pip install`: the newest versions pyproject.toml's ranges allow (no constraints.txt),
 # in a venv of its own, running the bad-input catalogue (one `error:` line, no traceback, for every refusal)
