@@ -23,12 +23,9 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
                kernel, no seq^2 term); a compiled decoder layer (train.compile=layers, the GPU default) keeps
                3h + 2kv + 3i, its norms recomputed in backward; with grad ckpt only each layer's input (h) plus
                one layer recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
-Against the peaks measured on one H200 (2026-11-29, bench/results/2026-11-29-h200-big-estimates.jsonl, LoRA
-r=64 on q/v, compiled layers; torch's allocator peak, no CUDA context), tests/unit/test_preview.py holds the
-estimate within 10% of each: a 7B at seq 512 x micro batch 4 in bf16 and nf4, with and without grad ckpt
-(measured 20.8 / 14.0 / 11.8 / 5.1 GiB), and a 70B shape at seq 2048 x 1 in nf4 with and without ckpt (38.2
-/ 71.1 GiB) and in bf16 with ckpt (132.2 GiB; 80 layers), without ckpt with 40 of its 80 layers (83.5 GiB: the
-whole 70B in bf16 without ckpt does not fit one H200).
+tests/unit/test_preview.py holds the estimate within 10% of peaks measured on a GPU, for a 7B and a 70B shape
+in bf16 and nf4, with and without grad ckpt; the measurements, dated, are in bench/README.md ("The preview's
+memory estimate").
 """
 
 from __future__ import annotations
@@ -162,10 +159,9 @@ def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, comput
                          double_quant: bool, per_group="auto", prefetch: int | None = None, kept: int = 0) -> float:
     """Base weights FSDP2 holds whole on a device at its peak: the root group (everything outside the decoder
     layers) from forward to backward, the shard group computing (`per_group` decoder layers) and one layer
-    more per group prefetched (FSDP2's own: one). Measured on one H200 (7B, bf16, world size 1, 2026-11-29,
-    bench/results/2026-11-29-h200-sharding-{3,5}.jsonl): groups of 1, 2, 4 and 8 layers peaked at 2, 3, 5
-    and 9 layers' weights above the rest, not two whole groups; prefetch=2 added nothing measurable. `kept`
-    groups (distributed.keep_gathered) are held from their forward to their backward on top of that."""
+    more per group prefetched (FSDP2's own: one), which is what the measured peaks showed, not two whole groups
+    (bench/README.md, "FSDP2's gathered weights"). `kept` groups (distributed.keep_gathered) are held from
+    their forward to their backward on top of that."""
     whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     per_layer = _layer_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     per_group = layers_per_group(per_group, per_layer)

@@ -16,8 +16,8 @@ GROUP_LAYERS = 4  # and the most layers in one
 def layers_per_group(setting, layer_bytes: float) -> int:
     """Decoder layers in each FSDP2 shard group: `setting` (distributed.layers_per_group) when it is a number;
     for "auto", as many layers of `layer_bytes` (one layer's weights as stored) as fit GROUP_BYTES, from 1 to
-    GROUP_LAYERS. On one H200 (7B in bf16, 2026-11-29) groups of 2 to 8 layers ran at 0.77-0.79 of ddp's
-    speed at world size 1, one layer a group at 0.59: each group's hooks and gathers cost host time."""
+    GROUP_LAYERS: each group's hooks and gathers cost host time, so several layers a group run faster than one
+    (bench/README.md, "FSDP2's shard groups")."""
     if setting != "auto":
         return int(setting)
     return max(1, min(GROUP_LAYERS, int(GROUP_BYTES // max(layer_bytes, 1.0))))

@@ -2,8 +2,8 @@
 the NF4 dequantisation into each compiled decoder layer's graph.
 
 bitsandbytes' `matmul_4bit` dequantises each weight through its own library call, twice for the nested
-absmax and the 4-bit codes, every forward, recompute and backward: on one H200 a QLoRA + grad ckpt step
-of the 7B left the GPU idle for 39% of its time, its host dispatching 5,021 kernels a step. Here the
+absmax and the 4-bit codes, every forward, recompute and backward: the host's kernel launches, not the GPU,
+then set the step's pace (bench/README.md, "bitsandbytes' 4-bit matmul"). Here the
 same arithmetic is written in torch operations (two table lookups and two scalings in float32, then the
 cast, as bitsandbytes computes them: bit-identical weights), and an autograd function keeps only the
 packed weight for backward, where it dequantises again (the bf16 weight is never saved).

@@ -30,8 +30,8 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 def gather_whole_layers(cfg, model, ds_config: dict) -> list[str]:
     """Under ZeRO-3 with grad ckpt, have DeepSpeed gather each decoder layer's weights in one go (its "leaf
-    modules") instead of hooking every submodule: on one H200 (2026-11-29, 7B, bf16 LoRA, world size 1) this
-    took ZeRO-3 + ckpt from 1,959 to 4,504 tokens/s, the hooks' host time being most of the step. Without grad
+    modules") instead of hooking every submodule, whose host time is most of a ZeRO-3 step (bench/README.md,
+    "ZeRO-3's whole layers"). Without grad
     ckpt DeepSpeed 0.19.8 frees a leaf layer's weights before PEFT's LoRA backward needs them, so it is left
     off there; a `leaf_module` in the user's own DeepSpeed JSON (in `ds_config`, the merged config the
     Accelerator was given) is theirs to set. Returns the class names set, for the log. Call before accelerate
