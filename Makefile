@@ -66,4 +66,4 @@ test-latest: $(LATEST)/.installed
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -rs $(BAD_INPUTS) $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST) runs sweeps
+	rm -rf $(VENV) $(LATEST) runs sweeps $(SITE)
