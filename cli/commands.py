@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from lora_launch.catalog.terminal import terminal_width, wrap
+from lora_launch.cli.runs import HELP as RUNS_HELP
 from lora_launch.conf.args import COMMANDS, StudioArgs, keys, parse_args, usage
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
 from lora_launch.conf.schema import ConfigError, describe, dotted
-from lora_launch.launcher.runs import HELP as RUNS_HELP
-from lora_launch.launcher.terminal import terminal_width, wrap
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code

@@ -17,7 +17,7 @@ SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
                "serve": "an OpenAI-compatible HTTP endpoint for base + adapters (runs, sweeps)",
                "studio": "a local web app to compose, preview, launch and watch runs",
                "sweep-summary": "rebuild a sweep's summary files",
-               # read run dirs only; flags, not key=value (launcher/runs.py, launcher/report.py)
+               # read run dirs only; flags, not key=value (cli/runs.py)
                "runs": "list runs and sweep trials; `runs diff A B` compares two",
                "report": "write the runs as one self-contained HTML page"}
 
@@ -51,7 +51,7 @@ def _main() -> None:
         print(f"error: {unknown} (lora-launch --help lists the commands)", file=sys.stderr)
         sys.exit(2)
     if len(sys.argv) > 1 and sys.argv[1] in ("runs", "report"):
-        from lora_launch.launcher.runs import main as runs_main
+        from lora_launch.cli.runs import main as runs_main
 
         sys.exit(runs_main(sys.argv[1], sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_launch.launcher.terminal import fit_table, terminal_width, wrap
+from lora_launch.catalog.terminal import fit_table, terminal_width, wrap
 from lora_launch.run.rundir import atomic_path, read_metrics, read_status, write_atomic, write_json
 
 TRIAL_FILE = "trial.json"

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from lora_launch.catalog.terminal import terminal_width
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.slots import Slot, free_port, plan_slots, usable_cores, visible_gpu_ids
 from lora_launch.launcher.study import StudyTrial, check_study_config, needs_study, open_study
 from lora_launch.launcher.sweep import (INTERRUPTED, LOG_FILE, finish_trial, last_error, read_trial, start_trial,
                                         summarize, summary_text, trial_name, trial_row, write_trial)
-from lora_launch.launcher.terminal import terminal_width
 from lora_launch.launcher.sweep_space import SweepRequest, read_request, search_space, value_text
 from lora_launch.run import pruning
 from lora_launch.run.lock import RunLock, lock_holders, lock_path, ranks_lock_path

@@ -51,8 +51,8 @@ def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | N
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
-    from lora_launch.launcher.runs import diff_json, sort_runs
-    from lora_launch.run.catalog import find_runs, read_run
+    from lora_launch.catalog.runs import find_runs, read_run
+    from lora_launch.catalog.table import diff_json, sort_runs
     from lora_launch.studio.bodies import AskBody, DataBody, FormBody, RunBody
 
     app = FastAPI(title="lora-launch studio", docs_url=None, redoc_url=None, openapi_url=None)

@@ -24,9 +24,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
+from lora_launch.conf.groups import config_groups, default_choices, primary_config
 from lora_launch.conf.schema import Config, ConfigError, describe, plain, unknown_key
 from lora_launch.data.templates import FORMAT_FIELDS, AUTO_ORDER
-from lora_launch.conf.groups import config_groups, default_choices, primary_config
 
 AUTOMATIC_GROUPS = ("model_recipe",)  # picked by the model, never by hand
 NOT_IN_FORM = ("preview",)  # the studio's Preview button sets it
@@ -336,6 +336,6 @@ def compose_checked(overrides: list[str]) -> DictConfig:
 
 def flat_values(cfg: DictConfig) -> dict:
     """The composed config's leaf values by dotted key, as the page shows them."""
-    from lora_launch.run.catalog import flatten
+    from lora_launch.catalog.runs import flatten
 
     return flatten(plain(cfg))

@@ -24,8 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_launch.catalog.runs import read_run
 from lora_launch.conf.schema import ConfigError
-from lora_launch.run.catalog import read_run
 from lora_launch.run.lock import holder, lock_holders, lock_path
 
 CLI_MODULE = "lora_launch.cli"  # what the `lora-launch` console script runs

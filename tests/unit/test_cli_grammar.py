@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lora_launch.catalog.terminal import fit_table, terminal_width, wrap
 from lora_launch.cli.commands import help_text, studio_flags
 from lora_launch.cli.main import did_you_mean
 from lora_launch.cli.train import first_missing, hydra_argv
@@ -14,7 +15,6 @@ from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.checks import warmup_warning
 from lora_launch.launcher.sweep import summarize, summary_text
-from lora_launch.launcher.terminal import fit_table, terminal_width, wrap
 
 
 # ---- Hydra's flags anywhere -----------------------------------------------------------------------

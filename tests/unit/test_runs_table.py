@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_launch.catalog import charts, report
+from lora_launch.catalog import table as runs_table
+from lora_launch.catalog.runs import find_runs, read_run
+from lora_launch.cli import runs as runs_cli
 from lora_launch.conf.compose import compose, plain
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher import charts, report, runs
-from lora_launch.run.catalog import find_runs, read_run
 from lora_launch.run.lock import RunLock, lock_path
 from lora_launch.run.rundir import write_config
 
@@ -108,7 +110,7 @@ def test_every_kind_of_run_is_listed_with_its_status(tmp_path):
     assert found["ok"].steps == 10 and found["ok"].final_train_loss == pytest.approx(3.0)
     assert found["garbage"].train == [] and found["pruned"].overrides == ["lora.r=4"]
     assert found["pruned"].sweep == root
-    text = runs.table(sorted(found.values(), key=lambda r: r.name))
+    text = runs_table.table(sorted(found.values(), key=lambda r: r.name))
     assert "note" in text.splitlines()[0] and "rank 1 died" in text
 
 
@@ -139,37 +141,37 @@ def test_sweep_trials_are_found_below_the_sweep(tmp_path):
 # ---- sorting and filtering -------------------------------------------------------------------------
 
 def test_sort_by_columns_aliases_and_config_keys(three):
-    assert names(runs.sort_runs(three, "eval_loss")) == ["b", "a", "c"]  # best eval; none last
-    assert names(runs.sort_runs(three, "-eval_loss")) == ["a", "b", "c"]  # none last either way
-    assert names(runs.sort_runs(three, "-date")) == ["c", "b", "a"]
-    assert names(runs.sort_runs(three, "lora.r")) == ["c", "a", "b"]
-    assert names(runs.sort_runs(three, "final_eval_loss")) == ["b", "a", "c"]
+    assert names(runs_table.sort_runs(three, "eval_loss")) == ["b", "a", "c"]  # best eval; none last
+    assert names(runs_table.sort_runs(three, "-eval_loss")) == ["a", "b", "c"]  # none last either way
+    assert names(runs_table.sort_runs(three, "-date")) == ["c", "b", "a"]
+    assert names(runs_table.sort_runs(three, "lora.r")) == ["c", "a", "b"]
+    assert names(runs_table.sort_runs(three, "final_eval_loss")) == ["b", "a", "c"]
     with pytest.raises(ConfigError, match="unknown key 'colour'"):
-        runs.sort_runs(three, "colour")
+        runs_table.sort_runs(three, "colour")
 
 
 def test_where_conditions_combine(three):
-    assert names(runs.filter_runs(three, ["lr=0.001"])) == ["a", "c"]
-    assert names(runs.filter_runs(three, ["lr=1e-3", "lora.r>4"])) == ["a"]
-    assert names(runs.filter_runs(three, ["r!=16", "name=*/c"])) == ["c"]
-    assert names(runs.filter_runs(three, ["eval_loss<2"])) == ["b"]
-    assert names(runs.filter_runs(three, ["status=fin*", "model=tiny-llama"])) == ["a", "b", "c"]
-    assert runs.filter_runs(three, ["status=failed"]) == []
-    assert names(runs.filter_runs(three, ["eval_loss="])) == ["c"]  # `key=`: runs without the value
+    assert names(runs_table.filter_runs(three, ["lr=0.001"])) == ["a", "c"]
+    assert names(runs_table.filter_runs(three, ["lr=1e-3", "lora.r>4"])) == ["a"]
+    assert names(runs_table.filter_runs(three, ["r!=16", "name=*/c"])) == ["c"]
+    assert names(runs_table.filter_runs(three, ["eval_loss<2"])) == ["b"]
+    assert names(runs_table.filter_runs(three, ["status=fin*", "model=tiny-llama"])) == ["a", "b", "c"]
+    assert runs_table.filter_runs(three, ["status=failed"]) == []
+    assert names(runs_table.filter_runs(three, ["eval_loss="])) == ["c"]  # `key=`: runs without the value
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        runs.filter_runs(three, ["status"])
+        runs_table.filter_runs(three, ["status"])
     with pytest.raises(ConfigError, match="unknown key 'stat'"):
-        runs.filter_runs(three, ["stat=finished"])
+        runs_table.filter_runs(three, ["stat=finished"])
 
 
 def test_table_cells(three):
-    text = runs.table(runs.sort_runs(three, "name"))
+    text = runs_table.table(runs_table.sort_runs(three, "name"))
     header, *lines = text.splitlines()
     assert header.split()[:3] == ["name", "status", "steps"] and "note" not in header
     assert len(lines) == 3 and "2.5" in lines[0] and "1.5" in lines[1] and lines[2].count(" - ") >= 2
-    assert runs.cell("steps", {"steps": 3, "max_steps": 10}) == "3/10"
-    assert runs.cell("distributed", {"distributed": "zero3", "processes": 8}) == "zero3×8"
-    assert runs.cell("lr", {"lr": 0.0002}) == "0.0002"
+    assert runs_table.cell("steps", {"steps": 3, "max_steps": 10}) == "3/10"
+    assert runs_table.cell("distributed", {"distributed": "zero3", "processes": 8}) == "zero3×8"
+    assert runs_table.cell("lr", {"lr": 0.0002}) == "0.0002"
 
 
 # ---- diff ------------------------------------------------------------------------------------------
@@ -178,16 +180,16 @@ def test_diff_shows_only_what_differs(tmp_path):
     a = read_run(make_run(tmp_path, "a", config(r=8, lr=1e-3, lora__dropout=0.1), evals=(3.0, 2.0)))
     b = read_run(make_run(tmp_path, "b", config(r=16, lr=1e-3, lora__target_modules=["q_proj"]), evals=(3.0, 2.2)))
     b.config["run"]["dir"] = "elsewhere"
-    assert sorted(runs.config_diff(a, b)) == [("lora.dropout", 0.1, 0.05), ("lora.r", 8, 16),
+    assert sorted(runs_table.config_diff(a, b)) == [("lora.dropout", 0.1, 0.05), ("lora.r", 8, 16),
                                               ("lora.target_modules", None, ["q_proj"])]
-    metrics = {m: (va, vb) for m, va, vb in runs.metric_diff(a, b)}
+    metrics = {m: (va, vb) for m, va, vb in runs_table.metric_diff(a, b)}
     assert metrics["final_eval_loss"] == (2.0, 2.2) and metrics["steps"] == (10, 10)
     assert set(metrics) == {"final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_s", "steps",
                             "peak_memory_gib"}
-    text = runs.diff_text(a, b)
+    text = runs_table.diff_text(a, b)
     assert "run.dir" not in text and "lora.target_modules (absent) [q_proj]" in " ".join(text.split())
     assert "+0.2 (+10.00%)" in text
-    assert runs.diff_json(a, b)["config"]["lora.r"] == {"a": 8, "b": 16}
+    assert runs_table.diff_json(a, b)["config"]["lora.r"] == {"a": 8, "b": 16}
 
 
 def test_commands_in_process(tmp_path, monkeypatch, capsys):
@@ -195,24 +197,24 @@ def test_commands_in_process(tmp_path, monkeypatch, capsys):
 
     assert all(f"\n  {name} " in help_text() for name in ("runs", "runs diff", "report"))
     monkeypatch.chdir(tmp_path)
-    assert runs.main("runs", []) == 0
+    assert runs_cli.main("runs", []) == 0
     assert capsys.readouterr().out.startswith("no runs under runs/ or sweeps/ in ")
     make_run(tmp_path / "runs", "a", config(r=8))
     make_run(tmp_path / "sweeps" / "s", "lora.r=4", config(r=4), trial={"status": "completed"})
     make_run(tmp_path / "sweeps" / "t", "lora.r=4", config(r=4), trial={"status": "completed"})
-    assert runs.main("runs", ["--json", "--where", "r=8"]) == 0
+    assert runs_cli.main("runs", ["--json", "--where", "r=8"]) == 0
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["runs/a"]
-    assert runs.main("runs", ["diff", "a", "s/lora.r=4"]) == 0
+    assert runs_cli.main("runs", ["diff", "a", "s/lora.r=4"]) == 0
     assert "lora.r" in capsys.readouterr().out
-    assert runs.main("runs", ["diff", "a", "lora.r=4"]) == 2
+    assert runs_cli.main("runs", ["diff", "a", "lora.r=4"]) == 2
     assert "2 runs have that name" in capsys.readouterr().err
-    assert runs.main("runs", ["nowhere"]) == 2
-    assert runs.main("runs", ["--sort"]) == 2
+    assert runs_cli.main("runs", ["nowhere"]) == 2
+    assert runs_cli.main("runs", ["--sort"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[0].startswith("error: runs: nowhere: no such directory")
     assert err[1].startswith("error: runs: argument --sort: expected one argument")
     (tmp_path / "empty").mkdir()
-    assert runs.main("runs", ["empty"]) == 0 and capsys.readouterr().out.startswith("no runs under empty")
+    assert runs_cli.main("runs", ["empty"]) == 0 and capsys.readouterr().out.startswith("no runs under empty")
 
 
 # ---- the report's pieces ---------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from lora_launch.launcher.charts import Series, chart
-from lora_launch.launcher.runs import COLUMNS, HEADERS, NOT_COMPARED, cell, text
-from lora_launch.run.catalog import Run
+from lora_launch.catalog.charts import Series, chart
+from lora_launch.catalog.runs import Run
+from lora_launch.catalog.table import COLUMNS, HEADERS, NOT_COMPARED, cell, text
 from lora_launch.run.rundir import write_atomic
 
 TRAIN, EVAL, DONE, OTHER = "#1f77b4", "#d62728", "#1f77b4", "#999"
