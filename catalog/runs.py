@@ -21,7 +21,7 @@ from lora_launch.conf.schema import dotted
 from lora_launch.run.lock import holder, lock_holders
 from lora_launch.run.rundir import METRICS, STATUS, read_metrics, short_path
 
-TRIAL = "trial.json"  # a sweep trial's record (launcher/sweep.py writes it)
+TRIAL = "trial.json"  # a sweep trial's record (sweep/trials.py writes it; a trial is a run too)
 _RUN_FILES = ("config.yaml", STATUS, METRICS, TRIAL)
 MAX_DEPTH = 4  # runs/NAME, sweeps/SWEEP/TRIAL, and a folder or two above them
 _YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's where built: a config reads 5x faster

@@ -139,7 +139,7 @@ def studio_flags(argv: list[str]) -> list[str]:
 
 def sweep_summary(args) -> int:
     """`lora-launch sweep-summary dir=SWEEP_DIR`: rebuild the summary files from the trial dirs."""
-    from lora_launch.launcher.sweep import print_summary
+    from lora_launch.sweep.trials import print_summary
 
     if not Path(args.dir).is_dir():
         raise ConfigError(f"sweep-summary: dir={args.dir} is not a directory")

@@ -64,7 +64,7 @@ def _main() -> None:
         print(help_text())
         sys.exit(0)
     if {"-m", "--multirun"} & set(sys.argv[1:]):  # a sweep: each trial a `lora-launch` of its own
-        from lora_launch.launcher.sweeper import run_sweep
+        from lora_launch.sweep.sweeper import run_sweep
 
         sys.exit(run_sweep([a for a in sys.argv[1:] if a not in ("-m", "--multirun")]))
     from lora_launch.cli.train import launch

@@ -17,11 +17,11 @@ from lora_launch.conf.compose import resolve_run
 from lora_launch.conf.schema import ConfigError, register
 from lora_launch.launcher.checks import (check_before_launch, check_data, check_finished_config, run_dir_given,
                                          warmup_warning)
-from lora_launch.launcher.sweep import register_resolvers
 from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.lock import in_use
 from lora_launch.run.process import exit_on_closed_stdout
 from lora_launch.run.rundir import fault_message, finished_step, read_status
+from lora_launch.sweep.trials import register_resolvers
 
 
 class Made(NamedTuple):
@@ -41,7 +41,7 @@ def first_missing(path: Path) -> Path | None:
 
 
 def _job(cfg: DictConfig, made: Made) -> int:
-    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: launcher/sweeper.py)."""
+    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: sweep/sweeper.py)."""
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run.dir = hydra_cfg.runtime.output_dir

@@ -287,7 +287,7 @@ LAUNCH_FILES = frozenset({"config.yaml", "accelerate.yaml", "ds_config.json", "f
                           ".slurm-attempt", ".hydra", "data_report.json"})
 RUN_MARKER = ".lora-launch-run"
 # every other name lora-launch writes at the top of a run dir: training, the trackers, `merge`/`eval`, a sweep
-# trial's record and log (launcher/sweep.py), a pruning sweep's report and verdict (run/pruning.py)
+# trial's record and log (sweep/trials.py), a pruning sweep's report and verdict (run/pruning.py)
 _OWN_NAMES = LAUNCH_FILES | {RUN_MARKER, STATUS, METRICS, CHECKPOINTS, ATTEMPTS, "ranks", "adapter", "merged",
                              "eval.json", "loss.png", "sample.txt", "tensorboard", "wandb", "mlruns", "mlflow_run_id",
                              "trial.json", "lora-launch.log", "eval_report.json", "eval_verdict.json"}

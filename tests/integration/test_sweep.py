@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
-from lora_launch.launcher.sweep import read_trial, swept_keys, sweep_name, trial_name, trial_row
+from lora_launch.sweep.trials import read_trial, swept_keys, sweep_name, trial_name, trial_row
 
 
 def test_names_are_deterministic_and_readable():

@@ -14,7 +14,7 @@ from lora_launch.cli.train import first_missing, hydra_argv
 from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.checks import warmup_warning
-from lora_launch.launcher.sweep import summarize, summary_text
+from lora_launch.sweep.trials import summarize, summary_text
 
 
 # ---- Hydra's flags anywhere -----------------------------------------------------------------------

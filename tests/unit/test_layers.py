@@ -8,11 +8,12 @@ import re
 
 from support.cli import REPO
 
-PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "catalog", "studio", "cli")
+PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "catalog", "sweep", "studio", "cli")
 ALLOWED = {"conf": {"conf"}, "run": {"conf", "run"}, "data": {"conf", "run", "data"},
-           "launcher": {"conf", "run", "data", "launcher", "catalog"}, "train": {"conf", "run", "data", "train"},
+           "launcher": {"conf", "run", "data", "launcher"}, "train": {"conf", "run", "data", "train"},
            "serve": {"conf", "run", "data", "train", "serve"},  # serving sits above training
            "catalog": {"conf", "run", "catalog"},  # reads run dirs, never trains
+           "sweep": {"conf", "run", "launcher", "catalog", "sweep"},  # each trial a launch of its own
            "studio": {"conf", "run", "data", "launcher", "catalog", "studio"},  # runs training and serving as processes
            "cli": set(PACKAGES)}  # the front door sits above everything
 # the distributed strategies sit under everything: the schema takes its choices and refusals from them

@@ -10,10 +10,10 @@ import time
 import pytest
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher.slots import Slot, plan_slots, visible_gpu_ids
-from lora_launch.launcher.sweep import sweep_name, trial_name
-from lora_launch.launcher.sweep_space import read_request, search_space, value_text
 from lora_launch.run import pruning
+from lora_launch.sweep.slots import Slot, plan_slots, visible_gpu_ids
+from lora_launch.sweep.space import read_request, search_space, value_text
+from lora_launch.sweep.trials import sweep_name, trial_name
 
 GPUS = [str(i) for i in range(8)]
 
@@ -98,7 +98,7 @@ def test_a_sweep_that_cannot_run_is_refused_in_one_line(tmp_path, args, message)
     (["lora.r=2,4", "--cfg", "job"], "takes key=value overrides only"),
 ])
 def test_a_sweep_that_cannot_run_here_is_refused_before_anything_is_written(tmp_path, capsys, args, message):
-    from lora_launch.launcher.sweeper import run_sweep
+    from lora_launch.sweep.sweeper import run_sweep
 
     sweep_dir = tmp_path / "sweep"
     assert run_sweep(args + [f"hydra.sweep.dir={sweep_dir}"]) == 2
@@ -137,7 +137,7 @@ def study_cfg(tmp_path):
 def test_a_trial_far_behind_the_finished_ones_is_pruned_and_a_stopped_study_continues(tmp_path, study_cfg):
     from optuna.distributions import FloatDistribution
 
-    from lora_launch.launcher.study import StudyTrial, open_study
+    from lora_launch.sweep.study import StudyTrial, open_study
 
     space = {"optim.lr": FloatDistribution(1e-5, 1e-3, log=True)}
     study = open_study(tmp_path, study_cfg)
@@ -163,7 +163,7 @@ def test_a_trial_far_behind_the_finished_ones_is_pruned_and_a_stopped_study_cont
 
 
 def test_a_trial_without_a_finite_eval_loss_fails_in_the_study(tmp_path, study_cfg):
-    from lora_launch.launcher.study import StudyTrial, open_study
+    from lora_launch.sweep.study import StudyTrial, open_study
 
     study = open_study(tmp_path, study_cfg)
     trial = StudyTrial.ask(study)
@@ -200,7 +200,7 @@ def test_rank_0_reports_and_waits_for_the_sweep_only_under_a_pruning_sweep(tmp_p
 
 def test_hyperband_stops_most_trials_far_behind_by_the_finished_ones_last_step(tmp_path):
     from lora_launch.conf.compose import compose
-    from lora_launch.launcher.study import StudyTrial, open_study
+    from lora_launch.sweep.study import StudyTrial, open_study
 
     study = open_study(tmp_path, compose(["sweep.prune=hyperband", "eval.every_steps=2"]))
     for k in range(4):
@@ -220,7 +220,7 @@ def test_pruning_or_search_without_optuna_names_the_extra(monkeypatch):
     import importlib.util
 
     from lora_launch.conf.compose import compose
-    from lora_launch.launcher.study import check_study_config
+    from lora_launch.sweep.study import check_study_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))

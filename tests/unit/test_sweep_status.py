@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from lora_launch.launcher.sweep import finish_trial, read_trial, start_trial, summarize, trial_row
 from lora_launch.run.rundir import read_status, write_json, write_status
+from lora_launch.sweep.trials import finish_trial, read_trial, start_trial, summarize, trial_row
 
 
 def run_trial(trial, overrides, rc: int, state: str | None = None, pruned: bool = False, stopped: bool = False,

@@ -4,7 +4,7 @@ Overrides are read by Hydra's own parser, so the syntax is Hydra's: `lora.r=8,16
 list values, `range(1,5)` counts, `glob(*)` picks group options, `interval(1e-5,1e-3)` is a range to
 draw from (`tag(log,interval(...))` on a log scale). A grid (sweep.search=grid) runs every combination
 of the listed values, in the order Hydra's basic sweeper ran them; a search draws each trial's values
-from an Optuna study (launcher/study.py); `tag(int,interval(1,64))` draws integers.
+from an Optuna study (sweep/study.py); `tag(int,interval(1,64))` draws integers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher.sweep import sweep_name
+from lora_launch.sweep.trials import sweep_name
 
 # sweep.* keys say how to run the trials; the trials themselves never see them
 _SWEEP_KEYS = "sweep."

@@ -1,6 +1,6 @@
 """Sweep trials on disk: deterministic sweep and trial dirs, each trial's record, and the summaries.
 
-`lora-launch -m lora.r=8,16 optim.lr=1e-4,2e-4` runs one trial per combination (launcher/sweeper.py
+`lora-launch -m lora.r=8,16 optim.lr=1e-4,2e-4` runs one trial per combination (sweep/sweeper.py
 runs them). The sweep dir is named from the command line and each trial dir from its swept values,
 so re-running the same command finds the same dirs: finished trials are skipped, stopped ones resume
 from their checkpoints, and the rest run. Each trial dir holds `trial.json` (status, launches, error).
@@ -26,10 +26,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lora_launch.catalog.runs import TRIAL  # the trial's record, read by `lora-launch runs` too
 from lora_launch.catalog.terminal import fit_table, terminal_width, wrap
 from lora_launch.run.rundir import atomic_path, read_metrics, read_status, write_atomic, write_json
 
-TRIAL_FILE = "trial.json"
 INTERRUPTED = 130  # lora-launch's exit code after Ctrl-C stopped training with a checkpoint
 LOG_FILE = "lora-launch.log"  # a trial's launches' output, appended
 _SWEEP_SYNTAX = re.compile(r",|^\w+\(|\b(range|choice|interval|glob)\(")
@@ -80,12 +80,12 @@ def register_resolvers() -> None:
 # ---- one trial --------------------------------------------------------------------------------
 
 def read_trial(run_dir: Path) -> dict:
-    path = Path(run_dir) / TRIAL_FILE
+    path = Path(run_dir) / TRIAL
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def write_trial(run_dir: Path, record: dict) -> None:
-    write_json(Path(run_dir) / TRIAL_FILE, record, indent=2)
+    write_json(Path(run_dir) / TRIAL, record, indent=2)
 
 
 def start_trial(run_dir: Path, overrides: list[str], resume_pruned: bool = False) -> dict | None:
@@ -205,7 +205,7 @@ def summarize(sweep_dir: Path) -> list[dict]:
     """Write summary.csv, summary.json, summary.md and sweep.png from the trial dirs; returns the rows,
     best first. Each file is replaced whole, so a reader never sees one half written."""
     sweep_dir = Path(sweep_dir)
-    rows = sorted((trial_row(d) for d in sweep_dir.iterdir() if (d / TRIAL_FILE).exists()), key=_sort_key)
+    rows = sorted((trial_row(d) for d in sweep_dir.iterdir() if (d / TRIAL).exists()), key=_sort_key)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
     writer.writeheader()

@@ -1,11 +1,11 @@
 """`lora-launch -m ...`: run a sweep's trials, as many at once as sweep.parallel and the devices allow.
 
 Each trial is a `lora-launch` process of its own (the trial's overrides and `run.dir=SWEEP/TRIAL`),
-started in its own session with its slot's GPUs, threads and rendezvous port (launcher/slots.py) and
+started in its own session with its slot's GPUs, threads and rendezvous port (sweep/slots.py) and
 its output appended to TRIAL/lora-launch.log (shown live when one trial runs at a time). This process
 schedules and records: it starts trials into free slots, passes stop signals on, answers the trials'
-eval reports when a pruner judges them (run/pruning.py, launcher/study.py), records each trial as it
-ends (launcher/sweep.py) and rebuilds the summaries then, in whatever order trials finish.
+eval reports when a pruner judges them (run/pruning.py, sweep/study.py), records each trial as it
+ends (sweep/trials.py) and rebuilds the summaries then, in whatever order trials finish.
 
 Ctrl-C, SIGTERM and SIGHUP reach every running trial, which stops after its step with a checkpoint;
 no trial starts after them, and the same command continues the sweep. The trials of a sweep that is
@@ -26,15 +26,15 @@ from typing import BinaryIO
 
 from lora_launch.catalog.terminal import terminal_width
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher.slots import Slot, free_port, plan_slots, usable_cores, visible_gpu_ids
-from lora_launch.launcher.study import StudyTrial, check_study_config, needs_study, open_study
-from lora_launch.launcher.sweep import (INTERRUPTED, LOG_FILE, finish_trial, last_error, read_trial, start_trial,
-                                        summarize, summary_text, trial_name, trial_row, write_trial)
-from lora_launch.launcher.sweep_space import SweepRequest, read_request, search_space, value_text
 from lora_launch.run import pruning
 from lora_launch.run.lock import RunLock, lock_holders, lock_path, ranks_lock_path
 from lora_launch.run.process import STOP_SIGNALS, die_with_parent
 from lora_launch.run.rundir import fault_message
+from lora_launch.sweep.slots import Slot, free_port, plan_slots, usable_cores, visible_gpu_ids
+from lora_launch.sweep.space import SweepRequest, read_request, search_space, value_text
+from lora_launch.sweep.study import StudyTrial, check_study_config, needs_study, open_study
+from lora_launch.sweep.trials import (INTERRUPTED, LOG_FILE, finish_trial, last_error, read_trial, start_trial,
+                                      summarize, summary_text, trial_name, trial_row, write_trial)
 
 POLL_S = 0.2
 # a trial of a killed sweep checkpoints and ends on its own (run/process.py's ORPHAN_GRACE_S at most)
