@@ -63,7 +63,7 @@ def _refuse_foreign_sweepers(args: list[str]) -> None:
     for a in args:
         if a.startswith(("hydra/sweeper=", "hydra.sweeper.", "hydra/launcher=", "hydra.launcher.")):
             raise ConfigError(f"{a}: lora-launch runs sweeps itself; search with sweep.search=tpe|random "
-                              "sweep.trials=N, run trials at once with sweep.parallel=N (README, \"Sweeps\")")
+                              "sweep.trials=N, run trials at once with sweep.parallel=N (docs/sweeps.md)")
 
 
 def _grid(overrides: list) -> list[list[str]]:
