@@ -158,7 +158,8 @@ def choice_help() -> dict[str, dict[str, str]]:
             for line in conf.joinpath(group, f"{option}.yaml").read_text().splitlines():
                 if not line.startswith("#"):
                     break
-                lines.append(line.lstrip("#").strip())
+                if not line.startswith("# @package"):  # Hydra's directive, not help
+                    lines.append(line.lstrip("#").strip())
             out.setdefault(group, {})[option] = " ".join(lines)
     return out
 

@@ -194,3 +194,11 @@ def test_an_upload_lands_under_root_data_checked_and_never_over_another_file(tmp
         with pytest.raises(ConfigError, match=why):
             save_upload(tmp_path, name, content)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["my-data-2.jsonl", "my-data.jsonl"]
+
+
+def test_each_group_choice_has_help_from_its_file_without_hydras_directives():
+    helps = forms.choice_help()
+    assert helps["preset"]["llama2_guanaco"].startswith("The Llama-2 guanaco recipe")
+    for group, options in helps.items():
+        for option, text in options.items():
+            assert "@package" not in text, (group, option, text)
