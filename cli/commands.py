@@ -18,7 +18,7 @@ from lora_launch.catalog.terminal import terminal_width, wrap
 from lora_launch.cli.runs import HELP as RUNS_HELP
 from lora_launch.conf.args import COMMANDS, StudioArgs, keys, parse_args, usage
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
-from lora_launch.conf.schema import ConfigError, describe, dotted
+from lora_launch.conf.schema import ConfigError, describe
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
@@ -56,15 +56,13 @@ def _shown(value) -> str:
     return str(value)
 
 
-def _keys_text(primary: dict) -> list[str]:
+def _keys_text() -> list[str]:
     width = max(map(len, MOST_USED))
     lines = []
     for key in MOST_USED:
         info = describe(key)
-        # config.yaml's value where it sets one (run.dir's timestamp), else the schema's default; choices are
-        # spaced so that a narrow terminal can fold them
-        text = "; ".join(filter(None, [info.type.replace("|", " | "),
-                                       f"default {_shown(dotted(primary, key, info.default))}", info.range]))
+        # the schema's default (conf/config.yaml sets no key); choices are spaced so that a narrow terminal can fold
+        text = "; ".join(filter(None, [info.type.replace("|", " | "), f"default {_shown(info.default)}", info.range]))
         lines.append(f"  {key:<{width}}  {text}")
     return lines
 
@@ -85,7 +83,7 @@ def help_text(width: int | None = None) -> str:
         "",
         "Config groups (group=option; * marks the default):", *_groups_text(primary),
         "",
-        "Most used keys: type; default; range (any key of the config can be set: key=value):", *_keys_text(primary),
+        "Most used keys: type; default; range (any key of the config can be set: key=value):", *_keys_text(),
         "",
         "A bad key or value fails before anything starts, naming the key. Hydra's own options work anywhere "
         "on the line: --cfg job prints the composed config, --info what Hydra found, --hydra-help Hydra's help, "

@@ -1,5 +1,6 @@
-"""`lora-launch [group=option ...] [key=value ...]`: compose the config with Hydra, write the run dir, then
-preview, submit to Slurm or launch training on this node."""
+"""`lora-launch [group=option ...] [key=value ...]`: compose the config once (conf/compose.py), make the run dir,
+then preview, submit to Slurm or launch training on this node. Hydra's flags that print (--cfg, --info,
+--hydra-help, --shell-completion) are Hydra's own."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from lora_launch.conf.compose import resolve_run
-from lora_launch.conf.schema import ConfigError, register
+from lora_launch.conf.compose import compose_checked, hydra_flags, hydra_prints, launch_dir, resolve_run, task_overrides
+from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.checks import (check_before_launch, check_data, check_finished_config, run_dir_given,
                                          warmup_warning)
 from lora_launch.launcher.topology import run_plan, topology
@@ -40,12 +39,8 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
-def _job(cfg: DictConfig, made: Made) -> int:
-    """One launch; Hydra's output dir is the run dir (a sweep's trials are launches too: sweep/sweeper.py)."""
-    hydra_cfg = HydraConfig.get()
-    with open_dict(cfg):
-        cfg.run.dir = hydra_cfg.runtime.output_dir
-    overrides = list(hydra_cfg.overrides.task)
+def _job(cfg: DictConfig, overrides: list[str], made: Made) -> int:
+    """One launch into cfg.run.dir (a sweep's trials are launches too: sweep/sweeper.py)."""
     try:
         rc = _launch(cfg, overrides, made)
     except ConfigError as e:
@@ -97,7 +92,7 @@ def _launch(cfg: DictConfig, overrides: list[str], made: Made) -> int:
         from lora_launch.launcher.preview import preview
 
         print(preview(cfg, topo, plan, overrides), flush=True)
-        _remove_if_made(run_dir, made)  # the dir Hydra made for this preview: a preview creates nothing
+        _remove_if_made(run_dir, made)  # the dir made for this preview: a preview creates nothing
         return 0
     if cfg.launcher.name == "slurm":
         from lora_launch.launcher.slurm import submit
@@ -135,7 +130,7 @@ def _run_dir_arg(argv: list[str]) -> Path | None:
 
 
 def _check_run_dir_arg(run_dir: Path | None) -> None:
-    """Refuse an unwritable run.dir in one line before Hydra tries to create it (and dies in a traceback)."""
+    """Refuse an unwritable run.dir in one line before composing and creating it."""
     from lora_launch.launcher.checks import check_run_dir_writable
 
     if run_dir is not None:
@@ -144,29 +139,6 @@ def _check_run_dir_arg(run_dir: Path | None) -> None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-
-
-def _compose_errors_in_one_line(args: list[str]) -> DictConfig | None:
-    """Compose once before Hydra does: a bad choice, key or value is then one line naming it, exit 2
-    (Hydra prints a block ending in its config search path). Returns the config, not yet validated (None when
-    Hydra's flags are on the line: they are Hydra's)."""
-    if any(a.startswith("-") for a in args):
-        return None
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lora_launch.conf.compose import compose, composition_error
-
-    try:
-        return compose(args, check=False)  # a value the schema refuses: the launch reports it (and cleans up)
-    except ConfigError:
-        return None
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"error: {composition_error(e)}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # Hydra's flags that take a value; --info takes one optionally, one of its topics
@@ -194,23 +166,31 @@ def hydra_argv(args: list[str]) -> list[str]:
 
 
 def launch() -> None:
-    """`lora-launch OVERRIDES` (read from sys.argv, which Hydra reads too): a launch composed by Hydra."""
-    given = _run_dir_arg(sys.argv[1:])
+    """`lora-launch [flags] OVERRIDES` (sys.argv): one composition, then one launch; a bad choice, key or value is
+    one line naming it, exit 2 (Hydra would print a block ending in its config search path)."""
+    argv = hydra_argv(sys.argv[1:])
+    args = hydra_flags(argv)
+    if args.cfg or args.info is not None or args.hydra_help or args.shell_completion or args.experimental_rerun:
+        register_resolvers()
+        hydra_prints(argv)
+        return
+    if args.config_path is not None:
+        print("error: --config-path is not taken; give --config-dir DIR (searched before the installed conf/) and "
+              "--config-name NAME", file=sys.stderr)
+        sys.exit(2)
+    given = _run_dir_arg(args.overrides)
     _check_run_dir_arg(given)
-    cfg = _compose_errors_in_one_line(sys.argv[1:])
-    # looked at before Hydra makes it; a value Hydra interpolates may name an existing dir. The default's
-    # timestamp may turn a second later in Hydra, but the folders above it are the same
-    run_dir = given if given is not None else Path(cfg.run.dir) if cfg is not None else None
-    made = Made(run_dir=not given.exists() if given is not None else not run_dir_given(sys.argv[1:]),
-                above=first_missing(run_dir.parent) if run_dir is not None else None)
-    # Hydra writes nothing into the run dir (no .hydra/, no cli.log): a refused command or a preview must
-    # leave an existing run's files as they were; a launch records its command once its checks passed
-    sys.argv[1:] = hydra_argv(sys.argv[1:] + ["hydra.output_subdir=null", "hydra/job_logging=none",
-                                              "hydra/hydra_logging=none"])
-    register()
-    register_resolvers()
-
-    def job(cfg: DictConfig) -> int:
-        return _job(cfg, made)
-
-    hydra.main(config_path="pkg://lora_launch.conf", config_name="config", version_base="1.3")(job)()
+    try:
+        # not yet validated: a value the schema refuses is the launch's to report, once it has seen the run dir
+        cfg = compose_checked(args.overrides, check=False, config_dir=args.config_dir,
+                              config_name=args.config_name or "config")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(launch_dir())
+    with open_dict(cfg):
+        cfg.run.dir = str(run_dir)
+    # looked at before it is made: a refused launch or a preview removes only what it made
+    made = Made(run_dir=not run_dir.exists(), above=first_missing(run_dir.parent))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _job(cfg, task_overrides(), made)

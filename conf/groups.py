@@ -1,5 +1,5 @@
-"""The installed conf directory as a user chooses from it: each config group with its options, and
-conf/config.yaml's own defaults (what `lora-launch --help` lists and the studio's form offers)."""
+"""The installed conf directory as a user chooses from it: each config group with its options, and the choices
+conf/config.yaml's defaults list makes (what `lora-launch --help` lists and the studio's form offers)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def primary_config() -> dict:
-    """conf/config.yaml as written (interpolations unresolved): its defaults list and key values."""
+    """conf/config.yaml as written: its defaults list (every key's default is the schema's)."""
     return yaml.safe_load(_conf_dir().joinpath("config.yaml").read_text()) or {}
 
 

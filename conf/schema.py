@@ -1,4 +1,4 @@
-"""Typed schema of the whole config tree, registered with Hydra's ConfigStore.
+"""Typed schema of the whole config tree and every default, registered with Hydra's ConfigStore (conf/compose.py).
 
 OmegaConf checks types, choices (Enum fields) and unknown keys when the config is composed;
 the value ranges (``lora.r >= 1``, ``optim.lr > 0``, ...) live next to each field as metadata
@@ -19,7 +19,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_launch import strategies
@@ -297,7 +296,7 @@ class OptimConfig:
     weight_decay: float = ranged(0.0, lo=0.0)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = ranged(1e-8, lo=0.0, lo_open=True)
-    scheduler: Scheduler = Scheduler.cosine
+    scheduler: Scheduler = Scheduler.cosine  # constant | cosine | linear
     warmup_steps: int = ranged(0, lo=0)
     warmup_ratio: float = ranged(0.0, lo=0.0, hi=1.0)
     max_grad_norm: float = ranged(1.0, lo=0.0)  # 0 disables clipping
@@ -374,14 +373,14 @@ class LauncherConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.disabled
+    mode: WandbMode = WandbMode.disabled  # offline | online | disabled
     project: str = "lora-launch"
     entity: Optional[str] = None
 
 
 @dataclass
 class MlflowConfig:
-    enabled: bool = False
+    enabled: bool = False  # true needs `pip install mlflow` (or mlflow-skinny)
     experiment: str = "lora-launch"
     # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
     tracking_uri: Optional[str] = pathlike(writes=True, uri=True)
@@ -427,7 +426,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = ranged(500, lo=0)  # and the last step; 0: no periodic checkpoints
-    keep_last: int = ranged(2, lo=1)
+    keep_last: int = ranged(2, lo=1)  # newest complete checkpoints kept
     # periodic saves: copy the states, write the files in a thread while training goes on (false: wait)
     background: bool = True
     background_min_mib: int = ranged(64, lo=0)  # smaller saves are written at once (they take milliseconds)
@@ -445,7 +444,8 @@ class ResumeConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = pathlike(MISSING, writes=True)
+    # where the run's config, checkpoints, metrics and adapter go; the default is a new folder per launch
+    dir: str = pathlike("runs/${now:%Y-%m-%d_%H-%M-%S}", writes=True)
 
 
 class SweepSearch(Choice):
@@ -462,7 +462,7 @@ class Pruner(Choice):
 
 @dataclass
 class SweepConfig:
-    continue_on_failure: bool = True
+    continue_on_failure: bool = True  # a failed trial is recorded and the sweep goes on
     # concurrent trials, each on its own devices: "auto" is the visible GPUs / launcher.num_processes
     # (1 on CPU); a number N runs N at once (on CPU each gets cores / N threads per process)
     parallel: Any = field(default="auto", metadata={"type": "int|auto"})
@@ -506,16 +506,6 @@ class Config:
 def asset_path(name: str) -> str:
     """Absolute path of a file or directory shipped in conf/assets (the `${asset:...}` resolver)."""
     return str(importlib.resources.files("lora_launch.conf").joinpath("assets", name))
-
-
-def register() -> None:
-    """Register the schema so `conf/config.yaml` can name it in its defaults list.
-
-    Only the root: it types the whole tree, so every group's options are checked when they merge
-    into it, and no `<group>_schema` entry shows up as a choice of its own."""
-    if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", asset_path)
-    ConfigStore.instance().store(name="schema", node=Config)
 
 
 def _check_field(key: str, value: Any, meta: dict) -> None:

@@ -147,11 +147,11 @@ def write_command(run_dir: Path) -> None:
 
 
 def _command_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
+    from lora_launch.conf.compose import task_overrides
 
     try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not under Hydra (the Slurm node entry): the overrides are in config.yaml already
+        return task_overrides()
+    except ValueError:  # nothing composed here (the Slurm node entry): the overrides are in config.yaml already
         return []
 
 

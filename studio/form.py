@@ -16,7 +16,6 @@ import inspect
 import io
 import json
 import re
-import threading
 import tokenize
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -24,6 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
+from lora_launch.conf.compose import compose_checked  # noqa: F401 (the app composes as the command line does)
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
 from lora_launch.conf.schema import Config, ConfigError, describe, plain, unknown_key
 from lora_launch.data.templates import FORMAT_FIELDS, AUTO_ORDER
@@ -36,7 +36,6 @@ TASKS = {"instruction": ["instruction"], "chat": ["messages", "sharegpt"], "comp
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _PLAIN = re.compile(r"^[\w.+-]+$")  # a number, a word, a bool: typed as it is, as on the command line
 _BARE = re.compile(r"^[\w./@+-]+$")  # a string that needs no quotes (a path, a name)
-_compose_lock = threading.Lock()  # Hydra's global state admits one composition at a time
 # Hydra's parser and the composition cost CPU with a value's size (a 20,000-entry list took two minutes):
 # the studio refuses what no form needs before parsing it
 MAX_ENTRIES = 256  # list/mapping entries in one value, nested ones counted
@@ -316,24 +315,7 @@ def check_override(override: str) -> str:
     return key
 
 
-# ---- composing: the command line's checks and messages ----------------------------------------------
-
-def compose_checked(overrides: list[str]) -> DictConfig:
-    """The config `lora-launch <overrides>` would use; ConfigError with the command line's one line."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lora_launch.conf.compose import compose, composition_error
-
-    with _compose_lock:
-        try:
-            return compose(overrides)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(composition_error(e)) from None
-        finally:
-            GlobalHydra.instance().clear()
-
+# ---- composing: the command line's checks and messages (conf/compose.py: compose_checked) --------------------
 
 def flat_values(cfg: DictConfig) -> dict:
     """The composed config's leaf values by dotted key, as the page shows them."""

@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lora_launch.conf.schema import ConfigError
 from lora_launch.sweep.trials import sweep_name
@@ -85,42 +85,18 @@ def _grid(overrides: list) -> list[list[str]]:
 
 def read_request(args: list[str]) -> SweepRequest:
     """Parse a sweep's overrides and compose the config its trials share; ConfigError says what is wrong."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.utils import setup_globals
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lora_launch.conf.compose import composition_error, resolve_run
-    from lora_launch.conf.schema import register
+    from lora_launch.conf.compose import compose_checked, parse_overrides, sweep_dir
 
     _refuse_foreign_sweepers(args)
-    register()
     # hydra.sweep.dir is `sweeps/${sweep_name:}`: named from these overrides
     OmegaConf.register_new_resolver("sweep_name", lambda: sweep_name(args), replace=True)
-    setup_globals()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="lora_launch.conf", version_base="1.3"):
-            # the config loader lets glob() list a group's options
-            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            overrides = parser.parse_overrides(args)
-            for o in overrides:
-                if o.is_sweep_override() and (o.is_hydra_override() or o.key_or_group.startswith(_SWEEP_KEYS)):
-                    raise ConfigError(f"{o.input_line}: {o.key_or_group} says how the sweep runs; give it one value")
-            fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
-            cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
-            sweep_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).absolute()
-            grid = _grid(overrides) if cfg.sweep.search == "grid" else None
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(composition_error(e)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]
-    resolve_run(cfg)
-    return SweepRequest(cfg, sweep_dir, overrides, grid)
+    overrides = parse_overrides(args)
+    for o in overrides:
+        if o.is_sweep_override() and (o.is_hydra_override() or o.key_or_group.startswith(_SWEEP_KEYS)):
+            raise ConfigError(f"{o.input_line}: {o.key_or_group} says how the sweep runs; give it one value")
+    cfg = compose_checked([o.input_line for o in overrides if not o.is_sweep_override()])
+    grid = _grid(overrides) if cfg.sweep.search == "grid" else None
+    return SweepRequest(cfg, Path(sweep_dir()), overrides, grid)
 
 
 def value_text(value) -> str:
