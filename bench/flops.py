@@ -1,6 +1,9 @@
-"""FLOPs per token of a LoRA step on a Llama-shaped model, for MFU."""
+"""FLOPs per token of a LoRA step on a Llama-shaped model, for MFU: the product's formula
+(lora_launch.launcher.speed.flops_per_token, which the preview's time estimate uses), fed from an arch dict."""
 
 from __future__ import annotations
+
+from lora_launch.launcher import speed
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
@@ -31,16 +34,6 @@ def lora_params(arch: dict, r: int, targets: list[str]) -> int:
 
 
 def flops_per_token(arch: dict, seq: float, recompute: bool, r: int, targets: list[str]) -> float:
-    """Training FLOPs per token of a frozen-base LoRA step.
-
-    Frozen base: forward 2N plus backward to the activations 2N (no weight gradients) = 4N;
-    activation recompute adds another forward (6N). Causal attention's score and value
-    products cost 2 * layers * seq * hidden per token forward, three times that with backward
-    (four with recompute). The adapters' own products (forward, input and weight gradients) are
-    added exactly; they are small at r=64.
-    """
-    n = matmul_params(arch)
-    attn = 2 * arch["num_hidden_layers"] * seq * arch["hidden_size"]
-    lora = lora_params(arch, r, targets)
-    passes = 3 if recompute else 2  # 2N each: forward, backward to the activations, recompute
-    return 2 * n * passes + attn * (4 if recompute else 3) + lora * (8 if recompute else 6)
+    """Training FLOPs per token of a frozen-base LoRA step (4N, 6N with recompute; see speed.flops_per_token)."""
+    return speed.flops_per_token(matmul_params(arch), lora_params(arch, r, targets), arch["num_hidden_layers"],
+                                 arch["hidden_size"], seq, recompute)

@@ -1,7 +1,8 @@
 """`preview=true`: what a launch would do, printed without starting anything.
 
 Resolved hyperparameters, world size, global batch, steps, tokens per step, a per-GPU memory
-estimate, and the command for every node. The arithmetic lives in small pure functions so it can
+estimate, a time estimate (FLOPs and the rates measured on GPUs: launcher/speed.py), and the command
+for every node. The arithmetic lives in small pure functions so it can
 be checked against hand-computed cases.
 
 Memory model (bytes per GPU), for a LoRA run where only the adapters train:
@@ -39,6 +40,8 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
+from lora_launch.launcher.speed import (SPREAD, TimeEstimate, duration, estimate, flops_per_token, scientific,
+                                         this_host_gpu)
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
@@ -194,6 +197,46 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
                   activation_bytes(shape, tokens, act_bytes, False, compiled), cfg.train.grad_ckpt)
 
 
+# ---- time ------------------------------------------------------------------------------------------
+
+def matmul_params(shape: ModelShape) -> int:
+    """Weights every token multiplies with: the decoder's linears and the output head (hidden x vocab)."""
+    return shape.quantisable_params + shape.hidden * shape.vocab
+
+
+def step_estimate(cfg: DictConfig, plan: RunPlan, shape: ModelShape, device_name: str | None) -> TimeEstimate:
+    """One optimizer step of full seq_len samples: its FLOPs, and its time on the plan's GPUs named
+    `device_name` (None: no GPU here)."""
+    t = cfg.train
+    per_token = flops_per_token(matmul_params(shape), shape.lora_params, shape.layers, shape.hidden, t.seq_len,
+                                t.grad_ckpt)
+    return estimate(plan.global_batch * t.seq_len * per_token, device_name, plan.world_size, plan.on_gpu,
+                    plan.precision, cfg.quant.mode, t.grad_ckpt, strategy_for(cfg).scaling(cfg, plan))
+
+
+def time_lines(cfg: DictConfig, plan: RunPlan, shape: ModelShape, steps: int | None, device_name: str | None) -> list[str]:
+    """The preview's time estimate: the run's tokens and FLOPs, and its time on `device_name` GPUs (or why not)."""
+    t, gbs = cfg.train, plan.global_batch
+    est = step_estimate(cfg, plan, shape, device_name)
+    per_step, per_token = est.flops_per_step, est.flops_per_step / (gbs * t.seq_len)
+    counted = "6N: frozen base and grad ckpt's recompute" if t.grad_ckpt else "4N: frozen base"
+    tokens = f"{steps} steps x " if steps is not None else "a step: "
+    tokens += f"{gbs} samples x <= {t.seq_len} (seq_len: an upper bound on each sample's tokens)"
+    flops = f"{scientific(per_token)} a token ({counted}, N {scientific(matmul_params(shape))}; + attention + adapters)"
+    if steps is not None:
+        tokens += f" = {steps * gbs * t.seq_len:,}"
+        flops += f" = {scientific(steps * per_step)}"
+    out = ["", "# time (estimate)", f"tokens       {tokens}", f"FLOPs        {flops}"]
+    if est.step_seconds is None:
+        return [*out, f"time         {est.basis[0]}"]
+    if steps is None:
+        when = f"≈ {est.step_seconds:.2g} s a step on {est.where} (the steps are unknown until the data is read)"
+    else:
+        total = steps * est.step_seconds
+        when = f"≈ {duration(total)} ({duration(total * (1 - SPREAD))} to {duration(total * (1 + SPREAD))}) on {est.where}"
+    return [*out, f"time         {when}", *[f"{'basis' if i == 0 else '':13}{line}" for i, line in enumerate(est.basis)]]
+
+
 # ---- commands --------------------------------------------------------------------------------------
 
 def node_commands(cfg: DictConfig, topo: Topology, overrides: list[str]) -> list[str]:
@@ -277,5 +320,7 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
             whole = weight_bytes(shape, "none", DTYPE_BYTES[plan.model_dtype], 0, False)
             out.append(f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "
                        "rank its shards; the other ranks hold none of it")
+        steps = total if n is not None else (t.max_steps if t.max_steps > 0 else None)
+        out += time_lines(cfg, plan, shape, steps, this_host_gpu() if plan.on_gpu else None)
     out += ["", "# commands (nothing was started)", *node_commands(cfg, topo, overrides)]
     return "\n".join(out)

@@ -114,3 +114,10 @@ class Strategy:
     def preview_lines(self, cfg, plan, layers: int, layer_bytes: float, gib: Callable[[float], str]) -> list[str]:
         """The preview's lines about how the model is cut (`layers` decoder layers of `layer_bytes` each)."""
         return []
+
+    def scaling(self, cfg, plan) -> tuple[float, str]:
+        """Each GPU's tokens/s under this strategy at the plan's world size, as a share of one GPU alone under
+        plain data parallel, and what measured it (bench/README.md): the preview's time estimate scales by it."""
+        if plan.world_size == 1:
+            return 1.0, "one GPU"
+        return 0.88, "DDP on 4 GPUs of one host against one GPU; more GPUs or nodes not measured"
