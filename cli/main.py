@@ -8,6 +8,7 @@ import sys
 
 from lora_launch.run.process import exit_on_closed_stdout
 from lora_launch.run.quiet import quiet_third_party
+from lora_launch.run.teardown import skip_final_collections
 
 # `lora-launch COMMAND key=value ...`: arguments typed in conf/args.py, run by cli/commands.py
 # (generate, merge, eval and serve read RUN/config.yaml and RUN/adapter in their own process)
@@ -24,6 +25,7 @@ SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
 
 def main() -> None:
     """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
+    skip_final_collections()
     quiet_third_party()
     try:
         try:

@@ -18,6 +18,7 @@ from lora_launch.run.plan import shape_from_env
 from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.rundir import (fault_message, finished_step, read_status, write_attempt_record,
                                     write_status)
+from lora_launch.run.teardown import skip_final_collections
 
 _held: list = []  # the locks this process holds for its whole life
 
@@ -120,6 +121,7 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_final_collections()
     # until training runs there is nothing to save: a stop signal ends this process at once, quietly
     end_at_once_on_stop_signals()
     guard_output()  # the launcher reading our stderr may go away; training goes on
