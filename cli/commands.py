@@ -17,6 +17,7 @@ from pathlib import Path
 from lora_launch.catalog.terminal import terminal_width, wrap
 from lora_launch.cli.runs import HELP as RUNS_HELP
 from lora_launch.conf.args import COMMANDS, StudioArgs, keys, parse_args, usage
+from lora_launch.conf.errors import reports_user_errors
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
 from lora_launch.conf.schema import ConfigError, describe
 
@@ -91,6 +92,7 @@ def help_text(width: int | None = None) -> str:
     ]), terminal_width() if width is None else width)
 
 
+@reports_user_errors
 def run_command(name: str, argv: list[str]) -> int:
     """Run subcommand `name` with its `key=value` arguments; a bad argument is one line and exit 2."""
     if "--help" in argv or "-h" in argv:
@@ -98,16 +100,12 @@ def run_command(name: str, argv: list[str]) -> int:
         return 0
     if name == "sweep-summary" and len(argv) == 1 and "=" not in argv[0]:
         argv = [f"dir={argv[0]}"]  # the earlier `lora-launch sweep-summary DIR`
-    try:
-        if name == "studio":
-            argv = studio_flags(argv)
-        else:
-            args = parse_args(name, argv)
-        if name == "sweep-summary":
-            return sweep_summary(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if name == "studio":
+        argv = studio_flags(argv)
+    else:
+        args = parse_args(name, argv)
+    if name == "sweep-summary":
+        return sweep_summary(args)
     sys.stdout.flush()
     if name in ("serve", "studio"):
         os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE if name == "serve" else STUDIO_MODULE, *argv])

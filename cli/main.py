@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import sys
 
+from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.run.process import exit_on_closed_stdout
 from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.teardown import skip_final_collections
@@ -23,8 +24,10 @@ SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
                "report": "write the runs as one self-contained HTML page"}
 
 
+@reports_user_errors
 def main() -> None:
-    """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra."""
+    """`lora-launch`: the project's help, a subcommand, or a launch composed by Hydra; a UserError is one line,
+    exit 2."""
     skip_final_collections()
     quiet_third_party()
     try:
@@ -50,8 +53,7 @@ def did_you_mean(word: str) -> str | None:
 def _main() -> None:
     unknown = did_you_mean(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] not in SUBCOMMANDS else None
     if unknown:
-        print(f"error: {unknown} (lora-launch --help lists the commands)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"{unknown} (lora-launch --help lists the commands)")
     if len(sys.argv) > 1 and sys.argv[1] in ("runs", "report"):
         from lora_launch.cli.runs import main as runs_main
 

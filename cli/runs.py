@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lora_launch.catalog.report import write_report
 from lora_launch.catalog.table import (COLUMNS, DEFAULT_FOLDERS, collect, diff_json, diff_text, filter_runs, nothing_found,
                                     resolve, sort_runs, table)
 from lora_launch.catalog.terminal import terminal_width
+from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.rundir import fault_message
 
@@ -97,15 +97,14 @@ def report_command(argv: list[str]) -> int:
     return 0
 
 
+@reports_user_errors
 def main(command: str, argv: list[str]) -> int:
     """Run `runs` or `report`; bad input is one `error:` line and exit code 2."""
     try:
         return runs_command(argv) if command == "runs" else report_command(argv)
-    except ConfigError as e:
-        print(f"error: {command}: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        raise UserError(f"{command}: {e}") from None
     except BrokenPipeError:  # `lora-launch runs | head -1`: the console script ends quietly
         raise
     except OSError as e:  # the page cannot be written (read-only, disk full): one line
-        print(f"error: {command}: {fault_message(e) or f'{e.filename}: {e.strerror}'}", file=sys.stderr)
-        return 2
+        raise UserError(f"{command}: {fault_message(e) or f'{e.filename}: {e.strerror}'}") from None

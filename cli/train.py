@@ -13,6 +13,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, open_dict
 
 from lora_launch.conf.compose import compose_checked, hydra_flags, hydra_prints, launch_dir, resolve_run, task_overrides
+from lora_launch.conf.errors import UserError
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher.checks import (check_before_launch, check_data, check_finished_config, run_dir_given,
                                          warmup_warning)
@@ -43,10 +44,9 @@ def _job(cfg: DictConfig, overrides: list[str], made: Made) -> int:
     """One launch into cfg.run.dir (a sweep's trials are launches too: sweep/sweeper.py)."""
     try:
         rc = _launch(cfg, overrides, made)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError:
         _remove_if_made(Path(cfg.run.dir), made)
-        sys.exit(2)
+        raise
     except BrokenPipeError:  # `lora-launch preview=true | head -1`; here, as Hydra reports what _job raises
         _remove_if_made(Path(cfg.run.dir), made)
         exit_on_closed_stdout()
@@ -54,9 +54,8 @@ def _job(cfg: DictConfig, overrides: list[str], made: Made) -> int:
         message = fault_message(e, where=cfg.run.dir)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
         _remove_if_made(Path(cfg.run.dir), made)
-        sys.exit(2)
+        raise UserError(message) from None
     if rc != 0:
         sys.exit(rc)  # run_node said why
     return rc
@@ -134,11 +133,7 @@ def _check_run_dir_arg(run_dir: Path | None) -> None:
     from lora_launch.launcher.checks import check_run_dir_writable
 
     if run_dir is not None:
-        try:
-            check_run_dir_writable(run_dir)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        check_run_dir_writable(run_dir)
 
 
 # Hydra's flags that take a value; --info takes one optionally, one of its topics
@@ -175,18 +170,13 @@ def launch() -> None:
         hydra_prints(argv)
         return
     if args.config_path is not None:
-        print("error: --config-path is not taken; give --config-dir DIR (searched before the installed conf/) and "
-              "--config-name NAME", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("--config-path is not taken; give --config-dir DIR (searched before the installed conf/) "
+                          "and --config-name NAME")
     given = _run_dir_arg(args.overrides)
     _check_run_dir_arg(given)
-    try:
-        # not yet validated: a value the schema refuses is the launch's to report, once it has seen the run dir
-        cfg = compose_checked(args.overrides, check=False, config_dir=args.config_dir,
-                              config_name=args.config_name or "config")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # not yet validated: a value the schema refuses is the launch's to report, once it has seen the run dir
+    cfg = compose_checked(args.overrides, check=False, config_dir=args.config_dir,
+                          config_name=args.config_name or "config")
     run_dir = Path(launch_dir())
     with open_dict(cfg):
         cfg.run.dir = str(run_dir)

@@ -22,9 +22,10 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_launch import strategies
+from lora_launch.conf.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that composes but cannot be used; the message names the key."""
 
 

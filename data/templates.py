@@ -14,8 +14,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from lora_launch.conf.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message names the file, line or field."""
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lora_launch.conf.schema import ConfigError, load
+from lora_launch.conf.errors import reports_user_errors, say_error
+from lora_launch.conf.schema import load
 from lora_launch.launcher.hostfile import resolve
 from lora_launch.launcher.launch import launch_command, launch_env, node_env_vars, printable, write_launch_files
 from lora_launch.launcher.restart import (Attempts, Failure, killed_rank, not_retried, rendezvous_port,
@@ -112,12 +113,12 @@ def _unless_every_node_failed(run_dir: Path, attempts: Attempts, attempt: int, h
     if held.signum is not None:
         return _stopped_between_attempts(run_dir, held.signum)
     if nodes is None:
-        _say(f"error: not restarting: node(s) {', '.join(map(str, attempts.missing(attempt)))} did not report "
-             "how their part of the run ended; see their output", error=True)
+        say_error(f"not restarting: node(s) {', '.join(map(str, attempts.missing(attempt)))} did not report "
+                  "how their part of the run ended; see their output")
         return 1
     ended = [(n, r["why"]) for n, r in sorted(nodes.items()) if not r.get("failed")]
     if ended:
-        _say(f"error: not restarting: on node {ended[0][0]}, {ended[0][1]}; see its output", error=True)
+        say_error(f"not restarting: on node {ended[0][0]}, {ended[0][1]}; see its output")
         return 1
     return None
 
@@ -126,7 +127,7 @@ def _give_up(run_dir: Path, topo: Topology, failure: Failure, why_not: str) -> i
     if topo.node_rank == 0:
         step = failure.step if failure.step is not None else read_status(run_dir).get("step", 0)
         write_status(run_dir, "failed", step, error=str(failure))
-    _say(f"error: {failure}; not restarting: {why_not}", error=True)
+    say_error(f"{failure}; not restarting: {why_not}")
     return 1
 
 
@@ -188,12 +189,12 @@ def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
         return 2
     rc = outcome.returncode if outcome.returncode != 0 else 1
     if outcome.returncode == 0:
-        _say(f"error: training exited without finishing (status.json: {state or 'not written by this launch'}); "
-             f"see {run_dir}", error=True)
+        say_error(f"training exited without finishing (status.json: {state or 'not written by this launch'}); "
+                  f"see {run_dir}")
     elif outcome.returncode != 2:  # 2: the rank already said what was wrong, in one line
         local, code = outcome.first_exit or (0, 0)
         killed = f" (local rank {local} was killed by {signal_name(-code)})" if code < 0 else ""
-        _say(f"error: training exited with code {outcome.returncode}{killed}; see {run_dir}", error=True)
+        say_error(f"training exited with code {outcome.returncode}{killed}; see {run_dir}")
     return rc
 
 
@@ -214,19 +215,16 @@ def slurm_topology(cfg: DictConfig, environ: dict[str, str] | None = None) -> To
                     cfg.launcher.main_process_port, tuple(hosts))
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     """Entry of each node inside a Slurm job. Exit 0 on a SIGTERM stop, so the job script can requeue."""
     parser = argparse.ArgumentParser(prog="python -m lora_launch.launcher.node", description=__doc__)
     parser.add_argument("--run-dir", required=True, help="run dir written by `lora-launch launcher=slurm`")
     args = parser.parse_args(argv)
-    try:
-        cfg = load(str(Path(args.run_dir) / "config.yaml"))
-        topo = slurm_topology(cfg)
-        # a requeued attempt can start while the last attempt's processes on this node are still exiting
-        return run_node(cfg, topo, run_plan(cfg, topo), lock_wait_s=REQUEUE_LOCK_WAIT_S)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(str(Path(args.run_dir) / "config.yaml"))
+    topo = slurm_topology(cfg)
+    # a requeued attempt can start while the last attempt's processes on this node are still exiting
+    return run_node(cfg, topo, run_plan(cfg, topo), lock_wait_s=REQUEUE_LOCK_WAIT_S)
 
 
 if __name__ == "__main__":

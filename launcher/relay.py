@@ -16,6 +16,8 @@ import re
 import sys
 import threading
 
+from lora_launch.conf.errors import PREFIX
+
 _LAUNCHER_FRAMES = ("accelerate/commands/launch.py", "torch/distributed/run.py", "torch/distributed/launcher/",
                     "torch/distributed/elastic/")
 _ELASTIC_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ \d+ \S*torch/distributed/")  # torchrun's own log lines
@@ -100,7 +102,7 @@ class StderrRelay:
     def _plain(self, lines: list[str]) -> None:
         """Lines outside any traceback: each shown, but only the first `error:` line of the ranks."""
         for line in lines:
-            if line.startswith("error: "):
+            if line.startswith(PREFIX):
                 self.errors.append(line.strip())
                 if len(self.errors) > 1:  # every rank's copy of one refusal, or a peer's failure after it
                     continue

@@ -12,13 +12,14 @@ import hashlib
 import json
 from pathlib import Path
 
+from lora_launch.conf.errors import UserError
 from lora_launch.run.rundir import committed_checkpoints
 
 FORMAT = 1
 MANIFEST_KEYS = {"step": int, "config": dict, "fingerprints": dict}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message says which and what to do."""
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from lora_launch.conf.errors import reports_user_errors
 
+
+@reports_user_errors
 def main(argv: list[str]) -> int:
     """Check the arguments and directories, then exec `vllm serve` or serve here; errors are one line, exit 2."""
     from lora_launch.conf.args import parse_args
-    from lora_launch.conf.schema import ConfigError
-    from lora_launch.data.templates import DataError
     from lora_launch.serve.adapters import api_key, exec_vllm, resolve
-    from lora_launch.train.posttrain import UsageError
     from lora_launch.run.quiet import quiet_third_party
 
     quiet_third_party()
@@ -26,9 +26,6 @@ def main(argv: list[str]) -> int:
         from lora_launch.serve.app import serve
 
         return serve(served, args, api_key(args))
-    except (UsageError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("stopped (Ctrl-C)", file=sys.stderr)
         return 130

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.conf.errors import UserError
 from lora_launch.conf.schema import ConfigError
+from lora_launch.run.process import replace_process
 from lora_launch.run.rundir import read_status
-from lora_launch.train.posttrain import UsageError, load_run
+from lora_launch.train.posttrain import load_run
 
 API_KEY_ENV = "LORA_LAUNCH_API_KEY"
 WEIGHTS = "adapter_model.safetensors"  # adapters load from safetensors only, never from a pickle
@@ -64,8 +66,8 @@ def resolve(args) -> Served:
     for i, name in enumerate(names):
         if name in names[:i]:
             paths = [str(a.path) for a in adapters if a.name == name] + ([base] if name == base_name else [])
-            raise UsageError(f"serve: two models are named {name!r} ({', '.join(paths)}); serve them from "
-                             "directories with different names")
+            raise UserError(f"serve: two models are named {name!r} ({', '.join(paths)}); serve them from "
+                            "directories with different names")
     return Served(base, base_name, adapters, configs, base_cfg)
 
 
@@ -84,8 +86,8 @@ def check_access(args) -> None:
     """No API key is asked only on a loopback address, unless allow_no_key=true says so."""
     if api_key(args) or args.allow_no_key or is_loopback(args.host):
         return
-    raise UsageError(f"serve: host={args.host} without an API key lets anyone who reaches the port use the models; "
-                     f"set LORA_LAUNCH_API_KEY (or api_key=), or give allow_no_key=true to serve openly")
+    raise UserError(f"serve: host={args.host} without an API key lets anyone who reaches the port use the models; "
+                    f"set LORA_LAUNCH_API_KEY (or api_key=), or give allow_no_key=true to serve openly")
 
 
 def is_loopback(host: str) -> bool:
@@ -99,7 +101,7 @@ def is_loopback(host: str) -> bool:
 def finished_trials(sweep: Path) -> list[Path]:
     """The sweep's trial dirs whose training finished, by name; the others are named on stderr and left out."""
     if not sweep.is_dir():
-        raise UsageError(f"sweep={sweep}: not a directory; give a sweep dir (sweeps/sweep-...)")
+        raise UserError(f"sweep={sweep}: not a directory; give a sweep dir (sweeps/sweep-...)")
     trials = sorted(d for d in sweep.iterdir() if (d / "config.yaml").is_file())
     done = [d for d in trials if read_status(d).get("state") == "finished"
             and (d / "adapter" / "adapter_config.json").is_file()]
@@ -107,7 +109,7 @@ def finished_trials(sweep: Path) -> list[Path]:
         if d not in done:
             print(f"serve: leaving out trial {d.name} ({read_status(d).get('state', 'no status')})", file=sys.stderr)
     if not done:
-        raise UsageError(f"sweep={sweep}: no finished trial (a trial dir with status.json 'finished' and adapter/)")
+        raise UserError(f"sweep={sweep}: no finished trial (a trial dir with status.json 'finished' and adapter/)")
     return done
 
 
@@ -116,12 +118,12 @@ def _adapter(path: Path, name: str, run: Path | None) -> Adapter:
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a PEFT adapter directory (adapter_config.json: {e})") from None
+        raise UserError(f"{path}: not a PEFT adapter directory (adapter_config.json: {e})") from None
     if not (path / WEIGHTS).is_file():
-        raise UsageError(f"{path}: no {WEIGHTS} (adapters load from safetensors only)")
+        raise UserError(f"{path}: no {WEIGHTS} (adapters load from safetensors only)")
     if config.get("use_dora"):
-        raise UsageError(f"{path}: a DoRA adapter, which PEFT cannot mix into shared batches; merge it into its "
-                         "base and serve that as base=DIR")
+        raise UserError(f"{path}: a DoRA adapter, which PEFT cannot mix into shared batches; merge it into its "
+                        "base and serve that as base=DIR")
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     return Adapter(name, path.resolve(), run, int(max(ranks)))
 
@@ -145,7 +147,7 @@ def _config(run: Path) -> DictConfig:
     try:
         return load(str(run / "config.yaml"))
     except Exception as e:  # noqa: BLE001 - a config this version cannot read: one line, as for any bad dir
-        raise UsageError(f"{run / 'config.yaml'}: cannot read it ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{run / 'config.yaml'}: cannot read it ({str(e).splitlines()[0]})") from None
 
 
 def _base(args, adapters: list[Adapter], configs: dict[Path, DictConfig]) -> tuple[str, DictConfig | None]:
@@ -153,14 +155,14 @@ def _base(args, adapters: list[Adapter], configs: dict[Path, DictConfig]) -> tup
     trained_on = {(str(c.model.path), str(c.quant.mode)): run for run, c in configs.items()}
     if len(trained_on) > 1:
         (a, run_a), (b, run_b) = list(trained_on.items())[:2]
-        raise UsageError(f"serve: {run_a.name} and {run_b.name} were trained on different bases "
-                         f"(model.path={a[0]} quant={a[1]}; model.path={b[0]} quant={b[1]}); serve one base at a time")
+        raise UserError(f"serve: {run_a.name} and {run_b.name} were trained on different bases "
+                        f"(model.path={a[0]} quant={a[1]}; model.path={b[0]} quant={b[1]}); serve one base at a time")
     base = args.base or next((path for path, _ in trained_on), None)
     if base is None:
         named = {_adapter_base(a) for a in adapters} - {None}
         if len(named) != 1:
-            raise UsageError("serve: give run.dir=RUN, runs=[...], sweep=DIR or adapters=[...], and base=MODEL "
-                             "where no run names the base (a merged model serves alone as base=DIR)")
+            raise UserError("serve: give run.dir=RUN, runs=[...], sweep=DIR or adapters=[...], and base=MODEL "
+                            "where no run names the base (a merged model serves alone as base=DIR)")
         base = named.pop()
     if not configs:
         return base, None
@@ -211,13 +213,12 @@ def exec_vllm(served: Served, args) -> int:
     import shutil
 
     if shutil.which("vllm") is None:
-        raise UsageError("serve: engine=vllm needs the `vllm` command (`pip install vllm`, on a GPU machine); "
-                         "or use engine=transformers")
+        raise UserError("serve: engine=vllm needs the `vllm` command (`pip install vllm`, on a GPU machine); "
+                        "or use engine=transformers")
     cmd = vllm_command(served, args)
     env = dict(os.environ)
     key = api_key(args)
     if key:
         env["VLLM_API_KEY"] = key
     print(shlex.join(cmd), flush=True)
-    os.execvpe(cmd[0], cmd, env)
-    return 1  # not reached
+    replace_process(cmd, env)

@@ -34,12 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from lora_launch.conf.errors import UserError
 from lora_launch.data.samples import as_trained
 from lora_launch.data.templates import check_template, prompt_text, resolve_template
 from lora_launch.serve.adapters import Served, is_loopback
 from lora_launch.serve.engine import Engine, Job
 from lora_launch.train.evaluate import prompt_ids
-from lora_launch.train.posttrain import UsageError
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 BODY_IDLE_S = 5  # a body that stalls this long, or takes BODY_TOTAL_S in all, gets 408: no client holds a
@@ -49,7 +49,10 @@ MIN_TEMPERATURE = 0.01  # below: greedy (dividing the logits by less overflows t
 
 # ---- errors in OpenAI's shape -----------------------------------------------------------------
 
-class ApiError(Exception):
+class ApiError(UserError):
+    """A request this server refuses, answered as OpenAI's error JSON with its HTTP status (a 4xx: the client's to
+    fix; the server's own failures use it too, as a 500, so that every answer has one shape)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -495,8 +498,8 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise UsageError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); "
-                         "choose another port= (0: a free one) or host=") from None
+        raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); "
+                        "choose another port= (0: a free one) or host=") from None
     sock.set_inheritable(True)
     return sock
 

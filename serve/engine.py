@@ -20,8 +20,9 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from lora_launch.conf.errors import UserError
 from lora_launch.serve.adapters import Served
-from lora_launch.train.posttrain import UsageError, device
+from lora_launch.train.posttrain import device
 
 BASE = "__base__"  # PEFT's name for the rows of a mixed batch that take no adapter
 GATHER_S = 0.005  # after idling, wait this long for requests sent together to share the first batch
@@ -281,8 +282,8 @@ def load_engine(served: Served, max_batch: int) -> Engine:
             else:
                 model.load_adapter(adapter.path, adapter_name=f"a{i}")
         except Exception as e:  # noqa: BLE001 - a broken adapter dir is one line naming it
-            raise UsageError(f"{adapter.path}: cannot load this adapter onto {served.base} "
-                             f"({type(e).__name__}: {_first_line(e)})") from None
+            raise UserError(f"{adapter.path}: cannot load this adapter onto {served.base} "
+                            f"({type(e).__name__}: {_first_line(e)})") from None
     model.eval()
     first_run = next((a.run for a in served.adapters if a.run is not None and (a.run / "adapter").is_dir()), None)
     tok = AutoTokenizer.from_pretrained(first_run / "adapter" if first_run else served.base)
@@ -301,7 +302,7 @@ def _load_base(served: Served):
         return AutoModelForCausalLM.from_pretrained(served.base, dtype="auto", use_safetensors=True,
                                                     trust_remote_code=False).to(device())
     except (OSError, ValueError) as e:
-        raise UsageError(f"base={served.base}: cannot load the model ({_first_line(e)})") from None
+        raise UserError(f"base={served.base}: cannot load the model ({_first_line(e)})") from None
 
 
 def _first_line(e: Exception) -> str:

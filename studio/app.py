@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError
 from lora_launch.studio import form as forms
 from lora_launch.studio.jobs import Endpoints, Launches, check_run_dir, command_line, preview, progress
@@ -33,7 +34,9 @@ MAX_BODY = 1 << 20  # a form is a few KiB
 UPLOAD = "/api/upload"  # the one route that takes a file's bytes, up to MAX_UPLOAD
 
 
-class Refused(Exception):
+class Refused(UserError):
+    """A request the studio refuses, answered as JSON `{"error": LINE}` with its HTTP status."""
+
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.message, self.status = message, status
@@ -320,7 +323,7 @@ def _new_run_dir(root: Path) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: studio: {message} (see lora-launch studio --help)\n")
+        raise UserError(f"studio: {message} (see lora-launch studio --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -335,6 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_user_errors
 def main(argv: list[str]) -> int:
     """Start the studio; bad arguments and a busy port are one `error:` line, exit 2."""
     import importlib.util
@@ -342,22 +346,19 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: studio needs {' and '.join(missing)}: `pip install 'lora-launch[studio]'`", file=sys.stderr)
-        return 2
+        raise UserError(f"studio needs {' and '.join(missing)}: `pip install 'lora-launch[studio]'`")
     root = Path(args.root).expanduser()
     for d in (root, *map(Path, args.allow_path)):
         if not d.expanduser().is_dir():
-            print(f"error: studio: {d} is not a directory (--root / --allow-path)", file=sys.stderr)
-            return 2
+            raise UserError(f"studio: {d} is not a directory (--root / --allow-path)")
     places = Places(root, [Path(p).expanduser() for p in args.allow_path])
     os.chdir(places.root)  # relative paths in configs mean the same here as in the launches started here
     try:
         family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((args.host, args.port), family=family)
     except OSError as e:
-        print(f"error: studio: cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another "
-              "--port (0: a free one)", file=sys.stderr)
-        return 2
+        raise UserError(f"studio: cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another "
+                        "--port (0: a free one)") from None
     return _serve(sock, places, args.host)
 
 

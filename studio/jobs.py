@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_launch.catalog.runs import read_run
+from lora_launch.conf.errors import PREFIX
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.lock import holder, lock_holders, lock_path
 
@@ -47,9 +48,9 @@ def command_line(args: list[str]) -> str:
 def last_error(text: str) -> str:
     """The `error:` line a refused command printed (the launcher's own message), else its last line."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("error:")]
+    errors = [l for l in lines if l.startswith(PREFIX.strip())]
     line = errors[-1] if errors else (lines[-1] if lines else "it exited without a message")
-    return line.removeprefix("error:").strip()
+    return line.removeprefix(PREFIX.strip()).strip()
 
 
 def preview(root: Path, overrides: list[str], timeout: int = 300) -> str:

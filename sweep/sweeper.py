@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lora_launch.catalog.terminal import terminal_width
+from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run import pruning
 from lora_launch.run.lock import RunLock, lock_holders, lock_path, ranks_lock_path
@@ -415,6 +416,7 @@ def _preview(request: SweepRequest) -> int:
     return rc
 
 
+@reports_user_errors
 def run_sweep(args: list[str]) -> int:
     """`lora-launch -m OVERRIDES`: the sweep's exit code (2: refused before anything ran)."""
     try:
@@ -438,15 +440,11 @@ def run_sweep(args: list[str]) -> int:
             return Sweep(request, slots).run()
         finally:
             lock.release()
-    except ConfigError as e:
-        _say(f"error: {e}", error=True)
-        return 2
     except OSError as e:  # the sweep dir cannot be written: one line, as for a run dir
         message = fault_message(e)
         if message is None:
             raise
-        _say(f"error: {message}", error=True)
-        return 2
+        raise UserError(message) from None
 
 
 def _lock_pid(sweep_dir: Path):

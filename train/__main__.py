@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError, load
 from lora_launch.run import lock
 from lora_launch.run.process import (ATTEMPT_ENV, NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent,
@@ -120,6 +121,7 @@ def _quiet_third_party() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights: 100%|..." for a model of a few MB
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     skip_final_collections()
     # until training runs there is nothing to save: a stop signal ends this process at once, quietly
@@ -144,18 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             _take_launch_lock(run_dir)
         _hold_ranks_lock(run_dir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # the run dir cannot take the rank's log or lock
         message = fault_message(e)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        raise UserError(message) from None
     _quiet_third_party()
-    from lora_launch.train.checkpoint import CheckpointError
-    from lora_launch.data.templates import DataError
     from lora_launch.train.loop import Trainer
 
     trainer, failed = None, True
@@ -163,17 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         trainer.fit()  # loads the checkpoint first: a refused or damaged one is one line too
         failed = False
-    except (CheckpointError, DataError, ConfigError) as e:  # bad data, checkpoint or run dir: one line, nothing lost
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError:  # bad data, checkpoint or run dir: one line, nothing lost
+        raise
     except OSError as e:  # disk full, read-only, permissions: committed checkpoints stay as they were
         message = fault_message(e, where=run_dir)
         if message is None:
             _record_failure(run_dir, trainer, e)
             raise
         _write_failed(run_dir, trainer.step if trainer else 0, message)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        raise UserError(message) from None
     except Exception as e:  # a crash, not the user's input: the launcher may restart the run
         _record_failure(run_dir, trainer, e)
         raise

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.run.rundir import atomic_dir, write_json
 from lora_launch.train.evaluate import complete, loss_sum
 from lora_launch.train.model import DTYPES
@@ -30,20 +31,16 @@ from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
 
 
 
-class UsageError(ValueError):
-    """A run directory the subcommand cannot use, or a split it lacks; the message names it."""
-
-
 def load_run(run_dir: str) -> DictConfig:
     """The run's resolved config, after checking that the run has a trained adapter."""
     from lora_launch.conf.schema import load
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
-        raise UsageError(f"run.dir={run_dir}: no config.yaml here; is this a lora-launch run directory?")
+        raise UserError(f"run.dir={run_dir}: no config.yaml here; is this a lora-launch run directory?")
     if not (run / "adapter" / "adapter_config.json").is_file():
-        raise UsageError(f"run.dir={run_dir}: no trained adapter (adapter/adapter_config.json); "
-                         "has the run finished?")
+        raise UserError(f"run.dir={run_dir}: no trained adapter (adapter/adapter_config.json); "
+                        "has the run finished?")
     return load(str(run / "config.yaml"))
 
 
@@ -99,12 +96,12 @@ def _message(args: GenerateArgs, cfg) -> str | list[dict]:
         try:
             messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"messages={args.messages}: cannot read it as JSON ({e})") from None
+            raise UserError(f"messages={args.messages}: cannot read it as JSON ({e})") from None
         if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(
                 m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in messages)
                 and messages[-1]["role"] == "user"):
-            raise UsageError(f"messages={args.messages}: give a JSON list of {{role: system|user|assistant, "
-                             "content}} ending with a user turn")
+            raise UserError(f"messages={args.messages}: give a JSON list of {{role: system|user|assistant, "
+                            "content}} ending with a user turn")
         return messages
     if args.instruction is not None:
         return args.instruction
@@ -155,8 +152,8 @@ def evaluate(args: EvalArgs) -> int:
         cfg.data.packing = False  # evaluate whole samples, as the loop does for val
     samples = getattr(build_splits(cfg, tok, report=False), split)
     if not len(samples):
-        raise UsageError(f"run.dir={run}: the run has no {split} samples "
-                         "(trained with data.val_split=0 and no data.val_split_name?)")
+        raise UserError(f"run.dir={run}: the run has no {split} samples "
+                        "(trained with data.val_split=0 and no data.val_split_name?)")
     loss, tokens = eval_loss(model, samples, cfg.train.micro_batch_size, tok.pad_token_id, args.max_batches)
     result = {"split": split, "loss": loss, "perplexity": math.exp(min(loss, 50)),
               "samples": len(samples), "tokens": tokens}
@@ -169,11 +166,10 @@ def evaluate(args: EvalArgs) -> int:
 COMMANDS = {"generate": generate, "merge": merge, "eval": evaluate}
 
 
+@reports_user_errors
 def main(argv: list[str]) -> int:
     """Run one subcommand: argv = [command, key=value, ...]; errors are one line and exit 2."""
     from lora_launch.conf.args import parse_args
-    from lora_launch.conf.schema import ConfigError
-    from lora_launch.data.templates import DataError
     from lora_launch.run.process import exit_on_closed_stdout
     from lora_launch.run.quiet import quiet_third_party
 
@@ -185,9 +181,6 @@ def main(argv: list[str]) -> int:
         return code
     except BrokenPipeError:
         exit_on_closed_stdout()
-    except (UsageError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":  # `lora-launch generate|merge|eval` runs this module as its own process

@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 
 from lora_launch.conf.args import parse_args, usage
 from lora_launch.conf.compose import compose
+from lora_launch.conf.errors import UserError
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.rundir import write_config, write_json
 from lora_launch.serve import adapters as served_from
 from lora_launch.serve.adapters import Adapter, Served, resolve, vllm_command
-from lora_launch.train.posttrain import UsageError
 
 TINY = Path(str(importlib.resources.files("lora_launch.conf") / "assets" / "tiny-llama"))
 
@@ -91,7 +91,7 @@ def test_a_merged_model_serves_alone_as_the_base(tmp_path):
 def test_bad_directories_and_limits_are_one_line_errors(tmp_path, make, argv, says):
     target = tmp_path / "target"
     make(target)
-    with pytest.raises((UsageError, ConfigError)) as e:
+    with pytest.raises(UserError) as e:
         resolve(_args(*argv(target)))
     assert says in str(e.value) and "\n" not in str(e.value)
 
@@ -156,7 +156,7 @@ def test_vllm_rank_rounds_up_to_what_vllm_takes():
 
 def test_engine_vllm_without_vllm_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(UsageError, match="engine=vllm needs the `vllm` command"):
+    with pytest.raises(UserError, match="engine=vllm needs the `vllm` command"):
         served_from.exec_vllm(Served("b", "b", [], {}, None), _args("engine=vllm"))
 
 
