@@ -22,6 +22,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_launch import strategies
+from lora_launch.conf.dtypes import FLOATS, PACKED
 from lora_launch.conf.errors import UserError
 
 
@@ -66,19 +67,10 @@ class Choice(str, Enum):
     __repr__ = str.__repr__
 
 
-class Dtype(Choice):
-    """torch's names for the floating dtypes."""
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-class AutoDtype(Choice):
-    """A dtype, or `auto`: chosen from the hardware (train.precision) or the precision (model.dtype)."""
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
+# torch's names for the floating dtypes (conf/dtypes.py); AutoDtype adds `auto`: chosen from the hardware
+# (train.precision) or the precision (model.dtype)
+Dtype = Choice("Dtype", [(name, name) for name in FLOATS])
+AutoDtype = Choice("AutoDtype", [(name, name) for name in ("auto", *FLOATS)])
 
 
 class QuantKernel(Choice):
@@ -87,11 +79,8 @@ class QuantKernel(Choice):
     torch = "torch"
 
 
-class StorageDtype(Choice):
-    uint8 = "uint8"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
+# the packed 4-bit weights: two to a byte, or a float (what ZeRO-3 and FSDP2 shard)
+StorageDtype = Choice("StorageDtype", [(name, name) for name in (PACKED, *FLOATS)])
 
 
 class DataSource(Choice):

@@ -39,6 +39,7 @@ import yaml
 from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
+from lora_launch.conf.dtypes import FLOATS
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
 from lora_launch.launcher.speed import (SPREAD, TimeEstimate, duration, estimate, flops_per_token, scientific,
                                          this_host_gpu)
@@ -48,7 +49,7 @@ from lora_launch.strategies import strategy_for
 from lora_launch.strategies.fsdp2 import layers_per_group
 
 GIB = 2**30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {name: dtype.bytes for name, dtype in FLOATS.items()}
 
 
 @dataclass(frozen=True)

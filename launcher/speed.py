@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lora_launch.conf.dtypes import HALF
+
 
 def flops_per_token(matmul_params: int, lora_params: int, layers: int, hidden: int, seq: float,
                     recompute: bool) -> float:
@@ -103,8 +105,8 @@ def estimate(flops_per_step: float, device_name: str | None, gpus: int, on_gpu: 
     if peak is None:
         return none(f"not estimated: no bf16 peak known for {device_name!r} (known: "
                     f"{', '.join(short for _, short, _ in BF16_PEAK_TFLOPS)})")
-    if precision != "bfloat16":
-        return none(f"not estimated: the rates were measured in bfloat16, and this run computes in {precision}")
+    if precision != HALF:
+        return none(f"not estimated: the rates were measured in {HALF}, and this run computes in {precision}")
     short, tflops = peak
     rate = RATES["nf4" if quant == "nf4" else "bf16", bool(grad_ckpt)]
     share, scaled_by = scaling

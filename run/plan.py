@@ -12,12 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from lora_launch.conf.dtypes import FLOATS, compute_precision, weight_dtype
 from lora_launch.strategies import strategy_for
-
-# train.precision / model.dtype use torch's names; `auto` is decided here
-_DTYPES = ("bfloat16", "float16", "float32")
-# torch dtype name -> accelerate's mixed_precision
-_MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 
 def shape_from_env() -> tuple[int, int]:
@@ -70,12 +66,8 @@ class RunPlan:
         on_gpu = on_gpu_here() if on_gpu is None else on_gpu
         bf16 = (_bf16_here() if on_gpu_here() else on_gpu) if bf16 is None else bf16
         t, d = cfg.train, cfg.distributed
-        precision = str(t.precision)
-        if precision not in _DTYPES:  # auto
-            precision = "bfloat16" if on_gpu and bf16 else "float32"
-        model_dtype = str(cfg.model.dtype)
-        if model_dtype not in _DTYPES:  # auto: follow the precision
-            model_dtype = "bfloat16" if precision == "bfloat16" else "float32"
+        precision = compute_precision(str(t.precision), bf16=on_gpu and bf16)
+        model_dtype = weight_dtype(str(cfg.model.dtype), precision)
         return cls(num_machines=num_machines, procs_per_node=procs_per_node,
                    micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, precision=precision,
                    model_dtype=model_dtype, strategy=str(d.strategy), zero_stage=int(d.zero_stage),
@@ -100,7 +92,7 @@ class RunPlan:
     @property
     def mixed_precision(self) -> str:
         """accelerate's mixed_precision value (and the DeepSpeed JSON's bf16/fp16 switch)."""
-        return _MIXED[self.precision]
+        return FLOATS[self.precision].mixed_precision
 
     def steps_per_epoch(self, train_samples: int) -> int:
         return math.ceil(train_samples / self.global_batch)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from lora_launch.conf.dtypes import torch_dtype
 from lora_launch.conf.schema import lora_targets, plain, quant_kernel
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _quantization_config(cfg: DictConfig):
@@ -17,9 +16,9 @@ def _quantization_config(cfg: DictConfig):
 
     q = cfg.quant
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_quant_storage=DTYPES.get(q.storage_dtype, torch.uint8))
+                              bnb_4bit_quant_storage=torch_dtype(q.storage_dtype))
 
 
 def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None = None,
@@ -41,7 +40,7 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
 
     register()
     plan = plan or RunPlan.for_this_process(cfg)
-    dtype = DTYPES[plan.model_dtype]
+    dtype = torch_dtype(plan.model_dtype)
     common = dict(attn_implementation=str(cfg.model.attn_implementation))
     if device.type == "meta":
         from accelerate import init_empty_weights
@@ -72,7 +71,7 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
                       trust_remote_code=cfg.model.trust_remote_code, **common)
         if cfg.quant.mode == "nf4":
             kwargs["quantization_config"] = _quantization_config(cfg)
-            kwargs["dtype"] = DTYPES[cfg.quant.compute_dtype]
+            kwargs["dtype"] = torch_dtype(cfg.quant.compute_dtype)
             if not strategy_for(cfg).places_weights(cfg):  # ZeRO-3 places (and shards) the weights itself
                 kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
@@ -103,7 +102,7 @@ def _random_4bit(cfg: DictConfig, config, device: torch.device, common: dict):
     from transformers import AutoModelForCausalLM
 
     q = cfg.quant
-    compute = DTYPES[q.compute_dtype]
+    compute = torch_dtype(q.compute_dtype)
     with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=compute, **common)
     std = getattr(config, "initializer_range", 0.02)
@@ -114,7 +113,7 @@ def _random_4bit(cfg: DictConfig, config, device: torch.device, common: dict):
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute, compress_statistics=q.double_quant, quant_type="nf4",
-                                      quant_storage=DTYPES.get(q.storage_dtype, torch.uint8), device="meta")
+                                      quant_storage=torch_dtype(q.storage_dtype), device="meta")
             weight = torch.empty(child.out_features, child.in_features, dtype=compute, device=device).normal_(0, std)
             layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=q.double_quant,
                                              quant_type="nf4", quant_storage=layer.weight.quant_storage,
@@ -181,7 +180,7 @@ def apply_lora(cfg: DictConfig, model):
     if cfg.quant.mode == "nf4" and quant_kernel(cfg) == "torch":  # training only: generate and serve keep bnb's
         from lora_launch.train.nf4 import use_torch_matmul
 
-        use_torch_matmul(model, DTYPES[cfg.quant.compute_dtype])
+        use_torch_matmul(model, torch_dtype(cfg.quant.compute_dtype))
     if cfg.quant.mode == "nf4" and cfg.quant.upcast_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_ckpt)
     elif cfg.train.grad_ckpt:

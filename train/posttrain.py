@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.conf.dtypes import torch_dtype
 from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.run.rundir import atomic_dir, write_json
 from lora_launch.train.evaluate import complete, loss_sum
-from lora_launch.train.model import DTYPES
 
 from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
 
@@ -123,7 +123,7 @@ def merge(args: MergeArgs) -> int:
     run = Path(args.run.dir)
     cfg = load_run(args.run.dir)
     out = Path(args.out or run / "merged")
-    model, tok = load_model(cfg, run, dequantize_to=DTYPES[args.dtype])
+    model, tok = load_model(cfg, run, dequantize_to=torch_dtype(args.dtype))
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
