@@ -10,7 +10,6 @@ arguments passed on as the studio's flags): the front door imports none of them.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lora_launch.conf.args import COMMANDS, StudioArgs, keys, parse_args, usage
 from lora_launch.conf.errors import reports_user_errors
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
 from lora_launch.conf.schema import ConfigError, describe
+from lora_launch.run.process import replace_process
 
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
@@ -108,9 +108,8 @@ def run_command(name: str, argv: list[str]) -> int:
         return sweep_summary(args)
     sys.stdout.flush()
     if name in ("serve", "studio"):
-        os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE if name == "serve" else STUDIO_MODULE, *argv])
-    os.execv(sys.executable, [sys.executable, "-m", POSTTRAIN_MODULE, name, *argv])
-    return 1  # not reached: execv replaces this process
+        replace_process([sys.executable, "-m", SERVE_MODULE if name == "serve" else STUDIO_MODULE, *argv])
+    replace_process([sys.executable, "-m", POSTTRAIN_MODULE, name, *argv])
 
 
 # the studio's own flags, each followed by its value; they stay aliases of host=, port=, root=, allow_path=

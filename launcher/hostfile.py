@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_launch.conf.schema import ConfigError
+from lora_launch.run.process import run_to_end
 
 # a host is a name or an address: it reaches command lines and the rendezvous, so nothing else may pass
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:%-]+)(?:\s+slots\s*=\s*(?P<slots>\S+))?\s*$")
@@ -124,8 +125,7 @@ def interface_for(address: str, addresses: dict[str, str] | None = None) -> str 
         # the rendezvous host itself: `ip route get` would say `lo`, where the other nodes can't reach
         return addresses[address]
     try:
-        out = subprocess.run(["ip", "-o", "route", "get", address], capture_output=True, text=True,
-                             timeout=10).stdout
+        out = run_to_end(["ip", "-o", "route", "get", address], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         out = ""
     m = re.search(r"\bdev\s+(\S+)", out)

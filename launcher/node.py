@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,11 @@ from lora_launch.launcher.hostfile import resolve
 from lora_launch.launcher.launch import launch_command, launch_env, node_env_vars, printable, write_launch_files
 from lora_launch.launcher.restart import (Attempts, Failure, killed_rank, not_retried, rendezvous_port,
                                           restart_config, resume_point, why_not_restart)
-from lora_launch.launcher.supervise import HeldStops, Outcome, supervise
+from lora_launch.launcher.supervise import Outcome, supervise
 from lora_launch.launcher.topology import Topology, run_plan
 from lora_launch.run.lock import RunLock, check_no_ranks, lock_path, ranks_lock_path
 from lora_launch.run.plan import RunPlan
-from lora_launch.run.process import ATTEMPT_ENV, signal_name
+from lora_launch.run.process import ATTEMPT_ENV, StopSignals, run_to_end, signal_name
 from lora_launch.run.rundir import read_status, record_restart, set_aside_previous, write_atomic, write_status
 
 
@@ -57,7 +56,8 @@ def run_node(cfg: DictConfig, topo: Topology, plan: RunPlan, lock_wait_s: float 
             if moved is not None:
                 print(f"resume.mode=never: moved the earlier run's files to {moved}", flush=True)
         write_command(run_dir)
-        with HeldStops() as held:
+        # a stop between two supervised launches (while a restart is prepared) is recorded: nothing more starts
+        with StopSignals() as held:
             return _attempts(cfg, topo, plan, held)
 
 
@@ -76,7 +76,7 @@ def _launch(cfg: DictConfig, topo: Topology, plan: RunPlan, attempt: int, abort)
     return supervise(cmd, env, abort)
 
 
-def _attempts(cfg: DictConfig, topo: Topology, plan: RunPlan, held: HeldStops) -> int:
+def _attempts(cfg: DictConfig, topo: Topology, plan: RunPlan, held: StopSignals) -> int:
     """Attempt 0, and after each failure that a restart may cure, the next one, on every node alike."""
     run_dir, max_restarts = Path(cfg.run.dir), int(cfg.launcher.max_restarts)
     attempts = Attempts(run_dir, topo.node_rank, topo.num_machines, since=time.time())
@@ -106,7 +106,7 @@ def _attempts(cfg: DictConfig, topo: Topology, plan: RunPlan, held: HeldStops) -
              f"{' every node' if topo.num_machines > 1 else ''} from {resume_point(run_dir)}")
 
 
-def _unless_every_node_failed(run_dir: Path, attempts: Attempts, attempt: int, held: HeldStops) -> int | None:
+def _unless_every_node_failed(run_dir: Path, attempts: Attempts, attempt: int, held: StopSignals) -> int | None:
     """Wait for every node's report of this attempt: None when all failed (then every node restarts),
     else the exit code, having said why not."""
     nodes = attempts.wait_for_nodes(attempt, stopped=lambda: held.signum is not None)
@@ -203,7 +203,7 @@ REQUEUE_LOCK_WAIT_S = 120.0
 
 def slurm_hosts(nodelist: str) -> list[str]:
     """The job's host names in node-rank order (`scontrol show hostnames`)."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    out = run_to_end(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     return out.stdout.split()
 
 

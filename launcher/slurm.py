@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from lora_launch.conf.schema import ConfigError, check_text
 from lora_launch.launcher.launch import write_launch_files
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
+from lora_launch.run.process import run_to_end
 from lora_launch.run.rundir import write_atomic
 
 
@@ -97,7 +97,7 @@ def submit(cfg: DictConfig, topo: Topology, plan: RunPlan) -> int:
     if shutil.which("sbatch") is None:
         raise ConfigError("launcher=slurm: `sbatch` not found on PATH; run on a Slurm login node "
                           "or set launcher.slurm.submit=false")
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    result = run_to_end(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise ConfigError(f"launcher=slurm: sbatch refused {script}: {first}")

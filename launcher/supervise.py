@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lora_launch.launcher.relay import StderrRelay
-from lora_launch.run.process import STOP_SIGNALS, die_with_parent
+from lora_launch.run.process import ChildFate, StopSignals, spawn
 
 RANK_MODULE = "lora_launch.train"
 
@@ -71,14 +71,6 @@ def _send(procs, sig: int) -> None:
             pass
 
 
-def _quiet_terminal() -> None:
-    """After a hangup the terminal is gone: writes to it would fail, so send them nowhere."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 class Supervisor:
     """One supervised `accelerate launch`; `wait()` returns its Outcome.
 
@@ -87,19 +79,14 @@ class Supervisor:
 
     def __init__(self, cmd: list[str], env: dict[str, str], abort: Callable[[], bool] | None = None):
         self.cmd, self.env, self.abort = cmd, env, abort
-        self.first: int | None = None
+        # a second Ctrl-C: stop now, no checkpoint; after a hangup the terminal's writes go nowhere
+        self.stops = StopSignals(self._pass_on, self._kill_all)
         self.killed = False
         self.aborted = False
         self.proc: subprocess.Popen | None = None
 
-    def _on_signal(self, signum, _frame) -> None:
-        if signum == signal.SIGHUP:
-            _quiet_terminal()
-        if self.first is not None:
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, no checkpoint
-                self._kill_all()
-            return
-        self.first = signum
+    def _pass_on(self, signum: int) -> None:
+        """The first stop signal goes to the ranks, which stop after their step with a checkpoint."""
         ranks = ranks_of(self.proc.pid)
         if ranks:
             _send(ranks, signum)
@@ -128,10 +115,8 @@ class Supervisor:
 
     def wait(self) -> Outcome:
         """Start the launch, pass on stop signals until it ends, then wait for its ranks to be gone."""
-        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        try:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True,
-                                         preexec_fn=die_with_parent, stderr=subprocess.PIPE)
+        with self.stops:
+            self.proc = spawn(self.cmd, fate=ChildFate.KILLED_WITH_PARENT, env=self.env, stderr=subprocess.PIPE)
             relay = StderrRelay(self.proc.stderr, verbose=bool(os.environ.get("LORA_LAUNCH_VERBOSE"))).start()
             ranks = []
             while True:
@@ -140,15 +125,12 @@ class Supervisor:
                     break
                 except subprocess.TimeoutExpired:
                     ranks = ranks_of(self.proc.pid) or ranks
-                    if self.abort is not None and not self.aborted and self.first is None and self.abort():
+                    if self.abort is not None and not self.aborted and not self.stops.requested and self.abort():
                         self.aborted = True  # a peer is gone: nothing here can finish or checkpoint
                         self._kill_tree()
             _wait_gone(ranks, timeout_s=60.0)
             relay.join()
-            return Outcome(rc, self.first, self.killed, tuple(relay.errors), self.aborted, relay.first_exit)
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+            return Outcome(rc, self.stops.signum, self.killed, tuple(relay.errors), self.aborted, relay.first_exit)
 
 
 def _wait_gone(procs, timeout_s: float) -> None:
@@ -165,24 +147,3 @@ def supervise(cmd: list[str], env: dict[str, str], abort: Callable[[], bool] | N
     """Run `cmd` (an accelerate launch) under a Supervisor."""
     return Supervisor(cmd, env, abort).wait()
 
-
-class HeldStops:
-    """Stop signals that arrive between two supervised launches (while a restart is prepared): the first is
-    recorded, so the launcher starts nothing more, and a hangup quiets the terminal as during a launch."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def _on_signal(self, signum, _frame) -> None:
-        if signum == signal.SIGHUP:
-            _quiet_terminal()
-        if self.signum is None:
-            self.signum = signum
-
-    def __enter__(self) -> "HeldStops":
-        self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)

@@ -7,15 +7,20 @@ signals people and schedulers send, and the two sides agree on what a stop means
   that cannot finish (a peer is gone and a collective hangs) ends itself after ORPHAN_GRACE_S.
 - SIGTERM (Slurm, cloud preemption), SIGINT (Ctrl-C) and SIGHUP all mean "stop after this step with a
   checkpoint" once training runs; before that there is nothing to save and they end the rank at once.
+
+Every process the product starts is started here (`spawn`, `run_to_end`, `replace_process`), each with what
+becomes of it when its parent dies named by a `ChildFate`; every stop-signal handler is a `StopSignals`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
-from typing import NoReturn
+from enum import Enum
+from typing import Callable, NoReturn
 
 SUPERVISOR_ENV = "LORA_LAUNCH_SUPERVISOR"  # pid of the lora-launch that started this rank
 NODE_RANK_ENV = "LORA_LAUNCH_NODE_RANK"  # this node's rank, as the launcher knows it
@@ -97,32 +102,99 @@ def guard_output(fallback: str | None = None) -> None:
         sys.stdout, sys.stderr = _OutputGuard(sys.stdout), _OutputGuard(sys.stderr)
 
 
-class StopRequest:
-    """The stop signals of a rank once training runs: the first one is recorded, the loop polls it."""
+class ChildFate(Enum):
+    """What becomes of a child process when the process that started it dies, and which signals reach it."""
 
-    def __init__(self, log_path: str | None = None):
-        self.signum: int | None = None
-        self.log_path = log_path  # where output goes once the terminal hangs up
+    KILLED_WITH_PARENT = "killed with its parent"  # its own session; SIGKILL when the parent dies
+    STOPS_WITH_PARENT = "stops with its parent"  # its own session; SIGTERM (stop with a checkpoint) when it dies
+    LIVES_ON = "lives on"  # its own session; runs on after the parent is gone
+    SHARES_TERMINAL = "shares the parent's terminal"  # the parent's session: a terminal's Ctrl-C reaches both
+
+
+_DEATH_SIGNAL = {ChildFate.KILLED_WITH_PARENT: signal.SIGKILL, ChildFate.STOPS_WITH_PARENT: signal.SIGTERM}
+
+
+def spawn(argv: list[str], *, fate: ChildFate, **options) -> subprocess.Popen:
+    """Start `argv` beside this process with the given fate; `options` are Popen's (env, cwd, stdin, stdout, ...).
+
+    A child in a session of its own gets no signal from this process's terminal: this process passes on
+    the stops it means (launcher/supervise.py, sweep/sweeper.py)."""
+    death = _DEATH_SIGNAL.get(fate)
+    return subprocess.Popen(argv, start_new_session=fate is not ChildFate.SHARES_TERMINAL,
+                            preexec_fn=None if death is None else lambda: die_with_parent(death), **options)
+
+
+def run_to_end(argv: list[str], **options) -> subprocess.CompletedProcess:
+    """Run `argv` in this process's session and wait for it (a preview, a system tool's answer); `options`
+    are subprocess.run's. Its fate is ChildFate.SHARES_TERMINAL, and this process waits for its end."""
+    return subprocess.run(argv, **options)
+
+
+def replace_process(argv: list[str], env: dict[str, str] | None = None) -> NoReturn:
+    """Become `argv` (found on PATH unless it names a path): the same pid, so whatever waits for or signals this
+    process now waits for or signals the new program. `env`: its environment (default: this one's)."""
+    if env is None:
+        os.execvp(argv[0], argv)
+    os.execvpe(argv[0], argv, env)
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP recorded instead of ending the process, from `with` to its end (or from
+    `install()` on, for the rest of the process's life); the previous handlers come back on leaving.
+
+    `on_first(signum)` runs for the first stop signal, `on_ctrl_c_again()` for each SIGINT after it (a second
+    Ctrl-C: end everything now). After SIGHUP the terminal is gone, so stdout and stderr go to
+    `hangup_output` (None: left alone). With `orphan_grace_s`, a stop signal that comes once this process's
+    parent is gone ends it that many seconds later regardless: nobody is left to kill it if it hangs.
+    """
+
+    def __init__(self, on_first: Callable[[int], None] | None = None,
+                 on_ctrl_c_again: Callable[[], None] | None = None, *, hangup_output: str | None = os.devnull,
+                 orphan_grace_s: float | None = None, signals: tuple[int, ...] = STOP_SIGNALS):
+        self.on_first, self.on_ctrl_c_again = on_first, on_ctrl_c_again
+        self.hangup_output, self.orphan_grace_s, self.signals = hangup_output, orphan_grace_s, signals
+        self.arrived: list[int] = []  # every stop signal that came, in order
         self._parent = os.getppid()
+        self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopRequest":
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._on_signal)
+    def install(self) -> "StopSignals":
+        self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
         return self
 
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *_exc) -> None:
+        self.restore()
+
     def _on_signal(self, signum, _frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-        if signum == signal.SIGHUP and self.log_path:  # the terminal is gone: writes to it would fail
-            redirect_output(self.log_path)
-        if os.getppid() != self._parent:  # the launcher is gone: nobody will come to kill us if we hang
-            timer = threading.Timer(ORPHAN_GRACE_S, lambda: os._exit(128 + signum))
+        if signum == signal.SIGHUP and self.hangup_output:  # the terminal is gone: writes to it would fail
+            redirect_output(self.hangup_output)
+        first = not self.arrived
+        self.arrived.append(signum)
+        if self.orphan_grace_s is not None and os.getppid() != self._parent:
+            timer = threading.Timer(self.orphan_grace_s, lambda: os._exit(128 + signum))
             timer.daemon = True
             timer.start()
+        if first:
+            if self.on_first is not None:
+                self.on_first(signum)
+        elif signum == signal.SIGINT and self.on_ctrl_c_again is not None:
+            self.on_ctrl_c_again()
+
+    @property
+    def signum(self) -> int | None:
+        """The first stop signal that came, else None."""
+        return self.arrived[0] if self.arrived else None
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return bool(self.arrived)
 
     @property
     def name(self) -> str | None:

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 from lora_launch.conf.errors import UserError
 from lora_launch.data.samples import as_trained
 from lora_launch.data.templates import check_template, prompt_text, resolve_template
+from lora_launch.run.process import StopSignals
 from lora_launch.serve.adapters import Served, is_loopback
 from lora_launch.serve.engine import Engine, Job
 from lora_launch.train.evaluate import prompt_ids
@@ -483,7 +484,7 @@ def serve(served: Served, args, api_key: str | None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout_s))
     logging.getLogger("uvicorn.access").addFilter(_NoQuery())  # after Config, which sets uvicorn's logging up
     # uvicorn drains on SIGTERM, then raises the signal again once done: this handler takes that one
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    StopSignals(signals=(signal.SIGTERM,)).install()
     try:
         server.run(sockets=[sock])
     finally:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError
+from lora_launch.run.process import StopSignals
 from lora_launch.studio import form as forms
 from lora_launch.studio.jobs import Endpoints, Launches, check_run_dir, command_line, preview, progress
 from lora_launch.studio.paths import Places, confine
@@ -376,7 +377,7 @@ def _serve(sock: socket.socket, places: Places, host: str) -> int:
         print(f"warning: listening on {host}: anyone who reaches this port and has the URL can launch runs here",
               file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # uvicorn handles it; runs keep going
+    StopSignals(signals=(signal.SIGTERM,)).install()  # uvicorn handles it, then raises it again; runs keep going
     try:
         server.run(sockets=[sock])
     finally:

@@ -28,6 +28,7 @@ from lora_launch.catalog.runs import read_run
 from lora_launch.conf.errors import PREFIX
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.lock import holder, lock_holders, lock_path
+from lora_launch.run.process import ChildFate, run_to_end, spawn
 
 CLI_MODULE = "lora_launch.cli"  # what the `lora-launch` console script runs
 STATE = ".studio"
@@ -55,8 +56,8 @@ def last_error(text: str) -> str:
 
 def preview(root: Path, overrides: list[str], timeout: int = 300) -> str:
     """What `lora-launch <overrides> preview=true` prints; ConfigError with its error line when refused."""
-    out = subprocess.run(cli_argv([*overrides, "preview=true"]), cwd=root, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=timeout)
+    out = run_to_end(cli_argv([*overrides, "preview=true"]), cwd=root, stdin=subprocess.DEVNULL,
+                     capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise ConfigError(last_error(out.stderr + "\n" + out.stdout))
     return out.stdout
@@ -135,8 +136,8 @@ class Launches:
             with open(log, "ab") as out:
                 out.write(f"\n$ {command_line(overrides)}\n".encode())
                 out.flush()
-                proc = subprocess.Popen(cli_argv(overrides), cwd=self.root, stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                proc = spawn(cli_argv(overrides), fate=ChildFate.LIVES_ON, cwd=self.root, stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT)
             self._procs[run_dir] = proc
         (state / "launch.json").write_text(json.dumps({"path": str(run_dir), "overrides": overrides,
                                                        "pid": proc.pid, "started": time.time()}))
@@ -242,9 +243,11 @@ class Endpoints:
             state.mkdir(parents=True, exist_ok=True)
             log = state / "serve.log"
             with open(log, "wb") as out:
-                proc = subprocess.Popen(cli_argv(["serve", f"run.dir={run_dir}", "host=127.0.0.1", "port=0"]),
-                                        cwd=self.root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "LORA_LAUNCH_API_KEY": key})
+                # not STOPS_WITH_PARENT: the kernel's parent-death signal follows the thread that started the
+                # child, and this runs in one of the server's worker threads, which come and go
+                proc = spawn(cli_argv(["serve", f"run.dir={run_dir}", "host=127.0.0.1", "port=0"]),
+                             fate=ChildFate.SHARES_TERMINAL, cwd=self.root, stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT, env={**os.environ, "LORA_LAUNCH_API_KEY": key})
             deadline = time.monotonic() + SERVE_WAIT_S
             while time.monotonic() < deadline:
                 text = log.read_text(errors="replace")

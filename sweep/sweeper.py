@@ -29,7 +29,7 @@ from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run import pruning
 from lora_launch.run.lock import RunLock, lock_holders, lock_path, ranks_lock_path
-from lora_launch.run.process import STOP_SIGNALS, die_with_parent
+from lora_launch.run.process import ChildFate, StopSignals, run_to_end, spawn
 from lora_launch.run.rundir import fault_message
 from lora_launch.sweep.slots import Slot, free_port, plan_slots, usable_cores, visible_gpu_ids
 from lora_launch.sweep.space import SweepRequest, read_request, search_space, value_text
@@ -73,13 +73,6 @@ def _say(message: str, error: bool = False) -> None:
         print(message, file=sys.stderr if error else sys.stdout, flush=True)
     except OSError:  # the terminal is gone (SIGHUP)
         pass
-
-
-def _quiet_terminal() -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 def _held_by(run_dir: Path) -> list[int]:
@@ -155,7 +148,8 @@ class Sweep:
         self.running: list[Running] = []
         self.waiting: deque[tuple[Candidate, float]] = deque()  # dirs an earlier launch still holds
         self.exhausted = False
-        self.stop_signal: int | None = None  # the first stop signal this process got
+        # the first stop signal halts the sweep; a second Ctrl-C ends every trial at once, without a checkpoint
+        self.stops = StopSignals(self._halt, self._interrupt_all)
         self.halted = False  # no trial starts any more
         self.failure_rc: int | None = None  # a failed trial stopped the sweep (sweep.continue_on_failure=false)
         self.outcomes: dict[str, str] = {}  # trial name -> status, for the trials this run launched
@@ -164,8 +158,7 @@ class Sweep:
 
     def run(self) -> int:
         """Run the sweep; returns its exit code."""
-        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        try:
+        with self.stops:
             while True:
                 if not self.halted:
                     self._fill_slots()
@@ -174,9 +167,6 @@ class Sweep:
                 for trial in list(self.running):
                     self._poll(trial)
                 time.sleep(POLL_S)
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
         rows = summarize(self.dir)
         rc = self._exit_code()
         _say(summary_text(self.dir, rows, terminal_width(fallback=None)))  # the sweep ends with its results
@@ -237,7 +227,7 @@ class Sweep:
             running.tail.seek(log_offset)
         self.running.append(running)
         if self.halted:  # a stop signal came while it started: it stops with the others
-            self._halt(self.stop_signal or signal.SIGTERM)
+            self._halt(self.stops.signum or signal.SIGTERM)
         _say(f"sweep: {cand.name}: started ({slot.describe()}{', pruned if behind' if judged else ''}); "
              f"log {run_dir / LOG_FILE}")
 
@@ -255,9 +245,8 @@ class Sweep:
             offset = log.tell()
             log.write(f"==== launch {launch}, {time.strftime('%Y-%m-%d %H:%M:%S')}, {slot.describe()}\n".encode())
             log.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "lora_launch.cli", *args], env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+            proc = spawn([sys.executable, "-m", "lora_launch.cli", *args], fate=ChildFate.STOPS_WITH_PARENT, env=env,
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         return proc, offset
 
     def _grid_study_trial(self, record: dict, earlier: str | None) -> StudyTrial | None:
@@ -344,27 +333,21 @@ class Sweep:
                 trial.stopped = True
                 self._signal(trial, signum)
 
-    def _on_signal(self, signum, _frame) -> None:
-        if signum == signal.SIGHUP:
-            _quiet_terminal()
-        if self.stop_signal is None:
-            self.stop_signal = signum
-            self._halt(signum)
-        elif signum == signal.SIGINT:  # a second Ctrl-C: every trial ends at once, without a checkpoint
-            for trial in self.running:
-                self._signal(trial, signal.SIGINT)
+    def _interrupt_all(self) -> None:
+        for trial in self.running:
+            self._signal(trial, signal.SIGINT)
 
     def _exit_code(self) -> int:
         statuses = set(self.outcomes.values())
         failed = sorted(n for n, s in self.outcomes.items() if s == "failed")
         if failed:
             _say(f"sweep: {len(failed)} trial(s) failed: {', '.join(failed)} (see {self.dir}/summary.md)", error=True)
-        if self.stop_signal == signal.SIGINT or "interrupted" in statuses:
+        if self.stops.signum == signal.SIGINT or "interrupted" in statuses:
             _say("sweep: stopped by Ctrl-C; run the same command to continue", error=True)
             return INTERRUPTED
         if self.failure_rc is not None:
             return self.failure_rc
-        if self.stop_signal is not None or "preempted" in statuses:
+        if self.stops.requested or "preempted" in statuses:
             _say("sweep: stopped; run the same command to continue", error=True)
             return 0
         return 1 if failed else 0
@@ -406,8 +389,8 @@ def _preview(request: SweepRequest) -> int:
         overrides = request.trial_overrides(chosen) if chosen is not None else [
             o.input_line for o in request.overrides if not o.is_sweep_override()]
         run_dir = request.sweep_dir / name
-        rc = subprocess.run([sys.executable, "-m", "lora_launch.cli", *overrides,
-                             f"run.dir={_quoted(run_dir)}"]).returncode or rc
+        rc = run_to_end([sys.executable, "-m", "lora_launch.cli", *overrides,
+                         f"run.dir={_quoted(run_dir)}"]).returncode or rc
     for d in (request.sweep_dir, request.sweep_dir.parent):
         try:
             d.rmdir()  # only when the previews left them empty

@@ -50,6 +50,7 @@ from omegaconf import DictConfig
 from lora_launch.conf.schema import plain
 from lora_launch.run.checkpoints import FORMAT, CheckpointError, choose, loaded_files, sha256_file
 from lora_launch.run.compat import config_changes, resume_refusal
+from lora_launch.run.process import run_to_end
 from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
 from lora_launch.train.zero import full_shape, trainable
 
@@ -108,8 +109,7 @@ def _versions() -> dict:
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = run_to_end(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

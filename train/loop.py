@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.schema import BNB_OPTIMIZERS, quant_kernel
 from lora_launch.run.plan import RunPlan
-from lora_launch.run.process import SUPERVISOR_ENV, StopRequest
+from lora_launch.run.process import ORPHAN_GRACE_S, SUPERVISOR_ENV, StopSignals
 from lora_launch.run.pruning import report_eval
 from lora_launch.strategies import strategy_for
 from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
@@ -114,8 +114,9 @@ class Trainer:
         identity = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
         self.checkpointer = Checkpointer(cfg, self.run_dir, acc, states=self.states, fingerprints=identity,
                                          adapter_of=acc.unwrap_model(self.model))
-        # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint
-        self.stop = StopRequest(str(self.run_dir / f"rank{self.rank}.log"))
+        # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint; held from
+        # fit() on until the rank exits. After a hangup output goes to the rank's log; orphaned, it ends in time
+        self.stop = StopSignals(hangup_output=str(self.run_dir / f"rank{self.rank}.log"), orphan_grace_s=ORPHAN_GRACE_S)
         self._stop = False
         self.log = NoLog()  # the real one is opened by restore(), once earlier files are set aside or rewound
 
