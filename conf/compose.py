@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lora_launch.conf.schema import Config, ConfigError, asset_path, plain, validate
 
-__all__ = ["compose", "compose_checked", "plain", "resolve_run"]  # plain: schema's, still importable from here
+__all__ = ["compose", "compose_checked", "composition_error", "hydra_flags", "hydra_prints", "launch_dir",
+           "parse_overrides", "plain", "register", "resolve_run", "sweep_dir", "task_overrides"]  # plain: schema's
 
 CONF_PACKAGE = "pkg://lora_launch.conf"
 # Hydra's own settings: a run's dir is run.dir and a sweep's is named from its command line (sweep/trials.py);
