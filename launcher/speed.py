@@ -96,11 +96,11 @@ def estimate(flops_per_step: float, device_name: str | None, gpus: int, on_gpu: 
         return TimeEstimate(flops_per_step, None, "", [why])
 
     if not on_gpu:
-        return none("not estimated on the CPU: this project measured its rates on GPUs only, and a CPU's "
-                    "rate depends on its cores and what else runs there")
+        return none("not estimated on the CPU: the rates were measured on GPUs; a CPU's depends on its cores and "
+                    "its load")
     if device_name is None:
-        return none("not estimated: this host has no GPU to name, and the GPUs of the nodes the run goes to are "
-                    "not known to the preview; preview on one of them for an estimate")
+        return none("not estimated: this host has no GPU to name (the run's nodes' GPUs are unknown here); "
+                    "preview on one of them")
     peak = gpu_peak(device_name)
     if peak is None:
         return none(f"not estimated: no bf16 peak known for {device_name!r} (known: "
