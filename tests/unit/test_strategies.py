@@ -23,7 +23,9 @@ OPTIONS = sorted(p.stem for p in (REPO / "conf" / "distributed").glob("*.yaml"))
 
 
 def _strategy_of(option: str) -> str:
-    return yaml.safe_load((REPO / "conf" / "distributed" / f"{option}.yaml").read_text())["strategy"]
+    """The strategy the option's file names, else the schema's default (ddp: conf/distributed/ddp.yaml sets none)."""
+    own = yaml.safe_load((REPO / "conf" / "distributed" / f"{option}.yaml").read_text())
+    return own.get("strategy", describe("distributed.strategy").default)
 
 
 def test_the_registry_lists_each_strategy_module_and_the_schema_offers_them():
