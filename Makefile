@@ -39,9 +39,10 @@ browser:
 test: setup system-deps browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests $(ARGS)
 
-# the fast tier: unit tests only (no subprocesses), a minute or so on 2 cores
+# the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
+# marked slow (a flex_attention compile on the CPU) run in `make test`
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests/unit $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 -m "not slow" tests/unit $(ARGS)
 
 # the documentation site (mkdocs.yml, docs/); --strict: a broken link or an unlisted page fails the build
 SITE ?= build/site

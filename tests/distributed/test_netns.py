@@ -13,6 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -75,6 +77,33 @@ def two_hosts():
         _delete_namespaces(names)
 
 
+def _outputs(procs: list[subprocess.Popen], timeout_s: float, grace_s: float = 60.0) -> list[str]:
+    """Each node's whole output, read side by side. A node that fails leaves its peer waiting at the rendezvous:
+    the peer gets `grace_s` to end too; at the deadline (a run of about a minute here) every node still running
+    is killed and the test fails with both outputs, so a hang names its node and leaves no process behind."""
+    outs: list[list[str]] = [[] for _ in procs]
+    readers = [threading.Thread(target=lambda p=p, out=out: out.append(p.communicate()[0]), daemon=True)
+               for p, out in zip(procs, outs)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            deadline = min(deadline, time.monotonic() + grace_s)
+        time.sleep(0.5)
+    hung = [node for node, p in enumerate(procs) if p.poll() is None]
+    for node in hung:
+        procs[node].kill()
+    for reader in readers:
+        reader.join(timeout=30)
+    texts = ["".join(out) for out in outs]
+    if hung:
+        pytest.fail(f"node(s) {hung} still running {timeout_s:.0f} s after the start (or {grace_s:.0f} s after a peer "
+                    "failed), killed:\n" + "\n".join(f"--- node {n} (exit {p.returncode}):\n{t[-3000:]}"
+                                                   for n, (p, t) in enumerate(zip(procs, texts))))
+    return texts
+
+
 @pytest.mark.parametrize("distributed", ["ddp", "zero2"])
 def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
     hostfile = tmp_path / "hosts"
@@ -90,7 +119,7 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
         cmd = [*prefix, CLI, *common, *extra]
         procs.append(subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    outs = _outputs(procs, timeout_s=400)
     for node, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"node {node} failed:\n{out[-3000:]}"
         assert f"node {node} of 2, 1 processes, world size 2" in out
