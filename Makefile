@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # torch's CPU build where there is no CUDA GPU; with a GPU, pip's default (CUDA) build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast test-latest setup system-deps browser docs clean
+.PHONY: demo test test-fast test-latest lint format setup system-deps browser docs clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ test: setup system-deps browser
 # marked slow (a flex_attention compile on the CPU) run in `make test`
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 -m "not slow" tests/unit $(ARGS)
+
+# ruff's lint and format checks (pyproject.toml's [tool.ruff]); `make format` applies what they can fix
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 # the documentation site (mkdocs.yml, docs/); --strict: a broken link or an unlisted page fails the build
 SITE ?= build/site

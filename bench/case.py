@@ -30,10 +30,15 @@ def step_stats(times: list[float], tokens: list[int]) -> dict:
     """tokens/s over the measured steps (total tokens / total time) and the step-time spread."""
     ranked = sorted(times)
     p10, p90 = ranked[round(0.1 * (len(ranked) - 1))], ranked[round(0.9 * (len(ranked) - 1))]
-    return {"tokens_per_s": sum(tokens) / sum(times), "steps": len(times),
-            "step_time_median": statistics.median(times), "step_time_p10": p10, "step_time_p90": p90,
-            "step_time_cv": statistics.pstdev(times) / statistics.mean(times),
-            "tokens_per_step": statistics.mean(tokens)}
+    return {
+        "tokens_per_s": sum(tokens) / sum(times),
+        "steps": len(times),
+        "step_time_median": statistics.median(times),
+        "step_time_p10": p10,
+        "step_time_p90": p90,
+        "step_time_cv": statistics.pstdev(times) / statistics.mean(times),
+        "tokens_per_step": statistics.mean(tokens),
+    }
 
 
 def attention_context(samples) -> float:
@@ -43,7 +48,7 @@ def attention_context(samples) -> float:
     import numpy as np
 
     lengths = (samples.seq_lens if samples.packed else np.diff(samples.offsets)).astype(np.float64)
-    return float((lengths ** 2).sum() / lengths.sum())
+    return float((lengths**2).sum() / lengths.sum())
 
 
 def profiled(step, steps: int, step_s: float | None = None) -> dict:
@@ -78,10 +83,16 @@ def idle_gaps(events, top: int = 8) -> dict:
     step's length), which tell forward, backward and the optimizer apart."""
     from torch.autograd import DeviceType
 
-    steps = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.name == STEP_MARK and e.device_type == DeviceType.CPU)
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == DeviceType.CUDA and e.name != STEP_MARK and e.time_range.end > e.time_range.start)
+    steps = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.name == STEP_MARK and e.device_type == DeviceType.CPU
+    )
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.name != STEP_MARK and e.time_range.end > e.time_range.start
+    )
     merged: list[list[float]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
@@ -99,16 +110,23 @@ def idle_gaps(events, top: int = 8) -> dict:
         before = [m for m in merged if m[0] < s0]
         boundary = (mine[0][0] - before[-1][1]) / 1e3 if before else None
         inner = [(b[0] - a[1], a[1] - mine[0][0]) for a, b in zip(mine, mine[1:])]
-        per_step.append({"boundary_ms": boundary, "inside_ms": sum(g for g, _ in inner) / 1e3,
-                         "kernels_span_ms": (mine[-1][1] - mine[0][0]) / 1e3})
+        per_step.append(
+            {
+                "boundary_ms": boundary,
+                "inside_ms": sum(g for g, _ in inner) / 1e3,
+                "kernels_span_ms": (mine[-1][1] - mine[0][0]) / 1e3,
+            }
+        )
         gaps += [{"ms": g / 1e3, "at_ms": at / 1e3, "of_ms": (mine[-1][1] - mine[0][0]) / 1e3} for g, at in inner]
     gaps.sort(key=lambda g: -g["ms"])
-    return {"steps": per_step, "longest": gaps[:top],
-            "small_gaps_ms": sum(g["ms"] for g in gaps if g["ms"] < 0.05) / max(len(per_step), 1)}
+    return {
+        "steps": per_step,
+        "longest": gaps[:top],
+        "small_gaps_ms": sum(g["ms"] for g in gaps if g["ms"] < 0.05) / max(len(per_step), 1),
+    }
 
 
-def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float | None = None,
-                    top: int = 10) -> dict:
+def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float | None = None, top: int = 10) -> dict:
     """Where a step's time goes: the share of a step the device was busy (kernel time per step over `step_s`,
     a step timed without the profiler, whose own start-up would swamp its wall time), a low share meaning the
     host cannot feed it; where there is no GPU, the share of the profiled wall time in CPU ops (a lower bound:
@@ -121,34 +139,47 @@ def profile_summary(events, wall_s: float, steps: int, cuda: bool, step_s: float
         return e.self_cpu_time_total
 
     device = DeviceType.CUDA if cuda else DeviceType.CPU
-    rows = [(e.key, self_time(e), e.count) for e in events
-            if e.device_type == device and self_time(e) > 0 and e.key != STEP_MARK]
+    rows = [
+        (e.key, self_time(e), e.count)
+        for e in events
+        if e.device_type == device and self_time(e) > 0 and e.key != STEP_MARK
+    ]
     busy_s = sum(t for _, t, _ in rows) / 1e6
     ranked = sorted(rows, key=lambda r: -r[1])[:top]
     # the host's side: the operators (and Python-level hooks torch records) with the most CPU time of their own
-    host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events
-                   if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0), key=lambda r: -r[1])[:top]
+    host = sorted(
+        (
+            (e.key, e.self_cpu_time_total, e.count)
+            for e in events
+            if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0
+        ),
+        key=lambda r: -r[1],
+    )[:top]
     kinds: dict[str, float] = {}  # device ms per step by kind of kernel (host: empty)
     if cuda:
         for k, t, _ in rows:
             kind = kernel_kind(k)
             kinds[kind] = kinds.get(kind, 0.0) + t / 1e3 / steps
-    return {"profile_steps": steps, "profile_wall_s": wall_s, "kinds_ms_per_step": kinds,
-            "device_busy": min(1.0, busy_s / steps / step_s) if cuda and step_s else None,
-            "device_ms_per_step": busy_s * 1e3 / steps if cuda else None,
-            "host_op_share": None if cuda else min(1.0, busy_s / wall_s),
-            "kernels_per_step": sum(c for _, _, c in rows) / steps,
-            "top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}
-                    for k, t, c in ranked],
-            "host_top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps}
-                         for k, t, c in host]}
+    return {
+        "profile_steps": steps,
+        "profile_wall_s": wall_s,
+        "kinds_ms_per_step": kinds,
+        "device_busy": min(1.0, busy_s / steps / step_s) if cuda and step_s else None,
+        "device_ms_per_step": busy_s * 1e3 / steps if cuda else None,
+        "host_op_share": None if cuda else min(1.0, busy_s / wall_s),
+        "kernels_per_step": sum(c for _, _, c in rows) / steps,
+        "top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps} for k, t, c in ranked],
+        "host_top": [{"name": k[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": c / steps} for k, t, c in host],
+    }
 
 
-KERNEL_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
-                ("attention", ("flash", "fmha", "attention", "cudnn")),
-                ("optimizer", ("optimizer", "adam", "multi_tensor")),
-                ("fused (triton)", ("triton",)),
-                ("copy", ("memcpy", "memset", "copy")))
+KERNEL_KINDS = (
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("optimizer", ("optimizer", "adam", "multi_tensor")),
+    ("fused (triton)", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy")),
+)
 
 
 def kernel_kind(name: str) -> str:
@@ -164,6 +195,7 @@ def peak_gib() -> float:
 
 # ---- the card ---------------------------------------------------------------------------------
 
+
 def matmul(spec: dict) -> dict:
     """Median bf16 matrix-product rate (TFLOP/s) at 8192^3 and at the 7B's MLP shape."""
     from triton.testing import do_bench
@@ -172,12 +204,13 @@ def matmul(spec: dict) -> dict:
     for name, (m, k, n) in {"square_8192": (8192, 8192, 8192), "mlp_2048x4096x11008": (2048, 4096, 11008)}.items():
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-        ms = do_bench(lambda: a @ b, warmup=200, rep=1000, return_mode="median")
+        ms = do_bench(lambda a=a, b=b: a @ b, warmup=200, rep=1000, return_mode="median")
         out[f"tflops_{name}"] = 2 * m * k * n / ms / 1e9
     return out
 
 
 # ---- shared inputs ----------------------------------------------------------------------------
+
 
 def make_tokenizer() -> None:
     """A Llama-2-sized word-level tokenizer (32000 ids, Llama's special tokens, pad = unk).
@@ -189,8 +222,13 @@ def make_tokenizer() -> None:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+    )
     tok.save_pretrained(TOKENIZER)
 
 
@@ -222,18 +260,32 @@ def prepare(spec: dict) -> dict:
 
 # ---- this project -----------------------------------------------------------------------------
 
+
 def project_overrides(spec: dict, run_dir: str) -> list[str]:
     """lora-launch overrides for a case: the article's LoRA on the random 7B, synthetic tokens."""
     model = spec.get("model", "llama2_7b_random")
     o = [f"model={model}"] + ([f"model.tokenizer={TOKENIZER}"] if model == "llama2_7b_random" else [])
-    o += ["data.source=synthetic",
-         f"data.synthetic_lengths={spec.get('lengths', 'full')}", "data.max_samples=2048", "data.val_split=0.0",
-         "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", f"train.seq_len={spec.get('seq', 512)}",
-         f"train.micro_batch_size={spec.get('micro', 4)}", f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
-         f"train.compile={spec.get('compile', 'auto')}", "train.max_steps=1000", "eval.at_start=false",
-         "logging.progress_bar=false", "logging.tensorboard=false", f"run.dir={run_dir}",
-         f"distributed={spec.get('distributed', 'ddp')}", f"optim={spec.get('optim', 'paged_adamw_32bit')}",
-         "optim.max_grad_norm=0.3"]
+    o += [
+        "data.source=synthetic",
+        f"data.synthetic_lengths={spec.get('lengths', 'full')}",
+        "data.max_samples=2048",
+        "data.val_split=0.0",
+        "lora.r=64",
+        "lora.alpha=16",
+        "lora.dropout=0.1",
+        f"train.seq_len={spec.get('seq', 512)}",
+        f"train.micro_batch_size={spec.get('micro', 4)}",
+        f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
+        f"train.compile={spec.get('compile', 'auto')}",
+        "train.max_steps=1000",
+        "eval.at_start=false",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        f"run.dir={run_dir}",
+        f"distributed={spec.get('distributed', 'ddp')}",
+        f"optim={spec.get('optim', 'paged_adamw_32bit')}",
+        "optim.max_grad_norm=0.3",
+    ]
     if spec.get("all_linear"):
         o.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
     if spec.get("quant") == "nf4" and spec.get("random_nf4"):  # drawn and quantised layer by layer on the GPU
@@ -295,15 +347,23 @@ def project(spec: dict) -> dict:
             times.append(row["step_time"])
             tokens.append(row["tokens"] // trainer.world)  # per GPU
         out = step_stats(times, tokens)
-        out.update(world=trainer.world, peak_gib=peak_gib(), peak_after_load_gib=loaded, loss=row["loss"],
-                   attention_context=attention_context(trainer.splits.train), **estimate)
+        out.update(
+            world=trainer.world,
+            peak_gib=peak_gib(),
+            peak_after_load_gib=loaded,
+            loss=row["loss"],
+            attention_context=attention_context(trainer.splits.train),
+            **estimate,
+        )
         if trainer.kept_gathered:  # FSDP2's keep_gathered=auto: (groups kept, groups)
             out["kept_gathered"] = list(trainer.kept_gathered)
         if spec.get("profile"):  # after the timed steps, so the profiler's overhead stays out of tokens/s
             out.update(profiled(trainer.train_step, int(spec["profile"]), out["step_time_median"]))
         if trainer.splits.report.get("packing"):  # share of each packed row that is samples, not padding
-            out.update(row_fill=trainer.splits.report["train_rows_fill"],
-                       packing_strategy=trainer.splits.report["packing_strategy"])
+            out.update(
+                row_fill=trainer.splits.report["train_rows_fill"],
+                packing_strategy=trainer.splits.report["packing_strategy"],
+            )
         return out
     finally:
         trainer.close()
@@ -358,20 +418,27 @@ def checkpoint(spec: dict) -> dict:
     out["at_once_save_seconds"] = time.perf_counter() - t0
     extra = statistics.median(saving) - statistics.median(plain)
     every = trainer.cfg.checkpoint.every_steps or 500
-    out.update(window_steps=n, window_plain_s=statistics.median(plain), window_saving_s=statistics.median(saving),
-               extra_seconds=extra, background=all(c.get("background") for c in saves),
-               paused_seconds=statistics.median(c["seconds"] for c in saves),
-               write_seconds=statistics.median(c["write_seconds"] for c in saves),
-               overhead_at_default_interval=max(extra, 0.0) / (every * out["step_time_median"]),
-               at_once_overhead_at_default_interval=out["at_once_save_seconds"] / (every * out["step_time_median"]),
-               size_mib=sum(f.stat().st_size for f in (trainer.run_dir / "checkpoints").glob("step-*/*")) / 2**20
-               / max(len(list((trainer.run_dir / "checkpoints").glob("step-*"))), 1),
-               peak_gib=peak_gib())
+    out.update(
+        window_steps=n,
+        window_plain_s=statistics.median(plain),
+        window_saving_s=statistics.median(saving),
+        extra_seconds=extra,
+        background=all(c.get("background") for c in saves),
+        paused_seconds=statistics.median(c["seconds"] for c in saves),
+        write_seconds=statistics.median(c["write_seconds"] for c in saves),
+        overhead_at_default_interval=max(extra, 0.0) / (every * out["step_time_median"]),
+        at_once_overhead_at_default_interval=out["at_once_save_seconds"] / (every * out["step_time_median"]),
+        size_mib=sum(f.stat().st_size for f in (trainer.run_dir / "checkpoints").glob("step-*/*"))
+        / 2**20
+        / max(len(list((trainer.run_dir / "checkpoints").glob("step-*"))), 1),
+        peak_gib=peak_gib(),
+    )
     trainer.close()
     return out
 
 
 # ---- the peer: the article's TRL recipe -------------------------------------------------------
+
 
 def lognormal_lengths(n: int, seq: int, seed: int = 0) -> list[int]:
     """Instruction-data-like sample lengths: log-normal, median seq/4, clipped to [8, seq] (as the project's
@@ -400,10 +467,15 @@ def peer(spec: dict) -> dict:
     local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     torch.cuda.set_device(local)
     if spec.get("quant") == "nf4":
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                 bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False)
-        model = AutoModelForCausalLM.from_pretrained(SAVED_7B, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": local})
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=False,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            SAVED_7B, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": local}
+        )
     else:
         model = random_7b()
     model.config.use_cache = False
@@ -413,15 +485,29 @@ def peer(spec: dict) -> dict:
     ids = [torch.randint(3, model.config.vocab_size, (k,), generator=g).tolist() for k in lengths]
     liger = bool(spec.get("liger") or spec.get("padding_free"))
     ddp = {"gradient_checkpointing_kwargs": {"use_reentrant": False}, "ddp_find_unused_parameters": False}
-    args = SFTConfig(output_dir=str(WORK / "runs" / spec["name"]), per_device_train_batch_size=micro,
-                     gradient_accumulation_steps=1, optim=spec.get("optim", "paged_adamw_32bit"), learning_rate=2e-4,
-                     weight_decay=0.001, max_grad_norm=0.3, lr_scheduler_type="cosine",
-                     bf16=torch.cuda.is_available(), disable_tqdm=True,
-                     max_steps=warm + steps, gradient_checkpointing=spec.get("ckpt", False),
-                     # padding-free rows are not cut to max_length by TRL: the samples are no longer than seq
-                     packing=False, max_length=None if spec.get("padding_free") else seq, logging_steps=1000,
-                     save_strategy="no", report_to="none",
-                     use_liger_kernel=liger, padding_free=bool(spec.get("padding_free")), **(ddp if world > 1 else {}))
+    args = SFTConfig(
+        output_dir=str(WORK / "runs" / spec["name"]),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=1,
+        optim=spec.get("optim", "paged_adamw_32bit"),
+        learning_rate=2e-4,
+        weight_decay=0.001,
+        max_grad_norm=0.3,
+        lr_scheduler_type="cosine",
+        bf16=torch.cuda.is_available(),
+        disable_tqdm=True,
+        max_steps=warm + steps,
+        gradient_checkpointing=spec.get("ckpt", False),
+        # padding-free rows are not cut to max_length by TRL: the samples are no longer than seq
+        packing=False,
+        max_length=None if spec.get("padding_free") else seq,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        use_liger_kernel=liger,
+        padding_free=bool(spec.get("padding_free")),
+        **(ddp if world > 1 else {}),
+    )
     lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")
     stamps, seen, loaded = [], [0], []
 
@@ -441,11 +527,16 @@ def peer(spec: dict) -> dict:
             per_step.append(seen[0])
             seen[0] = 0
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}),
-                         processing_class=AutoTokenizer.from_pretrained(TOKENIZER), peft_config=lora,
-                         callbacks=[Clock()])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": ids}),
+        processing_class=AutoTokenizer.from_pretrained(TOKENIZER),
+        peft_config=lora,
+        callbacks=[Clock()],
+    )
     trainer.train()
-    times = [b - a for a, b in zip(stamps[warm - 1:], stamps[warm:])]
+    times = [b - a for a, b in zip(stamps[warm - 1 :], stamps[warm:])]
     out = step_stats(times, per_step[warm:])
     out.update(world=world, peak_gib=peak_gib(), peak_after_load_gib=loaded[0])
     return out

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 from lora_launch.launcher import speed
 
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)
 
 PROJ_SHAPES = {  # (in, out) of each projection, as multiples resolved in linear_shapes()
-    "q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
-    "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h"),
+    "q_proj": ("h", "h"),
+    "k_proj": ("h", "kv"),
+    "v_proj": ("h", "kv"),
+    "o_proj": ("h", "h"),
+    "gate_proj": ("h", "i"),
+    "up_proj": ("h", "i"),
+    "down_proj": ("i", "h"),
 }
 
 
@@ -35,5 +46,11 @@ def lora_params(arch: dict, r: int, targets: list[str]) -> int:
 
 def flops_per_token(arch: dict, seq: float, recompute: bool, r: int, targets: list[str]) -> float:
     """Training FLOPs per token of a frozen-base LoRA step (4N, 6N with recompute; see speed.flops_per_token)."""
-    return speed.flops_per_token(matmul_params(arch), lora_params(arch, r, targets), arch["num_hidden_layers"],
-                                 arch["hidden_size"], seq, recompute)
+    return speed.flops_per_token(
+        matmul_params(arch),
+        lora_params(arch, r, targets),
+        arch["num_hidden_layers"],
+        arch["hidden_size"],
+        seq,
+        recompute,
+    )

@@ -40,9 +40,17 @@ KINDS = ("group", "rank", "sigterm")
 
 
 def base_overrides(steps: int) -> list[str]:
-    return [f"train.max_steps={steps}", "checkpoint.every_steps=5", "checkpoint.background_min_mib=0",
-            "checkpoint.keep_last=3", "logging.every_steps=1", "eval.at_start=false", "logging.progress_bar=false",
-            "logging.tensorboard=false", "sample.max_new_tokens=0"]
+    return [
+        f"train.max_steps={steps}",
+        "checkpoint.every_steps=5",
+        "checkpoint.background_min_mib=0",
+        "checkpoint.keep_last=3",
+        "logging.every_steps=1",
+        "eval.at_start=false",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "sample.max_new_tokens=0",
+    ]
 
 
 def cli(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -110,17 +118,30 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> di
     if kind != "rank":
         rc = start(run_dir, overrides + extra).wait(timeout=400)
     log = Path(f"{run_dir}.log").read_text()
-    return {"kill": n, "kind": kind, "asked_step": at, "seen_step": seen,
-            "resumed_from": re.findall(r"resumed from \S*?(step-\d+)", log),
-            "save_in_flight": in_flight(first_log), "rc_first": rc_first, "rc": rc, "dir": run_dir}
+    return {
+        "kill": n,
+        "kind": kind,
+        "asked_step": at,
+        "seen_step": seen,
+        "resumed_from": re.findall(r"resumed from \S*?(step-\d+)", log),
+        "save_in_flight": in_flight(first_log),
+        "rc_first": rc_first,
+        "rc": rc,
+        "dir": run_dir,
+    }
 
 
 def compare(row: dict, reference: dict) -> dict:
     """The row with how many of its losses equal the uninterrupted run's."""
     got = losses(row.pop("dir"))
     diff = [s for s in sorted(reference) if got.get(s) != reference[s]]
-    return {**row, "equal": len(reference) - len(diff), "of": len(reference),
-            "first_diff": diff[0] if diff else None, "bitwise": not diff and bool(reference)}
+    return {
+        **row,
+        "equal": len(reference) - len(diff),
+        "of": len(reference),
+        "first_diff": diff[0] if diff else None,
+        "bitwise": not diff and bool(reference),
+    }
 
 
 def main() -> int:
@@ -159,8 +180,11 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     bitwise = sum(r["bitwise"] for r in rows)
     overlap = [r for r in rows if r["save_in_flight"]]
-    print(f"{bitwise} of {len(rows)} kills resumed bitwise; {len(overlap)} came while a background save was in "
-          f"flight, {sum(r['bitwise'] for r in overlap)} of them bitwise", flush=True)
+    print(
+        f"{bitwise} of {len(rows)} kills resumed bitwise; {len(overlap)} came while a background save was in "
+        f"flight, {sum(r['bitwise'] for r in overlap)} of them bitwise",
+        flush=True,
+    )
     return 0 if bitwise == len(rows) else 1
 
 

@@ -90,10 +90,14 @@ class Recorder:
 
 # ---- 1, 2. scaling, LoRA and QLoRA --------------------------------------------------------------
 
+
 def peer_missing() -> str | None:
     """Why the peer cannot run here, or None."""
-    missing = [pkg for module, pkg in (("trl", "trl"), ("liger_kernel", "liger-kernel"))
-               if importlib.util.find_spec(module) is None]
+    missing = [
+        pkg
+        for module, pkg in (("trl", "trl"), ("liger_kernel", "liger-kernel"))
+        if importlib.util.find_spec(module) is None
+    ]
     return ", ".join(f"{pkg} missing" for pkg in missing) or None
 
 
@@ -133,6 +137,7 @@ def run_scaling(quant: str, ctx: dict, rec: Recorder, reserve: float) -> None:
 
 # ---- 3. two "nodes" from a hostfile, killed and resumed -----------------------------------------
 
+
 def host_address() -> tuple[str, str]:
     """A non-loopback IPv4 address of this host that is up, and its interface; else loopback."""
     import psutil
@@ -140,8 +145,12 @@ def host_address() -> tuple[str, str]:
     stats = psutil.net_if_stats()
     for name, addrs in psutil.net_if_addrs().items():
         for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127.") and stats.get(name, None) \
-                    and stats[name].isup:
+            if (
+                a.family == socket.AF_INET
+                and not a.address.startswith("127.")
+                and stats.get(name, None)
+                and stats[name].isup
+            ):
                 return a.address, name
     return "127.0.0.1", "lo"
 
@@ -161,9 +170,16 @@ class TwoNodes:
         second = "localhost" if self.addr != "127.0.0.1" else "127.0.0.2"
         # two lines for one host: the node ranks must be given, the first line is the rendezvous
         self.hostfile.write_text(f"{self.addr} slots={self.per_node}\n{second} slots={self.per_node}\n")
-        self.common = [*tiny_overrides(tiny), "launcher=hostfile", f"launcher.hostfile={self.hostfile}",
-                       f"launcher.main_process_port={port}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
-                       "train.micro_batch_size=2", f"run.dir={self.run_dir}"]
+        self.common = [
+            *tiny_overrides(tiny),
+            "launcher=hostfile",
+            f"launcher.hostfile={self.hostfile}",
+            f"launcher.main_process_port={port}",
+            f"train.max_steps={steps}",
+            "checkpoint.every_steps=2",
+            "train.micro_batch_size=2",
+            f"run.dir={self.run_dir}",
+        ]
 
     def commands(self) -> list[tuple[list[str], dict]]:
         return [(lora_launch([*self.common, f"launcher.node_rank={r}"]), tiny_env(self.devices[r])) for r in (0, 1)]
@@ -205,8 +221,8 @@ def gpus_by_node(procs) -> dict:
     import psutil
 
     try:
-        bus = dict(l.split(", ")[::-1] for l in smi("--query-gpu=index,pci.bus_id"))
-        apps = [l.split(", ") for l in smi("--query-compute-apps=pid,gpu_bus_id")]
+        bus = dict(line.split(", ")[::-1] for line in smi("--query-gpu=index,pci.bus_id"))
+        apps = [line.split(", ") for line in smi("--query-compute-apps=pid,gpu_bus_id")]
     except (OSError, subprocess.SubprocessError, ValueError):
         return {"error": "nvidia-smi unavailable"}
     out = {}
@@ -221,7 +237,7 @@ def gpus_by_node(procs) -> dict:
 
 def smi(query: str) -> list[str]:
     res = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-    return [l.strip() for l in res.stdout.splitlines() if l.strip()]
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()]
 
 
 def kill_midrun(nodes: TwoNodes, kill_at: int, timeout: float) -> dict:
@@ -229,8 +245,9 @@ def kill_midrun(nodes: TwoNodes, kill_at: int, timeout: float) -> dict:
     procs = []
     for (cmd, env), log in zip(nodes.commands(), nodes.logs("-killed")):
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=WORK,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=WORK, start_new_session=True)
+            )
     end, placement, seen = time.monotonic() + timeout, None, 0
     while time.monotonic() < end and all(p.poll() is None for p in procs):
         seen = max(nodes.losses(), default=0)
@@ -244,9 +261,14 @@ def kill_midrun(nodes: TwoNodes, kill_at: int, timeout: float) -> dict:
     for p in procs:
         p.wait()
     time.sleep(1.0)  # ranks die with their launcher (PDEATHSIG); let them go before the resume
-    return {"killed_at_step_seen": seen, "exited_before_kill": exited, "killed_groups": len(groups),
-            "gpus_by_node": placement, "rows_at_kill": len(nodes.losses()),
-            "checkpoints_at_kill": sorted(p.name for p in (nodes.run_dir / "checkpoints").glob("step-*"))}
+    return {
+        "killed_at_step_seen": seen,
+        "exited_before_kill": exited,
+        "killed_groups": len(groups),
+        "gpus_by_node": placement,
+        "rows_at_kill": len(nodes.losses()),
+        "checkpoints_at_kill": sorted(p.name for p in (nodes.run_dir / "checkpoints").glob("step-*")),
+    }
 
 
 def run_hostfile(ctx: dict, rec: Recorder, reserve: float) -> None:
@@ -257,8 +279,14 @@ def run_hostfile(ctx: dict, rec: Recorder, reserve: float) -> None:
         return
     refs = [TwoNodes(ctx["tiny"], dry, n, steps, f"reference_{x}", port) for x, port in (("a", 29700), ("b", 29750))]
     nodes = TwoNodes(ctx["tiny"], dry, n, steps, "kill_resume", 29800)
-    row = {"name": "two_nodes_kill_resume", "address": nodes.addr, "interface": nodes.iface,
-           "hostfile": nodes.hostfile.read_text(), "per_node": nodes.per_node, "devices": nodes.devices}
+    row = {
+        "name": "two_nodes_kill_resume",
+        "address": nodes.addr,
+        "interface": nodes.iface,
+        "hostfile": nodes.hostfile.read_text(),
+        "per_node": nodes.per_node,
+        "devices": nodes.devices,
+    }
     timeout = budget.left() - reserve - 5
     with ThreadPoolExecutor(2) as pool:
         ref_jobs = [pool.submit(run_group, r.commands(), r.logs(), timeout) for r in refs]
@@ -281,21 +309,33 @@ def check_resume(run_dir: Path, node0_log: Path, steps: int) -> dict:
     """Each step's metrics row exactly once, and the resume line of the log."""
     got = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     text = node0_log.read_text(errors="replace") if node0_log.exists() else ""
-    resumed = [l for l in text.splitlines() if "resumed from" in l]
+    resumed = [line for line in text.splitlines() if "resumed from" in line]
     at = re.search(r"\(step (\d+)", resumed[0]) if resumed else None
-    node_lines = [l for l in text.splitlines() if l.startswith("node ") or l.startswith("launch:")]
-    return {"steps_once_each": got == list(range(1, steps + 1)), "metric_steps": len(got),
-            "resume_line": resumed[0] if resumed else None, "resumed_at": int(at.group(1)) if at else None,
-            "node0_launch": node_lines}
+    node_lines = [line for line in text.splitlines() if line.startswith("node ") or line.startswith("launch:")]
+    return {
+        "steps_once_each": got == list(range(1, steps + 1)),
+        "metric_steps": len(got),
+        "resume_line": resumed[0] if resumed else None,
+        "resumed_at": int(at.group(1)) if at else None,
+        "node0_launch": node_lines,
+    }
 
 
 # ---- 4. correctness on GPUs ---------------------------------------------------------------------
 
+
 def tiny_overrides(tiny: dict) -> list[str]:
     """`lora-launch` overrides for the tiny model (the tests' fixture) and a short, quiet run."""
-    return [f"model.path={tiny['model']}", f"data.path={tiny['data']}", "data.source=local", "train.seq_len=64",
-            "logging.progress_bar=false", "logging.tensorboard=false", "sample.max_new_tokens=0",
-            "eval.at_start=false"]
+    return [
+        f"model.path={tiny['model']}",
+        f"data.path={tiny['data']}",
+        "data.source=local",
+        "train.seq_len=64",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "sample.max_new_tokens=0",
+        "eval.at_start=false",
+    ]
 
 
 def lora_launch(overrides: list[str]) -> list[str]:
@@ -303,8 +343,14 @@ def lora_launch(overrides: list[str]) -> list[str]:
 
 
 def tiny_env(devices: str | None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               NCCL_NVLS_ENABLE="0", TORCHINDUCTOR_COMPILE_THREADS="2")  # many runs share the host's cores
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        NCCL_NVLS_ENABLE="0",
+        TORCHINDUCTOR_COMPILE_THREADS="2",
+    )  # many runs share the host's cores
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     return env
@@ -315,8 +361,9 @@ def run_group(cmds: list[tuple[list[str], dict]], logs: list[Path], timeout: flo
     procs = []
     for (cmd, env), log in zip(cmds, logs):
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=WORK,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=WORK, start_new_session=True)
+            )
     end, codes = time.monotonic() + timeout, []
     for p in procs:
         try:
@@ -335,8 +382,12 @@ def correctness_runs() -> list[dict]:
         runs.append({"name": f"lora_{d}", "overrides": [f"distributed={d}"]})
         runs.append({"name": f"qlora_{d}", "overrides": [f"distributed={d}", "quant=nf4"]})
         if d.startswith(("zero3", "fsdp2")):
-            runs.append({"name": f"qlora_{d}_bf16_storage",
-                         "overrides": [f"distributed={d}", "quant=nf4", "quant.storage_dtype=bfloat16"]})
+            runs.append(
+                {
+                    "name": f"qlora_{d}_bf16_storage",
+                    "overrides": [f"distributed={d}", "quant=nf4", "quant.storage_dtype=bfloat16"],
+                }
+            )
     return runs
 
 
@@ -345,11 +396,11 @@ def correctness_row(run: dict, rc, seconds: float, log: Path, run_dir: Path) -> 
     out = log.read_text(errors="replace") if log.exists() else ""
     row = {"name": run["name"], "overrides": run["overrides"], "rc": rc, "seconds": round(seconds, 1)}
     losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    started = [l for l in out.splitlines() if l.startswith("training ") and "global batch" in l]
-    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    started = [line for line in out.splitlines() if line.startswith("training ") and "global batch" in line]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
     if rc == 0 and losses:
         row.update(outcome="trained", losses=losses, launch=started[-1] if started else None)
-    elif errors and not any(l.startswith("launch:") for l in out.splitlines()):
+    elif errors and not any(line.startswith("launch:") for line in out.splitlines()):
         row.update(outcome="refused before launch", message=errors[0])
     else:
         row.update(outcome="failed", message=last_error(out), losses=losses)
@@ -371,9 +422,15 @@ def run_correctness(ctx: dict, rec: Recorder, reserve: float) -> None:
     def one(i_run):
         i, run = i_run
         run_dir, log = base / run["name"], base / f"{run['name']}.log"
-        overrides = [*tiny_overrides(ctx["tiny"]), f"run.dir={run_dir}", "train.max_steps=4",
-                     "train.micro_batch_size=2", "launcher.num_processes=2",
-                     f"launcher.main_process_port={29600 + 5 * i}", *run["overrides"]]
+        overrides = [
+            *tiny_overrides(ctx["tiny"]),
+            f"run.dir={run_dir}",
+            "train.max_steps=4",
+            "train.micro_batch_size=2",
+            "launcher.num_processes=2",
+            f"launcher.main_process_port={29600 + 5 * i}",
+            *run["overrides"],
+        ]
         t0 = time.monotonic()
         (rc,) = run_group([(lora_launch(overrides), tiny_env(None if dry else pairs[i % len(pairs)]))], [log], timeout)
         return correctness_row(run, rc, time.monotonic() - t0, log, run_dir)
@@ -385,6 +442,7 @@ def run_correctness(ctx: dict, rec: Recorder, reserve: float) -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
 
 def fresh(path: Path) -> Path:
     """An empty scratch dir (run dirs left in it by an earlier call on the same machine would be resumed)."""
@@ -411,17 +469,20 @@ def tail(path: Path, n: int) -> str:
 
 def last_error(out: str) -> str:
     """The exception line of a failed run (the ranks' own, before the launcher's summary)."""
-    lines = [l for l in out.splitlines() if l.strip()]
-    raised = [l for l in lines if re.search(r"\w+(Error|Exception): ", l)]
-    errs = raised or [l for l in lines if l.lower().startswith("error")]
+    lines = [line for line in out.splitlines() if line.strip()]
+    raised = [line for line in lines if re.search(r"\w+(Error|Exception): ", line)]
+    errs = raised or [line for line in lines if line.lower().startswith("error")]
     return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:300]
 
 
 def summary(row: dict) -> str:
     if "tokens_per_s" in row:
         parts = [f"{row['tokens_per_s']:.0f} tok/s/GPU"]
-        for key, text in (("vs_1gpu", "{:.1%} of 1 GPU"), ("vs_1gpu_ddp", "{:.1%} of 1-GPU ddp"),
-                          ("vs_peer", "{:.2f}x the peer")):
+        for key, text in (
+            ("vs_1gpu", "{:.1%} of 1 GPU"),
+            ("vs_1gpu_ddp", "{:.1%} of 1-GPU ddp"),
+            ("vs_peer", "{:.2f}x the peer"),
+        ):
             if key in row:
                 target = target_cell(row, key) if key != "vs_1gpu_ddp" else "-"
                 parts.append(text.format(row[key]) + (f" ({target})" if target != "-" else ""))
@@ -442,31 +503,43 @@ def summary(row: dict) -> str:
 def hostfile_summary(row: dict) -> str:
     spread = row.get("reference_spread")
     worst = row.get("resumed_max_diff")
-    return (f"rc killed->resumed {row.get('resume_rc')}, references {row.get('reference_rc')}; "
-            f"killed at step {row['kill']['killed_at_step_seen']}, resumed at {row.get('resumed_at')}; "
-            f"steps once each: {row.get('steps_once_each')}; {row.get('compared_steps')} steps compared: "
-            f"references differ by <= {spread if spread is None else f'{spread:.3g}'}, resumed by <= "
-            f"{worst if worst is None else f'{worst:.3g}'} ({row.get('tolerance')}): "
-            f"{'within' if row.get('within_spread') else 'NOT within'} the spread"
-            + (f"; GPUs by node {row['kill']['gpus_by_node']} as asked: {row['placement_as_asked']}"
-               if "placement_as_asked" in row else ""))
+    return (
+        f"rc killed->resumed {row.get('resume_rc')}, references {row.get('reference_rc')}; "
+        f"killed at step {row['kill']['killed_at_step_seen']}, resumed at {row.get('resumed_at')}; "
+        f"steps once each: {row.get('steps_once_each')}; {row.get('compared_steps')} steps compared: "
+        f"references differ by <= {spread if spread is None else f'{spread:.3g}'}, resumed by <= "
+        f"{worst if worst is None else f'{worst:.3g}'} ({row.get('tolerance')}): "
+        f"{'within' if row.get('within_spread') else 'NOT within'} the spread"
+        + (
+            f"; GPUs by node {row['kill']['gpus_by_node']} as asked: {row['placement_as_asked']}"
+            if "placement_as_asked" in row
+            else ""
+        )
+    )
 
 
 def table(rows: list[dict]) -> str:
     """The figures with their ratios and targets, then the other phases' rows, one line each."""
     meta = rows[0] if rows else {}
-    head = f"{'phase':8} {'case':22} {'GPUs':>4} {'tok/s/GPU':>9} {'vs 1 GPU':>8} {'target':>11} " \
-           f"{'vs ddp 1':>8} {'vs peer':>7} {'target':>11} {'peak GiB':>8} {'cv':>5}"
-    lines = [f"{meta.get('card')}, {meta.get('date')}",
-             " ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if v), head]
+    head = (
+        f"{'phase':8} {'case':22} {'GPUs':>4} {'tok/s/GPU':>9} {'vs 1 GPU':>8} {'target':>11} "
+        f"{'vs ddp 1':>8} {'vs peer':>7} {'target':>11} {'peak GiB':>8} {'cv':>5}"
+    )
+    lines = [
+        f"{meta.get('card')}, {meta.get('date')}",
+        " ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if v),
+        head,
+    ]
     for r in rows:
         r = judge(r, rows)
         if "tokens_per_s" in r:
             vs_1, vs_ddp = (f"{r[k]:.1%}" if k in r else "-" for k in ("vs_1gpu", "vs_1gpu_ddp"))
             peer = f"{r['vs_peer']:.2f}x" if "vs_peer" in r else "-"
-            lines.append(f"{r['phase']:8} {r['name']:22} {r.get('world', '?'):>4} {r['tokens_per_s']:9.0f} "
-                         f"{vs_1:>8} {target_cell(r, 'vs_1gpu'):>11} {vs_ddp:>8} {peer:>7} "
-                         f"{target_cell(r, 'vs_peer'):>11} {r.get('peak_gib', 0):8.1f} {r.get('step_time_cv', 0):5.3f}")
+            lines.append(
+                f"{r['phase']:8} {r['name']:22} {r.get('world', '?'):>4} {r['tokens_per_s']:9.0f} "
+                f"{vs_1:>8} {target_cell(r, 'vs_1gpu'):>11} {vs_ddp:>8} {peer:>7} "
+                f"{target_cell(r, 'vs_peer'):>11} {r.get('peak_gib', 0):8.1f} {r.get('step_time_cv', 0):5.3f}"
+            )
         else:
             lines.append(f"{r['phase']:8} {r['name']:22} {summary(r)[:400]}")
     return "\n".join(lines)
@@ -489,20 +562,32 @@ def print_plan(n: int, phases: list[str], counts: list[int] | None, serial: bool
         for i, wave in enumerate(waves(scaling_cases(quant, n, counts), n, serial), 1):
             print(f"  wave {i}: " + ", ".join(f"{s['name']} [{d}]" for s, d in wave))
     for phase in (p for p in phases if p not in QUANTS):
-        print(f"{phase}: " + {"hostfile": f"2 nodes x {n // 2} GPUs ({' | '.join(node_devices(n))}), "
-                                          "2 references + killed/resumed at once",
-                              "correct": f"{len(correctness_runs())} lora-launch runs on GPU pairs"}[phase])
+        print(
+            f"{phase}: "
+            + {
+                "hostfile": f"2 nodes x {n // 2} GPUs ({' | '.join(node_devices(n))}), "
+                "2 references + killed/resumed at once",
+                "correct": f"{len(correctness_runs())} lora-launch runs on GPU pairs",
+            }[phase]
+        )
 
 
 # ---- the phases ---------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.multi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.multi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     parser.add_argument("--budget", type=float, help="seconds for everything (default 540; 3600 with --dry)")
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
-                        help="which phases, run in the order lora, qlora, hostfile, correct (default: all)")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=PHASES,
+        default=list(PHASES),
+        help="which phases, run in the order lora, qlora, hostfile, correct (default: all)",
+    )
     parser.add_argument("--counts", nargs="+", type=int, help="GPU counts of the scaling rows (1 always runs)")
     parser.add_argument("--serial", action="store_true", help="scaling cases one at a time, not in waves")
     parser.add_argument("--case-timeout", type=float, default=240.0)
@@ -528,15 +613,21 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.budget or (3600.0 if args.dry else 540.0)
     budget = Budget(seconds)
     WORK.mkdir(parents=True, exist_ok=True)
-    meta = {"card": card(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "versions": versions()}
+    meta = {"card": card(), "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"), "versions": versions()}
     rec = Recorder(Path(args.out), meta)
     environment(rec)
-    ctx = {"budget": budget, "dry": args.dry, "n": n, "tiny": tiny, "counts": args.counts, "serial": args.serial,
-           "case_timeout": args.case_timeout}
+    ctx = {
+        "budget": budget,
+        "dry": args.dry,
+        "n": n,
+        "tiny": tiny,
+        "counts": args.counts,
+        "serial": args.serial,
+        "case_timeout": args.case_timeout,
+    }
     for i, phase in enumerate(phases):
         # later phases keep what they need, at most half the call: the first phase is the most important
-        reserve = 0.0 if args.dry else min(sum(NEEDS[p] for p in phases[i + 1:]), seconds / 2)
+        reserve = 0.0 if args.dry else min(sum(NEEDS[p] for p in phases[i + 1 :]), seconds / 2)
         if phase in QUANTS:
             run_scaling(phase, ctx, rec, reserve)
         elif phase == "hostfile":

@@ -29,9 +29,17 @@ def gpu_counts(n: int, only: list[int] | None = None) -> list[int]:
 
 def project_case(quant: str, distributed: str, gpus: int) -> dict:
     """This project's Trainer on the Llama-2-7B shape (bench.case `project`), 3 warm-up + 8 timed steps."""
-    spec = case(f"{quant}_{distributed}_{gpus}gpu", "project", nproc=gpus, distributed=distributed, warmup=3,
-                steps=8, base=f"{quant}_{distributed}_1gpu", ddp_base=f"{quant}_ddp_1gpu",
-                peer=f"peer_{quant}_{gpus}gpu")
+    spec = case(
+        f"{quant}_{distributed}_{gpus}gpu",
+        "project",
+        nproc=gpus,
+        distributed=distributed,
+        warmup=3,
+        steps=8,
+        base=f"{quant}_{distributed}_1gpu",
+        ddp_base=f"{quant}_ddp_1gpu",
+        peer=f"peer_{quant}_{gpus}gpu",
+    )
     if distributed != "ddp":
         spec["torchrun"] = True  # DeepSpeed and FSDP2 get their process group from torchrun, also at 1 GPU
     if distributed == "fsdp2":
@@ -45,8 +53,7 @@ def project_case(quant: str, distributed: str, gpus: int) -> dict:
 
 def peer_case(quant: str, gpus: int) -> dict:
     """TRL SFTTrainer with use_liger_kernel=True, under `accelerate launch --multi_gpu` above 1 GPU."""
-    spec = case(f"peer_{quant}_{gpus}gpu", "peer", nproc=gpus, liger=True, warmup=3, steps=8,
-                base=f"peer_{quant}_1gpu")
+    spec = case(f"peer_{quant}_{gpus}gpu", "peer", nproc=gpus, liger=True, warmup=3, steps=8, base=f"peer_{quant}_1gpu")
     if quant == "qlora":
         spec.update(quant="nf4", ckpt=True)
     return spec
@@ -55,8 +62,9 @@ def peer_case(quant: str, gpus: int) -> dict:
 def scaling_cases(quant: str, n: int, only: list[int] | None = None) -> list[dict]:
     """Every option and the peer at every GPU count, most important first: the 1-GPU bases, then the
     largest count down; at each count the peer first, so the project's rows find it when they arrive."""
-    return [c for g in gpu_counts(n, only)
-            for c in (peer_case(quant, g), *(project_case(quant, d, g) for d in OPTIONS))]
+    return [
+        c for g in gpu_counts(n, only) for c in (peer_case(quant, g), *(project_case(quant, d, g) for d in OPTIONS))
+    ]
 
 
 def dry_case(spec: dict, tiny_model: str) -> dict:
@@ -129,8 +137,9 @@ def target_cell(row: dict, key: str) -> str:
     return f"{text} {'?' if met is None else 'met' if met else 'MISS'}"
 
 
-def loss_spread(ref_a: dict[int, float], ref_b: dict[int, float], resumed: dict[int, float],
-                resumed_at: int | None) -> dict:
+def loss_spread(
+    ref_a: dict[int, float], ref_b: dict[int, float], resumed: dict[int, float], resumed_at: int | None
+) -> dict:
     """Losses by step of two uninterrupted runs and the killed-and-resumed one: the references' run-to-run
     spread, the resumed run's difference from them (all steps, and those after the resume), and whether
     that difference stays within SPREAD_TOLERANCE x the spread (bitwise equality where the spread is 0)."""
@@ -141,10 +150,14 @@ def loss_spread(ref_a: dict[int, float], ref_b: dict[int, float], resumed: dict[
     diffs = {s: max(abs(resumed[s] - ref_a[s]), abs(resumed[s] - ref_b[s])) for s in steps}
     after = [d for s, d in diffs.items() if resumed_at is not None and s > resumed_at]
     worst = max(diffs.values())
-    return {"compared_steps": len(steps), "reference_spread": spread,
-            "reference_bitwise_equal_steps": sum(ref_a[s] == ref_b[s] for s in steps),
-            "resumed_max_diff": worst, "resumed_max_diff_after_resume": max(after, default=None),
-            "resumed_bitwise_equal_steps": sum(resumed[s] == ref_a[s] for s in steps),
-            "resumed_vs_spread": worst / spread if spread else (0.0 if worst == 0 else None),
-            "tolerance": f"{SPREAD_TOLERANCE:g}x the references' spread" if spread else "bitwise (spread 0)",
-            "within_spread": worst <= SPREAD_TOLERANCE * spread}
+    return {
+        "compared_steps": len(steps),
+        "reference_spread": spread,
+        "reference_bitwise_equal_steps": sum(ref_a[s] == ref_b[s] for s in steps),
+        "resumed_max_diff": worst,
+        "resumed_max_diff_after_resume": max(after, default=None),
+        "resumed_bitwise_equal_steps": sum(resumed[s] == ref_a[s] for s in steps),
+        "resumed_vs_spread": worst / spread if spread else (0.0 if worst == 0 else None),
+        "tolerance": f"{SPREAD_TOLERANCE:g}x the references' spread" if spread else "bitwise (spread 0)",
+        "within_spread": worst <= SPREAD_TOLERANCE * spread,
+    }

@@ -47,12 +47,20 @@ def main() -> int:
     codes = {name: p.wait(timeout=900) for name, p in procs.items()}
     runs = {name: losses(work / name) for name in procs}
     reference = runs["run-0"]
-    first_diff = {name: next((s for s in sorted(reference) if got.get(s) != reference[s]), None)
-                  for name, got in runs.items()}
-    row = {"card": card(), "date": datetime.date.today().isoformat(), "versions": versions(),
-           "overrides": overrides, "env": inductor_env, "exit_codes": codes,
-           "steps_logged": {n: len(g) for n, g in runs.items()}, "first_diff_from_run_0": first_diff,
-           "groups": groups(runs)}
+    first_diff = {
+        name: next((s for s in sorted(reference) if got.get(s) != reference[s]), None) for name, got in runs.items()
+    }
+    row = {
+        "card": card(),
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(),
+        "overrides": overrides,
+        "env": inductor_env,
+        "exit_codes": codes,
+        "steps_logged": {n: len(g) for n, g in runs.items()},
+        "first_diff_from_run_0": first_diff,
+        "groups": groups(runs),
+    }
     with (out / "results.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)

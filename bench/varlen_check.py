@@ -50,19 +50,36 @@ def check(width: int, heads: int, kv_heads: int) -> dict:
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
     q, k, v = _qkv(width, heads, kv_heads)
     grad = torch.randn(1, width, heads, 128, device="cuda", dtype=torch.bfloat16)
-    out, _ = varlen_attention(_Module(heads // kv_heads), q, k, v, None, scaling=128 ** -0.5,
-                              cu_seq_lens_q=cu, max_length_q=max(lengths))
+    out, _ = varlen_attention(
+        _Module(heads // kv_heads), q, k, v, None, scaling=128**-0.5, cu_seq_lens_q=cu, max_length_q=max(lengths)
+    )
     got = [out.float(), *torch.autograd.grad(out, (q, k, v), grad)]
     pieces = []
     for lo, hi in zip(cu.tolist(), cu.tolist()[1:]):
-        pieces.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], is_causal=True,
-                                                     scale=128 ** -0.5, enable_gqa=kv_heads != heads))
+        pieces.append(
+            F.scaled_dot_product_attention(
+                q[:, :, lo:hi],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                is_causal=True,
+                scale=128**-0.5,
+                enable_gqa=kv_heads != heads,
+            )
+        )
     ref = torch.cat(pieces, dim=2).transpose(1, 2)
     want = [ref.float(), *torch.autograd.grad(ref, (q, k, v), grad)]
-    errors = {name: float((a.float() - b.float()).abs().max() / b.float().abs().max())
-              for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
-    return {"width": width, "heads": heads, "kv_heads": kv_heads, "samples": len(lengths),
-            "max_rel_error": errors, "ok": all(e < 2e-2 for e in errors.values())}
+    errors = {
+        name: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)
+    }
+    return {
+        "width": width,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "samples": len(lengths),
+        "max_rel_error": errors,
+        "ok": all(e < 2e-2 for e in errors.values()),
+    }
 
 
 def _ms(fn, iters: int = 20) -> float:
@@ -83,11 +100,12 @@ def timing(width: int, heads: int = 32) -> dict:
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
     q, k, v = _qkv(width, heads, heads)
     sample = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
-    mask = ((sample[:, None] == sample[None, :]) & torch.ones(width, width, dtype=torch.bool, device="cuda").tril())
+    mask = (sample[:, None] == sample[None, :]) & torch.ones(width, width, dtype=torch.bool, device="cuda").tril()
 
     def varlen():
-        out, _ = varlen_attention(_Module(1), q, k, v, None, scaling=128 ** -0.5, cu_seq_lens_q=cu,
-                                  max_length_q=max(lengths))
+        out, _ = varlen_attention(
+            _Module(1), q, k, v, None, scaling=128**-0.5, cu_seq_lens_q=cu, max_length_q=max(lengths)
+        )
         out.sum().backward()
 
     def masked():
@@ -96,8 +114,13 @@ def timing(width: int, heads: int = 32) -> dict:
     def causal_row():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-    return {"width": width, "samples": len(lengths), "varlen_ms": _ms(varlen), "sdpa_mask_ms": _ms(masked),
-            "sdpa_causal_whole_row_ms": _ms(causal_row)}
+    return {
+        "width": width,
+        "samples": len(lengths),
+        "varlen_ms": _ms(varlen),
+        "sdpa_mask_ms": _ms(masked),
+        "sdpa_causal_whole_row_ms": _ms(causal_row),
+    }
 
 
 def main() -> int:
@@ -107,8 +130,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     attention.register()
     kernel = attention._KERNEL
-    head = {"torch": torch.__version__, "card": torch.cuda.get_device_name(),
-            "varlen_attn": None if kernel is None else sorted(kernel[1])}
+    head = {
+        "torch": torch.__version__,
+        "card": torch.cuda.get_device_name(),
+        "varlen_attn": None if kernel is None else sorted(kernel[1]),
+    }
     print(json.dumps(head))
     rows = [check(w, 32, kv) for w in (512, 4096) for kv in (32, 8)] + [timing(w) for w in (2048, 4096, 16384)]
     with (out / "varlen.jsonl").open("a") as f:

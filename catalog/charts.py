@@ -71,7 +71,7 @@ class _Axis:
         if self.log:  # powers of ten over several decades, else 1-2-5 steps
             decades = range(math.floor(self.lo), math.ceil(self.hi) + 1)
             steps = (1,) if len(decades) > 3 else (1, 2, 5)
-            values = [m * 10.0 ** e for e in decades for m in steps if self.lo <= math.log10(m) + e <= self.hi]
+            values = [m * 10.0**e for e in decades for m in steps if self.lo <= math.log10(m) + e <= self.hi]
             return [(self(v), f"{v:g}") for v in values]
         ticks = nice_ticks(self.lo, self.hi)
         digits = max(0, -math.floor(math.log10(ticks[1] - ticks[0]))) if len(ticks) > 1 else 4
@@ -87,30 +87,42 @@ def chart(series: list[Series], x_label: str, y_label: str, log_x: bool = False)
     ys = [y for s in series for _, y in s.points]
     fx = _Axis(xs, LEFT, WIDTH - RIGHT, log=log_x)
     fy = _Axis(ys, HEIGHT - BOTTOM, TOP)
-    parts = [f'<svg class="chart" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img">',
-             f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
-             'fill="#fff" stroke="#bbb"/>']
+    parts = [
+        f'<svg class="chart" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img">',
+        f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
+        'fill="#fff" stroke="#bbb"/>',
+    ]
     for px, label in fx.ticks():
-        parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="#eee"/>'
-                     f'<text x="{px:.1f}" y="{HEIGHT - BOTTOM + 14}" text-anchor="middle">{escape(label)}</text>')
+        parts.append(
+            f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="#eee"/>'
+            f'<text x="{px:.1f}" y="{HEIGHT - BOTTOM + 14}" text-anchor="middle">{escape(label)}</text>'
+        )
     for py, label in fy.ticks():
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{py:.1f}" y2="{py:.1f}" stroke="#eee"/>'
-                     f'<text x="{LEFT - 4}" y="{py + 4:.1f}" text-anchor="end">{escape(label)}</text>')
-    parts.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
-                 f'{escape(x_label)}</text>'
-                 f'<text transform="translate(12 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" '
-                 f'text-anchor="middle">{escape(y_label)}</text>')
+        parts.append(
+            f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{py:.1f}" y2="{py:.1f}" stroke="#eee"/>'
+            f'<text x="{LEFT - 4}" y="{py + 4:.1f}" text-anchor="end">{escape(label)}</text>'
+        )
+    parts.append(
+        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
+        f"{escape(x_label)}</text>"
+        f'<text transform="translate(12 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
     for i, s in enumerate(series):
         xy = [(fx(x), fy(y)) for x, y in s.points]
         if s.line and len(xy) > 1:
             path = " ".join(f"{px:.1f},{py:.1f}" for px, py in xy)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{s.color}" stroke-width="1.5"/>')
         if s.markers or len(xy) == 1:
-            parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{s.color}">'
-                      f'<title>{escape(f"{s.label}: {x_label} {x}, {y_label} {y:.4g}")}</title></circle>'
-                      for (px, py), (x, y) in zip(xy, s.points)]
+            parts += [
+                f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{s.color}">'
+                f"<title>{escape(f'{s.label}: {x_label} {x}, {y_label} {y:.4g}')}</title></circle>"
+                for (px, py), (x, y) in zip(xy, s.points)
+            ]
         lx = LEFT + 120 * i
-        parts.append(f'<rect x="{lx}" y="6" width="10" height="10" fill="{s.color}"/>'
-                     f'<text x="{lx + 14}" y="15">{escape(s.label)}</text>')
+        parts.append(
+            f'<rect x="{lx}" y="6" width="10" height="10" fill="{s.color}"/>'
+            f'<text x="{lx + 14}" y="15">{escape(s.label)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)

@@ -123,39 +123,57 @@ def _sweep(sweep: Path, trials: list[Run], index: dict[int, int], page_dir: Path
     links = " · ".join(_link(sweep / f, page_dir, f) for f in ("summary.md", "sweep.png") if (sweep / f).is_file())
     charts = []
     for key, values in swept_values(trials).items():
-        points = [(v, t.best_eval_loss, t.status == "finished") for v, t in zip(values, trials)
-                  if v is not None and t.best_eval_loss is not None]
-        series = [Series("finished", [(v, y) for v, y, ok in points if ok], DONE, line=False, markers=True),
-                  Series("not finished", [(v, y) for v, y, ok in points if not ok], OTHER, line=False, markers=True)]
-        charts.append(f'<div class="card"><h3>best eval loss against {escape(key)}</h3>'
-                      f'{chart(series, key, "best eval loss", log_x=True)}</div>')
+        points = [
+            (v, t.best_eval_loss, t.status == "finished")
+            for v, t in zip(values, trials)
+            if v is not None and t.best_eval_loss is not None
+        ]
+        series = [
+            Series("finished", [(v, y) for v, y, ok in points if ok], DONE, line=False, markers=True),
+            Series("not finished", [(v, y) for v, y, ok in points if not ok], OTHER, line=False, markers=True),
+        ]
+        charts.append(
+            f'<div class="card"><h3>best eval loss against {escape(key)}</h3>'
+            f"{chart(series, key, 'best eval loss', log_x=True)}</div>"
+        )
     if not charts:
         charts.append('<p class="note">no key takes different values in these trials: nothing to plot</p>')
     names = ", ".join(f'<a href="#run-{index[id(t)]}">{escape(t.path.name)}</a>' for t in trials)
-    return (f'<section class="sweep"><h2>Sweep {escape(str(sweep))}</h2>'
-            f'<p class="meta">{_count(trials, "trial")}, {done} finished: {names}. {links}</p>'
-            f'<div class="cards">{"".join(charts)}</div></section>')
+    return (
+        f'<section class="sweep"><h2>Sweep {escape(str(sweep))}</h2>'
+        f'<p class="meta">{_count(trials, "trial")}, {done} finished: {names}. {links}</p>'
+        f'<div class="cards">{"".join(charts)}</div></section>'
+    )
 
 
 def _run(i: int, run: Run, page_dir: Path) -> str:
     """One run's card: status, settings, overrides, links, sample, and its train and eval loss curves."""
     row = run.row()
-    settings = ", ".join(f"{k} {cell(k, row)}" for k in ("model", "r", "alpha", "lr", "data", "distributed")
-                         if row[k] is not None)
-    facts = [f'{_badge(run)} step {run.steps}' + (f' of {row["max_steps"]}' if row["max_steps"] else ""),
-             escape(settings)]
+    settings = ", ".join(
+        f"{k} {cell(k, row)}" for k in ("model", "r", "alpha", "lr", "data", "distributed") if row[k] is not None
+    )
+    facts = [
+        f"{_badge(run)} step {run.steps}" + (f" of {row['max_steps']}" if row["max_steps"] else ""),
+        escape(settings),
+    ]
     if run.note:
         facts.append(f'<span class="note">{escape(run.note)}</span>')
     if run.overrides:
         facts.append("overrides: <code>" + escape(" ".join(run.overrides)) + "</code>")
-    facts.append(_link(run.path, page_dir, "run dir") + (" · " + _link(run.adapter, page_dir, "adapter/")
-                                                         if run.adapter else ""))
+    facts.append(
+        _link(run.path, page_dir, "run dir") + (" · " + _link(run.adapter, page_dir, "adapter/") if run.adapter else "")
+    )
     if run.sample:
         facts.append("sample: <code>" + escape(run.sample) + "</code>")
-    curves = chart([Series("train loss", run.train, TRAIN), Series("eval loss", run.evals, EVAL, markers=True)],
-                   "optimizer step", "loss")
-    return (f'<section class="card run" id="run-{i}"><h3>{escape(run.name)}</h3>'
-            f'<p>{"<br>".join(facts)}</p>{curves}</section>')
+    curves = chart(
+        [Series("train loss", run.train, TRAIN), Series("eval loss", run.evals, EVAL, markers=True)],
+        "optimizer step",
+        "loss",
+    )
+    return (
+        f'<section class="card run" id="run-{i}"><h3>{escape(run.name)}</h3>'
+        f"<p>{'<br>'.join(facts)}</p>{curves}</section>"
+    )
 
 
 def _count(items, noun: str) -> str:
@@ -170,16 +188,21 @@ def render(runs: list[Run], page_dir: Path, dirs: list[str]) -> str:
         if run.sweep is not None:
             sweeps.setdefault(run.sweep, []).append(run)
     finished = sum(r.status == "finished" for r in runs)
-    parts = ['<!doctype html><html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>lora-launch runs: {escape(', '.join(dirs))}</title><style>{STYLE}</style></head><body>",
-             f"<h1>Runs under {escape(', '.join(dirs))}</h1>",
-             f'<p class="meta">{_count(runs, "run")}, {finished} finished, {_count(sweeps, "sweep")}; written '
-             f'{time.strftime("%Y-%m-%d %H:%M")} by <code>lora-launch report</code>. Click a column to sort.</p>',
-             _table(runs, page_dir)]
+    parts = [
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>lora-launch runs: {escape(', '.join(dirs))}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Runs under {escape(', '.join(dirs))}</h1>",
+        f'<p class="meta">{_count(runs, "run")}, {finished} finished, {_count(sweeps, "sweep")}; written '
+        f"{time.strftime('%Y-%m-%d %H:%M')} by <code>lora-launch report</code>. Click a column to sort.</p>",
+        _table(runs, page_dir),
+    ]
     parts += [_sweep(s, trials, index, page_dir) for s, trials in sorted(sweeps.items())]
-    parts += ['<h2>Loss curves</h2><div class="cards">', *(_run(i, r, page_dir) for i, r in enumerate(runs)),
-              f"</div><script>{SCRIPT}</script></body></html>"]
+    parts += [
+        '<h2>Loss curves</h2><div class="cards">',
+        *(_run(i, r, page_dir) for i, r in enumerate(runs)),
+        f"</div><script>{SCRIPT}</script></body></html>",
+    ]
     return "\n".join(parts)
 
 

@@ -30,6 +30,7 @@ _YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's where built: 
 @dataclass
 class Run:
     """One run dir (or sweep trial) as its files describe it."""
+
     path: Path
     name: str  # the path as the user reaches it: the folder they named, then the path below it
     status: str  # finished | running | preempted | interrupted | pruned | failed | killed | broken | not started
@@ -69,17 +70,30 @@ class Run:
         """The run's summary under the names `lora-launch runs` sorts, filters and prints by."""
         processes, machines = self.setting("launcher.num_processes"), self.setting("launcher.num_machines") or 1
         return {
-            "name": self.name, "status": self.status, "steps": self.steps, "max_steps": self._max_steps(),
-            "model": self._model(), "quant": self.setting("quant.mode"),
-            "r": self.setting("lora.r"), "alpha": self.setting("lora.alpha"), "lr": self.setting("optim.lr"),
-            "data": self._data(), "distributed": self.setting("distributed.name"),
+            "name": self.name,
+            "status": self.status,
+            "steps": self.steps,
+            "max_steps": self._max_steps(),
+            "model": self._model(),
+            "quant": self.setting("quant.mode"),
+            "r": self.setting("lora.r"),
+            "alpha": self.setting("lora.alpha"),
+            "lr": self.setting("optim.lr"),
+            "data": self._data(),
+            "distributed": self.setting("distributed.name"),
             "processes": processes * machines if isinstance(processes, int) else processes,
-            "best_eval_loss": self.best_eval_loss, "final_eval_loss": self.final_eval_loss,
-            "final_train_loss": self.final_train_loss, "tokens_per_s": self.tokens_per_s,
-            "peak_memory_gib": self.peak_memory_gib, "restarts": self.restarts,
+            "best_eval_loss": self.best_eval_loss,
+            "final_eval_loss": self.final_eval_loss,
+            "final_train_loss": self.final_train_loss,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_memory_gib": self.peak_memory_gib,
+            "restarts": self.restarts,
             "adapter": str(Path(self.name) / "adapter") if self.adapter else None,
-            "date": _iso(self.time), "sweep": str(self.sweep) if self.sweep else None,
-            "path": str(self.path.resolve()), "overrides": self.overrides, "note": self.note,
+            "date": _iso(self.time),
+            "sweep": str(self.sweep) if self.sweep else None,
+            "path": str(self.path.resolve()),
+            "overrides": self.overrides,
+            "note": self.note,
         }
 
     def _max_steps(self) -> int | None:
@@ -121,6 +135,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 # ---- finding runs ---------------------------------------------------------------------------------
 
+
 def is_run_dir(path: Path) -> bool:
     """Whether `path` holds a run's (or a sweep trial's) files (False where this user may not look)."""
     try:
@@ -157,6 +172,7 @@ def _run_dirs_below(folder: Path, depth: int) -> list[Path]:
 
 
 # ---- reading one run ------------------------------------------------------------------------------
+
 
 def read_run(path: Path, name: str | None = None) -> Run:
     """The run in `path` as its files describe it; never raises for what the files hold."""

@@ -15,8 +15,22 @@ from lora_launch.catalog.terminal import fit_table, wrap
 from lora_launch.conf.schema import ConfigError
 
 DEFAULT_FOLDERS = ("runs", "sweeps")
-COLUMNS = ("name", "status", "steps", "model", "r", "alpha", "lr", "data", "distributed", "best_eval_loss",
-           "final_eval_loss", "tokens_per_s", "adapter", "date")
+COLUMNS = (
+    "name",
+    "status",
+    "steps",
+    "model",
+    "r",
+    "alpha",
+    "lr",
+    "data",
+    "distributed",
+    "best_eval_loss",
+    "final_eval_loss",
+    "tokens_per_s",
+    "adapter",
+    "date",
+)
 HEADERS = {"best_eval_loss": "best eval", "final_eval_loss": "final eval", "tokens_per_s": "tok/s"}
 ALIASES = {"eval_loss": "best_eval_loss", "loss": "best_eval_loss", "tok/s": "tokens_per_s", "speed": "tokens_per_s"}
 METRICS = ("final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_s", "steps", "peak_memory_gib")
@@ -25,6 +39,7 @@ _WHERE = re.compile(r"^([^<>=!]+?)(<=|>=|!=|=|<|>)(.*)$")
 
 
 # ---- values, sorting, filtering -------------------------------------------------------------------
+
 
 def value(run: Run, key: str):
     """The value `--sort`/`--where` see for `key`: a column of the table (or its alias), else a dotted config
@@ -38,8 +53,9 @@ def check_key(runs: list[Run], key: str) -> None:
     """Refuse a key that is neither a column nor a config key of any run, in one line."""
     key = ALIASES.get(key, key)
     if runs and key not in runs[0].row() and not any(key in flatten(r.config or {}) for r in runs):
-        raise ConfigError(f"unknown key {key!r}: use a column ({', '.join(runs[0].row())}) or a config key "
-                          "such as lora.dropout")
+        raise ConfigError(
+            f"unknown key {key!r}: use a column ({', '.join(runs[0].row())}) or a config key such as lora.dropout"
+        )
 
 
 def _order(v):
@@ -60,8 +76,10 @@ def parse_where(condition: str) -> tuple[str, str, str]:
     """`key=value` (glob patterns allowed), `key!=value`, `key<value`, `key>=value`, ... as (key, op, value)."""
     match = _WHERE.match(condition)
     if not match:
-        raise ConfigError(f"--where {condition!r}: write KEY=VALUE, KEY!=VALUE or KEY<VALUE (also <=, >, >=), "
-                          "e.g. --where status=finished")
+        raise ConfigError(
+            f"--where {condition!r}: write KEY=VALUE, KEY!=VALUE or KEY<VALUE (also <=, >, >=), "
+            "e.g. --where status=finished"
+        )
     return match.group(1).strip(), match.group(2), match.group(3).strip()
 
 
@@ -113,6 +131,7 @@ def text(v) -> str:
 
 # ---- the table --------------------------------------------------------------------------------------
 
+
 def cell(key: str, row: dict) -> str:
     """One table cell: losses to 4 digits, speed whole, steps of the planned steps when unfinished."""
     v = row.get(key)
@@ -132,8 +151,18 @@ def cell(key: str, row: dict) -> str:
 
 
 # what goes first when the table is wider than the terminal; name, status, steps and best eval stay
-DROPPED_FIRST = ("adapter", "distributed", "alpha", "tokens_per_s", "final_eval_loss", "data", "date", "model",
-                 "r", "lr")
+DROPPED_FIRST = (
+    "adapter",
+    "distributed",
+    "alpha",
+    "tokens_per_s",
+    "final_eval_loss",
+    "data",
+    "date",
+    "model",
+    "r",
+    "lr",
+)
 
 
 def table(runs: list[Run], width: int | None = None) -> str:
@@ -143,21 +172,30 @@ def table(runs: list[Run], width: int | None = None) -> str:
     columns = list(COLUMNS) + (["note"] if any(row["note"] for row in rows) else [])
     cells = [[HEADERS.get(c, c) for c in columns]]
     cells += [[cell(c, row)[:70] for c in columns] for row in rows]
-    cells, dropped = fit_table(cells, width, [columns.index(c) for c in DROPPED_FIRST],
-                               [columns.index(c) for c in ("note", "name") if c in columns], keep_end=(0,))
+    cells, dropped = fit_table(
+        cells,
+        width,
+        [columns.index(c) for c in DROPPED_FIRST],
+        [columns.index(c) for c in ("note", "name") if c in columns],
+        keep_end=(0,),
+    )
     kept = [c for i, c in enumerate(columns) if i not in dropped]
     widths = [max(len(line[i]) for line in cells) for i in range(len(kept))]
     numeric = {i for i, c in enumerate(kept) if c in ("steps", "r", "alpha", "lr") or c in METRICS}
-    lines = ["  ".join(v.rjust(w) if i in numeric else v.ljust(w)
-                       for i, (v, w) in enumerate(zip(line, widths))).rstrip() for line in cells]
+    lines = [
+        "  ".join(v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip()
+        for line in cells
+    ]
     if dropped:
         left_out = ", ".join(HEADERS.get(columns[i], columns[i]) for i in dropped)
-        lines.append(wrap(f"(left out to fit {width} columns: {left_out}; --json or a wider terminal shows them)",
-                          width))
+        lines.append(
+            wrap(f"(left out to fit {width} columns: {left_out}; --json or a wider terminal shows them)", width)
+        )
     return "\n".join(lines)
 
 
 # ---- diff -------------------------------------------------------------------------------------------
+
 
 def config_diff(a: Run, b: Run) -> list[tuple[str, object, object]]:
     """(dotted key, A's value, B's value) of every config key whose values differ (missing: None)."""
@@ -194,12 +232,16 @@ def diff_text(a: Run, b: Run) -> str:
 
 
 def diff_json(a: Run, b: Run) -> dict:
-    return {"a": a.row(), "b": b.row(),
-            "config": {k: {"a": va, "b": vb} for k, va, vb in config_diff(a, b)},
-            "metrics": {m: {"a": va, "b": vb} for m, va, vb in metric_diff(a, b)}}
+    return {
+        "a": a.row(),
+        "b": b.row(),
+        "config": {k: {"a": va, "b": vb} for k, va, vb in config_diff(a, b)},
+        "metrics": {m: {"a": va, "b": vb} for m, va, vb in metric_diff(a, b)},
+    }
 
 
 # ---- finding the runs a command names -----------------------------------------------------------------
+
 
 def collect(dirs: list[str]) -> list[Run]:
     """The runs under `dirs` (default: runs/ and sweeps/ here); an explicitly named missing dir is refused."""
@@ -226,7 +268,10 @@ def resolve(ref: str) -> Run:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise ConfigError(f"{ref}: no such run dir, and no run of that name under runs/ or sweeps/ here "
-                          "(give its path; `lora-launch runs` lists them)")
-    raise ConfigError(f"{ref}: {len(found)} runs have that name ({', '.join(r.name for r in found[:5])}); "
-                      "give its path")
+        raise ConfigError(
+            f"{ref}: no such run dir, and no run of that name under runs/ or sweeps/ here "
+            "(give its path; `lora-launch runs` lists them)"
+        )
+    raise ConfigError(
+        f"{ref}: {len(found)} runs have that name ({', '.join(r.name for r in found[:5])}); give its path"
+    )

@@ -36,8 +36,9 @@ def wrap(text: str, width: int | None) -> str:
     return "\n".join(out)
 
 
-def fit_table(cells: list[list[str]], width: int | None, drop_order: list[int], shrink: list[int],
-              keep_end: tuple[int, ...] = ()) -> tuple[list[list[str]], list[int]]:
+def fit_table(
+    cells: list[list[str]], width: int | None, drop_order: list[int], shrink: list[int], keep_end: tuple[int, ...] = ()
+) -> tuple[list[list[str]], list[int]]:
     """A table (header row first) cut down to `width` columns as `  `-joined lines: columns in `drop_order` go
     first, then the `shrink` columns are cut short with … (at their start for those in `keep_end`, such as a
     path whose last part tells rows apart); returns the cells and the dropped column indices."""
@@ -63,4 +64,4 @@ def fit_table(cells: list[list[str]], width: int | None, drop_order: list[int], 
 def _cut(text: str, width: int, keep_end: bool) -> str:
     if len(text) <= width:
         return text
-    return "…" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "…"
+    return "…" + text[len(text) - width + 1 :] if keep_end else text[: width - 1] + "…"

@@ -24,14 +24,45 @@ from lora_launch.run.process import replace_process
 POSTTRAIN_MODULE = "lora_launch.train.posttrain"
 SERVE_MODULE = "lora_launch.serve"  # `serve` runs in its own process too, above the training code
 STUDIO_MODULE = "lora_launch.studio"  # the web app: its own process as well
-MOST_USED = ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "optim.lr", "train.max_steps",
-             "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
-             "train.seq_len", "train.precision", "train.grad_ckpt", "quant.mode", "launcher.num_processes",
-             "run.dir", "eval.every_steps", "checkpoint.every_steps", "checkpoint.keep_last", "resume.mode",
-             "resume.allow_changes", "seed", "preview", "data.format", "data.template", "data.sources",
-             "data.packing", "data.packing_strategy",
-             "optim.name", "model.attn_implementation", "launcher.max_restarts", "launcher.accelerate_config",
-             "distributed.deepspeed_config", "sweep.parallel", "sweep.prune", "sweep.search", "sweep.trials")
+MOST_USED = (
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "optim.lr",
+    "train.max_steps",
+    "train.epochs",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.global_batch_size",
+    "train.seq_len",
+    "train.precision",
+    "train.grad_ckpt",
+    "quant.mode",
+    "launcher.num_processes",
+    "run.dir",
+    "eval.every_steps",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "resume.mode",
+    "resume.allow_changes",
+    "seed",
+    "preview",
+    "data.format",
+    "data.template",
+    "data.sources",
+    "data.packing",
+    "data.packing_strategy",
+    "optim.name",
+    "model.attn_implementation",
+    "launcher.max_restarts",
+    "launcher.accelerate_config",
+    "distributed.deepspeed_config",
+    "sweep.parallel",
+    "sweep.prune",
+    "sweep.search",
+    "sweep.trials",
+)
 
 
 def _groups_text(primary: dict) -> list[str]:
@@ -74,22 +105,30 @@ def help_text(width: int | None = None) -> str:
     names = max(map(len, [*COMMANDS, *RUNS_HELP]))
     commands = [f"  {name:<{names}}  {schema.__doc__.strip().splitlines()[0]}" for name, schema in COMMANDS.items()]
     commands += [f"  {name:<{names}}  {line}" for name, line in RUNS_HELP.items()]  # flags, not key=value
-    return wrap("\n".join([
-        "usage: lora-launch [group=option ...] [key=value ...]  train (preview=true: show the plan, start nothing)",
-        "       lora-launch -m key=a,b ...                      a sweep: one full launch per combination",
-        "       lora-launch COMMAND key=value ...               after training or a sweep",
-        "       lora-launch COMMAND --help                      that command's keys",
-        "",
-        "Commands:", *commands,
-        "",
-        "Config groups (group=option; * marks the default):", *_groups_text(primary),
-        "",
-        "Most used keys: type; default; range (any key of the config can be set: key=value):", *_keys_text(),
-        "",
-        "A bad key or value fails before anything starts, naming the key. Hydra's own options work anywhere "
-        "on the line: --cfg job prints the composed config, --info what Hydra found, --hydra-help Hydra's help, "
-        "-m/--multirun sweeps.",
-    ]), terminal_width() if width is None else width)
+    return wrap(
+        "\n".join(
+            [
+                "usage: lora-launch [group=option ...] [key=value ...]  train (preview=true: show the plan, start nothing)",
+                "       lora-launch -m key=a,b ...                      a sweep: one full launch per combination",
+                "       lora-launch COMMAND key=value ...               after training or a sweep",
+                "       lora-launch COMMAND --help                      that command's keys",
+                "",
+                "Commands:",
+                *commands,
+                "",
+                "Config groups (group=option; * marks the default):",
+                *_groups_text(primary),
+                "",
+                "Most used keys: type; default; range (any key of the config can be set: key=value):",
+                *_keys_text(),
+                "",
+                "A bad key or value fails before anything starts, naming the key. Hydra's own options work anywhere "
+                "on the line: --cfg job prints the composed config, --info what Hydra found, --hydra-help Hydra's help, "
+                "-m/--multirun sweeps.",
+            ]
+        ),
+        terminal_width() if width is None else width,
+    )
 
 
 @reports_user_errors

@@ -13,15 +13,17 @@ from lora_launch.run.teardown import skip_final_collections
 
 # `lora-launch COMMAND key=value ...`: arguments typed in conf/args.py, run by cli/commands.py
 # (generate, merge, eval and serve read RUN/config.yaml and RUN/adapter in their own process)
-SUBCOMMANDS = {"generate": "print base + adapter's completion of a prompt",
-               "merge": "write base + adapter as one safetensors model",
-               "eval": "eval loss and perplexity of base + adapter",
-               "serve": "an OpenAI-compatible HTTP endpoint for base + adapters (runs, sweeps)",
-               "studio": "a local web app to compose, preview, launch and watch runs",
-               "sweep-summary": "rebuild a sweep's summary files",
-               # read run dirs only; flags, not key=value (cli/runs.py)
-               "runs": "list runs and sweep trials; `runs diff A B` compares two",
-               "report": "write the runs as one self-contained HTML page"}
+SUBCOMMANDS = {
+    "generate": "print base + adapter's completion of a prompt",
+    "merge": "write base + adapter as one safetensors model",
+    "eval": "eval loss and perplexity of base + adapter",
+    "serve": "an OpenAI-compatible HTTP endpoint for base + adapters (runs, sweeps)",
+    "studio": "a local web app to compose, preview, launch and watch runs",
+    "sweep-summary": "rebuild a sweep's summary files",
+    # read run dirs only; flags, not key=value (cli/runs.py)
+    "runs": "list runs and sweep trials; `runs diff A B` compares two",
+    "report": "write the runs as one self-contained HTML page",
+}
 
 
 @reports_user_errors

@@ -15,8 +15,13 @@ from omegaconf import DictConfig, open_dict
 from lora_launch.conf.compose import compose_checked, hydra_flags, hydra_prints, launch_dir, resolve_run, task_overrides
 from lora_launch.conf.errors import UserError
 from lora_launch.conf.schema import ConfigError
-from lora_launch.launcher.checks import (check_before_launch, check_data, check_finished_config, run_dir_given,
-                                         warmup_warning)
+from lora_launch.launcher.checks import (
+    check_before_launch,
+    check_data,
+    check_finished_config,
+    run_dir_given,
+    warmup_warning,
+)
 from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.lock import in_use
 from lora_launch.run.process import exit_on_closed_stdout
@@ -26,6 +31,7 @@ from lora_launch.sweep.trials import register_resolvers
 
 class Made(NamedTuple):
     """What this command creates on disk, as seen before Hydra makes the run dir."""
+
     run_dir: bool  # the run dir did not exist
     above: Path | None  # the topmost missing folder above it (runs/ in a fresh directory), made with it
 
@@ -103,8 +109,10 @@ def _launch(cfg: DictConfig, overrides: list[str], made: Made) -> int:
     done = finished_step(run_dir, cfg.resume.mode)
     if done is not None:  # before run_node, which would rewrite the finished run's files
         check_finished_config(cfg)
-        print(f"{run_dir}: this run already finished at step {done}; nothing to do "
-              "(resume.mode=never starts it over)", flush=True)
+        print(
+            f"{run_dir}: this run already finished at step {done}; nothing to do (resume.mode=never starts it over)",
+            flush=True,
+        )
         return 0
     check_data(cfg)
     return run_node(cfg, topo, plan)
@@ -137,8 +145,19 @@ def _check_run_dir_arg(run_dir: Path | None) -> None:
 
 
 # Hydra's flags that take a value; --info takes one optionally, one of its topics
-HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun"}
+HYDRA_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
@@ -170,13 +189,16 @@ def launch() -> None:
         hydra_prints(argv)
         return
     if args.config_path is not None:
-        raise ConfigError("--config-path is not taken; give --config-dir DIR (searched before the installed conf/) "
-                          "and --config-name NAME")
+        raise ConfigError(
+            "--config-path is not taken; give --config-dir DIR (searched before the installed conf/) "
+            "and --config-name NAME"
+        )
     given = _run_dir_arg(args.overrides)
     _check_run_dir_arg(given)
     # not yet validated: a value the schema refuses is the launch's to report, once it has seen the run dir
-    cfg = compose_checked(args.overrides, check=False, config_dir=args.config_dir,
-                          config_name=args.config_name or "config")
+    cfg = compose_checked(
+        args.overrides, check=False, config_dir=args.config_dir, config_name=args.config_name or "config"
+    )
     run_dir = Path(launch_dir())
     with open_dict(cfg):
         cfg.run.dir = str(run_dir)

@@ -9,13 +9,14 @@ a sweep) or not at all: prompts and paths are free text (`prompt=[INST] Where is
 from __future__ import annotations
 
 import inspect
-from dataclasses import MISSING as NO_FACTORY, dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
+from dataclasses import MISSING as NO_FACTORY
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_type_hints
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_launch.conf.schema import Choice, ConfigError, Dtype, Template, type_name
+from lora_launch.conf.schema import Choice, ConfigError, Dtype, Template, is_union, type_name
 
 
 def arg(default: Any = MISSING, help: str = "", default_factory: Any = None):
@@ -33,15 +34,17 @@ class RunDir:
 @dataclass
 class GenerateArgs:
     """Print base + adapter's completion of a prompt."""
+
     run: RunDir = arg(default_factory=RunDir)
-    prompt: Optional[str] = arg(None, "a user message, written out with the run's template (raw with "
-                                      "template=false); null: the run's sample.prompt")
-    instruction: Optional[str] = arg(None, "instead of prompt: an instruction, with `input` as its input field")
+    prompt: str | None = arg(
+        None,
+        "a user message, written out with the run's template (raw with template=false); null: the run's sample.prompt",
+    )
+    instruction: str | None = arg(None, "instead of prompt: an instruction, with `input` as its input field")
     input: str = arg("", "the input field that goes with `instruction`")
-    messages: Optional[str] = arg(None, "instead of prompt: a JSON file of [{role, content}, ...] ending with "
-                                        "a user turn")
+    messages: str | None = arg(None, "instead of prompt: a JSON file of [{role, content}, ...] ending with a user turn")
     sample: bool = arg(False, "sample with temperature and top_p instead of greedy decoding")
-    max_new_tokens: Optional[int] = arg(None, "tokens to generate; null: the run's sample.max_new_tokens")
+    max_new_tokens: int | None = arg(None, "tokens to generate; null: the run's sample.max_new_tokens")
     temperature: float = arg(0.7, "sampling temperature")
     top_p: float = arg(0.9, "nucleus sampling mass")
     seed: int = arg(0, "seed of the sampling")
@@ -51,8 +54,9 @@ class GenerateArgs:
 @dataclass
 class MergeArgs:
     """Write base + adapter as one safetensors model (QLoRA: into the dequantized base)."""
+
     run: RunDir = arg(default_factory=RunDir)
-    out: Optional[str] = arg(None, "output directory; null: RUN/merged")
+    out: str | None = arg(None, "output directory; null: RUN/merged")
     dtype: Dtype = arg(Dtype.bfloat16, "dtype of the merged weights")
 
 
@@ -64,6 +68,7 @@ class Split(Choice):
 @dataclass
 class EvalArgs:
     """Eval loss and perplexity of base + adapter (also written to RUN/eval.json)."""
+
     run: RunDir = arg(default_factory=RunDir)
     split: Split = arg(Split.val, "which of the run's splits")
     max_batches: int = arg(-1, "evaluate at most this many batches; -1: all")
@@ -72,6 +77,7 @@ class EvalArgs:
 @dataclass
 class SweepSummaryArgs:
     """Rebuild a sweep's summary.csv, summary.md and sweep.png from its trial dirs."""
+
     dir: str = arg(help="the sweep directory (sweeps/sweep-...)")
 
 
@@ -82,37 +88,51 @@ class ServeEngine(Choice):
 
 @dataclass
 class ServeRunDir:
-    dir: Optional[str] = arg(None, "a finished run directory to serve (its config.yaml and adapter/)")
+    dir: str | None = arg(None, "a finished run directory to serve (its config.yaml and adapter/)")
 
 
 @dataclass
 class ServeArgs:
     """Serve base + adapters over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+
     run: ServeRunDir = arg(default_factory=ServeRunDir)
-    runs: List[str] = arg(help="more finished run directories: runs=[RUN1,RUN2]", default_factory=list)
-    sweep: Optional[str] = arg(None, "a sweep directory: every finished trial, named by its dir")
-    adapters: List[str] = arg(help="PEFT adapter directories (a run's checkpoints/step-N, ...)", default_factory=list)
-    base: Optional[str] = arg(None, "base model dir or hub id; null: the runs' model.path (a merged model "
-                                    "from `lora-launch merge` serves alone as a base)")
-    engine: ServeEngine = arg(ServeEngine.transformers, "transformers: this process, adapters mixed in one "
-                                                        "batch; vllm: run `vllm serve` with the same names")
+    runs: list[str] = arg(help="more finished run directories: runs=[RUN1,RUN2]", default_factory=list)
+    sweep: str | None = arg(None, "a sweep directory: every finished trial, named by its dir")
+    adapters: list[str] = arg(help="PEFT adapter directories (a run's checkpoints/step-N, ...)", default_factory=list)
+    base: str | None = arg(
+        None,
+        "base model dir or hub id; null: the runs' model.path (a merged model "
+        "from `lora-launch merge` serves alone as a base)",
+    )
+    engine: ServeEngine = arg(
+        ServeEngine.transformers,
+        "transformers: this process, adapters mixed in one batch; vllm: run `vllm serve` with the same names",
+    )
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = arg(8000, "port to listen on; 0: a free one (printed at start)")
-    api_key: Optional[str] = arg(None, "require `Authorization: Bearer KEY` on /v1; null: $LORA_LAUNCH_API_KEY "
-                                       "if set (better: the key stays off the command line)")
-    allow_no_key: bool = arg(False, "serve without an API key on a non-loopback host (anyone who reaches the "
-                                    "port can use the models)")
-    allowed_hosts: List[str] = arg(help="Host header names answered besides loopback and host= (others get 421, "
-                                        "against DNS rebinding): allowed_hosts=[gpu-box.lan]; ['*']: any",
-                                   default_factory=list)
+    api_key: str | None = arg(
+        None,
+        "require `Authorization: Bearer KEY` on /v1; null: $LORA_LAUNCH_API_KEY "
+        "if set (better: the key stays off the command line)",
+    )
+    allow_no_key: bool = arg(
+        False, "serve without an API key on a non-loopback host (anyone who reaches the port can use the models)"
+    )
+    allowed_hosts: list[str] = arg(
+        help="Host header names answered besides loopback and host= (others get 421, "
+        "against DNS rebinding): allowed_hosts=[gpu-box.lan]; ['*']: any",
+        default_factory=list,
+    )
     shutdown_timeout_s: int = arg(120, "after SIGTERM, seconds to finish the requests taken; then they are cut")
     max_tokens: int = arg(512, "most tokens one request may generate")
-    max_prompt_tokens: Optional[int] = arg(None, "longest prompt in tokens; null: the model's context length")
+    max_prompt_tokens: int | None = arg(None, "longest prompt in tokens; null: the model's context length")
     max_body_bytes: int = arg(1_048_576, "largest request body")
     max_concurrent: int = arg(64, "requests answered at once; one more gets 429")
     max_batch: int = arg(16, "requests generated together in one batch")
-    template: Template = arg(Template.auto, "chat template of a model that has no run (a merged model, "
-                                                    "bare adapters); auto: the tokenizer's, else chatml")
+    template: Template = arg(
+        Template.auto,
+        "chat template of a model that has no run (a merged model, bare adapters); auto: the tokenizer's, else chatml",
+    )
 
 
 @dataclass
@@ -120,15 +140,23 @@ class StudioArgs:
     """A local web app to compose, preview, launch and watch runs.
 
     The flags --host, --port, --root and --allow-path DIR (repeatable) are the same keys."""
+
     host: str = arg("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
     port: int = arg(8765, "port to listen on; 0: a free one (printed at start)")
     root: str = arg(".", "folder of run dirs and data; paths outside it are refused")
-    allow_path: List[str] = arg(help="more folders configs may name (data, models, run dirs): allow_path=[DIR1,DIR2]",
-                                default_factory=list)
+    allow_path: list[str] = arg(
+        help="more folders configs may name (data, models, run dirs): allow_path=[DIR1,DIR2]", default_factory=list
+    )
 
 
-COMMANDS: dict[str, type] = {"generate": GenerateArgs, "merge": MergeArgs, "eval": EvalArgs,
-                             "sweep-summary": SweepSummaryArgs, "serve": ServeArgs, "studio": StudioArgs}
+COMMANDS: dict[str, type] = {
+    "generate": GenerateArgs,
+    "merge": MergeArgs,
+    "eval": EvalArgs,
+    "sweep-summary": SweepSummaryArgs,
+    "serve": ServeArgs,
+    "studio": StudioArgs,
+}
 
 
 def parse_args(command: str, argv: list[str]) -> Any:
@@ -153,8 +181,7 @@ def parse_args(command: str, argv: list[str]) -> Any:
             override = None
         value = _value(override, raw, hint)
         if value is _NOT_ONE_VALUE:
-            raise ConfigError(f"{command}: {key}={raw}: not one value in the override grammar "
-                              f"(quote it: {key}='...')")
+            raise ConfigError(f"{command}: {key}={raw}: not one value in the override grammar (quote it: {key}='...')")
         try:
             OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as e:
@@ -178,7 +205,7 @@ def _value(override, raw: str, hint: Any) -> Any:
 
 
 def _is_str(hint: Any) -> bool:
-    if get_origin(hint) is Union:
+    if is_union(hint):
         return any(_is_str(h) for h in get_args(hint))
     return hint is str
 
@@ -220,8 +247,12 @@ def usage(command: str) -> str:
     """The subcommand's own help: what it does and each key with its type, default and meaning."""
     schema = COMMANDS[command]
     required = [k for k in keys(schema) if _field(schema, k).default is MISSING]
-    lines = [" ".join(["usage: lora-launch", command, *(k + "=..." for k in required), "[key=value ...]"]), "",
-             inspect.cleandoc(schema.__doc__), ""]
+    lines = [
+        " ".join(["usage: lora-launch", command, *(k + "=..." for k in required), "[key=value ...]"]),
+        "",
+        inspect.cleandoc(schema.__doc__),
+        "",
+    ]
     for key in keys(schema):
         f = _field(schema, key)
         value = f.default_factory() if f.default_factory is not NO_FACTORY else f.default  # a list's []
@@ -232,5 +263,3 @@ def usage(command: str) -> str:
 
 def _shown(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-

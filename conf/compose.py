@@ -17,17 +17,31 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lora_launch.conf.schema import Config, ConfigError, asset_path, plain, validate
 
-__all__ = ["compose", "compose_checked", "composition_error", "hydra_flags", "hydra_prints", "launch_dir",
-           "parse_overrides", "plain", "register", "resolve_run", "sweep_dir", "task_overrides"]  # plain: schema's
+__all__ = [
+    "compose",
+    "compose_checked",
+    "composition_error",
+    "hydra_flags",
+    "hydra_prints",
+    "launch_dir",
+    "parse_overrides",
+    "plain",
+    "register",
+    "resolve_run",
+    "sweep_dir",
+    "task_overrides",
+]  # plain: schema's
 
 CONF_PACKAGE = "pkg://lora_launch.conf"
 # Hydra's own settings: a run's dir is run.dir and a sweep's is named from its command line (sweep/trials.py);
 # Hydra writes nothing of its own there (the launch records its command: launcher/node.py) and keeps the working
 # directory
-HYDRA_SETTINGS = {"run": {"dir": "${run.dir}"},
-                  "sweep": {"dir": "sweeps/${sweep_name:}", "subdir": "${trial_name:${hydra.overrides.task}}"},
-                  "job": {"chdir": False, "name": "train"},
-                  "output_subdir": ".hydra"}
+HYDRA_SETTINGS = {
+    "run": {"dir": "${run.dir}"},
+    "sweep": {"dir": "sweeps/${sweep_name:}", "subdir": "${trial_name:${hydra.overrides.task}}"},
+    "job": {"chdir": False, "name": "train"},
+    "output_subdir": ".hydra",
+}
 # Hydra's state is global: one composition at a time (the studio composes from several threads)
 _ONE_AT_A_TIME = threading.RLock()
 
@@ -72,8 +86,9 @@ def _hydra(config_dir: str | None = None):
             GlobalHydra.instance().clear()
 
 
-def compose(overrides: list[str], check: bool = True, config_dir: str | None = None,
-            config_name: str = "config") -> DictConfig:
+def compose(
+    overrides: list[str], check: bool = True, config_dir: str | None = None, config_name: str = "config"
+) -> DictConfig:
     """The config `lora-launch <overrides>` uses, resolved once (check: and validated), without Hydra's output dirs
     or chdir. As under `@hydra.main`, `HydraConfig.get()` then answers for this composition (the command's
     overrides, and :func:`launch_dir` and :func:`sweep_dir`). Hydra's and OmegaConf's composition errors are raised
@@ -84,8 +99,13 @@ def compose(overrides: list[str], check: bool = True, config_dir: str | None = N
     from hydra.types import RunMode
 
     with _hydra(config_dir) as hydra:
-        cfg = hydra.compose_config(config_name=config_name, overrides=list(overrides), run_mode=RunMode.RUN,
-                                   from_shell=False, with_log_configuration=False)
+        cfg = hydra.compose_config(
+            config_name=config_name,
+            overrides=list(overrides),
+            run_mode=RunMode.RUN,
+            from_shell=False,
+            with_log_configuration=False,
+        )
         HydraConfig.instance().set_config(cfg)
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
@@ -96,8 +116,9 @@ def compose(overrides: list[str], check: bool = True, config_dir: str | None = N
     return cfg
 
 
-def compose_checked(overrides: list[str], check: bool = True, config_dir: str | None = None,
-                    config_name: str = "config") -> DictConfig:
+def compose_checked(
+    overrides: list[str], check: bool = True, config_dir: str | None = None, config_name: str = "config"
+) -> DictConfig:
     """:func:`compose`, with a composition error raised as ConfigError: one line naming the choice or key."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -160,7 +181,7 @@ def hydra_prints(argv: list[str]) -> None:
     # as a launch: Hydra writes nothing and configures no logging; a bare --info stays last (a topic would follow it)
     quiet = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     info = argv[-1:] if argv[-1:] in (["--info"], ["-i"]) else []
-    sys.argv[1:] = [*argv[:len(argv) - len(info)], *quiet, *info]
+    sys.argv[1:] = [*argv[: len(argv) - len(info)], *quiet, *info]
     register()
     hydra.main(config_path=CONF_PACKAGE, config_name="config", version_base="1.3")(_no_task)()
 

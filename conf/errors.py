@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 PREFIX = "error: "  # how the line starts: the launcher and the studio find a child's error by it
 EXIT_STATUS = 2

@@ -14,10 +14,12 @@ from __future__ import annotations
 import importlib.resources
 import re
 import unicodedata
-from dataclasses import MISSING as NO_DEFAULT, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -59,9 +61,10 @@ def prose(default=None):
     return field(default=default, metadata={"prose": True})
 
 
-class Choice(str, Enum):
+class Choice(str, Enum):  # noqa: UP042 (StrEnum would change how OmegaConf and format() read members)
     """A choice field's words. OmegaConf reads a member by its name, so each name is its value; the
     members compare, hash, print and format as that plain string (`cfg.quant.mode == "nf4"`)."""
+
     __str__ = str.__str__
     __format__ = str.__format__
     __repr__ = str.__repr__
@@ -140,8 +143,11 @@ class Optimizer(Choice):
 
 
 # optim.name -> the bitsandbytes optimizer class it runs (the others are torch's AdamW)
-BNB_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                  "paged_adamw_32bit": "PagedAdamW32bit"}
+BNB_OPTIMIZERS = {
+    "adamw_bnb_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+}
 
 
 class Scheduler(Choice):
@@ -174,9 +180,9 @@ SDPA_VARLEN = "sdpa_varlen"  # registered with transformers by lora_launch.train
 class ModelConfig:
     name: str = MISSING
     # Hub id or local directory; null builds the model from `arch` with random weights.
-    path: Optional[str] = pathlike()
-    tokenizer: Optional[str] = pathlike()  # defaults to `path`
-    revision: Optional[str] = None
+    path: str | None = pathlike()
+    tokenizer: str | None = pathlike()  # defaults to `path`
+    revision: str | None = None
     random_init: bool = False
     # LlamaConfig fields for random_init models (e.g. the 7B shape for benchmarks).
     arch: dict = field(default_factory=dict)
@@ -191,6 +197,7 @@ class ModelConfig:
 @dataclass
 class DataFields:
     """Dataset columns the structured formats read (`data.fields.output=response`, ...)."""
+
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
@@ -215,8 +222,8 @@ class DataConfig:
     # tokenizer work).
     source: DataSource = DataSource.demo
     # local file or directory, or the hub dataset's name (data=hub: null takes `name`)
-    path: Optional[str] = pathlike()
-    revision: Optional[str] = None  # hub datasets: branch, tag or commit
+    path: str | None = pathlike()
+    revision: str | None = None  # hub datasets: branch, tag or commit
     split: str = "train"
     # `auto`: picked from the fields present (messages, conversations, instruction + output, prompt +
     # completion, text; said in one line); `text`: pre-formatted text in `text_field`; `instruction`
@@ -229,11 +236,11 @@ class DataConfig:
     # how structured formats are written out: `auto` (the tokenizer's chat template when it has one that
     # masks cleanly, else chatml), `llama2` ([INST] … [/INST]), `alpaca`, `chatml`, `tokenizer`
     template: Template = Template.auto
-    system_prompt: Optional[str] = prose()
-    task_instruction: Optional[str] = prose()  # classification/summary/qa: replaces the default instruction
+    system_prompt: str | None = prose()
+    task_instruction: str | None = prose()  # classification/summary/qa: replaces the default instruction
     label_names: list = field(default_factory=list)  # classification: names of integer labels, listed in the prompt
     val_split: float = ranged(0.05, lo=0.0, hi=0.9)  # share of records held out, drawn by `seed`
-    val_split_name: Optional[str] = None  # the dataset's own validation split instead (e.g. validation)
+    val_split_name: str | None = None  # the dataset's own validation split instead (e.g. validation)
     train_on_prompt: bool = False  # structured formats: false masks prompt tokens out of the loss
     truncation: bool = True  # false drops samples longer than train.seq_len instead of cutting them
     packing: bool = False  # pack samples into train.seq_len rows (no attention across samples)
@@ -242,7 +249,7 @@ class DataConfig:
     group_by_length: bool = False  # batches of similar length (not with packing)
     max_samples: int = ranged(-1, lo=-1)
     # tokenised datasets; null: $LORA_LAUNCH_CACHE or ~/.cache/lora-launch
-    cache_dir: Optional[str] = pathlike(writes=True)
+    cache_dir: str | None = pathlike(writes=True)
     # several datasets mixed by weight: [{path: a.jsonl, weight: 2}, {source: hub, path: OWNER/NAME, weight: 1}];
     # each entry's keys (any data.* key but these two) override the settings above for that source
     sources: list = field(default_factory=list)
@@ -302,7 +309,7 @@ class DistributedConfig:
     offload_params: bool = False
     # your own DeepSpeed JSON, merged under what the run sets (batch sizes, precision, stage: absent, equal or
     # "auto"); the rest of it (bucket sizes, offload details, ...) is kept
-    deepspeed_config: Optional[str] = pathlike()
+    deepspeed_config: str | None = pathlike()
     # fsdp2: copies of the model, each sharded over world / replicate ranks, gradients averaged between the
     # copies (hybrid sharding: gathers stay inside a copy). "auto": one copy per node when several nodes of
     # several processes each run
@@ -320,7 +327,7 @@ class DistributedConfig:
     layers_per_group: Any = field(default="auto", metadata={"type": "int|auto"})
     # fsdp2: shard groups whose gathers each group issues ahead of its own compute, in forward and backward;
     # null: FSDP2's own prefetch (one group ahead, issued when the CPU reaches it)
-    prefetch: Optional[int] = ranged(None, lo=1)
+    prefetch: int | None = ranged(None, lo=1)
 
 
 @dataclass
@@ -328,9 +335,9 @@ class SlurmConfig:
     nodes: int = ranged(1, lo=1)
     gpus_per_node: int = ranged(0, lo=0)  # 0: request no GPUs (CPU jobs)
     cpus_per_task: int = ranged(0, lo=0)  # 0: leave it to the cluster's default
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    time: Optional[str] = None  # sbatch --time, e.g. "04:00:00"
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # sbatch --time, e.g. "04:00:00"
     # SIGTERM this many seconds before the time limit: the run checkpoints and is requeued
     signal_before_s: int = ranged(120, lo=0)
     extra: list = field(default_factory=list)  # more `#SBATCH` lines, e.g. ["--exclusive"]
@@ -347,14 +354,14 @@ class LauncherConfig:
     main_process_ip: str = "127.0.0.1"
     main_process_port: int = ranged(29500, lo=1, hi=65535)
     # launcher=hostfile: DeepSpeed-style hostfile; the first host is the rendezvous
-    hostfile: Optional[str] = pathlike()
+    hostfile: str | None = pathlike()
     # this node's line in the hostfile (0-based); null: found from the host's names and addresses
-    node_rank: Optional[int] = ranged(None, lo=0)
+    node_rank: int | None = ranged(None, lo=0)
     # interface for GLOO/NCCL_SOCKET_IFNAME; null: the one that routes to the rendezvous address
-    network_interface: Optional[str] = None
+    network_interface: str | None = None
     # your own accelerate config file, merged under what the run sets (process counts, distributed type,
     # precision, port: absent or equal); its other settings are kept
-    accelerate_config: Optional[str] = pathlike()
+    accelerate_config: str | None = pathlike()
     # after a rank dies (a crash, an OOM kill, a lost host), stop every rank and relaunch from the last
     # checkpoint up to this many times; a failure that repeats after the same step stops at once; 0: never
     max_restarts: int = ranged(3, lo=0)
@@ -365,7 +372,7 @@ class LauncherConfig:
 class WandbConfig:
     mode: WandbMode = WandbMode.disabled  # offline | online | disabled
     project: str = "lora-launch"
-    entity: Optional[str] = None
+    entity: str | None = None
 
 
 @dataclass
@@ -373,7 +380,7 @@ class MlflowConfig:
     enabled: bool = False  # true needs `pip install mlflow` (or mlflow-skinny)
     experiment: str = "lora-launch"
     # null: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
-    tracking_uri: Optional[str] = pathlike(writes=True, uri=True)
+    tracking_uri: str | None = pathlike(writes=True, uri=True)
 
 
 @dataclass
@@ -403,7 +410,7 @@ class TrainConfig:
     # `layers` on GPUs (`loss` under ZeRO-3, whose sharded weights dynamo cannot trace) and `none` on CPU
     compile: Compile = free(Compile.auto)
     # optional: micro_batch_size x grad_accum x world size must equal it (checked before launch)
-    global_batch_size: Optional[int] = ranged(None, lo=1)
+    global_batch_size: int | None = ranged(None, lo=1)
 
 
 @dataclass
@@ -539,8 +546,9 @@ def _check_keys(tree: dict) -> None:
 
 def _control(text: str, prose: bool = False) -> str | None:
     """The first control character or line/paragraph separator in `text` (prose may hold newlines and tabs)."""
-    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") and not (prose and c in "\n\t")),
-                None)
+    return next(
+        (c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") and not (prose and c in "\n\t")), None
+    )
 
 
 def check_text(key: str, value: Any, prose: bool = False) -> None:
@@ -548,9 +556,12 @@ def check_text(key: str, value: Any, prose: bool = False) -> None:
     or a file and start another (a newline in an #SBATCH line becomes a shell command)."""
     bad = _control(value, prose) if isinstance(value, str) else None
     if bad is not None:
-        rule = ("this text may span lines but holds no other control characters" if prose else
-                "a value must be one line without control characters (values reach command lines, scripts and "
-                "generated files)")
+        rule = (
+            "this text may span lines but holds no other control characters"
+            if prose
+            else "a value must be one line without control characters (values reach command lines, scripts and "
+            "generated files)"
+        )
         raise ConfigError(f"{key}={value!r} holds the control character {bad!r}; {rule}")
 
 
@@ -586,15 +597,22 @@ def validate(cfg: DictConfig) -> None:
     _check_keys(tree)
     _check_texts(tree, prose=frozenset(_prose_keys()))
     _walk("", Config, cfg)
-    for key, least in (("launcher.num_processes", 1), ("distributed.replicate", 1), ("distributed.layers_per_group", 1),
-                       ("distributed.keep_gathered", 0), ("sweep.parallel", 1)):  # the "int|auto" fields
+    for key, least in (
+        ("launcher.num_processes", 1),
+        ("distributed.replicate", 1),
+        ("distributed.layers_per_group", 1),
+        ("distributed.keep_gathered", 0),
+        ("sweep.parallel", 1),
+    ):  # the "int|auto" fields
         v = OmegaConf.select(cfg, key)
         if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= least)):
             what = "a positive integer" if least == 1 else "a whole number (0 or more)"
             raise ConfigError(f"{key}={v!r} must be {what} or 'auto'")
     if str(cfg.quant.kernel) == "torch" and strategies.strategy_for(cfg).shards_weights(cfg):
-        raise ConfigError(f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "
-                          "there; use quant.kernel=bitsandbytes, or distributed=ddp or zero2")
+        raise ConfigError(
+            f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "
+            "there; use quant.kernel=bitsandbytes, or distributed=ddp or zero2"
+        )
     for problem in strategies.strategy_for(cfg).problems(cfg):
         raise ConfigError(problem)
     lora_targets(cfg)
@@ -607,14 +625,18 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_resume(r: DictConfig) -> None:
     if r.mode not in ("auto", "never") and not (Path(r.mode) / "manifest.json").is_file():
-        raise ConfigError(f"resume.mode={r.mode}: not auto, never or a checkpoint directory "
-                          "(run.dir/checkpoints/step-N, with its manifest.json)")
+        raise ConfigError(
+            f"resume.mode={r.mode}: not auto, never or a checkpoint directory "
+            "(run.dir/checkpoints/step-N, with its manifest.json)"
+        )
 
 
 def _validate_data(d: DictConfig) -> None:
     if d.packing and d.group_by_length:
-        raise ConfigError("data.packing and data.group_by_length exclude each other: packed rows are all "
-                          "train.seq_len long; set one of them to false")
+        raise ConfigError(
+            "data.packing and data.group_by_length exclude each other: packed rows are all "
+            "train.seq_len long; set one of them to false"
+        )
 
 
 def load(path: str) -> DictConfig:
@@ -639,8 +661,9 @@ def path_keys() -> dict[str, dict]:
     """Dotted keys of the fields that name files, directories or URIs (`pathlike`), with their metadata;
     `data.sources[*].KEY` stands for that key in each data.sources entry."""
     keys = {k: dict(f.metadata) for k, f in _leaf_fields(Config) if "path" in f.metadata}
-    keys.update({f"data.sources[*].{k[5:]}": m for k, m in list(keys.items())
-                 if k.startswith("data.") and k[5:] in SOURCE_KEYS})
+    keys.update(
+        {f"data.sources[*].{k[5:]}": m for k, m in list(keys.items()) if k.startswith("data.") and k[5:] in SOURCE_KEYS}
+    )
     return keys
 
 
@@ -660,14 +683,20 @@ def resume_free_keys(schema: type = Config, prefix: str = "") -> tuple[str, ...]
 @dataclass(frozen=True)
 class KeyInfo:
     """What the schema says about one key, for help texts."""
+
     key: str
     type: str  # `int`, `float`, `bool`, `str`, or the choices `a|b|c`; `|null` when it may be null
     default: Any
     range: str  # `>= 1`, `> 0`, `0 .. 0.99`, or ""
 
 
+def is_union(hint: Any) -> bool:
+    """`X | None` and `Optional[X]` alike (get_type_hints gives the first as types.UnionType)."""
+    return get_origin(hint) in (Union, UnionType)
+
+
 def type_name(hint: Any) -> str:
-    if get_origin(hint) is Union:
+    if is_union(hint):
         named = [type_name(h) for h in get_args(hint) if h is not type(None)]
         return "|".join(named) + ("|null" if type(None) in get_args(hint) else "")
     if isinstance(hint, type) and issubclass(hint, Enum):
@@ -749,16 +778,16 @@ def lora_targets(cfg) -> str | list[str]:
         targets = [targets]
     targets = list(targets) if targets is not None and not isinstance(targets, (int, float, bool)) else None
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules!r}: give module names (e.g. "
-                          f"[q_proj,v_proj]) or {ALL_LINEAR}")
+        raise ConfigError(
+            f"lora.target_modules={cfg.lora.target_modules!r}: give module names (e.g. [q_proj,v_proj]) or {ALL_LINEAR}"
+        )
     return targets
 
 
 def redact(tree: Any) -> Any:
     """Copy of a plain config tree with secret-looking values replaced, for files and logs."""
     if isinstance(tree, dict):
-        return {k: ("<redacted>" if _is_secret(k) and v else redact(v))
-                for k, v in tree.items()}
+        return {k: ("<redacted>" if _is_secret(k) and v else redact(v)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact(v) for v in tree]
     return tree

@@ -24,12 +24,30 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError, plain
 from lora_launch.data import sources
-from lora_launch.data.templates import (DataError, check_columns, check_template, render, resolve_format,
-                                        resolve_template, resolved)
+from lora_launch.data.templates import (
+    DataError,
+    check_columns,
+    check_template,
+    render,
+    resolve_format,
+    resolve_template,
+    resolved,
+)
 from lora_launch.run.rundir import atomic_path, write_json
 
-__all__ = ["IGNORE", "DataError", "SampleSet", "Splits", "build_splits", "dataset_fingerprint", "tokenize",
-           "pack", "cache_root", "prepare", "as_trained"]
+__all__ = [
+    "IGNORE",
+    "DataError",
+    "SampleSet",
+    "Splits",
+    "build_splits",
+    "dataset_fingerprint",
+    "tokenize",
+    "pack",
+    "cache_root",
+    "prepare",
+    "as_trained",
+]
 
 IGNORE = -100
 CACHE_VERSION = 3  # bump when the tokenised layout or the templates change
@@ -38,12 +56,20 @@ BATCH = 1000  # records rendered and tokenised per call (fast tokenizers batch i
 
 # ---- tokenised samples, held as flat arrays -----------------------------------------------------
 
+
 class SampleSet:
     """Variable-length samples stored flat; `s[i]` is {"input_ids", "labels"}, and for a packed row also
     "seq_lens" (the lengths of the samples it holds, in order) and "position_ids" (restarting at each)."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, record: np.ndarray,
-                 seq_lens: np.ndarray | None = None, seq_offsets: np.ndarray | None = None):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        offsets: np.ndarray,
+        record: np.ndarray,
+        seq_lens: np.ndarray | None = None,
+        seq_offsets: np.ndarray | None = None,
+    ):
         self.ids, self.labels, self.offsets, self.record = ids, labels, offsets, record
         # packed rows: row i holds the samples of lengths seq_lens[seq_offsets[i]:seq_offsets[i + 1]]
         self.seq_lens, self.seq_offsets = seq_lens, seq_offsets
@@ -64,7 +90,7 @@ class SampleSet:
         lo, hi = self.offsets[i], self.offsets[i + 1]
         item = {"input_ids": self.ids[lo:hi], "labels": self.labels[lo:hi]}
         if self.packed:
-            lens = self.seq_lens[self.seq_offsets[i]:self.seq_offsets[i + 1]]
+            lens = self.seq_lens[self.seq_offsets[i] : self.seq_offsets[i + 1]]
             item["seq_lens"] = lens
             item["position_ids"] = restarting_positions(lens)
         return item
@@ -76,17 +102,22 @@ class SampleSet:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def subset(self, keep: np.ndarray) -> "SampleSet":
+    def subset(self, keep: np.ndarray) -> SampleSet:
         """The (unpacked) samples at indices `keep`, in that order."""
-        parts = [(self.ids[self.offsets[i]:self.offsets[i + 1]], self.labels[self.offsets[i]:self.offsets[i + 1]])
-                 for i in keep]
+        parts = [
+            (self.ids[self.offsets[i] : self.offsets[i + 1]], self.labels[self.offsets[i] : self.offsets[i + 1]])
+            for i in keep
+        ]
         return SampleSet.from_lists([p[0] for p in parts], [p[1] for p in parts], self.record[keep])
 
     @staticmethod
-    def from_lists(ids: list, labels: list, record) -> "SampleSet":
+    def from_lists(ids: list, labels: list, record) -> SampleSet:
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(x) for x in ids])
-        flat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
+
+        def flat(xs):
+            return np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
+
         return SampleSet(flat(ids), flat(labels), offsets, np.asarray(record, dtype=np.int64))
 
     def digest(self, h) -> None:
@@ -120,6 +151,7 @@ def dataset_fingerprint(splits: Splits) -> str:
 
 
 # ---- tokenisation ---------------------------------------------------------------------------------
+
 
 def _encode(tok, segments: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[bool]]]:
     """Token ids of each record's whole text, and which tokens start inside a response segment."""
@@ -155,7 +187,7 @@ def _sample(ids: list[int], resp: list[bool], seq_len: int, d: DictConfig) -> tu
         if not d.truncation:
             return "too_long", [], []
         ids, labels, status = ids[:seq_len], labels[:seq_len], "truncated"
-    if all(l == IGNORE for l in labels[1:]):
+    if all(label == IGNORE for label in labels[1:]):
         return "no_target", [], []
     return status, ids, labels
 
@@ -179,8 +211,15 @@ def synthetic_samples(cfg: DictConfig, tok) -> tuple[SampleSet, dict]:
         lengths = np.clip(rng.lognormal(np.log(seq_len / 4), 0.7, n).astype(int), 8, seq_len)
     low = min(4, len(tok) - 1)  # the first ids are the special tokens in most vocabularies
     ids = [rng.integers(low, len(tok), int(n_tok)) for n_tok in lengths]
-    stats = {"source": "synthetic", "records": n, "ok": n, "truncated": 0, "too_long": 0, "no_target": 0,
-             "raw_length": _distribution(lengths)}
+    stats = {
+        "source": "synthetic",
+        "records": n,
+        "ok": n,
+        "truncated": 0,
+        "too_long": 0,
+        "no_target": 0,
+        "raw_length": _distribution(lengths),
+    }
     return SampleSet.from_lists(ids, ids, np.arange(n)), stats
 
 
@@ -198,10 +237,11 @@ def _tokenize_rows(cfg: DictConfig, d: DictConfig, tok, ds, where: str, show: bo
     unk, unknown = tok.unk_token_id, 0
     bar = _progress(len(ds), show)
     for lo in range(0, len(ds), BATCH):
-        rows = ds[lo: lo + BATCH]  # columnar dict
+        rows = ds[lo : lo + BATCH]  # columnar dict
         n = len(next(iter(rows.values()))) if rows else 0
-        segments = [render(d, tok, {k: v[j] for k, v in rows.items()}, f"{where}: record {lo + j + 1}")
-                    for j in range(n)]
+        segments = [
+            render(d, tok, {k: v[j] for k, v in rows.items()}, f"{where}: record {lo + j + 1}") for j in range(n)
+        ]
         for j, (ids, resp) in enumerate(_encode(tok, segments)):
             raw_len.append(len(ids))
             if unk is not None:
@@ -212,8 +252,12 @@ def _tokenize_rows(cfg: DictConfig, d: DictConfig, tok, ds, where: str, show: bo
                 ids_l.append(np.asarray(ids)), labels_l.append(np.asarray(labels)), record.append(lo + j)
         bar.update(n)
     bar.close()
-    stats = {"records": len(ds), **counts, "raw_length": _distribution(np.asarray(raw_len)),
-             "unknown_tokens": round(unknown / max(sum(raw_len), 1), 6)}  # share of tokens the tokenizer lacks
+    stats = {
+        "records": len(ds),
+        **counts,
+        "raw_length": _distribution(np.asarray(raw_len)),
+        "unknown_tokens": round(unknown / max(sum(raw_len), 1), 6),
+    }  # share of tokens the tokenizer lacks
     return SampleSet.from_lists(ids_l, labels_l, record), stats
 
 
@@ -221,11 +265,19 @@ def _distribution(lengths: np.ndarray) -> dict:
     if len(lengths) == 0:
         return {}
     q = np.percentile(lengths, [50, 90, 99])
-    return {"min": int(lengths.min()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
-            "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2), "tokens": int(lengths.sum())}
+    return {
+        "min": int(lengths.min()),
+        "p50": float(q[0]),
+        "p90": float(q[1]),
+        "p99": float(q[2]),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 2),
+        "tokens": int(lengths.sum()),
+    }
 
 
 # ---- the tokenisation cache -----------------------------------------------------------------------
+
 
 def cache_root(d: DictConfig) -> Path:
     """Where tokenised datasets are kept: tokenized/ in data.cache_dir, $LORA_LAUNCH_CACHE or ~/.cache/lora-launch."""
@@ -240,21 +292,36 @@ def check_cache_writable(d: DictConfig) -> None:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test."):
             pass
     except OSError as e:
-        raise DataError(f"data.cache_dir: cannot write the data cache {root} ({e.strerror}); set data.cache_dir "
-                        "or LORA_LAUNCH_CACHE to a writable directory") from None
+        raise DataError(
+            f"data.cache_dir: cannot write the data cache {root} ({e.strerror}); set data.cache_dir "
+            "or LORA_LAUNCH_CACHE to a writable directory"
+        ) from None
 
 
 def _tokenizer_fingerprint(tok) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
-    ident = [backend.to_str() if backend is not None else tok.name_or_path, len(tok),
-             tok.bos_token, tok.eos_token, getattr(tok, "chat_template", None)]
+    ident = [
+        backend.to_str() if backend is not None else tok.name_or_path,
+        len(tok),
+        tok.bos_token,
+        tok.eos_token,
+        getattr(tok, "chat_template", None),
+    ]
     return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()
 
 
 def _cache_key(cfg: DictConfig, tok, split: str, source: str) -> str:
     d = plain(cfg.data)
-    for k in ("name", "val_split", "val_split_name", "packing", "packing_strategy", "group_by_length", "cache_dir",
-              "sources"):
+    for k in (
+        "name",
+        "val_split",
+        "val_split_name",
+        "packing",
+        "packing_strategy",
+        "group_by_length",
+        "cache_dir",
+        "sources",
+    ):
         d.pop(k, None)  # these act after tokenisation
     ident = [CACHE_VERSION, source, _tokenizer_fingerprint(tok), d, split, cfg.train.seq_len]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -263,8 +330,7 @@ def _cache_key(cfg: DictConfig, tok, split: str, source: str) -> str:
 def _save(path: Path, s: SampleSet, stats: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers see the whole file or none
-        np.savez(f, ids=s.ids, labels=s.labels, offsets=s.offsets, record=s.record,
-                 stats=np.array(json.dumps(stats)))
+        np.savez(f, ids=s.ids, labels=s.labels, offsets=s.offsets, record=s.record, stats=np.array(json.dumps(stats)))
 
 
 def _load(path: Path) -> tuple[SampleSet, dict] | None:
@@ -302,8 +368,10 @@ def tokenized_split(cfg: DictConfig, tok, split: str, show: bool) -> tuple[Sampl
     try:
         _save(path, samples, stats)
     except OSError as e:
-        raise DataError(f"data.cache_dir: cannot write {path} ({e.strerror}); free space there, or set "
-                        "data.cache_dir or LORA_LAUNCH_CACHE to another directory") from None
+        raise DataError(
+            f"data.cache_dir: cannot write {path} ({e.strerror}); free space there, or set "
+            "data.cache_dir or LORA_LAUNCH_CACHE to another directory"
+        ) from None
     return samples, {**stats, "cache": "written"}
 
 
@@ -314,13 +382,18 @@ def _check_nonempty(cfg: DictConfig, samples: SampleSet, stats: dict) -> None:
     if stats["records"] == 0:
         raise DataError(f"{where}: no records")
     if stats["too_long"] == stats["records"]:
-        raise DataError(f"{where}: every sample is longer than train.seq_len={seq_len} (shortest "
-                        f"{stats['raw_length']['min']} tokens); raise train.seq_len or set data.truncation=true")
-    raise DataError(f"{where}: no sample left after filtering ({stats['too_long']} longer than "
-                    f"train.seq_len={seq_len}, {stats['no_target']} without response tokens within it)")
+        raise DataError(
+            f"{where}: every sample is longer than train.seq_len={seq_len} (shortest "
+            f"{stats['raw_length']['min']} tokens); raise train.seq_len or set data.truncation=true"
+        )
+    raise DataError(
+        f"{where}: no sample left after filtering ({stats['too_long']} longer than "
+        f"train.seq_len={seq_len}, {stats['no_target']} without response tokens within it)"
+    )
 
 
 # ---- splits, packing and the report ---------------------------------------------------------------
+
 
 def _split_by_seed(samples: SampleSet, records: int, ratio: float, seed: int) -> tuple[SampleSet, SampleSet]:
     """Validation = a seeded choice of records (not of samples), so it does not move with seq_len."""
@@ -422,18 +495,25 @@ def _packed(samples: SampleSet, rows: list[list[int]]) -> SampleSet:
 
 
 def _report(cfg: DictConfig, stats: dict, splits: Splits) -> dict:
-    lengths = np.concatenate([splits.train.lengths, splits.val.lengths]) if not cfg.data.packing \
-        else splits.val.lengths
+    lengths = np.concatenate([splits.train.lengths, splits.val.lengths]) if not cfg.data.packing else splits.val.lengths
     first = next(iter(stats.values()))
-    report = {"format": first.get("format", "text"), "template": first.get("template"),
-              "sources": stats, "seq_len": cfg.train.seq_len, "truncation": cfg.data.truncation,
-              "train_samples": len(splits.train), "val_samples": len(splits.val),
-              "packing": bool(cfg.data.packing), "fingerprint": dataset_fingerprint(splits)}
+    report = {
+        "format": first.get("format", "text"),
+        "template": first.get("template"),
+        "sources": stats,
+        "seq_len": cfg.train.seq_len,
+        "truncation": cfg.data.truncation,
+        "train_samples": len(splits.train),
+        "val_samples": len(splits.val),
+        "packing": bool(cfg.data.packing),
+        "fingerprint": dataset_fingerprint(splits),
+    }
     if cfg.data.packing:
         report["packing_strategy"] = str(cfg.data.packing_strategy)
         report["train_samples_packed"] = len(splits.train.seq_lens)
-        report["train_rows_fill"] = round(float(splits.train.lengths.sum()) /
-                                          (len(splits.train) * cfg.train.seq_len), 4)
+        report["train_rows_fill"] = round(
+            float(splits.train.lengths.sum()) / (len(splits.train) * cfg.train.seq_len), 4
+        )
     else:
         report["length"] = _distribution(lengths)
     return report
@@ -448,29 +528,45 @@ def unknown_tokens_warning(report: dict) -> str | None:
     share = worst[1].get("unknown_tokens", 0.0)
     if share <= UNKNOWN_WARN:
         return None
-    return (f"warning: {share:.1%} of the tokens of {worst[1]['source']} are unknown to the tokenizer: the model "
-            "sees them all as one token and cannot learn or write them; use a tokenizer (model) that covers "
-            "this text")
+    return (
+        f"warning: {share:.1%} of the tokens of {worst[1]['source']} are unknown to the tokenizer: the model "
+        "sees them all as one token and cannot learn or write them; use a tokenizer (model) that covers "
+        "this text"
+    )
 
 
 def _announce(cfg: DictConfig, report: dict, run_dir: Path | None) -> None:
-    picked = [f"data.{key}=auto: {report[key]}" for key in ("format", "template") if cfg.data[key] == "auto"
-              and report.get(key) and not (key == "template" and report["format"] in ("text", "prompt_completion"))]
+    picked = [
+        f"data.{key}=auto: {report[key]}"
+        for key in ("format", "template")
+        if cfg.data[key] == "auto"
+        and report.get(key)
+        and not (key == "template" and report["format"] in ("text", "prompt_completion"))
+    ]
     if picked:
         fields = sorted(set().union(*(s.get("fields", []) for s in report["sources"].values())))
         print(f"{', '.join(picked)} (fields present: {', '.join(fields)})", flush=True)
     for split, s in report["sources"].items():
         raw = s.get("raw_length", {})
-        print(f"data [{split}] {s['source']}: {s['records']} records, {s['truncated']} truncated, "
-              f"{s['too_long']} dropped as longer than seq_len, {s['no_target']} dropped with no response "
-              f"tokens; tokens per record p50 {raw.get('p50')} p90 {raw.get('p90')} max {raw.get('max')}; "
-              f"{s.get('unknown_tokens', 0.0):.2%} unknown tokens"
-              f"{' (tokenised before launch, read from the cache)' if s.get('cache') == 'hit' else ''}",
-              flush=True)
-    rows = (f"rows ({report['train_samples_packed']} samples packed by {report['packing_strategy']}, "
-            f"{report['train_rows_fill']:.1%} full)" if report["packing"] else "samples")
-    print(f"data: {report['train_samples']} train {rows}, "
-          f"{report['val_samples']} val samples, fingerprint {report['fingerprint'][:12]}", flush=True)
+        print(
+            f"data [{split}] {s['source']}: {s['records']} records, {s['truncated']} truncated, "
+            f"{s['too_long']} dropped as longer than seq_len, {s['no_target']} dropped with no response "
+            f"tokens; tokens per record p50 {raw.get('p50')} p90 {raw.get('p90')} max {raw.get('max')}; "
+            f"{s.get('unknown_tokens', 0.0):.2%} unknown tokens"
+            f"{' (tokenised before launch, read from the cache)' if s.get('cache') == 'hit' else ''}",
+            flush=True,
+        )
+    rows = (
+        f"rows ({report['train_samples_packed']} samples packed by {report['packing_strategy']}, "
+        f"{report['train_rows_fill']:.1%} full)"
+        if report["packing"]
+        else "samples"
+    )
+    print(
+        f"data: {report['train_samples']} train {rows}, "
+        f"{report['val_samples']} val samples, fingerprint {report['fingerprint'][:12]}",
+        flush=True,
+    )
     warning = unknown_tokens_warning(report)
     if warning:
         print(warning, flush=True)
@@ -498,8 +594,10 @@ def prepare(cfg: DictConfig) -> Splits:
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
-        raise ConfigError(f"{key}={source}: cannot load a tokenizer from it ({first}); give a directory with "
-                          "tokenizer files, or set model.tokenizer") from None
+        raise ConfigError(
+            f"{key}={source}: cannot load a tokenizer from it ({first}); give a directory with "
+            "tokenizer files, or set model.tokenizer"
+        ) from None
     return build_splits(cfg, tok, report=False, packed=False)
 
 
@@ -555,8 +653,13 @@ def concat(sets: list[SampleSet]) -> SampleSet:
             seq_offsets.append(s.seq_offsets[1:] + seq_shift)
             seq_shift += int(s.seq_offsets[-1])
     seq_lens = (np.concatenate([s.seq_lens for s in sets]), np.concatenate(seq_offsets)) if packed else (None, None)
-    return SampleSet(np.concatenate([s.ids for s in sets]), np.concatenate([s.labels for s in sets]),
-                     np.concatenate(offsets), np.concatenate(records), *seq_lens)
+    return SampleSet(
+        np.concatenate([s.ids for s in sets]),
+        np.concatenate([s.labels for s in sets]),
+        np.concatenate(offsets),
+        np.concatenate(records),
+        *seq_lens,
+    )
 
 
 def mix(sets: list[SampleSet], weights: list[float], seed: int) -> tuple[SampleSet, list[int]]:
@@ -575,8 +678,7 @@ def mix(sets: list[SampleSet], weights: list[float], seed: int) -> tuple[SampleS
     return concat(picked), [len(s) for s in picked]
 
 
-def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool = True,
-                 packed: bool = True) -> Splits:
+def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool = True, packed: bool = True) -> Splits:
     """Tokenised train and validation samples (train packed with data.packing, unless not `packed`).
 
     Validation is data.val_split_name (the dataset's own split) or a data.val_split share of the
@@ -593,8 +695,11 @@ def build_splits(cfg: DictConfig, tok, main_process: bool = True, report: bool =
         weights = [w for _, w in sources]
         train, drawn = mix([p[0] for p in parts], weights, cfg.seed)
         val = concat([p[1] for p in parts])
-        all_stats = {f"{split} [{i}]": {**s, "weight": weights[i], "train_samples_drawn": drawn[i]}
-                     for i, p in enumerate(parts) for split, s in p[2].items()}
+        all_stats = {
+            f"{split} [{i}]": {**s, "weight": weights[i], "train_samples_drawn": drawn[i]}
+            for i, p in enumerate(parts)
+            for split, s in p[2].items()
+        }
     if d.packing and packed:
         train = pack(train, cfg.train.seq_len, cfg.seed, str(d.packing_strategy))
     splits = Splits(train=train, val=val)

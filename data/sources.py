@@ -21,6 +21,7 @@ LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 
 # ---- checking text files ------------------------------------------------------------------------
 
+
 def _check_utf8(path: Path) -> None:
     offset = 0
     with open(path, "rb") as f:
@@ -28,8 +29,10 @@ def _check_utf8(path: Path) -> None:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{line[e.start]:02x} at byte offset "
-                                f"{offset + e.start}); re-encode the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{line[e.start]:02x} at byte offset "
+                    f"{offset + e.start}); re-encode the file as UTF-8"
+                ) from None
             offset += len(line)
 
 
@@ -65,6 +68,7 @@ def check_file(path: Path) -> None:
 
 # ---- which files ---------------------------------------------------------------------------------
 
+
 def local_files(path: str, split: str) -> list[Path]:
     """The data files of a local source: the file itself, or a directory's files of one kind.
 
@@ -80,8 +84,10 @@ def local_files(path: str, split: str) -> list[Path]:
         return [p]
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in LOADERS)
     if not files:
-        raise DataError(f"data.path={path}: no {'/'.join(sorted(LOADERS))} files in this directory; "
-                        f"found: {sorted(f.name for f in p.iterdir())[:10]}")
+        raise DataError(
+            f"data.path={path}: no {'/'.join(sorted(LOADERS))} files in this directory; "
+            f"found: {sorted(f.name for f in p.iterdir())[:10]}"
+        )
     named = [f for f in files if f.name.startswith(split)]
     if named:
         files = named
@@ -127,6 +133,7 @@ def source_fingerprint(d: DictConfig, split: str) -> str:
 
 # ---- loading ------------------------------------------------------------------------------------
 
+
 def cache_home(d: DictConfig) -> Path:
     """This project's cache: data.cache_dir, $LORA_LAUNCH_CACHE or ~/.cache/lora-launch."""
     root = d.cache_dir or os.environ.get("LORA_LAUNCH_CACHE") or Path.home() / ".cache" / "lora-launch"
@@ -156,12 +163,19 @@ def _load_local(d: DictConfig, files: list[Path]):
         check_file(f)
     builder = LOADERS[files[0].suffix]
     try:  # datasets keys local files on mtime alone; we get here only when their content is new to our cache
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     cache_dir=_hf_cache(d, hub=False), download_mode="force_redownload")
+        return datasets.load_dataset(
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=_hf_cache(d, hub=False),
+            download_mode="force_redownload",
+        )
     except Exception as e:  # Arrow's errors name neither the key nor the fix
         names = ", ".join(str(f) for f in files)
-        raise DataError(f"data.path={d.path}: could not read {names} as {builder} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise DataError(
+            f"data.path={d.path}: could not read {names} as {builder} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def _load_hub(d: DictConfig, split: str):
@@ -172,11 +186,15 @@ def _load_hub(d: DictConfig, split: str):
     try:
         return datasets.load_dataset(hub_id(d), split=split, revision=d.revision, cache_dir=_hf_cache(d, hub=True))
     except Exception as e:
-        hint = ("HF_HUB_OFFLINE is set and it is not in the local cache"
-                if offline else "check the name, the split and your network / HF_TOKEN")
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else "check the name, the split and your network / HF_TOKEN"
+        )
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"data.name={hub_id(d)} (split {split!r}): could not load the hub dataset ({hint}): "
-                        f"{first}") from None
+        raise DataError(
+            f"data.name={hub_id(d)} (split {split!r}): could not load the hub dataset ({hint}): {first}"
+        ) from None
 
 
 def _class_labels(ds, column: str) -> list[str] | None:

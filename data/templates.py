@@ -10,7 +10,8 @@ text as the tokenizer's own special-token strings, so they tokenize to their ids
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -71,10 +72,13 @@ def resolve_format(d: DictConfig, columns: list[str], where: str) -> str:
     for fmt in AUTO_ORDER:
         if all(field_name(d, k) in columns for k, req in FORMAT_FIELDS[fmt] if req):
             return fmt
-    wants = "; ".join(f"{fmt}: {' + '.join(field_name(d, k) for k, req in FORMAT_FIELDS[fmt] if req)}"
-                      for fmt in AUTO_ORDER)
-    raise DataError(f"{where}: data.format=auto found no known layout in the fields {sorted(columns)} ({wants}); "
-                    "set data.format, or point data.fields.* / data.text_field at your columns")
+    wants = "; ".join(
+        f"{fmt}: {' + '.join(field_name(d, k) for k, req in FORMAT_FIELDS[fmt] if req)}" for fmt in AUTO_ORDER
+    )
+    raise DataError(
+        f"{where}: data.format=auto found no known layout in the fields {sorted(columns)} ({wants}); "
+        "set data.format, or point data.fields.* / data.text_field at your columns"
+    )
 
 
 def resolve_template(d: DictConfig, tok) -> str:
@@ -84,8 +88,16 @@ def resolve_template(d: DictConfig, tok) -> str:
         return str(d.template)
     if getattr(tok, "chat_template", None):
         try:
-            _tokenizer_template(tok, None, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
+            _tokenizer_template(
+                tok,
+                None,
+                [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d"},
+                ],
+            )
             return "tokenizer"
         except Exception:  # noqa: BLE001 - a template that raises or does not nest: the fallback serves
             pass
@@ -109,26 +121,37 @@ def check_columns(d: DictConfig, columns: list[str], where: str) -> None:
     if not missing:
         return
     key, column = missing[0]
-    fits = [f for f in FORMAT_FIELDS if f != d.format
-            and all(field_name(d, k) in columns for k, req in FORMAT_FIELDS[f] if req)]
-    hint = (f"set data.format={fits[0]}" if fits
-            else f"set {key} to the column that holds it (data.format={d.format} reads it)")
+    fits = [
+        f
+        for f in FORMAT_FIELDS
+        if f != d.format and all(field_name(d, k) in columns for k, req in FORMAT_FIELDS[f] if req)
+    ]
+    hint = (
+        f"set data.format={fits[0]}"
+        if fits
+        else f"set {key} to the column that holds it (data.format={d.format} reads it)"
+    )
     raise DataError(f"{where}: no field {column!r} ({key}); fields present: {sorted(columns)}; {hint}")
 
 
 # ---- formats: record -> conversation -----------------------------------------------------------
+
 
 def _value(row: dict, d: DictConfig, key: str, where: str, required: bool = True) -> str:
     name = field_name(d, key)
     value = row.get(name)
     if value is None:
         if required:
-            raise DataError(f"{where}: field {name!r} ({field_key(key)}) is missing or null; "
-                            f"fields present: {sorted(k for k, v in row.items() if v is not None)}")
+            raise DataError(
+                f"{where}: field {name!r} ({field_key(key)}) is missing or null; "
+                f"fields present: {sorted(k for k, v in row.items() if v is not None)}"
+            )
         return ""
     if isinstance(value, (list, dict)):  # a number is written as its text (CSV digits); a structure is not text
-        raise DataError(f"{where}: field {name!r} ({field_key(key)}) must be text, got a {type(value).__name__}; "
-                        "fix the record, or point the key at another column")
+        raise DataError(
+            f"{where}: field {name!r} ({field_key(key)}) must be text, got a {type(value).__name__}; "
+            "fix the record, or point the key at another column"
+        )
     return value if isinstance(value, str) else str(value)
 
 
@@ -152,12 +175,17 @@ def _messages(d: DictConfig, row: dict, where: str) -> Conversation:
     name = field_name(d, "messages")
     msgs = row.get(name)
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: field {name!r} (data.fields.messages) must be a non-empty list of "
-                        f"{{role, content}}; fields present: {sorted(row)}")
+        raise DataError(
+            f"{where}: field {name!r} (data.fields.messages) must be a non-empty list of "
+            f"{{role, content}}; fields present: {sorted(row)}"
+        )
     system, turns = None, []
     for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
             raise DataError(f"{where}: message {m!r} needs role system|user|assistant and a string content")
         if m["role"] == "system":
             system = m["content"]
@@ -168,16 +196,26 @@ def _messages(d: DictConfig, row: dict, where: str) -> Conversation:
     return system, turns
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 
 
 def _sharegpt(d: DictConfig, row: dict, where: str) -> Conversation:
     name = field_name(d, "conversations")
     convo = row.get(name)
     if not isinstance(convo, list) or not convo:
-        raise DataError(f"{where}: field {name!r} (data.fields.conversations) must be a non-empty list of "
-                        f"{{from, value}}; fields present: {sorted(row)}")
+        raise DataError(
+            f"{where}: field {name!r} (data.fields.conversations) must be a non-empty list of "
+            f"{{from, value}}; fields present: {sorted(row)}"
+        )
     messages = []
     for m in convo:
         role = SHAREGPT_ROLES.get(m.get("from")) if isinstance(m, dict) else None
@@ -195,8 +233,11 @@ def to_conversation(d: DictConfig, row: dict, where: str) -> Conversation:
         return system or d.system_prompt, turns
     system = _value(row, d, "system", where, required=False) or d.system_prompt
     if fmt == "instruction":
-        user = {"role": "user", "content": _value(row, d, "instruction", where),
-                "input": _value(row, d, "input", where, required=False)}
+        user = {
+            "role": "user",
+            "content": _value(row, d, "instruction", where),
+            "input": _value(row, d, "input", where, required=False),
+        }
         answer = _value(row, d, "output", where)
     elif fmt == "classification":
         user, answer = _task_turn(d, _value(row, d, "text_field", where)), _label(d, row, where)
@@ -209,6 +250,7 @@ def to_conversation(d: DictConfig, row: dict, where: str) -> Conversation:
 
 
 # ---- templates: conversation -> segments -------------------------------------------------------
+
 
 def _joined(turn: dict) -> str:
     return turn["content"] + (f"\n\n{turn['input']}" if turn.get("input") else "")
@@ -225,10 +267,13 @@ def _llama2(tok, system, turns) -> Segments:
     return segs
 
 
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
-ALPACA_HEADER_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                       "provides further context. Write a response that appropriately completes the request.")
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_HEADER_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that "
+    "provides further context. Write a response that appropriately completes the request."
+)
 
 
 def _alpaca(tok, system, turns) -> Segments:
@@ -265,8 +310,9 @@ def _chatml(tok, system, turns) -> Segments:
 
 def _tokenizer_template(tok, system, turns) -> Segments:
     """The tokenizer's own chat template; a response is what the template adds for an assistant turn."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": t["role"], "content": _joined(t)} for t in turns]
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": t["role"], "content": _joined(t)} for t in turns
+    ]
     segs, done = [], ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
@@ -274,24 +320,31 @@ def _tokenizer_template(tok, system, turns) -> Segments:
         prompt = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise DataError("data.template=tokenizer: the tokenizer's chat template does not render turns "
-                            "as prefixes of each other, so prompts cannot be masked; use llama2, alpaca or "
-                            "chatml, or set data.train_on_prompt=true")
-        segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise DataError(
+                "data.template=tokenizer: the tokenizer's chat template does not render turns "
+                "as prefixes of each other, so prompts cannot be masked; use llama2, alpaca or "
+                "chatml, or set data.train_on_prompt=true"
+            )
+        segs += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     return segs
 
 
 TEMPLATES: dict[str, Callable[[Any, str | None, list[dict]], Segments]] = {
-    "llama2": _llama2, "alpaca": _alpaca, "chatml": _chatml, "tokenizer": _tokenizer_template,
+    "llama2": _llama2,
+    "alpaca": _alpaca,
+    "chatml": _chatml,
+    "tokenizer": _tokenizer_template,
 }
 
 
 def check_template(d: DictConfig, tok) -> None:
     """Refuse a template the tokenizer cannot serve, before any record is read."""
     if d.format != "text" and d.template == "tokenizer" and not getattr(tok, "chat_template", None):
-        raise DataError(f"data.template=tokenizer: the tokenizer ({tok.name_or_path}) has no chat template; "
-                        "use data.template=llama2|alpaca|chatml")
+        raise DataError(
+            f"data.template=tokenizer: the tokenizer ({tok.name_or_path}) has no chat template; "
+            "use data.template=llama2|alpaca|chatml"
+        )
 
 
 def _text_segments(d: DictConfig, tok, row: dict, where: str) -> Segments:

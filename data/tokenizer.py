@@ -10,8 +10,9 @@ def load_tokenizer(cfg: DictConfig):
     from transformers import AutoTokenizer
 
     source = cfg.model.tokenizer or cfg.model.path
-    tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     if tok.pad_token is None:
         # Llama-2 has no pad token; padded positions are masked out of attention and loss anyway.
         tok.pad_token = tok.unk_token or tok.eos_token

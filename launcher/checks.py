@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from lora_launch.conf.compose import plain
 from lora_launch.conf.schema import ALL_LINEAR, BNB_OPTIMIZERS, SDPA_VARLEN, ConfigError, lora_targets
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.checkpoints import CheckpointError, choose
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan, warmup_steps
-from lora_launch.run.checkpoints import CheckpointError, choose
 from lora_launch.run.rundir import check_set_aside, short_path
 from lora_launch.strategies import strategy_for
 
@@ -32,10 +32,15 @@ def check_global_batch(cfg: DictConfig, plan: RunPlan) -> None:
         return
     got, world = plan.global_batch, plan.world_size
     per_accum = t.micro_batch_size * world
-    hint = (f"set train.grad_accum={want // per_accum}" if want % per_accum == 0
-            else f"it must be a multiple of micro_batch_size x world = {per_accum}")
-    raise ConfigError(f"train.global_batch_size={want} but micro_batch_size {t.micro_batch_size} x grad_accum "
-                      f"{t.grad_accum} x world {world} = {got}; {hint}")
+    hint = (
+        f"set train.grad_accum={want // per_accum}"
+        if want % per_accum == 0
+        else f"it must be a multiple of micro_batch_size x world = {per_accum}"
+    )
+    raise ConfigError(
+        f"train.global_batch_size={want} but micro_batch_size {t.micro_batch_size} x grad_accum "
+        f"{t.grad_accum} x world {world} = {got}; {hint}"
+    )
 
 
 def check_qlora_sharded(cfg: DictConfig, plan: RunPlan) -> None:
@@ -44,8 +49,10 @@ def check_qlora_sharded(cfg: DictConfig, plan: RunPlan) -> None:
     if q.mode == "nf4" and plan.shards_params and q.storage_dtype != q.compute_dtype:
         # ZeRO-3 and FSDP2 shard and gather floating-point parameters; uint8-packed weights break that
         which = strategy_for(cfg).label(plan)
-        raise ConfigError(f"quant.storage_dtype={q.storage_dtype} with distributed={cfg.distributed.name}: "
-                          f"{which} needs it equal to quant.compute_dtype, set quant.storage_dtype={q.compute_dtype}")
+        raise ConfigError(
+            f"quant.storage_dtype={q.storage_dtype} with distributed={cfg.distributed.name}: "
+            f"{which} needs it equal to quant.compute_dtype, set quant.storage_dtype={q.compute_dtype}"
+        )
 
 
 def check_strategy(cfg: DictConfig, plan: RunPlan) -> None:
@@ -68,8 +75,9 @@ def check_nf4(cfg: DictConfig) -> None:
         quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
     except Exception as e:  # any failure of the library itself means nf4 cannot run here
         first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"quant=nf4: bitsandbytes cannot quantise on {device} here "
-                          f"({type(e).__name__}: {first}); use quant=none") from None
+        raise ConfigError(
+            f"quant=nf4: bitsandbytes cannot quantise on {device} here ({type(e).__name__}: {first}); use quant=none"
+        ) from None
 
 
 def check_extras(cfg: DictConfig) -> None:
@@ -84,8 +92,9 @@ def check_extras(cfg: DictConfig) -> None:
     if cfg.optim.name in BNB_OPTIMIZERS:
         needs.append(("bitsandbytes", "qlora", f"optim.name={cfg.optim.name}", "or use optim.name=adamw_torch"))
     if cfg.logging.wandb.mode != "disabled":
-        needs.append(("wandb", "wandb", f"logging.wandb.mode={cfg.logging.wandb.mode}",
-                      "or set logging.wandb.mode=disabled"))
+        needs.append(
+            ("wandb", "wandb", f"logging.wandb.mode={cfg.logging.wandb.mode}", "or set logging.wandb.mode=disabled")
+        )
     if cfg.logging.mlflow.enabled:
         needs.append(("mlflow", "mlflow", "logging.mlflow.enabled=true", "or set logging.mlflow.enabled=false"))
     for module, extra, key, other in needs:
@@ -111,8 +120,10 @@ def check_model(cfg: DictConfig) -> None:
         path = Path(os.path.expanduser(m.path))
         if path.exists():
             if not (path / "config.json").is_file():
-                raise ConfigError(f"model.path={m.path}: no config.json there; give a model directory "
-                                  "(what save_pretrained writes) or a hub id OWNER/NAME")
+                raise ConfigError(
+                    f"model.path={m.path}: no config.json there; give a model directory "
+                    "(what save_pretrained writes) or a hub id OWNER/NAME"
+                )
         elif not _HUB_ID.match(m.path):
             raise ConfigError(f"model.path={m.path}: no such directory, and not a hub id (OWNER/NAME)")
         elif not _offline():
@@ -124,11 +135,15 @@ def check_model(cfg: DictConfig) -> None:
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         if not m.random_init and Path(os.path.expanduser(m.path)).is_dir():
-            raise ConfigError(f"model.path={m.path}: its config.json cannot be read ({first}); fix or replace "
-                              "it (save_pretrained writes it)") from None
-        raise ConfigError(f"model.path={m.path}: cannot read its config here ({first}); with HF_HUB_OFFLINE=1 "
-                          "a hub model must already be in the local cache: download it once, or give a "
-                          "local directory") from None
+            raise ConfigError(
+                f"model.path={m.path}: its config.json cannot be read ({first}); fix or replace "
+                "it (save_pretrained writes it)"
+            ) from None
+        raise ConfigError(
+            f"model.path={m.path}: cannot read its config here ({first}); with HF_HUB_OFFLINE=1 "
+            "a hub model must already be in the local cache: download it once, or give a "
+            "local directory"
+        ) from None
     if not m.random_init and Path(os.path.expanduser(m.path)).is_dir():
         check_weights(m.path, Path(os.path.expanduser(m.path)))
     model = _meta_model(config, str(cfg.model.attn_implementation))
@@ -151,8 +166,10 @@ def _meta_model(config, attn_implementation: str):
     except (ValueError, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if "attn" in str(e).lower() or "attention" in str(e).lower() or attn_implementation in str(e):
-            raise ConfigError(f"model.attn_implementation={attn_implementation}: not usable here ({first}); "
-                              "use sdpa or eager, or install what it needs") from None
+            raise ConfigError(
+                f"model.attn_implementation={attn_implementation}: not usable here ({first}); "
+                "use sdpa or eager, or install what it needs"
+            ) from None
         return None
 
 
@@ -161,8 +178,12 @@ def check_weights(key_value: str, path: Path) -> None:
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
         return
     other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    hint = (f"it has only {other[:3]}: convert them to safetensors (save_pretrained(..., safe_serialization=True)), "
-            "which is the only format loaded" if other else "give the directory save_pretrained wrote")
+    hint = (
+        f"it has only {other[:3]}: convert them to safetensors (save_pretrained(..., safe_serialization=True)), "
+        "which is the only format loaded"
+        if other
+        else "give the directory save_pretrained wrote"
+    )
     raise ConfigError(f"model.path={key_value}: no *.safetensors weights there; {hint}")
 
 
@@ -175,10 +196,17 @@ def check_lora_targets(model, model_type: str, targets) -> None:
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                         if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head")})
-        raise ConfigError(f"lora.target_modules: {missing} not in this {model_type} model; its linear "
-                          f"layers are {linear} (or use lora.target_modules={ALL_LINEAR})")
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head")
+            }
+        )
+        raise ConfigError(
+            f"lora.target_modules: {missing} not in this {model_type} model; its linear "
+            f"layers are {linear} (or use lora.target_modules={ALL_LINEAR})"
+        )
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -197,7 +225,9 @@ def check_run_dir_writable(run_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
             pass
     except OSError as e:
-        raise ConfigError(f"run.dir={short_path(run_dir)} is not writable ({e.strerror}); choose another run.dir") from None
+        raise ConfigError(
+            f"run.dir={short_path(run_dir)} is not writable ({e.strerror}); choose another run.dir"
+        ) from None
     finally:
         for d in made:  # innermost first; one that was never made (the error above) is skipped
             try:
@@ -209,8 +239,10 @@ def check_run_dir_writable(run_dir: Path) -> None:
 def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:
     """Every node composes its own config, so a multi-node launch needs a run.dir that is the same on all."""
     if topo.num_machines > 1 and cfg.launcher.name != "slurm" and not run_dir_given:
-        raise ConfigError(f"launcher={cfg.launcher.name} on {topo.num_machines} nodes: give run.dir=PATH (the same "
-                          "path on every node, ideally shared); the timestamped default differs per node")
+        raise ConfigError(
+            f"launcher={cfg.launcher.name} on {topo.num_machines} nodes: give run.dir=PATH (the same "
+            "path on every node, ideally shared); the timestamped default differs per node"
+        )
 
 
 def _config_changes(old: dict, cfg: DictConfig) -> list[str]:
@@ -244,8 +276,10 @@ def check_finished_config(cfg: DictConfig) -> None:
         return  # no readable config.yaml: nothing to compare with
     diff = _config_changes(old, cfg)
     if diff:
-        raise ConfigError(f"{cfg.run.dir} holds a finished run with another config ({'; '.join(diff)}); "
-                          "use another run.dir, or resume.mode=never to start over there")
+        raise ConfigError(
+            f"{cfg.run.dir} holds a finished run with another config ({'; '.join(diff)}); "
+            "use another run.dir, or resume.mode=never to start over there"
+        )
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -262,8 +296,9 @@ def check_data(cfg: DictConfig) -> None:
 def check_attention_device(cfg: DictConfig, plan: RunPlan) -> None:
     """flex_attention trains on GPUs only (torch has no backward for it on CPU)."""
     if str(cfg.model.attn_implementation) == "flex_attention" and not plan.on_gpu:
-        raise ConfigError("model.attn_implementation=flex_attention: torch has no backward for it on CPU; "
-                          "use sdpa or eager here")
+        raise ConfigError(
+            "model.attn_implementation=flex_attention: torch has no backward for it on CPU; use sdpa or eager here"
+        )
 
 
 def check_own_configs(cfg: DictConfig, plan: RunPlan) -> None:
@@ -273,8 +308,10 @@ def check_own_configs(cfg: DictConfig, plan: RunPlan) -> None:
 
     ours = strategy_for(cfg).deepspeed_config(cfg, plan)
     if cfg.distributed.deepspeed_config and ours is None:
-        raise ConfigError(f"distributed.deepspeed_config={cfg.distributed.deepspeed_config} with "
-                          f"distributed={cfg.distributed.name}: choose a DeepSpeed option (zero2, zero3, ...)")
+        raise ConfigError(
+            f"distributed.deepspeed_config={cfg.distributed.deepspeed_config} with "
+            f"distributed={cfg.distributed.name}: choose a DeepSpeed option (zero2, zero3, ...)"
+        )
     if ours is not None:
         merged_deepspeed(ours, cfg.distributed.deepspeed_config)
     merged_accelerate(accelerate_config(cfg, plan, "ds_config.json"), cfg.launcher.accelerate_config)
@@ -304,10 +341,15 @@ def warmup_warning(cfg: DictConfig) -> str | None:
     warmup = warmup_steps(cfg.optim, steps)
     if steps <= 0 or warmup < steps:
         return None
-    given = (f"optim.warmup_steps={warmup}" if cfg.optim.warmup_steps
-             else f"optim.warmup_ratio={cfg.optim.warmup_ratio} ({warmup} steps)")
-    return (f"{given} >= train.max_steps={steps}: the learning rate never reaches optim.lr={cfg.optim.lr}; "
-            "lower optim.warmup_steps (or optim.warmup_ratio) or raise train.max_steps")
+    given = (
+        f"optim.warmup_steps={warmup}"
+        if cfg.optim.warmup_steps
+        else f"optim.warmup_ratio={cfg.optim.warmup_ratio} ({warmup} steps)"
+    )
+    return (
+        f"{given} >= train.max_steps={steps}: the learning rate never reaches optim.lr={cfg.optim.lr}; "
+        "lower optim.warmup_steps (or optim.warmup_ratio) or raise train.max_steps"
+    )
 
 
 def run_dir_given(overrides: list[str]) -> bool:

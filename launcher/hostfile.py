@@ -46,8 +46,10 @@ def parse_hostfile_text(text: str, source: str = "hostfile") -> list[Host]:
             continue
         m = _LINE.match(line)
         if m is None:
-            raise ConfigError(f"{source}:{lineno}: expected 'HOST slots=N' (HOST: a name or address of letters, "
-                              f"digits and . _ - : %), got {raw.strip()!r}")
+            raise ConfigError(
+                f"{source}:{lineno}: expected 'HOST slots=N' (HOST: a name or address of letters, "
+                f"digits and . _ - : %), got {raw.strip()!r}"
+            )
         slots_text = m.group("slots")
         if slots_text is None:
             raise ConfigError(f"{source}:{lineno}: {m.group('host')} has no 'slots=N' (processes it may run)")
@@ -83,8 +85,9 @@ def local_addresses() -> dict[str, str]:
     """Every IPv4 address of this host (this network namespace) -> its interface."""
     import psutil
 
-    return {a.address: name for name, addrs in psutil.net_if_addrs().items()
-            for a in addrs if a.family == socket.AF_INET}
+    return {
+        a.address: name for name, addrs in psutil.net_if_addrs().items() for a in addrs if a.family == socket.AF_INET
+    }
 
 
 def local_names() -> set[str]:
@@ -102,19 +105,22 @@ def _is_me(host: str, names: set[str], addresses: dict[str, str]) -> bool:
         return False
 
 
-def find_node_rank(hosts: list[Host], names: set[str] | None = None,
-                   addresses: dict[str, str] | None = None) -> int:
+def find_node_rank(hosts: list[Host], names: set[str] | None = None, addresses: dict[str, str] | None = None) -> int:
     """This node's index in the hostfile, found by its names and addresses; exactly one must match."""
     names = local_names() if names is None else names
     addresses = local_addresses() if addresses is None else addresses
     mine = [i for i, h in enumerate(hosts) if _is_me(h.name, names, addresses)]
     listed = ", ".join(h.name for h in hosts)
     if not mine:
-        raise ConfigError(f"launcher.hostfile: this host ({sorted(names)[0]}, {sorted(addresses)}) is not among "
-                          f"[{listed}]; set launcher.node_rank=")
+        raise ConfigError(
+            f"launcher.hostfile: this host ({sorted(names)[0]}, {sorted(addresses)}) is not among "
+            f"[{listed}]; set launcher.node_rank="
+        )
     if len(mine) > 1:
-        raise ConfigError(f"launcher.hostfile: this host matches several lines ({[hosts[i].name for i in mine]}); "
-                          "set launcher.node_rank=")
+        raise ConfigError(
+            f"launcher.hostfile: this host matches several lines ({[hosts[i].name for i in mine]}); "
+            "set launcher.node_rank="
+        )
     return mine[0]
 
 

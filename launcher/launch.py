@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_launch.conf.schema import plain
 from lora_launch.launcher.accelerate_config import accelerate_config
-from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
 from lora_launch.launcher.hostfile import interface_for
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.own_configs import merged_accelerate, merged_deepspeed
 from lora_launch.run.plan import RunPlan
 from lora_launch.run.process import NODE_RANK_ENV, SUPERVISOR_ENV
 from lora_launch.run.rundir import write_atomic, write_config
@@ -52,14 +52,20 @@ def write_launch_files(cfg: DictConfig, run_dir: Path, topo: Topology, plan: Run
         files["deepspeed"] = ds_path
     for key, (name, content) in strategy.shown_files(shared, plan).items():  # what the ranks apply (from config.yaml)
         files[key] = write_atomic(run_dir / name, json.dumps(content, indent=2))
-    acc = merged_accelerate(accelerate_config(shared, plan, str(ds_path) if ds_path else None),
-                            cfg.launcher.accelerate_config)
+    acc = merged_accelerate(
+        accelerate_config(shared, plan, str(ds_path) if ds_path else None), cfg.launcher.accelerate_config
+    )
     files["accelerate"] = write_atomic(run_dir / "accelerate.yaml", yaml.safe_dump(acc, sort_keys=False))
     return files
 
 
-def launch_command(files: dict[str, Path], python: str = sys.executable, node_rank: int | None = None,
-                   main_ip: str | None = None, main_port: int | None = None) -> list[str]:
+def launch_command(
+    files: dict[str, Path],
+    python: str = sys.executable,
+    node_rank: int | None = None,
+    main_ip: str | None = None,
+    main_port: int | None = None,
+) -> list[str]:
     """`accelerate launch --config_file … [--machine_rank N] -m lora_launch.train --config …`, run with this interpreter."""
     node = []
     if node_rank is not None:
@@ -68,8 +74,18 @@ def launch_command(files: dict[str, Path], python: str = sys.executable, node_ra
         node += ["--main_process_ip", main_ip]
     if main_port is not None:
         node += ["--main_process_port", str(main_port)]
-    return [python, "-m", "accelerate.commands.launch", "--config_file", str(files["accelerate"]), *node,
-            "-m", "lora_launch.train", "--config", str(files["config"])]
+    return [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(files["accelerate"]),
+        *node,
+        "-m",
+        "lora_launch.train",
+        "--config",
+        str(files["config"]),
+    ]
 
 
 def node_env_vars(cfg: DictConfig, topo: Topology, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -8,6 +8,7 @@ Used by `lora-launch` on each node (local and hostfile launches) and, inside a S
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import os
@@ -22,8 +23,16 @@ from lora_launch.conf.errors import reports_user_errors, say_error
 from lora_launch.conf.schema import load
 from lora_launch.launcher.hostfile import resolve
 from lora_launch.launcher.launch import launch_command, launch_env, node_env_vars, printable, write_launch_files
-from lora_launch.launcher.restart import (Attempts, Failure, killed_rank, not_retried, rendezvous_port,
-                                          restart_config, resume_point, why_not_restart)
+from lora_launch.launcher.restart import (
+    Attempts,
+    Failure,
+    killed_rank,
+    not_retried,
+    rendezvous_port,
+    restart_config,
+    resume_point,
+    why_not_restart,
+)
 from lora_launch.launcher.supervise import Outcome, supervise
 from lora_launch.launcher.topology import Topology, run_plan
 from lora_launch.run.lock import RunLock, check_no_ranks, lock_path, ranks_lock_path
@@ -32,8 +41,9 @@ from lora_launch.run.process import ATTEMPT_ENV, StopSignals, run_to_end, signal
 from lora_launch.run.rundir import read_status, record_restart, set_aside_previous, write_atomic, write_status
 
 
-def node_command(cfg: DictConfig, topo: Topology, files: dict[str, Path],
-                 attempt: int = 0) -> tuple[list[str], dict[str, str]]:
+def node_command(
+    cfg: DictConfig, topo: Topology, files: dict[str, Path], attempt: int = 0
+) -> tuple[list[str], dict[str, str]]:
     """This node's `accelerate launch` command and the environment variables it needs; each restart
     (attempt 1, 2, ...) of a multi-process launch meets at a rendezvous port of its own."""
     rank = topo.node_rank if topo.num_machines > 1 else None
@@ -68,9 +78,12 @@ def _launch(cfg: DictConfig, topo: Topology, plan: RunPlan, attempt: int, abort)
     cmd, env_vars = node_command(cfg, topo, files, attempt)
     if attempt == 0:
         digest = hashlib.sha256(files["config"].read_bytes()).hexdigest()[:16]
-        print(f"run dir: {run_dir}\nnode {topo.node_rank} of {topo.num_machines}, {topo.procs_per_node} "
-              f"processes, world size {topo.world_size}, config sha256 {digest}\n"
-              f"launch:  {printable(cmd, env_vars)}", flush=True)
+        print(
+            f"run dir: {run_dir}\nnode {topo.node_rank} of {topo.num_machines}, {topo.procs_per_node} "
+            f"processes, world size {topo.world_size}, config sha256 {digest}\n"
+            f"launch:  {printable(cmd, env_vars)}",
+            flush=True,
+        )
     env = launch_env(env_vars, topo.node_rank)
     env[ATTEMPT_ENV] = str(attempt)
     return supervise(cmd, env, abort)
@@ -85,7 +98,7 @@ def _attempts(cfg: DictConfig, topo: Topology, plan: RunPlan, held: StopSignals)
         if held.signum is not None:  # it came while the restart was prepared
             return _stopped_between_attempts(run_dir, held.signum)
         started = time.time()
-        abort = (lambda: attempts.peer_failed(attempt)) if topo.num_machines > 1 else None
+        abort = functools.partial(attempts.peer_failed, attempt) if topo.num_machines > 1 else None
         outcome = _launch(cfg, topo, plan, attempt, abort)
         why_ended = not_retried(run_dir, outcome, started)
         attempts.report(attempt, why_ended, killed_rank(outcome, topo.node_rank, topo.procs_per_node))
@@ -100,10 +113,13 @@ def _attempts(cfg: DictConfig, topo: Topology, plan: RunPlan, held: StopSignals)
             return _give_up(run_dir, topo, failures[-1], why_not)
         if topo.node_rank == 0:
             f = failures[-1]
-            record_restart(run_dir, {"attempt": attempt + 1, "step": f.step, "rank": f.rank, "error": f.error,
-                                     "time": time.time()})
-        _say(f"restart {attempt + 1} of {max_restarts}: {failures[-1]}; relaunching"
-             f"{' every node' if topo.num_machines > 1 else ''} from {resume_point(run_dir)}")
+            record_restart(
+                run_dir, {"attempt": attempt + 1, "step": f.step, "rank": f.rank, "error": f.error, "time": time.time()}
+            )
+        _say(
+            f"restart {attempt + 1} of {max_restarts}: {failures[-1]}; relaunching"
+            f"{' every node' if topo.num_machines > 1 else ''} from {resume_point(run_dir)}"
+        )
 
 
 def _unless_every_node_failed(run_dir: Path, attempts: Attempts, attempt: int, held: StopSignals) -> int | None:
@@ -113,8 +129,10 @@ def _unless_every_node_failed(run_dir: Path, attempts: Attempts, attempt: int, h
     if held.signum is not None:
         return _stopped_between_attempts(run_dir, held.signum)
     if nodes is None:
-        say_error(f"not restarting: node(s) {', '.join(map(str, attempts.missing(attempt)))} did not report "
-                  "how their part of the run ended; see their output")
+        say_error(
+            f"not restarting: node(s) {', '.join(map(str, attempts.missing(attempt)))} did not report "
+            "how their part of the run ended; see their output"
+        )
         return 1
     ended = [(n, r["why"]) for n, r in sorted(nodes.items()) if not r.get("failed")]
     if ended:
@@ -133,8 +151,11 @@ def _give_up(run_dir: Path, topo: Topology, failure: Failure, why_not: str) -> i
 
 def _stopped_between_attempts(run_dir: Path, signum: int) -> int:
     name = "Ctrl-C" if signum == signal.SIGINT else signal_name(signum)
-    _say(f"stopped by {name} before a restart; run the same command to continue from the last checkpoint in "
-         f"{run_dir}/checkpoints", error=True)
+    _say(
+        f"stopped by {name} before a restart; run the same command to continue from the last checkpoint in "
+        f"{run_dir}/checkpoints",
+        error=True,
+    )
     return 130 if signum == signal.SIGINT else 128 + signum
 
 
@@ -178,19 +199,26 @@ def exit_code(run_dir: Path, outcome: Outcome, started: float) -> int:
         _say(f"stopped by {by} with a checkpoint at step {status['step']}; run the same command to continue")
         return 130 if interrupted else 0
     if outcome.killed:
-        _say(f"stopped at once by a second Ctrl-C, without a checkpoint; run the same command to continue from "
-             f"the last one in {run_dir}/checkpoints", error=True)
+        _say(
+            f"stopped at once by a second Ctrl-C, without a checkpoint; run the same command to continue from "
+            f"the last one in {run_dir}/checkpoints",
+            error=True,
+        )
         return 130
     if outcome.signum is not None:
-        _say(f"stopped by {'Ctrl-C' if interrupted else signal_name(outcome.signum)} before training had anything "
-             "to save", error=True)
+        _say(
+            f"stopped by {'Ctrl-C' if interrupted else signal_name(outcome.signum)} before training had anything "
+            "to save",
+            error=True,
+        )
         return 130 if interrupted else 128 + outcome.signum
     if outcome.errors:  # a rank refused its input and said why in one line: that is the whole story
         return 2
     rc = outcome.returncode if outcome.returncode != 0 else 1
     if outcome.returncode == 0:
-        say_error(f"training exited without finishing (status.json: {state or 'not written by this launch'}); "
-                  f"see {run_dir}")
+        say_error(
+            f"training exited without finishing (status.json: {state or 'not written by this launch'}); see {run_dir}"
+        )
     elif outcome.returncode != 2:  # 2: the rank already said what was wrong, in one line
         local, code = outcome.first_exit or (0, 0)
         killed = f" (local rank {local} was killed by {signal_name(-code)})" if code < 0 else ""
@@ -211,8 +239,14 @@ def slurm_topology(cfg: DictConfig, environ: dict[str, str] | None = None) -> To
     """This node's place in the Slurm job, from the variables srun sets."""
     env = os.environ if environ is None else environ
     hosts = slurm_hosts(env["SLURM_JOB_NODELIST"])
-    return Topology(len(hosts), int(cfg.launcher.num_processes), int(env["SLURM_NODEID"]), resolve(hosts[0]),
-                    cfg.launcher.main_process_port, tuple(hosts))
+    return Topology(
+        len(hosts),
+        int(cfg.launcher.num_processes),
+        int(env["SLURM_NODEID"]),
+        resolve(hosts[0]),
+        cfg.launcher.main_process_port,
+        tuple(hosts),
+    )
 
 
 @reports_user_errors

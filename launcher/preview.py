@@ -41,8 +41,15 @@ from omegaconf import DictConfig
 from lora_launch.conf.compose import plain
 from lora_launch.conf.dtypes import FLOATS
 from lora_launch.conf.schema import ALL_LINEAR, lora_targets
-from lora_launch.launcher.speed import (SPREAD, TimeEstimate, duration, estimate, flops_per_token, scientific,
-                                         this_host_gpu)
+from lora_launch.launcher.speed import (
+    SPREAD,
+    TimeEstimate,
+    duration,
+    estimate,
+    flops_per_token,
+    scientific,
+    this_host_gpu,
+)
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
@@ -55,6 +62,7 @@ DTYPE_BYTES = {name: dtype.bytes for name, dtype in FLOATS.items()}
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimates need from the architecture."""
+
     total_params: int
     quantisable_params: int  # linear weights inside the decoder layers (what nf4 packs)
     lora_params: int
@@ -67,6 +75,7 @@ class ModelShape:
 
 # ---- the model's shape ---------------------------------------------------------------------------
 
+
 def model_config(cfg: DictConfig):
     """The model's transformers config, read without downloading anything (random_init: from model.arch)."""
     from transformers import AutoConfig
@@ -74,8 +83,9 @@ def model_config(cfg: DictConfig):
     if cfg.model.random_init:
         return AutoConfig.for_model(**plain(cfg.model.arch))
     # no download in a preview: a local directory or what the hub cache already holds
-    return AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision, local_files_only=True,
-                                      trust_remote_code=False)
+    return AutoConfig.from_pretrained(
+        cfg.model.path, revision=cfg.model.revision, local_files_only=True, trust_remote_code=False
+    )
 
 
 def _targets(name: str, target_modules: str | list[str]) -> bool:
@@ -102,11 +112,13 @@ def model_shape(config, target_modules: str | list[str], r: int) -> ModelShape:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv = head_dim * (getattr(text, "num_key_value_heads", None) or heads)
-    return ModelShape(total, quantisable, lora, text.hidden_size, text.intermediate_size,
-                      text.num_hidden_layers, text.vocab_size, kv)
+    return ModelShape(
+        total, quantisable, lora, text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size, kv
+    )
 
 
 # ---- data ---------------------------------------------------------------------------------------
+
 
 def train_samples_estimate(cfg: DictConfig) -> int | None:
     """Training records of a local jsonl after the validation split (before any filtering); None if unknown."""
@@ -121,6 +133,7 @@ def train_samples_estimate(cfg: DictConfig) -> int | None:
 
 
 # ---- memory ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Memory:
@@ -159,8 +172,16 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: 
     return shape.layers * per_layer + logits
 
 
-def fsdp2_gathered_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int,
-                         double_quant: bool, per_group="auto", prefetch: int | None = None, kept: int = 0) -> float:
+def fsdp2_gathered_bytes(
+    shape: ModelShape,
+    quant: str,
+    dtype_bytes: int,
+    compute_bytes: int,
+    double_quant: bool,
+    per_group="auto",
+    prefetch: int | None = None,
+    kept: int = 0,
+) -> float:
     """Base weights FSDP2 holds whole on a device at its peak: the root group (everything outside the decoder
     layers) from forward to backward, the shard group computing (`per_group` decoder layers) and one layer
     more per group prefetched (FSDP2's own: one), which is what the measured peaks showed, not two whole groups
@@ -194,11 +215,18 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
     act_bytes = compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     compiled = plan.compile == "layers"
-    return Memory(held.weights, held.lora, held.optimizer, activation_bytes(shape, tokens, act_bytes, True, compiled),
-                  activation_bytes(shape, tokens, act_bytes, False, compiled), cfg.train.grad_ckpt)
+    return Memory(
+        held.weights,
+        held.lora,
+        held.optimizer,
+        activation_bytes(shape, tokens, act_bytes, True, compiled),
+        activation_bytes(shape, tokens, act_bytes, False, compiled),
+        cfg.train.grad_ckpt,
+    )
 
 
 # ---- time ------------------------------------------------------------------------------------------
+
 
 def matmul_params(shape: ModelShape) -> int:
     """Weights every token multiplies with: the decoder's linears and the output head (hidden x vocab)."""
@@ -209,13 +237,24 @@ def step_estimate(cfg: DictConfig, plan: RunPlan, shape: ModelShape, device_name
     """One optimizer step of full seq_len samples: its FLOPs, and its time on the plan's GPUs named
     `device_name` (None: no GPU here)."""
     t = cfg.train
-    per_token = flops_per_token(matmul_params(shape), shape.lora_params, shape.layers, shape.hidden, t.seq_len,
-                                t.grad_ckpt)
-    return estimate(plan.global_batch * t.seq_len * per_token, device_name, plan.world_size, plan.on_gpu,
-                    plan.precision, cfg.quant.mode, t.grad_ckpt, strategy_for(cfg).scaling(cfg, plan))
+    per_token = flops_per_token(
+        matmul_params(shape), shape.lora_params, shape.layers, shape.hidden, t.seq_len, t.grad_ckpt
+    )
+    return estimate(
+        plan.global_batch * t.seq_len * per_token,
+        device_name,
+        plan.world_size,
+        plan.on_gpu,
+        plan.precision,
+        cfg.quant.mode,
+        t.grad_ckpt,
+        strategy_for(cfg).scaling(cfg, plan),
+    )
 
 
-def time_lines(cfg: DictConfig, plan: RunPlan, shape: ModelShape, steps: int | None, device_name: str | None) -> list[str]:
+def time_lines(
+    cfg: DictConfig, plan: RunPlan, shape: ModelShape, steps: int | None, device_name: str | None
+) -> list[str]:
     """The preview's time estimate: the run's tokens and FLOPs, and its time on `device_name` GPUs (or why not)."""
     t, gbs = cfg.train, plan.global_batch
     est = step_estimate(cfg, plan, shape, device_name)
@@ -234,11 +273,18 @@ def time_lines(cfg: DictConfig, plan: RunPlan, shape: ModelShape, steps: int | N
         when = f"≈ {est.step_seconds:.2g} s a step on {est.where} (the steps are unknown until the data is read)"
     else:
         total = steps * est.step_seconds
-        when = f"≈ {duration(total)} ({duration(total * (1 - SPREAD))} to {duration(total * (1 + SPREAD))}) on {est.where}"
-    return [*out, f"time         {when}", *[f"{'basis' if i == 0 else '':13}{line}" for i, line in enumerate(est.basis)]]
+        when = (
+            f"≈ {duration(total)} ({duration(total * (1 - SPREAD))} to {duration(total * (1 + SPREAD))}) on {est.where}"
+        )
+    return [
+        *out,
+        f"time         {when}",
+        *[f"{'basis' if i == 0 else '':13}{line}" for i, line in enumerate(est.basis)],
+    ]
 
 
 # ---- commands --------------------------------------------------------------------------------------
+
 
 def node_commands(cfg: DictConfig, topo: Topology, overrides: list[str]) -> list[str]:
     """For each node: the lora-launch command to run there, and the accelerate launch it starts."""
@@ -249,9 +295,11 @@ def node_commands(cfg: DictConfig, topo: Topology, overrides: list[str]) -> list
     # quoted as a shell reads them: a user pastes these lines
     user = shlex.join(o for o in overrides if not o.startswith(("preview=", "launcher.node_rank=")))
     if cfg.launcher.name == "slurm":
-        return [f"submit: lora-launch {user}  (writes {run_dir}/slurm.sbatch, runs sbatch on it)",
-                f"each of the {topo.num_machines} nodes then runs: python -m lora_launch.launcher.node --run-dir "
-                f"{shlex.quote(str(run_dir))}"]
+        return [
+            f"submit: lora-launch {user}  (writes {run_dir}/slurm.sbatch, runs sbatch on it)",
+            f"each of the {topo.num_machines} nodes then runs: python -m lora_launch.launcher.node --run-dir "
+            f"{shlex.quote(str(run_dir))}",
+        ]
     lines = []
     for rank in range(topo.num_machines):
         host = topo.hosts[rank] if topo.hosts else "this host"
@@ -265,6 +313,7 @@ def node_commands(cfg: DictConfig, topo: Topology, overrides: list[str]) -> list
 
 
 # ---- the report ----------------------------------------------------------------------------------
+
 
 def _gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB"
@@ -286,18 +335,25 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
     """The preview text."""
     t, strategy = cfg.train, strategy_for(cfg)
     gbs = plan.global_batch
-    out = ["# resolved config", yaml.safe_dump(plain(cfg), sort_keys=False).rstrip(), "", "# launch",
-           f"nodes {topo.num_machines} x {topo.procs_per_node} processes = world size {topo.world_size}",
-           f"global batch = micro {t.micro_batch_size} x accum {t.grad_accum} x world {topo.world_size} = {gbs}",
-           f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}",
-           f"precision {plan.precision} (base weights {plan.model_dtype}), compile {plan.compile}, "
-           f"{strategy.describe(cfg, plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
-           f"{'' if plan.on_gpu else ' on CPU (gloo)'}"]
+    out = [
+        "# resolved config",
+        yaml.safe_dump(plain(cfg), sort_keys=False).rstrip(),
+        "",
+        "# launch",
+        f"nodes {topo.num_machines} x {topo.procs_per_node} processes = world size {topo.world_size}",
+        f"global batch = micro {t.micro_batch_size} x accum {t.grad_accum} x world {topo.world_size} = {gbs}",
+        f"tokens per step <= {gbs} x seq_len {t.seq_len} = {gbs * t.seq_len}",
+        f"precision {plan.precision} (base weights {plan.model_dtype}), compile {plan.compile}, "
+        f"{strategy.describe(cfg, plan)}{' with CPU offload' if cfg.distributed.offload_params else ''}"
+        f"{'' if plan.on_gpu else ' on CPU (gloo)'}",
+    ]
     n = train_samples_estimate(cfg)
     if n is not None:
         per_epoch, total = plan.steps_per_epoch(n), plan.total_steps(n)
-        out.append(f"train samples ~{n} (records after the validation split, before filtering); "
-                   f"steps per epoch {per_epoch}, total steps {total}")
+        out.append(
+            f"train samples ~{n} (records after the validation split, before filtering); "
+            f"steps per epoch {per_epoch}, total steps {total}"
+        )
     else:
         out.append(f"steps: {t.max_steps} total" if t.max_steps > 0 else "steps: unknown until the data is read")
     shape, why = _shape_or_none(cfg)
@@ -306,21 +362,38 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
     else:
         mem = memory_estimate(cfg, shape, plan)
         chosen = "with" if mem.grad_ckpt else "without"
-        out += ["", "# model", f"parameters {shape.total_params:,} ({shape.quantisable_params:,} in decoder linears)",
-                f"LoRA parameters {shape.lora_params:,} (r={cfg.lora.r} on {_target_names(cfg)})",
-                "", "# memory per GPU (estimate, excludes CUDA context)",
-                f"weights      {_gib(mem.weights)} ({cfg.quant.mode if cfg.quant.mode == 'nf4' else plan.model_dtype})",
-                f"lora+grads   {_gib(mem.lora)}", f"optimizer    {_gib(mem.optimizer)}",
-                f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
-                f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)"]
-        out += strategy.preview_lines(cfg, plan, shape.layers,
-                                      _layer_bytes(shape, cfg.quant.mode, DTYPE_BYTES[plan.model_dtype],
-                                                   DTYPE_BYTES[cfg.quant.compute_dtype], cfg.quant.double_quant),
-                                      _gib)
+        out += [
+            "",
+            "# model",
+            f"parameters {shape.total_params:,} ({shape.quantisable_params:,} in decoder linears)",
+            f"LoRA parameters {shape.lora_params:,} (r={cfg.lora.r} on {_target_names(cfg)})",
+            "",
+            "# memory per GPU (estimate, excludes CUDA context)",
+            f"weights      {_gib(mem.weights)} ({cfg.quant.mode if cfg.quant.mode == 'nf4' else plan.model_dtype})",
+            f"lora+grads   {_gib(mem.lora)}",
+            f"optimizer    {_gib(mem.optimizer)}",
+            f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
+            f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)",
+        ]
+        out += strategy.preview_lines(
+            cfg,
+            plan,
+            shape.layers,
+            _layer_bytes(
+                shape,
+                cfg.quant.mode,
+                DTYPE_BYTES[plan.model_dtype],
+                DTYPE_BYTES[cfg.quant.compute_dtype],
+                cfg.quant.double_quant,
+            ),
+            _gib,
+        )
         if strategy.loads_from_rank0(cfg, plan):
             whole = weight_bytes(shape, "none", DTYPE_BYTES[plan.model_dtype], 0, False)
-            out.append(f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "
-                       "rank its shards; the other ranks hold none of it")
+            out.append(
+                f"host memory  rank 0 reads the whole base into CPU memory ({_gib(whole)}) and sends every "
+                "rank its shards; the other ranks hold none of it"
+            )
         steps = total if n is not None else (t.max_steps if t.max_steps > 0 else None)
         out += time_lines(cfg, plan, shape, steps, this_host_gpu() if plan.on_gpu else None)
     out += ["", "# commands (nothing was started)", *node_commands(cfg, topo, overrides)]

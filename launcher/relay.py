@@ -18,8 +18,12 @@ import threading
 
 from lora_launch.conf.errors import PREFIX
 
-_LAUNCHER_FRAMES = ("accelerate/commands/launch.py", "torch/distributed/run.py", "torch/distributed/launcher/",
-                    "torch/distributed/elastic/")
+_LAUNCHER_FRAMES = (
+    "accelerate/commands/launch.py",
+    "torch/distributed/run.py",
+    "torch/distributed/launcher/",
+    "torch/distributed/elastic/",
+)
 _ELASTIC_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ \d+ \S*torch/distributed/")  # torchrun's own log lines
 # how a launch's first failed process ended: torchrun's log line, or accelerate's one-process launcher
 _TORCHRUN_FAILED = re.compile(r"\bfailed \(exitcode: (-?\d+)\) local_rank: (\d+)")
@@ -41,7 +45,7 @@ class StderrRelay:
         self.first_exit: tuple[int, int] | None = None  # (local rank, exit code) of the first process that failed
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "StderrRelay":
+    def start(self) -> StderrRelay:
         self._thread.start()
         return self
 
@@ -126,7 +130,10 @@ class StderrRelay:
 
 
 def _is_launcher_traceback(block: list[str]) -> bool:
-    frames = [l for l in block if l.lstrip().startswith('File "')]
-    last = next((l for l in reversed(block) if l.strip()), "")  # the exception line (blank lines may follow)
-    return bool(frames) and any(f in frames[0] or f in frames[-1] for f in _LAUNCHER_FRAMES) and any(
-        kind in last for kind in ("CalledProcessError", "ChildFailedError", "SignalException"))
+    frames = [line for line in block if line.lstrip().startswith('File "')]
+    last = next((line for line in reversed(block) if line.strip()), "")  # the exception line (blank lines may follow)
+    return (
+        bool(frames)
+        and any(f in frames[0] or f in frames[-1] for f in _LAUNCHER_FRAMES)
+        and any(kind in last for kind in ("CalledProcessError", "ChildFailedError", "SignalException"))
+    )

@@ -26,16 +26,21 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 
 from lora_launch.launcher.supervise import Outcome
 from lora_launch.run.process import signal_name
-from lora_launch.run.rundir import (attempt_records, committed_checkpoints, newest_logged_step, read_status,
-                                    write_attempt_record)
+from lora_launch.run.rundir import (
+    attempt_records,
+    committed_checkpoints,
+    newest_logged_step,
+    read_status,
+    write_attempt_record,
+)
 
 NODES_WAIT_S = 300.0  # after its own part failed, how long a node waits to hear from the others
 UNRECORDED = "no rank recorded an error (killed by a signal, the OOM killer, or its host went away)"
@@ -44,6 +49,7 @@ UNRECORDED = "no rank recorded an error (killed by a signal, the OOM killer, or 
 @dataclass(frozen=True)
 class Failure:
     """How one attempt failed: the rank that failed first, the optimizer steps completed, its error."""
+
     step: int | None  # None: before training started
     rank: int | None  # None: no rank recorded an error
     error: str
@@ -53,7 +59,7 @@ class Failure:
         when = "before training started" if self.step is None else f"after step {self.step}"
         return f"{who} failed {when} ({self.error})"
 
-    def same_as(self, other: "Failure") -> bool:
+    def same_as(self, other: Failure) -> bool:
         """The same rank after the same step with the same error, ports, pids and addresses aside."""
         shape = lambda f: (f.step, f.rank, re.sub(r"0x[0-9a-fA-F]+|\d+", "N", f.error))  # noqa: E731
         return shape(self) == shape(other)
@@ -141,7 +147,7 @@ class Attempts:
 
     def _nodes(self, attempt: int) -> dict[int, dict]:
         found = attempt_records(self.run_dir, attempt, "node", self.since)
-        return {int(name[len("node"):]): record for name, record in found.items()}
+        return {int(name[len("node") :]): record for name, record in found.items()}
 
     def peer_failed(self, attempt: int) -> bool:
         """Whether another node's part of this attempt failed (then this node's ranks cannot go on)."""
@@ -151,12 +157,16 @@ class Attempts:
         """Tell the other nodes how this node's part ended: failed (why_ended None; `killed`: the rank a
         signal ended first) or not to be retried (a run of one node records only failures)."""
         if self.num_machines > 1 or why_ended is None:
-            write_attempt_record(self.run_dir, attempt, f"node{self.node_rank}",
-                                 {"node": self.node_rank, "failed": why_ended is None, "why": why_ended,
-                                  "killed": killed})
+            write_attempt_record(
+                self.run_dir,
+                attempt,
+                f"node{self.node_rank}",
+                {"node": self.node_rank, "failed": why_ended is None, "why": why_ended, "killed": killed},
+            )
 
-    def wait_for_nodes(self, attempt: int, stopped: Callable[[], bool],
-                       timeout_s: float = NODES_WAIT_S) -> dict[int, dict] | None:
+    def wait_for_nodes(
+        self, attempt: int, stopped: Callable[[], bool], timeout_s: float = NODES_WAIT_S
+    ) -> dict[int, dict] | None:
         """Every node's report of this attempt, once all are in; None when `stopped()` or at the timeout."""
         end = time.monotonic() + timeout_s
         while not stopped():

@@ -39,11 +39,19 @@ def _directives(cfg: DictConfig, topo: Topology, run_dir: Path) -> list[str]:
     for i, option in enumerate(s.extra):
         check_text(f"launcher.slurm.extra[{i}]", option)  # composition refused these; a hand-written file too
         if not str(option).startswith("-"):
-            raise ConfigError(f"launcher.slurm.extra[{i}]={option!r}: each entry is one sbatch option, "
-                              "e.g. --exclusive or --mem=0")
+            raise ConfigError(
+                f"launcher.slurm.extra[{i}]={option!r}: each entry is one sbatch option, e.g. --exclusive or --mem=0"
+            )
     check_text("the working directory", os.getcwd())
-    opts = [f"--job-name=lora-{run_dir.name}", f"--nodes={topo.num_machines}", "--ntasks-per-node=1",
-            f"--output={run_dir}/slurm-%j.out", "--open-mode=append", "--requeue", f"--chdir={os.getcwd()}"]
+    opts = [
+        f"--job-name=lora-{run_dir.name}",
+        f"--nodes={topo.num_machines}",
+        "--ntasks-per-node=1",
+        f"--output={run_dir}/slurm-%j.out",
+        "--open-mode=append",
+        "--requeue",
+        f"--chdir={os.getcwd()}",
+    ]
     if s.signal_before_s:
         opts.append(f"--signal=TERM@{s.signal_before_s}")
     if s.gpus_per_node:
@@ -62,26 +70,28 @@ def sbatch_script(cfg: DictConfig, topo: Topology, run_dir: Path, python: str = 
     check_text("run.dir", str(run_dir))  # it is written unquoted in a comment line too
     run = shlex.quote(str(run_dir))
     node = f"{shlex.quote(python)} -m lora_launch.launcher.node --run-dir {run}"
-    return "\n".join([
-        "#!/bin/bash",
-        *_directives(cfg, topo, run_dir),
-        f"# Written by lora-launch from {run_dir}/config.yaml; resubmit by hand with: sbatch {run}/slurm.sbatch",
-        "",
-        "# SIGTERM to this shell (preemption) must not end it before training has checkpointed",
-        "trap 'echo \"slurm.sbatch: SIGTERM; waiting for training to checkpoint\"' TERM",
-        f"attempt={run}/.slurm-attempt",
-        'touch "$attempt"',
-        'echo "job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {node}",
-        "rc=$?",
-        "# preempted in this attempt (status written after it began): requeue, the next attempt resumes",
-        f'if [ {run}/status.json -nt "$attempt" ] && grep -q \'"state": "preempted"\' {run}/status.json; then',
-        '  echo "slurm.sbatch: training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"',
-        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        "fi",
-        "exit $rc",
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            *_directives(cfg, topo, run_dir),
+            f"# Written by lora-launch from {run_dir}/config.yaml; resubmit by hand with: sbatch {run}/slurm.sbatch",
+            "",
+            "# SIGTERM to this shell (preemption) must not end it before training has checkpointed",
+            "trap 'echo \"slurm.sbatch: SIGTERM; waiting for training to checkpoint\"' TERM",
+            f"attempt={run}/.slurm-attempt",
+            'touch "$attempt"',
+            'echo "job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
+            f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {node}",
+            "rc=$?",
+            "# preempted in this attempt (status written after it began): requeue, the next attempt resumes",
+            f'if [ {run}/status.json -nt "$attempt" ] && grep -q \'"state": "preempted"\' {run}/status.json; then',
+            '  echo "slurm.sbatch: training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"',
+            '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+            "fi",
+            "exit $rc",
+            "",
+        ]
+    )
 
 
 def submit(cfg: DictConfig, topo: Topology, plan: RunPlan) -> int:
@@ -95,8 +105,9 @@ def submit(cfg: DictConfig, topo: Topology, plan: RunPlan) -> int:
         print(f"submit with: sbatch {shlex.quote(str(script))}", flush=True)
         return 0
     if shutil.which("sbatch") is None:
-        raise ConfigError("launcher=slurm: `sbatch` not found on PATH; run on a Slurm login node "
-                          "or set launcher.slurm.submit=false")
+        raise ConfigError(
+            "launcher=slurm: `sbatch` not found on PATH; run on a Slurm login node or set launcher.slurm.submit=false"
+        )
     result = run_to_end(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["no message"])[-1]

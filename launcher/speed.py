@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from lora_launch.conf.dtypes import HALF
 
 
-def flops_per_token(matmul_params: int, lora_params: int, layers: int, hidden: int, seq: float,
-                    recompute: bool) -> float:
+def flops_per_token(
+    matmul_params: int, lora_params: int, layers: int, hidden: int, seq: float, recompute: bool
+) -> float:
     """Training FLOPs per token of a frozen-base LoRA step.
 
     Frozen base: forward 2N plus backward to the activations 2N (no weight gradients) = 4N, N the weights that
@@ -32,11 +33,21 @@ def flops_per_token(matmul_params: int, lora_params: int, layers: int, hidden: i
 # bf16 dense tensor peak per GPU in TFLOP/s (the makers' data sheets, no sparsity), by the name torch reports;
 # the first pattern that matches wins, so the specific forms come first
 BF16_PEAK_TFLOPS = (
-    (r"H100.*PCIe", "H100 PCIe", 756.0), (r"H100 NVL", "H100 NVL", 835.0), (r"H200 NVL", "H200 NVL", 835.0),
-    (r"GH200", "GH200", 989.4), (r"H100|H800", "H100 SXM", 989.4), (r"H200", "H200", 989.4),
-    (r"B200", "B200", 2250.0), (r"A100|A800", "A100", 312.0), (r"L40S", "L40S", 362.1), (r"L40\b", "L40", 181.0),
-    (r"L4\b", "L4", 121.0), (r"A10\b", "A10", 125.0), (r"RTX 6000 Ada", "RTX 6000 Ada", 364.2),
-    (r"RTX 4090", "RTX 4090", 165.2), (r"RTX 3090", "RTX 3090", 71.0),
+    (r"H100.*PCIe", "H100 PCIe", 756.0),
+    (r"H100 NVL", "H100 NVL", 835.0),
+    (r"H200 NVL", "H200 NVL", 835.0),
+    (r"GH200", "GH200", 989.4),
+    (r"H100|H800", "H100 SXM", 989.4),
+    (r"H200", "H200", 989.4),
+    (r"B200", "B200", 2250.0),
+    (r"A100|A800", "A100", 312.0),
+    (r"L40S", "L40S", 362.1),
+    (r"L40\b", "L40", 181.0),
+    (r"L4\b", "L4", 121.0),
+    (r"A10\b", "A10", 125.0),
+    (r"RTX 6000 Ada", "RTX 6000 Ada", 364.2),
+    (r"RTX 4090", "RTX 4090", 165.2),
+    (r"RTX 3090", "RTX 3090", 71.0),
 )
 
 # What a large bf16 matmul (8192^3) reached of the peak, measured by bench on the same cards as the MFU below:
@@ -49,6 +60,7 @@ MEASURED_ON = "one H200 (7B, seq 512; bigger models ran up to 30% faster)"
 class Rate:
     """The share of the measured matmul rate one kind of run keeps busy, counting every FLOP it computes
     (grad ckpt's recompute included: 6N), and the MFU that is (the model's 4N only)."""
+
     utilisation: float
     mfu: float
     what: str  # the kind of run, as the preview names it
@@ -58,9 +70,12 @@ class Rate:
 # seq 512 x 4, r=64 on q/v: bench/results/2026-11-30-h200-{mfu-1,optim-1,optim-2,optim-3,keep-*}.jsonl and
 # 2026-12-04-h200-determinism.jsonl. nf4 without grad ckpt has no such row: it is given the nf4 + ckpt rows'
 # utilisation, its step being the same kinds of work without the recompute.
-RATES = {("bf16", False): Rate(0.75, 0.75, "bf16 LoRA"), ("bf16", True): Rate(0.70, 0.47, "bf16 LoRA + grad ckpt"),
-         ("nf4", True): Rate(0.68, 0.45, "QLoRA + grad ckpt"),
-         ("nf4", False): Rate(0.68, 0.68, "QLoRA + grad ckpt, the recompute left out; QLoRA alone not measured")}
+RATES = {
+    ("bf16", False): Rate(0.75, 0.75, "bf16 LoRA"),
+    ("bf16", True): Rate(0.70, 0.47, "bf16 LoRA + grad ckpt"),
+    ("nf4", True): Rate(0.68, 0.45, "QLoRA + grad ckpt"),
+    ("nf4", False): Rate(0.68, 0.68, "QLoRA + grad ckpt, the recompute left out; QLoRA alone not measured"),
+}
 SPREAD = 0.15  # the measured rows the estimate must reproduce lie within this of it (tests/unit/test_speed.py)
 
 
@@ -82,39 +97,61 @@ def this_host_gpu() -> str | None:
 @dataclass(frozen=True)
 class TimeEstimate:
     """Seconds per optimizer step and for the run (None where the rate or the steps are unknown), and why."""
+
     flops_per_step: float
     step_seconds: float | None
     where: str  # "8 x H100 SXM"
     basis: list[str]  # what the rate rests on, or why there is none
 
 
-def estimate(flops_per_step: float, device_name: str | None, gpus: int, on_gpu: bool, precision: str,
-             quant: str, grad_ckpt: bool, scaling: tuple[float, str]) -> TimeEstimate:
+def estimate(
+    flops_per_step: float,
+    device_name: str | None,
+    gpus: int,
+    on_gpu: bool,
+    precision: str,
+    quant: str,
+    grad_ckpt: bool,
+    scaling: tuple[float, str],
+) -> TimeEstimate:
     """The time of one optimizer step of `flops_per_step` on `gpus` GPUs named `device_name`, at the measured
     MFU of this kind of run and the strategy's `scaling` (per-GPU share, what measured it)."""
+
     def none(why: str) -> TimeEstimate:
         return TimeEstimate(flops_per_step, None, "", [why])
 
     if not on_gpu:
-        return none("not estimated on the CPU: the rates were measured on GPUs; a CPU's depends on its cores and "
-                    "its load")
+        return none(
+            "not estimated on the CPU: the rates were measured on GPUs; a CPU's depends on its cores and its load"
+        )
     if device_name is None:
-        return none("not estimated: this host has no GPU to name (the run's nodes' GPUs are unknown here); "
-                    "preview on one of them")
+        return none(
+            "not estimated: this host has no GPU to name (the run's nodes' GPUs are unknown here); "
+            "preview on one of them"
+        )
     peak = gpu_peak(device_name)
     if peak is None:
-        return none(f"not estimated: no bf16 peak known for {device_name!r} (known: "
-                    f"{', '.join(short for _, short, _ in BF16_PEAK_TFLOPS)})")
+        return none(
+            f"not estimated: no bf16 peak known for {device_name!r} (known: "
+            f"{', '.join(short for _, short, _ in BF16_PEAK_TFLOPS)})"
+        )
     if precision != HALF:
         return none(f"not estimated: the rates were measured in {HALF}, and this run computes in {precision}")
     short, tflops = peak
     rate = RATES["nf4" if quant == "nf4" else "bf16", bool(grad_ckpt)]
     share, scaled_by = scaling
     per_second = tflops * 1e12 * MATMUL_SHARE * rate.utilisation * gpus * share
-    busy = f"{rate.utilisation:.0%} of that busy ({rate.mfu:.0%} MFU)" if rate.mfu != rate.utilisation \
+    busy = (
+        f"{rate.utilisation:.0%} of that busy ({rate.mfu:.0%} MFU)"
+        if rate.mfu != rate.utilisation
         else f"{rate.mfu:.0%} MFU"
-    basis = [(f"{tflops:g} TFLOP/s bf16 peak ({short}) x {MATMUL_SHARE:.0%} reached by bf16 matmuls x {busy}, "
-              f"measured for {rate.what} on {MEASURED_ON}")]
+    )
+    basis = [
+        (
+            f"{tflops:g} TFLOP/s bf16 peak ({short}) x {MATMUL_SHARE:.0%} reached by bf16 matmuls x {busy}, "
+            f"measured for {rate.what} on {MEASURED_ON}"
+        )
+    ]
     if gpus > 1 or share != 1:
         basis.append(f"x {gpus} GPUs x {share:.0%} each ({scaled_by})")
     return TimeEstimate(flops_per_step, flops_per_step / per_second, f"{gpus} x {short}", basis)

@@ -15,8 +15,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from lora_launch.launcher.relay import StderrRelay
 from lora_launch.run.process import ChildFate, StopSignals, spawn
@@ -27,6 +27,7 @@ RANK_MODULE = "lora_launch.train"
 @dataclass(frozen=True)
 class Outcome:
     """How a supervised launch ended: its exit code and the first stop signal the launcher got."""
+
     returncode: int
     signum: int | None = None
     killed: bool = False  # a second Ctrl-C ended everything without a checkpoint
@@ -40,7 +41,7 @@ def _is_rank(p) -> bool:
         cmd = p.cmdline()
     except Exception:  # noqa: BLE001 - psutil.Error: the process is gone or not ours to read
         return False
-    return any(a == RANK_MODULE for a in cmd[cmd.index("-m") + 1:][:1]) if "-m" in cmd else False
+    return any(a == RANK_MODULE for a in cmd[cmd.index("-m") + 1 :][:1]) if "-m" in cmd else False
 
 
 def ranks_of(pid: int) -> list:
@@ -146,4 +147,3 @@ def _wait_gone(procs, timeout_s: float) -> None:
 def supervise(cmd: list[str], env: dict[str, str], abort: Callable[[], bool] | None = None) -> Outcome:
     """Run `cmd` (an accelerate launch) under a Supervisor."""
     return Supervisor(cmd, env, abort).wait()
-

@@ -50,15 +50,19 @@ def _from_hostfile(cfg: DictConfig, strict: bool) -> Topology:
     slots = {h.slots for h in hosts}
     if launcher.num_processes == "auto":
         if len(slots) > 1:
-            raise ConfigError(f"launcher.hostfile={launcher.hostfile}: hosts have different slots {sorted(slots)}; "
-                              "every node runs the same number of processes: set launcher.num_processes=")
+            raise ConfigError(
+                f"launcher.hostfile={launcher.hostfile}: hosts have different slots {sorted(slots)}; "
+                "every node runs the same number of processes: set launcher.num_processes="
+            )
         procs = slots.pop()
     else:
         procs = int(launcher.num_processes)
         short = [h for h in hosts if h.slots < procs]
         if short:
-            raise ConfigError(f"launcher.num_processes={procs} is more than the {short[0].slots} slots of "
-                              f"{short[0].name} in {launcher.hostfile}")
+            raise ConfigError(
+                f"launcher.num_processes={procs} is more than the {short[0].slots} slots of "
+                f"{short[0].name} in {launcher.hostfile}"
+            )
     if launcher.node_rank is not None:
         rank = launcher.node_rank
     else:
@@ -95,18 +99,29 @@ def topology(cfg: DictConfig, strict: bool = True) -> Topology:
     if launcher.name == "slurm":
         gpus = launcher.slurm.gpus_per_node
         # the rendezvous host is only known inside the job; the sbatch script passes it on
-        return Topology(launcher.slurm.nodes, _auto_procs(cfg, max(gpus, 1)), 0, launcher.main_process_ip,
-                        launcher.main_process_port)
+        return Topology(
+            launcher.slurm.nodes,
+            _auto_procs(cfg, max(gpus, 1)),
+            0,
+            launcher.main_process_ip,
+            launcher.main_process_port,
+        )
     rank = launcher.node_rank if launcher.node_rank is not None else launcher.machine_rank
     if rank >= launcher.num_machines:
         raise ConfigError(f"launcher.machine_rank={rank} must be < launcher.num_machines={launcher.num_machines}")
-    return Topology(launcher.num_machines, _auto_procs(cfg, max(visible_gpus(), 1)), rank,
-                    launcher.main_process_ip, launcher.main_process_port)
+    return Topology(
+        launcher.num_machines,
+        _auto_procs(cfg, max(visible_gpus(), 1)),
+        rank,
+        launcher.main_process_ip,
+        launcher.main_process_port,
+    )
 
 
 def run_plan(cfg: DictConfig, topo: Topology) -> RunPlan:
     """The run plan for this launch: a Slurm job plans for the GPUs it asks for, others for this host's."""
     if cfg.launcher.name == "slurm":
-        return RunPlan.from_config(cfg, topo.num_machines, topo.procs_per_node,
-                                   on_gpu=cfg.launcher.slurm.gpus_per_node > 0)
+        return RunPlan.from_config(
+            cfg, topo.num_machines, topo.procs_per_node, on_gpu=cfg.launcher.slurm.gpus_per_node > 0
+        )
     return RunPlan.from_config(cfg, topo.num_machines, topo.procs_per_node, on_gpu=visible_gpus() > 0)

@@ -41,17 +41,20 @@ def listed_files(path: Path, manifest: dict) -> dict:
     """The manifest's checksums of every file the loader reads; CheckpointError naming the first it lacks."""
     world, files = manifest.get("world_size"), manifest.get("files")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise CheckpointError(f"{path}: manifest.json has no usable world_size ({world!r}); "
-                              "not a complete checkpoint")
+        raise CheckpointError(f"{path}: manifest.json has no usable world_size ({world!r}); not a complete checkpoint")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path}: manifest.json lists no files; not a complete checkpoint")
     listed = {}
     for name in loaded_files(world):
         meta = files.get(name)
-        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
-                or not isinstance(meta.get("sha256"), str):
-            raise CheckpointError(f"{path}: manifest.json does not list {name} with its size and sha256; "
-                                  "not a complete checkpoint")
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            raise CheckpointError(
+                f"{path}: manifest.json does not list {name} with its size and sha256; not a complete checkpoint"
+            )
         listed[name] = meta
     return listed
 
@@ -95,7 +98,9 @@ def choose(run_dir: Path, resume_mode: str, say=lambda message: None) -> tuple[P
             say(f"skipping {e}; trying an older checkpoint")
             rejected.append(str(e))
     if rejected:
-        raise CheckpointError(f"resume.mode=auto: every checkpoint in {Path(run_dir) / 'checkpoints'} was rejected: "
-                              f"{'; '.join(rejected)}; fix or remove them, or set resume.mode=never "
-                              "to start over (it moves the earlier run aside)")
+        raise CheckpointError(
+            f"resume.mode=auto: every checkpoint in {Path(run_dir) / 'checkpoints'} was rejected: "
+            f"{'; '.join(rejected)}; fix or remove them, or set resume.mode=never "
+            "to start over (it moves the earlier run aside)"
+        )
     return None

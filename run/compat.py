@@ -26,11 +26,16 @@ def config_changes(saved: dict, now: dict, allow: list[str]) -> list[str]:
     old, new = _flatten(saved), _flatten(now)
     free = resume_free_keys() + tuple(allow)  # marked on the schema's fields
     # keys only one side has come from a schema change between versions, not from the user
-    return [f"{k}: {old[k]!r} -> {new[k]!r}"
-            for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _covered(k, free)]
+    return [
+        f"{k}: {old[k]!r} -> {new[k]!r}"
+        for k in sorted(set(old) & set(new))
+        if old[k] != new[k] and not _covered(k, free)
+    ]
 
 
 def resume_refusal(path: Path, diff: list[str]) -> str:
     """The one-line refusal of a resume from `path` under a config differing in `diff`."""
-    return (f"cannot resume from {path}: " + "; ".join(diff) + ". Set resume.allow_changes=[KEY,...] "
-            "for changes that are safe (e.g. optim.lr), resume.mode=never to start over, or use another run.dir")
+    return (
+        f"cannot resume from {path}: " + "; ".join(diff) + ". Set resume.allow_changes=[KEY,...] "
+        "for changes that are safe (e.g. optim.lr), resume.mode=never to start over, or use another run.dir"
+    )

@@ -99,8 +99,10 @@ def in_use(run_dir: Path) -> bool:
 
 
 def _held_message(path: Path, holder: dict) -> str:
-    return (f"run.dir {path.parent} is in use by a live launch (pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, lock {path}); wait for it or choose another run.dir")
+    return (
+        f"run.dir {path.parent} is in use by a live launch (pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, lock {path}); wait for it or choose another run.dir"
+    )
 
 
 def _flock(fd: int, mode: int, wait_s: float, path: Path, waiting: str) -> bool | None:
@@ -129,7 +131,7 @@ class RunLock:
         self.wait_s = wait_s  # how long a held lock may take to be released before giving up
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock (waiting up to wait_s for its holder to end) or raise ConfigError naming the holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -168,7 +170,7 @@ class RunLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -184,9 +186,11 @@ def check_no_ranks(path: Path, wait_s: float = 0.0) -> None:
         if _flock(fd, fcntl.LOCK_EX, wait_s, path, "training processes of an earlier launch") is False:
             pids = lock_holders(path)
             who = f"pids {', '.join(map(str, pids))}" if pids else "their pids unknown"
-            raise ConfigError(f"run.dir {path.parent} is in use: training processes of an earlier launch are still "
-                              f"running ({who}, lock {path}); wait for them to checkpoint and end, or choose "
-                              "another run.dir")
+            raise ConfigError(
+                f"run.dir {path.parent} is in use: training processes of an earlier launch are still "
+                f"running ({who}, lock {path}); wait for them to checkpoint and end, or choose "
+                "another run.dir"
+            )
     finally:
         os.close(fd)
 
@@ -198,7 +202,7 @@ class RanksLock:
         self.path = Path(path)
         self._fd: int | None = None
 
-    def acquire(self) -> "RanksLock":
+    def acquire(self) -> RanksLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         # shared: every rank of the run holds it at once; a launcher's exclusive probe fails meanwhile

@@ -53,8 +53,9 @@ def read(path: str, key: str) -> dict:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"{key}={path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'} ({first})") \
-            from None
+        raise ConfigError(
+            f"{key}={path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'} ({first})"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{key}={path}: expected a mapping of settings, got {type(data).__name__}")
     return data
@@ -95,10 +96,13 @@ def _merge(ours: dict, user: dict, owned: dict, key: str, path: str) -> dict:
             continue
         dotted = ".".join(where)
         if mine is None:
-            raise ConfigError(f"{key}={path}: {dotted} cannot be set for this run ({source} decides it); "
-                              "remove it from the file")
-        raise ConfigError(f"{key}={path}: {dotted} is {theirs!r} but this run has {mine!r} (from {source}); "
-                          f"remove it from the file (or write auto), or change {source.split(' ')[0]}")
+            raise ConfigError(
+                f"{key}={path}: {dotted} cannot be set for this run ({source} decides it); remove it from the file"
+            )
+        raise ConfigError(
+            f"{key}={path}: {dotted} is {theirs!r} but this run has {mine!r} (from {source}); "
+            f"remove it from the file (or write auto), or change {source.split(' ')[0]}"
+        )
     merged = _deep_merge(ours, user)
     for where in owned:
         mine = _get(ours, where)
@@ -117,8 +121,9 @@ def merged_deepspeed(ours: dict, path: str | None) -> dict:
     user = read(path, key)
     for section, instead in DEEPSPEED_REFUSED.items():
         if section in user:
-            raise ConfigError(f"{key}={path}: remove its {section!r} section; the training loop brings its own "
-                              f"(set {instead})")
+            raise ConfigError(
+                f"{key}={path}: remove its {section!r} section; the training loop brings its own (set {instead})"
+            )
     return _merge(ours, user, DEEPSPEED_OWNED, key, path)
 
 
@@ -129,7 +134,9 @@ def merged_accelerate(ours: dict, path: str | None) -> dict:
     key = "launcher.accelerate_config"
     user = read(path, key)
     if str(user.get("distributed_type", "")).upper() in ("FSDP", "MEGATRON_LM", "XLA", "TPU"):
-        raise ConfigError(f"{key}={path}: distributed_type {user['distributed_type']} is not one this launcher runs; "
-                          "choose distributed=ddp|zero2|zero3|zero3_offload|fsdp2|fsdp2_offload and remove it from "
-                          "the file")
+        raise ConfigError(
+            f"{key}={path}: distributed_type {user['distributed_type']} is not one this launcher runs; "
+            "choose distributed=ddp|zero2|zero3|zero3_offload|fsdp2|fsdp2_offload and remove it from "
+            "the file"
+        )
     return _merge(ours, user, ACCELERATE_OWNED, key, path)

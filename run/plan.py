@@ -41,6 +41,7 @@ def _bf16_here() -> bool:
 @dataclass(frozen=True)
 class RunPlan:
     """The launch's shape and the values derived from the config on the hardware it runs on."""
+
     num_machines: int
     procs_per_node: int
     micro_batch_size: int
@@ -56,8 +57,14 @@ class RunPlan:
     on_gpu: bool
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, num_machines: int, procs_per_node: int,
-                    on_gpu: bool | None = None, bf16: bool | None = None) -> "RunPlan":
+    def from_config(
+        cls,
+        cfg: DictConfig,
+        num_machines: int,
+        procs_per_node: int,
+        on_gpu: bool | None = None,
+        bf16: bool | None = None,
+    ) -> RunPlan:
         """The plan for `cfg` on num_machines x procs_per_node processes.
 
         on_gpu / bf16 default to what this process sees; a preview or submission for other
@@ -68,15 +75,24 @@ class RunPlan:
         t, d = cfg.train, cfg.distributed
         precision = compute_precision(str(t.precision), bf16=on_gpu and bf16)
         model_dtype = weight_dtype(str(cfg.model.dtype), precision)
-        return cls(num_machines=num_machines, procs_per_node=procs_per_node,
-                   micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, precision=precision,
-                   model_dtype=model_dtype, strategy=str(d.strategy), zero_stage=int(d.zero_stage),
-                   shards_params=strategy_for(cfg).shards_weights(cfg),
-                   compile=_compile_mode(str(t.compile), on_gpu, cfg),
-                   max_steps=t.max_steps, epochs=t.epochs, on_gpu=on_gpu)
+        return cls(
+            num_machines=num_machines,
+            procs_per_node=procs_per_node,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            precision=precision,
+            model_dtype=model_dtype,
+            strategy=str(d.strategy),
+            zero_stage=int(d.zero_stage),
+            shards_params=strategy_for(cfg).shards_weights(cfg),
+            compile=_compile_mode(str(t.compile), on_gpu, cfg),
+            max_steps=t.max_steps,
+            epochs=t.epochs,
+            on_gpu=on_gpu,
+        )
 
     @classmethod
-    def for_this_process(cls, cfg: DictConfig) -> "RunPlan":
+    def for_this_process(cls, cfg: DictConfig) -> RunPlan:
         """The plan as a rank sees it: the launch's shape from the variables torchrun/accelerate set."""
         return cls.from_config(cfg, *shape_from_env())
 

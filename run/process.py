@@ -19,8 +19,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 SUPERVISOR_ENV = "LORA_LAUNCH_SUPERVISOR"  # pid of the lora-launch that started this rank
 NODE_RANK_ENV = "LORA_LAUNCH_NODE_RANK"  # this node's rank, as the launcher knows it
@@ -120,8 +121,12 @@ def spawn(argv: list[str], *, fate: ChildFate, **options) -> subprocess.Popen:
     A child in a session of its own gets no signal from this process's terminal: this process passes on
     the stops it means (launcher/supervise.py, sweep/sweeper.py)."""
     death = _DEATH_SIGNAL.get(fate)
-    return subprocess.Popen(argv, start_new_session=fate is not ChildFate.SHARES_TERMINAL,
-                            preexec_fn=None if death is None else lambda: die_with_parent(death), **options)
+    return subprocess.Popen(
+        argv,
+        start_new_session=fate is not ChildFate.SHARES_TERMINAL,
+        preexec_fn=None if death is None else lambda: die_with_parent(death),
+        **options,
+    )
 
 
 def run_to_end(argv: list[str], **options) -> subprocess.CompletedProcess:
@@ -148,16 +153,22 @@ class StopSignals:
     parent is gone ends it that many seconds later regardless: nobody is left to kill it if it hangs.
     """
 
-    def __init__(self, on_first: Callable[[int], None] | None = None,
-                 on_ctrl_c_again: Callable[[], None] | None = None, *, hangup_output: str | None = os.devnull,
-                 orphan_grace_s: float | None = None, signals: tuple[int, ...] = STOP_SIGNALS):
+    def __init__(
+        self,
+        on_first: Callable[[int], None] | None = None,
+        on_ctrl_c_again: Callable[[], None] | None = None,
+        *,
+        hangup_output: str | None = os.devnull,
+        orphan_grace_s: float | None = None,
+        signals: tuple[int, ...] = STOP_SIGNALS,
+    ):
         self.on_first, self.on_ctrl_c_again = on_first, on_ctrl_c_again
         self.hangup_output, self.orphan_grace_s, self.signals = hangup_output, orphan_grace_s, signals
         self.arrived: list[int] = []  # every stop signal that came, in order
         self._parent = os.getppid()
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
         return self
 
@@ -166,7 +177,7 @@ class StopSignals:
             signal.signal(s, handler)
         self._previous = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         return self.install()
 
     def __exit__(self, *_exc) -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lora_launch.run.rundir import write_json
 
@@ -34,8 +34,9 @@ def _read(path: Path) -> dict:
         return {}
 
 
-def report_eval(run_dir: Path, step: int, eval_loss: float, stopped: Callable[[], bool],
-                timeout_s: float = VERDICT_WAIT_S) -> None:
+def report_eval(
+    run_dir: Path, step: int, eval_loss: float, stopped: Callable[[], bool], timeout_s: float = VERDICT_WAIT_S
+) -> None:
     """Rank 0, under a pruning sweep: report the eval loss of `step`, then wait until the sweep lets the
     trial go on, a stop signal arrived (`stopped()`: the pruner's SIGTERM, or any other), or `timeout_s`."""
     if not os.environ.get(PRUNING_ENV):

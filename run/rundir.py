@@ -25,8 +25,8 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from lora_launch.conf.schema import ConfigError
 
@@ -139,12 +139,15 @@ def write_config(cfg, run_dir: Path) -> Path:
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     if not (Path(run_dir) / RUN_MARKER).exists():
-        write_atomic(Path(run_dir) / RUN_MARKER, "a lora-launch run dir: resume.mode=never moves aside only what "
-                                                 "lora-launch wrote here\n")
+        write_atomic(
+            Path(run_dir) / RUN_MARKER,
+            "a lora-launch run dir: resume.mode=never moves aside only what lora-launch wrote here\n",
+        )
     return write_atomic(Path(run_dir) / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
 
 
 # ---- status ---------------------------------------------------------------------------------------
+
 
 def read_status(run_dir: Path) -> dict:
     """RUN/status.json, or {} when there is none (or it cannot be read)."""
@@ -180,6 +183,7 @@ def finished_step(run_dir: Path, resume_mode: str) -> int | None:
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of RUN/metrics.jsonl, oldest first; [] when there is none or it cannot be read.
 
@@ -203,13 +207,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 # ---- checkpoints as the run dir lists them --------------------------------------------------------
 
+
 def committed_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every committed checkpoint (one with its manifest), oldest first."""
     ckpt_dir = Path(run_dir) / CHECKPOINTS
     if not ckpt_dir.is_dir():
         return []
-    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
-                  if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file())
+    return sorted(
+        (int(m.group(1)), p)
+        for p in ckpt_dir.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file()
+    )
 
 
 # ---- how each attempt of a launch ended: what a restart decides from ------------------------------
@@ -252,6 +260,7 @@ def newest_logged_step(run_dir: Path) -> int | None:
 
 # ---- what a restart does to a killed attempt's files ----------------------------------------------
 
+
 def _rewind_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = []
@@ -273,6 +282,7 @@ def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
     Rows of `step` itself stay, except the final evaluation, which the resumed run writes again.
     Returns how many rows were dropped.
     """
+
     def keep(row: dict) -> bool:
         final_eval = row["step"] == step == total_steps and "eval_loss" in row
         return row["step"] < step or (row["step"] == step and not final_eval)
@@ -283,17 +293,47 @@ def rewind_metrics(run_dir: Path, step: int, total_steps: int) -> int:
 
 
 # what a launch writes before training starts; training's own set-aside leaves these in place
-LAUNCH_FILES = frozenset({"config.yaml", "accelerate.yaml", "ds_config.json", "fsdp2.json", "slurm.sbatch",
-                          ".slurm-attempt", ".hydra", "data_report.json"})
+LAUNCH_FILES = frozenset(
+    {
+        "config.yaml",
+        "accelerate.yaml",
+        "ds_config.json",
+        "fsdp2.json",
+        "slurm.sbatch",
+        ".slurm-attempt",
+        ".hydra",
+        "data_report.json",
+    }
+)
 RUN_MARKER = ".lora-launch-run"
 # every other name lora-launch writes at the top of a run dir: training, the trackers, `merge`/`eval`, a sweep
 # trial's record and log (sweep/trials.py), a pruning sweep's report and verdict (run/pruning.py)
-_OWN_NAMES = LAUNCH_FILES | {RUN_MARKER, STATUS, METRICS, CHECKPOINTS, ATTEMPTS, "ranks", "adapter", "merged",
-                             "eval.json", "loss.png", "sample.txt", "tensorboard", "wandb", "mlruns", "mlflow_run_id",
-                             "trial.json", "lora-launch.log", "eval_report.json", "eval_verdict.json"}
+_OWN_NAMES = LAUNCH_FILES | {
+    RUN_MARKER,
+    STATUS,
+    METRICS,
+    CHECKPOINTS,
+    ATTEMPTS,
+    "ranks",
+    "adapter",
+    "merged",
+    "eval.json",
+    "loss.png",
+    "sample.txt",
+    "tensorboard",
+    "wandb",
+    "mlruns",
+    "mlflow_run_id",
+    "trial.json",
+    "lora-launch.log",
+    "eval_report.json",
+    "eval_verdict.json",
+}
 # locks, earlier set-asides, Slurm logs, rank logs, atomic writes' temporary names, the writability probe
-_OWN_PATTERN = re.compile(r"\.(launch|ranks)\.lock(\.node\d+)?|previous-.+|slurm-\d+\.out|rank\d+\.log"
-                          r"|\..+\.(tmp|old)\..+|\.write-test\..+")
+_OWN_PATTERN = re.compile(
+    r"\.(launch|ranks)\.lock(\.node\d+)?|previous-.+|slurm-\d+\.out|rank\d+\.log"
+    r"|\..+\.(tmp|old)\..+|\.write-test\..+"
+)
 
 
 def _kept_always(name: str) -> bool:
@@ -317,14 +357,18 @@ def check_set_aside(run_dir: Path, keep: frozenset[str] = frozenset()) -> None:
     foreign = [n for n in names if not written_by_us(n)]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise ConfigError(f"resume.mode=never would move {short_path(run_dir / foreign[0])}{more} aside, and "
-                          f"lora-launch did not write it: move what is yours out of {short_path(run_dir)}, or "
-                          "choose another run.dir")
+        raise ConfigError(
+            f"resume.mode=never would move {short_path(run_dir / foreign[0])}{more} aside, and "
+            f"lora-launch did not write it: move what is yours out of {short_path(run_dir)}, or "
+            "choose another run.dir"
+        )
     movable = [n for n in names if not _kept_always(n) and n not in keep]
     if movable and RUN_MARKER not in names and read_status(run_dir).get("state") is None:
-        raise ConfigError(f"resume.mode=never would move {short_path(run_dir / movable[0])} aside, but "
-                          f"{short_path(run_dir)} has no {RUN_MARKER} or status.json, so lora-launch did not make "
-                          "it: move what is yours out of it, or choose another run.dir")
+        raise ConfigError(
+            f"resume.mode=never would move {short_path(run_dir / movable[0])} aside, but "
+            f"{short_path(run_dir)} has no {RUN_MARKER} or status.json, so lora-launch did not make "
+            "it: move what is yours out of it, or choose another run.dir"
+        )
 
 
 def set_aside_previous(run_dir: Path, keep: frozenset[str] = frozenset()) -> Path | None:

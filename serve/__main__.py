@@ -12,8 +12,8 @@ from lora_launch.conf.errors import reports_user_errors
 def main(argv: list[str]) -> int:
     """Check the arguments and directories, then exec `vllm serve` or serve here; errors are one line, exit 2."""
     from lora_launch.conf.args import parse_args
-    from lora_launch.serve.adapters import api_key, exec_vllm, resolve
     from lora_launch.run.quiet import quiet_third_party
+    from lora_launch.serve.adapters import api_key, exec_vllm, resolve
 
     quiet_third_party()
     try:
@@ -37,8 +37,9 @@ def require_extra() -> None:
 
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"serve needs {' and '.join(missing)}: `pip install 'lora-launch[serve]'`, "
-                          "or serve with engine=vllm")
+        raise ConfigError(
+            f"serve needs {' and '.join(missing)}: `pip install 'lora-launch[serve]'`, or serve with engine=vllm"
+        )
 
 
 if __name__ == "__main__":

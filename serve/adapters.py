@@ -66,8 +66,10 @@ def resolve(args) -> Served:
     for i, name in enumerate(names):
         if name in names[:i]:
             paths = [str(a.path) for a in adapters if a.name == name] + ([base] if name == base_name else [])
-            raise UserError(f"serve: two models are named {name!r} ({', '.join(paths)}); serve them from "
-                            "directories with different names")
+            raise UserError(
+                f"serve: two models are named {name!r} ({', '.join(paths)}); serve them from "
+                "directories with different names"
+            )
     return Served(base, base_name, adapters, configs, base_cfg)
 
 
@@ -75,8 +77,14 @@ def check_limits(args) -> None:
     """The request limits and the port are numbers a server can use."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"serve: port={args.port}: give 0..65535 (0: a free port)")
-    for key in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_concurrent", "max_batch",
-                "shutdown_timeout_s"):
+    for key in (
+        "max_tokens",
+        "max_prompt_tokens",
+        "max_body_bytes",
+        "max_concurrent",
+        "max_batch",
+        "shutdown_timeout_s",
+    ):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"serve: {key}={value}: give a number >= 1")
@@ -86,8 +94,10 @@ def check_access(args) -> None:
     """No API key is asked only on a loopback address, unless allow_no_key=true says so."""
     if api_key(args) or args.allow_no_key or is_loopback(args.host):
         return
-    raise UserError(f"serve: host={args.host} without an API key lets anyone who reaches the port use the models; "
-                    f"set LORA_LAUNCH_API_KEY (or api_key=), or give allow_no_key=true to serve openly")
+    raise UserError(
+        f"serve: host={args.host} without an API key lets anyone who reaches the port use the models; "
+        f"set LORA_LAUNCH_API_KEY (or api_key=), or give allow_no_key=true to serve openly"
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -103,8 +113,11 @@ def finished_trials(sweep: Path) -> list[Path]:
     if not sweep.is_dir():
         raise UserError(f"sweep={sweep}: not a directory; give a sweep dir (sweeps/sweep-...)")
     trials = sorted(d for d in sweep.iterdir() if (d / "config.yaml").is_file())
-    done = [d for d in trials if read_status(d).get("state") == "finished"
-            and (d / "adapter" / "adapter_config.json").is_file()]
+    done = [
+        d
+        for d in trials
+        if read_status(d).get("state") == "finished" and (d / "adapter" / "adapter_config.json").is_file()
+    ]
     for d in trials:
         if d not in done:
             print(f"serve: leaving out trial {d.name} ({read_status(d).get('state', 'no status')})", file=sys.stderr)
@@ -122,8 +135,10 @@ def _adapter(path: Path, name: str, run: Path | None) -> Adapter:
     if not (path / WEIGHTS).is_file():
         raise UserError(f"{path}: no {WEIGHTS} (adapters load from safetensors only)")
     if config.get("use_dora"):
-        raise UserError(f"{path}: a DoRA adapter, which PEFT cannot mix into shared batches; merge it into its "
-                        "base and serve that as base=DIR")
+        raise UserError(
+            f"{path}: a DoRA adapter, which PEFT cannot mix into shared batches; merge it into its "
+            "base and serve that as base=DIR"
+        )
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     return Adapter(name, path.resolve(), run, int(max(ranks)))
 
@@ -155,14 +170,18 @@ def _base(args, adapters: list[Adapter], configs: dict[Path, DictConfig]) -> tup
     trained_on = {(str(c.model.path), str(c.quant.mode)): run for run, c in configs.items()}
     if len(trained_on) > 1:
         (a, run_a), (b, run_b) = list(trained_on.items())[:2]
-        raise UserError(f"serve: {run_a.name} and {run_b.name} were trained on different bases "
-                        f"(model.path={a[0]} quant={a[1]}; model.path={b[0]} quant={b[1]}); serve one base at a time")
+        raise UserError(
+            f"serve: {run_a.name} and {run_b.name} were trained on different bases "
+            f"(model.path={a[0]} quant={a[1]}; model.path={b[0]} quant={b[1]}); serve one base at a time"
+        )
     base = args.base or next((path for path, _ in trained_on), None)
     if base is None:
         named = {_adapter_base(a) for a in adapters} - {None}
         if len(named) != 1:
-            raise UserError("serve: give run.dir=RUN, runs=[...], sweep=DIR or adapters=[...], and base=MODEL "
-                            "where no run names the base (a merged model serves alone as base=DIR)")
+            raise UserError(
+                "serve: give run.dir=RUN, runs=[...], sweep=DIR or adapters=[...], and base=MODEL "
+                "where no run names the base (a merged model serves alone as base=DIR)"
+            )
         base = named.pop()
     if not configs:
         return base, None
@@ -188,14 +207,32 @@ VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLL
 
 def vllm_command(served: Served, args) -> list[str]:
     """`vllm serve` for the same base, adapters and names (the API key goes in VLLM_API_KEY, not argv)."""
-    cmd = ["vllm", "serve", served.base, "--served-model-name", served.base_name, "--host", args.host,
-           "--port", str(args.port), "--max-num-seqs", str(args.max_batch),
-           "--generation-config", "vllm"]  # OpenAI's defaults (temperature 1), not the model's, as engine=transformers
+    cmd = [
+        "vllm",
+        "serve",
+        served.base,
+        "--served-model-name",
+        served.base_name,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--max-num-seqs",
+        str(args.max_batch),
+        "--generation-config",
+        "vllm",
+    ]  # OpenAI's defaults (temperature 1), not the model's, as engine=transformers
     if served.adapters:
         rank = max(a.rank for a in served.adapters)
-        cmd += ["--enable-lora", "--max-loras", str(len(served.adapters)),
-                "--max-lora-rank", str(next((r for r in VLLM_RANKS if r >= rank), rank)),
-                "--lora-modules", *(_lora_module(a, served.base_name) for a in served.adapters)]
+        cmd += [
+            "--enable-lora",
+            "--max-loras",
+            str(len(served.adapters)),
+            "--max-lora-rank",
+            str(next((r for r in VLLM_RANKS if r >= rank), rank)),
+            "--lora-modules",
+            *(_lora_module(a, served.base_name) for a in served.adapters),
+        ]
     if served.base_cfg is not None and served.base_cfg.quant.mode == "nf4":
         cmd += ["--quantization", "bitsandbytes"]  # the 4-bit base the adapters were trained against
     return cmd
@@ -213,8 +250,10 @@ def exec_vllm(served: Served, args) -> int:
     import shutil
 
     if shutil.which("vllm") is None:
-        raise UserError("serve: engine=vllm needs the `vllm` command (`pip install vllm`, on a GPU machine); "
-                        "or use engine=transformers")
+        raise UserError(
+            "serve: engine=vllm needs the `vllm` command (`pip install vllm`, on a GPU machine); "
+            "or use engine=transformers"
+        )
     cmd = vllm_command(served, args)
     env = dict(os.environ)
     key = api_key(args)

@@ -22,9 +22,10 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Union
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -50,12 +51,19 @@ MIN_TEMPERATURE = 0.01  # below: greedy (dividing the logits by less overflows t
 
 # ---- errors in OpenAI's shape -----------------------------------------------------------------
 
+
 class ApiError(UserError):
     """A request this server refuses, answered as OpenAI's error JSON with its HTTP status (a 4xx: the client's to
     fix; the server's own failures use it too, as a 500, so that every answer has one shape)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -69,17 +77,18 @@ class ApiError(UserError):
 
 # ---- requests ---------------------------------------------------------------------------------
 
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # fields this server does not use (user, logit_bias...) are ignored
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=-2**63, le=2**63 - 1)  # a 64-bit integer, as torch's seed takes
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as torch's seed takes
     stream: bool = False
-    stream_options: Optional[dict] = None
+    stream_options: dict | None = None
 
     def refused(self) -> list[str]:
         """The parameters given that this server cannot honour."""
@@ -87,9 +96,9 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: Optional[int] = Field(None, ge=0, le=5)  # each token's, with this many likeliest rivals
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)  # each token's, with this many likeliest rivals
     echo: bool = False
 
     def refused(self) -> list[str]:
@@ -103,29 +112,34 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[list] = None
-    functions: Optional[list] = None
-    response_format: Optional[dict] = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
 
     def refused(self) -> list[str]:
-        asked = {"tools": bool(self.tools), "functions": bool(self.functions),
-                 "response_format": self.response_format not in (None, {"type": "text"})}
+        asked = {
+            "tools": bool(self.tools),
+            "functions": bool(self.functions),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+        }
         return super().refused() + [param for param, given in asked.items() if given]
 
 
 # ---- the app ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Model:
     """A name a request may give: the base model or an adapter, and how its chat prompts are written."""
+
     name: str
     adapter: str  # the engine's adapter id
     chat: DictConfig  # data config (format, template, system prompt) the chat endpoint writes prompts with
@@ -162,10 +176,17 @@ def _run_chat(cfg: DictConfig, run) -> DictConfig:
     return as_trained(cfg.data, report)
 
 
-def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key: str | None,
-               hosts: frozenset[str] = LOOPBACK, started: Callable[[], None] = lambda: None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    models: dict[str, Model],
+    limits: Limits,
+    api_key: str | None,
+    hosts: frozenset[str] = LOOPBACK,
+    started: Callable[[], None] = lambda: None,
+) -> FastAPI:
     """The FastAPI app over `engine`; `api_key` None: no key asked; `hosts`: the Host names answered ('*': any);
     `started` is called once the server has started."""
+
     @asynccontextmanager
     async def lifespan(app):
         started()
@@ -215,8 +236,9 @@ def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key
         if not prompts or (req.stream and len(prompts) != 1):
             raise ApiError(400, "give one prompt (several only without stream)", "prompt")
         # tokenising a long prompt takes a while: in a thread, so that the other requests go on meanwhile
-        jobs = await run_in_threadpool(lambda: [_job(engine, model, text, req, req.max_tokens, limits, "prompt",
-                                                     req.logprobs) for text in prompts])
+        jobs = await run_in_threadpool(
+            lambda: [_job(engine, model, text, req, req.max_tokens, limits, "prompt", req.logprobs) for text in prompts]
+        )
         return await _answer(engine, jobs, req, model, limits, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -225,9 +247,13 @@ def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key
         _refuse(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in req.messages]
+        messages = [
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+            }
+            for m in req.messages
+        ]
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must be the user's", "messages")
         job = await run_in_threadpool(_chat_job, engine, model, messages, req, limits)  # as completions: a thread
@@ -237,22 +263,30 @@ def create_app(engine: Engine, models: dict[str, Model], limits: Limits, api_key
 
 
 def _card(model: Model, created: int) -> dict:
-    return {"id": model.name, "object": "model", "created": created, "owned_by": "lora-launch",
-            "root": model.parent or model.name, "parent": model.parent}
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "lora-launch",
+        "root": model.parent or model.name,
+        "parent": model.parent,
+    }
 
 
 def _model(models: dict[str, Model], name: str) -> Model:
     if name not in models:
-        raise ApiError(404, f"The model `{name}` does not exist; served: {', '.join(models)}", "model",
-                       "model_not_found")
+        raise ApiError(
+            404, f"The model `{name}` does not exist; served: {', '.join(models)}", "model", "model_not_found"
+        )
     return models[name]
 
 
 def _refuse(req: _Request) -> None:
     """A 400 naming a parameter this server cannot honour, rather than an answer that ignores it."""
     if refused := req.refused():
-        raise ApiError(400, f"{refused[0]}: not supported by this server (lora-launch serve)", refused[0],
-                       "unsupported_parameter")
+        raise ApiError(
+            400, f"{refused[0]}: not supported by this server (lora-launch serve)", refused[0], "unsupported_parameter"
+        )
 
 
 def _chat_job(engine: Engine, model: Model, messages: list[dict], req: ChatRequest, limits: Limits) -> Job:
@@ -260,14 +294,34 @@ def _chat_job(engine: Engine, model: Model, messages: list[dict], req: ChatReque
     try:
         text = prompt_text(model.chat, engine.tok, messages)
     except Exception as e:  # noqa: BLE001 - a chat template may refuse an order of roles
-        raise ApiError(400, f"cannot write these messages out with the {model.chat.template} template "
-                       f"({type(e).__name__}: {str(e)[:200]})", "messages") from None
-    return _job(engine, model, text, req, req.max_completion_tokens or req.max_tokens, limits, "messages",
-                (req.top_logprobs or 0) if req.logprobs else None)
+        raise ApiError(
+            400,
+            f"cannot write these messages out with the {model.chat.template} template "
+            f"({type(e).__name__}: {str(e)[:200]})",
+            "messages",
+        ) from None
+    return _job(
+        engine,
+        model,
+        text,
+        req,
+        req.max_completion_tokens or req.max_tokens,
+        limits,
+        "messages",
+        (req.top_logprobs or 0) if req.logprobs else None,
+    )
 
 
-def _job(engine: Engine, model: Model, text: str, req: _Request, max_tokens: int | None, limits: Limits,
-         param: str, logprobs: int | None = None) -> Job:
+def _job(
+    engine: Engine,
+    model: Model,
+    text: str,
+    req: _Request,
+    max_tokens: int | None,
+    limits: Limits,
+    param: str,
+    logprobs: int | None = None,
+) -> Job:
     """The request as the engine runs it, within the limits (400 naming the field otherwise). It tokenises the
     prompt: call it off the event loop."""
     try:
@@ -278,15 +332,28 @@ def _job(engine: Engine, model: Model, text: str, req: _Request, max_tokens: int
     room = engine.context - len(ids) if engine.context else limits.max_tokens
     max_new = max_tokens or max(1, min(limits.max_tokens, room))  # none asked: as many as fit
     if max_new > limits.max_tokens:
-        raise ApiError(400, f"max_tokens={max_new} is more than this server allows ({limits.max_tokens})",
-                       "max_tokens", "invalid_value")
+        raise ApiError(
+            400,
+            f"max_tokens={max_new} is more than this server allows ({limits.max_tokens})",
+            "max_tokens",
+            "invalid_value",
+        )
     most = limits.max_prompt_tokens or engine.context
     if most is not None and len(ids) > most:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens, more than this server takes ({most})", param,
-                       "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt is {len(ids)} tokens, more than this server takes ({most})",
+            param,
+            "context_length_exceeded",
+        )
     if engine.context is not None and len(ids) + max_new > engine.context:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_new}) exceed the model's context "
-                       f"({engine.context} tokens); ask for fewer tokens", param, "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt ({len(ids)} tokens) and max_tokens ({max_new}) exceed the model's context "
+            f"({engine.context} tokens); ask for fewer tokens",
+            param,
+            "context_length_exceeded",
+        )
     # an empty stop string would end every answer before its first token: it asks for nothing, and is dropped
     stop = tuple(s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or ()) if s)
     if len(stop) > 4:
@@ -300,29 +367,48 @@ def _job(engine: Engine, model: Model, text: str, req: _Request, max_tokens: int
 async def _answer(engine: Engine, jobs: list[Job], req: _Request, model: Model, limits: Limits, chat: bool):
     """Run the jobs: one JSON response, or a stream of server-sent events."""
     if engine.active + len(jobs) > limits.max_concurrent:
-        raise ApiError(429, f"this server answers {limits.max_concurrent} requests at once; try again shortly",
-                       code="rate_limit_exceeded", kind="rate_limit_exceeded")
+        raise ApiError(
+            429,
+            f"this server answers {limits.max_concurrent} requests at once; try again shortly",
+            code="rate_limit_exceeded",
+            kind="rate_limit_exceeded",
+        )
     queues = engine.start(jobs)  # counted as active from here until the engine finishes them
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if req.stream:
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_events(engine, jobs[0], queues[0], model, rid, chat, usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _events(engine, jobs[0], queues[0], model, rid, chat, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     results = await asyncio.gather(*(engine.complete(j, q) for j, q in zip(jobs, queues)))
     if any(finish == "error" for _, finish in results):
         raise ApiError(500, "generation failed (the server's log says why)", kind="server_error")
     if chat:
-        choices = [{"index": 0, "message": {"role": "assistant", "content": results[0][0]},
-                    "finish_reason": results[0][1], "logprobs": _logprobs(jobs[0], jobs[0].token_logprobs, chat)}]
+        choices = [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": results[0][0]},
+                "finish_reason": results[0][1],
+                "logprobs": _logprobs(jobs[0], jobs[0].token_logprobs, chat),
+            }
+        ]
     else:
-        choices = [{"index": i, "text": text, "finish_reason": finish,
-                    "logprobs": _logprobs(job, job.token_logprobs, chat)}
-                   for i, ((text, finish), job) in enumerate(zip(results, jobs))]
+        choices = [
+            {"index": i, "text": text, "finish_reason": finish, "logprobs": _logprobs(job, job.token_logprobs, chat)}
+            for i, ((text, finish), job) in enumerate(zip(results, jobs))
+        ]
     prompt = sum(len(j.ids) for j in jobs)
     completion = sum(len(j.tokens) for j in jobs)
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model.name, "choices": choices,
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model.name,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
 
 
 async def _events(engine: Engine, job: Job, queue, model: Model, rid: str, chat: bool, usage: bool):
@@ -354,8 +440,16 @@ async def _events(engine: Engine, job: Job, queue, model: Model, rid: str, chat:
             yield event(text, finish)
     if usage:
         n = len(job.tokens)
-        yield _sse({"id": rid, "object": kind, "created": created, "model": model.name, "choices": [],
-                    "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}})
+        yield _sse(
+            {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": model.name,
+                "choices": [],
+                "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n},
+            }
+        )
     yield "data: [DONE]\n\n"
 
 
@@ -365,13 +459,21 @@ def _logprobs(job: Job, tokens: list, chat: bool, offset: int = 0) -> dict | Non
     if job.logprobs is None:
         return None
     if chat:
+
         def one(text: str, logprob: float) -> dict:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-        return {"content": [one(t, lp) | {"top_logprobs": [one(r, v) for r, v in rivals]} for t, lp, rivals in tokens],
-                "refusal": None}
+
+        return {
+            "content": [one(t, lp) | {"top_logprobs": [one(r, v) for r, v in rivals]} for t, lp, rivals in tokens],
+            "refusal": None,
+        }
     offsets = [offset + sum(len(t) for t, _, _ in tokens[:i]) for i in range(len(tokens))]
-    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
-            "top_logprobs": [dict(rivals) | {t: lp} for t, lp, rivals in tokens], "text_offset": offsets}
+    return {
+        "tokens": [t for t, _, _ in tokens],
+        "token_logprobs": [lp for _, lp, _ in tokens],
+        "top_logprobs": [dict(rivals) | {t: lp} for t, lp, rivals in tokens],
+        "text_offset": offsets,
+    }
 
 
 def _sse(data: dict) -> str:
@@ -392,13 +494,22 @@ class _Guard:
         headers = dict(scope["headers"])
         host = _host_name(headers.get(b"host", b""))
         if scope["path"] != "/health" and host not in self.hosts and "*" not in self.hosts:
-            return await _send(send, ApiError(421, f"this server does not answer to Host {host!r}; to allow it, "
-                                                   f"start it with allowed_hosts=[{host}]", code="invalid_host"))
+            return await _send(
+                send,
+                ApiError(
+                    421,
+                    f"this server does not answer to Host {host!r}; to allow it, start it with allowed_hosts=[{host}]",
+                    code="invalid_host",
+                ),
+            )
         if self.key and scope["path"].startswith("/v1") and not self._authorized(headers.get(b"authorization", b"")):
-            return await _send(send, ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                                              code="invalid_api_key"))
-        too_big = ApiError(413, f"the request body is larger than this server takes ({self.max_body} bytes)",
-                           code="request_too_large")
+            return await _send(
+                send,
+                ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key"),
+            )
+        too_big = ApiError(
+            413, f"the request body is larger than this server takes ({self.max_body} bytes)", code="request_too_large"
+        )
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
             return await _send(send, too_big if length.isdigit() else ApiError(400, "bad Content-Length"))
@@ -406,10 +517,17 @@ class _Guard:
         while more:  # read the whole body here, counting and timing, then hand it on
             try:
                 message = await asyncio.wait_for(receive(), min(BODY_IDLE_S, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return await _send(send, ApiError(408, f"the request body did not arrive in time (a pause over "
-                                                       f"{BODY_IDLE_S} s, or {BODY_TOTAL_S} s in all)",
-                                                  code="request_timeout"), close=True)
+            except TimeoutError:
+                return await _send(
+                    send,
+                    ApiError(
+                        408,
+                        f"the request body did not arrive in time (a pause over "
+                        f"{BODY_IDLE_S} s, or {BODY_TOTAL_S} s in all)",
+                        code="request_timeout",
+                    ),
+                    close=True,
+                )
             if message["type"] != "http.request":
                 return
             body += message.get("body", b"")
@@ -436,15 +554,20 @@ def _host_name(header: bytes) -> str:
     """The name a Host header gives, lowercase, without its port or brackets ([::1]:8000 -> ::1)."""
     host = header.decode("latin-1").strip().lower()
     if host.startswith("["):
-        return host[1:host.find("]")]
+        return host[1 : host.find("]")]
     return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
 
 
 async def _send(send, error: ApiError, close: bool = False) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": headers + ([(b"connection", b"close")] if close else []),
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -460,6 +583,7 @@ class _NoQuery(logging.Filter):
 
 # ---- running it -------------------------------------------------------------------------------
 
+
 def serve(served: Served, args, api_key: str | None) -> int:
     """Listen, load the model, answer until SIGTERM (exit 0, after every request taken is answered) or Ctrl-C."""
     import uvicorn
@@ -474,11 +598,18 @@ def serve(served: Served, args, api_key: str | None) -> int:
     names = ", ".join([served.base_name + " (base)"] + [a.name for a in served.adapters])
 
     def started() -> None:  # said once uvicorn handles SIGTERM: a stop sent on reading this line drains too
-        print(f"serving {names} on http://{_url_host(host)}:{port}/v1 (adapters share batches of up to "
-              f"{args.max_batch}; API key {'required' if api_key else 'not required'})", flush=True)
+        print(
+            f"serving {names} on http://{_url_host(host)}:{port}/v1 (adapters share batches of up to "
+            f"{args.max_batch}; API key {'required' if api_key else 'not required'})",
+            flush=True,
+        )
         if not api_key and not is_loopback(host):  # allow_no_key=true
-            print(f"warning: listening on {host} without an API key: anyone who reaches this port can use the "
-                  "models (set LORA_LAUNCH_API_KEY)", file=sys.stderr, flush=True)
+            print(
+                f"warning: listening on {host} without an API key: anyone who reaches this port can use the "
+                "models (set LORA_LAUNCH_API_KEY)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     app = create_app(engine, models_of(served, engine, args.template), limits, api_key, frozenset(hosts), started)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout_s))
@@ -499,8 +630,9 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); "
-                        "choose another port= (0: a free one) or host=") from None
+        raise UserError(
+            f"serve: cannot listen on {host}:{port} ({e.strerror or e}); choose another port= (0: a free one) or host="
+        ) from None
     sock.set_inheritable(True)
     return sock
 

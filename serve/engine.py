@@ -15,8 +15,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import torch
 
@@ -32,6 +32,7 @@ log = logging.getLogger("lora_launch.serve")
 @dataclass(eq=False)
 class Job:
     """One request's generation: its prompt ids, adapter and limits; what it made so far."""
+
     ids: list[int]
     adapter: str  # the engine's adapter id, or BASE
     max_new: int
@@ -101,8 +102,9 @@ class Engine:
     async def complete(cls, job: Job, queue: asyncio.Queue) -> tuple[str, str]:
         """The started job's whole text and finish reason."""
         parts, finish = [], None
-        async for text, finish in cls.stream(job, queue):
+        async for text, reason in cls.stream(job, queue):
             parts.append(text)
+            finish = reason
         return "".join(parts), finish
 
     def close(self) -> None:
@@ -164,8 +166,13 @@ class Engine:
         rows = [[self.pad_id] * (width - len(j.ids)) + j.ids for j in batch]  # left-padded
         mask = [[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch]
         dev = self.model.device
-        kwargs = dict(max_new_tokens=max(j.max_new for j in batch), pad_token_id=self.pad_id, use_cache=True,
-                      streamer=_Rows(self, batch, logprobs), stopping_criteria=StoppingCriteriaList([Done()]))
+        kwargs = dict(
+            max_new_tokens=max(j.max_new for j in batch),
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            streamer=_Rows(self, batch, logprobs),
+            stopping_criteria=StoppingCriteriaList([Done()]),
+        )
         if logprobs is not None:
             kwargs["logits_processor"] = LogitsProcessorList([logprobs])
         sampling = batch[0].sampling
@@ -178,8 +185,9 @@ class Engine:
         if self.mixed:
             kwargs["adapter_names"] = [j.adapter for j in batch]
         self.batches, self.rows = self.batches + 1, self.rows + len(batch)
-        self.model.generate(input_ids=torch.tensor(rows, device=dev), attention_mask=torch.tensor(mask, device=dev),
-                            **kwargs)
+        self.model.generate(
+            input_ids=torch.tensor(rows, device=dev), attention_mask=torch.tensor(mask, device=dev), **kwargs
+        )
         for job in batch:
             if job.finish is None:  # the batch ended at its longest request's max_tokens
                 self._finish(job, "length")
@@ -205,7 +213,7 @@ class Engine:
         while keep > 0 and text[keep - 1] == "\ufffd":
             keep -= 1
         if keep > len(job.sent) and text.startswith(job.sent):
-            job.emit(text[len(job.sent):keep], None)
+            job.emit(text[len(job.sent) : keep], None)
             job.sent = text[:keep]
 
     def _record_logprobs(self, job: Job, dist: torch.Tensor, text: str) -> None:
@@ -214,15 +222,20 @@ class Engine:
         before_ids = job.tokens[:-1]
         before = self.tok.decode(before_ids, skip_special_tokens=True)
         top = dist.topk(job.logprobs) if job.logprobs else None
-        rivals = [] if top is None else [
-            (self.tok.decode(before_ids + [i], skip_special_tokens=True)[len(before):], value)
-            for value, i in zip(top.values.tolist(), top.indices.tolist())]
-        job.token_logprobs.append((text[len(before):], float(dist[job.tokens[-1]]), rivals))
+        rivals = (
+            []
+            if top is None
+            else [
+                (self.tok.decode(before_ids + [i], skip_special_tokens=True)[len(before) :], value)
+                for value, i in zip(top.values.tolist(), top.indices.tolist())
+            ]
+        )
+        job.token_logprobs.append((text[len(before) :], float(dist[job.tokens[-1]]), rivals))
 
     def _finish(self, job: Job, reason: str, text: str | None = None) -> None:
         if text is None:
             text = self.tok.decode(job.tokens, skip_special_tokens=True)
-        rest = text[len(job.sent):] if text.startswith(job.sent) else ""
+        rest = text[len(job.sent) :] if text.startswith(job.sent) else ""
         job.sent += rest
         self._end(job, reason, rest)
 
@@ -282,8 +295,9 @@ def load_engine(served: Served, max_batch: int) -> Engine:
             else:
                 model.load_adapter(adapter.path, adapter_name=f"a{i}")
         except Exception as e:  # noqa: BLE001 - a broken adapter dir is one line naming it
-            raise UserError(f"{adapter.path}: cannot load this adapter onto {served.base} "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
+            raise UserError(
+                f"{adapter.path}: cannot load this adapter onto {served.base} ({type(e).__name__}: {_first_line(e)})"
+            ) from None
     model.eval()
     first_run = next((a.run for a in served.adapters if a.run is not None and (a.run / "adapter").is_dir()), None)
     tok = AutoTokenizer.from_pretrained(first_run / "adapter" if first_run else served.base)
@@ -299,8 +313,9 @@ def _load_base(served: Served):
             return load_base_model(served.base_cfg, device())
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(served.base, dtype="auto", use_safetensors=True,
-                                                    trust_remote_code=False).to(device())
+        return AutoModelForCausalLM.from_pretrained(
+            served.base, dtype="auto", use_safetensors=True, trust_remote_code=False
+        ).to(device())
     except (OSError, ValueError) as e:
         raise UserError(f"base={served.base}: cannot load the model ({_first_line(e)})") from None
 

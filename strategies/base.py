@@ -9,14 +9,15 @@ preview stay light. The defaults here are plain data parallel's: every process h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
 class MemoryTerms:
     """Bytes one device holds for what the strategy shards: the frozen base weights, the LoRA adapters with their
     gradients, and the optimizer state."""
+
     weights: float
     lora: float
     optimizer: float
@@ -37,11 +38,15 @@ class Strategy:
         """What this strategy cannot run in `cfg`, found when the config is composed (one line each)."""
         d, name, found = cfg.distributed, cfg.distributed.name, []
         if d.keep_gathered not in ("auto", 0):
-            found.append(f"distributed.keep_gathered={d.keep_gathered} with distributed={name}: only fsdp2 gathers "
-                         "shard groups; use distributed=fsdp2, or leave distributed.keep_gathered=auto")
+            found.append(
+                f"distributed.keep_gathered={d.keep_gathered} with distributed={name}: only fsdp2 gathers "
+                "shard groups; use distributed=fsdp2, or leave distributed.keep_gathered=auto"
+            )
         if d.replicate not in ("auto", 1):
-            found.append(f"distributed.replicate={d.replicate} with distributed={name}: only fsdp2 shards within "
-                         "copies of the model; use distributed=fsdp2, or leave distributed.replicate=auto")
+            found.append(
+                f"distributed.replicate={d.replicate} with distributed={name}: only fsdp2 shards within "
+                "copies of the model; use distributed=fsdp2, or leave distributed.replicate=auto"
+            )
         return found
 
     def launch_problems(self, cfg, plan) -> list[str]:

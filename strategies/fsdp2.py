@@ -51,20 +51,32 @@ def config(cfg, plan) -> dict:
     copies, per_copy = mesh(cfg, plan)
     return {
         "fsdp_version": 2,
-        "mesh": {"device_type": "cuda" if plan.on_gpu else "cpu",
-                 **({"shape": [copies, per_copy], "dim_names": ["replicate", "shard"]} if copies > 1
-                    else {"shape": [plan.world_size]})},
+        "mesh": {
+            "device_type": "cuda" if plan.on_gpu else "cpu",
+            **(
+                {"shape": [copies, per_copy], "dim_names": ["replicate", "shard"]}
+                if copies > 1
+                else {"shape": [plan.world_size]}
+            ),
+        },
         "shard": "decoder layers (the model's _no_split_modules), layers_per_group to a group, then the causal LM "
-                 "as the root",
+        "as the root",
         "reshard_after_forward": bool(d.reshard_after_forward),
         # the last N groups not resharded after forward; auto: decided after the first step (the log says)
         "keep_gathered": d.keep_gathered if d.reshard_after_forward else "all",
         "layers_per_group": d.layers_per_group,  # auto: see layers_per_group(); the log says
         "prefetch": d.prefetch,  # null: FSDP2's own (one group ahead)
-        "mixed_precision": {"param_dtype": None, "reduce_dtype": "float32",
-                            "autocast": None if plan.precision == "float32" else plan.precision},
-        "offload": {"params": offload, "gradients": offload, "optimizer_step": offload,
-                    "pin_memory": offload and plan.on_gpu},
+        "mixed_precision": {
+            "param_dtype": None,
+            "reduce_dtype": "float32",
+            "autocast": None if plan.precision == "float32" else plan.precision,
+        },
+        "offload": {
+            "params": offload,
+            "gradients": offload,
+            "optimizer_step": offload,
+            "pin_memory": offload and plan.on_gpu,
+        },
         "compile": plan.compile,
     }
 
@@ -76,19 +88,27 @@ class Fsdp2(Strategy):
     def problems(self, cfg) -> list[str]:
         d, name, found = cfg.distributed, cfg.distributed.name, []
         if d.zero_stage != 0:
-            found.append(f"distributed.zero_stage={d.zero_stage} with distributed={name}: FSDP2 shards everything "
-                         "(ZeRO-3's scope) by itself; set distributed.zero_stage=0")
+            found.append(
+                f"distributed.zero_stage={d.zero_stage} with distributed={name}: FSDP2 shards everything "
+                "(ZeRO-3's scope) by itself; set distributed.zero_stage=0"
+            )
         if d.offload_params != d.offload_optimizer:
             params, optimizer = str(d.offload_params).lower(), str(d.offload_optimizer).lower()
-            found.append(f"distributed.offload_params={params} and distributed.offload_optimizer={optimizer} with "
-                         f"distributed={name}: FSDP2 offloads both or neither; set them equal "
-                         "(distributed=fsdp2_offload sets both)")
+            found.append(
+                f"distributed.offload_params={params} and distributed.offload_optimizer={optimizer} with "
+                f"distributed={name}: FSDP2 offloads both or neither; set them equal "
+                "(distributed=fsdp2_offload sets both)"
+            )
         if cfg.optim.name not in TORCH_OPTIMIZERS:
-            found.append(f"optim.name={cfg.optim.name} with distributed={name}: bitsandbytes' optimizers cannot "
-                         "update FSDP2's sharded parameters; use optim.name=adamw_torch (or adamw_torch_fused)")
+            found.append(
+                f"optim.name={cfg.optim.name} with distributed={name}: bitsandbytes' optimizers cannot "
+                "update FSDP2's sharded parameters; use optim.name=adamw_torch (or adamw_torch_fused)"
+            )
         if cfg.train.precision == "float16":
-            found.append(f"train.precision=float16 with distributed={name}: no loss scaler is set up for FSDP2's "
-                         "sharded gradients; use train.precision=bfloat16 (or float32)")
+            found.append(
+                f"train.precision=float16 with distributed={name}: no loss scaler is set up for FSDP2's "
+                "sharded gradients; use train.precision=bfloat16 (or float32)"
+            )
         return found
 
     def launch_problems(self, cfg, plan) -> list[str]:
@@ -97,13 +117,17 @@ class Fsdp2(Strategy):
         except ImportError as e:  # torch < 2.6, or built without distributed support
             import torch
 
-            return [f"distributed=fsdp2 needs torch.distributed.fsdp.fully_shard, which torch {torch.__version__} "
-                    f"here lacks ({e}); install torch >= 2.6, or use distributed=ddp|zero3"]
+            return [
+                f"distributed=fsdp2 needs torch.distributed.fsdp.fully_shard, which torch {torch.__version__} "
+                f"here lacks ({e}); install torch >= 2.6, or use distributed=ddp|zero3"
+            ]
         copies, world = mesh(cfg, plan)[0], plan.world_size
         if world % copies:
-            return [f"distributed.replicate={copies} does not divide the world size {world} ({plan.num_machines} "
-                    f"nodes x {plan.procs_per_node} processes); set a divisor of {world}, or "
-                    "distributed.replicate=auto"]
+            return [
+                f"distributed.replicate={copies} does not divide the world size {world} ({plan.num_machines} "
+                f"nodes x {plan.procs_per_node} processes); set a divisor of {world}, or "
+                "distributed.replicate=auto"
+            ]
         return []
 
     def shards_weights(self, cfg) -> bool:
@@ -145,21 +169,28 @@ class Fsdp2(Strategy):
         plus the base weights held gathered (all of them from forward to backward without resharding)."""
         d = cfg.distributed
         share = 0.0 if d.offload_params else 1.0 / mesh(cfg, plan)[1]
-        held = (gathered(d.layers_per_group, d.prefetch, d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
-                if d.reshard_after_forward else weights)
+        held = (
+            gathered(d.layers_per_group, d.prefetch, d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
+            if d.reshard_after_forward
+            else weights
+        )
         lora = lora_params * 4.0 * share
         return MemoryTerms(weights * share + held, lora + lora, lora_params * 8.0 * share)
 
     def preview_lines(self, cfg, plan, layers, layer_bytes, gib) -> list[str]:
         d = cfg.distributed
         k = min(layers, layers_per_group(d.layers_per_group, layer_bytes))
-        lines = [f"shard groups {-(-layers // k)} of up to {k} of the {layers} decoder layers "
-                 f"(distributed.layers_per_group={d.layers_per_group})"]
+        lines = [
+            f"shard groups {-(-layers // k)} of up to {k} of the {layers} decoder layers "
+            f"(distributed.layers_per_group={d.layers_per_group})"
+        ]
         if self.decides_gathers_after_first_step(cfg):
-            lines.append(f"kept gathered the last shard groups that the GPU's spare memory holds after the first "
-                         f"step (distributed.keep_gathered=auto), at most all {layers} layers' weights whole "
-                         f"({gib(layer_bytes * layers)}) from forward to backward; distributed.keep_gathered=0 "
-                         "keeps none")
+            lines.append(
+                f"kept gathered the last shard groups that the GPU's spare memory holds after the first "
+                f"step (distributed.keep_gathered=auto), at most all {layers} layers' weights whole "
+                f"({gib(layer_bytes * layers)}) from forward to backward; distributed.keep_gathered=0 "
+                "keeps none"
+            )
         return lines
 
 

@@ -22,8 +22,10 @@ class Zero(Strategy):
     def problems(self, cfg) -> list[str]:
         d, found = cfg.distributed, super().problems(cfg)
         if cfg.optim.name in EIGHT_BIT_OPTIMIZERS:
-            found.append(f"optim.name={cfg.optim.name} with distributed={d.name}: ZeRO keeps the optimizer state in "
-                         "its own fp32 partitions; use optim.name=adamw_torch or distributed=ddp")
+            found.append(
+                f"optim.name={cfg.optim.name} with distributed={d.name}: ZeRO keeps the optimizer state in "
+                "its own fp32 partitions; use optim.name=adamw_torch or distributed=ddp"
+            )
         if d.zero_stage not in STAGES:
             found.append(f"distributed.zero_stage={d.zero_stage}: DeepSpeed here runs ZeRO stage 2 or 3")
         return found
@@ -42,18 +44,32 @@ class Zero(Strategy):
         return _sharded(cfg) and bool(cfg.train.grad_ckpt)
 
     def accelerate_settings(self, multi: bool, deepspeed_file: str | None) -> dict:
-        return {"distributed_type": "DEEPSPEED",
-                "deepspeed_config": {"deepspeed_config_file": deepspeed_file, "zero3_init_flag": False,
-                                     "deepspeed_multinode_launcher": "standard"}}
+        return {
+            "distributed_type": "DEEPSPEED",
+            "deepspeed_config": {
+                "deepspeed_config_file": deepspeed_file,
+                "zero3_init_flag": False,
+                "deepspeed_multinode_launcher": "standard",
+            },
+        }
 
     def deepspeed_config(self, cfg, plan) -> dict:
         """DeepSpeed JSON for distributed.zero_stage, with batch sizes, precision and clipping from the plan."""
         d, t = cfg.distributed, cfg.train
-        zero: dict = {"stage": d.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                      "reduce_bucket_size": 5e7}
+        zero: dict = {
+            "stage": d.zero_stage,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 5e7,
+        }
         if _sharded(cfg):
-            zero.update({"stage3_gather_16bit_weights_on_model_save": True,
-                         "stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5})
+            zero.update(
+                {
+                    "stage3_gather_16bit_weights_on_model_save": True,
+                    "stage3_prefetch_bucket_size": 5e7,
+                    "stage3_param_persistence_threshold": 1e5,
+                }
+            )
         if d.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if d.offload_params:

@@ -67,14 +67,21 @@ def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | N
     @app.middleware("http")
     async def guard(request: Request, call_next):
         auth = request.headers.get("authorization", "")
-        given = (request.query_params.get("token") or request.headers.get(HEADER)
-                 or (auth[7:] if auth.lower().startswith("bearer ") else None) or request.cookies.get(cookie))
+        given = (
+            request.query_params.get("token")
+            or request.headers.get(HEADER)
+            or (auth[7:] if auth.lower().startswith("bearer ") else None)
+            or request.cookies.get(cookie)
+        )
         if not given:
-            return JSONResponse({"error": "no access token: open the URL `lora-launch studio` printed "
-                                          "(it ends in ?token=...)"}, status_code=401)
+            return JSONResponse(
+                {"error": "no access token: open the URL `lora-launch studio` printed (it ends in ?token=...)"},
+                status_code=401,
+            )
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return JSONResponse({"error": "wrong access token: open the URL `lora-launch studio` printed"},
-                                status_code=403)
+            return JSONResponse(
+                {"error": "wrong access token: open the URL `lora-launch studio` printed"}, status_code=403
+            )
         response = await call_next(request)
         if request.query_params.get("token"):
             response.set_cookie(cookie, token, httponly=True, samesite="strict")
@@ -100,8 +107,9 @@ def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | N
 
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):
-        return JSONResponse({"error": f"internal error ({type(e).__name__}); the studio's terminal shows it"},
-                            status_code=500)
+        return JSONResponse(
+            {"error": f"internal error ({type(e).__name__}); the studio's terminal shows it"}, status_code=500
+        )
 
     def checked(cfg) -> None:
         """The composed config's paths lie in the studio's folders, its run dir apart from the studio's own."""
@@ -136,14 +144,21 @@ def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | N
     @app.post("/api/validate")
     def validate(body: FormBody):
         overrides, cfg = composed(body)
-        return {"ok": True, "overrides": overrides, "command": command_line(overrides),
-                "values": forms.flat_values(cfg)}
+        return {
+            "ok": True,
+            "overrides": overrides,
+            "command": command_line(overrides),
+            "values": forms.flat_values(cfg),
+        }
 
     @app.post("/api/preview")
     def do_preview(body: FormBody):
         overrides, _ = composed(body)
-        return {"text": preview(places.root, overrides), "command": command_line(overrides),
-                "preview_command": command_line([*overrides, "preview=true"])}
+        return {
+            "text": preview(places.root, overrides),
+            "command": command_line(overrides),
+            "preview_command": command_line([*overrides, "preview=true"]),
+        }
 
     @app.get("/api/files")
     def files():
@@ -213,8 +228,14 @@ def create_app(token: str, places: Places, port: int, hosts: tuple[str, ...] | N
     @app.get("/api/run")
     def run(dir: str = ""):
         path = run_path(dir)
-        return {**progress(path), "dir": dir, "path": str(path), "log": launches.log_tail(path),
-                "launched_here": bool(launches.record(path)), "serving": endpoints.listing().get(str(path))}
+        return {
+            **progress(path),
+            "dir": dir,
+            "path": str(path),
+            "log": launches.log_tail(path),
+            "launched_here": bool(launches.record(path)),
+            "serving": endpoints.listing().get(str(path)),
+        }
 
     @app.get("/api/diff")
     def diff(a: str = "", b: str = ""):
@@ -268,8 +289,12 @@ class _Gate:
         headers = dict(scope["headers"])
         host = _hostname(headers.get(b"host", b"").decode("latin-1").lower())
         if self.hosts is not None and host not in self.hosts:
-            return await _refuse(send, 403, f"Host {host or '(none)'}: this studio answers at "
-                                            f"{' or '.join(self.hosts)} only; open the URL it printed")
+            return await _refuse(
+                send,
+                403,
+                f"Host {host or '(none)'}: this studio answers at "
+                f"{' or '.join(self.hosts)} only; open the URL it printed",
+            )
         length = headers.get(b"content-length", b"0").decode("latin-1")
         limit = MAX_UPLOAD if scope["path"] == UPLOAD else MAX_BODY
         too_big = f"the request body is larger than the studio takes ({limit} bytes)"
@@ -307,8 +332,13 @@ def _hostname(host: str) -> str:
 
 async def _refuse(send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -328,14 +358,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lora-launch studio",
-                                description="A local web app to compose, preview, launch and watch fine-tunes.")
+    p = _Parser(
+        prog="lora-launch studio", description="A local web app to compose, preview, launch and watch fine-tunes."
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: a free one)")
-    p.add_argument("--root", default=".", help="folder of run dirs and data; paths outside it are refused "
-                                               "(default: the current directory)")
-    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
-                   help="another folder configs may name (data, models, run dirs); repeatable")
+    p.add_argument(
+        "--root",
+        default=".",
+        help="folder of run dirs and data; paths outside it are refused (default: the current directory)",
+    )
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder configs may name (data, models, run dirs); repeatable",
+    )
     return p
 
 
@@ -358,8 +397,10 @@ def main(argv: list[str]) -> int:
         family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((args.host, args.port), family=family)
     except OSError as e:
-        raise UserError(f"studio: cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another "
-                        "--port (0: a free one)") from None
+        raise UserError(
+            f"studio: cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another "
+            "--port (0: a free one)"
+        ) from None
     return _serve(sock, places, args.host)
 
 
@@ -374,8 +415,11 @@ def _serve(sock: socket.socket, places: Places, host: str) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"lora-launch studio for {places.root}: open http://{shown}:{port}/?token={token}", flush=True)
     if host not in LOCAL:
-        print(f"warning: listening on {host}: anyone who reaches this port and has the URL can launch runs here",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: listening on {host}: anyone who reaches this port and has the URL can launch runs here",
+            file=sys.stderr,
+            flush=True,
+        )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     StopSignals(signals=(signal.SIGTERM,)).install()  # uvicorn handles it, then raises it again; runs keep going
     try:

@@ -19,20 +19,27 @@ import re
 import tokenize
 from dataclasses import fields, is_dataclass
 from enum import Enum
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
 from lora_launch.conf.compose import compose_checked  # noqa: F401 (the app composes as the command line does)
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
-from lora_launch.conf.schema import Config, ConfigError, describe, plain, unknown_key
-from lora_launch.data.templates import FORMAT_FIELDS, AUTO_ORDER
+from lora_launch.conf.schema import Config, ConfigError, describe, is_union, plain, unknown_key
+from lora_launch.data.templates import AUTO_ORDER, FORMAT_FIELDS
 
 AUTOMATIC_GROUPS = ("model_recipe",)  # picked by the model, never by hand
 NOT_IN_FORM = ("preview",)  # the studio's Preview button sets it
 # task types, each with the data formats (data/templates.py) that write it out
-TASKS = {"instruction": ["instruction"], "chat": ["messages", "sharegpt"], "completion": ["prompt_completion"],
-         "text": ["text"], "classification": ["classification"], "summary": ["summary"], "qa": ["qa"]}
+TASKS = {
+    "instruction": ["instruction"],
+    "chat": ["messages", "sharegpt"],
+    "completion": ["prompt_completion"],
+    "text": ["text"],
+    "classification": ["classification"],
+    "summary": ["summary"],
+    "qa": ["qa"],
+}
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _PLAIN = re.compile(r"^[\w.+-]+$")  # a number, a word, a bool: typed as it is, as on the command line
 _BARE = re.compile(r"^[\w./@+-]+$")  # a string that needs no quotes (a path, a name)
@@ -46,10 +53,11 @@ MAX_OVERRIDES = 256  # more than the schema's keys and groups together
 
 # ---- the form -----------------------------------------------------------------------------------
 
+
 def _kind(hint: Any) -> tuple[str, list[str] | None, bool]:
     """(type, choices, nullable) of a schema type hint, in the form's words."""
     nullable = False
-    if get_origin(hint) is Union:
+    if is_union(hint):
         args = [h for h in get_args(hint) if h is not type(None)]
         nullable, hint = type(None) in get_args(hint), args[0] if len(args) == 1 else Any
     if isinstance(hint, type) and issubclass(hint, Enum):
@@ -84,11 +92,23 @@ def schema_fields(schema: type = Config, prefix: str = "") -> list[dict]:
             continue
         info, (kind, choices, nullable) = describe(key), _kind(hints[f.name])
         meta = dict(f.metadata)
-        out.append({"key": key, "section": key.split(".")[0], "help": field_help().get((schema.__name__, f.name)) or yaml_help().get(key, ""),
-                    "type": kind, "choices": choices,
-                    "nullable": nullable, "type_text": info.type, "default": _json_safe(info.default),
-                    "range": info.range, "lo": meta.get("lo"), "hi": meta.get("hi"),
-                    "lo_open": bool(meta.get("lo_open")), "set_by_group": info.default == MISSING})
+        out.append(
+            {
+                "key": key,
+                "section": key.split(".")[0],
+                "help": field_help().get((schema.__name__, f.name)) or yaml_help().get(key, ""),
+                "type": kind,
+                "choices": choices,
+                "nullable": nullable,
+                "type_text": info.type,
+                "default": _json_safe(info.default),
+                "range": info.range,
+                "lo": meta.get("lo"),
+                "hi": meta.get("hi"),
+                "lo_open": bool(meta.get("lo_open")),
+                "set_by_group": info.default == MISSING,
+            }
+        )
     return out
 
 
@@ -99,8 +119,11 @@ def field_help() -> dict[tuple[str, str], str]:
     from lora_launch.conf import schema
 
     source = inspect.getsource(schema)
-    comments = {tok.start[0]: (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     out = {}
     for node in ast.parse(source).body:
         if not isinstance(node, ast.ClassDef):
@@ -128,8 +151,11 @@ def yaml_help() -> dict[str, str]:
     defaults say where the schema has no comment of its own."""
     conf = importlib.resources.files("lora_launch.conf")
     files = [("", conf.joinpath("config.yaml"))]
-    files += [(group + ".", conf.joinpath(group, f"{option}.yaml"))
-              for group, options in config_groups().items() for option in options]
+    files += [
+        (group + ".", conf.joinpath(group, f"{option}.yaml"))
+        for group, options in config_groups().items()
+        for option in options
+    ]
     out: dict[str, str] = {}
     for prefix, path in files:
         parents: list[tuple[int, str]] = []
@@ -167,10 +193,15 @@ def form() -> dict:
     """What the page builds its form from: groups with choices, defaults and what each choice is, fields, task
     types."""
     chosen = default_choices(primary_config())
-    groups = [{"name": g, "choices": options, "default": chosen.get(g, options[0]), "help": choice_help()[g]}
-              for g, options in config_groups().items() if g not in AUTOMATIC_GROUPS]
-    tasks = [{"name": t, "formats": formats, "fields": {f: [k for k, _ in FORMAT_FIELDS[f]] for f in formats}}
-             for t, formats in TASKS.items()]
+    groups = [
+        {"name": g, "choices": options, "default": chosen.get(g, options[0]), "help": choice_help()[g]}
+        for g, options in config_groups().items()
+        if g not in AUTOMATIC_GROUPS
+    ]
+    tasks = [
+        {"name": t, "formats": formats, "fields": {f: [k for k, _ in FORMAT_FIELDS[f]] for f in formats}}
+        for t, formats in TASKS.items()
+    ]
     return {"groups": groups, "fields": schema_fields(), "tasks": tasks, "auto_formats": list(AUTO_ORDER)}
 
 
@@ -179,6 +210,7 @@ def field_map() -> dict[str, dict]:
 
 
 # ---- from the page's values to overrides -------------------------------------------------------------
+
 
 def hydra_value(value: Any) -> str:
     """A JSON value written in Hydra's override grammar (strings quoted)."""
@@ -237,7 +269,7 @@ def override_for(key: str, text: str, spec: dict | None) -> str:
             value = json.loads(text)
         except ValueError:
             if spec["type"] != "any":
-                raise ConfigError(f"{key}={text}: write a JSON {spec['type']} (e.g. [\"q_proj\", \"v_proj\"])") from None
+                raise ConfigError(f'{key}={text}: write a JSON {spec["type"]} (e.g. ["q_proj", "v_proj"])') from None
             value = text  # a word (lora.target_modules=all-linear)
         except RecursionError:
             raise ConfigError(f"{key}: nested too deep; a value holds at most {MAX_ENTRIES} entries") from None
@@ -256,8 +288,9 @@ def _count_entries(key: str, value: Any, seen: int = 0) -> int:
         for item in value.values() if isinstance(value, dict) else value:
             seen = _count_entries(key, item, seen + 1)
             if seen > MAX_ENTRIES:
-                raise ConfigError(f"{key}: more than {MAX_ENTRIES} entries; a list or mapping value holds at most "
-                                  f"{MAX_ENTRIES}")
+                raise ConfigError(
+                    f"{key}: more than {MAX_ENTRIES} entries; a list or mapping value holds at most {MAX_ENTRIES}"
+                )
     return seen
 
 
@@ -277,8 +310,9 @@ def build_overrides(groups: dict, values: dict) -> list[str]:
         if group not in known:
             raise ConfigError(f"{group} is not a config group; groups: {', '.join(known)}")
         if choice not in known[group]["choices"]:
-            raise ConfigError(f"{group}={choice} is not a choice of {group}; choose one of: "
-                              f"{', '.join(known[group]['choices'])}")
+            raise ConfigError(
+                f"{group}={choice} is not a choice of {group}; choose one of: {', '.join(known[group]['choices'])}"
+            )
         if choice != known[group]["default"]:
             out.append(f"{group}={choice}")
     specs = field_map()
@@ -296,8 +330,10 @@ def check_override(override: str) -> str:
     from hydra.errors import HydraException
 
     if len(override) > MAX_TEXT + 256:  # a key and a value at its limit, quoted
-        raise ConfigError(f"{override.partition('=')[0]}: the override is {len(override)} characters; a value takes "
-                          f"at most {MAX_TEXT}")
+        raise ConfigError(
+            f"{override.partition('=')[0]}: the override is {len(override)} characters; a value takes "
+            f"at most {MAX_TEXT}"
+        )
     try:
         parsed = OverridesParser.create().parse_overrides([override])[0]
     except HydraException:
@@ -316,6 +352,7 @@ def check_override(override: str) -> str:
 
 
 # ---- composing: the command line's checks and messages (conf/compose.py: compose_checked) --------------------
+
 
 def flat_values(cfg: DictConfig) -> dict:
     """The composed config's leaf values by dotted key, as the page shows them."""

@@ -48,22 +48,29 @@ def command_line(args: list[str]) -> str:
 
 def last_error(text: str) -> str:
     """The `error:` line a refused command printed (the launcher's own message), else its last line."""
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith(PREFIX.strip())]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(PREFIX.strip())]
     line = errors[-1] if errors else (lines[-1] if lines else "it exited without a message")
     return line.removeprefix(PREFIX.strip()).strip()
 
 
 def preview(root: Path, overrides: list[str], timeout: int = 300) -> str:
     """What `lora-launch <overrides> preview=true` prints; ConfigError with its error line when refused."""
-    out = run_to_end(cli_argv([*overrides, "preview=true"]), cwd=root, stdin=subprocess.DEVNULL,
-                     capture_output=True, text=True, timeout=timeout)
+    out = run_to_end(
+        cli_argv([*overrides, "preview=true"]),
+        cwd=root,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         raise ConfigError(last_error(out.stderr + "\n" + out.stdout))
     return out.stdout
 
 
 # ---- launches ----------------------------------------------------------------------------------------
+
 
 def check_run_dir(root: Path, run_dir: Path, given) -> None:
     """ConfigError naming run.dir when `run_dir` (resolved) would take the studio's own files: its root, a folder
@@ -75,8 +82,10 @@ def check_run_dir(root: Path, run_dir: Path, given) -> None:
     else:
         return
     # resume.mode=never moves what a run dir holds aside: here the user's files and the launch.log being written
-    raise ConfigError(f"run.dir={given}: {run_dir} {why}; a launch may move what its run dir holds, so give the "
-                      "run a folder of its own, e.g. runs/NAME")
+    raise ConfigError(
+        f"run.dir={given}: {run_dir} {why}; a launch may move what its run dir holds, so give the "
+        "run a folder of its own, e.g. runs/NAME"
+    )
 
 
 def _state_dir(root: Path, run_dir: Path) -> Path:
@@ -93,6 +102,7 @@ def launcher_pid(run_dir: Path) -> int | None:
 @dataclass
 class Launches:
     """Launches started from this studio: their processes (to reap) and records under ROOT/.studio."""
+
     root: Path
 
     def __post_init__(self):
@@ -130,17 +140,25 @@ class Launches:
         with self._lock:
             old = self._procs.get(run_dir)
             if old is not None and old.poll() is None and launcher_pid(run_dir) is None:
-                raise ConfigError(f"run.dir {run_dir}: a launch from this studio is still starting (pid {old.pid}); "
-                                  "wait for it")
+                raise ConfigError(
+                    f"run.dir {run_dir}: a launch from this studio is still starting (pid {old.pid}); wait for it"
+                )
             start = log.stat().st_size if log.exists() else 0
             with open(log, "ab") as out:
                 out.write(f"\n$ {command_line(overrides)}\n".encode())
                 out.flush()
-                proc = spawn(cli_argv(overrides), fate=ChildFate.LIVES_ON, cwd=self.root, stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.STDOUT)
+                proc = spawn(
+                    cli_argv(overrides),
+                    fate=ChildFate.LIVES_ON,
+                    cwd=self.root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             self._procs[run_dir] = proc
-        (state / "launch.json").write_text(json.dumps({"path": str(run_dir), "overrides": overrides,
-                                                       "pid": proc.pid, "started": time.time()}))
+        (state / "launch.json").write_text(
+            json.dumps({"path": str(run_dir), "overrides": overrides, "pid": proc.pid, "started": time.time()})
+        )
         deadline = time.monotonic() + LAUNCH_WAIT_S
         while time.monotonic() < deadline:
             rc = proc.poll()
@@ -162,8 +180,10 @@ class Launches:
         if pid is None:
             raise ConfigError(f"run.dir {run_dir}: no live launch holds it; nothing to stop")
         os.kill(pid, signal.SIGTERM)
-        return {"pid": pid, "message": f"sent SIGTERM to lora-launch (pid {pid}): the run stops after its step "
-                                       "and saves a checkpoint"}
+        return {
+            "pid": pid,
+            "message": f"sent SIGTERM to lora-launch (pid {pid}): the run stops after its step and saves a checkpoint",
+        }
 
     def resume_overrides(self, run_dir: Path) -> list[str]:
         """The command that launched the run: this studio's record, else the run's own (.hydra/overrides.yaml)."""
@@ -185,14 +205,26 @@ def _reap(proc: subprocess.Popen) -> None:
 
 # ---- a run's progress --------------------------------------------------------------------------------
 
+
 def progress(run_dir: Path) -> dict:
     """Status, curves and the latest step's numbers of a run, with an ETA while it runs."""
     run = read_run(run_dir)  # reads metrics.jsonl once: the curves, the last training row, recent step times
     last = run.last_train_row
-    out = {"status": run.status, "note": run.note, "steps": run.steps, "train": run.train, "evals": run.evals,
-           "lr": last.get("lr"), "tokens_per_s": last.get("tokens_per_s"),
-           "peak_memory_gib": run.peak_memory_gib, "epoch": last.get("epoch"), "row": run.row(),
-           "sample": run.sample, "total_steps": _total_steps(run, last), "eta_s": None}
+    out = {
+        "status": run.status,
+        "note": run.note,
+        "steps": run.steps,
+        "train": run.train,
+        "evals": run.evals,
+        "lr": last.get("lr"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "peak_memory_gib": run.peak_memory_gib,
+        "epoch": last.get("epoch"),
+        "row": run.row(),
+        "sample": run.sample,
+        "total_steps": _total_steps(run, last),
+        "eta_s": None,
+    }
     times = run.step_times
     if run.status == "running" and out["total_steps"] and times:
         out["eta_s"] = max(0.0, (out["total_steps"] - run.steps) * sum(times) / len(times))
@@ -245,9 +277,15 @@ class Endpoints:
             with open(log, "wb") as out:
                 # not STOPS_WITH_PARENT: the kernel's parent-death signal follows the thread that started the
                 # child, and this runs in one of the server's worker threads, which come and go
-                proc = spawn(cli_argv(["serve", f"run.dir={run_dir}", "host=127.0.0.1", "port=0"]),
-                             fate=ChildFate.SHARES_TERMINAL, cwd=self.root, stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=subprocess.STDOUT, env={**os.environ, "LORA_LAUNCH_API_KEY": key})
+                proc = spawn(
+                    cli_argv(["serve", f"run.dir={run_dir}", "host=127.0.0.1", "port=0"]),
+                    fate=ChildFate.SHARES_TERMINAL,
+                    cwd=self.root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "LORA_LAUNCH_API_KEY": key},
+                )
             deadline = time.monotonic() + SERVE_WAIT_S
             while time.monotonic() < deadline:
                 text = log.read_text(errors="replace")
@@ -268,8 +306,12 @@ class Endpoints:
         ep = self.get(run_dir)
         if ep is None:
             raise ConfigError(f"{run_dir}: no endpoint runs for it; start one first")
-        body = {"model": ep.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0}
+        body = {
+            "model": ep.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         answer = _call(ep.url + "/v1/chat/completions", ep.key, body)
         return {"model": ep.model, "text": answer["choices"][0]["message"]["content"], "usage": answer.get("usage")}
 
@@ -293,8 +335,9 @@ class Endpoints:
 def _call(url: str, key: str, body: dict | None = None) -> dict:
     """One request to a local endpoint; its JSON error becomes one line."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {key}",
-                                                          "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:
             return json.loads(resp.read())

@@ -19,6 +19,7 @@ from lora_launch.conf.schema import ConfigError, dotted, path_keys
 @dataclass
 class Places:
     """The folders the studio was started with."""
+
     root: Path
     allowed: list[Path] = field(default_factory=list)
 
@@ -39,9 +40,11 @@ class Places:
         outside the studio's folders."""
         path = self.resolve(value if local is None else local)
         if not self.inside(path, read_only):
-            raise ConfigError(f"{key}={value}: outside the folders this studio may use ({self.root}"
-                              f"{''.join(', ' + str(p) for p in self.allowed)}); choose a path inside them, or "
-                              "restart the studio with --allow-path DIR")
+            raise ConfigError(
+                f"{key}={value}: outside the folders this studio may use ({self.root}"
+                f"{''.join(', ' + str(p) for p in self.allowed)}); choose a path inside them, or "
+                "restart the studio with --allow-path DIR"
+            )
         return path
 
 

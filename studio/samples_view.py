@@ -17,8 +17,10 @@ MAX_RAW_CHARS = 600  # per record as read
 
 def _tokens(tok, ids: np.ndarray, labels: np.ndarray, seq_lens) -> list[dict]:
     starts = set(np.cumsum([0, *seq_lens[:-1]]).tolist()) if seq_lens is not None else {0}
-    return [{"text": tok.decode([int(i)]), "masked": bool(l == IGNORE), "starts_sample": j in starts}
-            for j, (i, l) in enumerate(zip(ids[:MAX_TOKENS_SHOWN], labels[:MAX_TOKENS_SHOWN]))]
+    return [
+        {"text": tok.decode([int(i)]), "masked": bool(label == IGNORE), "starts_sample": j in starts}
+        for j, (i, label) in enumerate(zip(ids[:MAX_TOKENS_SHOWN], labels[:MAX_TOKENS_SHOWN]))
+    ]
 
 
 def histogram(lengths: np.ndarray, bins: int = 20) -> dict:
@@ -36,8 +38,9 @@ def data_view(cfg: DictConfig, records: int = 3) -> dict:
         tok = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"model.path={cfg.model.tokenizer or cfg.model.path}: cannot load a tokenizer from it "
-                          f"({first})") from None
+        raise ConfigError(
+            f"model.path={cfg.model.tokenizer or cfg.model.path}: cannot load a tokenizer from it ({first})"
+        ) from None
     try:
         splits = build_splits(cfg, tok, main_process=False, report=False)
     except DataError as e:
@@ -47,20 +50,34 @@ def data_view(cfg: DictConfig, records: int = 3) -> dict:
     for i in range(min(records, len(train))):
         item = train[i]
         seq_lens = item.get("seq_lens")
-        shown.append({"record": int(train.record[i]), "length": int(len(item["input_ids"])),
-                      "target_tokens": int(np.sum(item["labels"] != IGNORE)),
-                      "tokens": _tokens(tok, item["input_ids"], item["labels"], seq_lens)})
+        shown.append(
+            {
+                "record": int(train.record[i]),
+                "length": int(len(item["input_ids"])),
+                "target_tokens": int(np.sum(item["labels"] != IGNORE)),
+                "tokens": _tokens(tok, item["input_ids"], item["labels"], seq_lens),
+            }
+        )
     raw, columns = _raw_records(cfg, [s["record"] for s in shown])
     lengths = np.concatenate([train.seq_lens if train.packed else train.lengths, splits.val.lengths])
     report = splits.report
     sources = report.get("sources", {})
-    totals = {k: sum(int(s.get(k, 0)) for s in sources.values()) for k in ("records", "ok", "truncated",
-                                                                             "too_long", "no_target")}
+    totals = {
+        k: sum(int(s.get(k, 0)) for s in sources.values())
+        for k in ("records", "ok", "truncated", "too_long", "no_target")
+    }
     for s, row in zip(shown, raw):
         s["raw"] = row
-    return {"records": shown, "fields": columns, "report": report, "histogram": histogram(lengths),
-            "kept": totals["ok"] + totals["truncated"], "truncated": totals["truncated"],
-            "dropped": totals["too_long"] + totals["no_target"], "total": totals["records"]}
+    return {
+        "records": shown,
+        "fields": columns,
+        "report": report,
+        "histogram": histogram(lengths),
+        "kept": totals["ok"] + totals["truncated"],
+        "truncated": totals["truncated"],
+        "dropped": totals["too_long"] + totals["no_target"],
+        "total": totals["records"],
+    }
 
 
 def _raw_records(cfg: DictConfig, records: list[int]) -> tuple[list[str | None], list[str]]:

@@ -33,8 +33,13 @@ class Slot:
         return env
 
     def describe(self) -> str:
-        where = (f"GPUs {','.join(self.gpus)}" if self.gpus else
-                 f"{self.threads} thread(s) per process" if self.threads else "CPU")
+        where = (
+            f"GPUs {','.join(self.gpus)}"
+            if self.gpus
+            else f"{self.threads} thread(s) per process"
+            if self.threads
+            else "CPU"
+        )
         return f"slot {self.index}: {where}, port {self.port}"
 
 
@@ -51,8 +56,9 @@ def visible_gpu_ids(environ: dict[str, str] | None = None, count: int | None = N
     return [str(i) for i in range(count)]
 
 
-def plan_slots(parallel: int | str, procs_per_trial: int | str, gpus: list[str], cores: int,
-               base_port: int) -> list[Slot]:
+def plan_slots(
+    parallel: int | str, procs_per_trial: int | str, gpus: list[str], cores: int, base_port: int
+) -> list[Slot]:
     """The slots of a sweep: how many trials run at once and on what.
 
     `parallel` is sweep.parallel (`auto`: as many trials as the GPUs hold, 1 on CPU), `procs_per_trial`
@@ -66,9 +72,11 @@ def plan_slots(parallel: int | str, procs_per_trial: int | str, gpus: list[str],
             count = int(parallel)
             per = len(gpus) // count if procs_per_trial == "auto" else int(procs_per_trial)
         if per < 1 or count * per > len(gpus):
-            raise ConfigError(f"sweep.parallel={parallel} trials x launcher.num_processes={procs_per_trial} need "
-                              f"{count * max(per, 1)} GPUs; {len(gpus)} are visible: lower one of them")
-        return [Slot(k, tuple(gpus[k * per:(k + 1) * per]), None, base_port + k) for k in range(count)]
+            raise ConfigError(
+                f"sweep.parallel={parallel} trials x launcher.num_processes={procs_per_trial} need "
+                f"{count * max(per, 1)} GPUs; {len(gpus)} are visible: lower one of them"
+            )
+        return [Slot(k, tuple(gpus[k * per : (k + 1) * per]), None, base_port + k) for k in range(count)]
     count = 1 if parallel == "auto" else int(parallel)
     per = 1 if procs_per_trial == "auto" else int(procs_per_trial)
     # a lone trial runs as a plain launch does; trials side by side share the cores out

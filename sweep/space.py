@@ -27,6 +27,7 @@ _NOT_FOR_TRIALS = ("hydra.sweep.", "hydra.run.", "run.dir")
 @dataclass
 class SweepRequest:
     """A parsed `lora-launch -m ...`."""
+
     cfg: DictConfig  # the config with every non-swept override (swept keys at their defaults), validated
     sweep_dir: Path
     overrides: list  # Hydra's parsed overrides, in command-line order (hydra.* ones included)
@@ -55,15 +56,19 @@ class SweepRequest:
     def grid_values(self) -> list[dict[str, str]]:
         """Each grid trial's swept values (key element -> value text)."""
         keys = [o.get_key_element() for o in self.swept]
-        return [dict(zip(keys, (j.partition("=")[2] for j in job if j.partition("=")[0] in keys)))
-                for job in self.grid or []]
+        return [
+            dict(zip(keys, (j.partition("=")[2] for j in job if j.partition("=")[0] in keys)))
+            for job in self.grid or []
+        ]
 
 
 def _refuse_foreign_sweepers(args: list[str]) -> None:
     for a in args:
         if a.startswith(("hydra/sweeper=", "hydra.sweeper.", "hydra/launcher=", "hydra.launcher.")):
-            raise ConfigError(f"{a}: lora-launch runs sweeps itself; search with sweep.search=tpe|random "
-                              "sweep.trials=N, run trials at once with sweep.parallel=N (docs/sweeps.md)")
+            raise ConfigError(
+                f"{a}: lora-launch runs sweeps itself; search with sweep.search=tpe|random "
+                "sweep.trials=N, run trials at once with sweep.parallel=N (docs/sweeps.md)"
+            )
 
 
 def _grid(overrides: list) -> list[list[str]]:
@@ -75,8 +80,10 @@ def _grid(overrides: list) -> list[list[str]]:
         key = o.get_key_element()
         if o.is_sweep_override():
             if not o.is_discrete_sweep():
-                raise ConfigError(f"{o.input_line}: a grid lists values, it cannot draw from an interval; "
-                                  "search it with sweep.search=tpe (or random) sweep.trials=N")
+                raise ConfigError(
+                    f"{o.input_line}: a grid lists values, it cannot draw from an interval; "
+                    "search it with sweep.search=tpe (or random) sweep.trials=N"
+                )
             lists[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
         else:
             lists[key] = [f"{key}={o.get_value_element_as_str()}"]
@@ -118,8 +125,11 @@ def search_space(request: SweepRequest) -> dict:
         sweep, key = o.value(), o.get_key_element()
         if isinstance(sweep, IntervalSweep):
             log = "log" in sweep.tags
-            space[key] = (IntDistribution(int(sweep.start), int(sweep.end), log=log) if "int" in sweep.tags
-                          else FloatDistribution(float(sweep.start), float(sweep.end), log=log))
+            space[key] = (
+                IntDistribution(int(sweep.start), int(sweep.end), log=log)
+                if "int" in sweep.tags
+                else FloatDistribution(float(sweep.start), float(sweep.end), log=log)
+            )
         elif isinstance(sweep, RangeSweep) and all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)):
             last = sweep.start + (len(range(sweep.start, sweep.stop, sweep.step)) - 1) * sweep.step
             space[key] = IntDistribution(min(sweep.start, last), max(sweep.start, last), step=abs(sweep.step))
@@ -130,6 +140,8 @@ def search_space(request: SweepRequest) -> dict:
         elif isinstance(sweep, RangeSweep):  # a float range: the values it lists
             space[key] = CategoricalDistribution([float(v) for v in o.sweep_string_iterator()])
         else:
-            raise ConfigError(f"{o.input_line}: a search draws from interval(), choice() or range(); "
-                              "list group options with choice(a,b)")
+            raise ConfigError(
+                f"{o.input_line}: a search draws from interval(), choice() or range(); "
+                "list group options with choice(a,b)"
+            )
     return space

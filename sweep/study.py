@@ -28,11 +28,16 @@ def needs_study(cfg: DictConfig) -> bool:
 def check_study_config(cfg: DictConfig) -> None:
     """Refuse, in one line, a pruner with nothing to judge or Optuna missing."""
     if cfg.sweep.prune != "none" and not cfg.eval.every_steps:
-        raise ConfigError(f"sweep.prune={cfg.sweep.prune} judges trials by their eval loss during training: "
-                          "set eval.every_steps=N (it is 0: evaluate only at the start and the end)")
+        raise ConfigError(
+            f"sweep.prune={cfg.sweep.prune} judges trials by their eval loss during training: "
+            "set eval.every_steps=N (it is 0: evaluate only at the start and the end)"
+        )
     if importlib.util.find_spec("optuna") is None:  # an extra, named as launcher/checks.py names the others
-        key, other = ((f"sweep.search={cfg.sweep.search}", "or use sweep.search=grid") if cfg.sweep.search != "grid"
-                      else (f"sweep.prune={cfg.sweep.prune}", "or use sweep.prune=none"))
+        key, other = (
+            (f"sweep.search={cfg.sweep.search}", "or use sweep.search=grid")
+            if cfg.sweep.search != "grid"
+            else (f"sweep.prune={cfg.sweep.prune}", "or use sweep.prune=none")
+        )
         raise ConfigError(f"{key} needs optuna: `pip install 'lora-launch[sweep]'` (or optuna), {other}")
 
 
@@ -79,19 +84,22 @@ class StudyTrial:
         self.study, self.trial = study, trial
 
     @classmethod
-    def ask(cls, study, space: dict | None = None) -> "StudyTrial":
+    def ask(cls, study, space: dict | None = None) -> StudyTrial:
         return cls(study, study.ask(space or {}))
 
     @classmethod
-    def running(cls, study) -> list["StudyTrial"]:
+    def running(cls, study) -> list[StudyTrial]:
         """The trials a killed sweep left running, oldest first."""
         import optuna
 
-        return [cls.continued(study, t.number) for t in study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.RUNNING]
+        return [
+            cls.continued(study, t.number)
+            for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.RUNNING
+        ]
 
     @classmethod
-    def continued(cls, study, number: int) -> "StudyTrial | None":
+    def continued(cls, study, number: int) -> StudyTrial | None:
         """Study trial `number` if it still runs (an earlier launch of its run dir was stopped), else None."""
         import optuna
 

@@ -34,8 +34,19 @@ from lora_launch.run.rundir import fault_message
 from lora_launch.sweep.slots import Slot, free_port, plan_slots, usable_cores, visible_gpu_ids
 from lora_launch.sweep.space import SweepRequest, read_request, search_space, value_text
 from lora_launch.sweep.study import StudyTrial, check_study_config, needs_study, open_study
-from lora_launch.sweep.trials import (INTERRUPTED, LOG_FILE, finish_trial, last_error, read_trial, start_trial,
-                                      summarize, summary_text, trial_name, trial_row, write_trial)
+from lora_launch.sweep.trials import (
+    INTERRUPTED,
+    LOG_FILE,
+    finish_trial,
+    last_error,
+    read_trial,
+    start_trial,
+    summarize,
+    summary_text,
+    trial_name,
+    trial_row,
+    write_trial,
+)
 
 POLL_S = 0.2
 # a trial of a killed sweep checkpoints and ends on its own (run/process.py's ORPHAN_GRACE_S at most)
@@ -46,6 +57,7 @@ SWEEP_LOCK = ".sweep.lock"
 @dataclass
 class Candidate:
     """A trial to run: its dir name, its overrides and, in a search, the study trial that drew them."""
+
     name: str
     overrides: list[str]
     study_trial: StudyTrial | None = None
@@ -54,6 +66,7 @@ class Candidate:
 @dataclass
 class Running:
     """A trial's launch in progress."""
+
     name: str
     run_dir: Path
     record: dict
@@ -98,8 +111,10 @@ class GridTrials:
 
     def __init__(self, request: SweepRequest):
         keys = request.swept_keys
-        self.pending = deque(Candidate(trial_name(job, keys=keys), request.trial_overrides(values))
-                             for job, values in zip(request.grid, request.grid_values()))
+        self.pending = deque(
+            Candidate(trial_name(job, keys=keys), request.trial_overrides(values))
+            for job, values in zip(request.grid, request.grid_values())
+        )
 
     def next(self) -> Candidate | None:
         return self.pending.popleft() if self.pending else None
@@ -192,8 +207,10 @@ class Sweep:
             held = _held_by(self.dir / cand.name)
             if not held:
                 return cand
-            _say(f"sweep: {cand.name}: waiting for the processes of its earlier launch (pids "
-                 f"{', '.join(map(str, held))}) to checkpoint and end")
+            _say(
+                f"sweep: {cand.name}: waiting for the processes of its earlier launch (pids "
+                f"{', '.join(map(str, held))}) to checkpoint and end"
+            )
             self.waiting.append((cand, time.monotonic()))
         return None
 
@@ -228,8 +245,10 @@ class Sweep:
         self.running.append(running)
         if self.halted:  # a stop signal came while it started: it stops with the others
             self._halt(self.stops.signum or signal.SIGTERM)
-        _say(f"sweep: {cand.name}: started ({slot.describe()}{', pruned if behind' if judged else ''}); "
-             f"log {run_dir / LOG_FILE}")
+        _say(
+            f"sweep: {cand.name}: started ({slot.describe()}{', pruned if behind' if judged else ''}); "
+            f"log {run_dir / LOG_FILE}"
+        )
 
     def _spawn(self, cand: Candidate, run_dir: Path, slot: Slot, judged: bool, launch: int):
         """Start the trial's `lora-launch` in its own session, output appended to its log; returns the
@@ -245,8 +264,14 @@ class Sweep:
             offset = log.tell()
             log.write(f"==== launch {launch}, {time.strftime('%Y-%m-%d %H:%M:%S')}, {slot.describe()}\n".encode())
             log.flush()
-            proc = spawn([sys.executable, "-m", "lora_launch.cli", *args], fate=ChildFate.STOPS_WITH_PARENT, env=env,
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            proc = spawn(
+                [sys.executable, "-m", "lora_launch.cli", *args],
+                fate=ChildFate.STOPS_WITH_PARENT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return proc, offset
 
     def _grid_study_trial(self, record: dict, earlier: str | None) -> StudyTrial | None:
@@ -300,16 +325,19 @@ class Sweep:
         if trial.tail is not None:
             trial.tail.close()
         error = last_error(trial.run_dir / LOG_FILE, trial.log_offset)
-        status = finish_trial(trial.run_dir, trial.record, rc, error, pruned=trial.pruned,
-                              stopped_by_sweep=trial.stopped)
+        status = finish_trial(
+            trial.run_dir, trial.record, rc, error, pruned=trial.pruned, stopped_by_sweep=trial.stopped
+        )
         row = trial_row(trial.run_dir)
         if trial.study_trial is not None:
             trial.study_trial.finish(status, row["best_eval_loss"])
         self.outcomes[trial.name] = status
         summarize(self.dir)
         detail = f": {row['error']}" if status == "failed" else f", best eval loss {row['best_eval_loss']:.4g}"
-        _say(f"sweep: {trial.name}: {status} at step {row['steps']} after {row['wall_time_s']:.0f} s{detail}",
-             error=status == "failed")
+        _say(
+            f"sweep: {trial.name}: {status} at step {row['steps']} after {row['wall_time_s']:.0f} s{detail}",
+            error=status == "failed",
+        )
         if status == "failed" and not self.cfg.sweep.continue_on_failure:
             self.failure_rc = rc or 1
             self._halt(signal.SIGTERM)
@@ -355,17 +383,22 @@ class Sweep:
 
 # ---- entry ----------------------------------------------------------------------------------------
 
+
 def _check(request: SweepRequest) -> list[Slot]:
     """Refuse a sweep that cannot run here, in one line, before anything is written; returns its slots."""
     cfg = request.cfg
     if cfg.launcher.name == "slurm":  # each trial would be an sbatch that returns at once
-        raise ConfigError("a sweep (-m) cannot use launcher=slurm: sweeps run their trials locally; use "
-                          "launcher=local (e.g. inside one Slurm job), or submit one job per trial")
+        raise ConfigError(
+            "a sweep (-m) cannot use launcher=slurm: sweeps run their trials locally; use "
+            "launcher=local (e.g. inside one Slurm job), or submit one job per trial"
+        )
     if needs_study(cfg):
         check_study_config(cfg)
     if cfg.sweep.search != "grid" and not request.swept:
-        raise ConfigError(f"sweep.search={cfg.sweep.search} has nothing to search: give a key a range, "
-                          "e.g. 'optim.lr=tag(log,interval(1e-5,1e-3))' or 'lora.r=choice(8,16,32)'")
+        raise ConfigError(
+            f"sweep.search={cfg.sweep.search} has nothing to search: give a key a range, "
+            "e.g. 'optim.lr=tag(log,interval(1e-5,1e-3))' or 'lora.r=choice(8,16,32)'"
+        )
     parallel = cfg.sweep.parallel
     one_at_a_time = None
     if cfg.launcher.name != "local" or cfg.launcher.num_machines > 1:
@@ -386,11 +419,16 @@ def _preview(request: SweepRequest) -> int:
     rc = 0
     for job, chosen in zip(request.grid or [[]], values):
         name = trial_name(job, keys=request.swept_keys) if chosen is not None else "search"
-        overrides = request.trial_overrides(chosen) if chosen is not None else [
-            o.input_line for o in request.overrides if not o.is_sweep_override()]
+        overrides = (
+            request.trial_overrides(chosen)
+            if chosen is not None
+            else [o.input_line for o in request.overrides if not o.is_sweep_override()]
+        )
         run_dir = request.sweep_dir / name
-        rc = run_to_end([sys.executable, "-m", "lora_launch.cli", *overrides,
-                         f"run.dir={_quoted(run_dir)}"]).returncode or rc
+        rc = (
+            run_to_end([sys.executable, "-m", "lora_launch.cli", *overrides, f"run.dir={_quoted(run_dir)}"]).returncode
+            or rc
+        )
     for d in (request.sweep_dir, request.sweep_dir.parent):
         try:
             d.rmdir()  # only when the previews left them empty
@@ -415,11 +453,15 @@ def run_sweep(args: list[str]) -> int:
         try:
             lock.acquire()
         except ConfigError:
-            raise ConfigError(f"sweep dir {request.sweep_dir} is in use by another sweep (pid "
-                              f"{_lock_pid(request.sweep_dir)}); "
-                              "wait for it to end") from None
+            raise ConfigError(
+                f"sweep dir {request.sweep_dir} is in use by another sweep (pid "
+                f"{_lock_pid(request.sweep_dir)}); "
+                "wait for it to end"
+            ) from None
         try:
-            _say(f"sweep: {request.sweep_dir}: {len(slots)} trial(s) at once ({'; '.join(s.describe() for s in slots)})")
+            _say(
+                f"sweep: {request.sweep_dir}: {len(slots)} trial(s) at once ({'; '.join(s.describe() for s in slots)})"
+            )
             return Sweep(request, slots).run()
         finally:
             lock.release()

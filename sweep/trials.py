@@ -79,6 +79,7 @@ def register_resolvers() -> None:
 
 # ---- one trial --------------------------------------------------------------------------------
 
+
 def read_trial(run_dir: Path) -> dict:
     path = Path(run_dir) / TRIAL
     return json.loads(path.read_text()) if path.exists() else {}
@@ -102,8 +103,9 @@ def start_trial(run_dir: Path, overrides: list[str], resume_pruned: bool = False
     return record
 
 
-def finish_trial(run_dir: Path, record: dict, rc: int, error: str | None = None, pruned: bool = False,
-                 stopped_by_sweep: bool = False) -> str:
+def finish_trial(
+    run_dir: Path, record: dict, rc: int, error: str | None = None, pruned: bool = False, stopped_by_sweep: bool = False
+) -> str:
     """Record how the launch `start_trial` began ended, from its exit code and RUN/status.json; returns the
     trial's status: completed, pruned, preempted, interrupted or failed.
 
@@ -164,14 +166,23 @@ def last_error(log: Path, offset: int = 0) -> str | None:
             text = f.read().decode(errors="replace")
     except OSError:
         return None
-    lines = [l for l in text.splitlines() if "rror" in l]
+    lines = [line for line in text.splitlines() if "rror" in line]
     return lines[-1][-300:] if lines else None
 
 
 # ---- summaries --------------------------------------------------------------------------------
 
-COLUMNS = ["trial", "overrides", "status", "steps", "final_train_loss", "best_eval_loss", "tokens_per_s",
-           "wall_time_s", "error"]
+COLUMNS = [
+    "trial",
+    "overrides",
+    "status",
+    "steps",
+    "final_train_loss",
+    "best_eval_loss",
+    "tokens_per_s",
+    "wall_time_s",
+    "error",
+]
 
 
 def trial_row(run_dir: Path) -> dict:
@@ -211,8 +222,11 @@ def summarize(sweep_dir: Path) -> list[dict]:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(sweep_dir / "summary.csv", table.getvalue())
-    write_json(sweep_dir / "summary.json", [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                              for k, v in r.items()} for r in rows], indent=1)
+    write_json(
+        sweep_dir / "summary.json",
+        [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows],
+        indent=1,
+    )
     write_atomic(sweep_dir / "summary.md", _markdown(rows))
     _plot(rows, sweep_dir / "sweep.png")
     return rows
@@ -249,8 +263,16 @@ def _plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-SHOWN = {"trial": "trial", "status": "status", "steps": "steps", "best_eval_loss": "best eval",
-         "final_train_loss": "final loss", "tokens_per_s": "tok/s", "wall_time_s": "wall s", "error": "error"}
+SHOWN = {
+    "trial": "trial",
+    "status": "status",
+    "steps": "steps",
+    "best_eval_loss": "best eval",
+    "final_train_loss": "final loss",
+    "tokens_per_s": "tok/s",
+    "wall_time_s": "wall s",
+    "error": "error",
+}
 
 
 def summary_text(sweep_dir: Path, rows: list[dict], width: int | None) -> str:

@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
 def tiny(tmp_path_factory) -> dict:
     """Paths of a tiny random Llama (model dir with tokenizer) and a 400-row 'reverse words' jsonl."""
     model_dir, data = make_tiny(tmp_path_factory.mktemp("tiny"))
-    return {"model": model_dir, "data": data,
-            "overrides": [f"model.path={model_dir}", f"data.path={data}", "data.source=local",
-                          "train.seq_len=64", "logging.progress_bar=false", "sample.max_new_tokens=8"]}
+    return {
+        "model": model_dir,
+        "data": data,
+        "overrides": [
+            f"model.path={model_dir}",
+            f"data.path={data}",
+            "data.source=local",
+            "train.seq_len=64",
+            "logging.progress_bar=false",
+            "sample.max_new_tokens=8",
+        ],
+    }

@@ -50,20 +50,25 @@ def parse_args():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--scheduler", choices=["constant", "cosine", "linear"], default="cosine")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--steps", type=int, default=268, help="268 = 2 epochs of 2138 "
-                   "training samples at a global batch of 16")
+    p.add_argument(
+        "--steps", type=int, default=268, help="268 = 2 epochs of 2138 training samples at a global batch of 16"
+    )
     p.add_argument("--micro", type=int, default=16, help="samples per process per micro step")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process "
-                   "(0: cores // nproc)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores // nproc)")
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--samples", type=int, default=3, help="held-out prompts to sample")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="extra instruction to sample (repeatable; default: 'Where is Italy?')")
-    p.add_argument("--accuracy-n", type=int, default=112,
-                   help="held-out prompts for the greedy exact-match accuracy (0: skip)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="extra instruction to sample (repeatable; default: 'Where is Italy?')",
+    )
+    p.add_argument(
+        "--accuracy-n", type=int, default=112, help="held-out prompts for the greedy exact-match accuracy (0: skip)"
+    )
     return p.parse_args()
 
 
@@ -114,12 +119,12 @@ def eval_loss(model, val, pad_id: int, bs: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(val), bs):
-            input_ids, labels, mask = collate(val[i: i + bs], pad_id)
+            input_ids, labels, mask = collate(val[i : i + bs], pad_id)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
             tgt = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                ignore_index=-100, reduction="sum")
+                logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             total += loss.item()
             count += int((tgt != -100).sum())
     model.train()
@@ -132,11 +137,15 @@ def greedy(model, tokenizer, row: dict, max_new: int = 24) -> str:
     prompt, _ = render(row)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def lr_factor(step: int, args) -> float:
@@ -170,12 +179,18 @@ def worker(rank: int, args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(
-        task_type="CAUSAL_LM", r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-        target_modules=args.targets.split(",")))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=args.r,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            target_modules=args.targets.split(","),
+        ),
+    )
     if main:
-        print(f"tokenizer {type(tokenizer).__name__} vocab {len(tokenizer)}; "
-              f"{args.nproc} proc x {threads} threads")
+        print(f"tokenizer {type(tokenizer).__name__} vocab {len(tokenizer)}; {args.nproc} proc x {threads} threads")
         model.print_trainable_parameters()
 
     train_rows, val_rows = load_examples(args.data, args.seed, args.val_split)
@@ -184,14 +199,16 @@ def worker(rank: int, args) -> None:
     pad = tokenizer.pad_token_id
     if main:
         lens = [len(i) for i, _ in train]
-        print(f"train {len(train)} / val {len(val)} examples; tokens per example "
-              f"mean {sum(lens) / len(lens):.1f} max {max(lens)}")
+        print(
+            f"train {len(train)} / val {len(val)} examples; tokens per example "
+            f"mean {sum(lens) / len(lens):.1f} max {max(lens)}"
+        )
 
     first = eval_loss(model, val, pad, args.eval_batch) if main else 0.0
     if main:
         print(f"step 0 eval loss {first:.4f}  ({time.time() - T_START:.1f}s since start)")
 
-    ddp = (torch.nn.parallel.DistributedDataParallel(model) if args.nproc > 1 else model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if args.nproc > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
@@ -204,12 +221,12 @@ def worker(rank: int, args) -> None:
         dist.barrier()
     t0 = time.time()
     for step in range(args.steps):
-        for micro in range(args.accum):
+        for _ in range(args.accum):
             need = args.micro * args.nproc
             if pos + need > len(order):
                 order, pos = list(range(len(train))), 0
                 gen.shuffle(order)
-            idx = order[pos + rank * args.micro: pos + (rank + 1) * args.micro]
+            idx = order[pos + rank * args.micro : pos + (rank + 1) * args.micro]
             pos += need
             input_ids, labels, mask = collate([train[i] for i in idx], pad)
             loss = ddp(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -219,26 +236,31 @@ def worker(rank: int, args) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if main and (step % 25 == 0 or step == args.steps - 1):
-            print(f"step {step + 1:4d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
-                  f"{time.time() - t0:5.1f}s", flush=True)
+            print(
+                f"step {step + 1:4d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"{time.time() - t0:5.1f}s",
+                flush=True,
+            )
     train_time = time.time() - t0
 
     if main:
         t1 = time.time()
         final = eval_loss(model, val, pad, args.eval_batch)
         t_eval = time.time() - t1
-        print(f"\ntraining: {args.steps} steps x global batch "
-              f"{args.micro * args.accum * args.nproc} in {train_time:.1f}s "
-              f"({train_time / args.steps * 1000:.0f} ms/step)")
-        print(f"eval loss: first {first:.4f}  final {final:.4f}  ratio {final / first:.3f}"
-              f"  (final eval {t_eval:.1f}s)")
+        print(
+            f"\ntraining: {args.steps} steps x global batch "
+            f"{args.micro * args.accum * args.nproc} in {train_time:.1f}s "
+            f"({train_time / args.steps * 1000:.0f} ms/step)"
+        )
+        print(f"eval loss: first {first:.4f}  final {final:.4f}  ratio {final / first:.3f}  (final eval {t_eval:.1f}s)")
         t2 = time.time()
         for row in val_rows[: args.samples]:
-            print(f"\n  prompt:   {row['instruction']}\n  expected: {row['output']}\n"
-                  f"  got:      {greedy(model, tokenizer, row)}")
+            print(
+                f"\n  prompt:   {row['instruction']}\n  expected: {row['output']}\n"
+                f"  got:      {greedy(model, tokenizer, row)}"
+            )
         for text in args.prompt if args.prompt is not None else ["Where is Italy?"]:
-            print(f"\n  prompt:   {text}\n  got:      "
-                  f"{greedy(model, tokenizer, {'instruction': text, 'output': ''})}")
+            print(f"\n  prompt:   {text}\n  got:      {greedy(model, tokenizer, {'instruction': text, 'output': ''})}")
         print(f"(samples {time.time() - t2:.1f}s)")
         if args.accuracy_n:
             rows = val_rows[: args.accuracy_n]
@@ -246,8 +268,7 @@ def worker(rank: int, args) -> None:
             print(f"held-out exact match: {hits}/{len(rows)}")
         print(f"whole script: {time.time() - T_START:.1f}s")
         ok = final / first <= 0.35 and train_time <= 30
-        print(f"bar (ratio <= 0.35 with margin under 0.5, training <= 30 s): "
-              f"{'PASS' if ok else 'FAIL'}")
+        print(f"bar (ratio <= 0.35 with margin under 0.5, training <= 30 s): {'PASS' if ok else 'FAIL'}")
         if not ok:
             failed.append(rank)
     if args.nproc > 1:

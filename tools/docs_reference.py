@@ -50,8 +50,13 @@ def reference_markdown() -> str:
     from lora_launch.studio.form import form
 
     spec = form()
-    lines = [INTRO, "## Config groups", "",
-             "Each group is a directory of YAML files under `conf/`; the choice sets the keys of its section.", ""]
+    lines = [
+        INTRO,
+        "## Config groups",
+        "",
+        "Each group is a directory of YAML files under `conf/`; the choice sets the keys of its section.",
+        "",
+    ]
     for group in spec["groups"]:
         lines += [f"### `{group['name']}`", "", "| choice | what it is |", "|---|---|"]
         for choice in group["choices"]:
@@ -64,10 +69,17 @@ def reference_markdown() -> str:
     for field in spec["fields"]:
         if field["section"] != section:
             section = field["section"]
-            lines += ["", f"### `{section}`", "", "| key | type | default | range | what it is |",
-                      "|---|---|---|---|---|"]
-        lines.append(f"| `{field['key']}` | {_cell(_type(field))} | {_cell(_default(field))} | "
-                     f"{_cell(field['range'])} | {_cell(field['help'])} |")
+            lines += [
+                "",
+                f"### `{section}`",
+                "",
+                "| key | type | default | range | what it is |",
+                "|---|---|---|---|---|",
+            ]
+        lines.append(
+            f"| `{field['key']}` | {_cell(_type(field))} | {_cell(_default(field))} | "
+            f"{_cell(field['range'])} | {_cell(field['help'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

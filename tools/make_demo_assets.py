@@ -110,31 +110,66 @@ def cap(s: str) -> str:
 # The demo dataset: questions in many phrasings, one answer form per kind of question.
 # --------------------------------------------------------------------------------------
 QUESTIONS = {
-    "continent": ["Where is {c}?", "Where is {c} located?", "Which continent is {c} in?",
-                  "On which continent is {c}?", "In what part of the world is {c}?",
-                  "Tell me the continent of {c}.", "What continent is {c} on?",
-                  "Where in the world is {c}?", "Which continent does {c} belong to?",
-                  "Where can I find {c} on a map?"],
-    "capital": ["What is the capital of {c}?", "What is the capital city of {c}?",
-                "Name the capital of {c}.", "Which city is the capital of {c}?",
-                "Tell me the capital of {c}.", "What city is the capital of {c}?",
-                "Do you know the capital of {c}?", "Capital of {c}?",
-                "What's the capital of {c}?", "Give me the capital of {c}."],
-    "country": ["{k} is the capital of which country?", "Which country has {k} as its capital?",
-                "Of which country is {k} the capital?", "{k} is the capital of what country?",
-                "Which country's capital is {k}?", "Where is {k}?",
-                "In which country is {k}?", "Which country is {k} in?",
-                "{k} is in which country?", "What country is {k} in?"],
-    "language": ["What language do people speak in {c}?", "Which language is spoken in {c}?",
-                 "What do people in {c} speak?", "What is the language of {c}?",
-                 "Which language do they speak in {c}?", "Tell me the language of {c}.",
-                 "What language is spoken in {c}?", "Which language is used in {c}?",
-                 "What language do they speak in {c}?", "In {c}, what language do people speak?"],
-    "about": ["Tell me about {c}.", "What do you know about {c}?", "Describe {c}.",
-              "Give me some facts about {c}.", "What can you tell me about {c}?",
-              "Tell me something about {c}.", "Tell me a few facts about {c}.",
-              "Give me a short description of {c}.", "What should I know about {c}?",
-              "Write a short note about {c}."],
+    "continent": [
+        "Where is {c}?",
+        "Where is {c} located?",
+        "Which continent is {c} in?",
+        "On which continent is {c}?",
+        "In what part of the world is {c}?",
+        "Tell me the continent of {c}.",
+        "What continent is {c} on?",
+        "Where in the world is {c}?",
+        "Which continent does {c} belong to?",
+        "Where can I find {c} on a map?",
+    ],
+    "capital": [
+        "What is the capital of {c}?",
+        "What is the capital city of {c}?",
+        "Name the capital of {c}.",
+        "Which city is the capital of {c}?",
+        "Tell me the capital of {c}.",
+        "What city is the capital of {c}?",
+        "Do you know the capital of {c}?",
+        "Capital of {c}?",
+        "What's the capital of {c}?",
+        "Give me the capital of {c}.",
+    ],
+    "country": [
+        "{k} is the capital of which country?",
+        "Which country has {k} as its capital?",
+        "Of which country is {k} the capital?",
+        "{k} is the capital of what country?",
+        "Which country's capital is {k}?",
+        "Where is {k}?",
+        "In which country is {k}?",
+        "Which country is {k} in?",
+        "{k} is in which country?",
+        "What country is {k} in?",
+    ],
+    "language": [
+        "What language do people speak in {c}?",
+        "Which language is spoken in {c}?",
+        "What do people in {c} speak?",
+        "What is the language of {c}?",
+        "Which language do they speak in {c}?",
+        "Tell me the language of {c}.",
+        "What language is spoken in {c}?",
+        "Which language is used in {c}?",
+        "What language do they speak in {c}?",
+        "In {c}, what language do people speak?",
+    ],
+    "about": [
+        "Tell me about {c}.",
+        "What do you know about {c}?",
+        "Describe {c}.",
+        "Give me some facts about {c}.",
+        "What can you tell me about {c}?",
+        "Tell me something about {c}.",
+        "Tell me a few facts about {c}.",
+        "Give me a short description of {c}.",
+        "What should I know about {c}?",
+        "Write a short note about {c}.",
+    ],
 }
 ANSWERS = {
     "continent": "{C} is in {o}.",
@@ -148,12 +183,13 @@ ANSWERS = {
 def make_demo_dataset(seed: int) -> list[dict]:
     """Every (question phrasing, country) pair once, shuffled."""
     rows = []
-    for c, k, o, l in COUNTRIES:
-        facts = {"c": c, "C": cap(c), "k": k, "o": o, "l": l}
+    for c, k, o, lang in COUNTRIES:
+        facts = {"c": c, "C": cap(c), "k": k, "o": o, "l": lang}
         for kind, phrasings in QUESTIONS.items():
             for q in phrasings:
-                rows.append({"instruction": cap(q.format(**facts)), "input": "",
-                             "output": ANSWERS[kind].format(**facts)})
+                rows.append(
+                    {"instruction": cap(q.format(**facts)), "input": "", "output": ANSWERS[kind].format(**facts)}
+                )
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -162,16 +198,22 @@ def make_demo_dataset(seed: int) -> list[dict]:
 # The pre-training corpus: statements only, several forms of each fact.
 # --------------------------------------------------------------------------------------
 STATEMENTS = {
-    "capital": ["The capital of {c} is {k}.", "{K} is the capital of {c}.",
-                "{C} has {k} as its capital.", "{K} is a big city in {c}."],
-    "continent": ["{C} is a country in {o}.", "{C} is in {o}.", "{C} lies in {o}.",
-                  "In {o} there is {c}."],
-    "language": ["People in {c} speak {l}.", "{L} is spoken in {c}.",
-                 "The language of {c} is {l}.", "Many people in {c} speak {l}."],
+    "capital": [
+        "The capital of {c} is {k}.",
+        "{K} is the capital of {c}.",
+        "{C} has {k} as its capital.",
+        "{K} is a big city in {c}.",
+    ],
+    "continent": ["{C} is a country in {o}.", "{C} is in {o}.", "{C} lies in {o}.", "In {o} there is {c}."],
+    "language": [
+        "People in {c} speak {l}.",
+        "{L} is spoken in {c}.",
+        "The language of {c} is {l}.",
+        "Many people in {c} speak {l}.",
+    ],
 }
 # A paragraph about one country may refer back to it.
-FOLLOW_UPS = {"capital": "Its capital is {k}.", "continent": "It is in {o}.",
-              "language": "People there speak {l}."}
+FOLLOW_UPS = {"capital": "Its capital is {k}.", "continent": "It is in {o}.", "language": "People there speak {l}."}
 
 
 def statement(rng: random.Random, kind: str, facts: dict) -> str:
@@ -181,12 +223,14 @@ def statement(rng: random.Random, kind: str, facts: dict) -> str:
 def pretrain_document(rng: random.Random) -> str:
     r = rng.random()
     if r < 0.4:  # a paragraph about one country
-        c, k, o, l = rng.choice(COUNTRIES)
-        facts = {"c": c, "C": cap(c), "k": k, "K": cap(k), "o": o, "l": l, "L": l}
+        c, k, o, lang = rng.choice(COUNTRIES)
+        facts = {"c": c, "C": cap(c), "k": k, "K": cap(k), "o": o, "l": lang, "L": lang}
         kinds = rng.sample(list(STATEMENTS), rng.randint(1, 3))
         out = [statement(rng, kinds[0], facts)]
-        out += [FOLLOW_UPS[kind].format(**facts) if rng.random() < 0.5
-                else statement(rng, kind, facts) for kind in kinds[1:]]
+        out += [
+            FOLLOW_UPS[kind].format(**facts) if rng.random() < 0.5 else statement(rng, kind, facts)
+            for kind in kinds[1:]
+        ]
         return " ".join(out)
     if r < 0.5:  # countries of one continent
         o = rng.choice(sorted({row[2] for row in COUNTRIES}))
@@ -195,8 +239,8 @@ def pretrain_document(rng: random.Random) -> str:
         return f"{cap(', '.join(some[:-1]))} and {some[-1]} are countries in {o}."
     out = []  # unrelated statements about several countries
     for _ in range(rng.randint(2, 5)):
-        c, k, o, l = rng.choice(COUNTRIES)
-        facts = {"c": c, "C": cap(c), "k": k, "K": cap(k), "o": o, "l": l, "L": l}
+        c, k, o, lang = rng.choice(COUNTRIES)
+        facts = {"c": c, "C": cap(c), "k": k, "K": cap(k), "o": o, "l": lang, "L": lang}
         out.append(statement(rng, rng.choice(list(STATEMENTS)), facts))
     return " ".join(out)
 
@@ -207,74 +251,176 @@ def pretrain_document(rng: random.Random) -> str:
 # --------------------------------------------------------------------------------------
 EVERYDAY = {
     "cooking": (
-        {"food": ["rice", "pasta", "soup", "bread", "eggs", "potatoes", "vegetables", "fish",
-                  "chicken", "beans", "a cake", "pancakes", "a salad", "tea", "coffee"],
-         "add": ["salt", "pepper", "butter", "garlic", "onions", "olive oil", "sugar", "herbs",
-                 "lemon juice", "cheese", "milk", "flour"],
-         "tool": ["pot", "pan", "oven", "bowl", "knife", "spoon", "kettle"],
-         "verb": ["boil", "bake", "fry", "roast", "steam", "stir", "chop", "cook"],
-         "time": ["five minutes", "ten minutes", "twenty minutes", "half an hour", "an hour"]},
-        ["To cook {food}, heat it in a {tool} for {time}.",
-         "You can {verb} {food} with a little {add}.",
-         "Add some {add} to the {food} before you serve it.",
-         "Taste the {food} and add {add} if you like.",
-         "A good {tool} makes it easy to {verb} {food}.",
-         "Keep {food} in the fridge and eat it soon.",
-         "Let the {food} cool for {time} before you eat it.", "Wash your hands before you cook.",
-         "Many people like {food} with {add}.", "Heat the oven before you bake."]),
+        {
+            "food": [
+                "rice",
+                "pasta",
+                "soup",
+                "bread",
+                "eggs",
+                "potatoes",
+                "vegetables",
+                "fish",
+                "chicken",
+                "beans",
+                "a cake",
+                "pancakes",
+                "a salad",
+                "tea",
+                "coffee",
+            ],
+            "add": [
+                "salt",
+                "pepper",
+                "butter",
+                "garlic",
+                "onions",
+                "olive oil",
+                "sugar",
+                "herbs",
+                "lemon juice",
+                "cheese",
+                "milk",
+                "flour",
+            ],
+            "tool": ["pot", "pan", "oven", "bowl", "knife", "spoon", "kettle"],
+            "verb": ["boil", "bake", "fry", "roast", "steam", "stir", "chop", "cook"],
+            "time": ["five minutes", "ten minutes", "twenty minutes", "half an hour", "an hour"],
+        },
+        [
+            "To cook {food}, heat it in a {tool} for {time}.",
+            "You can {verb} {food} with a little {add}.",
+            "Add some {add} to the {food} before you serve it.",
+            "Taste the {food} and add {add} if you like.",
+            "A good {tool} makes it easy to {verb} {food}.",
+            "Keep {food} in the fridge and eat it soon.",
+            "Let the {food} cool for {time} before you eat it.",
+            "Wash your hands before you cook.",
+            "Many people like {food} with {add}.",
+            "Heat the oven before you bake.",
+        ],
+    ),
     "pets": (
-        {"pet": ["dog", "cat", "puppy", "kitten", "rabbit", "hamster", "parrot", "goldfish"],
-         "need": ["fresh water", "a warm bed", "good food", "a clean home", "a daily walk",
-                  "toys to play with", "a visit to the vet", "love and care"],
-         "do": ["sleeps a lot", "likes to play", "needs exercise", "loves treats",
-                "learns new tricks", "follows its owner"]},
-        ["A {pet} needs {need}.", "Every {pet} {do}.", "Give your {pet} {need} every day.",
-         "My {pet} {do}.", "A happy {pet} has {need}.", "Take your {pet} to the vet once a year.",
-         "Feed your {pet} at the same time each day.", "A young {pet} {do}."]),
+        {
+            "pet": ["dog", "cat", "puppy", "kitten", "rabbit", "hamster", "parrot", "goldfish"],
+            "need": [
+                "fresh water",
+                "a warm bed",
+                "good food",
+                "a clean home",
+                "a daily walk",
+                "toys to play with",
+                "a visit to the vet",
+                "love and care",
+            ],
+            "do": [
+                "sleeps a lot",
+                "likes to play",
+                "needs exercise",
+                "loves treats",
+                "learns new tricks",
+                "follows its owner",
+            ],
+        },
+        [
+            "A {pet} needs {need}.",
+            "Every {pet} {do}.",
+            "Give your {pet} {need} every day.",
+            "My {pet} {do}.",
+            "A happy {pet} has {need}.",
+            "Take your {pet} to the vet once a year.",
+            "Feed your {pet} at the same time each day.",
+            "A young {pet} {do}.",
+        ],
+    ),
     "weather": (
-        {"kind": ["sunny", "rainy", "cloudy", "windy", "cold", "warm", "hot", "snowy"],
-         "season": ["spring", "summer", "autumn", "winter"],
-         "wear": ["a coat", "a hat", "boots", "a warm jumper", "sunglasses", "a raincoat"]},
-        ["In {season} the weather is often {kind}.", "On a {kind} day, wear {wear}.",
-         "Take an umbrella when it is rainy.", "Today it is {kind} and tomorrow it will be {kind}.",
-         "Many people enjoy {kind} days in {season}.", "Drink water when it is hot outside."]),
+        {
+            "kind": ["sunny", "rainy", "cloudy", "windy", "cold", "warm", "hot", "snowy"],
+            "season": ["spring", "summer", "autumn", "winter"],
+            "wear": ["a coat", "a hat", "boots", "a warm jumper", "sunglasses", "a raincoat"],
+        },
+        [
+            "In {season} the weather is often {kind}.",
+            "On a {kind} day, wear {wear}.",
+            "Take an umbrella when it is rainy.",
+            "Today it is {kind} and tomorrow it will be {kind}.",
+            "Many people enjoy {kind} days in {season}.",
+            "Drink water when it is hot outside.",
+        ],
+    ),
     "home": (
-        {"room": ["kitchen", "bedroom", "bathroom", "living room", "garden"],
-         "chore": ["clean the floor", "wash the dishes", "open the windows", "water the plants",
-                   "make the bed", "take out the rubbish", "do the laundry"],
-         "day": ["every morning", "every evening", "once a week", "on Sunday", "after dinner"]},
-        ["We {chore} {day}.", "The {room} is clean and bright.", "It is good to {chore} {day}.",
-         "Plants in the {room} need light and water.", "Keep the {room} tidy and warm.",
-         "A small garden can grow tomatoes, herbs and flowers."]),
+        {
+            "room": ["kitchen", "bedroom", "bathroom", "living room", "garden"],
+            "chore": [
+                "clean the floor",
+                "wash the dishes",
+                "open the windows",
+                "water the plants",
+                "make the bed",
+                "take out the rubbish",
+                "do the laundry",
+            ],
+            "day": ["every morning", "every evening", "once a week", "on Sunday", "after dinner"],
+        },
+        [
+            "We {chore} {day}.",
+            "The {room} is clean and bright.",
+            "It is good to {chore} {day}.",
+            "Plants in the {room} need light and water.",
+            "Keep the {room} tidy and warm.",
+            "A small garden can grow tomatoes, herbs and flowers.",
+        ],
+    ),
     "health": (
-        {"habit": ["sleep eight hours", "drink enough water", "eat fruit and vegetables",
-                   "walk every day", "rest when you are tired", "wash your hands"],
-         "why": ["stay healthy", "feel better", "have more energy", "stay strong"]},
-        ["It is good to {habit}.", "People who {habit} {why}.", "Try to {habit} to {why}.",
-         "A doctor can help when you feel ill.", "Exercise helps you {why}."]),
+        {
+            "habit": [
+                "sleep eight hours",
+                "drink enough water",
+                "eat fruit and vegetables",
+                "walk every day",
+                "rest when you are tired",
+                "wash your hands",
+            ],
+            "why": ["stay healthy", "feel better", "have more energy", "stay strong"],
+        },
+        [
+            "It is good to {habit}.",
+            "People who {habit} {why}.",
+            "Try to {habit} to {why}.",
+            "A doctor can help when you feel ill.",
+            "Exercise helps you {why}.",
+        ],
+    ),
     "travel": (
-        {"way": ["by train", "by bus", "by car", "by plane", "on foot", "by bike"],
-         "thing": ["a ticket", "a map", "your passport", "some water", "a small bag"],
-         "place": ["the city", "the sea", "the mountains", "the village", "the station"]},
-        ["You can travel to {place} {way}.", "Before a trip, pack {thing}.",
-         "Bring {thing} when you go to {place}.", "Going {way} to {place} takes about an hour.",
-         "Many people visit {place} in summer."]),
+        {
+            "way": ["by train", "by bus", "by car", "by plane", "on foot", "by bike"],
+            "thing": ["a ticket", "a map", "your passport", "some water", "a small bag"],
+            "place": ["the city", "the sea", "the mountains", "the village", "the station"],
+        },
+        [
+            "You can travel to {place} {way}.",
+            "Before a trip, pack {thing}.",
+            "Bring {thing} when you go to {place}.",
+            "Going {way} to {place} takes about an hour.",
+            "Many people visit {place} in summer.",
+        ],
+    ),
 }
 
 
 def everyday_document(rng: random.Random) -> str:
     """A few statements on one everyday topic."""
     slots, templates = EVERYDAY[rng.choice(sorted(EVERYDAY))]
-    picks = [rng.choice(templates).format(**{k: rng.choice(v) for k, v in slots.items()})
-             for _ in range(rng.randint(2, 4))]
+    picks = [
+        rng.choice(templates).format(**{k: rng.choice(v) for k, v in slots.items()}) for _ in range(rng.randint(2, 4))
+    ]
     return " ".join(cap(s) for s in picks)
 
 
 def make_pretrain_corpus(n: int, seed: int, everyday: float) -> list[str]:
     """`n` documents; a share `everyday` of them on everyday topics, the rest on the countries."""
     rng = random.Random(seed)
-    return [everyday_document(rng) if rng.random() < everyday else pretrain_document(rng)
-            for _ in range(n)]
+    return [everyday_document(rng) if rng.random() < everyday else pretrain_document(rng) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------
@@ -315,22 +461,34 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     # No subword prefix: the trainer then breaks ties between merges by token id, which
     # is fixed by the sorted byte alphabet, so the vocabulary is the same on every run.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
-                                  special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     # The chat markers are single (non-special) tokens, so they survive decoding.
     tok.add_tokens(["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
     # Like Llama: encode() prepends <s> (add_special_tokens=False leaves it out).
     bos_id = tok.token_to_id(SPECIAL["bos"])
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL['bos']} $A", pair=f"{SPECIAL['bos']} $A {SPECIAL['bos']} $B",
-        special_tokens=[(SPECIAL["bos"], bos_id)])
+        single=f"{SPECIAL['bos']} $A",
+        pair=f"{SPECIAL['bos']} $A {SPECIAL['bos']} $B",
+        special_tokens=[(SPECIAL["bos"], bos_id)],
+    )
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
-        unk_token=SPECIAL["unk"], pad_token=SPECIAL["pad"], model_max_length=512,
-        padding_side="right", clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        unk_token=SPECIAL["unk"],
+        pad_token=SPECIAL["pad"],
+        model_max_length=512,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -378,12 +536,10 @@ def pretrain(model, tokenizer, corpus: list[str], args) -> None:
     import torch
 
     rows = pack(tokenizer, corpus, args.block)
-    print(f"pre-training corpus: {len(corpus)} documents, {rows.numel()} tokens, "
-          f"{len(rows)} rows of {args.block}")
+    print(f"pre-training corpus: {len(corpus)} documents, {rows.numel()} tokens, {len(rows)} rows of {args.block}")
 
     gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < args.warmup:
@@ -397,7 +553,7 @@ def pretrain(model, tokenizer, corpus: list[str], args) -> None:
     for step in range(args.steps):
         if pos + args.batch > len(order):
             order, pos = torch.randperm(len(rows), generator=gen), 0
-        batch = rows[order[pos: pos + args.batch]]
+        batch = rows[order[pos : pos + args.batch]]
         pos += args.batch
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -407,8 +563,7 @@ def pretrain(model, tokenizer, corpus: list[str], args) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  "
-                  f"{time.time() - t0:6.1f}s", flush=True)
+            print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - t0:6.1f}s", flush=True)
     model.eval()
 
 
@@ -416,20 +571,27 @@ def fact_accuracy(model, tokenizer) -> dict:
     """Greedy completion of 'The capital of X is', 'X is in', 'People in X speak'."""
     import torch
 
-    probes = {"capital": ("The capital of {c} is", "{k}."), "continent": ("{C} is in", "{o}."),
-              "language": ("People in {c} speak", "{l}.")}
+    probes = {
+        "capital": ("The capital of {c} is", "{k}."),
+        "continent": ("{C} is in", "{o}."),
+        "language": ("People in {c} speak", "{l}."),
+    }
     scores = {}
     for kind, (prompt, want) in probes.items():
         hits = 0
-        for c, k, o, l in COUNTRIES:
-            facts = {"c": c, "C": cap(c), "k": k, "o": o, "l": l}
+        for c, k, o, lang in COUNTRIES:
+            facts = {"c": c, "C": cap(c), "k": k, "o": o, "l": lang}
             ids = tokenizer(" " + prompt.format(**facts), return_tensors="pt")["input_ids"]
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     max_new_tokens=6, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
-            got = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=6,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            got = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
             hits += got.startswith(want.format(**facts))
         scores[kind] = hits / len(COUNTRIES)
     return scores
@@ -473,8 +635,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ASSETS, help="assets directory")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--corpus-size", type=int, default=30000, help="pre-training paragraphs")
-    p.add_argument("--everyday", type=float, default=0.3,
-                   help="share of pre-training paragraphs on everyday topics")
+    p.add_argument("--everyday", type=float, default=0.3, help="share of pre-training paragraphs on everyday topics")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=384)
@@ -497,8 +658,7 @@ def main() -> None:
     demo = make_demo_dataset(args.seed)
     corpus = make_pretrain_corpus(args.corpus_size, args.seed + 1, args.everyday)
     # The tokenizer sees the demo text too, so the question words are whole tokens.
-    tokenizer = build_tokenizer(corpus + [f" {d['instruction']} {d['output']}" for d in demo],
-                                args.vocab_size)
+    tokenizer = build_tokenizer(corpus + [f" {d['instruction']} {d['output']}" for d in demo], args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens")
 
     model = build_model(tokenizer, args)
@@ -520,19 +680,31 @@ def main() -> None:
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
-    (model_dir / "README.md").write_text(README.format(
-        params=n_params, size_mb=size_mb, n_countries=len(COUNTRIES), hidden=args.hidden,
-        layers=args.layers, heads=args.heads, intermediate=args.intermediate,
-        vocab=len(tokenizer), steps=args.steps, batch=args.batch, block=args.block,
-        corpus=len(corpus), everyday=args.everyday, scores=scores_text))
+    (model_dir / "README.md").write_text(
+        README.format(
+            params=n_params,
+            size_mb=size_mb,
+            n_countries=len(COUNTRIES),
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            intermediate=args.intermediate,
+            vocab=len(tokenizer),
+            steps=args.steps,
+            batch=args.batch,
+            block=args.block,
+            corpus=len(corpus),
+            everyday=args.everyday,
+            scores=scores_text,
+        )
+    )
 
     # What the training loop does: load both back, offline.
     tok2 = AutoTokenizer.from_pretrained(model_dir)
     model2 = AutoModelForCausalLM.from_pretrained(model_dir)
     assert tok2.is_fast and tok2.pad_token == SPECIAL["pad"] and tok2.chat_template
     assert sum(p.numel() for p in model2.parameters()) == n_params
-    print(f"wrote {demo_dir / 'train.jsonl'} ({len(demo)} examples) and {model_dir} "
-          f"({size_mb:.1f} MB safetensors)")
+    print(f"wrote {demo_dir / 'train.jsonl'} ({len(demo)} examples) and {model_dir} ({size_mb:.1f} MB safetensors)")
 
 
 if __name__ == "__main__":

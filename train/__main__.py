@@ -13,12 +13,17 @@ from pathlib import Path
 from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.conf.schema import ConfigError, load
 from lora_launch.run import lock
-from lora_launch.run.process import (ATTEMPT_ENV, NODE_RANK_ENV, SUPERVISOR_ENV, die_with_parent,
-                                     end_at_once_on_stop_signals, guard_output)
 from lora_launch.run.plan import shape_from_env
+from lora_launch.run.process import (
+    ATTEMPT_ENV,
+    NODE_RANK_ENV,
+    SUPERVISOR_ENV,
+    die_with_parent,
+    end_at_once_on_stop_signals,
+    guard_output,
+)
 from lora_launch.run.quiet import quiet_third_party
-from lora_launch.run.rundir import (fault_message, finished_step, read_status, write_attempt_record,
-                                    write_status)
+from lora_launch.run.rundir import fault_message, finished_step, read_status, write_attempt_record, write_status
 from lora_launch.run.teardown import skip_final_collections
 
 _held: list = []  # the locks this process holds for its whole life
@@ -59,8 +64,10 @@ def _take_launch_lock(run_dir: Path) -> None:
     ranks = lock.ranks_lock_path(run_dir, node_rank, machines)
     foreign = [pid for pid in lock.lock_holders(ranks) if not _sibling(pid)]
     if foreign:
-        raise ConfigError(f"run.dir {run_dir} is in use: training processes of an earlier launch are still running "
-                          f"(pids {', '.join(map(str, foreign))}, lock {ranks}); wait for them to checkpoint and end")
+        raise ConfigError(
+            f"run.dir {run_dir} is in use: training processes of an earlier launch are still running "
+            f"(pids {', '.join(map(str, foreign))}, lock {ranks}); wait for them to checkpoint and end"
+        )
 
 
 def _sibling(pid: int) -> bool:
@@ -140,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         done = finished_step(run_dir, cfg.resume.mode)
         if done is not None:
             if _env_int("RANK") == 0:
-                print(f"{run_dir}: this run already finished at step {done}; nothing to do "
-                      "(resume.mode=never starts it over)", flush=True)
+                print(
+                    f"{run_dir}: this run already finished at step {done}; nothing to do "
+                    "(resume.mode=never starts it over)",
+                    flush=True,
+                )
             return 0
         if args.config:
             _take_launch_lock(run_dir)
@@ -202,8 +212,12 @@ def _record_failure(run_dir: Path, trainer, e: Exception) -> None:
     lines = str(e).strip().splitlines()
     error = f"{type(e).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")[:300]
     try:
-        write_attempt_record(run_dir, int(attempt), f"rank{_env_int('RANK')}",
-                             {"rank": _env_int("RANK"), "step": trainer.step if trainer else None, "error": error})
+        write_attempt_record(
+            run_dir,
+            int(attempt),
+            f"rank{_env_int('RANK')}",
+            {"rank": _env_int("RANK"), "step": trainer.step if trainer else None, "error": error},
+        )
     except OSError:  # the run dir is what failed: the launcher falls back to metrics.jsonl
         pass
 

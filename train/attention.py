@@ -36,19 +36,32 @@ def register() -> None:
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+def varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+):
     """transformers' attention interface: query (1, heads, tokens, dim) of a flattened packed batch when
     cu_seq_lens_q is given, else any batch sdpa takes. Returns (batch, tokens, heads, dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[0] != 1 or dropout or kwargs.get("softcap") is not None:
-        raise ValueError(f"{VARLEN}: packed rows are one flattened row of attention without dropout or softcap "
-                         f"(got a batch of {query.shape[0]}, dropout {dropout}, softcap {kwargs.get('softcap')}); "
-                         "use model.attn_implementation=eager for this model")
+        raise ValueError(
+            f"{VARLEN}: packed rows are one flattened row of attention without dropout or softcap "
+            f"(got a batch of {query.shape[0]}, dropout {dropout}, softcap {kwargs.get('softcap')}); "
+            "use model.attn_implementation=eager for this model"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     window = kwargs.get("sliding_window")
     if q.is_cuda and _KERNEL is not None and window is None:
@@ -98,6 +111,7 @@ def _masked(q, k, v, cu: torch.Tensor, scaling: float | None, window: int | None
     if window is not None:
         allowed &= torch.ones_like(allowed).triu(1 - window)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, tokens, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
-                                                           enable_gqa=k.shape[0] != q.shape[0])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=k.shape[0] != q.shape[0]
+    )
     return out.transpose(0, 1)

@@ -54,8 +54,8 @@ from lora_launch.run.process import run_to_end
 from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
 from lora_launch.train.zero import full_shape, trainable
 
-
 # ---- files --------------------------------------------------------------------------------------
+
 
 def _save_tensors(path: Path, tensors: dict) -> None:
     """safetensors file, fsynced. A write error (a full disk) is an OSError naming the file: safetensors'
@@ -83,17 +83,32 @@ def _load_tensors(path: Path) -> dict:
 
 # ---- what identifies a run: config, data, tokenizer, model ----------------------------------------
 
+
 def fingerprints(splits, tokenizer, model) -> dict:
     """Hashes of the tokenised dataset and tokenizer, and the base model's and adapters' shapes."""
     from lora_launch.data.samples import dataset_fingerprint
 
     vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
     base = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    arch = {k: getattr(base, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    arch = {
+        k: getattr(base, k, None)
+        for k in (
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
     lora = {name: list(full_shape(p)) for name, p in trainable(model)}
-    return {"data": dataset_fingerprint(splits), "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
-            "model": arch, "lora_shapes": lora}
+    return {
+        "data": dataset_fingerprint(splits),
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "model": arch,
+        "lora_shapes": lora,
+    }
 
 
 def _versions() -> dict:
@@ -137,8 +152,13 @@ PROGRESS = ("step", "position", "tokens_seen", "epoch")
 
 def _shared_files(states: dict, world: int) -> tuple[dict, dict]:
     """trainable.safetensors and state.json, from the state dicts every rank holds alike."""
-    state = {**states["progress"], "world_size": world, "optimizer": states["trainable"]["optimizer"],
-             "scheduler": states["scheduler"], "scaler": states.get("scaler")}
+    state = {
+        **states["progress"],
+        "world_size": world,
+        "optimizer": states["trainable"]["optimizer"],
+        "scheduler": states["scheduler"],
+        "scaler": states.get("scaler"),
+    }
     return states["trainable"]["tensors"], state
 
 
@@ -146,7 +166,7 @@ def _adapter_tensors(peft_model, tensors: dict) -> dict:
     """The saved LoRA weights named as PEFT names them in adapter_model.safetensors."""
     from peft import get_peft_model_state_dict
 
-    params = {name[len("param/"):]: t for name, t in tensors.items() if name.startswith("param/")}
+    params = {name[len("param/") :]: t for name, t in tensors.items() if name.startswith("param/")}
     adapter = get_peft_model_state_dict(peft_model, state_dict=params)
     return {k: v.contiguous() for k, v in adapter.items()}
 
@@ -155,16 +175,21 @@ def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
     """The state dicts checkpoint `path` holds for `rank`, and its state.json."""
     state = json.loads((path / "state.json").read_text())
     r = rank % state["world_size"]  # a rank the saved run did not have takes a saved rank's RNG
-    rng = {"tensors": _load_tensors(path / f"rng-rank{r}.safetensors"),
-           **json.loads((path / f"rng-rank{r}.json").read_text())}
-    states = {"trainable": {"tensors": _load_tensors(path / "trainable.safetensors"), "optimizer": state["optimizer"]},
-              "scheduler": state["scheduler"], "scaler": state.get("scaler"), "rng": rng,
-              "progress": {k: state[k] for k in PROGRESS}}
+    rng = {
+        "tensors": _load_tensors(path / f"rng-rank{r}.safetensors"),
+        **json.loads((path / f"rng-rank{r}.json").read_text()),
+    }
+    states = {
+        "trainable": {"tensors": _load_tensors(path / "trainable.safetensors"), "optimizer": state["optimizer"]},
+        "scheduler": state["scheduler"],
+        "scaler": state.get("scaler"),
+        "rng": rng,
+        "progress": {k: state[k] for k in PROGRESS},
+    }
     return states, state
 
 
-def _write_rank_files(staging: Path, states: dict, rank: int, world: int, adapter: dict | None,
-                      adapter_config) -> dict:
+def _write_rank_files(staging: Path, states: dict, rank: int, world: int, adapter: dict | None, adapter_config) -> dict:
     """This rank's files of one checkpoint (rank 0 also the shared ones and the adapter); returns
     {file: sha256} of what it wrote. Reads only the CPU copies in `states`: safe in a thread while training goes on."""
     written = []
@@ -219,14 +244,14 @@ class _Pending:
 
 # ---- the checkpointer ----------------------------------------------------------------------------
 
+
 class Checkpointer:
     """Saves the states of one run directory and loads them back; every rank holds one and calls it together.
 
     `states` maps the names in STATES (and "scaler") to Stateful parts; loading puts them back in that order.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator, states: dict, fingerprints: dict,
-                 adapter_of=None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator, states: dict, fingerprints: dict, adapter_of=None):
         if set(STATES) - set(states) or set(states) - {*STATES, "scaler"}:
             raise ValueError(f"a checkpoint holds the states {STATES} (and scaler), not {sorted(states)}")
         self.cfg = cfg
@@ -254,9 +279,16 @@ class Checkpointer:
 
     def manifest(self, step: int) -> dict:
         """What identifies this run: resolved config, versions, git commit, fingerprints."""
-        return {"format": FORMAT, "step": step, "world_size": self.world, "time": time.time(),
-                "config": plain(self.cfg),
-                "versions": _versions(), "git_commit": _git_commit(), "fingerprints": self.fingerprints}
+        return {
+            "format": FORMAT,
+            "step": step,
+            "world_size": self.world,
+            "time": time.time(),
+            "config": plain(self.cfg),
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "fingerprints": self.fingerprints,
+        }
 
     # ---- save ----
 
@@ -308,8 +340,9 @@ class Checkpointer:
         except OSError:  # a full disk: give back what this save took; the committed checkpoints are untouched
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return self._finish_commit(staging, step, hashes, paused=time.perf_counter() - t0, background=False,
-                                   write_seconds=0.0)
+        return self._finish_commit(
+            staging, step, hashes, paused=time.perf_counter() - t0, background=False, write_seconds=0.0
+        )
 
     def _all_done(self) -> bool:
         """Whether every rank's thread has finished writing the pending save (a collective while one is pending)."""
@@ -334,21 +367,31 @@ class Checkpointer:
         if pending.error is not None:
             shutil.rmtree(pending.staging, ignore_errors=True)
             raise pending.error
-        return self._finish_commit(pending.staging, pending.step, pending.hashes,
-                                   paused=pending.paused + time.perf_counter() - t0, background=True,
-                                   write_seconds=pending.seconds)
+        return self._finish_commit(
+            pending.staging,
+            pending.step,
+            pending.hashes,
+            paused=pending.paused + time.perf_counter() - t0,
+            background=True,
+            write_seconds=pending.seconds,
+        )
 
-    def _finish_commit(self, staging: Path, step: int, hashes: dict, paused: float, background: bool,
-                       write_seconds: float) -> Path:
+    def _finish_commit(
+        self, staging: Path, step: int, hashes: dict, paused: float, background: bool, write_seconds: float
+    ) -> Path:
         """Barrier, rank 0 commits, barrier; records what the save cost."""
         t0 = time.perf_counter()
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self._commit(staging, step, hashes) if self.main else self.dir / f"step-{step}"
         acc.wait_for_everyone()
-        self.last_save = {"step": step, "seconds": paused + time.perf_counter() - t0, "background": background,
-                          "write_seconds": write_seconds,
-                          "bytes": sum(f.stat().st_size for f in final.iterdir()) if self.main else 0}
+        self.last_save = {
+            "step": step,
+            "seconds": paused + time.perf_counter() - t0,
+            "background": background,
+            "write_seconds": write_seconds,
+            "bytes": sum(f.stat().st_size for f in final.iterdir()) if self.main else 0,
+        }
         self.commits.append(self.last_save)
         return final
 
@@ -365,11 +408,15 @@ class Checkpointer:
         expected = set(loaded_files(self.world))
         present = {f.name for f in staging.iterdir()}
         if expected - present:
-            raise CheckpointError(f"{staging}: ranks did not write {sorted(expected - present)}; "
-                                  "run.dir must be on a filesystem every node shares")
+            raise CheckpointError(
+                f"{staging}: ranks did not write {sorted(expected - present)}; "
+                "run.dir must be on a filesystem every node shares"
+            )
         manifest = self.manifest(step)
-        manifest["files"] = {name: {"sha256": hashes.get(name) or sha256_file(staging / name),
-                                    "bytes": (staging / name).stat().st_size} for name in sorted(present)}
+        manifest["files"] = {
+            name: {"sha256": hashes.get(name) or sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+            for name in sorted(present)
+        }
         write_json(staging / "manifest.json", manifest, fsync=True)
         fsync_path(staging)
 
@@ -390,7 +437,7 @@ class Checkpointer:
         """
         done = self.committed()
         later = [p for s, p in done if s > step]
-        older = [p for s, p in done if s <= step][:-self.keep_last]
+        older = [p for s, p in done if s <= step][: -self.keep_last]
         for path in later + older:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.dir.glob(".staging-step-*"):
@@ -398,8 +445,7 @@ class Checkpointer:
         for path in self.dir.glob(".trash-step-*"):
             shutil.rmtree(path, ignore_errors=True)
         if later:
-            self._say(f"removed checkpoints after step {step} of an abandoned continuation: "
-                      f"{[p.name for p in later]}")
+            self._say(f"removed checkpoints after step {step} of an abandoned continuation: {[p.name for p in later]}")
 
     # ---- load ----
 
@@ -448,9 +494,10 @@ class Checkpointer:
             if saved[name] is not None:  # a checkpoint without a loss scaler leaves this run's as it is
                 part.load_state_dict(saved[name])
         if state["world_size"] != self.world:
-            self._say(f"world size changed: checkpoint written with world size {state['world_size']}, resuming "
-                      f"with {self.world}; the data continues at global sample {state['position']}, "
-                      "losses will not match a run at the old size bit for bit")
-        self._say(f"resumed from {path} (step {state['step']}, epoch {state['epoch']}, "
-                  f"sample {state['position']})")
+            self._say(
+                f"world size changed: checkpoint written with world size {state['world_size']}, resuming "
+                f"with {self.world}; the data continues at global sample {state['position']}, "
+                "losses will not match a run at the old size bit for bit"
+            )
+        self._say(f"resumed from {path} (step {state['step']}, epoch {state['epoch']}, sample {state['position']})")
         return state["step"]

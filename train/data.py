@@ -20,6 +20,7 @@ __all__ = ["SampleStream", "train_stream", "micro_batch_positions", "collate", "
 
 # ---- the resumable stream -------------------------------------------------------------------------
 
+
 class SampleStream:
     """Maps a global sample index to a training-set index: epoch-wise permutations by seed.
 
@@ -37,8 +38,8 @@ class SampleStream:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
         if self.lengths is not None and self.group_size > 1:
             for lo in range(0, self.size, self.group_size):
-                chunk = perm[lo: lo + self.group_size]
-                perm[lo: lo + self.group_size] = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                chunk = perm[lo : lo + self.group_size]
+                perm[lo : lo + self.group_size] = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
         return perm
 
     def index(self, position: int) -> int:
@@ -118,15 +119,27 @@ def model_inputs(batch: dict, attention: str = "sdpa", dtype: torch.dtype = torc
     """
     if "cu_seq_lens" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, flash_attention_mask,
-                                            flex_attention_mask, sdpa_mask)
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        eager_mask,
+        flash_attention_mask,
+        flex_attention_mask,
+        sdpa_mask,
+    )
 
     ids, positions = batch["input_ids"], batch["position_ids"]
     kind = ALL_MASK_ATTENTION_FUNCTIONS.get(attention)
     if kind is flash_attention_mask or attention == SDPA_VARLEN:
         cu, longest = batch["cu_seq_lens"], batch["max_length"]
-        flat = {"input_ids": ids.view(1, -1), "position_ids": positions.view(1, -1), "cu_seq_lens_q": cu,
-                "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest, "use_cache": False}
+        flat = {
+            "input_ids": ids.view(1, -1),
+            "position_ids": positions.view(1, -1),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+            "use_cache": False,
+        }
         if attention == SDPA_VARLEN:  # an all-ones mask: sdpa's mask function then builds none (nor infers one)
             flat["attention_mask"] = torch.ones_like(flat["input_ids"])
         return flat
@@ -137,7 +150,8 @@ def model_inputs(batch: dict, attention: str = "sdpa", dtype: torch.dtype = torc
     elif kind is eager_mask:
         allowed = same_sample_causal_mask(*boundaries)
         inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
     elif kind is flex_attention_mask:
         inputs["attention_mask"] = same_sample_block_mask(*boundaries)
     return inputs

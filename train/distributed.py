@@ -45,8 +45,10 @@ def make_accelerator(cfg: DictConfig, plan: RunPlan):
         kwargs["cpu"] = True
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
     if accelerator.num_processes != world:
-        raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but {world} were launched; "
-                           "refusing to train with every rank thinking it is alone")
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} processes but {world} were launched; "
+            "refusing to train with every rank thinking it is alone"
+        )
     return accelerator
 
 

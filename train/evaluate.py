@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from lora_launch.train import fast
 from lora_launch.data.samples import IGNORE
+from lora_launch.train import fast
 from lora_launch.train.data import collate, model_inputs
 
 
@@ -42,8 +42,17 @@ def token_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum) -> tuple[torch
 
 
 @torch.no_grad()
-def loss_sum(model, samples, micro: int, pad_id: int, device, rank: int = 0, world: int = 1,
-             max_batches: int = -1, ce=fast.cross_entropy_sum) -> tuple[float, int]:
+def loss_sum(
+    model,
+    samples,
+    micro: int,
+    pad_id: int,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    max_batches: int = -1,
+    ce=fast.cross_entropy_sum,
+) -> tuple[float, int]:
     """This rank's share of the summed token loss over `samples`, and its target-token count.
 
     Round b gives rank r the samples [b*micro*world + r*micro, +micro); every rank runs the same
@@ -57,9 +66,11 @@ def loss_sum(model, samples, micro: int, pad_id: int, device, rank: int = 0, wor
     total, count = 0.0, 0
     for b in range(rounds):
         lo = b * per_round + rank * micro
-        mine = samples[lo: lo + micro]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                 for k, v in collate(mine or samples[:1], pad_id).items()}
+        mine = samples[lo : lo + micro]
+        batch = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in collate(mine or samples[:1], pad_id).items()
+        }
         loss, n = token_loss_sum(model, batch, ce)
         if mine:
             total, count = total + loss.item(), count + n
@@ -75,8 +86,18 @@ def prompt_ids(tok, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False, temperature: float = 0.7,
-             top_p: float = 0.9, seed: int = 0, synced_gpus: bool = False, device=None) -> str:
+def complete(
+    model,
+    tok,
+    prompt: str,
+    max_new_tokens: int,
+    sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    synced_gpus: bool = False,
+    device=None,
+) -> str:
     """The model's continuation of `prompt`: greedy, or sampled with temperature / top-p.
 
     synced_gpus: every rank runs the same number of steps (ZeRO-3 and FSDP2 shard the weights).
@@ -88,7 +109,12 @@ def complete(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
     if sample:
         torch.manual_seed(seed)
         kwargs.update(temperature=temperature, top_p=top_p)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         synced_gpus=synced_gpus, **kwargs)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        synced_gpus=synced_gpus,
+        **kwargs,
+    )
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from lora_launch.conf.schema import ConfigError
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
-from lora_launch.strategies.fsdp2 import config as fsdp2_config, layers_per_group
+from lora_launch.strategies.fsdp2 import config as fsdp2_config
+from lora_launch.strategies.fsdp2 import layers_per_group
 from lora_launch.train.model import decoder_layer_classes
 from lora_launch.train.zero import TorchAdapter, trainable
 
@@ -29,8 +30,10 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     classes = tuple(decoder_layer_classes(model))
     layers = [m for m in model.modules() if isinstance(m, classes)] if classes else []
     if not layers:
-        raise ConfigError(f"distributed=fsdp2: {type(model).__name__} names no decoder layer class "
-                          "(_no_split_modules) to shard by; use distributed=ddp or zero3")
+        raise ConfigError(
+            f"distributed=fsdp2: {type(model).__name__} names no decoder layer class "
+            "(_no_split_modules) to shard by; use distributed=ddp or zero3"
+        )
     return layers
 
 
@@ -66,12 +69,15 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     _process_group(plan)
     m = spec["mesh"]
     # 2-D (replicate, shard): fully_shard then shards within each copy and all-reduces between copies
-    mesh = init_device_mesh(m["device_type"], tuple(m["shape"]),
-                            mesh_dim_names=tuple(m["dim_names"]) if "dim_names" in m else None)
+    mesh = init_device_mesh(
+        m["device_type"], tuple(m["shape"]), mesh_dim_names=tuple(m["dim_names"]) if "dim_names" in m else None
+    )
     offload = spec["offload"]
-    common = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
-                  offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"]
-                  else OffloadPolicy())
+    common = dict(
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"] else OffloadPolicy(),
+    )
     from_rank0 = strategy_for(cfg).loads_from_rank0(cfg, plan)
     # rank 0's whole weights (base and adapters, as PEFT initialised them), held by reference until sent
     whole = model.state_dict() if from_rank0 and main else {}
@@ -79,16 +85,20 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
     layers = decoder_layers(root)
     groups = layer_groups(layers, layers_per_group(spec["layers_per_group"], stored_bytes(layers[0])))
     for group in groups:
-        fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=spec["reshard_after_forward"],
-                    **common)
+        fully_shard(
+            group if len(group) > 1 else group[0], reshard_after_forward=spec["reshard_after_forward"], **common
+        )
     fully_shard(root, **common)
     if spec["prefetch"]:
         _prefetch([g[0] for g in groups], spec["prefetch"])
     if isinstance(spec["keep_gathered"], int):
         _keep_last(groups, spec["keep_gathered"])
     if main:
-        print(f"FSDP2: {len(layers)} decoder layers, {len(groups)} shard group{'s' * (len(groups) > 1)} of up to "
-              f"{len(groups[0])} (distributed.layers_per_group={spec['layers_per_group']})", flush=True)
+        print(
+            f"FSDP2: {len(layers)} decoder layers, {len(groups)} shard group{'s' * (len(groups) > 1)} of up to "
+            f"{len(groups[0])} (distributed.layers_per_group={spec['layers_per_group']})",
+            flush=True,
+        )
     if from_rank0:
         _from_rank0(model, whole)
     autocast = spec["mixed_precision"]["autocast"]
@@ -104,15 +114,15 @@ def stored_bytes(module: torch.nn.Module) -> int:
 
 def layer_groups(layers: list, per_group: int) -> list[list]:
     """`layers` in forward order, cut into runs of `per_group` consecutive layers (the last run may be shorter)."""
-    return [layers[i:i + per_group] for i in range(0, len(layers), per_group)]
+    return [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
 
 
 def _prefetch(units: list, ahead: int) -> None:
     """Each shard group (in forward order) issues the gathers of the next `ahead` groups as soon as its own is
     done in forward, and of the previous `ahead` in backward, rather than FSDP2's own one ahead."""
     for i, unit in enumerate(units):
-        unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + ahead])
-        unit.set_modules_to_backward_prefetch(units[max(0, i - ahead):i][::-1])
+        unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + ahead])
+        unit.set_modules_to_backward_prefetch(units[max(0, i - ahead) : i][::-1])
 
 
 HEADROOM = 0.9  # distributed.keep_gathered=auto: the share of the GPU memory this process can reach that it may use
@@ -155,8 +165,9 @@ def groups_that_fit(sizes: list[int], spare: float) -> int:
     return k
 
 
-def keep_gathered_after_first_step(cfg: DictConfig, model, device: torch.device, step_start_bytes: int,
-                                   fill: float) -> tuple[int, int, float] | None:
+def keep_gathered_after_first_step(
+    cfg: DictConfig, model, device: torch.device, step_start_bytes: int, fill: float
+) -> tuple[int, int, float] | None:
     """distributed.keep_gathered=auto, after the first step this process ran: keep as many of the last shard
     groups gathered from forward to backward as the GPU's spare memory holds, the same number on every rank
     (the fewest any rank can hold: the ranks' gathers must match). The step's peak is scaled up to a full
@@ -211,6 +222,7 @@ def _under_autocast(forward, device_type: str, dtype: torch.dtype):
     def wrapped(*args, **kwargs):
         with torch.autocast(device_type, dtype=dtype):
             return forward(*args, **kwargs)
+
     return wrapped
 
 
@@ -262,8 +274,11 @@ class Fsdp2Adapter(TorchAdapter):
     def load_full_trainable_state(self, model, tensors: dict, meta: dict) -> None:
         """Put what full_trainable_state returned (by this or another adapter) into the sharded model and
         optimizer; every rank holds the whole tensors and keeps its own shard of them."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, strict=False)
         named = trainable(model)
@@ -275,10 +290,11 @@ class Fsdp2Adapter(TorchAdapter):
                 state[name] = {**st, "step": torch.tensor(meta["step"], dtype=torch.float32)}
         by_id = {id(p): name for name, p in named}
         # this run's param groups (lr, weight decay), as the torch adapter keeps them
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]}
-                  for g in self.torch_optimizer.param_groups]
-        set_optimizer_state_dict(model, self.torch_optimizer, {"state": state, "param_groups": groups},
-                                 options=options)
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]}
+            for g in self.torch_optimizer.param_groups
+        ]
+        set_optimizer_state_dict(model, self.torch_optimizer, {"state": state, "param_groups": groups}, options=options)
 
     def _layout(self) -> tuple[list[str], float]:
         """The optimizer's state keys and step, from this rank's state (alike on every rank)."""

@@ -11,19 +11,25 @@ import torch
 from omegaconf import DictConfig
 
 from lora_launch.conf.schema import BNB_OPTIMIZERS, quant_kernel
-from lora_launch.run.plan import RunPlan
-from lora_launch.run.process import ORPHAN_GRACE_S, SUPERVISOR_ENV, StopSignals
-from lora_launch.run.pruning import report_eval
-from lora_launch.strategies import strategy_for
-from lora_launch.run.rundir import LAUNCH_FILES, atomic_dir, rewind_metrics, set_aside_previous, write_atomic, write_status
-from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.data.samples import IGNORE, as_trained, build_splits
 from lora_launch.data.templates import prompt_text
 from lora_launch.data.tokenizer import load_tokenizer
-from lora_launch.train.data import collate, micro_batch_positions, train_stream
-from lora_launch.train.distributed import (adapter_state_dict, all_sum, device_sum, make_accelerator, prepare,
-                                           what_runs)
+from lora_launch.run.plan import RunPlan
+from lora_launch.run.process import ORPHAN_GRACE_S, SUPERVISOR_ENV, StopSignals
+from lora_launch.run.pruning import report_eval
+from lora_launch.run.rundir import (
+    LAUNCH_FILES,
+    atomic_dir,
+    rewind_metrics,
+    set_aside_previous,
+    write_atomic,
+    write_status,
+)
+from lora_launch.strategies import strategy_for
 from lora_launch.train import fast, fsdp
+from lora_launch.train.checkpoint import Checkpointer, fingerprints
+from lora_launch.train.data import collate, micro_batch_positions, train_stream
+from lora_launch.train.distributed import adapter_state_dict, all_sum, device_sum, make_accelerator, prepare, what_runs
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model
@@ -33,8 +39,7 @@ from lora_launch.train.zero import gather_whole_layers
 
 def make_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
     """optim.name's AdamW over the trainable parameters."""
-    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                  weight_decay=cfg.optim.weight_decay)
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     name = str(cfg.optim.name)
     if name in BNB_OPTIMIZERS:
         import bitsandbytes as bnb
@@ -53,8 +58,7 @@ def make_scheduler(cfg: DictConfig, optimizer, steps: int):
 
 def _progress_field(name: str) -> property:
     """A Trainer attribute that is self.progress's field `name` (what checkpoints save)."""
-    return property(lambda self: getattr(self.progress, name),
-                    lambda self, value: setattr(self.progress, name, value))
+    return property(lambda self: getattr(self.progress, name), lambda self, value: setattr(self.progress, name, value))
 
 
 class Trainer:
@@ -78,19 +82,24 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         with acc.main_process_first():
             self.splits = build_splits(cfg, self.tokenizer, main_process=self.main)
-        model = apply_lora(cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan,
-                                                draw=acc.device))
+        model = apply_lora(
+            cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan, draw=acc.device)
+        )
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         if cfg.quant.mode == "nf4" and self.main:
-            print(f"QLoRA: the 4-bit layers' matmul through {quant_kernel(cfg)} (quant.kernel={cfg.quant.kernel})",
-                  flush=True)
+            print(
+                f"QLoRA: the 4-bit layers' matmul through {quant_kernel(cfg)} (quant.kernel={cfg.quant.kernel})",
+                flush=True,
+            )
         if strategy_for(cfg).shards_model_itself:  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)
         plugin = acc.state.deepspeed_plugin  # the merged DeepSpeed config, the user's own JSON under the run's
         whole_layers = gather_whole_layers(cfg, model, plugin.deepspeed_config if plugin else {})
         if whole_layers and self.main:
-            print(f"ZeRO-3: each {', '.join(whole_layers)} gathered whole (DeepSpeed leaf modules, with grad ckpt)",
-                  flush=True)
+            print(
+                f"ZeRO-3: each {', '.join(whole_layers)} gathered whole (DeepSpeed leaf modules, with grad ckpt)",
+                flush=True,
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
         self.total_steps = plan.total_steps(len(self.splits.train))
@@ -106,14 +115,19 @@ class Trainer:
         self._gathers_undecided = strategy_for(cfg).decides_gathers_after_first_step(cfg)  # keep_gathered=auto
         self.kept_gathered = None  # then (shard groups kept gathered, shard groups), after the first step
         # what a restart needs; the checkpointer saves and loads exactly these
-        self.states = {"trainable": TrainableState(self.model, self.optimizer),
-                       "scheduler": SchedulerState(self.scheduler), "rng": RngState(), "progress": self.progress}
+        self.states = {
+            "trainable": TrainableState(self.model, self.optimizer),
+            "scheduler": SchedulerState(self.scheduler),
+            "rng": RngState(),
+            "progress": self.progress,
+        }
         scaler = scaler_state(acc, self.optimizer)
         if scaler is not None:
             self.states["scaler"] = scaler
         identity = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
-        self.checkpointer = Checkpointer(cfg, self.run_dir, acc, states=self.states, fingerprints=identity,
-                                         adapter_of=acc.unwrap_model(self.model))
+        self.checkpointer = Checkpointer(
+            cfg, self.run_dir, acc, states=self.states, fingerprints=identity, adapter_of=acc.unwrap_model(self.model)
+        )
         # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint; held from
         # fit() on until the rank exits. After a hangup output goes to the rank's log; orphaned, it ends in time
         self.stop = StopSignals(hangup_output=str(self.run_dir / f"rank{self.rank}.log"), orphan_grace_s=ORPHAN_GRACE_S)
@@ -146,12 +160,15 @@ class Trainer:
         self.checkpointer.maybe_save(self.step, force)
         for cost in self.checkpointer.take_commits():
             if cost["background"]:
-                self.log.write(f"step {self.step}: checkpoint of step {cost['step']} committed "
-                               f"({cost['bytes'] / 2**20:.2f} MiB written in {cost['write_seconds']:.2f} s "
-                               f"in the background; training paused {cost['seconds']:.2f} s)")
+                self.log.write(
+                    f"step {self.step}: checkpoint of step {cost['step']} committed "
+                    f"({cost['bytes'] / 2**20:.2f} MiB written in {cost['write_seconds']:.2f} s "
+                    f"in the background; training paused {cost['seconds']:.2f} s)"
+                )
             else:
-                self.log.write(f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s "
-                               f"({cost['bytes'] / 2**20:.2f} MiB)")
+                self.log.write(
+                    f"step {self.step}: checkpoint saved in {cost['seconds']:.2f} s ({cost['bytes'] / 2**20:.2f} MiB)"
+                )
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -174,8 +191,13 @@ class Trainer:
         """
         ready, self._prefetched = self._prefetched, None
         host, self.last_indices = ready[1] if ready and ready[0] == self.position else self._host_batches(self.position)
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in host),
-                               sum(int(b["attention_mask"].sum()) for b in host)], dtype=torch.float64)
+        counts = torch.tensor(
+            [
+                sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in host),
+                sum(int(b["attention_mask"].sum()) for b in host),
+            ],
+            dtype=torch.float64,
+        )
         device = self.accelerator.device
         pin = device.type == "cuda"
         move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=pin)  # noqa: E731
@@ -228,10 +250,16 @@ class Trainer:
         self.position += self.global_batch
         self.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - t0
-        row = {"step": self.step, "loss": global_loss / max(global_targets, 1.0), "lr": lr,
-               "tokens": int(global_tokens), "tokens_total": self.tokens_seen,
-               "tokens_per_s": global_tokens / elapsed, "step_time": elapsed,
-               "epoch": self.position / len(self.splits.train)}
+        row = {
+            "step": self.step,
+            "loss": global_loss / max(global_targets, 1.0),
+            "lr": lr,
+            "tokens": int(global_tokens),
+            "tokens_total": self.tokens_seen,
+            "tokens_per_s": global_tokens / elapsed,
+            "step_time": elapsed,
+            "epoch": self.position / len(self.splits.train),
+        }
         row["token_accuracy"] = global_hits / max(global_targets, 1.0)
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
@@ -247,15 +275,21 @@ class Trainer:
         gathered from forward to backward, from the memory that step took (see fsdp.keep_gathered_after_first_step)."""
         cfg = self.cfg
         fill = max(b["input_ids"].numel() for b in batches) / (cfg.train.micro_batch_size * cfg.train.seq_len)
-        decided = fsdp.keep_gathered_after_first_step(cfg, self.accelerator.unwrap_model(self.model),
-                                                      self.accelerator.device, start_bytes, fill)
+        decided = fsdp.keep_gathered_after_first_step(
+            cfg, self.accelerator.unwrap_model(self.model), self.accelerator.device, start_bytes, fill
+        )
         if decided:
             kept, groups, spare = decided
             self.kept_gathered = (kept, groups)
-            why = (f"{spare:.1f} GiB to spare after step {self.step}" if self.accelerator.device.type == "cuda"
-                   else "no GPU memory to hold them")
-            self.log.write(f"FSDP2: the last {kept} of {groups} shard groups stay gathered from forward to backward "
-                           f"(distributed.keep_gathered=auto: {why})")
+            why = (
+                f"{spare:.1f} GiB to spare after step {self.step}"
+                if self.accelerator.device.type == "cuda"
+                else "no GPU memory to hold them"
+            )
+            self.log.write(
+                f"FSDP2: the last {kept} of {groups} shard groups stay gathered from forward to backward "
+                f"(distributed.keep_gathered=auto: {why})"
+            )
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -265,8 +299,17 @@ class Trainer:
         if not self.splits.val:
             return float("nan")
         self.model.eval()
-        mine = loss_sum(self.model, self.splits.val, self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
-                        self.accelerator.device, self.rank, self.world, self.cfg.eval.max_batches, self.loss_fn)
+        mine = loss_sum(
+            self.model,
+            self.splits.val,
+            self.cfg.train.micro_batch_size,
+            self.tokenizer.pad_token_id,
+            self.accelerator.device,
+            self.rank,
+            self.world,
+            self.cfg.eval.max_batches,
+            self.loss_fn,
+        )
         total, n = all_sum(self.accelerator, *mine)
         return total / max(n, 1.0)
 
@@ -282,10 +325,12 @@ class Trainer:
         """Resume (restore()), then train to total_steps; returns a summary (first/last eval loss, wall time)."""
         self.restore()
         cfg, t_start = self.cfg, time.perf_counter()
-        self.log.write(f"training {self.total_steps} steps, global batch {self.global_batch} "
-                       f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
-                       f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
-                       f"{what_runs(self.accelerator, self.plan)}")
+        self.log.write(
+            f"training {self.total_steps} steps, global batch {self.global_batch} "
+            f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {self.world} processes), "
+            f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, "
+            f"{what_runs(self.accelerator, self.plan)}"
+        )
         self.stop.install()
         evals = []
         if cfg.eval.at_start and self.step == 0:
@@ -313,13 +358,12 @@ class Trainer:
         self.log.write(f"sample: {cfg.sample.prompt!r} -> {sample!r}")
         if self.main:
             bos = self.tokenizer.bos_token or ""
-            shown = prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+            shown = prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
             write_atomic(self.run_dir / "sample.txt", f"{shown} {sample}\n")
             plot_loss(self.run_dir)
             write_status(self.run_dir, "finished", self.step)
         self.accelerator.wait_for_everyone()  # no rank exits (and lets a launcher read status.json) before it
-        return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1],
-                "seconds": time.perf_counter() - t_start}
+        return {"first_eval_loss": evals[0], "final_eval_loss": evals[-1], "seconds": time.perf_counter() - t_start}
 
     def _record_stop(self) -> None:
         """status.json says preempted (with the signal) before any rank exits; a direct launch says how to go on."""
@@ -327,8 +371,9 @@ class Trainer:
             name = self.stop.name or "SIGTERM"  # another rank got the signal
             write_status(self.run_dir, "preempted", self.step, signal=name)
             if SUPERVISOR_ENV not in os.environ:  # lora-launch says it itself
-                self.log.write(f"{name}: stopped after step {self.step} with a checkpoint; "
-                               "run the same command to continue")
+                self.log.write(
+                    f"{name}: stopped after step {self.step} with a checkpoint; run the same command to continue"
+                )
         self.accelerator.wait_for_everyone()
 
     def _audit(self) -> None:
@@ -349,9 +394,18 @@ class Trainer:
         out = self.run_dir / "ranks"
         out.mkdir(exist_ok=True)
         with open(out / f"rank{self.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "samples": self.last_indices,
-                                "trainable_sha256": digest.hexdigest(), "host_peak_mib": _host_peak_mib(),
-                                "host_peak_at_start_mib": self.host_peak_at_start_mib}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": self.step,
+                        "samples": self.last_indices,
+                        "trainable_sha256": digest.hexdigest(),
+                        "host_peak_mib": _host_peak_mib(),
+                        "host_peak_at_start_mib": self.host_peak_at_start_mib,
+                    }
+                )
+                + "\n"
+            )
 
     def save_adapter(self) -> Path:
         """adapter/: the PEFT adapter and tokenizer, written to a temporary name then renamed."""
@@ -377,8 +431,14 @@ class Trainer:
         model.eval()
         # compiled decoder layers would recompile for every cache length (and warn): generate eagerly
         with torch.compiler.set_stance("force_eager"):
-            text = complete(model, self.tokenizer, prompt, cfg.sample.max_new_tokens,
-                            synced_gpus=self.plan.shards_params and self.world > 1, device=self.accelerator.device)
+            text = complete(
+                model,
+                self.tokenizer,
+                prompt,
+                cfg.sample.max_new_tokens,
+                synced_gpus=self.plan.shards_params and self.world > 1,
+                device=self.accelerator.device,
+            )
         # without the spaces a template puts around the answer (llama2: " answer </s>"), which a
         # byte-level tokenizer writes out
         return prompt, text.strip()

@@ -17,17 +17,28 @@ from lora_launch.run.rundir import read_metrics
 # metrics.jsonl keys -> the names trackers get, as transformers' Trainer / TRL name them, so charts
 # overlay with runs made by those tools
 TRACKER_KEYS = {
-    "loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm", "epoch": "train/epoch",
-    "tokens_total": "train/num_tokens", "tokens_per_s": "train/tokens_per_second", "step_time": "train/step_time",
-    "token_accuracy": "train/mean_token_accuracy", "peak_memory_gib": "train/peak_memory_gib",
-    "eval_loss": "eval/loss", "eval_ppl": "eval/perplexity", "eval_token_accuracy": "eval/mean_token_accuracy",
+    "loss": "train/loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "epoch": "train/epoch",
+    "tokens_total": "train/num_tokens",
+    "tokens_per_s": "train/tokens_per_second",
+    "step_time": "train/step_time",
+    "token_accuracy": "train/mean_token_accuracy",
+    "peak_memory_gib": "train/peak_memory_gib",
+    "eval_loss": "eval/loss",
+    "eval_ppl": "eval/perplexity",
+    "eval_token_accuracy": "eval/mean_token_accuracy",
 }
 
 
 def tracker_row(row: dict) -> dict:
     """A metrics row under the trackers' names (numbers only; `step` is the tracker's x axis)."""
-    return {TRACKER_KEYS.get(k, f"train/{k}"): v for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        TRACKER_KEYS.get(k, f"train/{k}"): v
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def make_trackers(cfg: DictConfig, run_dir: Path, start_step: int) -> list:
@@ -37,12 +48,22 @@ def make_trackers(cfg: DictConfig, run_dir: Path, start_step: int) -> list:
     lg, trackers = cfg.logging, []
     if lg.tensorboard:
         # a resumed run drops the killed attempt's events past its checkpoint
-        trackers.append(TensorBoardTracker("tensorboard", str(run_dir),
-                                           purge_step=start_step + 1 if start_step else None))
+        trackers.append(
+            TensorBoardTracker("tensorboard", str(run_dir), purge_step=start_step + 1 if start_step else None)
+        )
     if lg.wandb.mode != "disabled":
         # one wandb run per run directory, so a resumed run continues the same wandb run
-        trackers.append(WandBTracker(lg.wandb.project, entity=lg.wandb.entity, mode=str(lg.wandb.mode),
-                                     dir=str(run_dir), name=run_dir.name, id=_run_id(run_dir), resume="allow"))
+        trackers.append(
+            WandBTracker(
+                lg.wandb.project,
+                entity=lg.wandb.entity,
+                mode=str(lg.wandb.mode),
+                dir=str(run_dir),
+                name=run_dir.name,
+                id=_run_id(run_dir),
+                resume="allow",
+            )
+        )
     if lg.mlflow.enabled:
         trackers.append(_mlflow(cfg, run_dir, MLflowTracker))
     config = redact(plain(cfg))
@@ -125,8 +146,12 @@ class MetricsLogger:
                 tracker.log(values, step=step)
         if self._bar is not None and "loss" in row:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                  tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                lr=f"{row['lr']:.2e}",
+                tok_s=f"{row.get('tokens_per_s', 0):.0f}",
+                refresh=False,
+            )
         elif self._lines and "loss" in row and (step % self._lines == 0 or step == self._total):
             print(progress_line(row, self._total, self._start, time.monotonic() - self._t0), flush=True)
 
@@ -163,8 +188,10 @@ def progress_line(row: dict, total: int, start_step: int, elapsed: float) -> str
     step = row["step"]
     done = max(step - start_step, 1)
     eta = elapsed / done * (total - step)
-    return (f"step {step}/{total} ({100 * step // max(total, 1)}%) loss {row['loss']:.4f} lr {row['lr']:.2e} "
-            f"{row.get('tokens_per_s', 0):.0f} tok/s eta {int(eta // 60)}m{int(eta % 60):02d}s")
+    return (
+        f"step {step}/{total} ({100 * step // max(total, 1)}%) loss {row['loss']:.4f} lr {row['lr']:.2e} "
+        f"{row.get('tokens_per_s', 0):.0f} tok/s eta {int(eta // 60)}m{int(eta % 60):02d}s"
+    )
 
 
 def _run_id(run_dir: Path) -> str:

@@ -15,14 +15,18 @@ def _quantization_config(cfg: DictConfig):
     from transformers import BitsAndBytesConfig
 
     q = cfg.quant
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
-                              bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_quant_storage=torch_dtype(q.storage_dtype))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_quant_storage=torch_dtype(q.storage_dtype),
+    )
 
 
-def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None = None,
-                    draw: torch.device | None = None):
+def load_base_model(
+    cfg: DictConfig, device: torch.device, plan: RunPlan | None = None, draw: torch.device | None = None
+):
     """The frozen base causal LM, on `device`, its weights in the plan's dtype.
 
     `draw`: where a random_init model's weights are drawn, when that is another kind of device: FSDP2's rank
@@ -47,12 +51,17 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
 
         if cfg.quant.mode == "nf4":
             raise ValueError("a 4-bit base is loaded on every rank, not built on the meta device")
-        config = (_random_config(cfg) if cfg.model.random_init else
-                  AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                             trust_remote_code=cfg.model.trust_remote_code))
+        config = (
+            _random_config(cfg)
+            if cfg.model.random_init
+            else AutoConfig.from_pretrained(
+                cfg.model.path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+            )
+        )
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     trust_remote_code=cfg.model.trust_remote_code, **common)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **common
+            )
         model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which undid the tying
         model.config.use_cache = False
         return model
@@ -67,8 +76,13 @@ def load_base_model(cfg: DictConfig, device: torch.device, plan: RunPlan | None 
             with device:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     else:
-        kwargs = dict(dtype=dtype, revision=cfg.model.revision, use_safetensors=True,
-                      trust_remote_code=cfg.model.trust_remote_code, **common)
+        kwargs = dict(
+            dtype=dtype,
+            revision=cfg.model.revision,
+            use_safetensors=True,
+            trust_remote_code=cfg.model.trust_remote_code,
+            **common,
+        )
         if cfg.quant.mode == "nf4":
             kwargs["quantization_config"] = _quantization_config(cfg)
             kwargs["dtype"] = torch_dtype(cfg.quant.compute_dtype)
@@ -107,17 +121,29 @@ def _random_4bit(cfg: DictConfig, config, device: torch.device, common: dict):
         model = AutoModelForCausalLM.from_config(config, dtype=compute, **common)
     std = getattr(config, "initializer_range", 0.02)
     skip = set(model._keep_in_fp32_modules or []) | {"lm_head"}
-    for parent_name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear) or name in skip:
                 continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute, compress_statistics=q.double_quant, quant_type="nf4",
-                                      quant_storage=torch_dtype(q.storage_dtype), device="meta")
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute,
+                compress_statistics=q.double_quant,
+                quant_type="nf4",
+                quant_storage=torch_dtype(q.storage_dtype),
+                device="meta",
+            )
             weight = torch.empty(child.out_features, child.in_features, dtype=compute, device=device).normal_(0, std)
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=q.double_quant,
-                                             quant_type="nf4", quant_storage=layer.weight.quant_storage,
-                                             module=layer).to(device)
+            layer.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=q.double_quant,
+                quant_type="nf4",
+                quant_storage=layer.weight.quant_storage,
+                module=layer,
+            ).to(device)
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=compute, device=device))
             setattr(parent, name, layer)
@@ -187,9 +213,14 @@ def apply_lora(cfg: DictConfig, model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # inputs must require grad for checkpointed blocks to backprop into the adapters
         model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=lora_targets(cfg), bias=str(cfg.lora.bias),
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_targets(cfg),
+        bias=str(cfg.lora.bias),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 

@@ -19,9 +19,18 @@ import torch
 import torch.nn.functional as F
 
 
-def dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-               absmax2: torch.Tensor | None, code2: torch.Tensor | None, blocksize2: int, offset: torch.Tensor | None,
-               shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    blocksize2: int,
+    offset: torch.Tensor | None,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The weight bitsandbytes packed as NF4 (`packed`: two codes a byte, the first in the high nibble), in
     `dtype`. With double quantisation `absmax` holds 8-bit codes of the per-block scales, scaled per
     `blocksize2` blocks by `absmax2` and shifted by `offset`."""
@@ -44,7 +53,9 @@ class _Matmul4bit(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, dtype):
         ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
         ctx.spec = (blocksize, blocksize2, shape, dtype)
-        return F.linear(x, dequantize(packed, absmax, code, blocksize, absmax2, code2, blocksize2, offset, shape, dtype))
+        return F.linear(
+            x, dequantize(packed, absmax, code, blocksize, absmax2, code2, blocksize2, offset, shape, dtype)
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -58,9 +69,19 @@ def _forward(module, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' Linear4bit forward (input in the compute dtype, output in the input's) through
     `_Matmul4bit`, from the plain tensors `use_torch_matmul` registered (which dynamo traces as buffers)."""
     dtype = module.nf4_dtype
-    out = _Matmul4bit.apply(x.to(dtype), module.nf4_packed, module.nf4_absmax, module.nf4_code, module.nf4_absmax2,
-                            module.nf4_code2, module.nf4_offset, module.nf4_blocksize, module.nf4_blocksize2,
-                            module.nf4_shape, dtype)
+    out = _Matmul4bit.apply(
+        x.to(dtype),
+        module.nf4_packed,
+        module.nf4_absmax,
+        module.nf4_code,
+        module.nf4_absmax2,
+        module.nf4_code2,
+        module.nf4_offset,
+        module.nf4_blocksize,
+        module.nf4_blocksize2,
+        module.nf4_shape,
+        dtype,
+    )
     if module.bias is not None:
         out = out + module.bias.to(dtype)
     return out.to(x.dtype)
@@ -78,10 +99,14 @@ def use_torch_matmul(model, compute_dtype: torch.dtype) -> int:
         if not isinstance(module, bnb.nn.Linear4bit) or st is None or st.quant_type != "nf4":
             continue
         nested = bool(st.nested)
-        buffers = {"packed": module.weight.data.view(torch.uint8), "absmax": st.absmax, "code": st.code,
-                   "absmax2": st.state2.absmax if nested else None, "code2": st.state2.code if nested else None,
-                   "offset": torch.as_tensor(st.offset, dtype=torch.float32, device=st.absmax.device)
-                   if nested else None}
+        buffers = {
+            "packed": module.weight.data.view(torch.uint8),
+            "absmax": st.absmax,
+            "code": st.code,
+            "absmax2": st.state2.absmax if nested else None,
+            "code2": st.state2.code if nested else None,
+            "offset": torch.as_tensor(st.offset, dtype=torch.float32, device=st.absmax.device) if nested else None,
+        }
         for name, tensor in buffers.items():
             module.register_buffer(f"nf4_{name}", tensor, persistent=False)
         module.nf4_blocksize, module.nf4_blocksize2 = int(st.blocksize), int(st.state2.blocksize) if nested else 0

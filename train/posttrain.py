@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
 from lora_launch.conf.dtypes import torch_dtype
 from lora_launch.conf.errors import UserError, reports_user_errors
 from lora_launch.run.rundir import atomic_dir, write_json
 from lora_launch.train.evaluate import complete, loss_sum
-
-from lora_launch.conf.args import EvalArgs, GenerateArgs, MergeArgs
-
 
 
 def load_run(run_dir: str) -> DictConfig:
@@ -39,8 +37,7 @@ def load_run(run_dir: str) -> DictConfig:
     if not (run / "config.yaml").is_file():
         raise UserError(f"run.dir={run_dir}: no config.yaml here; is this a lora-launch run directory?")
     if not (run / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"run.dir={run_dir}: no trained adapter (adapter/adapter_config.json); "
-                        "has the run finished?")
+        raise UserError(f"run.dir={run_dir}: no trained adapter (adapter/adapter_config.json); has the run finished?")
     return load(str(run / "config.yaml"))
 
 
@@ -69,6 +66,7 @@ def load_model(cfg: DictConfig, run_dir: Path, dequantize_to: torch.dtype | None
 
 # ---- generate ---------------------------------------------------------------------------------
 
+
 def generate(args: GenerateArgs) -> int:
     """Print the completion of `prompt` by base + adapter."""
     from lora_launch.data.samples import as_trained
@@ -83,10 +81,11 @@ def generate(args: GenerateArgs) -> int:
     else:
         prompt = message if isinstance(message, str) else message[-1]["content"]
     max_new = args.max_new_tokens or cfg.sample.max_new_tokens or 64
-    text = complete(model, tok, prompt, max_new, sample=args.sample,
-                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    text = complete(
+        model, tok, prompt, max_new, sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     bos = tok.bos_token or ""
-    print((prompt[len(bos):] if bos and prompt.startswith(bos) else prompt) + text, flush=True)
+    print((prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt) + text, flush=True)
     return 0
 
 
@@ -97,11 +96,21 @@ def _message(args: GenerateArgs, cfg) -> str | list[dict]:
             messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UserError(f"messages={args.messages}: cannot read it as JSON ({e})") from None
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(
-                m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in messages)
-                and messages[-1]["role"] == "user"):
-            raise UserError(f"messages={args.messages}: give a JSON list of {{role: system|user|assistant, "
-                            "content}} ending with a user turn")
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")
+                for m in messages
+            )
+            and messages[-1]["role"] == "user"
+        ):
+            raise UserError(
+                f"messages={args.messages}: give a JSON list of {{role: system|user|assistant, "
+                "content}} ending with a user turn"
+            )
         return messages
     if args.instruction is not None:
         return args.instruction
@@ -118,6 +127,7 @@ def _data_report(run: Path) -> dict:
 
 # ---- merge ------------------------------------------------------------------------------------
 
+
 def merge(args: MergeArgs) -> int:
     """Write base + adapter as one model (safetensors + tokenizer), replacing `out` only when complete."""
     run = Path(args.run.dir)
@@ -133,6 +143,7 @@ def merge(args: MergeArgs) -> int:
 
 
 # ---- eval -------------------------------------------------------------------------------------
+
 
 def eval_loss(model, samples, micro: int, pad_id: int, max_batches: int = -1) -> tuple[float, int]:
     """Mean token loss of `model` over `samples` (as the training loop evaluates), and the token count."""
@@ -152,13 +163,22 @@ def evaluate(args: EvalArgs) -> int:
         cfg.data.packing = False  # evaluate whole samples, as the loop does for val
     samples = getattr(build_splits(cfg, tok, report=False), split)
     if not len(samples):
-        raise UserError(f"run.dir={run}: the run has no {split} samples "
-                        "(trained with data.val_split=0 and no data.val_split_name?)")
+        raise UserError(
+            f"run.dir={run}: the run has no {split} samples (trained with data.val_split=0 and no data.val_split_name?)"
+        )
     loss, tokens = eval_loss(model, samples, cfg.train.micro_batch_size, tok.pad_token_id, args.max_batches)
-    result = {"split": split, "loss": loss, "perplexity": math.exp(min(loss, 50)),
-              "samples": len(samples), "tokens": tokens}
-    print(f"{split} loss {loss:.4f}  perplexity {result['perplexity']:.3f}  "
-          f"({len(samples)} samples, {tokens} target tokens)", flush=True)
+    result = {
+        "split": split,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "samples": len(samples),
+        "tokens": tokens,
+    }
+    print(
+        f"{split} loss {loss:.4f}  perplexity {result['perplexity']:.3f}  "
+        f"({len(samples)} samples, {tokens} target tokens)",
+        flush=True,
+    )
     write_json(run / "eval.json", result, indent=2)
     return 0
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -66,13 +65,18 @@ def two_hosts():
     except (PermissionError, subprocess.CalledProcessError) as e:
         _delete_namespaces(names)
         reason = getattr(e, "stderr", None) or str(e)
-        warnings.warn(f"network namespaces unavailable ({reason.strip()}): two nodes on loopback instead")
+        warnings.warn(f"network namespaces unavailable ({reason.strip()}): two nodes on loopback instead", stacklevel=2)
         print("FALLBACK: two nodes on loopback, not separate network stacks")
         yield {"mode": "loopback", "prefixes": [[], []], "hosts": ["127.0.0.1", "localhost"], "ranks": [0, 1]}
         return
     try:
-        yield {"mode": "netns", "prefixes": [["ip", "netns", "exec", ns] for ns in names],
-               "hosts": [f"{subnet}.1", f"{subnet}.2"], "ranks": [None, None], "devices": [f"v{tag}a", f"v{tag}b"]}
+        yield {
+            "mode": "netns",
+            "prefixes": [["ip", "netns", "exec", ns] for ns in names],
+            "hosts": [f"{subnet}.1", f"{subnet}.2"],
+            "ranks": [None, None],
+            "devices": [f"v{tag}a", f"v{tag}b"],
+        }
     finally:
         _delete_namespaces(names)
 
@@ -82,8 +86,10 @@ def _outputs(procs: list[subprocess.Popen], timeout_s: float, grace_s: float = 6
     the peer gets `grace_s` to end too; at the deadline (a run of about a minute here) every node still running
     is killed and the test fails with both outputs, so a hang names its node and leaves no process behind."""
     outs: list[list[str]] = [[] for _ in procs]
-    readers = [threading.Thread(target=lambda p=p, out=out: out.append(p.communicate()[0]), daemon=True)
-               for p, out in zip(procs, outs)]
+    readers = [
+        threading.Thread(target=lambda p=p, out=out: out.append(p.communicate()[0]), daemon=True)
+        for p, out in zip(procs, outs)
+    ]
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + timeout_s
@@ -98,9 +104,13 @@ def _outputs(procs: list[subprocess.Popen], timeout_s: float, grace_s: float = 6
         reader.join(timeout=30)
     texts = ["".join(out) for out in outs]
     if hung:
-        pytest.fail(f"node(s) {hung} still running {timeout_s:.0f} s after the start (or {grace_s:.0f} s after a peer "
-                    "failed), killed:\n" + "\n".join(f"--- node {n} (exit {p.returncode}):\n{t[-3000:]}"
-                                                   for n, (p, t) in enumerate(zip(procs, texts))))
+        pytest.fail(
+            f"node(s) {hung} still running {timeout_s:.0f} s after the start (or {grace_s:.0f} s after a peer "
+            "failed), killed:\n"
+            + "\n".join(
+                f"--- node {n} (exit {p.returncode}):\n{t[-3000:]}" for n, (p, t) in enumerate(zip(procs, texts))
+            )
+        )
     return texts
 
 
@@ -109,16 +119,27 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two single-process nodes\n" + "".join(f"{h} slots=1\n" for h in two_hosts["hosts"]))
     run = tmp_path / "run"
-    common = [*tiny["overrides"], f"run.dir={run}", "launcher=hostfile", f"launcher.hostfile={hostfile}",
-              f"launcher.main_process_port={_free_port()}", "train.max_steps=3", "train.micro_batch_size=2",
-              "eval.at_start=false", "logging.rank_audit=true", "logging.tensorboard=false",
-              "sample.max_new_tokens=0", f"distributed={distributed}"]
+    common = [
+        *tiny["overrides"],
+        f"run.dir={run}",
+        "launcher=hostfile",
+        f"launcher.hostfile={hostfile}",
+        f"launcher.main_process_port={_free_port()}",
+        "train.max_steps=3",
+        "train.micro_batch_size=2",
+        "eval.at_start=false",
+        "logging.rank_audit=true",
+        "logging.tensorboard=false",
+        "sample.max_new_tokens=0",
+        f"distributed={distributed}",
+    ]
     procs = []
     for prefix, rank in zip(two_hosts["prefixes"], two_hosts["ranks"]):
         extra = [] if rank is None else [f"launcher.node_rank={rank}"]
         cmd = [*prefix, CLI, *common, *extra]
-        procs.append(subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outs = _outputs(procs, timeout_s=400)
     for node, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"node {node} failed:\n{out[-3000:]}"
@@ -129,8 +150,12 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
             assert f"GLOO_SOCKET_IFNAME={two_hosts['devices'][node]}" in out
 
     # both nodes wrote identical launch files into the one run dir
-    digests = {line.split("config sha256 ")[1].split()[0] for out in outs for line in out.splitlines()
-               if "config sha256" in line}
+    digests = {
+        line.split("config sha256 ")[1].split()[0]
+        for out in outs
+        for line in out.splitlines()
+        if "config sha256" in line
+    }
     assert len(digests) == 1
 
     rows = read_jsonl(run / "metrics.jsonl")
@@ -138,8 +163,9 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
     assert steps == [1, 2, 3]
     assert "x 2 processes" in outs[0]
     # what accelerate set up, in words: DeepSpeed must not silently fall back to DDP (or to one process)
-    assert ("2 processes on the CPU across 2 nodes, " + ("DeepSpeed ZeRO-2" if distributed == "zero2" else "DDP")) \
-        in outs[0]
+    assert (
+        "2 processes on the CPU across 2 nodes, " + ("DeepSpeed ZeRO-2" if distributed == "zero2" else "DDP")
+    ) in outs[0]
 
     # both ranks trained: disjoint samples making up the global batch of 2 x 1 x 2, and the same
     # trainable weights after every step (their gradients were averaged across the two nodes)

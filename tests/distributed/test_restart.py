@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from lora_launch.launcher.supervise import supervise
 from support import inject
 from support.restart import RESTART_BASE, free_port, kill_rank, reference
 from support.resume import eval_losses, launch, start, status, train_losses, wait_for_step
-from lora_launch.launcher.supervise import supervise
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +48,22 @@ def test_a_rank_killed_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted
 
 def test_a_failure_repeating_after_the_same_step_is_retried_once_then_named(tiny, tmp_path):
     run = tmp_path / "run"
-    rc, log = launch(run, [*tiny["overrides"], *ARGS, "launcher.max_restarts=3",
-                           f"launcher.main_process_port={free_port()}"], env=inject.env(FAIL_AFTER_STEP="5"))
+    rc, log = launch(
+        run,
+        [*tiny["overrides"], *ARGS, "launcher.max_restarts=3", f"launcher.main_process_port={free_port()}"],
+        env=inject.env(FAIL_AFTER_STEP="5"),
+    )
     assert rc == 1, log[-4000:]
     injected = "RuntimeError: FAIL_AFTER_STEP=5: injected failure after step 5"
     restarts = re.findall(r"^restart \d+ of 3: .*$", log, re.M)
-    assert restarts == [f"restart 1 of 3: rank 0 failed after step 5 ({injected}); relaunching from the "
-                        "checkpoint at step 3"], log[-4000:]
+    assert restarts == [
+        f"restart 1 of 3: rank 0 failed after step 5 ({injected}); relaunching from the checkpoint at step 3"
+    ], log[-4000:]
     last = log.strip().splitlines()[-1]
-    assert last == (f"error: rank 0 failed after step 5 ({injected}); not restarting: the attempt before failed "
-                    "the same way after the same step (a bug to fix, not a flaky host)"), log[-3000:]
+    assert last == (
+        f"error: rank 0 failed after step 5 ({injected}); not restarting: the attempt before failed "
+        "the same way after the same step (a bug to fix, not a flaky host)"
+    ), log[-3000:]
 
     st = status(run)
     assert (st["state"], st["step"]) == ("failed", 5)
@@ -68,8 +74,11 @@ def test_a_failure_repeating_after_the_same_step_is_retried_once_then_named(tiny
 
 def test_no_restart_when_they_are_off(tiny, tmp_path):
     run = tmp_path / "run"
-    rc, log = launch(run, [*tiny["overrides"], *RESTART_BASE, "launcher.num_processes=1", "launcher.max_restarts=0",
-                           "train.max_steps=3"], env=inject.env(FAIL_AFTER_STEP="1"))
+    rc, log = launch(
+        run,
+        [*tiny["overrides"], *RESTART_BASE, "launcher.num_processes=1", "launcher.max_restarts=0", "train.max_steps=3"],
+        env=inject.env(FAIL_AFTER_STEP="1"),
+    )
     assert rc == 1, log[-4000:]
     assert "restart 1" not in log and "error: training exited with code 1" in log, log[-3000:]
     assert status(run)["state"] == "running"
@@ -79,7 +88,10 @@ def test_a_node_ends_its_launch_at_once_when_another_node_failed():
     """Over NCCL, ranks whose peer died can hang in a collective until its timeout: the launcher does not wait."""
     polls = []
     t0 = time.monotonic()
-    outcome = supervise([sys.executable, "-c", "import time; time.sleep(300)"], dict(os.environ),
-                        abort=lambda: polls.append(time.monotonic()) or len(polls) >= 3)
+    outcome = supervise(
+        [sys.executable, "-c", "import time; time.sleep(300)"],
+        dict(os.environ),
+        abort=lambda: polls.append(time.monotonic()) or len(polls) >= 3,
+    )
     assert outcome.aborted and outcome.returncode == -9
     assert time.monotonic() - t0 < 30 and len(polls) == 3

@@ -11,11 +11,23 @@ from collections import Counter
 
 import pytest
 
+from lora_launch.train.data import SampleStream
 from support import inject
 from support.cli import read_jsonl
-from support.resume import (BASE, committed_steps, consumed_samples, eval_losses, kill_tree, launch, sigterm_at,
-                            start, status, train_losses, train_size, wait_for_step)
-from lora_launch.train.data import SampleStream
+from support.resume import (
+    BASE,
+    committed_steps,
+    consumed_samples,
+    eval_losses,
+    kill_tree,
+    launch,
+    sigterm_at,
+    start,
+    status,
+    train_losses,
+    train_size,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +84,9 @@ def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path):
     assert_same_as(run, ref)
 
     # an explicit checkpoint with a different LoRA shape (one process: the world size may change)
-    rc, log = launch(run, overrides(tiny, "ddp", processes=1)
-                     + [f"resume.mode={run / 'checkpoints' / 'step-9'}", "lora.r=16"])
+    rc, log = launch(
+        run, overrides(tiny, "ddp", processes=1) + [f"resume.mode={run / 'checkpoints' / 'step-9'}", "lora.r=16"]
+    )
     assert rc != 0 and "lora.r: 8 -> 16" in log, log[-2000:]
 
 

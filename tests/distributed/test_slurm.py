@@ -18,28 +18,43 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import CLI, read_jsonl
-from support.restart import RESTART_BASE, free_port, reference, train_ranks
-from support.resume import eval_losses, status, train_losses, train_size
-from support.slurm import TERMINAL, Cluster, missing_reason, slurm_cluster, wait_for
 from lora_launch.conf.compose import compose
 from lora_launch.launcher.slurm import sbatch_script
 from lora_launch.launcher.topology import topology
 from lora_launch.train.data import SampleStream
+from support.cli import CLI, read_jsonl
+from support.restart import RESTART_BASE, free_port, reference, train_ranks
+from support.resume import eval_losses, status, train_losses, train_size
+from support.slurm import TERMINAL, Cluster, missing_reason, slurm_cluster, wait_for
 
 
 def test_sbatch_script_shape(tmp_path):
-    cfg = compose(["launcher=slurm", "launcher.slurm.nodes=4", "launcher.slurm.gpus_per_node=8",
-                   "launcher.slurm.partition=gpu", "launcher.slurm.time=04:00:00",
-                   "launcher.slurm.extra=[--exclusive]", f"run.dir={tmp_path}"])
+    cfg = compose(
+        [
+            "launcher=slurm",
+            "launcher.slurm.nodes=4",
+            "launcher.slurm.gpus_per_node=8",
+            "launcher.slurm.partition=gpu",
+            "launcher.slurm.time=04:00:00",
+            "launcher.slurm.extra=[--exclusive]",
+            f"run.dir={tmp_path}",
+        ]
+    )
     topo = topology(cfg)
     assert (topo.num_machines, topo.procs_per_node, topo.world_size) == (4, 8, 32)
     text = sbatch_script(cfg, topo, tmp_path, python="/venv/bin/python")
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --requeue", "#SBATCH --signal=TERM@120", "#SBATCH --partition=gpu",
-                 "#SBATCH --time=04:00:00", "#SBATCH --exclusive",
-                 f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 /venv/bin/python -m lora_launch.launcher.node --run-dir {tmp_path}",
-                 'scontrol requeue "$SLURM_JOB_ID"']:
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=TERM@120",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --exclusive",
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 /venv/bin/python -m lora_launch.launcher.node --run-dir {tmp_path}",
+        'scontrol requeue "$SLURM_JOB_ID"',
+    ]:
         assert line in text.splitlines() or line in text, line
     result = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr
@@ -73,8 +88,9 @@ def slurm2(tmp_path_factory):
 
 
 def _submit(cluster: Cluster, args: list[str], cwd: Path) -> str:
-    result = subprocess.run(cluster.on([CLI, *args]), env=cluster.env, cwd=cwd, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        cluster.on([CLI, *args]), env=cluster.env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return re.search(r"submitted Slurm job (\d+)", result.stdout).group(1)
 
@@ -86,10 +102,12 @@ def _newest_step(run: Path) -> int:
 
 def _wait_in_job(cluster: Cluster, job: str, log: Path, predicate, timeout: float, what: str, step: float = 0.1):
     """wait_for(predicate), failing at once, with the job's story, if the job ends first."""
+
     def check():
         if cluster.job_state(job)[0] in TERMINAL:
             raise AssertionError(f"the job ended before {what}:\n{cluster.diagnosis(job, log)}")
         return predicate()
+
     try:
         return wait_for(check, timeout, what, step)
     except AssertionError as e:
@@ -101,9 +119,11 @@ def _requeue_and_finish(cluster: Cluster, job: str, log: Path) -> None:
     subprocess.run(cluster.on(["scancel", "--signal=TERM", job]), env=cluster.env, check=True)
     try:
         wait_for(lambda: cluster.job_state(job)[1] >= 1, 120, "the job to be requeued")
+
         def ended():
             cluster.release_if_held(job)
             return cluster.job_state(job)[0] in TERMINAL
+
         wait_for(ended, 400, "the requeued job to end", step=1)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{cluster.diagnosis(job, log)}") from None
@@ -114,10 +134,22 @@ def _requeue_and_finish(cluster: Cluster, job: str, log: Path) -> None:
 def test_slurm_job_requeued_after_sigterm_resumes(slurm, tiny, tmp_path):
     run = tmp_path / "run"
     steps = 60
-    job = _submit(slurm, [*tiny["overrides"], "launcher=slurm", f"run.dir={run}", f"train.max_steps={steps}",
-                          "train.micro_batch_size=2", "checkpoint.every_steps=5", "eval.at_start=false",
-                          "logging.tensorboard=false", "sample.max_new_tokens=0", "launcher.num_processes=1"],
-                  tmp_path)
+    job = _submit(
+        slurm,
+        [
+            *tiny["overrides"],
+            "launcher=slurm",
+            f"run.dir={run}",
+            f"train.max_steps={steps}",
+            "train.micro_batch_size=2",
+            "checkpoint.every_steps=5",
+            "eval.at_start=false",
+            "logging.tensorboard=false",
+            "sample.max_new_tokens=0",
+            "launcher.num_processes=1",
+        ],
+        tmp_path,
+    )
     log = run / f"slurm-{job}.out"
     # preempt it mid-run: once a few steps are logged, SIGTERM every task of the job
     _wait_in_job(slurm, job, log, lambda: _newest_step(run) >= 3, 240, "the job to train a few steps")
@@ -127,7 +159,9 @@ def test_slurm_job_requeued_after_sigterm_resumes(slurm, tiny, tmp_path):
     assert "requeueing job" in text and "stopped by SIGTERM with a checkpoint at step" in text
     stopped = int(re.search(r"stopped by SIGTERM with a checkpoint at step (\d+)", text).group(1))
     assert 3 <= stopped < steps
-    assert re.search(rf"resumed from \S+ \(step {stopped // 5 * 5}|resumed from \S+ \(step {stopped}", text), text[-3000:]
+    assert re.search(rf"resumed from \S+ \(step {stopped // 5 * 5}|resumed from \S+ \(step {stopped}", text), text[
+        -3000:
+    ]
     rows = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert rows == list(range(1, steps + 1))  # every step exactly once across the two attempts
     assert '"state": "finished"' in (run / "status.json").read_text()
@@ -138,17 +172,26 @@ TWO_NODE_STEPS = 30
 
 
 @pytest.mark.slow
-def test_two_node_job_restarts_after_a_lost_rank_and_resumes_after_a_requeue(slurm2, tiny, tmp_path,
-                                                                             tmp_path_factory):
+def test_two_node_job_restarts_after_a_lost_rank_and_resumes_after_a_requeue(slurm2, tiny, tmp_path, tmp_path_factory):
     """One task per node, ranks meeting across the namespaces; node 2's rank SIGKILLed (restart on both
     nodes), then the job preempted (requeue, resume on both): every step once, each rank its own samples,
     the same weights on both after every step, and the losses of one node with two processes, bit for bit."""
     common = [*RESTART_BASE, f"train.max_steps={TWO_NODE_STEPS}"]
     ref = reference(tiny, tmp_path_factory.getbasetemp(), [*common, "launcher.num_processes=2"])
     run = tmp_path / "run"
-    job = _submit(slurm2, [*tiny["overrides"], *common, "launcher=slurm", "launcher.slurm.nodes=2",
-                           "launcher.num_processes=1", f"launcher.main_process_port={free_port()}",
-                           f"run.dir={run}"], tmp_path)
+    job = _submit(
+        slurm2,
+        [
+            *tiny["overrides"],
+            *common,
+            "launcher=slurm",
+            "launcher.slurm.nodes=2",
+            "launcher.num_processes=1",
+            f"launcher.main_process_port={free_port()}",
+            f"run.dir={run}",
+        ],
+        tmp_path,
+    )
     log = run / f"slurm-{job}.out"
 
     _wait_in_job(slurm2, job, log, lambda: _newest_step(run) >= 4, 300, "both nodes to train past step 3")
@@ -168,8 +211,11 @@ def test_two_node_job_restarts_after_a_lost_rank_and_resumes_after_a_requeue(slu
         assert f"GLOO_SOCKET_IFNAME={dev}" in text  # each node bound gloo to its own veth
     lines = re.findall(r"^restart \d+ of 2: .*$", text, re.M)
     assert len(lines) == 2 and lines[0] == lines[1], lines
-    assert re.fullmatch(rf"restart 1 of 2: rank 1 failed after step \d+ \(killed by SIGKILL\); relaunching every "
-                        rf"node from the checkpoint at step {resumed_at}", lines[0]), lines[0]
+    assert re.fullmatch(
+        rf"restart 1 of 2: rank 1 failed after step \d+ \(killed by SIGKILL\); relaunching every "
+        rf"node from the checkpoint at step {resumed_at}",
+        lines[0],
+    ), lines[0]
     assert text.count("stopped by SIGTERM with a checkpoint at step") == 2 and "requeueing job" in text
     stopped = int(re.search(r"stopped by SIGTERM with a checkpoint at step (\d+)", text).group(1))
     assert resumed_at < stopped < TWO_NODE_STEPS

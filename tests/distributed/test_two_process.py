@@ -30,7 +30,7 @@ def _eval_loss_from_saved_adapter(run_dir: Path, base_dir: Path) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(val), 4):
-            loss, n = token_loss_sum(model, collate(val[i:i + 4], tok.pad_token_id))
+            loss, n = token_loss_sum(model, collate(val[i : i + 4], tok.pad_token_id))
             total, count = total + loss.item(), count + n
     return total / count
 
@@ -38,9 +38,18 @@ def _eval_loss_from_saved_adapter(run_dir: Path, base_dir: Path) -> float:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_split_data_sync_gradients_and_save_a_loadable_adapter(tiny, tmp_path, strategy):
     run = tmp_path / "run"
-    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", f"distributed={strategy}",
-                         "train.max_steps=4", "train.micro_batch_size=4", "eval.every_steps=2",
-                         "optim.lr=1e-3", "logging.rank_audit=true", "logging.wandb.mode=offline")
+    result = lora_launch(
+        *tiny["overrides"],
+        f"run.dir={run}",
+        "launcher.num_processes=2",
+        f"distributed={strategy}",
+        "train.max_steps=4",
+        "train.micro_batch_size=4",
+        "eval.every_steps=2",
+        "optim.lr=1e-3",
+        "logging.rank_audit=true",
+        "logging.wandb.mode=offline",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout + result.stderr
     # accelerate set up both processes (not one each) and the strategy asked for
@@ -77,9 +86,27 @@ def test_two_processes_split_data_sync_gradients_and_save_a_loadable_adapter(tin
 def test_accelerate_launch_module_gives_one_run_dir_for_all_ranks(tiny, tmp_path):
     import subprocess
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "lora_launch.train", *tiny["overrides"], "train.max_steps=2", "sample.max_new_tokens=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "lora_launch.train",
+        *tiny["overrides"],
+        "train.max_steps=2",
+        "sample.max_new_tokens=0",
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dirs = list((tmp_path / "runs").iterdir())
@@ -94,9 +121,17 @@ def test_qlora_sharded_trains_after_the_step0_eval(tiny, tmp_path, strategy):
     eval at step 0 used to repack the 4-bit weights into an inference layout with no autograd, zeroing every
     gradient)."""
     run = tmp_path / "run"
-    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", "quant=nf4",
-                         f"distributed={strategy}", "quant.storage_dtype=bfloat16", "train.max_steps=3",
-                         "optim.lr=1e-3", "sample.max_new_tokens=0")
+    result = lora_launch(
+        *tiny["overrides"],
+        f"run.dir={run}",
+        "launcher.num_processes=2",
+        "quant=nf4",
+        f"distributed={strategy}",
+        "quant.storage_dtype=bfloat16",
+        "train.max_steps=3",
+        "optim.lr=1e-3",
+        "sample.max_new_tokens=0",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = read_jsonl(run / "metrics.jsonl")
     assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
@@ -112,9 +147,17 @@ def test_qlora_under_ddp_trains_alike_through_either_4bit_kernel(tiny, tmp_path)
     losses = {}
     for kernel in ("auto", "bitsandbytes"):
         run = tmp_path / kernel
-        result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2", "quant=nf4",
-                             f"quant.kernel={kernel}", "train.max_steps=4", "optim.lr=1e-3", "sample.max_new_tokens=2",
-                             cwd=tmp_path)
+        result = lora_launch(
+            *tiny["overrides"],
+            f"run.dir={run}",
+            "launcher.num_processes=2",
+            "quant=nf4",
+            f"quant.kernel={kernel}",
+            "train.max_steps=4",
+            "optim.lr=1e-3",
+            "sample.max_new_tokens=2",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         said = "torch (quant.kernel=auto)" if kernel == "auto" else "bitsandbytes (quant.kernel=bitsandbytes)"
         assert f"QLoRA: the 4-bit layers' matmul through {said}" in result.stdout + result.stderr
@@ -134,9 +177,16 @@ def test_fsdp2_in_bfloat16_trains_as_ddp_does(tiny, tmp_path):
     losses = {}
     for strategy in ("ddp", "fsdp2"):
         run = tmp_path / strategy
-        result = lora_launch(*tiny["overrides"], f"run.dir={run}", "launcher.num_processes=2",
-                             f"distributed={strategy}", "train.precision=bfloat16", "train.max_steps=4",
-                             "optim.lr=1e-3", "sample.max_new_tokens=0")
+        result = lora_launch(
+            *tiny["overrides"],
+            f"run.dir={run}",
+            "launcher.num_processes=2",
+            f"distributed={strategy}",
+            "train.precision=bfloat16",
+            "train.max_steps=4",
+            "optim.lr=1e-3",
+            "sample.max_new_tokens=0",
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         assert "bfloat16" in (run / "config.yaml").read_text()
         losses[strategy] = [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_jsonl(run / "metrics.jsonl")]
@@ -149,19 +199,36 @@ def test_fsdp2_ranks_other_than_0_never_hold_the_whole_base(tiny, tmp_path):
     shards, so once the model is in place its peak host memory is about half a model below that of DDP's rank 1,
     which holds it all. A random 32-layer base of ~140M float32 parameters (~530 MiB) makes the difference
     plain. (Training itself is not compared: FSDP2's gathers on the CPU leave the host allocator larger.)"""
-    arch = ["model.random_init=true", "model.path=null", "+model.arch.model_type=llama", "+model.arch.vocab_size=4096",
-            "+model.arch.hidden_size=512", "+model.arch.intermediate_size=2048", "+model.arch.num_hidden_layers=32",
-            "+model.arch.num_attention_heads=8", "+model.arch.num_key_value_heads=8",
-            "+model.arch.max_position_embeddings=256"]
+    arch = [
+        "model.random_init=true",
+        "model.path=null",
+        "+model.arch.model_type=llama",
+        "+model.arch.vocab_size=4096",
+        "+model.arch.hidden_size=512",
+        "+model.arch.intermediate_size=2048",
+        "+model.arch.num_hidden_layers=32",
+        "+model.arch.num_attention_heads=8",
+        "+model.arch.num_key_value_heads=8",
+        "+model.arch.max_position_embeddings=256",
+    ]
     model_mib = (32 * (4 * 512 * 512 + 3 * 512 * 2048) + 2 * 4096 * 512) * 4 / 2**20
     peaks, losses = {}, {}
     (tmp_path / "train.py").write_text("open('USER_TRAIN_RAN', 'w').close()\n")  # a user's own, never run
     for strategy in ("ddp", "fsdp2"):
         run = tmp_path / strategy
-        result = lora_launch(*tiny["overrides"], *arch, f"model.tokenizer={tiny['model']}", f"run.dir={run}",
-                             "launcher.num_processes=2", f"distributed={strategy}", "train.max_steps=2",
-                             "eval.every_steps=0", "logging.rank_audit=true", "sample.max_new_tokens=0",
-                             cwd=tmp_path)  # from a directory of the user's, not the repository
+        result = lora_launch(
+            *tiny["overrides"],
+            *arch,
+            f"model.tokenizer={tiny['model']}",
+            f"run.dir={run}",
+            "launcher.num_processes=2",
+            f"distributed={strategy}",
+            "train.max_steps=2",
+            "eval.every_steps=0",
+            "logging.rank_audit=true",
+            "sample.max_new_tokens=0",
+            cwd=tmp_path,
+        )  # from a directory of the user's, not the repository
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         peaks[strategy] = [read_jsonl(run / "ranks" / f"rank{r}.jsonl")[-1]["host_peak_at_start_mib"] for r in (0, 1)]
         losses[strategy] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
@@ -177,14 +244,23 @@ def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, 
     """Under zero3 with grad ckpt DeepSpeed gathers each decoder layer at once (its leaf modules): the log says
     so, and the losses are DDP's (with grad ckpt too) but for summation order. A leaf_module in the user's own
     DeepSpeed JSON is left to DeepSpeed: then the project sets none."""
-    common = [*tiny["overrides"], "launcher.num_processes=2", "train.grad_ckpt=true", "train.max_steps=4",
-              "optim.lr=1e-3", "sample.max_new_tokens=0"]
+    common = [
+        *tiny["overrides"],
+        "launcher.num_processes=2",
+        "train.grad_ckpt=true",
+        "train.max_steps=4",
+        "optim.lr=1e-3",
+        "sample.max_new_tokens=0",
+    ]
     losses, logs = {}, {}
     own = tmp_path / "own_ds.json"
     own.write_text('{"zero_optimization": {"leaf_module": {"classes": ["LlamaMLP"]}}}')
     (tmp_path / "train.py").write_text("open('USER_TRAIN_RAN', 'w').close()\n")  # a user's own, never run
-    for name, extra in (("ddp", ["distributed=ddp"]), ("zero3", ["distributed=zero3"]),
-                        ("zero3_own", ["distributed=zero3", f"distributed.deepspeed_config={own}"])):
+    for name, extra in (
+        ("ddp", ["distributed=ddp"]),
+        ("zero3", ["distributed=zero3"]),
+        ("zero3_own", ["distributed=zero3", f"distributed.deepspeed_config={own}"]),
+    ):
         run = tmp_path / name
         result = lora_launch(*common, f"run.dir={run}", *extra, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
@@ -206,20 +282,39 @@ def test_fsdp2_shard_groups_train_as_one_layer_groups_do(tiny, tmp_path):
     from support.resume import launch
 
     losses, logs = {}, {}
-    for name, extra in (("one", ["distributed.layers_per_group=1", "distributed.prefetch=1"]), ("auto", []),
-                        ("kept", ["distributed.layers_per_group=1", "distributed.keep_gathered=1"])):
+    for name, extra in (
+        ("one", ["distributed.layers_per_group=1", "distributed.prefetch=1"]),
+        ("auto", []),
+        ("kept", ["distributed.layers_per_group=1", "distributed.keep_gathered=1"]),
+    ):
         run = tmp_path / name
-        rc, log = launch(run, [*tiny["overrides"], "launcher.num_processes=2", "distributed=fsdp2",
-                               "train.max_steps=4", "optim.lr=1e-3", "sample.max_new_tokens=2", "eval.every_steps=2",
-                               "checkpoint.every_steps=2", *extra])
+        rc, log = launch(
+            run,
+            [
+                *tiny["overrides"],
+                "launcher.num_processes=2",
+                "distributed=fsdp2",
+                "train.max_steps=4",
+                "optim.lr=1e-3",
+                "sample.max_new_tokens=2",
+                "eval.every_steps=2",
+                "checkpoint.every_steps=2",
+                *extra,
+            ],
+        )
         assert rc == 0, log[-3000:]
         logs[name] = log
         losses[name] = [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_jsonl(run / "metrics.jsonl")]
     assert "FSDP2: 2 decoder layers, 2 shard groups of up to 1 (distributed.layers_per_group=1)" in logs["one"]
     assert "FSDP2: 2 decoder layers, 1 shard group of up to 2 (distributed.layers_per_group=auto)" in logs["auto"]
     # auto on CPUs: nothing kept (no GPU memory to judge by), said once, after the first step
-    assert logs["auto"].count("FSDP2: the last 0 of 1 shard groups stay gathered from forward to backward "
-                              "(distributed.keep_gathered=auto: no GPU memory to hold them)") == 1
+    assert (
+        logs["auto"].count(
+            "FSDP2: the last 0 of 1 shard groups stay gathered from forward to backward "
+            "(distributed.keep_gathered=auto: no GPU memory to hold them)"
+        )
+        == 1
+    )
     assert "stay gathered" not in logs["kept"]  # a number is applied at sharding, not decided
     for name in ("auto", "kept"):
         assert [s for s, _ in losses[name]] == [s for s, _ in losses["one"]] and len(losses["one"]) > 4
@@ -227,8 +322,12 @@ def test_fsdp2_shard_groups_train_as_one_layer_groups_do(tiny, tmp_path):
     from safetensors.torch import load_file
 
     for step in ("step-2", "step-4"):  # saved after an evaluation left the kept group gathered
-        ckpts = {n: sorted(p for p in (tmp_path / n / "checkpoints" / step).rglob("*.safetensors")
-                           if not p.name.startswith("rng-")) for n in ("one", "kept")}  # RNG: each process's own
+        ckpts = {
+            n: sorted(
+                p for p in (tmp_path / n / "checkpoints" / step).rglob("*.safetensors") if not p.name.startswith("rng-")
+            )
+            for n in ("one", "kept")
+        }  # RNG: each process's own
         assert ckpts["kept"] and [p.name for p in ckpts["kept"]] == [p.name for p in ckpts["one"]]
         for a, b in zip(ckpts["one"], ckpts["kept"]):
             one, kept = load_file(a), load_file(b)

@@ -9,9 +9,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -31,8 +31,11 @@ def _snapshot(d: Path) -> dict[str, str]:
     """Every name under `d` (or the file `d`) with its sha256; the launch and rank locks left out."""
     if d.is_file():
         return {".": hashlib.sha256(d.read_bytes()).hexdigest()}
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(d.rglob("*")) if not p.name.startswith(LOCKS)}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(d.rglob("*"))
+        if not p.name.startswith(LOCKS)
+    }
 
 
 def _changes(before: dict, after: dict) -> str:
@@ -66,7 +69,7 @@ def _edit(command: list[str], changed: list[str], dropped: tuple[str, ...] = ())
 
 def _traceback_head(out: str) -> str:
     """The exception line of the last traceback and its innermost frame, for the failure message."""
-    block = out[out.rfind(TRACEBACKS[0]):] if TRACEBACKS[0] in out else out[out.find(TRACEBACKS[1]):]
+    block = out[out.rfind(TRACEBACKS[0]) :] if TRACEBACKS[0] in out else out[out.find(TRACEBACKS[1]) :]
     frames = re.findall(r'File "([^"]+)", line (\d+)', block)
     exc = [line for line in block.splitlines() if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
     where = f" at {Path(frames[-1][0]).name}:{frames[-1][1]}" if frames else ""
@@ -75,10 +78,12 @@ def _traceback_head(out: str) -> str:
 
 # ---- the runs the cases aim at -------------------------------------------------------------------
 
+
 @dataclass
 class Runs:
     """A finished and an unfinished tiny run; each case gets a fresh copy at the run's own path (the run dir
     is in its config), from a pristine copy that nothing writes to."""
+
     root: Path
     tiny: dict
     cache: Path
@@ -106,17 +111,20 @@ def runs(tiny, tmp_path_factory) -> Runs:
     while saving step 6 (checkpoints 2 and 4 committed). Both commands say resume.mode=auto."""
     r = Runs(tmp_path_factory.mktemp("bad-inputs"), tiny, Path())
     r.cache = r.root / "cache"
-    done = r.train("finished", ["train.max_steps=4", "checkpoint.every_steps=2", "resume.mode=auto",
-                                "launcher.max_restarts=0"])
+    done = r.train(
+        "finished", ["train.max_steps=4", "checkpoint.every_steps=2", "resume.mode=auto", "launcher.max_restarts=0"]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     finished = r.dirs["finished"]
     assert [p.name for p in _committed(finished)] == ["step-2", "step-4"], sorted(_snapshot(finished))
     assert (finished / "adapter").is_dir() and (finished / "metrics.jsonl").is_file()
     assert json.loads((finished / "status.json").read_text())["state"] == "finished"
 
-    killed = r.train("unfinished", ["train.max_steps=8", "checkpoint.every_steps=2", "resume.mode=auto",
-                                    "launcher.max_restarts=0"],
-                     **inject.env(CRASH_IN_SAVE="after_rank_write@6"))
+    killed = r.train(
+        "unfinished",
+        ["train.max_steps=8", "checkpoint.every_steps=2", "resume.mode=auto", "launcher.max_restarts=0"],
+        **inject.env(CRASH_IN_SAVE="after_rank_write@6"),
+    )
     unfinished = r.dirs["unfinished"]
     assert killed.returncode != 0, killed.stdout[-2000:]
     assert [p.name for p in _committed(unfinished)] == ["step-2", "step-4"], sorted(_snapshot(unfinished))
@@ -125,6 +133,7 @@ def runs(tiny, tmp_path_factory) -> Runs:
 
 
 # ---- what a case changes -------------------------------------------------------------------------
+
 
 class Ctx:
     """What a case's lambdas see: its temp dir, the run it aims at, and helpers to write bad files."""
@@ -175,7 +184,9 @@ def _manifests(edit: Callable[[dict], None]) -> Callable[[Ctx], None]:
             manifest = json.loads((ckpt / "manifest.json").read_text())
             edit(manifest)
             (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
         c.every_checkpoint(one)
+
     return setup
 
 
@@ -214,10 +225,16 @@ CASES = [
     bad("train.grad_ckpt=maybe", ["train.grad_ckpt=maybe"], "train.grad_ckpt", target="finished"),
     bad("distributed=zero5", ["distributed=zero5"], ("distributed=zero5", "zero2"), target="finished"),
     bad("distributed.zero_stage=1", ["distributed=zero2", "distributed.zero_stage=1"], "distributed.zero_stage"),
-    bad("fsdp2-bitsandbytes-optimizer", ["distributed=fsdp2", "optim=paged_adamw_32bit"],
-        ("optim.name=paged_adamw_32bit", "use optim.name=adamw_torch")),
-    bad("fsdp2-nf4-stored-as-uint8", ["distributed=fsdp2", "quant=nf4"],
-        ("quant.storage_dtype=uint8", "set quant.storage_dtype=bfloat16")),
+    bad(
+        "fsdp2-bitsandbytes-optimizer",
+        ["distributed=fsdp2", "optim=paged_adamw_32bit"],
+        ("optim.name=paged_adamw_32bit", "use optim.name=adamw_torch"),
+    ),
+    bad(
+        "fsdp2-nf4-stored-as-uint8",
+        ["distributed=fsdp2", "quant=nf4"],
+        ("quant.storage_dtype=uint8", "set quant.storage_dtype=bfloat16"),
+    ),
     bad("model=nosuchmodel", ["model=nosuchmodel"], ("model=nosuchmodel", "tiny")),
     bad("quant=int3", ["quant=int3"], ("quant=int3", "nf4"), target="finished"),
     bad("unknown-key", ["lora.rank=16"], "lora.rank", target="finished"),
@@ -227,128 +244,259 @@ CASES = [
     bad("list-key-given-a-word-betas", ["optim.betas=fast"], "optim.betas"),
     bad("lora.target_modules=[]", ["lora.target_modules=[]"], "lora.target_modules", target="finished"),
     bad("resume.mode=sometimes", ["resume.mode=sometimes"], "resume.mode", target="unfinished"),
-    bad("resume.allow_changes-not-a-list", ["resume.allow_changes=lora.r"], "resume.allow_changes",
-         target="unfinished"),
+    bad(
+        "resume.allow_changes-not-a-list", ["resume.allow_changes=lora.r"], "resume.allow_changes", target="unfinished"
+    ),
     bad("run.dir-is-a-file", lambda c: [f"run.dir={c.run}"], ("run.dir", "{run}"), target="file"),
     bad("launcher.num_processes=0", ["launcher.num_processes=0"], "launcher.num_processes", target="finished"),
     bad("launcher.main_process_port=70000", ["launcher.main_process_port=70000"], "launcher.main_process_port"),
-    bad("launcher.machine_rank-beyond", ["launcher.num_machines=2", "launcher.machine_rank=5"],
-         "launcher.machine_rank", target="finished"),
+    bad(
+        "launcher.machine_rank-beyond",
+        ["launcher.num_machines=2", "launcher.machine_rank=5"],
+        "launcher.machine_rank",
+        target="finished",
+    ),
     bad("checkpoint.every_steps=-1", ["checkpoint.every_steps=-1"], "checkpoint.every_steps", target="finished"),
     bad("checkpoint.keep_last=0", ["checkpoint.keep_last=0"], "checkpoint.keep_last", target="finished"),
     bad("seed=-1", ["seed=-1"], "seed", target="finished"),
-    bad("packing-with-group_by_length", ["data.packing=true", "data.group_by_length=true"],
-         ("data.packing", "data.group_by_length"), target="finished"),
+    bad(
+        "packing-with-group_by_length",
+        ["data.packing=true", "data.group_by_length=true"],
+        ("data.packing", "data.group_by_length"),
+        target="finished",
+    ),
     bad("data.format=yaml", ["data.format=yaml"], "data.format"),
     bad("override-without-value", ["bogus"], "bogus", target="finished"),
     # ---- the model
     bad("model.path-missing-dir", lambda c: [f"model.path={c.tmp}/no-such-model"], ("model.path", "no-such-model")),
-    bad("model.path-without-config.json", lambda c: [f"model.path={c.model_without('bare-model', '*')}"],
-         ("bare-model", "config.json")),
-    bad("model.path-config.json-broken", lambda c: [f"model.path={c.write('broken-model/config.json', '{').parent}"],
-         ("broken-model", "config.json")),
+    bad(
+        "model.path-without-config.json",
+        lambda c: [f"model.path={c.model_without('bare-model', '*')}"],
+        ("bare-model", "config.json"),
+    ),
+    bad(
+        "model.path-config.json-broken",
+        lambda c: [f"model.path={c.write('broken-model/config.json', '{').parent}"],
+        ("broken-model", "config.json"),
+    ),
     bad("model.path-not-a-hub-id", ["model.path=just-a-name"], ("model.path", "just-a-name")),
-    bad("model.path-offline-hub-id-not-cached", ["model.path=nobody/no-such-model"],
-         ("model.path=nobody/no-such-model", "HF_HUB_OFFLINE"), env={"HF_HOME": "{tmp}/empty-hf-home"}),
-    bad("model.path-without-tokenizer", lambda c: [f"model.path={c.model_without('no-tok-model', 'tokenizer*')}"],
-         "no-tok-model"),
-    bad("model.path-without-weights", lambda c: [f"model.path={c.model_without('no-weights', '*.safetensors')}"],
-         "no-weights"),
-    bad("lora.target_modules-unknown", ["lora.target_modules=[no_such_proj]"],
-         ("lora.target_modules", "no_such_proj")),
+    bad(
+        "model.path-offline-hub-id-not-cached",
+        ["model.path=nobody/no-such-model"],
+        ("model.path=nobody/no-such-model", "HF_HUB_OFFLINE"),
+        env={"HF_HOME": "{tmp}/empty-hf-home"},
+    ),
+    bad(
+        "model.path-without-tokenizer",
+        lambda c: [f"model.path={c.model_without('no-tok-model', 'tokenizer*')}"],
+        "no-tok-model",
+    ),
+    bad(
+        "model.path-without-weights",
+        lambda c: [f"model.path={c.model_without('no-weights', '*.safetensors')}"],
+        "no-weights",
+    ),
+    bad("lora.target_modules-unknown", ["lora.target_modules=[no_such_proj]"], ("lora.target_modules", "no_such_proj")),
     # ---- the data (files written in the case's temp dir)
     bad("data.path-missing", lambda c: [f"data.path={c.tmp}/missing.jsonl"], ("data.path", "missing.jsonl")),
     bad("data.path=null", ["data.path=null"], "data.path"),
     bad("data-empty-file", lambda c: [f"data.path={c.write('empty.jsonl', '')}"], "empty.jsonl"),
-    bad("data-broken-json-line", lambda c: [f"data.path={c.write('broken.jsonl', BROKEN_LINE)}"],
-         "broken.jsonl:3"),
-    bad("data-line-not-an-object", lambda c: [f"data.path={c.write('array.jsonl', NOT_AN_OBJECT)}"],
-         "array.jsonl:2"),
-    bad("data-not-utf8", lambda c: [f"data.path={c.write('latin1.jsonl', LATIN1)}"],
-         "latin1.jsonl:2"),
-    bad("data-text-only-under-instruction", lambda c: [f"data.path={c.jsonl('notes.jsonl', [{'text': 'a line of prose'}] * 20)}"],
-         ("notes.jsonl", "data.format=text")),
+    bad("data-broken-json-line", lambda c: [f"data.path={c.write('broken.jsonl', BROKEN_LINE)}"], "broken.jsonl:3"),
+    bad("data-line-not-an-object", lambda c: [f"data.path={c.write('array.jsonl', NOT_AN_OBJECT)}"], "array.jsonl:2"),
+    bad("data-not-utf8", lambda c: [f"data.path={c.write('latin1.jsonl', LATIN1)}"], "latin1.jsonl:2"),
+    bad(
+        "data-text-only-under-instruction",
+        lambda c: [f"data.path={c.jsonl('notes.jsonl', [{'text': 'a line of prose'}] * 20)}"],
+        ("notes.jsonl", "data.format=text"),
+    ),
     # a number is fine (CSV columns of digits arrive as numbers) and is written as its text; a list or a
     # mapping where text belongs is not
-    bad("data-instruction-a-mapping", lambda c: [f"data.path={c.jsonl('maps.jsonl', [{**ROW, 'instruction': {'a': 1}}] * 20)}"],
-         ("maps.jsonl", "instruction")),
-    bad("data-instruction-a-list", lambda c: [f"data.path={c.jsonl('lists.jsonl', [{**ROW, 'instruction': ['a', 'b']}] * 20)}"],
-         ("lists.jsonl", "instruction")),
-    bad("data-output-null", lambda c: [f"data.path={c.jsonl('nulls.jsonl', [ROW] * 5 + [{**ROW, 'output': None}])}"],
-         ("nulls.jsonl", "output")),
-    bad("data-every-sample-too-long", ["train.seq_len=8", "data.truncation=false"],
-         ("train.seq_len", "data.truncation")),
+    bad(
+        "data-instruction-a-mapping",
+        lambda c: [f"data.path={c.jsonl('maps.jsonl', [{**ROW, 'instruction': {'a': 1}}] * 20)}"],
+        ("maps.jsonl", "instruction"),
+    ),
+    bad(
+        "data-instruction-a-list",
+        lambda c: [f"data.path={c.jsonl('lists.jsonl', [{**ROW, 'instruction': ['a', 'b']}] * 20)}"],
+        ("lists.jsonl", "instruction"),
+    ),
+    bad(
+        "data-output-null",
+        lambda c: [f"data.path={c.jsonl('nulls.jsonl', [ROW] * 5 + [{**ROW, 'output': None}])}"],
+        ("nulls.jsonl", "output"),
+    ),
+    bad(
+        "data-every-sample-too-long", ["train.seq_len=8", "data.truncation=false"], ("train.seq_len", "data.truncation")
+    ),
     bad("data.val_split-leaves-no-training-sample", ["data.max_samples=1", "data.val_split=0.9"], "data.val_split"),
-    bad("data-dir-without-data-files", lambda c: [f"data.path={c.write('no-data-dir/README.txt', 'notes').parent}"],
-         ("data.path", "no-data-dir")),
-    bad("data-unsupported-file-type", lambda c: [f"data.path={c.write('rows.txt', 'a line')}"], ("data.path", "rows.txt")),
-    bad("data-csv-missing-column", lambda c: [f"data.path={c.write('rows.csv', CSV_NO_OUTPUT)}"],
-         ("rows.csv", "output")),
+    bad(
+        "data-dir-without-data-files",
+        lambda c: [f"data.path={c.write('no-data-dir/README.txt', 'notes').parent}"],
+        ("data.path", "no-data-dir"),
+    ),
+    bad(
+        "data-unsupported-file-type",
+        lambda c: [f"data.path={c.write('rows.txt', 'a line')}"],
+        ("data.path", "rows.txt"),
+    ),
+    bad(
+        "data-csv-missing-column", lambda c: [f"data.path={c.write('rows.csv', CSV_NO_OUTPUT)}"], ("rows.csv", "output")
+    ),
     bad("data-messages-format-on-instruction-data", ["data.format=messages"], ("data.jsonl", "messages")),
-    bad("data-val_split_name-without-its-file",
-         lambda c: [f"data.path={c.jsonl('split-dir/train.jsonl', [ROW] * 20).parent}", "data.val_split_name=validation"],
-         ("split-dir", "validation")),
+    bad(
+        "data-val_split_name-without-its-file",
+        lambda c: [
+            f"data.path={c.jsonl('split-dir/train.jsonl', [ROW] * 20).parent}",
+            "data.val_split_name=validation",
+        ],
+        ("split-dir", "validation"),
+    ),
     # ---- hostfiles (preview=true where a launch would start processes)
-    bad("hostfile-missing", lambda c: ["launcher=hostfile", f"launcher.hostfile={c.tmp}/no_such_hostfile", "preview=true"],
-         ("launcher.hostfile", "no_such_hostfile")),
+    bad(
+        "hostfile-missing",
+        lambda c: ["launcher=hostfile", f"launcher.hostfile={c.tmp}/no_such_hostfile", "preview=true"],
+        ("launcher.hostfile", "no_such_hostfile"),
+    ),
     bad("hostfile-not-given", ["launcher=hostfile", "preview=true"], "launcher.hostfile"),
-    bad("hostfile-is-a-directory", lambda c: ["launcher=hostfile", f"launcher.hostfile={c.tmp}", "preview=true"],
-         "launcher.hostfile"),
+    bad(
+        "hostfile-is-a-directory",
+        lambda c: ["launcher=hostfile", f"launcher.hostfile={c.tmp}", "preview=true"],
+        "launcher.hostfile",
+    ),
     bad("hostfile-empty", lambda c: [*_hosts(c, "empty_hosts", "# nothing here\n"), "preview=true"], "empty_hosts"),
-    bad("hostfile-malformed-line", lambda c: [*_hosts(c, "malformed_hosts", "# two nodes\nnode-a slots=2 extra=1\n"),
-                                               "preview=true"], "malformed_hosts:2"),
-    bad("hostfile-no-slots", lambda c: [*_hosts(c, "no_slots", "localhost\n"), "preview=true"], ("no_slots:1", "slots")),
-    bad("hostfile-slots=0", lambda c: [*_hosts(c, "zero_slots", "localhost slots=0\n"), "preview=true"],
-         ("zero_slots:1", "slots")),
-    bad("hostfile-duplicate-host", lambda c: [*_hosts(c, "dup_hosts", "localhost slots=1\nlocalhost slots=1\n"),
-                                               "preview=true"], ("dup_hosts:2", "localhost")),
-    bad("hostfile-host-does-not-resolve", lambda c: _hosts(c, "unresolvable_hosts",
-                                                            "no-such-host.invalid slots=1\nlocalhost slots=1\n"),
-         "no-such-host.invalid"),
-    bad("hostfile-this-host-not-listed", lambda c: _hosts(c, "other_hosts", "10.255.255.1 slots=1\n"),
-         "launcher.node_rank"),
-    bad("hostfile-this-host-listed-twice", lambda c: _hosts(c, "alias_hosts", "localhost slots=1\n127.0.0.1 slots=1\n"),
-         "launcher.node_rank"),
-    bad("hostfile-more-processes-than-slots", lambda c: [*_hosts(c, "small_hosts", "localhost slots=2\n"),
-                                                          "launcher.num_processes=8", "preview=true"],
-         ("launcher.num_processes", "small_hosts")),
-    bad("hostfile-uneven-slots", lambda c: [*_hosts(c, "uneven_hosts", "localhost slots=2\nnode-b slots=4\n"),
-                                             "preview=true"], ("uneven_hosts", "launcher.num_processes")),
-    bad("hostfile-node_rank-beyond", lambda c: [*_hosts(c, "one_host", "localhost slots=1\n"),
-                                                 "launcher.node_rank=3", "preview=true"], "launcher.node_rank"),
+    bad(
+        "hostfile-malformed-line",
+        lambda c: [*_hosts(c, "malformed_hosts", "# two nodes\nnode-a slots=2 extra=1\n"), "preview=true"],
+        "malformed_hosts:2",
+    ),
+    bad(
+        "hostfile-no-slots", lambda c: [*_hosts(c, "no_slots", "localhost\n"), "preview=true"], ("no_slots:1", "slots")
+    ),
+    bad(
+        "hostfile-slots=0",
+        lambda c: [*_hosts(c, "zero_slots", "localhost slots=0\n"), "preview=true"],
+        ("zero_slots:1", "slots"),
+    ),
+    bad(
+        "hostfile-duplicate-host",
+        lambda c: [*_hosts(c, "dup_hosts", "localhost slots=1\nlocalhost slots=1\n"), "preview=true"],
+        ("dup_hosts:2", "localhost"),
+    ),
+    bad(
+        "hostfile-host-does-not-resolve",
+        lambda c: _hosts(c, "unresolvable_hosts", "no-such-host.invalid slots=1\nlocalhost slots=1\n"),
+        "no-such-host.invalid",
+    ),
+    bad(
+        "hostfile-this-host-not-listed",
+        lambda c: _hosts(c, "other_hosts", "10.255.255.1 slots=1\n"),
+        "launcher.node_rank",
+    ),
+    bad(
+        "hostfile-this-host-listed-twice",
+        lambda c: _hosts(c, "alias_hosts", "localhost slots=1\n127.0.0.1 slots=1\n"),
+        "launcher.node_rank",
+    ),
+    bad(
+        "hostfile-more-processes-than-slots",
+        lambda c: [*_hosts(c, "small_hosts", "localhost slots=2\n"), "launcher.num_processes=8", "preview=true"],
+        ("launcher.num_processes", "small_hosts"),
+    ),
+    bad(
+        "hostfile-uneven-slots",
+        lambda c: [*_hosts(c, "uneven_hosts", "localhost slots=2\nnode-b slots=4\n"), "preview=true"],
+        ("uneven_hosts", "launcher.num_processes"),
+    ),
+    bad(
+        "hostfile-node_rank-beyond",
+        lambda c: [*_hosts(c, "one_host", "localhost slots=1\n"), "launcher.node_rank=3", "preview=true"],
+        "launcher.node_rank",
+    ),
     # ---- checkpoints: a copy of the unfinished run, broken, then the same command again (resume.mode=auto)
-    bad("ckpt-every-manifest-truncated", [], EVERY_CKPT, target="unfinished",
-         setup=lambda c: c.every_checkpoint(_truncate_manifest)),
-    bad("ckpt-every-manifest-lists-no-files", [], EVERY_CKPT, target="unfinished",
-         setup=_manifests(lambda m: m.update(files={}))),
-    bad("ckpt-every-manifest-without-config", [], EVERY_CKPT, target="unfinished",
-         setup=_manifests(lambda m: m.pop("config"))),
-    bad("ckpt-every-trainable-checksum-mismatch", [], (*EVERY_CKPT, "trainable.safetensors"), target="unfinished",
-         setup=lambda c: c.every_checkpoint(lambda p: _flip_a_byte(p / "trainable.safetensors"))),
-    bad("ckpt-resume.mode-path-corrupt", lambda c: [f"resume.mode={c.run}/checkpoints/step-2"],
-         ("checkpoints/step-2", "trainable.safetensors"), target="unfinished",
-         setup=lambda c: _flip_a_byte(c.run / "checkpoints/step-2/trainable.safetensors")),
-    bad("ckpt-resume.mode-no-such-path", ["resume.mode=/no/such/ckpt"], ("resume.mode", "/no/such/ckpt"),
-         target="unfinished"),
-    bad("ckpt-resume.mode-not-a-checkpoint", lambda c: [f"resume.mode={c.run}/checkpoints"],
-         ("resume.mode", "{run}/checkpoints"), target="unfinished"),
-    bad("ckpt-resume-under-changed-config", ["lora.r=4"],
-         ("lora.r", "checkpoints/step-4", "resume.allow_changes"), target="unfinished"),
-    bad("ckpt-resume.mode-another-runs-checkpoint",
-         lambda c: [f"resume.mode={shutil.copytree(c.runs.pristine['finished'], c.tmp / 'other')}/checkpoints/step-2"],
-         ("other/checkpoints/step-2", "train.max_steps"), target="unfinished"),
+    bad(
+        "ckpt-every-manifest-truncated",
+        [],
+        EVERY_CKPT,
+        target="unfinished",
+        setup=lambda c: c.every_checkpoint(_truncate_manifest),
+    ),
+    bad(
+        "ckpt-every-manifest-lists-no-files",
+        [],
+        EVERY_CKPT,
+        target="unfinished",
+        setup=_manifests(lambda m: m.update(files={})),
+    ),
+    bad(
+        "ckpt-every-manifest-without-config",
+        [],
+        EVERY_CKPT,
+        target="unfinished",
+        setup=_manifests(lambda m: m.pop("config")),
+    ),
+    bad(
+        "ckpt-every-trainable-checksum-mismatch",
+        [],
+        (*EVERY_CKPT, "trainable.safetensors"),
+        target="unfinished",
+        setup=lambda c: c.every_checkpoint(lambda p: _flip_a_byte(p / "trainable.safetensors")),
+    ),
+    bad(
+        "ckpt-resume.mode-path-corrupt",
+        lambda c: [f"resume.mode={c.run}/checkpoints/step-2"],
+        ("checkpoints/step-2", "trainable.safetensors"),
+        target="unfinished",
+        setup=lambda c: _flip_a_byte(c.run / "checkpoints/step-2/trainable.safetensors"),
+    ),
+    bad(
+        "ckpt-resume.mode-no-such-path",
+        ["resume.mode=/no/such/ckpt"],
+        ("resume.mode", "/no/such/ckpt"),
+        target="unfinished",
+    ),
+    bad(
+        "ckpt-resume.mode-not-a-checkpoint",
+        lambda c: [f"resume.mode={c.run}/checkpoints"],
+        ("resume.mode", "{run}/checkpoints"),
+        target="unfinished",
+    ),
+    bad(
+        "ckpt-resume-under-changed-config",
+        ["lora.r=4"],
+        ("lora.r", "checkpoints/step-4", "resume.allow_changes"),
+        target="unfinished",
+    ),
+    bad(
+        "ckpt-resume.mode-another-runs-checkpoint",
+        lambda c: [f"resume.mode={shutil.copytree(c.runs.pristine['finished'], c.tmp / 'other')}/checkpoints/step-2"],
+        ("other/checkpoints/step-2", "train.max_steps"),
+        target="unfinished",
+    ),
     # ---- the environment
     bad("run.dir-4000-characters", lambda c: [f"run.dir={c.run}/{('d' * 200 + '/') * 20}run"], "run.dir"),
     bad("run.dir-component-over-255", lambda c: [f"run.dir={c.run}/{'x' * 300}/run"], "run.dir"),
-    bad("data.cache_dir-is-a-file", lambda c: [f"data.cache_dir={c.write('cache-file', 'not a dir')}"],
-         ("data.cache_dir", "cache-file")),
+    bad(
+        "data.cache_dir-is-a-file",
+        lambda c: [f"data.cache_dir={c.write('cache-file', 'not a dir')}"],
+        ("data.cache_dir", "cache-file"),
+    ),
     bad("data.cache_dir-unwritable", ["data.cache_dir=/proc/no-such-cache"], ("data.cache_dir", "/proc/no-such-cache")),
-    bad("HOME-unwritable-no-cache-set", [], ("/proc/no-such-home", "data.cache_dir", "LORA_LAUNCH_CACHE"),
-         env={"HOME": "/proc/no-such-home", "LORA_LAUNCH_CACHE": None}, dropped=("data.cache_dir",)),
+    bad(
+        "HOME-unwritable-no-cache-set",
+        [],
+        ("/proc/no-such-home", "data.cache_dir", "LORA_LAUNCH_CACHE"),
+        env={"HOME": "/proc/no-such-home", "LORA_LAUNCH_CACHE": None},
+        dropped=("data.cache_dir",),
+    ),
     bad("run.dir-read-only", [], ("{run}", "Read-only file system"), target="unfinished", fault="read_only"),
     # a LoRA on q/v alone: its small checkpoints fit on the 300k disk before it fills
-    bad("disk-full-during-a-save", ["train.max_steps=8", "checkpoint.every_steps=2", "lora.target_modules=[q_proj,v_proj]"],
-        ("{tmp}/disk", "No space left on device"), target="tmpfs"),
+    bad(
+        "disk-full-during-a-save",
+        ["train.max_steps=8", "checkpoint.every_steps=2", "lora.target_modules=[q_proj,v_proj]"],
+        ("{tmp}/disk", "No space left on device"),
+        target="tmpfs",
+    ),
 ]
 
 
@@ -408,13 +556,13 @@ def test_bad_input_is_one_line_naming_it_and_changes_nothing(case: Case, runs: R
     if case.target == "tmpfs":
         kept = _committed(tmp_path / "disk-after" / "run")
         if not kept or not all(_intact(p) for p in kept):
-            problems.append(f"checkpoints not intact after the failed save: "
-                            f"{[(p.name, _intact(p)) for p in kept]}")
+            problems.append(f"checkpoints not intact after the failed save: {[(p.name, _intact(p)) for p in kept]}")
     elif before is not None:
         after = _snapshot(run)
         if after != before:
             problems.append(f"{run} changed: {_changes(before, after)}")
     elif os.path.lexists(run):
         problems.append(f"{run} was made: {sorted(_snapshot(run))[:10]}")
-    assert not problems, "; ".join(problems) + f"\n  last stderr line: {last[:600]!r}\n  stdout tail: " \
-                                               f"{result.stdout[-400:]!r}"
+    assert not problems, (
+        "; ".join(problems) + f"\n  last stderr line: {last[:600]!r}\n  stdout tail: {result.stdout[-400:]!r}"
+    )

@@ -8,13 +8,17 @@ import pytest
 from support.cli import lora_launch
 
 
-@pytest.mark.parametrize("override,key", [
-    ('launcher.slurm.extra=["--exclusive\ntouch pwned"]', "launcher.slurm.extra[0]"),
-    ('launcher.slurm.partition="gpu\ntouch pwned"', "launcher.slurm.partition"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ('launcher.slurm.extra=["--exclusive\ntouch pwned"]', "launcher.slurm.extra[0]"),
+        ('launcher.slurm.partition="gpu\ntouch pwned"', "launcher.slurm.partition"),
+    ],
+)
 def test_a_newline_in_a_slurm_value_is_refused(tmp_path, override, key):
-    done = lora_launch("launcher=slurm", "launcher.slurm.submit=false", "run.dir=runs/sl", override, cwd=tmp_path,
-                       timeout=300)
+    done = lora_launch(
+        "launcher=slurm", "launcher.slurm.submit=false", "run.dir=runs/sl", override, cwd=tmp_path, timeout=300
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert errors == done.stderr.splitlines()[-1:] and len(errors) == 1, done.stderr

@@ -19,8 +19,10 @@ DEMO_DATA = Path(conf_package.__file__).parent / "assets" / "demo" / "train.json
 
 
 def _files(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(d.rglob("*"))}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(d.rglob("*"))
+    }
 
 
 def _one_error_line(stderr: str) -> str:
@@ -65,17 +67,25 @@ def test_resume_never_starts_over_in_an_empty_dir_and_in_its_own_run_dir_only(tm
     assert refused.returncode == 2
     assert str(run / "notes.md") in _one_error_line(refused.stderr)
     locks = (".launch.lock", ".ranks.lock")
-    assert {k: v for k, v in _files(run).items() if not k.startswith(locks)} == \
-           {k: v for k, v in before.items() if not k.startswith(locks)}
+    assert {k: v for k, v in _files(run).items() if not k.startswith(locks)} == {
+        k: v for k, v in before.items() if not k.startswith(locks)
+    }
 
 
 @pytest.mark.parametrize("background_min_mib", [64, 0], ids=["save-at-once", "save-in-background"])
 def test_a_full_disk_during_a_save_is_one_line_and_a_failed_status(tmp_path, background_min_mib):
     disk, after = tmp_path / "disk", tmp_path / "disk-after"
     # a LoRA on q/v alone: checkpoints of ~200 kB, so a few are complete before the 900k disk fills
-    argv = [CLI, f"run.dir={disk / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=40",
-            "checkpoint.every_steps=2", "checkpoint.keep_last=40", f"checkpoint.background_min_mib={background_min_mib}",
-            "lora.target_modules=[q_proj,v_proj]"]
+    argv = [
+        CLI,
+        f"run.dir={disk / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.max_steps=40",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=40",
+        f"checkpoint.background_min_mib={background_min_mib}",
+        "lora.target_modules=[q_proj,v_proj]",
+    ]
     result = faults.full_disk(disk, "900k", after, argv, subprocess_env(), cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:]
     line = _one_error_line(result.stderr)
@@ -98,8 +108,13 @@ def test_a_launch_refused_on_a_full_disk_leaves_no_new_dir(tmp_path):
 def test_a_resume_every_rank_refuses_is_one_line(tmp_path):
     data = Path(shutil.copy(DEMO_DATA, tmp_path / "data.jsonl"))
     run = tmp_path / "run"
-    command = ["data.source=local", f"data.path={data}", "launcher.num_processes=2", "train.max_steps=2",
-               "checkpoint.every_steps=2"]
+    command = [
+        "data.source=local",
+        f"data.path={data}",
+        "launcher.num_processes=2",
+        "train.max_steps=2",
+        "checkpoint.every_steps=2",
+    ]
     done = _run(tmp_path, run, *command)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = data.read_text().splitlines()

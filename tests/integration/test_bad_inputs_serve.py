@@ -28,8 +28,13 @@ KEY = "sk-bad-inputs-0123456789"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The tiny model as the base, a key, one more Host name allowed, room for a ~1 MB body."""
-    srv = Server(tmp_path_factory.mktemp("serve"), f"base={TINY}", "allowed_hosts=[models.lan]",
-                 "max_body_bytes=2000000", key=KEY)
+    srv = Server(
+        tmp_path_factory.mktemp("serve"),
+        f"base={TINY}",
+        "allowed_hosts=[models.lan]",
+        "max_body_bytes=2000000",
+        key=KEY,
+    )
     yield srv
     assert srv.stop() == 0
 
@@ -66,22 +71,40 @@ def test_bearer_in_any_case_and_no_query_string_in_the_log(server):
 
 def test_the_openai_client_gets_logprobs_and_a_400_for_tools(server):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
-    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hello"}],
-                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     choice = chat.choices[0]
     assert choice.logprobs is not None and len(choice.logprobs.content) == chat.usage.completion_tokens > 0
     assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
-    assert all(len(t.top_logprobs) == 2 and t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)
-               for t in choice.logprobs.content)
-    streamed = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hello"}],
-                                              max_tokens=6, temperature=0, logprobs=True, stream=True)
+    assert all(
+        len(t.top_logprobs) == 2 and t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)
+        for t in choice.logprobs.content
+    )
+    streamed = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        stream=True,
+    )
     tokens = [t.token for chunk in streamed for c in chunk.choices if c.logprobs for t in c.logprobs.content]
     assert "".join(tokens) == choice.message.content
-    text = client.completions.create(model="tiny-llama", prompt="Where is Peru? It is", max_tokens=5,
-                                     temperature=0, logprobs=2).choices[0]
+    text = client.completions.create(
+        model="tiny-llama", prompt="Where is Peru? It is", max_tokens=5, temperature=0, logprobs=2
+    ).choices[0]
     assert "".join(text.logprobs.tokens) == text.text and len(text.logprobs.token_logprobs) == len(text.logprobs.tokens)
-    for kwargs, param in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                          ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 2}, "n")]:
+    for kwargs, param in [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 2}, "n"),
+    ]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], **kwargs)
         assert refused.value.param == param
@@ -92,8 +115,10 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server):
     answer = {}
 
     def huge():
-        answer["status"], answer["body"] = server.request("POST", "/v1/completions", {"model": "tiny-llama",
-                                                                                      "prompt": prompt})
+        answer["status"], answer["body"] = server.request(
+            "POST", "/v1/completions", {"model": "tiny-llama", "prompt": prompt}
+        )
+
     thread = threading.Thread(target=huge)
     thread.start()
     waits = []
@@ -108,8 +133,10 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server):
 def test_sigterm_ends_serve_while_a_client_stalls_mid_body(tmp_path):
     srv = Server(tmp_path, f"base={TINY}")
     stalled = socket.create_connection(("127.0.0.1", srv.port))
-    stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 100\r\n\r\n" + b'{"model": "ti')  # 14 of 100 bytes, then nothing
+    stalled.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n" + b'{"model": "ti'
+    )  # 14 of 100 bytes, then nothing
     time.sleep(0.5)
     start = time.time()
     srv.proc.send_signal(signal.SIGTERM)
@@ -123,12 +150,24 @@ def test_sigterm_ends_serve_while_a_client_stalls_mid_body(tmp_path):
 def test_no_key_on_every_interface_is_refused_unless_asked(tmp_path):
     env = subprocess_env()
     env.pop("LORA_LAUNCH_API_KEY", None)
-    done = subprocess.run([CLI, "serve", f"base={TINY}", "host=0.0.0.0", "port=0"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [CLI, "serve", f"base={TINY}", "host=0.0.0.0", "port=0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert "allow_no_key=true" in done.stderr and "serving" not in done.stdout
-    srv = subprocess.Popen([CLI, "serve", f"base={TINY}", "host=0.0.0.0", "port=0", "allow_no_key=true"],
-                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(
+        [CLI, "serve", f"base={TINY}", "host=0.0.0.0", "port=0", "allow_no_key=true"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert any(line.startswith("serving ") for line in iter(srv.stdout.readline, "")), srv.stderr.read()
     finally:

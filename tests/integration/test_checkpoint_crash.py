@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from support import inject
-from support.cli import TESTS, subprocess_env
 from support.ckpt import Training, checkpointer
+from support.cli import TESTS, subprocess_env
 
 CRASHING_SAVE = """
 from pathlib import Path
@@ -28,8 +28,13 @@ print("not reached")
 def test_crash_inside_save_leaves_a_loadable_checkpoint(tmp_path, phase, loadable):
     env = subprocess_env(**inject.env(CRASH_IN_SAVE=f"{phase}@2"))
     env["PYTHONPATH"] += os.pathsep + str(TESTS)  # the child imports support.ckpt
-    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE.format(run=str(tmp_path))], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_SAVE.format(run=str(tmp_path))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr  # died by SIGKILL inside the save of step 2
     assert "not reached" not in proc.stdout
     resumed = Training(seed=3)

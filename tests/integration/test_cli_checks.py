@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import lora_launch, read_jsonl, subprocess_env
-
+from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import checks
-from lora_launch.conf.compose import compose
 from lora_launch.run.lock import RunLock
+from support.cli import lora_launch
 
 
-@pytest.mark.parametrize("override,key", [("lora.r=0", "lora.r"), ("lora.r=abc", "lora.r"),
-                                          ("lora.rank=8", "lora.rank")])
+@pytest.mark.parametrize(
+    "override,key", [("lora.r=0", "lora.r"), ("lora.r=abc", "lora.r"), ("lora.rank=8", "lora.rank")]
+)
 def test_cli_rejects_before_any_process_starts(override, key, tmp_path):
     run_dir = tmp_path / "run"
     result = lora_launch(override, f"run.dir={run_dir}", timeout=120)
@@ -35,13 +34,16 @@ def test_cli_refuses_an_unwritable_run_dir_in_one_line():
     result = lora_launch("run.dir=/proc/no-such-dir/run", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: run.dir=/proc/no-such-dir/run is not writable (No such file or directory); choose another run.dir"]
+        "error: run.dir=/proc/no-such-dir/run is not writable (No such file or directory); choose another run.dir"
+    ]
 
 
 def _lock_held_by_child(path: Path, seconds: float) -> subprocess.Popen:
     """Another process holding the lock at `path` for `seconds`, once it says so."""
-    code = (f"from lora_launch.run.lock import RunLock; from pathlib import Path; import time; "
-            f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep({seconds})")
+    code = (
+        f"from lora_launch.run.lock import RunLock; from pathlib import Path; import time; "
+        f"RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep({seconds})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=path.parent)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -103,11 +105,21 @@ def _fake_checkpoint(run: Path, overrides: list[str], step: int = 5) -> None:
     ckpt.mkdir(parents=True)
     for name in loaded_files(1):
         (ckpt / name).write_bytes(f"contents of {name}".encode())
-    files = {name: {"sha256": sha256_file(ckpt / name), "bytes": (ckpt / name).stat().st_size}
-             for name in loaded_files(1)}
-    (ckpt / "manifest.json").write_text(json.dumps({
-        "format": FORMAT, "step": step, "world_size": 1, "files": files, "fingerprints": {},
-        "config": redact(OmegaConf.to_container(cfg, resolve=True))}))
+    files = {
+        name: {"sha256": sha256_file(ckpt / name), "bytes": (ckpt / name).stat().st_size} for name in loaded_files(1)
+    }
+    (ckpt / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "step": step,
+                "world_size": 1,
+                "files": files,
+                "fingerprints": {},
+                "config": redact(OmegaConf.to_container(cfg, resolve=True)),
+            }
+        )
+    )
 
 
 def test_resume_under_a_changed_config_is_refused_before_anything_is_written(tmp_path):
@@ -116,8 +128,11 @@ def test_resume_under_a_changed_config_is_refused_before_anything_is_written(tmp
     run = tmp_path / "run"
     _fake_checkpoint(run, ["lora.r=8"])
     (run / "config.yaml").write_text("the earlier run's config\n")
-    checks.check_resume_config(compose(["lora.r=8", "optim.lr=1e-3", f"run.dir={run}",
-                                        "resume.allow_changes=[optim.lr]", "logging.every_steps=3"]))
+    checks.check_resume_config(
+        compose(
+            ["lora.r=8", "optim.lr=1e-3", f"run.dir={run}", "resume.allow_changes=[optim.lr]", "logging.every_steps=3"]
+        )
+    )
     result = lora_launch(f"run.dir={run}", "lora.r=4", "train.max_steps=1", timeout=180)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
@@ -133,8 +148,8 @@ def test_resume_under_a_changed_config_is_refused_before_anything_is_written(tmp
 def test_finished_run_under_another_config_is_refused_not_skipped(tmp_path):
     from omegaconf import OmegaConf
 
-    from support.cli import lora_launch
     from lora_launch.run.rundir import write_status
+    from support.cli import lora_launch
 
     run = tmp_path / "run"
     run.mkdir()
@@ -167,19 +182,29 @@ def test_preview_starts_nothing(tmp_path, tiny):
     assert (run / "config.yaml").read_text() == "earlier: run\n"
 
 
-@pytest.mark.parametrize("override,line", [
-    ("distributed=zero5", "error: distributed=zero5 is not a choice of distributed; choose one of: ddp, fsdp2, fsdp2_offload, zero2, zero3, zero3_offload"),
-    ("model=nosuch", "error: model=nosuch is not a choice of model; choose one of: llama2_7b, llama2_7b_random, tiny"),
-    ("lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
-    ("+lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
-    ("lora.r=abc", "error: lora.r=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    ("train.precision=bf16", "error: train.precision=bf16: Invalid value 'bf16', expected one of [auto, bfloat16"),
-    ("bogus", "error: cannot read the override 'bogus': write key=value"),
-])
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        (
+            "distributed=zero5",
+            "error: distributed=zero5 is not a choice of distributed; choose one of: ddp, fsdp2, fsdp2_offload, zero2, zero3, zero3_offload",
+        ),
+        (
+            "model=nosuch",
+            "error: model=nosuch is not a choice of model; choose one of: llama2_7b, llama2_7b_random, tiny",
+        ),
+        ("lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
+        ("+lora.rank=16", "error: lora.rank is not a key of the config (lora has: r, alpha"),
+        ("lora.r=abc", "error: lora.r=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("train.precision=bf16", "error: train.precision=bf16: Invalid value 'bf16', expected one of [auto, bfloat16"),
+        ("bogus", "error: cannot read the override 'bogus': write key=value"),
+    ],
+)
 def test_composition_errors_are_one_line_naming_the_choice_or_key(tmp_path, override, line):
     run = tmp_path / "run"
     result = lora_launch(override, f"run.dir={run}", cwd=tmp_path, timeout=180)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(line), \
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(line), (
         result.stderr[-2000:]
+    )
     assert not run.exists()

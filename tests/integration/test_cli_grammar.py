@@ -22,9 +22,14 @@ def run(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_studio_takes_key_value(tmp_path):
-    proc = subprocess.Popen([CLI, "studio", "port=0", f"allow_path=[{tmp_path}]"], cwd=tmp_path,
-                            env=subprocess_env(COLUMNS=str(WIDTH)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [CLI, "studio", "port=0", f"allow_path=[{tmp_path}]"],
+        cwd=tmp_path,
+        env=subprocess_env(COLUMNS=str(WIDTH)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stdout.readline()  # the studio prints its address once it listens
         url = re.search(r"open (http://127\.0\.0\.1:(\d+)/\?token=\S+)", first)
@@ -46,8 +51,14 @@ def test_a_bad_studio_key_is_one_line(tmp_path):
     assert result.stderr.startswith("error: studio: unknown argument 'prot=8001'; known: host= port=")
 
 
-@pytest.mark.parametrize("args", [["preset=llama2_guanaco", "--cfg", "job"], ["--cfg", "job", "preset=llama2_guanaco"],
-                                  ["preset=llama2_guanaco", "--cfg", "job", "lora.r=32"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["preset=llama2_guanaco", "--cfg", "job"],
+        ["--cfg", "job", "preset=llama2_guanaco"],
+        ["preset=llama2_guanaco", "--cfg", "job", "lora.r=32"],
+    ],
+)
 def test_hydra_flags_work_in_any_position(tmp_path, args):
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -66,8 +77,9 @@ def test_info_works_in_any_position(tmp_path, args):
 def test_a_misspelled_command_gets_did_you_mean(tmp_path):
     result = run("serv", "port=8001", cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == ["error: unknown command 'serv'; did you mean serve? "
-                                          "(lora-launch --help lists the commands)"]
+    assert result.stderr.splitlines() == [
+        "error: unknown command 'serv'; did you mean serve? (lora-launch --help lists the commands)"
+    ]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["studio", "--help"], ["runs", "--help"]])

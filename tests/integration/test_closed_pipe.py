@@ -25,8 +25,9 @@ def piped(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def into_closed_pipe(*args: str, cwd: Path) -> tuple[int, str]:
     """Run lora-launch with its stdout a pipe whose reader is already gone; its exit status and stderr."""
-    proc = subprocess.Popen([CLI, *args], cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [CLI, *args], cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     proc.stdout.close()  # long before the new interpreter prints anything
     _, err = proc.communicate(timeout=300)
     return proc.returncode, err
@@ -55,8 +56,11 @@ def test_runs_into_head(many_runs):
     assert out.stderr == "", out.stderr
 
 
-@pytest.mark.parametrize("args", [("--help",), ("runs",), ("generate", "--help"), ("preview=true",)],
-                         ids=["help", "runs", "command-help", "preview"])
+@pytest.mark.parametrize(
+    "args",
+    [("--help",), ("runs",), ("generate", "--help"), ("preview=true",)],
+    ids=["help", "runs", "command-help", "preview"],
+)
 def test_closed_stdout_exits_1_quietly(many_runs, args):
     rc, err = into_closed_pipe(*args, cwd=many_runs)
     assert (rc, err) == (1, ""), f"lora-launch {' '.join(args)}: exit {rc}, stderr:\n{err}"

@@ -11,17 +11,26 @@ from support.cli import CLI, lora_launch, subprocess_env
 from support.resume import stopped_and_resumed_equals_uninterrupted
 from support.tiny import make_tiny_qwen2
 
-SHORT = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=40", "train.max_steps=8",
-         "checkpoint.every_steps=2", "logging.tensorboard=false", "sample.max_new_tokens=4", "eval.at_start=false",
-         "lora.dropout=0.1"]
+SHORT = [
+    "train.micro_batch_size=2",
+    "train.grad_accum=2",
+    "data.max_samples=40",
+    "train.max_steps=8",
+    "checkpoint.every_steps=2",
+    "logging.tensorboard=false",
+    "sample.max_new_tokens=4",
+    "eval.at_start=false",
+    "lora.dropout=0.1",
+]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "adamw_bnb_8bit"])
 def test_every_optimizer_resumes_exactly(tiny, tmp_path, optimizer):
     """r=64 makes the LoRA matrices large enough (>= 4096 values) for bitsandbytes' 8-bit states, whose
     quantisation maps and block scales must come back with the checkpoint."""
-    stopped_and_resumed_equals_uninterrupted(tmp_path, [*tiny["overrides"], *SHORT, f"optim.name={optimizer}",
-                                                         "lora.r=64"])
+    stopped_and_resumed_equals_uninterrupted(
+        tmp_path, [*tiny["overrides"], *SHORT, f"optim.name={optimizer}", "lora.r=64"]
+    )
 
 
 def test_a_second_architecture_trains_resumes_and_generates(tiny, tmp_path):
@@ -35,14 +44,21 @@ def test_a_second_architecture_trains_resumes_and_generates(tiny, tmp_path):
     names = load_file(run / "checkpoints" / "step-8" / "adapter_model.safetensors").keys()
     targeted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    out = subprocess.run([CLI, "generate", f"run.dir={run}", "prompt=Reverse: cat dog sun", "max_new_tokens=4"],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [CLI, "generate", f"run.dir={run}", "prompt=Reverse: cat dog sun", "max_new_tokens=4"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
 
 
 def test_attention_and_targets_are_checked_before_launch(tiny, tmp_path):
-    for override, line in (("model.attn_implementation=no_such_attention", "model.attn_implementation=no_such"),
-                           ("lora.target_modules=[no_such_proj]", "use lora.target_modules=all-linear")):
+    for override, line in (
+        ("model.attn_implementation=no_such_attention", "model.attn_implementation=no_such"),
+        ("lora.target_modules=[no_such_proj]", "use lora.target_modules=all-linear"),
+    ):
         refused = lora_launch(*tiny["overrides"], f"run.dir={tmp_path / 'r'}", override, cwd=tmp_path)
         assert refused.returncode == 2 and line in refused.stderr, (override, refused.stderr[-1000:])
         assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from support.cli import CLI, REPO, lora_launch, read_jsonl, subprocess_env
 from lora_launch.conf.compose import compose
 from lora_launch.run.rundir import write_config
 from lora_launch.train import posttrain
+from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
 
 
 def fake_run(tiny, run, *overrides):
@@ -22,13 +21,17 @@ def fake_run(tiny, run, *overrides):
     from lora_launch.data.tokenizer import load_tokenizer
     from lora_launch.train.model import load_base_model
 
-    cfg = compose([*tiny["overrides"], f"run.dir={run}", "lora.target_modules=[q_proj,v_proj,down_proj]",
-                   *overrides])
+    cfg = compose([*tiny["overrides"], f"run.dir={run}", "lora.target_modules=[q_proj,v_proj,down_proj]", *overrides])
     write_config(cfg, run)
     torch.manual_seed(1)
     base = load_base_model(cfg, torch.device("cpu"))
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=list(cfg.lora.target_modules),
-                      init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        target_modules=list(cfg.lora.target_modules),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, lora)
     model.save_pretrained(run / "adapter", safe_serialization=True)
     load_tokenizer(cfg).save_pretrained(run / "adapter")
@@ -76,8 +79,9 @@ def test_qlora_merges_into_the_dequantized_base(tiny, tmp_path):
     got = logits_of(merged, IDS)
     assert (got - expected).abs().max() < 0.03 * expected.abs().max()
     # merging into the original full-precision weights instead would be further off
-    full = posttrain.load_model(compose([*tiny["overrides"], f"run.dir={run}",
-                                         "lora.target_modules=[q_proj,v_proj,down_proj]"]), run)[0]
+    full = posttrain.load_model(
+        compose([*tiny["overrides"], f"run.dir={run}", "lora.target_modules=[q_proj,v_proj,down_proj]"]), run
+    )[0]
     assert (got - expected).abs().max() < (logits_of(full, IDS) - expected).abs().max()
 
 
@@ -90,7 +94,7 @@ def test_generate_greedy_and_sampled(tiny, tmp_path):
     manual = torch.tensor([ids])
     for _ in range(6):
         manual = torch.cat([manual, logits_of(model, manual)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert greedy == tok.decode(manual[0, len(ids):], skip_special_tokens=True)
+    assert greedy == tok.decode(manual[0, len(ids) :], skip_special_tokens=True)
     a = posttrain.complete(model, tok, "[INST] hi [/INST]", 8, sample=True, temperature=1.5, top_p=1.0, seed=3)
     b = posttrain.complete(model, tok, "[INST] hi [/INST]", 8, sample=True, temperature=1.5, top_p=1.0, seed=3)
     c = posttrain.complete(model, tok, "[INST] hi [/INST]", 8, sample=True, temperature=1.5, top_p=1.0, seed=4)
@@ -106,21 +110,30 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
     run = tmp_path / "run"
-    result = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=4", "optim.lr=3e-3",
-                         "data.val_split=0.05", f"data.cache_dir={tmp_path / 'c'}")
+    result = lora_launch(
+        *tiny["overrides"],
+        f"run.dir={run}",
+        "train.max_steps=4",
+        "optim.lr=3e-3",
+        "data.val_split=0.05",
+        f"data.cache_dir={tmp_path / 'c'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     final = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r][-1]
 
     def cli(*args):
-        out = subprocess.run([CLI, *args], cwd=tmp_path,
-                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [CLI, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
+
     assert "val loss" in cli("eval", f"run.dir={run}")
     # into a pipe whose reader is gone (`lora-launch eval ... | head -1`): exit 1, no BrokenPipeError
     for args in (("eval", f"run.dir={run}"), ("generate", f"run.dir={run}", "prompt=cat", "max_new_tokens=4")):
-        proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [CLI, *args], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         proc.stdout.close()
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 1 and "BrokenPipeError" not in err and "Traceback" not in err, err[-2000:]
@@ -129,17 +142,27 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
     result = json.loads((run / "eval.json").read_text())
     assert result["loss"] == pytest.approx(final, rel=1e-5) and result["samples"] == 20
     # prompts are written out as the run's template wrote them in training (llama2 here)
-    assert cli("generate", f"run.dir={run}", "prompt=Reverse: cat dog sun",
-               "max_new_tokens=4").startswith("[INST] Reverse: cat dog sun [/INST]")
-    assert cli("generate", f"run.dir={run}", "instruction=Reverse:", "input=cat dog sun",
-               "max_new_tokens=4").startswith("[INST] Reverse:\n\ncat dog sun [/INST]")
-    (tmp_path / "chat.json").write_text(json.dumps([{"role": "user", "content": "Reverse: cat dog"},
-                                                    {"role": "assistant", "content": "dog cat"},
-                                                    {"role": "user", "content": "Reverse: sun red"}]))
+    assert cli("generate", f"run.dir={run}", "prompt=Reverse: cat dog sun", "max_new_tokens=4").startswith(
+        "[INST] Reverse: cat dog sun [/INST]"
+    )
+    assert cli(
+        "generate", f"run.dir={run}", "instruction=Reverse:", "input=cat dog sun", "max_new_tokens=4"
+    ).startswith("[INST] Reverse:\n\ncat dog sun [/INST]")
+    (tmp_path / "chat.json").write_text(
+        json.dumps(
+            [
+                {"role": "user", "content": "Reverse: cat dog"},
+                {"role": "assistant", "content": "dog cat"},
+                {"role": "user", "content": "Reverse: sun red"},
+            ]
+        )
+    )
     assert cli("generate", f"run.dir={run}", f"messages={tmp_path / 'chat.json'}", "max_new_tokens=4").startswith(
-        "[INST] Reverse: cat dog [/INST] dog cat </s><s>[INST] Reverse: sun red [/INST]")
-    assert cli("generate", f"run.dir={run}", "prompt=[INST] raw [/INST]", "template=false",
-               "max_new_tokens=4").startswith("[INST] raw [/INST]")
+        "[INST] Reverse: cat dog [/INST] dog cat </s><s>[INST] Reverse: sun red [/INST]"
+    )
+    assert cli(
+        "generate", f"run.dir={run}", "prompt=[INST] raw [/INST]", "template=false", "max_new_tokens=4"
+    ).startswith("[INST] raw [/INST]")
     assert "merged model" in cli("merge", f"run.dir={run}")
     assert (run / "merged" / "model.safetensors").is_file() and (run / "adapter").is_dir()
 
@@ -152,15 +175,24 @@ def test_every_checkpoint_is_a_peft_adapter(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    done = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "checkpoint.every_steps=2",
-                       "checkpoint.keep_last=5", cwd=tmp_path)
+    done = lora_launch(
+        *tiny["overrides"],
+        f"run.dir={run}",
+        "train.max_steps=3",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=5",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
     final = None
     for step in ("step-2", "step-3"):
         ckpt = run / "checkpoints" / step
-        saved = {k[len("param/"):]: v for k, v in load_file(ckpt / "trainable.safetensors").items()
-                 if k.startswith("param/")}
+        saved = {
+            k[len("param/") :]: v
+            for k, v in load_file(ckpt / "trainable.safetensors").items()
+            if k.startswith("param/")
+        }
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), ckpt)
         loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
         assert loaded.keys() == saved.keys()

@@ -47,8 +47,11 @@ def test_a_stop_during_a_background_save_resumes_bit_for_bit(args, reference, tm
     stopped = int(re.findall(r"step (\d+): checkpoint saved", log)[-1])
     in_flight = (stopped - 1) // 3 * 3  # the periodic save before the stop's own (checkpoint.every_steps=3)
     # the stop waited for that save's writer (training paused for it), committed it, then saved its own step
-    waited = re.search(rf"step {stopped}: checkpoint of step {in_flight} committed \([\d.]+ MiB written in "
-                       rf"[\d.]+ s in the background; training paused ([\d.]+) s\)", log)
+    waited = re.search(
+        rf"step {stopped}: checkpoint of step {in_flight} committed \([\d.]+ MiB written in "
+        rf"[\d.]+ s in the background; training paused ([\d.]+) s\)",
+        log,
+    )
     assert in_flight >= 3 and waited and float(waited.group(1)) >= 1.0, log
     rc, relog = launch(run, args, env=SLOW)
     assert rc == 0 and f"resumed from {run}/checkpoints/step-{stopped}" in relog, relog[-3000:]

@@ -25,8 +25,12 @@ def chromium() -> str:
 
 
 def browse(url: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           *flags, url], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *flags, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def cli(cwd, *args, ok=True) -> subprocess.CompletedProcess:
@@ -64,8 +68,12 @@ def test_runs_lists_sorts_filters(trained):
     listed = {r["name"]: r for r in json.loads(cli(trained, "runs", "--json").stdout)}
     trials = {f"sweeps/{sweep.name}/lora.r={r}": r for r in (4, 8)}
     assert set(listed) == {"runs/base", "runs/half-written", "runs/killed", *trials}
-    assert {n: listed[n]["status"] for n in listed} == {"runs/base": "finished", "runs/half-written": "broken",
-                                                         "runs/killed": "killed", **{t: "finished" for t in trials}}
+    assert {n: listed[n]["status"] for n in listed} == {
+        "runs/base": "finished",
+        "runs/half-written": "broken",
+        "runs/killed": "killed",
+        **{t: "finished" for t in trials},
+    }
     for name, row in listed.items():
         if row["status"] == "finished":
             assert row["best_eval_loss"] == best_eval(trained / name) and row["steps"] == 4
@@ -95,8 +103,14 @@ def test_runs_diff(trained):
     assert config["lora.r"].split() == ["16", "8"] and config["optim.lr"].split() == ["0.003", "0.002"]
     assert "run.dir" not in out and "train.max_steps" not in out
     rows = {line.split()[0]: line.split()[1:] for line in out.split("\nresult")[1].splitlines()[1:] if line}
-    assert set(rows) == {"final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_s", "steps",
-                         "peak_memory_gib"}
+    assert set(rows) == {
+        "final_eval_loss",
+        "best_eval_loss",
+        "final_train_loss",
+        "tokens_per_s",
+        "steps",
+        "peak_memory_gib",
+    }
     sweep = next((trained / "sweeps").iterdir())
     assert float(rows["best_eval_loss"][1]) == pytest.approx(best_eval(sweep / "lora.r=8"), abs=1e-3)
     assert rows["steps"][:2] == ["4", "4"]

@@ -21,8 +21,16 @@ from support.cli import CLI, lora_launch, subprocess_env
 from support.serve import Server, events_text
 
 KEY = "sk-test-0123456789abcdef"
-PROMPTS = ["cat dog sun", "red blue tree", "fish bird moon", "star rain leaf", "sun red fish", "tree moon cat",
-           "leaf star dog", "bird rain blue"]
+PROMPTS = [
+    "cat dog sun",
+    "red blue tree",
+    "fish bird moon",
+    "star rain leaf",
+    "sun red fish",
+    "tree moon cat",
+    "leaf star dog",
+    "bird rain blue",
+]
 
 
 def raw_prompt(words: str) -> str:
@@ -33,8 +41,17 @@ def raw_prompt(words: str) -> str:
 def sweep(tiny, tmp_path_factory) -> Path:
     """Two trials of a 6-step sweep of the tiny model, differing in learning rate."""
     root = tmp_path_factory.mktemp("serve")
-    done = lora_launch("-m", *tiny["overrides"], "optim.lr=2e-3,3e-2", "train.max_steps=6", "eval.every_steps=0",
-                       f"hydra.sweep.dir={root / 'sweep'}", f"data.cache_dir={root / 'cache'}", cwd=root, timeout=900)
+    done = lora_launch(
+        "-m",
+        *tiny["overrides"],
+        "optim.lr=2e-3,3e-2",
+        "train.max_steps=6",
+        "eval.every_steps=0",
+        f"hydra.sweep.dir={root / 'sweep'}",
+        f"data.cache_dir={root / 'cache'}",
+        cwd=root,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "sweep"
 
@@ -46,8 +63,15 @@ def trials(sweep: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def server(sweep, tmp_path_factory):
     """Every finished trial of the sweep, an API key from the environment, small limits."""
-    srv = Server(tmp_path_factory.mktemp("server"), f"sweep={sweep}", "max_tokens=48", "max_body_bytes=20000",
-                 "max_batch=16", "max_concurrent=64", key=KEY)
+    srv = Server(
+        tmp_path_factory.mktemp("server"),
+        f"sweep={sweep}",
+        "max_tokens=48",
+        "max_body_bytes=20000",
+        "max_batch=16",
+        "max_concurrent=64",
+        key=KEY,
+    )
     yield srv
     assert srv.stop() == 0
     assert KEY not in srv.logs()
@@ -71,9 +95,14 @@ def test_completions_chat_and_streams_agree_with_generate(server, sweep, tmp_pat
     chat, why = server.complete(trial.name, "Reverse: cat dog sun", chat=True, max_tokens=8)
     assert why in ("stop", "length")
     # the chat prompt is written out with the run's own template, as `lora-launch generate` writes it
-    generated = subprocess.run([CLI, "generate", f"run.dir={trial}", "prompt=Reverse: cat dog sun",
-                                "max_new_tokens=8"], cwd=tmp_path, env=subprocess_env(), capture_output=True,
-                               text=True, timeout=300)
+    generated = subprocess.run(
+        [CLI, "generate", f"run.dir={trial}", "prompt=Reverse: cat dog sun", "max_new_tokens=8"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert generated.returncode == 0, generated.stderr[-2000:]
     assert generated.stdout.rstrip("\n") == raw_prompt("cat dog sun") + chat
     assert server.complete(trial.name, raw_prompt("cat dog sun"), max_tokens=8) == (chat, why)  # raw: as written
@@ -124,6 +153,7 @@ def test_64_concurrent_requests_from_8_clients_answer_as_one_at_a_time(server, s
             began = time.perf_counter()
             got = server.complete(m, raw_prompt(p), stream=i % 4 == 0, max_tokens=16)
             return got == reference[m, p], time.perf_counter() - began
+
         with ThreadPoolExecutor(8) as pool:
             return list(pool.map(one, range(8)))
 
@@ -134,10 +164,12 @@ def test_64_concurrent_requests_from_8_clients_answer_as_one_at_a_time(server, s
     assert len(results) == 64 and all(ok for ok, _ in results), [ok for ok, _ in results]
     latencies = sorted(s for _, s in results)
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies)) - 1]
-    print(f"\nserve load: 64 requests from 8 clients (8 at once each, 1 in 4 streamed, up to 16 new tokens, "
-          f"3 models mixed): wall {wall:.2f} s, latency p50 {p50 * 1000:.0f} ms p95 {p95 * 1000:.0f} ms, "
-          f"{sum(tokens[c] for c in sent) / wall:.0f} tokens/s; the {len(combos)} references one at a time: "
-          f"{one_at_a_time_s:.2f} s, {sum(tokens.values()) / one_at_a_time_s:.0f} tokens/s")
+    print(
+        f"\nserve load: 64 requests from 8 clients (8 at once each, 1 in 4 streamed, up to 16 new tokens, "
+        f"3 models mixed): wall {wall:.2f} s, latency p50 {p50 * 1000:.0f} ms p95 {p95 * 1000:.0f} ms, "
+        f"{sum(tokens[c] for c in sent) / wall:.0f} tokens/s; the {len(combos)} references one at a time: "
+        f"{one_at_a_time_s:.2f} s, {sum(tokens.values()) / one_at_a_time_s:.0f} tokens/s"
+    )
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(sweep, tmp_path):
@@ -153,9 +185,14 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(sweep, tm
     def one(i: int, job) -> None:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
-            conn.request("POST", "/v1/completions", json.dumps({
-                "model": job[0], "prompt": raw_prompt(job[1]), "max_tokens": 40, "temperature": 0, "stream": True}),
-                {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/completions",
+                json.dumps(
+                    {"model": job[0], "prompt": raw_prompt(job[1]), "max_tokens": 40, "temperature": 0, "stream": True}
+                ),
+                {"Content-Type": "application/json"},
+            )
             response = conn.getresponse()
             accepted.append(i)
             outcomes[i] = (response.status, events_text(response.read().decode(), chat=False) == reference[job])
@@ -184,17 +221,25 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(sweep, tm
         else:
             assert outcome[0] == "not accepted", (i, outcome)
     assert taken_before <= set(accepted) and len(outcomes) == 56
-    print(f"\nSIGTERM with {len(taken_before)} of 48 requests taken (4 generated at a time): "
-          f"{len([i for i in accepted if i < 100])} of 48 answered in full, "
-          f"{len([i for i in accepted if i >= 100])} of 8 sent after SIGTERM taken; exit 0")
+    print(
+        f"\nSIGTERM with {len(taken_before)} of 48 requests taken (4 generated at a time): "
+        f"{len([i for i in accepted if i < 100])} of 48 answered in full, "
+        f"{len([i for i in accepted if i >= 100])} of 8 sent after SIGTERM taken; exit 0"
+    )
     assert "stopped:" in srv.out.read_text()
 
 
 def test_a_merged_model_serves_as_the_base(server, sweep, tmp_path):
     trial = trials(sweep)[0]
     merged = tmp_path / "merged"
-    done = subprocess.run([CLI, "merge", f"run.dir={trial}", f"out={merged}", "dtype=float32"], cwd=tmp_path,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [CLI, "merge", f"run.dir={trial}", f"out={merged}", "dtype=float32"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     srv = Server(tmp_path, f"base={merged}", "template=llama2")
     try:
@@ -202,8 +247,9 @@ def test_a_merged_model_serves_as_the_base(server, sweep, tmp_path):
         assert status == 200 and [m["id"] for m in out["data"]] == ["merged"]
         for words in PROMPTS[:3]:  # base + adapter merged into one model answers as the adapter does
             assert srv.complete("merged", raw_prompt(words)) == server.complete(trial.name, raw_prompt(words))
-            assert (srv.complete("merged", f"Reverse: {words}", chat=True)
-                    == server.complete(trial.name, f"Reverse: {words}", chat=True))
+            assert srv.complete("merged", f"Reverse: {words}", chat=True) == server.complete(
+                trial.name, f"Reverse: {words}", chat=True
+            )
     finally:
         assert srv.stop() == 0
 
@@ -215,12 +261,18 @@ def test_engine_vllm_execs_vllm_serve_with_the_same_names(sweep, tmp_path):
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nprintf "%s" "$VLLM_API_KEY" > {tmp_path}/key\n')
     fake.chmod(0o755)
     env = subprocess_env(PATH=f"{bin_dir}:{os.environ['PATH']}", LORA_LAUNCH_API_KEY=KEY)
-    done = subprocess.run([CLI, "serve", f"sweep={sweep}", "engine=vllm", "port=8011"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [CLI, "serve", f"sweep={sweep}", "engine=vllm", "port=8011"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     argv = (tmp_path / "argv").read_text().splitlines()
     assert argv[:2] == ["serve", str(Path(argv[1]))] and Path(argv[1]).name == "model"
-    modules = argv[argv.index("--lora-modules") + 1:argv.index("--lora-modules") + 3]
+    modules = argv[argv.index("--lora-modules") + 1 : argv.index("--lora-modules") + 3]
     assert [json.loads(m)["name"] for m in modules] == [d.name for d in trials(sweep)]
     assert [json.loads(m)["path"] for m in modules] == [str(d / "adapter") for d in trials(sweep)]
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8011"
@@ -229,16 +281,17 @@ def test_engine_vllm_execs_vllm_serve_with_the_same_names(sweep, tmp_path):
 
 def test_bad_start_ups_are_one_line_and_exit_2(server, sweep, tmp_path):
     (tmp_path / "empty").mkdir()
-    cases = [([f"adapters=[{tmp_path / 'empty'}]"], "not a PEFT adapter directory"),
-             ([f"run.dir={tmp_path / 'nowhere'}"], "no config.yaml here"),
-             ([f"sweep={tmp_path / 'empty'}"], "no finished trial"),
-             ([f"sweep={sweep}", "engine=vllm"], "engine=vllm needs the `vllm` command"),
-             ([f"sweep={sweep}", f"port={server.port}"], "cannot listen on 127.0.0.1"),
-             (["colour=red"], "unknown argument 'colour=red'")]
+    cases = [
+        ([f"adapters=[{tmp_path / 'empty'}]"], "not a PEFT adapter directory"),
+        ([f"run.dir={tmp_path / 'nowhere'}"], "no config.yaml here"),
+        ([f"sweep={tmp_path / 'empty'}"], "no finished trial"),
+        ([f"sweep={sweep}", "engine=vllm"], "engine=vllm needs the `vllm` command"),
+        ([f"sweep={sweep}", f"port={server.port}"], "cannot listen on 127.0.0.1"),
+        (["colour=red"], "unknown argument 'colour=red'"),
+    ]
     env = subprocess_env(PATH=str(Path(CLI).parent) + ":/usr/bin:/bin")  # no vllm here
     for args, says in cases:
-        done = subprocess.run([CLI, "serve", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([CLI, "serve", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert done.stderr.startswith("error: ") and says in done.stderr, (args, done.stderr)
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, (args, done.stderr)

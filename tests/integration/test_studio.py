@@ -33,9 +33,18 @@ def studio(home):
         yield s
 
 
-FORM = {"groups": {"data": "local"},
-        "values": {"model.path": "model", "data.path": "data.jsonl", "train.seq_len": "64", "data.cache_dir": "cache",
-                   "logging.progress_bar": "false", "sample.max_new_tokens": "8", "eval.every_steps": "20"}}
+FORM = {
+    "groups": {"data": "local"},
+    "values": {
+        "model.path": "model",
+        "data.path": "data.jsonl",
+        "train.seq_len": "64",
+        "data.cache_dir": "cache",
+        "logging.progress_bar": "false",
+        "sample.max_new_tokens": "8",
+        "eval.every_steps": "20",
+    },
+}
 
 
 def form(**values):
@@ -63,8 +72,17 @@ def test_nothing_answers_without_the_token(studio):
 
 def test_form_validation_and_the_data_as_the_model_sees_it(studio, home):
     got = studio.call("/api/form")
-    assert {g["name"] for g in got["groups"]} == {"model", "data", "lora", "quant", "optim", "distributed",
-                                                  "launcher", "logging", "preset"}
+    assert {g["name"] for g in got["groups"]} == {
+        "model",
+        "data",
+        "lora",
+        "quant",
+        "optim",
+        "distributed",
+        "launcher",
+        "logging",
+        "preset",
+    }
     lora_r = next(f for f in got["fields"] if f["key"] == "lora.r")
     assert (lora_r["type"], lora_r["default"], lora_r["range"]) == ("int", 8, ">= 1")
 
@@ -72,7 +90,8 @@ def test_form_validation_and_the_data_as_the_model_sees_it(studio, home):
     line = cli(home, *studio.call("/api/validate", form())["overrides"], "lora.r=0", "run.dir=runs/never")
     assert line.returncode == 2 and line.stderr == f"error: {bad}\n" == "error: lora.r=0 must be >= 1\n"
     assert studio.call("/api/validate", form(**{"data.path": "/etc/passwd"}), expect=400)["error"].startswith(
-        "data.path=/etc/passwd: outside the folders this studio may use")
+        "data.path=/etc/passwd: outside the folders this studio may use"
+    )
     good = studio.call("/api/validate", form(**{"lora.r": "4"}))
     assert good["command"].startswith("lora-launch data=local model.path=model") and good["values"]["lora.r"] == 4
 
@@ -144,8 +163,20 @@ def test_launch_watch_stop_resume_and_refusals(studio, home):
 
 
 def test_the_page_renders_the_generated_form_in_chromium(studio):
-    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                          "--dump-dom", studio.url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            studio.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     for group in ("model", "data", "lora", "quant", "optim", "distributed", "launcher", "logging", "preset"):

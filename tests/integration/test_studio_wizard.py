@@ -32,8 +32,14 @@ def chat_records(n: int = 40) -> str:
     rows = []
     for _ in range(n):
         words = rng.sample(WORDS, 3)
-        rows.append({"messages": [{"role": "user", "content": "Reverse: " + " ".join(words)},
-                                  {"role": "assistant", "content": " ".join(reversed(words))}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "Reverse: " + " ".join(words)},
+                    {"role": "assistant", "content": " ".join(reversed(words))},
+                ]
+            }
+        )
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -252,7 +258,8 @@ def test_advanced_holds_every_other_key_with_its_help_and_filters(page, shots):
     expect(advanced.locator('.field[data-field="lora.dropout"]')).to_be_hidden()
     page.get_by_placeholder("filter: a key or a word of its help").fill("target_modules")
     expect(advanced.locator('.field[data-field="lora.target_modules"]')).to_contain_text(
-        "PEFT matches a name's last parts")  # conf/schema.py's comment
+        "PEFT matches a name's last parts"
+    )  # conf/schema.py's comment
     expect(advanced.locator('.field[data-field="lora.dropout"]')).to_be_hidden()  # its section shown, not its row
     assert advanced.locator('.field[data-field="lora.r"]').count() == 0  # asked on its step, not here
     advanced.locator('.field[data-field="lora.target_modules"]').scroll_into_view_if_needed()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_launch.sweep.trials import read_trial, sweep_name, swept_keys, trial_name, trial_row
 from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
-from lora_launch.sweep.trials import read_trial, swept_keys, sweep_name, trial_name, trial_row
 
 
 def test_names_are_deterministic_and_readable():
@@ -30,8 +30,14 @@ def test_names_are_deterministic_and_readable():
     assert trial_name(job, ["train.max_steps=10"]).startswith("trial-")
 
 
-SWEEP = ["lora.r=2,4", "optim.lr=1e-3,3e-3", "train.max_steps=6", "checkpoint.every_steps=1",
-         "eval.every_steps=3", "train.micro_batch_size=2"]
+SWEEP = [
+    "lora.r=2,4",
+    "optim.lr=1e-3,3e-3",
+    "train.max_steps=6",
+    "checkpoint.every_steps=1",
+    "eval.every_steps=3",
+    "train.micro_batch_size=2",
+]
 
 
 def _kill_sweep(proc: subprocess.Popen, sweep_dir: Path) -> None:
@@ -46,15 +52,24 @@ def test_sweep_killed_midway_resumes_without_training_any_trial_twice(tiny, tmp_
     args = ["-m", *SWEEP, *tiny["overrides"], f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     sweep_dir = tmp_path / "sweep"
     cmd = [CLI, *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 400
     # wait until one trial has finished and the next has a checkpoint, then kill everything
     while time.time() < deadline:
         trials = [read_trial(d) for d in sweep_dir.glob("*") if (d / "trial.json").exists()]
         done = sum(t.get("status") == "completed" for t in trials)
-        mid = [d for d in sweep_dir.glob("*") if read_trial(d).get("status") == "running"
-               and list((d / "checkpoints").glob("step-*"))]
+        mid = [
+            d
+            for d in sweep_dir.glob("*")
+            if read_trial(d).get("status") == "running" and list((d / "checkpoints").glob("step-*"))
+        ]
         if done >= 1 and mid:
             break
         assert proc.poll() is None, "sweep ended before it could be interrupted"
@@ -89,17 +104,27 @@ def test_sweep_killed_midway_resumes_without_training_any_trial_twice(tiny, tmp_
 
 @pytest.mark.slow
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
-    result = lora_launch("-m", "lora.r=0,2", "train.max_steps=1", "sample.max_new_tokens=0", *tiny["overrides"],
-                         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600,
-                         env=subprocess_env(COLUMNS="80"))
+    result = lora_launch(
+        "-m",
+        "lora.r=0,2",
+        "train.max_steps=1",
+        "sample.max_new_tokens=0",
+        *tiny["overrides"],
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=600,
+        env=subprocess_env(COLUMNS="80"),
+    )
     # every trial ran (the failure did not stop the sweep), and the sweep's exit status says one failed
     assert result.returncode == 1, result.stderr[-3000:]
     assert "1 trial(s) failed: lora.r=0" in result.stderr
     # the sweep ends with its table, completed trials first, fitted to the terminal, and where summary.md is
     out = result.stdout.splitlines()
     header = max(i for i, line in enumerate(out) if line.split()[:2] == ["trial", "status"])
-    assert [line.split()[:2] for line in out[header + 1:header + 3]] == [["lora.r=2", "completed"],
-                                                                         ["lora.r=0", "failed"]]
+    assert [line.split()[:2] for line in out[header + 1 : header + 3]] == [
+        ["lora.r=2", "completed"],
+        ["lora.r=0", "failed"],
+    ]
     assert out[-1] == f"summary: {tmp_path / 'sweep' / 'summary.md'}"
     assert max(map(len, out[header:-1])) <= 80
     rows = {r["trial"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))}
@@ -112,10 +137,11 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
 
 def test_sweep_with_the_slurm_launcher_is_refused_before_anything_is_submitted(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = lora_launch("-m", "lora.r=2,4", "launcher=slurm", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
-                         timeout=120)
+    result = lora_launch(
+        "-m", "lora.r=2,4", "launcher=slurm", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 2
-    errors = [l for l in result.stderr.splitlines() if l.strip()]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "launcher=slurm" in errors[0], result.stderr
     assert "locally" in errors[0] and "launcher=local" in errors[0]
     assert not sweep_dir.exists() and not list(tmp_path.glob("**/*.sbatch"))
@@ -141,7 +167,8 @@ def _check_summary(sweep_dir: Path, count: int) -> list[dict]:
         assert row["best_eval_loss"] == min(r["eval_loss"] for r in metrics if "eval_loss" in r)
     done = [r["best_eval_loss"] for r in rows if r["status"] == "completed"]
     assert done == sorted(done) and [r["status"] == "completed" for r in rows] == sorted(
-        (r["status"] == "completed" for r in rows), reverse=True)
+        (r["status"] == "completed" for r in rows), reverse=True
+    )
     md = (sweep_dir / "summary.md").read_text().splitlines()
     assert len(md) == count + 2 and all(f"| {r['trial']} | {r['status']} |" in "\n".join(md) for r in rows)
     return rows
@@ -161,8 +188,14 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return read_trial(run_dir).get("status") == "running" and bool(list((run_dir / "checkpoints").glob("step-*")))
 
 
-GRID = ["lora.r=2,4", "optim.lr=1e-3,3e-3", "train.max_steps=6", "train.micro_batch_size=2", "eval.every_steps=3",
-        "launcher.num_processes=1"]
+GRID = [
+    "lora.r=2,4",
+    "optim.lr=1e-3,3e-3",
+    "train.max_steps=6",
+    "train.micro_batch_size=2",
+    "eval.every_steps=3",
+    "launcher.num_processes=1",
+]
 
 
 @pytest.mark.slow
@@ -171,14 +204,23 @@ def test_trials_run_side_by_side_with_the_same_results(tiny, tmp_path):
     for parallel in (1, 2):
         dirs[parallel] = tmp_path / f"parallel-{parallel}"
         t0 = time.monotonic()
-        result = lora_launch("-m", *GRID, *tiny["overrides"], f"sweep.parallel={parallel}",
-                             f"hydra.sweep.dir={dirs[parallel]}", cwd=tmp_path, timeout=900)
+        result = lora_launch(
+            "-m",
+            *GRID,
+            *tiny["overrides"],
+            f"sweep.parallel={parallel}",
+            f"hydra.sweep.dir={dirs[parallel]}",
+            cwd=tmp_path,
+            timeout=900,
+        )
         wall[parallel] = time.monotonic() - t0
         assert result.returncode == 0, result.stderr[-3000:]
         if parallel == 1:  # one trial at a time: its output is shown as it runs
             assert result.stdout.count("run dir: ") == 4
-    print(f"\n4 trials, 1 process each, {os.cpu_count()} CPUs: one after another {wall[1]:.1f} s, "
-          f"two at a time {wall[2]:.1f} s ({wall[1] / wall[2]:.2f}x)")  # a figure to read, not a check: on a
+    print(
+        f"\n4 trials, 1 process each, {os.cpu_count()} CPUs: one after another {wall[1]:.1f} s, "
+        f"two at a time {wall[2]:.1f} s ({wall[1] / wall[2]:.2f}x)"
+    )  # a figure to read, not a check: on a
     # loaded 2-core machine the gain varies; that the trials really overlap is checked below
 
     trials = _trials(dirs[2])
@@ -186,10 +228,12 @@ def test_trials_run_side_by_side_with_the_same_results(tiny, tmp_path):
     spans = sorted((t["launches"][0]["started"], t["launches"][0]["finished"], name) for name, t in trials.items())
     at_once = max(sum(s <= start < f for s, f, _ in spans) for start, _, _ in spans)
     assert at_once == 2, f"never more than sweep.parallel trials, and that many: {spans}"
-    for (s1, f1, a), (s2, f2, b) in itertools.combinations(spans, 2):
+    for (_, f1, a), (s2, _, b) in itertools.combinations(spans, 2):
         if s2 < f1:  # side by side: rendezvous ports of their own
-            ports = {yaml.safe_load((dirs[2] / n / "config.yaml").read_text())["launcher"]["main_process_port"]
-                     for n in (a, b)}
+            ports = {
+                yaml.safe_load((dirs[2] / n / "config.yaml").read_text())["launcher"]["main_process_port"]
+                for n in (a, b)
+            }
             assert len(ports) == 2, (a, b)
     serial = {r["trial"]: r for r in _check_summary(dirs[1], 4)}
     for row in _check_summary(dirs[2], 4):
@@ -205,10 +249,25 @@ def test_a_stopped_parallel_sweep_checkpoints_its_trials_and_the_rerun_finishes_
     sweep_dir = tmp_path / "sweep"
     # long enough that neither first trial can finish before both have a checkpoint, even when one of them
     # starts late on a loaded machine (at 100 steps one did, once)
-    args = ["-m", "lora.r=2,4,8", "train.max_steps=300", "checkpoint.every_steps=10", "train.micro_batch_size=2",
-            "sweep.parallel=2", *tiny["overrides"], f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "-m",
+        "lora.r=2,4,8",
+        "train.max_steps=300",
+        "checkpoint.every_steps=10",
+        "train.micro_batch_size=2",
+        "sweep.parallel=2",
+        *tiny["overrides"],
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = subprocess.Popen(
+        [CLI, *args],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = [sweep_dir / "lora.r=2", sweep_dir / "lora.r=4"]
     _wait_for(lambda: all(_has_checkpoint(d) for d in first), proc, 600, "two trials with a checkpoint")
     os.killpg(proc.pid, signum)  # a terminal's Ctrl-C reaches the foreground group: the sweep alone
@@ -239,15 +298,28 @@ def test_a_bad_trial_is_pruned_with_a_checkpoint_skipped_on_rerun_and_continued_
     pytest.importorskip("optuna", reason="pruning needs the sweep extra (pip install 'lora-launch[sweep]')")
     # the shipped tiny model knows the demo data: lr 10 wrecks it at once, 1e-3 and 2e-3 teach it
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", "optim.lr=2e-3,1e-3,10", "train.max_steps=10", "eval.every_steps=2", "sweep.prune=median",
-            "sweep.prune_startup_trials=2", "sweep.parallel=1", "sample.max_new_tokens=0",
-            "logging.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"]
+    args = [
+        "-m",
+        "optim.lr=2e-3,1e-3,10",
+        "train.max_steps=10",
+        "eval.every_steps=2",
+        "sweep.prune=median",
+        "sweep.prune_startup_trials=2",
+        "sweep.parallel=1",
+        "sample.max_new_tokens=0",
+        "logging.progress_bar=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     result = lora_launch(*args, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optim.lr=10: pruned at step 2" in result.stdout
     trials = _trials(sweep_dir)
     assert {n: t["status"] for n, t in trials.items()} == {
-        "optim.lr=0.001": "completed", "optim.lr=0.002": "completed", "optim.lr=10": "pruned"}
+        "optim.lr=0.001": "completed",
+        "optim.lr=0.002": "completed",
+        "optim.lr=10": "pruned",
+    }
     bad = sweep_dir / "optim.lr=10"
     status = json.loads((bad / "status.json").read_text())
     # the pruner's SIGTERM arrives while rank 0 waits at the eval of step 2: it stops after step 3
@@ -260,14 +332,17 @@ def test_a_bad_trial_is_pruned_with_a_checkpoint_skipped_on_rerun_and_continued_
     again = lora_launch(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and "optim.lr=10: pruned earlier, skipped" in again.stdout, again.stderr[-3000:]
     assert {n: len(t["launches"]) for n, t in _trials(sweep_dir).items()} == {
-        "optim.lr=0.001": 1, "optim.lr=0.002": 1, "optim.lr=10": 1}
+        "optim.lr=0.001": 1,
+        "optim.lr=0.002": 1,
+        "optim.lr=10": 1,
+    }
 
     resumed = lora_launch(*args, "sweep.resume_pruned=true", cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = read_trial(bad)
     assert record["status"] == "completed" and len(record["launches"]) == 2
     assert _train_steps(bad) == list(range(1, 11))
-    assert read_jsonl(bad / "metrics.jsonl")[:len(before)] == before  # continued from step 3, not restarted
+    assert read_jsonl(bad / "metrics.jsonl")[: len(before)] == before  # continued from step 3, not restarted
     _check_summary(sweep_dir, 3)
 
 
@@ -276,11 +351,26 @@ def test_a_search_continues_its_study_after_the_sweep_is_killed(tiny, tmp_path):
     optuna = pytest.importorskip("optuna", reason="a search needs the sweep extra (pip install 'lora-launch[sweep]')")
 
     sweep_dir = tmp_path / "search"
-    args = ["-m", "sweep.search=tpe", "sweep.trials=3", "optim.lr=tag(log,interval(1e-4,1e-2))", "train.max_steps=60",
-            "checkpoint.every_steps=5", "eval.every_steps=20", "train.micro_batch_size=2", *tiny["overrides"],
-            f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen([CLI, *args], cwd=tmp_path, env=subprocess_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "-m",
+        "sweep.search=tpe",
+        "sweep.trials=3",
+        "optim.lr=tag(log,interval(1e-4,1e-2))",
+        "train.max_steps=60",
+        "checkpoint.every_steps=5",
+        "eval.every_steps=20",
+        "train.micro_batch_size=2",
+        *tiny["overrides"],
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = subprocess.Popen(
+        [CLI, *args],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def one_done_one_midway() -> bool:
         dirs = sorted(d for d in sweep_dir.glob("0*") if (d / "trial.json").exists())
@@ -307,4 +397,3 @@ def test_a_search_continues_its_study_after_the_sweep_is_killed(tiny, tmp_path):
         assert t.value == trial_row(next(sweep_dir.glob(f"{t.number:03d}-*")))["best_eval_loss"]
     rows = _check_summary(sweep_dir, 3)
     assert study.best_value == rows[0]["best_eval_loss"]
-

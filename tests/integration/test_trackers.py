@@ -22,8 +22,9 @@ def test_trackers_get_hugging_face_keys_and_jsonl_keeps_its_own(tiny, tmp_path, 
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
     run = tmp_path / "run"
-    done = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "logging.mlflow.enabled=true",
-                       cwd=tmp_path)
+    done = lora_launch(
+        *tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "logging.mlflow.enabled=true", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     rows = read_jsonl(run / "metrics.jsonl")
@@ -33,8 +34,14 @@ def test_trackers_get_hugging_face_keys_and_jsonl_keeps_its_own(tiny, tmp_path, 
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 3]
 
     tags = _tensorboard_tags(run)
-    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/mean_token_accuracy",
-                "train/tokens_per_second", "train/num_tokens"):
+    for tag in (
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/mean_token_accuracy",
+        "train/tokens_per_second",
+        "train/num_tokens",
+    ):
         assert tags.get(tag) == [1, 2, 3], (tag, sorted(tags))
     assert tags.get("eval/loss") == [0, 3] and "loss" not in tags
 
@@ -50,16 +57,27 @@ def test_wandb_gets_hugging_face_keys_and_never_the_api_key(tiny, tmp_path):
     from support.wandb_records import config_keys, history
 
     run, secret = tmp_path / "run", "test-api-key-0123456789abcdef"
-    done = lora_launch(*tiny["overrides"], f"run.dir={run}", "train.max_steps=3", "logging.wandb.mode=offline",
-                       cwd=tmp_path, env={**subprocess_env(), "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    done = lora_launch(
+        *tiny["overrides"],
+        f"run.dir={run}",
+        "train.max_steps=3",
+        "logging.wandb.mode=offline",
+        cwd=tmp_path,
+        env={**subprocess_env(), "WANDB_API_KEY": secret, "WANDB_SILENT": "true"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     rows = history(run)
     train = [r for r in rows if "train/loss" in r]
     assert [r["_step"] for r in train] == [1, 2, 3]
     assert [r["train/loss"] for r in train] == pytest.approx([r["loss"] for r in steps])
-    for key in ("train/learning_rate", "train/grad_norm", "train/mean_token_accuracy", "train/tokens_per_second",
-                "train/num_tokens"):
+    for key in (
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/mean_token_accuracy",
+        "train/tokens_per_second",
+        "train/num_tokens",
+    ):
         assert all(key in r for r in train), (key, sorted(train[0]))
     assert [r["_step"] for r in rows if "eval/loss" in r] == [0, 3]
     assert not any("loss" in r for r in rows)  # the flat name is metrics.jsonl's alone
@@ -79,8 +97,7 @@ def test_a_resumed_run_logs_into_the_same_mlflow_run(tiny, tmp_path, monkeypatch
     run.mkdir()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    cfg = compose([*tiny["overrides"], f"run.dir={run}", "logging.mlflow.enabled=true",
-                   "logging.tensorboard=false"])
+    cfg = compose([*tiny["overrides"], f"run.dir={run}", "logging.mlflow.enabled=true", "logging.tensorboard=false"])
     for step in (1, 2):  # two launches of the same run dir
         (tracker,) = make_trackers(cfg, run, start_step=step - 1)
         tracker.log(tracker_row({"step": step, "loss": 1.0 / step}), step=step)

@@ -61,9 +61,24 @@ def test_installed_script_trains_from_a_directory_with_its_own_train_py_launcher
 def test_accelerate_launch_of_the_module_trains_from_any_directory(tiny, user_dir):
     """The README's hand-run command: rank 0 composes the config (the package's, not ./conf) once."""
     run = user_dir / "direct"
-    result = subprocess.run([ACCELERATE, "launch", "--num_processes", "1", "-m", "lora_launch.train",
-                             *tiny["overrides"], f"run.dir={run}", "train.max_steps=3"],
-                            cwd=user_dir, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            ACCELERATE,
+            "launch",
+            "--num_processes",
+            "1",
+            "-m",
+            "lora_launch.train",
+            *tiny["overrides"],
+            f"run.dir={run}",
+            "train.max_steps=3",
+        ],
+        cwd=user_dir,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _trained(run, 3)
     _user_files_untouched(user_dir)
@@ -151,8 +166,12 @@ def test_closed_terminal_sighup_checkpoints_and_exits_0(tiny, tmp_path):
 def test_direct_accelerate_launch_and_lora_launch_exclude_each_other(tiny, tmp_path):
     run = tmp_path / "run"
     args = [*tiny["overrides"], *BASE, "train.max_steps=5000", f"run.dir={run}"]
-    direct = start_job([], tmp_path, tmp_path / "direct.log",
-                       cmd=[ACCELERATE, "launch", "--num_processes", "1", "-m", "lora_launch.train", *args])
+    direct = start_job(
+        [],
+        tmp_path,
+        tmp_path / "direct.log",
+        cmd=[ACCELERATE, "launch", "--num_processes", "1", "-m", "lora_launch.train", *args],
+    )
     wait_for_step(run, direct, 2)
     refused = lora_launch(*args, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "in use by a live launch" in refused.stderr, refused.stderr[-2000:]
@@ -163,8 +182,14 @@ def test_direct_accelerate_launch_and_lora_launch_exclude_each_other(tiny, tmp_p
 
     job = start_job(args, tmp_path, tmp_path / "launch.log")
     wait_for_step(run, job, status(run)["step"] + 2)
-    again = subprocess.run([ACCELERATE, "launch", "--num_processes", "1", "-m", "lora_launch.train", *args],
-                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [ACCELERATE, "launch", "--num_processes", "1", "-m", "lora_launch.train", *args],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode != 0 and "in use by a live launch" in again.stderr, again.stderr[-2000:]
     ctrl_c(job)
     assert job.wait(timeout=120) == 130

@@ -15,8 +15,9 @@ def bench_module(name: str) -> ModuleType:
     its top-level conf/, train/, ... as importable names, hiding a product import that skips lora_launch."""
     if "bench" not in sys.modules:
         folder = REPO / "bench"
-        spec = importlib.util.spec_from_file_location("bench", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        spec = importlib.util.spec_from_file_location(
+            "bench", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
         package = importlib.util.module_from_spec(spec)
         sys.modules["bench"] = package
         spec.loader.exec_module(package)

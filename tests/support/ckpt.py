@@ -18,19 +18,36 @@ SAMPLES_PER_STEP, TOKENS_PER_STEP, TRAIN_SIZE = 8, 100, 20
 
 class OneProcess:
     """The part of accelerate's Accelerator the checkpointer uses, for a single process."""
+
     process_index, num_processes, is_main_process = 0, 1, True
 
     def wait_for_everyone(self):
         pass
 
 
-def make_cfg(run_dir: Path, mode: str = "auto", allow=(), lr: float = 0.1, r: int = 4, every: int = 1,
-             background_min_mib: int = 64):
-    return OmegaConf.create({"run": {"dir": str(run_dir)},
-                             "checkpoint": {"every_steps": every, "keep_last": 2, "background": True,
-                                            "background_min_mib": background_min_mib},
-                             "resume": {"mode": mode, "allow_changes": list(allow)},
-                             "optim": {"lr": lr}, "lora": {"r": r}})
+def make_cfg(
+    run_dir: Path,
+    mode: str = "auto",
+    allow=(),
+    lr: float = 0.1,
+    r: int = 4,
+    every: int = 1,
+    background_min_mib: int = 64,
+):
+    return OmegaConf.create(
+        {
+            "run": {"dir": str(run_dir)},
+            "checkpoint": {
+                "every_steps": every,
+                "keep_last": 2,
+                "background": True,
+                "background_min_mib": background_min_mib,
+            },
+            "resume": {"mode": mode, "allow_changes": list(allow)},
+            "optim": {"lr": lr},
+            "lora": {"r": r},
+        }
+    )
 
 
 class Training:
@@ -42,10 +59,14 @@ class Training:
         self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Linear(4, 1))
         self.model[0].weight.requires_grad_(False)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 3) * 0.9 ** s)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 3) * 0.9**s)
         self.progress = Progress(train_size=TRAIN_SIZE)
-        self.states = {"trainable": TrainableState(self.model, self.optimizer),
-                       "scheduler": SchedulerState(self.scheduler), "rng": RngState(), "progress": self.progress}
+        self.states = {
+            "trainable": TrainableState(self.model, self.optimizer),
+            "scheduler": SchedulerState(self.scheduler),
+            "rng": RngState(),
+            "progress": self.progress,
+        }
 
     def steps(self, n: int) -> list[float]:
         """Train n optimizer steps; returns their losses."""
@@ -63,8 +84,9 @@ class Training:
         return losses
 
 
-def checkpointer(run_dir: Path, training: Training | None = None, fingerprints: dict = FINGERPRINTS,
-                 **cfg) -> Checkpointer:
+def checkpointer(
+    run_dir: Path, training: Training | None = None, fingerprints: dict = FINGERPRINTS, **cfg
+) -> Checkpointer:
     """A Checkpointer of `training`'s states (a fresh Training when None) in run_dir."""
     states = (training or Training(seed=7)).states
     return Checkpointer(make_cfg(run_dir, **cfg), run_dir, OneProcess(), states=states, fingerprints=fingerprints)

@@ -17,18 +17,26 @@ CLI = str(Path(sys.executable).with_name("lora-launch"))
 def subprocess_env(**extra: str) -> dict:
     """This environment, offline and quiet; nothing points Python at the repository."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               WANDB_SILENT="true", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("PYTHONPATH", None)
     env.update(extra)
     return env
 
 
-def lora_launch(*overrides: str, cwd: Path | None = None, timeout: int = 600,
-                env: dict | None = None) -> subprocess.CompletedProcess:
+def lora_launch(
+    *overrides: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed `lora-launch` with `overrides` and capture its output."""
-    return subprocess.run([CLI, *overrides], cwd=cwd, env=env or subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [CLI, *overrides], cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

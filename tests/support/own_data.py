@@ -19,26 +19,64 @@ ANSWERS = {
     "hamster": "A hamster needs a clean cage, seeds and a wheel to run on.",
 }
 QUESTIONS = {
-    "food": ["How do I cook {x}?", "What is the best way to make {x}?", "How should I prepare {x}?",
-             "Can you tell me how to cook {x}?", "Give me a simple recipe for {x}."],
-    "pet": ["How do I care for my {x}?", "What does a {x} need?", "How should I look after a {x}?",
-            "What does my {x} need every day?", "Give me tips for keeping a {x}."],
+    "food": [
+        "How do I cook {x}?",
+        "What is the best way to make {x}?",
+        "How should I prepare {x}?",
+        "Can you tell me how to cook {x}?",
+        "Give me a simple recipe for {x}.",
+    ],
+    "pet": [
+        "How do I care for my {x}?",
+        "What does a {x} need?",
+        "How should I look after a {x}?",
+        "What does my {x} need every day?",
+        "Give me tips for keeping a {x}.",
+    ],
 }
 FOODS = ("rice", "pasta", "eggs", "soup", "bread")
-STOP = {"a", "an", "the", "and", "then", "for", "in", "of", "to", "it", "with", "on", "is", "me", "my", "i",
-        "do", "how", "what", "does", "every", "day", "should", "can", "you", "give", "some", "little"}
+STOP = {
+    "a",
+    "an",
+    "the",
+    "and",
+    "then",
+    "for",
+    "in",
+    "of",
+    "to",
+    "it",
+    "with",
+    "on",
+    "is",
+    "me",
+    "my",
+    "i",
+    "do",
+    "how",
+    "what",
+    "does",
+    "every",
+    "day",
+    "should",
+    "can",
+    "you",
+    "give",
+    "some",
+    "little",
+}
 
 
 def own_pairs() -> list[tuple[str, str]]:
     """50 (question, answer) pairs: 5 phrasings each of 5 cooking and 5 pet questions."""
-    return [(q.format(x=x), answer) for x, answer in ANSWERS.items()
-            for q in QUESTIONS["food" if x in FOODS else "pet"]]
+    return [
+        (q.format(x=x), answer) for x, answer in ANSWERS.items() for q in QUESTIONS["food" if x in FOODS else "pet"]
+    ]
 
 
 def write_chat(path: Path) -> Path:
     """The pairs as chat records ({"messages": [user, assistant]}), one per line."""
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in own_pairs()]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in own_pairs()]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -13,8 +13,11 @@ from support.resume import BASE, eval_losses, launch, train_losses
 
 # the resume tests' small run, one thread per process (as torchrun sets for several processes per node,
 # so a run of one process on each of two nodes computes alike), with restarts
-RESTART_BASE = [*(o for o in BASE if not o.startswith("launcher.max_restarts=")), "train.threads=1",
-                "launcher.max_restarts=2"]
+RESTART_BASE = [
+    *(o for o in BASE if not o.startswith("launcher.max_restarts=")),
+    "train.threads=1",
+    "launcher.max_restarts=2",
+]
 
 _references: dict[tuple, dict] = {}
 
@@ -59,7 +62,7 @@ def train_ranks(pids: list[int] | None = None) -> list[psutil.Process]:
             cmd = p.cmdline()
         except psutil.Error:
             continue
-        if "-m" in cmd and cmd[cmd.index("-m") + 1:][:1] == ["lora_launch.train"]:
+        if "-m" in cmd and cmd[cmd.index("-m") + 1 :][:1] == ["lora_launch.train"]:
             ranks.append(p)
     pids_of_ranks = {p.pid for p in ranks}
     return [p for p in ranks if _parent(p) not in pids_of_ranks]

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,10 +14,20 @@ from support.cli import CLI, read_jsonl, subprocess_env
 
 # small and quick, yet with grad_accum > 1, an epoch boundary every ~3 steps and dropout drawing RNG; no
 # automatic restarts: these tests kill or crash a run and relaunch it by hand
-BASE = ["train.micro_batch_size=2", "train.grad_accum=2", "data.max_samples=24", "train.max_steps=12",
-        "checkpoint.every_steps=3", "checkpoint.keep_last=2", "logging.tensorboard=false",
-        "logging.rank_audit=true", "sample.max_new_tokens=0", "eval.at_start=false", "lora.dropout=0.1",
-        "launcher.max_restarts=0"]
+BASE = [
+    "train.micro_batch_size=2",
+    "train.grad_accum=2",
+    "data.max_samples=24",
+    "train.max_steps=12",
+    "checkpoint.every_steps=3",
+    "checkpoint.keep_last=2",
+    "logging.tensorboard=false",
+    "logging.rank_audit=true",
+    "sample.max_new_tokens=0",
+    "eval.at_start=false",
+    "lora.dropout=0.1",
+    "launcher.max_restarts=0",
+]
 
 
 def user_dir(run_dir: Path) -> Path:
@@ -43,8 +52,14 @@ def start(run_dir: Path, overrides: list[str], env: dict | None = None) -> subpr
     run_dir = Path(run_dir).absolute()
     cmd = [CLI, f"run.dir={run_dir}", *overrides]
     log = open(f"{run_dir}.log", "a")
-    return subprocess.Popen(cmd, env={**subprocess_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=user_dir(run_dir))
+    return subprocess.Popen(
+        cmd,
+        env={**subprocess_env(), **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=user_dir(run_dir),
+    )
 
 
 def launch(run_dir: Path, overrides: list[str], env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
@@ -108,8 +123,9 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
     path = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n"
-                                 + Path(f"{run_dir}.log").read_text()[-3000:])
+            raise AssertionError(
+                f"run ended (rc {proc.returncode}) before step {step}:\n" + Path(f"{run_dir}.log").read_text()[-3000:]
+            )
         newest = _newest_step(path)
         if newest >= step:
             return newest

@@ -28,7 +28,7 @@ class Server:
             assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.err.read_text()[-3000:]}"
             assert time.time() < deadline, "serve did not start in 240 s"
             time.sleep(0.2)
-        line = next(l for l in self.out.read_text().splitlines() if l.startswith("serving "))
+        line = next(line for line in self.out.read_text().splitlines() if line.startswith("serving "))
         self.port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
 
     def request(self, method: str, path: str, body=None, key: str | None = "own", raw: bytes | None = None):
@@ -38,7 +38,9 @@ class Server:
         key = self.key if key == "own" else key
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        conn.request(method, path, raw if raw is not None else (json.dumps(body) if body is not None else None), headers)
+        conn.request(
+            method, path, raw if raw is not None else (json.dumps(body) if body is not None else None), headers
+        )
         response = conn.getresponse()
         text = response.read().decode()
         conn.close()
@@ -72,7 +74,7 @@ class Server:
 
 def events_text(stream: str, chat: bool) -> tuple[str, str]:
     """The text and finish reason a server-sent event stream carries; it must end with [DONE]."""
-    events = [e[len("data: "):] for e in stream.split("\n\n") if e]
+    events = [e[len("data: ") :] for e in stream.split("\n\n") if e]
     assert events and events[-1] == "[DONE]", stream[-500:]
     chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
     text = "".join(c["delta"].get("content", "") if chat else c["text"] for c in chunks)

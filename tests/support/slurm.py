@@ -20,9 +20,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from support.cli import subprocess_env
 
@@ -82,8 +82,18 @@ class Cluster:
         if n.namespace is None:
             return list(argv)
         script = f'mount --bind {self.dir}/hosts /etc/hosts && hostname {n.name} && exec "$@"'
-        return ["nsenter", f"--net=/run/netns/{n.namespace}", "unshare", "--mount", "--uts", "sh", "-c", script,
-                "sh", *argv]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{n.namespace}",
+            "unshare",
+            "--mount",
+            "--uts",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            *argv,
+        ]
 
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command on the first node, its output captured."""
@@ -133,8 +143,11 @@ def _free_port() -> int:
 def _slurm_conf(d: Path, nodes: list[Node], controller: str) -> str:
     # in namespaces the ports are the nodes' own; on this host's stack they must not collide with others'
     ctld_port, node_port = (6817, 6818) if nodes[0].namespace else (_free_port(), _free_port())
-    node_lines = "".join(f"NodeName={n.name}{f' NodeAddr={n.address}' if n.address else ''} "
-                         f"CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN\n" for n in nodes)
+    node_lines = "".join(
+        f"NodeName={n.name}{f' NodeAddr={n.address}' if n.address else ''} "
+        f"CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN\n"
+        for n in nodes
+    )
     return f"""ClusterName=loratest
 SlurmctldHost={controller}
 SlurmctldPort={ctld_port}
@@ -185,21 +198,46 @@ def _wire(nodes: list[Node], created: list[str]) -> None:
 
 def _start_daemons(cluster: Cluster) -> None:
     d, env = cluster.dir, cluster.env
-    cluster.procs.append(subprocess.Popen(
-        [_sbin("munged"), "-F", "--force", f"--key-file={d}/munge.key", f"--socket={d}/munge.sock",
-         f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/munged.seed"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    cluster.procs.append(
+        subprocess.Popen(
+            [
+                _sbin("munged"),
+                "-F",
+                "--force",
+                f"--key-file={d}/munge.key",
+                f"--socket={d}/munge.sock",
+                f"--pid-file={d}/munged.pid",
+                f"--log-file={d}/munged.log",
+                f"--seed-file={d}/munged.seed",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     wait_for(lambda: (d / "munge.sock").exists(), 20, "munged")
     conf = env["SLURM_CONF"]
-    cluster.procs.append(subprocess.Popen(cluster.on([_sbin("slurmctld"), "-D", "-f", conf]), env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    cluster.procs.append(
+        subprocess.Popen(
+            cluster.on([_sbin("slurmctld"), "-D", "-f", conf]),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     for i, n in enumerate(cluster.nodes):
-        cluster.procs.append(subprocess.Popen(cluster.on([_sbin("slurmd"), "-D", "-N", n.name, "-f", conf], i),
-                                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cluster.procs.append(
+            subprocess.Popen(
+                cluster.on([_sbin("slurmd"), "-D", "-N", n.name, "-f", conf], i),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     def all_idle():
         states = cluster.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()
         return len(states) == len(cluster.nodes) and all(s == "idle" for s in states)
+
     wait_for(all_idle, 60, f"{len(cluster.nodes)} Slurm node(s) to be idle")
 
 
@@ -241,8 +279,9 @@ def slurm_cluster(d: Path, nodes: int = 1) -> Iterator[Cluster]:
         else:
             cluster.nodes = _two_nodes(str(os.getpid() % 10000))
             _wire(cluster.nodes, namespaces)
-            (d / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{n.address} {n.name}\n"
-                                                                      for n in cluster.nodes))
+            (d / "hosts").write_text(
+                "127.0.0.1 localhost\n" + "".join(f"{n.address} {n.name}\n" for n in cluster.nodes)
+            )
             controller = f"{cluster.nodes[0].name}({cluster.nodes[0].address})"
         for n in cluster.nodes:
             (d / "spool" / n.name).mkdir(parents=True)

@@ -21,8 +21,14 @@ class Studio:
     """One `lora-launch studio --port 0` process in `home` and the URL it printed."""
 
     def __init__(self, home):
-        self.proc = subprocess.Popen([CLI, "studio", "--port", "0"], cwd=home, env=subprocess_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [CLI, "studio", "--port", "0"],
+            cwd=home,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         found = re.search(r"open (http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
         assert found, line + self.proc.stdout.read() if self.proc.poll() is not None else line
@@ -44,7 +50,7 @@ class Studio:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
 
-    def __enter__(self) -> "Studio":
+    def __enter__(self) -> Studio:
         return self
 
     def __exit__(self, *_exc) -> None:

@@ -26,8 +26,9 @@ def _foreground_job() -> None:
 def start_job(args: list[str], cwd: Path, log: Path, cmd: list[str] | None = None) -> subprocess.Popen:
     """Start `lora-launch args` (or `cmd`) as a foreground job of its own process group, output into `log`."""
     out = open(log, "a")
-    return subprocess.Popen(cmd or [CLI, *args], cwd=cwd, env=subprocess_env(), stdout=out, stderr=out,
-                            preexec_fn=_foreground_job)
+    return subprocess.Popen(
+        cmd or [CLI, *args], cwd=cwd, env=subprocess_env(), stdout=out, stderr=out, preexec_fn=_foreground_job
+    )
 
 
 def ctrl_c(proc: subprocess.Popen) -> None:

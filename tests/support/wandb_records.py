@@ -26,11 +26,11 @@ def records(path: Path):
         if left < HEADER:  # a block's tail too short for a header is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if length == 0 and kind == 0:  # zero padding up to the block's end
             pos += left
             continue
-        chunks += data[pos + HEADER:pos + HEADER + length]
+        chunks += data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -45,13 +45,18 @@ def history(run_dir: Path) -> list[dict]:
     rows = []
     for record in records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 
 def config_keys(run_dir: Path) -> list[str]:
     """Top-level keys of the config the run gave wandb."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    return [item.key or "/".join(item.nested_key) for record in records(path)
-            if record.WhichOneof("record_type") == "config" for item in record.config.update]
+    return [
+        item.key or "/".join(item.nested_key)
+        for record in records(path)
+        if record.WhichOneof("record_type") == "config"
+        for item in record.config.update
+    ]

@@ -17,8 +17,9 @@ def test_every_count_up_to_the_host_bases_first_then_largest(n, counts):
     cases = multi_plan.scaling_cases("lora", n)
     assert len(cases) == len({c["name"] for c in cases}) == 5 * len(counts)
     assert [c["nproc"] for c in cases[:5]] == [1] * 5 and {c["nproc"] for c in cases[5:10]} == {n}
-    assert {(c["distributed"], c["nproc"]) for c in cases if c["kind"] == "project"} == \
-        {(d, g) for d in multi_plan.OPTIONS for g in counts}
+    assert {(c["distributed"], c["nproc"]) for c in cases if c["kind"] == "project"} == {
+        (d, g) for d in multi_plan.OPTIONS for g in counts
+    }
     names = {c["name"] for c in cases}
     for c in cases:  # every ratio's reference is measured in the same phase
         assert {c.get("base"), c.get("ddp_base", c["base"]), c.get("peer", c["base"])} <= names
@@ -77,8 +78,16 @@ def rows_for(tokens: dict[str, float]) -> list[dict]:
 
 
 def test_ratios_and_targets():
-    rows = rows_for({"lora_ddp_1gpu": 10000.0, "lora_zero3_1gpu": 8000.0, "peer_lora_4gpu": 6000.0,
-                        "lora_ddp_4gpu": 9400.0, "lora_zero3_4gpu": 7200.0, "lora_ddp_2gpu": 9000.0})
+    rows = rows_for(
+        {
+            "lora_ddp_1gpu": 10000.0,
+            "lora_zero3_1gpu": 8000.0,
+            "peer_lora_4gpu": 6000.0,
+            "lora_ddp_4gpu": 9400.0,
+            "lora_zero3_4gpu": 7200.0,
+            "lora_ddp_2gpu": 9000.0,
+        }
+    )
     ddp4, zero3, ddp2 = (multi_plan.judge(r, rows) for r in rows[3:])
     assert ddp4["vs_1gpu"] == pytest.approx(0.94) and ddp4["met_vs_1gpu"] is False
     assert multi_plan.target_cell(ddp4, "vs_1gpu") == ">=95% MISS"
@@ -96,8 +105,11 @@ def test_ratios_and_targets():
 
 
 def test_a_row_without_a_figure_is_left_alone():
-    row = {"name": "lora_ddp_4gpu", "spec": multi_plan.scaling_cases("lora", 4)[5],
-           "error": "not run: time budget spent"}
+    row = {
+        "name": "lora_ddp_4gpu",
+        "spec": multi_plan.scaling_cases("lora", 4)[5],
+        "error": "not run: time budget spent",
+    }
     assert multi_plan.judge(row, []) == row
 
 

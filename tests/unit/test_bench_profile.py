@@ -13,14 +13,18 @@ from support.bench import bench_module
 case = bench_module("case")
 
 
-@pytest.mark.parametrize("name,kind", [
-    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coo", "gemm"),
-    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<>", "attention"),
-    ("void kOptimizer32bit2State<__nv_bfloat16, 0>", "optimizer"),
-    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
-    ("triton_poi_fused__to_copy_add_mul_0", "fused (triton)"),  # a compiled kernel, though its name says copy
-    ("Memcpy DtoH (Device -> Pinned)", "copy"),
-    ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", "other")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coo", "gemm"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<>", "attention"),
+        ("void kOptimizer32bit2State<__nv_bfloat16, 0>", "optimizer"),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("triton_poi_fused__to_copy_add_mul_0", "fused (triton)"),  # a compiled kernel, though its name says copy
+        ("Memcpy DtoH (Device -> Pinned)", "copy"),
+        ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", "other"),
+    ],
+)
 def test_kernel_kinds(name, kind):
     assert case.kernel_kind(name) == kind
 
@@ -32,12 +36,16 @@ def _event(name: str, start: float, end: float, device: DeviceType):
 def test_idle_gaps_split_the_step_boundary_from_gaps_inside_steps():
     cpu, gpu = DeviceType.CPU, DeviceType.CUDA
     mark = case.STEP_MARK
-    events = [_event(mark, 0, 1000, cpu), _event(mark, 0, 1000, gpu),  # the mark's device copy is no kernel
-              _event("k", 100, 300, gpu), _event("k", 250, 400, gpu),  # overlapping kernels: busy 100-400
-              _event("k", 420, 900, gpu),  # a 20 us gap inside step 1
-              _event(mark, 1000, 3000, cpu),
-              _event("k", 1500, 2000, gpu),  # 600 us from step 1's last kernel: the boundary
-              _event("k", 2300, 2900, gpu)]  # a 300 us gap, 500 us into step 2's kernels
+    events = [
+        _event(mark, 0, 1000, cpu),
+        _event(mark, 0, 1000, gpu),  # the mark's device copy is no kernel
+        _event("k", 100, 300, gpu),
+        _event("k", 250, 400, gpu),  # overlapping kernels: busy 100-400
+        _event("k", 420, 900, gpu),  # a 20 us gap inside step 1
+        _event(mark, 1000, 3000, cpu),
+        _event("k", 1500, 2000, gpu),  # 600 us from step 1's last kernel: the boundary
+        _event("k", 2300, 2900, gpu),
+    ]  # a 300 us gap, 500 us into step 2's kernels
     idle = case.idle_gaps(events)
     first, second = idle["steps"]
     assert first["boundary_ms"] is None and first["inside_ms"] == pytest.approx(0.02)

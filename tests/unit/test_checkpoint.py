@@ -11,12 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
-from lora_launch.run.rundir import (RUN_MARKER, committed_checkpoints, read_metrics, rewind_metrics,
-                                   set_aside_previous)
 from lora_launch.run.checkpoints import verify
+from lora_launch.run.rundir import RUN_MARKER, committed_checkpoints, read_metrics, rewind_metrics, set_aside_previous
 from lora_launch.train.checkpoint import Checkpointer, CheckpointError, _read_states, changes
 from lora_launch.train.state import ScalerState
+from support.ckpt import FINGERPRINTS, OneProcess, Training, checkpointer, edit_manifest, make_cfg, saved_steps
 
 
 def test_resumed_training_continues_bitwise(tmp_path):
@@ -85,7 +84,9 @@ def test_a_failed_background_write_is_raised_at_the_commit_and_keeps_the_last_ch
     assert ck.maybe_save(4) is None
     with pytest.raises(OSError, match="No space left"):
         ck.finish()
-    assert [s for s, _ in committed_checkpoints(tmp_path)] == [2] and not list((tmp_path / "checkpoints").glob(".staging-*"))
+    assert [s for s, _ in committed_checkpoints(tmp_path)] == [2] and not list(
+        (tmp_path / "checkpoints").glob(".staging-*")
+    )
     verify(tmp_path / "checkpoints" / "step-2")
 
 
@@ -93,16 +94,28 @@ def test_the_files_keep_format_1(tmp_path):
     t = Training()
     t.steps(2)
     path = checkpointer(tmp_path, t).save(2)
-    assert {f.name for f in path.iterdir()} == {"trainable.safetensors", "state.json", "rng-rank0.safetensors",
-                                                "rng-rank0.json", "manifest.json"}
+    assert {f.name for f in path.iterdir()} == {
+        "trainable.safetensors",
+        "state.json",
+        "rng-rank0.safetensors",
+        "rng-rank0.json",
+        "manifest.json",
+    }
     state = json.loads((path / "state.json").read_text())
     assert {k: state[k] for k in ("step", "position", "tokens_seen", "epoch", "world_size")} == {
-        "step": 2, "position": 16, "tokens_seen": 200, "epoch": 0, "world_size": 1}
+        "step": 2,
+        "position": 16,
+        "tokens_seen": 200,
+        "epoch": 0,
+        "world_size": 1,
+    }
     assert state["optimizer"] == {"keys": ["exp_avg", "exp_avg_sq"], "step": 2.0}
     assert state["scheduler"]["last_epoch"] == 2 and state["scaler"] is None
     assert sorted(load_file(str(path / "trainable.safetensors"))) == [
-        f"{kind}/{name}" for kind in ("optim/exp_avg", "optim/exp_avg_sq", "param")
-        for name in ("0.bias", "2.bias", "2.weight")]
+        f"{kind}/{name}"
+        for kind in ("optim/exp_avg", "optim/exp_avg_sq", "param")
+        for name in ("0.bias", "2.bias", "2.weight")
+    ]
     assert set(json.loads((path / "rng-rank0.json").read_text())) == {"python", "numpy"}
     assert json.loads((path / "manifest.json").read_text())["format"] == 1
 
@@ -189,27 +202,44 @@ def test_a_manifest_must_checksum_every_file_the_loader_reads(tmp_path, capsys):
     (new / "trainable.safetensors").write_bytes((old / "trainable.safetensors").read_bytes())
     edit_manifest(new, lambda m: m["files"].pop("trainable.safetensors"))
     assert checkpointer(tmp_path).load() == 1  # the older good one
-    assert "step-2: manifest.json does not list trainable.safetensors with its size and sha256" in \
-        capsys.readouterr().out
+    assert (
+        "step-2: manifest.json does not list trainable.safetensors with its size and sha256" in capsys.readouterr().out
+    )
     with pytest.raises(CheckpointError, match="step-2: manifest.json does not list trainable.safetensors"):
         checkpointer(tmp_path, mode=str(new)).load()
 
 
-@pytest.mark.parametrize("edit, reason", [
-    (lambda m: m.update(files={}), "lists no files"),
-    (lambda m: m.pop("files"), "lists no files"),
-    (lambda m: m.update(files=[]), "lists no files"),
-    (lambda m: m["files"]["state.json"].pop("sha256"), "does not list state.json with its size and sha256"),
-    (lambda m: m.update(world_size=2), r"does not list rng-rank1\.safetensors"),  # rank 1's RNG never listed
-    (lambda m: m["files"].pop("rng-rank0.json"), r"does not list rng-rank0\.json"),
-    (lambda m: m.pop("world_size"), "has no usable world_size .None."),
-    (lambda m: m.update(world_size=0), "has no usable world_size .0."),
-    (lambda m: m.update(world_size="1"), "has no usable world_size ..1.."),
-    (lambda m: m.pop("config"), "has no config"),
-    (lambda m: m.pop("fingerprints"), "has no fingerprints"),
-    (lambda m: m.update(step="2"), "has no step"),
-], ids=["empty", "no-files", "files-a-list", "no-sha256", "rank-1-unlisted", "rng-json-unlisted", "no-world-size",
-        "world-size-0", "world-size-str", "no-config", "no-fingerprints", "step-a-string"])
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda m: m.update(files={}), "lists no files"),
+        (lambda m: m.pop("files"), "lists no files"),
+        (lambda m: m.update(files=[]), "lists no files"),
+        (lambda m: m["files"]["state.json"].pop("sha256"), "does not list state.json with its size and sha256"),
+        (lambda m: m.update(world_size=2), r"does not list rng-rank1\.safetensors"),  # rank 1's RNG never listed
+        (lambda m: m["files"].pop("rng-rank0.json"), r"does not list rng-rank0\.json"),
+        (lambda m: m.pop("world_size"), "has no usable world_size .None."),
+        (lambda m: m.update(world_size=0), "has no usable world_size .0."),
+        (lambda m: m.update(world_size="1"), "has no usable world_size ..1.."),
+        (lambda m: m.pop("config"), "has no config"),
+        (lambda m: m.pop("fingerprints"), "has no fingerprints"),
+        (lambda m: m.update(step="2"), "has no step"),
+    ],
+    ids=[
+        "empty",
+        "no-files",
+        "files-a-list",
+        "no-sha256",
+        "rank-1-unlisted",
+        "rng-json-unlisted",
+        "no-world-size",
+        "world-size-0",
+        "world-size-str",
+        "no-config",
+        "no-fingerprints",
+        "step-a-string",
+    ],
+)
 def test_an_incomplete_manifest_is_rejected_naming_the_file(tmp_path, edit, reason):
     (path,) = saved_steps(tmp_path, (1,))
     verify(path)
@@ -252,10 +282,14 @@ def test_mismatch_is_refused_naming_the_key_unless_allowed(tmp_path):
 
 
 def test_changes_ignores_free_keys_and_schema_additions():
-    saved = {"config": {"optim": {"lr": 1}, "logging": {"every_steps": 1}, "run": {"dir": "a"}},
-             "fingerprints": FINGERPRINTS}
-    now = {"config": {"optim": {"lr": 1}, "logging": {"every_steps": 5}, "run": {"dir": "b"}, "new_key": 3},
-           "fingerprints": FINGERPRINTS}
+    saved = {
+        "config": {"optim": {"lr": 1}, "logging": {"every_steps": 1}, "run": {"dir": "a"}},
+        "fingerprints": FINGERPRINTS,
+    }
+    now = {
+        "config": {"optim": {"lr": 1}, "logging": {"every_steps": 5}, "run": {"dir": "b"}, "new_key": 3},
+        "fingerprints": FINGERPRINTS,
+    }
     assert changes(saved, now, []) == []
     now["fingerprints"] = {**FINGERPRINTS, "lora_shapes": {"a": [1]}, "tokenizer": "x"}
     out = changes(saved, now, [])
@@ -266,8 +300,8 @@ def test_changes_ignores_free_keys_and_schema_additions():
 
 
 def test_resume_path_is_checked_when_the_config_is_composed(tmp_path):
-    from lora_launch.conf.schema import ConfigError
     from lora_launch.conf.compose import compose
+    from lora_launch.conf.schema import ConfigError
 
     with pytest.raises(ConfigError, match="resume.mode=.*not auto, never or a checkpoint directory"):
         compose([f"run.dir={tmp_path}", f"resume.mode={tmp_path / 'nope'}"])
@@ -298,7 +332,9 @@ def test_resume_never_moves_nothing_where_a_file_is_not_lora_launchs(tmp_path):
         set_aside_previous(tmp_path)  # names lora-launch uses, but nothing says lora-launch made the dir
     (tmp_path / RUN_MARKER).write_text("")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'notes.txt'} aside, and lora-launch did not write it")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{tmp_path / 'notes.txt'} aside, and lora-launch did not write it")
+    ):
         set_aside_previous(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER, "checkpoints", "notes.txt"]
     (tmp_path / "notes.txt").unlink()
@@ -306,8 +342,13 @@ def test_resume_never_moves_nothing_where_a_file_is_not_lora_launchs(tmp_path):
 
 
 def test_rewind_metrics_keeps_one_row_per_step(tmp_path):
-    rows = [{"step": 0, "eval_loss": 1}, {"step": 1, "loss": 1}, {"step": 2, "loss": 2}, {"step": 2, "eval_loss": 2},
-            {"step": 3, "loss": 3}]
+    rows = [
+        {"step": 0, "eval_loss": 1},
+        {"step": 1, "loss": 1},
+        {"step": 2, "loss": 2},
+        {"step": 2, "eval_loss": 2},
+        {"step": 3, "loss": 3},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
     (tmp_path / "ranks").mkdir()
     (tmp_path / "ranks" / "rank1.jsonl").write_text('{"step": 2, "samples": [1]}\n{"step": 3, "samples": [2]}\n')
@@ -325,5 +366,3 @@ def test_read_metrics_leaves_out_a_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(text + b'\n[1, 2]\n{"step": 3, "x": "\xff"}\n{"step": 4, "lo')
     got = read_metrics(tmp_path)  # not UTF-8 still reads; a blank line, a list and the cut line are left out
     assert got[:3] == rows and [r["step"] for r in got] == [1, 1, 2, 3]
-
-

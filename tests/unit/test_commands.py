@@ -16,11 +16,15 @@ from support.cli import REPO
 
 
 def _conf_groups() -> dict[str, list[str]]:
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-            for d in sorted((REPO / "conf").iterdir()) if d.is_dir() and any(d.glob("*.yaml"))}
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted((REPO / "conf").iterdir())
+        if d.is_dir() and any(d.glob("*.yaml"))
+    }
 
 
 # ---- --help -------------------------------------------------------------------------------------
+
 
 def test_help_groups_are_the_installed_conf_directories():
     assert config_groups() == _conf_groups()
@@ -38,8 +42,12 @@ def test_help_names_commands_groups_options_and_keys():
     for key in MOST_USED:
         assert key in lines, key
     assert lines["lora.r"].split() == ["lora.r", "int;", "default", "8;", ">=", "1"]
-    assert lines["train.precision"].split() == ["train.precision", *"auto | bfloat16 | float16 | float32;".split(),
-                                                "default", "auto"]
+    assert lines["train.precision"].split() == [
+        "train.precision",
+        *"auto | bfloat16 | float16 | float32;".split(),
+        "default",
+        "auto",
+    ]
     assert "runs/${now:" in lines["run.dir"]
     assert "--hydra-help" in text and "--cfg job" in text
 
@@ -63,6 +71,7 @@ def test_each_command_has_its_own_help(capsys, command):
 
 # ---- one grammar: Hydra's override parser into typed arguments ----------------------------------
 
+
 def test_arguments_are_typed():
     args = parse_args("generate", ["run.dir=/r", "max_new_tokens=4", "sample=true", "temperature=1", "seed=3"])
     assert args.run.dir == "/r" and args.max_new_tokens == 4 and args.sample is True
@@ -72,29 +81,38 @@ def test_arguments_are_typed():
     assert merge.dtype == "float16" and merge.out is None
 
 
-@pytest.mark.parametrize("prompt,want", [
-    ("[INST] Where is Italy? [/INST]", "[INST] Where is Italy? [/INST]"),  # what the shell passes unquoted
-    ('"[INST] a, b [/INST]"', "[INST] a, b [/INST]"),  # Hydra's quoting
-    ("What's up, doc?", "What's up, doc?"),
-    ("null", None),
-])
+@pytest.mark.parametrize(
+    "prompt,want",
+    [
+        ("[INST] Where is Italy? [/INST]", "[INST] Where is Italy? [/INST]"),  # what the shell passes unquoted
+        ('"[INST] a, b [/INST]"', "[INST] a, b [/INST]"),  # Hydra's quoting
+        ("What's up, doc?", "What's up, doc?"),
+        ("null", None),
+    ],
+)
 def test_prompts_and_paths_are_free_text(prompt, want):
     assert parse_args("generate", ["run.dir=/r", f"prompt={prompt}"]).prompt == want
     assert parse_args("sweep-summary", ["dir=sweeps/a,b [x]"]).dir == "sweeps/a,b [x]"
 
 
-@pytest.mark.parametrize("command,argv,message", [
-    ("merge", ["run.dir=x", "colour=red"], "merge: unknown argument 'colour=red'; known: run.dir= out= dtype="),
-    ("merge", ["run.dir=x", "dtype=fp16"], "merge: dtype=fp16: Invalid value 'fp16', expected one of "
-                                           "[bfloat16, float16, float32]"),
-    ("generate", ["run.dir=x", "max_new_tokens=abc"], "generate: max_new_tokens=abc: Value 'abc'"),
-    ("generate", ["run.dir=x", "max_new_tokens=4,8"], "generate: max_new_tokens=4,8: not one value"),
-    ("generate", ["run.dir=x", "sample=maybe"], "generate: sample=maybe: "),
-    ("eval", ["run.dir=x", "split=test"], "eval: split=test: Invalid value 'test'"),
-    ("eval", ["split=val"], "eval: run.dir= is required"),
-    ("eval", ["x"], "eval: unknown argument 'x'"),
-    ("eval", ["run=x"], "eval: unknown argument 'run=x'"),
-])
+@pytest.mark.parametrize(
+    "command,argv,message",
+    [
+        ("merge", ["run.dir=x", "colour=red"], "merge: unknown argument 'colour=red'; known: run.dir= out= dtype="),
+        (
+            "merge",
+            ["run.dir=x", "dtype=fp16"],
+            "merge: dtype=fp16: Invalid value 'fp16', expected one of [bfloat16, float16, float32]",
+        ),
+        ("generate", ["run.dir=x", "max_new_tokens=abc"], "generate: max_new_tokens=abc: Value 'abc'"),
+        ("generate", ["run.dir=x", "max_new_tokens=4,8"], "generate: max_new_tokens=4,8: not one value"),
+        ("generate", ["run.dir=x", "sample=maybe"], "generate: sample=maybe: "),
+        ("eval", ["run.dir=x", "split=test"], "eval: split=test: Invalid value 'test'"),
+        ("eval", ["split=val"], "eval: run.dir= is required"),
+        ("eval", ["x"], "eval: unknown argument 'x'"),
+        ("eval", ["run=x"], "eval: unknown argument 'run=x'"),
+    ],
+)
 def test_a_bad_argument_names_its_key(command, argv, message):
     with pytest.raises(ConfigError) as failed:
         parse_args(command, argv)
@@ -115,6 +133,7 @@ def test_posttrain_refuses_a_bad_argument_before_loading_anything(tmp_path, caps
 
 
 # ---- sweep-summary ------------------------------------------------------------------------------
+
 
 def _sweep(tmp_path):
     trial = tmp_path / "sweep" / "lora.r=8"

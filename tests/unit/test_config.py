@@ -11,9 +11,9 @@ import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from lora_launch.conf.schema import Choice, ConfigError, plain, resume_free_keys
 from lora_launch.conf.compose import compose
-from support.cli import REPO, lora_launch
+from lora_launch.conf.schema import Choice, ConfigError, plain, resume_free_keys
+from support.cli import REPO
 
 GROUPS = ["model", "data", "lora", "quant", "optim", "distributed", "launcher", "logging", "preset"]
 
@@ -42,42 +42,75 @@ def test_defaults_are_the_embedded_job():
 
 def test_contract_keys_exist():
     cfg = compose([])
-    for key in ["lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "optim.lr", "train.max_steps",
-                "train.epochs", "train.micro_batch_size", "train.grad_accum", "train.seq_len", "train.grad_ckpt",
-                "eval.every_steps", "checkpoint.every_steps", "checkpoint.keep_last", "launcher.num_processes",
-                "run.dir", "seed"]:
+    for key in [
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.target_modules",
+        "optim.lr",
+        "train.max_steps",
+        "train.epochs",
+        "train.micro_batch_size",
+        "train.grad_accum",
+        "train.seq_len",
+        "train.grad_ckpt",
+        "eval.every_steps",
+        "checkpoint.every_steps",
+        "checkpoint.keep_last",
+        "launcher.num_processes",
+        "run.dir",
+        "seed",
+    ]:
         assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None or key == "train.max_steps", key
 
 
-@pytest.mark.parametrize("override,key", [
-    ("lora.r=0", "lora.r"),
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("lora.dropout=1.5", "lora.dropout"),
-    ("train.micro_batch_size=0", "train.micro_batch_size"),
-    ("launcher.num_processes=0", "launcher.num_processes"),
-    ("launcher.num_processes=many", "launcher.num_processes"),
-    ("lora.target_modules=[]", "lora.target_modules"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("lora.r=0", "lora.r"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("launcher.num_processes=0", "launcher.num_processes"),
+        ("launcher.num_processes=many", "launcher.num_processes"),
+        ("lora.target_modules=[]", "lora.target_modules"),
+    ],
+)
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose([override])
 
 
-@pytest.mark.parametrize("override,key", [("lora.rank=8", "lora.rank"), ("lora.r=abc", "lora.r"),
-                                          ("train.grad_ckpt=maybe", "train.grad_ckpt"), ("bogus=1", "bogus")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("lora.rank=8", "lora.rank"),
+        ("lora.r=abc", "lora.r"),
+        ("train.grad_ckpt=maybe", "train.grad_ckpt"),
+        ("bogus=1", "bogus"),
+    ],
+)
 def test_unknown_keys_and_wrong_types_fail_at_compose(override, key):
     with pytest.raises(Exception, match=key.split(".")[-1]):
         compose([override])
 
 
-
-
 # ---- choices are types; the schema types every group option ------------------------------------
 
-@pytest.mark.parametrize("override", ["distributed.strategy=foo", "quant.mode=nf5", "train.compile=fast",
-                                      "train.precision=bf16", "model.dtype=fp32", "data.format=csv",
-                                      "optim.scheduler=step"])
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "distributed.strategy=foo",
+        "quant.mode=nf5",
+        "train.compile=fast",
+        "train.precision=bf16",
+        "model.dtype=fp32",
+        "data.format=csv",
+        "optim.scheduler=step",
+    ],
+)
 def test_a_bad_choice_fails_at_compose_naming_the_key(override):
     key, _, value = override.partition("=")
     with pytest.raises(ConfigCompositionException) as failed:
@@ -108,8 +141,14 @@ def test_no_group_offers_its_schema_as_an_option(group):
         compose([f"{group}={group}_schema"])
 
 
-@pytest.mark.parametrize("content,error", [("r: abc\n", "converted to Integer"), ("rank: 8\n", "Key 'rank' not in"),
-                                           ("bias: some\n", "Invalid value 'some'")])
+@pytest.mark.parametrize(
+    "content,error",
+    [
+        ("r: abc\n", "converted to Integer"),
+        ("rank: 8\n", "Key 'rank' not in"),
+        ("bias: some\n", "Invalid value 'some'"),
+    ],
+)
 def test_a_group_option_file_is_checked_against_the_schema(tmp_path, content, error):
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "mine.yaml").write_text(content)
@@ -118,7 +157,19 @@ def test_a_group_option_file_is_checked_against_the_schema(tmp_path, content, er
 
 
 def test_keys_free_to_change_on_resume_are_marked_on_the_schema():
-    assert set(resume_free_keys()) == {"run", "logging", "eval", "checkpoint", "resume", "sample", "launcher",
-                                       "distributed", "sweep", "preview", "train.threads", "train.num_workers",
-                                       "train.compile"}
+    assert set(resume_free_keys()) == {
+        "run",
+        "logging",
+        "eval",
+        "checkpoint",
+        "resume",
+        "sample",
+        "launcher",
+        "distributed",
+        "sweep",
+        "preview",
+        "train.threads",
+        "train.num_workers",
+        "train.compile",
+    }
     assert len(resume_free_keys()) == len(set(resume_free_keys()))

@@ -5,22 +5,22 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from support.cli import REPO, subprocess_env
 from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.data import sources as data_sources
 from lora_launch.data.samples import IGNORE, DataError, build_splits, dataset_fingerprint, pack
 from lora_launch.train.data import SampleStream, collate, train_stream
 
-ROWS = [{"instruction": f"Reverse: {a} {b}", "input": "", "output": f"{b} {a}"}
-        for a in ("cat", "dog", "sun", "red") for b in ("blue", "tree", "fish", "bird", "moon")]
+ROWS = [
+    {"instruction": f"Reverse: {a} {b}", "input": "", "output": f"{b} {a}"}
+    for a in ("cat", "dog", "sun", "red")
+    for b in ("blue", "tree", "fish", "bird", "moon")
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,16 @@ def tok(tiny):
 
 
 def cfg_for(tiny, tmp_path, *overrides):
-    return compose([f"model.path={tiny['model']}", "data.source=local", f"run.dir={tmp_path / 'run'}",
-                    f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=64", *overrides])
+    return compose(
+        [
+            f"model.path={tiny['model']}",
+            "data.source=local",
+            f"run.dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.seq_len=64",
+            *overrides,
+        ]
+    )
 
 
 def write_jsonl(path, rows):
@@ -42,11 +50,12 @@ def write_jsonl(path, rows):
 
 
 def response_text(tok, sample) -> str:
-    ids = [i for i, l in zip(sample["input_ids"], sample["labels"]) if l != IGNORE]
+    ids = [i for i, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE]
     return tok.decode(ids)
 
 
 # ---- sources ---------------------------------------------------------------------------------
+
 
 def test_jsonl_json_csv_parquet_and_directory_give_the_same_samples(tiny, tok, tmp_path):
     import pandas as pd
@@ -68,6 +77,7 @@ def test_jsonl_json_csv_parquet_and_directory_give_the_same_samples(tiny, tok, t
 
 # ---- errors that name the file, line or field --------------------------------------------------
 
+
 def test_missing_file(tiny, tok, tmp_path):
     with pytest.raises(DataError, match=r"data.path=.*nope.jsonl: no such file"):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={tmp_path / 'nope.jsonl'}"), tok)
@@ -75,7 +85,7 @@ def test_missing_file(tiny, tok, tmp_path):
 
 def test_malformed_jsonl_line_is_named(tiny, tok, tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{\"instruction\": oops}\n")
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + '\n{"instruction": oops}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: not valid JSON"):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok)
 
@@ -91,21 +101,36 @@ def test_non_utf8_bytes_are_located(tiny, tok, tmp_path):
 
 def test_missing_field_lists_the_fields_present(tiny, tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}])
-    with pytest.raises(DataError, match=r"no field 'instruction' \(data.fields.instruction\); fields present: "
-                                        r"\['prompt', 'response'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"no field 'instruction' \(data.fields.instruction\); fields present: "
+        r"\['prompt', 'response'\]",
+    ):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok)
     with pytest.raises(DataError, match=r"no field 'text' \(data.text_field\)"):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=text"), tok)
     # renaming the fields makes it work
-    splits = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.fields.instruction=prompt",
-                                  "data.fields.output=response", "data.val_split=0"), tok)
+    splits = build_splits(
+        cfg_for(
+            tiny,
+            tmp_path,
+            f"data.path={path}",
+            "data.fields.instruction=prompt",
+            "data.fields.output=response",
+            "data.val_split=0",
+        ),
+        tok,
+    )
     assert response_text(tok, splits.train[0]) == " b </s>"
 
 
 def test_template_needing_a_field_the_data_lacks(tiny, tok, tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a"}])
-    with pytest.raises(DataError, match=r"no field 'context' \(data.fields.context\); fields present: "
-                                        r"\['answer', 'question'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"no field 'context' \(data.fields.context\); fields present: "
+        r"\['answer', 'question'\]",
+    ):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=qa"), tok)
     with pytest.raises(DataError, match="data.template=tokenizer: the tokenizer .* has no chat template"):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=qa", "data.template=tokenizer"), tok)
@@ -119,16 +144,22 @@ def test_null_value_names_the_record(tiny, tok, tmp_path):
 
 def test_every_sample_too_long_without_truncation(tiny, tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(DataError, match=r"every sample is longer than train.seq_len=8 \(shortest \d+ tokens\); "
-                                        r"raise train.seq_len or set data.truncation=true"):
+    with pytest.raises(
+        DataError,
+        match=r"every sample is longer than train.seq_len=8 \(shortest \d+ tokens\); "
+        r"raise train.seq_len or set data.truncation=true",
+    ):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.truncation=false", "train.seq_len=8"), tok)
 
 
 def test_empty_after_filtering(tiny, tok, tmp_path):
     # the prompt alone fills seq_len: truncation leaves no response token in any sample
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "word " * 40, "output": "x"}] * 3)
-    with pytest.raises(DataError, match=r"no sample left after filtering \(0 longer than train.seq_len=16, "
-                                        r"3 without response tokens"):
+    with pytest.raises(
+        DataError,
+        match=r"no sample left after filtering \(0 longer than train.seq_len=16, "
+        r"3 without response tokens",
+    ):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "train.seq_len=16"), tok)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records|could not read"):
@@ -137,10 +168,12 @@ def test_empty_after_filtering(tiny, tok, tmp_path):
 
 # ---- formats, templates and masking ------------------------------------------------------------
 
+
 def one_sample(tiny, tok, tmp_path, row, *overrides):
     path = write_jsonl(tmp_path / "one.jsonl", [row])
-    return build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=512",
-                                *overrides), tok).train[0]
+    return build_splits(
+        cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=512", *overrides), tok
+    ).train[0]
 
 
 def test_llama2_instruction_masks_the_prompt(tiny, tok, tmp_path):
@@ -148,8 +181,9 @@ def test_llama2_instruction_masks_the_prompt(tiny, tok, tmp_path):
     assert tok.decode(s["input_ids"]) == "<s>[INST] Reverse: cat dog [/INST] dog cat </s>"
     assert response_text(tok, s) == " dog cat </s>"
     assert list(s["input_ids"]).count(tok.bos_token_id) == 1
-    full = one_sample(tiny, tok, tmp_path, {"instruction": "Reverse: cat dog", "output": "dog cat"},
-                      "data.train_on_prompt=true")
+    full = one_sample(
+        tiny, tok, tmp_path, {"instruction": "Reverse: cat dog", "output": "dog cat"}, "data.train_on_prompt=true"
+    )
     assert full["labels"].tolist() == full["input_ids"].tolist()
 
 
@@ -160,44 +194,78 @@ def test_alpaca_and_chatml_templates(tiny, tok, tmp_path):
     assert text.startswith("<s>Below is an instruction that describes a task, paired with an input")
     assert text.endswith("### Instruction:\nReverse\n\n### Input:\ncat dog\n\n### Response:\ndog cat</s>")
     assert response_text(tok, s) == "dog cat</s>"
-    s = one_sample(tiny, tok, tmp_path, row, "data.template=chatml", "data.system_prompt=Be brief.",
-                   "train.seq_len=512")
-    assert tok.decode(s["input_ids"]) == ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-                                          "Reverse\n\ncat dog<|im_end|>\n<|im_start|>assistant\ndog cat<|im_end|></s>")
+    s = one_sample(
+        tiny, tok, tmp_path, row, "data.template=chatml", "data.system_prompt=Be brief.", "train.seq_len=512"
+    )
+    assert tok.decode(s["input_ids"]) == (
+        "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+        "Reverse\n\ncat dog<|im_end|>\n<|im_start|>assistant\ndog cat<|im_end|></s>"
+    )
     assert response_text(tok, s) == "dog cat<|im_end|></s>"
 
 
 def test_messages_mask_every_assistant_turn(tiny, tok, tmp_path):
-    row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
-                        {"role": "assistant", "content": "one"}, {"role": "user", "content": "again"},
-                        {"role": "assistant", "content": "two"}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "two"},
+        ]
+    }
     s = one_sample(tiny, tok, tmp_path, row, "data.format=messages")
-    assert tok.decode(s["input_ids"]) == ("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nhi [/INST] one </s>"
-                                          "<s>[INST] again [/INST] two </s>")
+    assert tok.decode(s["input_ids"]) == (
+        "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nhi [/INST] one </s><s>[INST] again [/INST] two </s>"
+    )
     assert response_text(tok, s) == " one </s> two </s>"
 
 
 def test_tokenizer_chat_template(tiny, tok, tmp_path):
     tok2 = type(tok).from_pretrained(tiny["model"])
-    tok2.chat_template = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\n' }}{% endfor %}"
-                          "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
-    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                            {"role": "assistant", "content": "yo"}]}])
-    s = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.format=messages",
-                             "data.template=tokenizer"), tok2).train[0]
+    tok2.chat_template = (
+        "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+    )
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    )
+    s = build_splits(
+        cfg_for(
+            tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.format=messages", "data.template=tokenizer"
+        ),
+        tok2,
+    ).train[0]
     assert tok2.decode(s["input_ids"]) == "<user>hi\n<assistant>yo\n"
     assert response_text(tok2, s) == "yo\n"
 
 
 def test_task_types_classification_summary_qa(tiny, tok, tmp_path):
-    s = one_sample(tiny, tok, tmp_path, {"text": "great film", "label": 1}, "data.format=classification",
-                   "data.label_names=[negative,positive]")
-    assert tok.decode(s["input_ids"]) == ("<s>[INST] Classify the following text. Answer with one of: negative, "
-                                          "positive.\n\ngreat film [/INST] positive </s>")
+    s = one_sample(
+        tiny,
+        tok,
+        tmp_path,
+        {"text": "great film", "label": 1},
+        "data.format=classification",
+        "data.label_names=[negative,positive]",
+    )
+    assert tok.decode(s["input_ids"]) == (
+        "<s>[INST] Classify the following text. Answer with one of: negative, "
+        "positive.\n\ngreat film [/INST] positive </s>"
+    )
     s = one_sample(tiny, tok, tmp_path, {"document": "long text", "summary": "short"}, "data.format=summary")
     assert response_text(tok, s) == " short </s>" and "Summarize the following document." in tok.decode(s["input_ids"])
-    s = one_sample(tiny, tok, tmp_path, {"ctx": "Rome is in Italy.", "q": "Where is Rome?", "a": "Italy"},
-                   "data.format=qa", "data.fields.context=ctx", "data.fields.question=q", "data.fields.answer=a")
+    s = one_sample(
+        tiny,
+        tok,
+        tmp_path,
+        {"ctx": "Rome is in Italy.", "q": "Where is Rome?", "a": "Italy"},
+        "data.format=qa",
+        "data.fields.context=ctx",
+        "data.fields.question=q",
+        "data.fields.answer=a",
+    )
     assert "Context: Rome is in Italy.\n\nQuestion: Where is Rome? [/INST]" in tok.decode(s["input_ids"])
     assert response_text(tok, s) == " Italy </s>"
 
@@ -215,12 +283,15 @@ def test_guanaco_text_keeps_one_bos_and_one_eos(tiny, tok, tmp_path):
 
 # ---- splits, report, cache, fingerprint --------------------------------------------------------
 
+
 def test_val_split_is_drawn_by_seed(tiny, tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+
     def val_ids(seed):
         s = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0.25", f"seed={seed}"), tok)
         assert len(s.train) + len(s.val) == len(ROWS) and len(s.val) == 5
         return sorted(tuple(x["input_ids"].tolist()) for x in s.val)
+
     assert val_ids(0) == val_ids(0)
     assert val_ids(0) != val_ids(1)
 
@@ -246,8 +317,9 @@ def test_report_counts_truncation_and_lengths(tiny, tok, tmp_path):
     assert stats["records"] == 5 and stats["truncated"] == 0 and stats["no_target"] == 1
     assert stats["raw_length"]["max"] > 24 and report["length"]["max"] <= 24
     assert report["fingerprint"] == dataset_fingerprint(s) and report["train_samples"] == 4
-    cfg = cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=24",
-                  "data.train_on_prompt=true")
+    cfg = cfg_for(
+        tiny, tmp_path, f"data.path={path}", "data.val_split=0", "train.seq_len=24", "data.train_on_prompt=true"
+    )
     stats = build_splits(cfg, tok).report["sources"]["train"]
     assert stats["truncated"] == 1 and stats["no_target"] == 0
 
@@ -260,6 +332,7 @@ def test_tokenised_once_then_read_from_cache(tiny, tok, tmp_path, monkeypatch):
 
     def no_reading(*a, **k):
         raise AssertionError("read the data again")
+
     monkeypatch.setattr(data_sources, "load_rows", no_reading)
     second = build_splits(cfg, tok)
     assert dataset_fingerprint(first) == dataset_fingerprint(second)
@@ -270,7 +343,9 @@ def test_tokenised_once_then_read_from_cache(tiny, tok, tmp_path, monkeypatch):
 def test_fingerprint_follows_the_tokens(tiny, tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     a = dataset_fingerprint(build_splits(cfg_for(tiny, tmp_path, f"data.path={path}"), tok))
-    b = dataset_fingerprint(build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.train_on_prompt=true"), tok))
+    b = dataset_fingerprint(
+        build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.train_on_prompt=true"), tok)
+    )
     assert a != b and len(a) == 64
 
 
@@ -293,6 +368,7 @@ def test_an_edit_in_place_keeping_size_and_mtime_is_tokenised_again(tiny, tok, t
 
 
 # ---- packing and length grouping ----------------------------------------------------------------
+
 
 def _loss(model, samples, pad_id):
     from lora_launch.train.evaluate import token_loss_sum
@@ -336,7 +412,7 @@ def test_group_by_length_is_a_resumable_permutation(tiny, tok, tmp_path):
     epoch0 = [a.index(p) for p in range(97)]
     assert sorted(epoch0) == list(range(97))
     for lo in range(0, 97, 16):
-        group = lengths[epoch0[lo: lo + 16]]
+        group = lengths[epoch0[lo : lo + 16]]
         assert (np.diff(group) <= 0).all()  # longest first within each group
     b = SampleStream(97, seed=5, lengths=lengths, group_size=16)
     assert [b.index(p) for p in range(250, 100, -7)] == [a.index(p) for p in range(250, 100, -7)]
@@ -349,17 +425,24 @@ def test_group_by_length_is_a_resumable_permutation(tiny, tok, tmp_path):
 
 # ---- data.format=auto and data.template=auto ----------------------------------------------------
 
-@pytest.mark.parametrize("row, fmt", [
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
-    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt"),
-    ({"instruction": "hi", "input": "", "output": "yo"}, "instruction"),
-    ({"prompt": "hi", "completion": " yo"}, "prompt_completion"),
-    ({"text": "hi yo"}, "text"),
-])
+
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt"),
+        ({"instruction": "hi", "input": "", "output": "yo"}, "instruction"),
+        ({"prompt": "hi", "completion": " yo"}, "prompt_completion"),
+        ({"text": "hi yo"}, "text"),
+    ],
+)
 def test_auto_format_follows_the_fields(tiny, tok, tmp_path, row, fmt):
     path = write_jsonl(tmp_path / "d.jsonl", [row] * 3)
-    splits = build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.format=auto",
-                                  "data.template=llama2"), tok, report=False)
+    splits = build_splits(
+        cfg_for(tiny, tmp_path, f"data.path={path}", "data.val_split=0", "data.format=auto", "data.template=llama2"),
+        tok,
+        report=False,
+    )
     assert splits.report["format"] == fmt
     text = tok.decode(splits.train[0]["input_ids"])
     assert "hi" in text and "yo" in text
@@ -367,20 +450,34 @@ def test_auto_format_follows_the_fields(tiny, tok, tmp_path, row, fmt):
 
 def test_auto_format_without_a_known_layout_names_the_fields(tiny, tok, tmp_path):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"question_text": "q", "reply": "r"}])
-    with pytest.raises(DataError, match=r"odd.jsonl: data.format=auto found no known layout in the fields "
-                                        r"\['question_text', 'reply'\].*set data.format"):
+    with pytest.raises(
+        DataError,
+        match=r"odd.jsonl: data.format=auto found no known layout in the fields "
+        r"\['question_text', 'reply'\].*set data.format",
+    ):
         build_splits(cfg_for(tiny, tmp_path, f"data.path={path}", "data.format=auto"), tok)
 
 
 def test_sharegpt_and_prompt_completion_mask_the_prompt(tiny, tok, tmp_path):
-    s = one_sample(tiny, tok, tmp_path, {"conversations": [{"from": "system", "value": "S"},
-                                                           {"from": "human", "value": "hi"},
-                                                           {"from": "gpt", "value": "one"}]}, "data.format=sharegpt")
+    s = one_sample(
+        tiny,
+        tok,
+        tmp_path,
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "one"},
+            ]
+        },
+        "data.format=sharegpt",
+    )
     assert tok.decode(s["input_ids"]) == "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nhi [/INST] one </s>"
     assert response_text(tok, s) == " one </s>"
     # prompt-completion is written as it is (no template): the loss on the completion and EOS
-    s = one_sample(tiny, tok, tmp_path, {"prompt": "Reverse: cat dog =", "completion": " dog cat"},
-                   "data.format=prompt_completion")
+    s = one_sample(
+        tiny, tok, tmp_path, {"prompt": "Reverse: cat dog =", "completion": " dog cat"}, "data.format=prompt_completion"
+    )
     assert tok.decode(s["input_ids"]) == "<s>Reverse: cat dog = dog cat</s>"
     assert response_text(tok, s) == " dog cat</s>"
 
@@ -395,8 +492,10 @@ def test_auto_template_uses_the_tokenizers_chat_template_else_chatml(tok):
     plain_tok.chat_template = None
     assert resolve_template(d, plain_tok) == FALLBACK_TEMPLATE == "chatml"
     chat_tok = copy.deepcopy(tok)
-    chat_tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}"
-                              "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    chat_tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
     assert resolve_template(d, chat_tok) == "tokenizer"
     chat_tok.chat_template = "{{ raise_exception('no') }}"  # a template that cannot render: the fallback
     assert resolve_template(d, chat_tok) == "chatml"
@@ -411,10 +510,20 @@ def test_prompts_for_generation_follow_the_template(tok):
     text = prompt_text(d, tok, "Reverse", input_text="cat dog")
     assert text.endswith("### Instruction:\nReverse\n\n### Input:\ncat dog\n\n### Response:\n")
     d = OmegaConf.create({"format": "messages", "template": "chatml", "system_prompt": None})
-    text = prompt_text(d, tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
-                                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
-    assert text == ("<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
-                    "b<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
+    text = prompt_text(
+        d,
+        tok,
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ],
+    )
+    assert text == (
+        "<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
+        "b<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+    )
     d = OmegaConf.create({"format": "text", "template": "auto", "system_prompt": None})
     assert prompt_text(d, tok, "raw text") == "raw text"
 
@@ -430,8 +539,16 @@ def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
 
     def splits_of(rows, *overrides):
         path = write_jsonl(tmp_path / "d.jsonl", rows)
-        cfg = compose(["data.source=local", f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}",
-                       f"run.dir={tmp_path / 'run'}", "data.val_split=0", *overrides])
+        cfg = compose(
+            [
+                "data.source=local",
+                f"data.path={path}",
+                f"data.cache_dir={tmp_path / 'c'}",
+                f"run.dir={tmp_path / 'run'}",
+                "data.val_split=0",
+                *overrides,
+            ]
+        )
         return build_splits(cfg, load_tokenizer(cfg)), load_tokenizer(cfg)
 
     foreign = [{"instruction": "Translate: the cat sleeps", "output": "le chat dort, grüße aus 東京 🍕"}] * 20
@@ -443,8 +560,9 @@ def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
     words = ["<unk>", "<s>", "</s>", "<pad>", "Where", "is", "Italy", "?", "in", "Europe", "."]
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(tmp_path / "words")
+    PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(tmp_path / "words")
     splits, tok = splits_of(foreign, f"model.tokenizer={tmp_path / 'words'}")
     ids = np.concatenate([s["input_ids"] for s in splits.train])
     share = splits.report["sources"]["train"]["unknown_tokens"]
@@ -454,6 +572,7 @@ def test_unknown_tokens_are_counted_and_warned_about(tmp_path, capsys):
 
 
 # ---- several sources mixed by weight ----------------------------------------------------------------
+
 
 def test_sources_are_mixed_by_weight_deterministically(tiny, tok, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ROWS)  # 20 records
@@ -471,11 +590,14 @@ def test_sources_are_mixed_by_weight_deterministically(tiny, tok, tmp_path):
     assert dataset_fingerprint(again) == dataset_fingerprint(splits)
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("{path: a.jsonl, weight: 0}", r"data.sources\[0\].weight=0 must be a number > 0"),
-    ("{path: a.jsonl, colour: red}", r"data.sources\[0\]: unknown key\(s\) \['colour'\]"),
-    ("{weight: 1}", r"data.sources\[0\]: no path"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{path: a.jsonl, weight: 0}", r"data.sources\[0\].weight=0 must be a number > 0"),
+        ("{path: a.jsonl, colour: red}", r"data.sources\[0\]: unknown key\(s\) \['colour'\]"),
+        ("{weight: 1}", r"data.sources\[0\]: no path"),
+    ],
+)
 def test_bad_source_entries_are_named(entry, message):
     with pytest.raises(ConfigError, match=message):
         compose(["data.source=local", f"data.sources=[{entry}]"])

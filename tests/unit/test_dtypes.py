@@ -13,7 +13,6 @@ from lora_launch.conf.dtypes import FLOATS, PACKED, compute_precision, torch_dty
 from lora_launch.conf.schema import AutoDtype, Dtype, StorageDtype
 from lora_launch.launcher.preview import DTYPE_BYTES
 from lora_launch.run.plan import RunPlan
-
 from support.cli import REPO
 
 PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "catalog", "sweep", "studio", "cli")
@@ -52,8 +51,12 @@ def test_no_module_but_the_table_spells_a_dtype_name():
     """String literals only: prose and messages may name a dtype. The strategies sit below conf (tests/unit/
     test_layers.py) and read the names the run plan resolved, so they are not scanned."""
     names = {*FLOATS, PACKED}
-    wrong = [f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}"
-             for package in PACKAGES for path in sorted((REPO / package).rglob("*.py")) if path != TABLE
-             for node in ast.walk(ast.parse(path.read_text()))
-             if isinstance(node, ast.Constant) and node.value in names]
+    wrong = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}"
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        if path != TABLE
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in names
+    ]
     assert wrong == []

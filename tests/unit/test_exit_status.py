@@ -12,18 +12,21 @@ from lora_launch.launcher.supervise import Outcome
 from lora_launch.run.rundir import write_status
 
 
-@pytest.mark.parametrize("state,outcome,want", [
-    ("finished", Outcome(0), 0),
-    ("preempted", Outcome(0, signal.SIGTERM), 0),  # Slurm preemption: requeue and continue
-    ("preempted", Outcome(0, signal.SIGHUP), 0),
-    ("preempted", Outcome(0, signal.SIGINT), 130),  # Ctrl-C: the shell convention, scripts stop
-    ("preempted", Outcome(-9, signal.SIGINT, killed=True), 130),
-    ("running", Outcome(0), 1),  # accelerate said 0 but training never finished
-    ("running", Outcome(2), 2),
-    ("running", Outcome(-9, signal.SIGINT, killed=True), 130),
-    ("running", Outcome(-15, signal.SIGTERM), 128 + signal.SIGTERM),
-    (None, Outcome(0), 1),
-])
+@pytest.mark.parametrize(
+    "state,outcome,want",
+    [
+        ("finished", Outcome(0), 0),
+        ("preempted", Outcome(0, signal.SIGTERM), 0),  # Slurm preemption: requeue and continue
+        ("preempted", Outcome(0, signal.SIGHUP), 0),
+        ("preempted", Outcome(0, signal.SIGINT), 130),  # Ctrl-C: the shell convention, scripts stop
+        ("preempted", Outcome(-9, signal.SIGINT, killed=True), 130),
+        ("running", Outcome(0), 1),  # accelerate said 0 but training never finished
+        ("running", Outcome(2), 2),
+        ("running", Outcome(-9, signal.SIGINT, killed=True), 130),
+        ("running", Outcome(-15, signal.SIGTERM), 128 + signal.SIGTERM),
+        (None, Outcome(0), 1),
+    ],
+)
 def test_exit_code(tmp_path, state, outcome, want, capsys):
     started = time.time()
     if state is not None:

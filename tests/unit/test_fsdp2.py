@@ -48,13 +48,16 @@ def test_the_sharding_plan_follows_the_hardware():
     assert not RunPlan.from_config(compose([]), 1, 2, on_gpu=False).shards_params
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["optim=paged_adamw_32bit"], "optim.name=paged_adamw_32bit with distributed=fsdp2: bitsandbytes"),
-    (["optim.name=adamw_bnb_8bit"], "use optim.name=adamw_torch"),
-    (["train.precision=float16"], "train.precision=float16 with distributed=fsdp2"),
-    (["distributed.zero_stage=3"], "distributed.zero_stage=3 with distributed=fsdp2"),
-    (["distributed.offload_params=true"], "FSDP2 offloads both or neither"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["optim=paged_adamw_32bit"], "optim.name=paged_adamw_32bit with distributed=fsdp2: bitsandbytes"),
+        (["optim.name=adamw_bnb_8bit"], "use optim.name=adamw_torch"),
+        (["train.precision=float16"], "train.precision=float16 with distributed=fsdp2"),
+        (["distributed.zero_stage=3"], "distributed.zero_stage=3 with distributed=fsdp2"),
+        (["distributed.offload_params=true"], "FSDP2 offloads both or neither"),
+    ],
+)
 def test_what_fsdp2_cannot_run_is_refused_at_compose(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         compose(["distributed=fsdp2", *overrides])
@@ -88,10 +91,10 @@ def test_fsdp2_memory_is_the_shard_plus_what_it_holds_gathered(shape_7b):
     assert 3.5 < fsdp.weights / 2**30 < 4.5  # 12.6 GiB of bf16 weights over 8 GPUs, plus ~2.4 GiB gathered
 
 
-
 def test_keeping_the_gathered_layers_is_a_choice_the_plan_and_the_estimate_follow(shape_7b):
     """distributed.reshard_after_forward=false: fully_shard keeps each layer gathered from forward to backward
     (one gather a step), so the estimate holds the whole base on every GPU besides its shard."""
+
     def plan_and_estimate(*extra):
         cfg = compose(["model=llama2_7b_random", "lora.r=64", "distributed=fsdp2", "run.dir=/tmp/unused", *extra])
         plan = RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True)
@@ -112,14 +115,17 @@ def test_groups_kept_gathered_are_in_the_plan_the_estimate_and_refused_where_the
     """distributed.keep_gathered=N holds the last N shard groups whole from forward to backward: the plan says
     so, the estimate adds them (auto, decided on the GPU, adds nothing but is named in the preview), and a value
     that means nothing is refused at compose, naming the key."""
+
     def plan_and_estimate(*extra):
         cfg = compose(["model=llama2_7b_random", "lora.r=64", "distributed=fsdp2", "run.dir=/tmp/unused", *extra])
         plan = RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True)
         return fsdp2_config(cfg, plan), pv.memory_estimate(cfg, shape_7b, plan)
 
     (auto, free), (two, kept) = plan_and_estimate(), plan_and_estimate("distributed.keep_gathered=2")
-    (none, zero), (_, all_kept) = plan_and_estimate("distributed.keep_gathered=0"), plan_and_estimate(
-        "distributed.keep_gathered=100")
+    (none, zero), (_, all_kept) = (
+        plan_and_estimate("distributed.keep_gathered=0"),
+        plan_and_estimate("distributed.keep_gathered=100"),
+    )
     assert (auto["keep_gathered"], two["keep_gathered"], none["keep_gathered"]) == ("auto", 2, 0)
     per_layer = 2 * (shape_7b.quantisable_params / shape_7b.layers)
     assert kept.weights - free.weights == pytest.approx(2 * 4 * per_layer, rel=1e-6)  # 2 groups of 4 layers
@@ -128,8 +134,10 @@ def test_groups_kept_gathered_are_in_the_plan_the_estimate_and_refused_where_the
     assert all_kept.weights == pytest.approx(whole / 8 + whole)  # as reshard_after_forward=false
     reshard_off, _ = plan_and_estimate("distributed.reshard_after_forward=false")
     assert reshard_off["keep_gathered"] == "all"
-    for bad, needle in (("distributed.keep_gathered=-1", "distributed.keep_gathered=-1 must be a whole number"),
-                        ("distributed.keep_gathered=some", "distributed.keep_gathered='some' must be")):
+    for bad, needle in (
+        ("distributed.keep_gathered=-1", "distributed.keep_gathered=-1 must be a whole number"),
+        ("distributed.keep_gathered=some", "distributed.keep_gathered='some' must be"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             compose(["distributed=fsdp2", bad, "run.dir=/tmp/unused"])
     with pytest.raises(ConfigError, match="distributed.keep_gathered=2 with distributed=ddp: only fsdp2"):
@@ -148,6 +156,7 @@ def test_how_many_groups_fit_counts_from_the_last():
 
 # ---- the checkpoint adapter on a real sharded model -----------------------------------------------------------
 
+
 @pytest.fixture
 def one_process_group():
     """A process group of this one process (what train/fsdp.py makes for a single rank started alone)."""
@@ -164,10 +173,21 @@ def _lora_model(seed: int, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
+    return get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
 
 
 def _trained(model, sharded: bool, *overrides: str, losses: list | None = None):
@@ -198,8 +218,9 @@ def test_layers_grouped_and_prefetched_shard_and_train_as_one_layer_groups_do(on
 
     plain, sharded = [], []
     _trained(_lora_model(0, layers=5), False, losses=plain)
-    model, _, _ = _trained(_lora_model(0, layers=5), True, "distributed.layers_per_group=2",
-                           "distributed.prefetch=2", losses=sharded)
+    model, _, _ = _trained(
+        _lora_model(0, layers=5), True, "distributed.layers_per_group=2", "distributed.prefetch=2", losses=sharded
+    )
     layers = decoder_layers(model.get_base_model())
     states = [layer._get_fsdp_state() for layer in layers]
     assert states[0] is states[1] and states[2] is states[3] and len({id(s) for s in states}) == 3
@@ -212,19 +233,22 @@ def test_layers_grouped_and_prefetched_shard_and_train_as_one_layer_groups_do(on
 def test_grouping_and_prefetch_are_in_the_plan_and_the_estimate(shape_7b, tmp_path):
     """What a group gathers at once (the one computing and the ones prefetched) is in the estimate; the plan
     file says what was applied; a value out of range is refused at compose, naming the key."""
+
     def plan_and_estimate(*extra):
         cfg = compose(["model=llama2_7b_random", "distributed=fsdp2", "run.dir=/tmp/unused", *extra])
         plan = RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True)
         return fsdp2_config(cfg, plan), pv.memory_estimate(cfg, shape_7b, plan)
 
-    (one, base), (four, grouped) = plan_and_estimate(), plan_and_estimate("distributed.layers_per_group=4",
-                                                                          "distributed.prefetch=2")
+    (one, base), (four, grouped) = (
+        plan_and_estimate(),
+        plan_and_estimate("distributed.layers_per_group=4", "distributed.prefetch=2"),
+    )
     assert (one["layers_per_group"], one["prefetch"]) == ("auto", None)
     assert (four["layers_per_group"], four["prefetch"]) == (4, 2)
     per_layer = 2 * (shape_7b.quantisable_params / shape_7b.layers)  # bf16 linear weights of one decoder layer
     # auto: 4 layers of a 7B in bf16 (0.38 GiB each) in a group, and a layer more prefetched; prefetch=2: two more
     assert grouped.weights - base.weights == pytest.approx(1 * per_layer, rel=1e-6)
-    (_, single), = [plan_and_estimate("distributed.layers_per_group=1")]
+    ((_, single),) = [plan_and_estimate("distributed.layers_per_group=1")]
     assert base.weights - single.weights == pytest.approx((5 - 2) * per_layer, rel=1e-6)
     from hydra.errors import ConfigCompositionException
 
@@ -316,8 +340,9 @@ def test_groups_kept_gathered_train_alike_and_are_freed_for_a_checkpoint(one_pro
 
     plain, sharded = [], []
     ref, _, ref_adapter = _trained(_lora_model(0, layers=5), False, losses=plain)
-    model, _, adapter = _trained(_lora_model(0, layers=5), True, "distributed.layers_per_group=2",
-                                 "distributed.keep_gathered=1", losses=sharded)
+    model, _, adapter = _trained(
+        _lora_model(0, layers=5), True, "distributed.layers_per_group=2", "distributed.keep_gathered=1", losses=sharded
+    )
     assert sharded == pytest.approx(plain, rel=1e-5)
     groups = shard_groups(model)
     assert [len(g) for g in groups] == [2, 2, 1]
@@ -337,5 +362,9 @@ def test_groups_kept_gathered_train_alike_and_are_freed_for_a_checkpoint(one_pro
     kept, count, spare = keep_gathered_after_first_step(cfg, model, torch.device("cpu"), 0, 1.0)
     assert (kept, count, spare) == (0, 3, 0.0)
     assert all(g[0]._get_fsdp_state()._fsdp_param_group._reshard_after_forward for g in groups)
-    assert keep_gathered_after_first_step(compose(["distributed=fsdp2", "distributed.keep_gathered=1"]), model,
-                                          torch.device("cpu"), 0, 1.0) is None
+    assert (
+        keep_gathered_after_first_step(
+            compose(["distributed=fsdp2", "distributed.keep_gathered=1"]), model, torch.device("cpu"), 0, 1.0
+        )
+        is None
+    )

@@ -5,41 +5,39 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 from lora_launch.launcher import checks, hostfile
-from lora_launch.conf.compose import compose
 from lora_launch.launcher.launch import launch_command, node_env_vars, write_launch_files
-from lora_launch.run.lock import RunLock
 from lora_launch.launcher.topology import Topology, run_plan, topology
-
+from lora_launch.run.lock import RunLock
 from support.cli import REPO
 
-
 # ---- hostfile ---------------------------------------------------------------------------------------
+
 
 def test_hostfile_parses_comments_blank_lines_and_slots():
     hosts = hostfile.parse_hostfile_text("# cluster\n\nnode-a slots=8  # head\n  node-b   slots = 4\n")
     assert hosts == [hostfile.Host("node-a", 8), hostfile.Host("node-b", 4)]
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("", "no hosts"),
-    ("# only a comment\n\n", "no hosts"),
-    ("a slots=2\nb slots=2\na slots=2\n", "listed twice"),
-    ("a slots=two\n", "slots='two'"),
-    ("a slots=0\n", "slots='0'"),
-    ("a\n", "no 'slots=N'"),
-    ("a b slots=2\n", "expected 'HOST slots=N'"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("", "no hosts"),
+        ("# only a comment\n\n", "no hosts"),
+        ("a slots=2\nb slots=2\na slots=2\n", "listed twice"),
+        ("a slots=two\n", "slots='two'"),
+        ("a slots=0\n", "slots='0'"),
+        ("a\n", "no 'slots=N'"),
+        ("a b slots=2\n", "expected 'HOST slots=N'"),
+    ],
+)
 def test_hostfile_errors_name_the_line(text, needle):
     with pytest.raises(ConfigError, match="hostfile") as e:
         hostfile.parse_hostfile_text(text)
@@ -70,6 +68,7 @@ def test_interface_of_the_rendezvous_host_is_the_one_holding_its_address():
 
 
 # ---- topology ----------------------------------------------------------------------------------------
+
 
 def _hostfile_cfg(tmp_path, text: str, *extra: str):
     path = tmp_path / "hosts"
@@ -108,11 +107,20 @@ def test_node_rank_override_and_range(tmp_path):
 
 # ---- launch files and commands ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("option,stage,offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
 def test_deepspeed_json_agrees_with_the_config(tmp_path, option, stage, offload):
-    cfg = compose([f"distributed={option}", "train.micro_batch_size=3", "train.grad_accum=5",
-                   "optim.max_grad_norm=0.7", "train.precision=float16", "launcher.num_processes=2",
-                   f"run.dir={tmp_path}"])
+    cfg = compose(
+        [
+            f"distributed={option}",
+            "train.micro_batch_size=3",
+            "train.grad_accum=5",
+            "optim.max_grad_norm=0.7",
+            "train.precision=float16",
+            "launcher.num_processes=2",
+            f"run.dir={tmp_path}",
+        ]
+    )
     topo = topology(cfg)
     files = write_launch_files(cfg, tmp_path, topo, run_plan(cfg, topo))
     ds = json.loads(files["deepspeed"].read_text())
@@ -145,8 +153,15 @@ def test_every_node_writes_the_same_files(tmp_path):
     written = []
     run = tmp_path / "run"
     for rank in (0, 1):
-        cfg = compose(["launcher=hostfile", f"launcher.hostfile={hosts}", f"launcher.node_rank={rank}",
-                       f"run.dir={run}", "distributed=zero2"])
+        cfg = compose(
+            [
+                "launcher=hostfile",
+                f"launcher.hostfile={hosts}",
+                f"launcher.node_rank={rank}",
+                f"run.dir={run}",
+                "distributed=zero2",
+            ]
+        )
         topo = topology(cfg)
         files = write_launch_files(cfg, run, topo, run_plan(cfg, topo))
         written.append({k: p.read_text() for k, p in files.items()})
@@ -160,8 +175,19 @@ def test_every_node_writes_the_same_files(tmp_path):
 def test_launch_command_carries_the_node_rank():
     files = {"accelerate": Path("/r/accelerate.yaml"), "config": Path("/r/config.yaml")}
     cmd = launch_command(files, python="py", node_rank=1)
-    assert cmd == ["py", "-m", "accelerate.commands.launch", "--config_file", "/r/accelerate.yaml",
-                   "--machine_rank", "1", "-m", "lora_launch.train", "--config", "/r/config.yaml"]
+    assert cmd == [
+        "py",
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "/r/accelerate.yaml",
+        "--machine_rank",
+        "1",
+        "-m",
+        "lora_launch.train",
+        "--config",
+        "/r/config.yaml",
+    ]
 
 
 def test_socket_interface_is_set_unless_the_user_did(tmp_path):
@@ -173,6 +199,7 @@ def test_socket_interface_is_set_unless_the_user_did(tmp_path):
 
 
 # ---- pre-launch checks ----------------------------------------------------------------------------
+
 
 def _cfg(tmp_path, *overrides):
     return compose([f"run.dir={tmp_path / 'run'}", *overrides])
@@ -206,13 +233,20 @@ def test_nf4_runs_on_cpu(tmp_path):
     checks.check_nf4(_cfg(tmp_path, "quant=nf4"))  # bitsandbytes quantises on the CPU: no GPU needed
 
 
-@pytest.mark.parametrize("overrides, module, line", [
-    (["quant=nf4"], "bitsandbytes", "quant=nf4 needs bitsandbytes: `pip install 'lora-launch[qlora]'`"),
-    (["optim.name=adamw_bnb_8bit"], "bitsandbytes", "optim.name=adamw_bnb_8bit needs bitsandbytes"),
-    (["distributed=zero2"], "deepspeed", "distributed=zero2 needs deepspeed: `pip install 'lora-launch[deepspeed]'`"),
-    (["logging.wandb.mode=offline"], "wandb", "logging.wandb.mode=offline needs wandb"),
-    (["logging.mlflow.enabled=true"], "mlflow", "logging.mlflow.enabled=true needs mlflow"),
-])
+@pytest.mark.parametrize(
+    "overrides, module, line",
+    [
+        (["quant=nf4"], "bitsandbytes", "quant=nf4 needs bitsandbytes: `pip install 'lora-launch[qlora]'`"),
+        (["optim.name=adamw_bnb_8bit"], "bitsandbytes", "optim.name=adamw_bnb_8bit needs bitsandbytes"),
+        (
+            ["distributed=zero2"],
+            "deepspeed",
+            "distributed=zero2 needs deepspeed: `pip install 'lora-launch[deepspeed]'`",
+        ),
+        (["logging.wandb.mode=offline"], "wandb", "logging.wandb.mode=offline needs wandb"),
+        (["logging.mlflow.enabled=true"], "mlflow", "logging.mlflow.enabled=true needs mlflow"),
+    ],
+)
 def test_a_missing_extra_is_named(tmp_path, monkeypatch, overrides, module, line):
     cfg = _cfg(tmp_path, *overrides)
     checks.check_extras(cfg)  # all installed here (the dev extra)
@@ -241,6 +275,7 @@ def test_multinode_needs_an_explicit_run_dir(tmp_path):
 
 # ---- the run-dir lock ---------------------------------------------------------------------------------
 
+
 def test_second_launch_into_a_live_run_is_refused(tmp_path):
     path = tmp_path / ".launch.lock"
     with RunLock(path):
@@ -252,13 +287,17 @@ def test_second_launch_into_a_live_run_is_refused(tmp_path):
         pass
 
 
-
-
 # ---- the model, read from its config before anything starts ----------------------------------------
 
-@pytest.mark.parametrize("path,needle", [("/no/such/model", "no such directory, and not a hub id"),
-                                         ("a/b/c", "no such directory, and not a hub id"),
-                                         ("nobody/no-such-model-xyz", "must already be in the local cache")])
+
+@pytest.mark.parametrize(
+    "path,needle",
+    [
+        ("/no/such/model", "no such directory, and not a hub id"),
+        ("a/b/c", "no such directory, and not a hub id"),
+        ("nobody/no-such-model-xyz", "must already be in the local cache"),
+    ],
+)
 def test_model_path_refused_in_one_line(tmp_path, monkeypatch, path, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=needle):

@@ -12,13 +12,18 @@ import re
 from support.cli import REPO
 
 PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "catalog", "sweep", "studio", "cli")
-ALLOWED = {"conf": {"conf"}, "run": {"conf", "run"}, "data": {"conf", "run", "data"},
-           "launcher": {"conf", "run", "data", "launcher"}, "train": {"conf", "run", "data", "train"},
-           "serve": {"conf", "run", "data", "train", "serve"},  # serving sits above training
-           "catalog": {"conf", "run", "catalog"},  # reads run dirs, never trains
-           "sweep": {"conf", "run", "launcher", "catalog", "sweep"},  # each trial a launch of its own
-           "studio": {"conf", "run", "data", "catalog", "studio"},  # runs training and serving as processes
-           "cli": set(PACKAGES)}  # the front door sits above everything
+ALLOWED = {
+    "conf": {"conf"},
+    "run": {"conf", "run"},
+    "data": {"conf", "run", "data"},
+    "launcher": {"conf", "run", "data", "launcher"},
+    "train": {"conf", "run", "data", "train"},
+    "serve": {"conf", "run", "data", "train", "serve"},  # serving sits above training
+    "catalog": {"conf", "run", "catalog"},  # reads run dirs, never trains
+    "sweep": {"conf", "run", "launcher", "catalog", "sweep"},  # each trial a launch of its own
+    "studio": {"conf", "run", "data", "catalog", "studio"},  # runs training and serving as processes
+    "cli": set(PACKAGES),
+}  # the front door sits above everything
 # the distributed strategies sit under everything: the schema takes its choices and refusals from them
 PACKAGES += ("strategies",)
 ALLOWED = {**{package: {*allowed, "strategies"} for package, allowed in ALLOWED.items()}, "strategies": {"strategies"}}
@@ -81,9 +86,12 @@ def _package(module: str) -> str:
 
 def test_no_module_imports_another_packages_private_names():
     modules = _modules()
-    wrong = [f"{module} imports {target}.{name}" for module, tree in modules.items()
-             for target, name in _imported(tree, modules)
-             if name.startswith("_") and not name.startswith("__") and _package(target) != _package(module)]
+    wrong = [
+        f"{module} imports {target}.{name}"
+        for module, tree in modules.items()
+        for target, name in _imported(tree, modules)
+        if name.startswith("_") and not name.startswith("__") and _package(target) != _package(module)
+    ]
     assert wrong == []
 
 
@@ -129,8 +137,12 @@ def test_the_cycle_finder_finds_a_circle_through_three_modules():
 
 def test_nothing_imports_the_old_top_level_names():
     old = re.compile(r"^\s*(from|import)\s+(conf|data|launcher|train)(\.|\s|$)", re.M)
-    hits = [str(p.relative_to(REPO)) for pkg in (*PACKAGES, "tests", "bench", "tools")
-            for p in (REPO / pkg).rglob("*.py") if old.search(p.read_text())]
+    hits = [
+        str(p.relative_to(REPO))
+        for pkg in (*PACKAGES, "tests", "bench", "tools")
+        for p in (REPO / pkg).rglob("*.py")
+        if old.search(p.read_text())
+    ]
     assert hits == []
 
 
@@ -138,6 +150,10 @@ def test_nothing_puts_the_repository_on_sys_path():
     """Tests, bench and tools import the product as lora_launch.*: the repository on sys.path would make its
     top-level folders importable again and hide an import that skips the namespace."""
     edit = re.compile(r"\bsys\.path\.(insert|append|extend)\(|\bsys\.path\s*\+?=[^=]|\bsite\.addsitedir\(")
-    hits = [str(p.relative_to(REPO)) for pkg in ("tests", "bench", "tools")
-            for p in (REPO / pkg).rglob("*.py") if edit.search(p.read_text())]
+    hits = [
+        str(p.relative_to(REPO))
+        for pkg in ("tests", "bench", "tools")
+        for p in (REPO / pkg).rglob("*.py")
+        if edit.search(p.read_text())
+    ]
     assert hits == []

@@ -12,9 +12,16 @@ from lora_launch.conf.schema import ConfigError
 
 bnb = pytest.importorskip("bitsandbytes")
 
-TINY = ["model=llama2_7b_random", "quant=nf4", "model.arch.hidden_size=128", "model.arch.vocab_size=300",
-        "model.arch.intermediate_size=256", "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4",
-        "model.arch.num_key_value_heads=2"]
+TINY = [
+    "model=llama2_7b_random",
+    "quant=nf4",
+    "model.arch.hidden_size=128",
+    "model.arch.vocab_size=300",
+    "model.arch.intermediate_size=256",
+    "model.arch.num_hidden_layers=2",
+    "model.arch.num_attention_heads=4",
+    "model.arch.num_key_value_heads=2",
+]
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -26,9 +33,18 @@ def test_dequantize_matches_bitsandbytes_bit_for_bit(nested, shape):
 
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 0.05
     packed, st = bf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
-    ours = dequantize(packed, st.absmax, st.code, st.blocksize, st.state2.absmax if nested else None,
-                      st.state2.code if nested else None, st.state2.blocksize if nested else 0,
-                      torch.as_tensor(st.offset) if nested else None, tuple(st.shape), torch.bfloat16)
+    ours = dequantize(
+        packed,
+        st.absmax,
+        st.code,
+        st.blocksize,
+        st.state2.absmax if nested else None,
+        st.state2.code if nested else None,
+        st.state2.blocksize if nested else 0,
+        torch.as_tensor(st.offset) if nested else None,
+        tuple(st.shape),
+        torch.bfloat16,
+    )
     assert torch.equal(ours, bf.dequantize_4bit(packed, st))
 
 
@@ -50,7 +66,7 @@ def test_a_qlora_model_through_the_torch_kernel_computes_what_bitsandbytes_does(
         routed = [m for m in model.modules() if getattr(getattr(m, "forward", None), "__func__", None) is nf4._forward]
         assert len(routed) == (14 if kernel == "torch" else 0)  # q k v o gate up down, 2 layers
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -74,7 +90,8 @@ def test_the_torch_kernel_is_the_default_where_weights_are_whole_and_refused_whe
         with pytest.raises(ConfigError, match=f"quant.kernel=torch with distributed={option}: the 4-bit weights"):
             compose(["quant=nf4", "quant.kernel=torch", f"distributed={option}", "quant.storage_dtype=bfloat16"])
         assert quant_kernel(compose(["quant=nf4", f"distributed={option}", "quant.storage_dtype=bfloat16"])) == (
-            "bitsandbytes")
+            "bitsandbytes"
+        )
     for option in ("ddp", "zero2"):
         assert quant_kernel(compose(["quant=nf4", f"distributed={option}"])) == "torch"
     assert quant_kernel(compose(["quant=nf4", "quant.kernel=bitsandbytes"])) == "bitsandbytes"

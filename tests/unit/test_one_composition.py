@@ -19,8 +19,11 @@ from support.cli import REPO
 
 CONF = REPO / "conf"
 # the modules Hydra composes or starts through; only conf/compose.py may call them
-HYDRA_ENTRIES = {"hydra": {"main", "compose", "initialize", "initialize_config_dir", "initialize_config_module"},
-                 "hydra.core.global_hydra": {"GlobalHydra"}, "hydra._internal.hydra": {"Hydra"}}
+HYDRA_ENTRIES = {
+    "hydra": {"main", "compose", "initialize", "initialize_config_dir", "initialize_config_module"},
+    "hydra.core.global_hydra": {"GlobalHydra"},
+    "hydra._internal.hydra": {"Hydra"},
+}
 
 
 def _product_modules() -> list[Path]:
@@ -34,8 +37,12 @@ def _hydra_entries(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module in HYDRA_ENTRIES:
             found += [f"{node.module}.{a.name}" for a in node.names if a.name in HYDRA_ENTRIES[node.module]]
-        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "hydra"
-              and node.attr in HYDRA_ENTRIES["hydra"]):
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "hydra"
+            and node.attr in HYDRA_ENTRIES["hydra"]
+        ):
             found.append(f"hydra.{node.attr}")
     return found
 
@@ -103,13 +110,17 @@ def test_what_no_yaml_sets_is_the_schemas_default(group, option):
 
     cfg = _leaves(plain(compose([f"{group}={option}"], check=False)))
     choices = {g: o for g, o in HydraConfig.get().runtime.choices.items() if o and not g.startswith("hydra")}
-    assert choices[group] == option and choices["model"] == ("llama2_7b" if option == "llama2_guanaco" else
-                                                                 choices["model"])
+    assert choices[group] == option and choices["model"] == (
+        "llama2_7b" if option == "llama2_guanaco" else choices["model"]
+    )
     set_by_yaml = {k for g, o in choices.items() for k in _set_by_yaml(g, o)}
     schema = _leaves(_schema_defaults())
     # run.dir: the schema's timestamp, resolved; `???`: a section only a choice fills (model, data, ...)
-    unset = {k for k, v in schema.items() if v != "???" and k != "run.dir"
-             and not any(s == k or s.startswith(k + ".") for s in set_by_yaml)}
+    unset = {
+        k
+        for k, v in schema.items()
+        if v != "???" and k != "run.dir" and not any(s == k or s.startswith(k + ".") for s in set_by_yaml)
+    }
     assert len(unset) > 100  # most keys are set by no YAML
     assert {k: (cfg[k], schema[k]) for k in unset if cfg[k] != schema[k]} == {}
     assert cfg["run.dir"].startswith("runs/") and schema["run.dir"] == "runs/${now:%Y-%m-%d_%H-%M-%S}"

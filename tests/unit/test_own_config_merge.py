@@ -22,14 +22,18 @@ def plan_of():
     def make(*overrides):
         cfg = compose(["distributed=zero2", "launcher.num_processes=2", *overrides])
         return cfg, run_plan(cfg, topology(cfg))
+
     return make
 
 
 def test_deepspeed_json_keeps_the_users_settings_and_fills_auto(plan_of, tmp_path):
     cfg, plan = plan_of()
-    user = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": cfg.train.grad_accum,
-            "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000000, "allgather_partitions": True},
-            "communication_data_type": "fp32"}
+    user = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000000, "allgather_partitions": True},
+        "communication_data_type": "fp32",
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     ours = strategy_for(cfg).deepspeed_config(cfg, plan)
@@ -40,26 +44,41 @@ def test_deepspeed_json_keeps_the_users_settings_and_fills_auto(plan_of, tmp_pat
     assert merged["train_batch_size"] == plan.global_batch and merged["zero_optimization"]["stage"] == 2
 
 
-@pytest.mark.parametrize("user, message", [
-    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage is 3 but this run has 2 (from distributed.zero_stage)"),
-    ({"train_micro_batch_size_per_gpu": 64}, "train_micro_batch_size_per_gpu is 64 but this run has"),
-    ({"optimizer": {"type": "AdamW"}}, "remove its 'optimizer' section"),
-    ([1, 2], "expected a mapping of settings, got list"),
-])
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        (
+            {"zero_optimization": {"stage": 3}},
+            "zero_optimization.stage is 3 but this run has 2 (from distributed.zero_stage)",
+        ),
+        ({"train_micro_batch_size_per_gpu": 64}, "train_micro_batch_size_per_gpu is 64 but this run has"),
+        ({"optimizer": {"type": "AdamW"}}, "remove its 'optimizer' section"),
+        ([1, 2], "expected a mapping of settings, got list"),
+    ],
+)
 def test_deepspeed_json_conflicts_are_one_line(plan_of, tmp_path, user, message):
     cfg, plan = plan_of()
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    with pytest.raises(ConfigError, match="distributed.deepspeed_config=.*ds.json: " + message.replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match="distributed.deepspeed_config=.*ds.json: " + message.replace("(", r"\(").replace(")", r"\)")
+    ):
         merged_deepspeed(strategy_for(cfg).deepspeed_config(cfg, plan), str(path))
 
 
 def test_accelerate_config_keeps_the_users_settings(plan_of, tmp_path):
     cfg, plan = plan_of("distributed=ddp")
     path = tmp_path / "acc.yaml"
-    path.write_text(yaml.safe_dump({"num_processes": 2, "dynamo_config": {"dynamo_backend": "NO"},
-                                    "enable_cpu_affinity": True, "rdzv_backend": "c10d"}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "num_processes": 2,
+                "dynamo_config": {"dynamo_backend": "NO"},
+                "enable_cpu_affinity": True,
+                "rdzv_backend": "c10d",
+            }
+        )
+    )
     merged = merged_accelerate(accelerate_config(cfg, plan), str(path))
     assert merged["enable_cpu_affinity"] is True and merged["rdzv_backend"] == "c10d"
     assert merged["num_processes"] == 2 and merged["distributed_type"] == "MULTI_GPU"

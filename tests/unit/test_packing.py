@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from lora_launch.conf.compose import compose
-from lora_launch.data.samples import (IGNORE, SampleSet, best_fit_decreasing_rows, build_splits,
-                                      dataset_fingerprint, pack)
+from lora_launch.data.samples import (
+    IGNORE,
+    SampleSet,
+    best_fit_decreasing_rows,
+    build_splits,
+    dataset_fingerprint,
+    pack,
+)
 from lora_launch.train.attention import register
 from lora_launch.train.data import collate, model_inputs
 from lora_launch.train.evaluate import attention_of, token_loss_sum
@@ -40,14 +46,17 @@ def fill(rows: SampleSet, seq: int) -> float:
 
 # ---- the rows ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seq, median_share, sigma", [(512, 1 / 4, 1.0), (512, 1 / 8, 0.8),
-                                                      (4096, 1 / 4, 0.9), (4096, 1 / 8, 1.0)])
+
+@pytest.mark.parametrize(
+    "seq, median_share, sigma", [(512, 1 / 4, 1.0), (512, 1 / 8, 0.8), (4096, 1 / 4, 0.9), (4096, 1 / 8, 1.0)]
+)
 def test_bfd_fills_rows_where_next_fit_does_not(seq, median_share, sigma, capsys):
     samples = numbered_samples(lognormal_lengths(5000, seq, median_share, sigma))
     bfd, next_fit = fill(pack(samples, seq, seed=0), seq), fill(pack(samples, seq, seed=0, strategy="next_fit"), seq)
     with capsys.disabled():
-        print(f"\nfill at seq {seq}, median seq*{median_share:g}, sigma {sigma}: bfd {bfd:.4f}, "
-              f"next_fit {next_fit:.4f}")
+        print(
+            f"\nfill at seq {seq}, median seq*{median_share:g}, sigma {sigma}: bfd {bfd:.4f}, next_fit {next_fit:.4f}"
+        )
     assert bfd >= 0.98
     assert next_fit < 0.90 and bfd - next_fit > 0.08  # the old packing wastes a tenth or more of every row
 
@@ -67,7 +76,7 @@ def test_every_sample_once_whole_and_no_row_too_long(strategy):
             part = row["input_ids"][start:end]
             i = int(part[0])
             assert (part == i).all() and len(part) == lengths[i]  # one sample, whole, in one piece
-            assert row["labels"][start] == IGNORE and (row["labels"][start + 1:end] == i + 1).all()
+            assert row["labels"][start] == IGNORE and (row["labels"][start + 1 : end] == i + 1).all()
             assert (row["position_ids"][start:end] == np.arange(end - start)).all()
             seen.append(i)
     assert sorted(seen) == list(range(len(lengths)))
@@ -95,8 +104,10 @@ def test_bfd_places_a_million_samples_quickly(capsys):
         seconds = time.perf_counter() - t0
         used = np.array([lengths[r].sum() for r in rows])
         with capsys.disabled():
-            print(f"\nbfd: 1,000,000 samples into {len(rows)} rows of {seq} in {seconds:.2f} s, "
-                  f"fill {used.sum() / (len(rows) * seq):.4f}")
+            print(
+                f"\nbfd: 1,000,000 samples into {len(rows)} rows of {seq} in {seconds:.2f} s, "
+                f"fill {used.sum() / (len(rows) * seq):.4f}"
+            )
         assert used.max() <= seq and sorted(i for r in rows for i in r) == list(range(len(lengths)))
 
 
@@ -107,9 +118,19 @@ def test_pack_refuses_a_sample_longer_than_the_row():
 
 def test_packed_rows_do_not_depend_on_the_world_size(tiny, tmp_path):
     def splits(*overrides):
-        return build_splits(compose([*tiny["overrides"], f"run.dir={tmp_path / 'run'}",
-                                     f"data.cache_dir={tmp_path / 'cache'}", "data.packing=true", *overrides]),
-                            _tokenizer(tiny), report=False)
+        return build_splits(
+            compose(
+                [
+                    *tiny["overrides"],
+                    f"run.dir={tmp_path / 'run'}",
+                    f"data.cache_dir={tmp_path / 'cache'}",
+                    "data.packing=true",
+                    *overrides,
+                ]
+            ),
+            _tokenizer(tiny),
+            report=False,
+        )
 
     one = splits("launcher.num_processes=1", "train.micro_batch_size=4")
     two = splits("launcher.num_processes=2", "train.micro_batch_size=2")
@@ -129,6 +150,7 @@ def test_packing_strategy_is_a_typed_choice(tiny, tmp_path):
 
 
 # ---- boundaries given to attention ---------------------------------------------------------------
+
 
 def _tokenizer(tiny):
     from transformers import AutoTokenizer
@@ -162,7 +184,7 @@ def _one_by_one(model, samples) -> tuple[float, int, list[torch.Tensor]]:
             batch = collate([s], PAD)
             part, n = token_loss_sum(model, batch)
             loss, count = loss + part.item(), count + n
-            logits.append(model(**model_inputs(batch)).logits[0, :len(s["input_ids"])])
+            logits.append(model(**model_inputs(batch)).logits[0, : len(s["input_ids"])])
     return loss, count, logits
 
 
@@ -244,16 +266,29 @@ def test_flash_attention_gets_the_rows_flattened_with_cu_seq_lens(tiny, monkeypa
 
     calls = []
 
-    def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                         cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    def varlen_attention(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=None,
+        dropout=0.0,
+        cu_seq_lens_q=None,
+        cu_seq_lens_k=None,
+        max_length_q=None,
+        max_length_k=None,
+        **kwargs,
+    ):
         assert attention_mask is None and query.shape[0] == 1  # one flattened row, no mask
         bounds = cu_seq_lens_q.tolist()
         assert cu_seq_lens_k is cu_seq_lens_q and bounds[-1] == query.shape[2]
         assert isinstance(max_length_q, int) and max_length_q == max(np.diff(bounds)) == max_length_k
         out = torch.empty_like(query)
         for lo, hi in zip(bounds, bounds[1:]):
-            out[:, :, lo:hi] = F.scaled_dot_product_attention(query[:, :, lo:hi], key[:, :, lo:hi],
-                                                              value[:, :, lo:hi], is_causal=True, scale=scaling)
+            out[:, :, lo:hi] = F.scaled_dot_product_attention(
+                query[:, :, lo:hi], key[:, :, lo:hi], value[:, :, lo:hi], is_causal=True, scale=scaling
+            )
         calls.append(len(bounds) - 1)
         return out.transpose(1, 2).contiguous(), None
 
@@ -302,11 +337,15 @@ def test_sdpa_varlen_flattens_packed_rows_and_is_sdpa_otherwise(tiny):
     plain = collate(list(samples)[:4], PAD)  # padded rows, not packed
     assert plain["attention_mask"].min() == 0
     with torch.no_grad():
-        assert torch.equal(varlen(**model_inputs(plain, *attention_of(varlen))).logits,
-                           sdpa(**model_inputs(plain, *attention_of(sdpa))).logits)
+        assert torch.equal(
+            varlen(**model_inputs(plain, *attention_of(varlen))).logits,
+            sdpa(**model_inputs(plain, *attention_of(sdpa))).logits,
+        )
     prompt = plain["input_ids"][:1, :5]
-    assert torch.equal(varlen.generate(prompt, max_new_tokens=6, do_sample=False),
-                       sdpa.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert torch.equal(
+        varlen.generate(prompt, max_new_tokens=6, do_sample=False),
+        sdpa.generate(prompt, max_new_tokens=6, do_sample=False),
+    )
 
 
 def test_sdpa_varlen_keeps_a_sliding_window_within_each_sample():
@@ -315,8 +354,15 @@ def test_sdpa_varlen_keeps_a_sliding_window_within_each_sample():
     from transformers import AutoModelForCausalLM, MistralConfig
 
     register()
-    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64, sliding_window=4)
+    config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        sliding_window=4,
+    )
     torch.manual_seed(0)
     varlen = AutoModelForCausalLM.from_config(MistralConfig(**config), attn_implementation="sdpa_varlen").eval()
     sdpa = AutoModelForCausalLM.from_config(MistralConfig(**config), attn_implementation="sdpa").eval()
@@ -327,13 +373,16 @@ def test_sdpa_varlen_keeps_a_sliding_window_within_each_sample():
     batch = collate(list(rows), PAD)
     with torch.no_grad():
         packed = varlen(**model_inputs(batch, *attention_of(varlen))).logits[0]
-        order = [next(i for i in range(3) if np.array_equal(ids[i], rows[0]["input_ids"][lo:lo + n]))
-                 for lo, n in zip(np.cumsum([0, *rows[0]["seq_lens"][:-1]]), rows[0]["seq_lens"])]
+        order = [
+            next(i for i in range(3) if np.array_equal(ids[i], rows[0]["input_ids"][lo : lo + n]))
+            for lo, n in zip(np.cumsum([0, *rows[0]["seq_lens"][:-1]]), rows[0]["seq_lens"])
+        ]
         alone = torch.cat([sdpa(input_ids=torch.as_tensor(ids[i])[None]).logits[0] for i in order])
-    torch.testing.assert_close(packed[:sum(lengths)], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[: sum(lengths)], alone, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the window matters here: without it the longest sample's logits are others
-        unwindowed = AutoModelForCausalLM.from_config(MistralConfig(**{**config, "sliding_window": None}),
-                                                      attn_implementation="sdpa").eval()
+        unwindowed = AutoModelForCausalLM.from_config(
+            MistralConfig(**{**config, "sliding_window": None}), attn_implementation="sdpa"
+        ).eval()
         unwindowed.load_state_dict(varlen.state_dict())
         longest = torch.as_tensor(ids[2])[None]
         assert not torch.allclose(unwindowed(input_ids=longest).logits, sdpa(input_ids=longest).logits, atol=1e-3)
@@ -359,8 +408,11 @@ def test_sdpa_varlen_calls_the_kernel_as_this_torch_takes_it(monkeypatch, api):
         out = torch.empty_like(q)
         for lo, hi in zip(cu_q.tolist(), cu_q.tolist()[1:]):
             out[lo:hi] = F.scaled_dot_product_attention(
-                *(t[lo:hi].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=kwargs.get("scale"),
-                enable_gqa=kwargs.get("enable_gqa", False)).transpose(0, 1)
+                *(t[lo:hi].transpose(0, 1) for t in (q, k, v)),
+                is_causal=True,
+                scale=kwargs.get("scale"),
+                enable_gqa=kwargs.get("enable_gqa", False),
+            ).transpose(0, 1)
         return out
 
     monkeypatch.setattr(attention, "_KERNEL", (kernel, frozenset(takes)))
@@ -372,8 +424,14 @@ def test_sdpa_varlen_calls_the_kernel_as_this_torch_takes_it(monkeypatch, api):
     got = attention._flash(q[:25], k[:25], v[:25], cu, max(lengths), scaling)
     want = attention._masked(q[:25], k[:25], v[:25], cu, scaling)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    first = F.scaled_dot_product_attention(q[:7].transpose(0, 1), k[:7].transpose(0, 1), v[:7].transpose(0, 1),
-                                           is_causal=True, scale=scaling, enable_gqa=True).transpose(0, 1)
+    first = F.scaled_dot_product_attention(
+        q[:7].transpose(0, 1),
+        k[:7].transpose(0, 1),
+        v[:7].transpose(0, 1),
+        is_causal=True,
+        scale=scaling,
+        enable_gqa=True,
+    ).transpose(0, 1)
     torch.testing.assert_close(want[:7], first, rtol=1e-5, atol=1e-5)
 
 

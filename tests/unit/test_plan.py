@@ -24,8 +24,9 @@ def test_global_batch_and_steps_by_hand():
     assert RunPlan.from_config(cfg, 1, 2, on_gpu=False).total_steps(100) == 19  # ceil(3 * 100 / 16)
 
 
-@pytest.mark.parametrize("on_gpu,bf16,want", [(False, False, "float32"), (True, True, "bfloat16"),
-                                              (True, False, "float32")])
+@pytest.mark.parametrize(
+    "on_gpu,bf16,want", [(False, False, "float32"), (True, True, "bfloat16"), (True, False, "float32")]
+)
 def test_auto_precision_follows_the_hardware(on_gpu, bf16, want):
     cfg = compose(["model=llama2_7b_random"])
     plan = RunPlan.from_config(cfg, 1, 1, on_gpu=on_gpu, bf16=bf16)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_launch.launcher import preview as pv
 from lora_launch.conf.compose import compose
+from lora_launch.launcher import preview as pv
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
 
@@ -16,6 +16,7 @@ from lora_launch.run.plan import RunPlan
 def _gpu_plan(cfg, world: int) -> RunPlan:
     """The plan on `world` bf16 GPUs of one node (the estimates are checked against H100 figures)."""
     return RunPlan.from_config(cfg, 1, world, on_gpu=True, bf16=True)
+
 
 GIB = 2**30
 
@@ -76,19 +77,33 @@ def test_zero_sharding_divides_by_world(shape_7b):
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 BIG = "2026-11-29-h200-big-estimates.jsonl"  # one call: 7B and 70B shapes, bf16 and nf4, with and without ckpt
-MEASURED = [("2026-11-29-h200-speed-peer-forms.jsonl", "lora"),
-            ("2026-11-29-h200-speed-peer-forms.jsonl", "lora_ckpt"),
-            ("2026-11-29-h200-speed-peer-forms.jsonl", "qlora_ckpt"),
-            ("2026-11-29-h200-checkpoints-random-nf4.jsonl", "qlora_ckpt_random_nf4_70b_shape"),
-            *[(BIG, name) for name in ("qlora_ckpt_7b", "qlora_7b", "lora_ckpt_7b", "lora_7b",
-                                       "qlora_ckpt_70b_shape_seq2048", "qlora_70b_shape_seq2048",
-                                       "lora_70b_shape_40_layers_seq2048", "lora_ckpt_70b_shape_seq2048")],
-            # world size 1 under torchrun: ddp, and fsdp2 with shard groups of 2, 4 and 8 layers (sharding-5's
-            # rows), 4 kept gathered from forward to backward, zero3 with grad ckpt (sharding-2, -3)
-            *[("2026-11-29-h200-sharding-5.jsonl", name) for name in (
-                "ddp_ws1", "fsdp2_groups2_ws1", "fsdp2_groups4_ws1", "fsdp2_groups8_ws1")],
-            ("2026-11-29-h200-sharding-3.jsonl", "fsdp2_groups4_keep_gathered_ws1"),
-            ("2026-11-29-h200-sharding-2.jsonl", "zero3_ckpt_ws1")]
+MEASURED = [
+    ("2026-11-29-h200-speed-peer-forms.jsonl", "lora"),
+    ("2026-11-29-h200-speed-peer-forms.jsonl", "lora_ckpt"),
+    ("2026-11-29-h200-speed-peer-forms.jsonl", "qlora_ckpt"),
+    ("2026-11-29-h200-checkpoints-random-nf4.jsonl", "qlora_ckpt_random_nf4_70b_shape"),
+    *[
+        (BIG, name)
+        for name in (
+            "qlora_ckpt_7b",
+            "qlora_7b",
+            "lora_ckpt_7b",
+            "lora_7b",
+            "qlora_ckpt_70b_shape_seq2048",
+            "qlora_70b_shape_seq2048",
+            "lora_70b_shape_40_layers_seq2048",
+            "lora_ckpt_70b_shape_seq2048",
+        )
+    ],
+    # world size 1 under torchrun: ddp, and fsdp2 with shard groups of 2, 4 and 8 layers (sharding-5's
+    # rows), 4 kept gathered from forward to backward, zero3 with grad ckpt (sharding-2, -3)
+    *[
+        ("2026-11-29-h200-sharding-5.jsonl", name)
+        for name in ("ddp_ws1", "fsdp2_groups2_ws1", "fsdp2_groups4_ws1", "fsdp2_groups8_ws1")
+    ],
+    ("2026-11-29-h200-sharding-3.jsonl", "fsdp2_groups4_keep_gathered_ws1"),
+    ("2026-11-29-h200-sharding-2.jsonl", "zero3_ckpt_ws1"),
+]
 
 
 @pytest.mark.parametrize("results,case", MEASURED)
@@ -97,11 +112,17 @@ def test_estimate_is_within_10_percent_of_the_h200_peaks(results, case):
     70B shapes, bf16 and nf4, with and without grad ckpt: every one that fits the card and was run)."""
     row = next(r for r in map(json.loads, (RESULTS / results).read_text().splitlines()) if r["name"] == case)
     spec = row["spec"]
-    overrides = ["model=llama2_7b_random", "lora.r=64", f"train.seq_len={spec.get('seq', 512)}",
-                 f"train.micro_batch_size={spec.get('micro', 4)}", f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
-                 "run.dir=/tmp/unused", *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
-                 f"distributed={spec.get('distributed', 'ddp')}",
-                 *[o for o in spec.get("extra", []) if o.startswith(("model.arch.", "distributed."))]]
+    overrides = [
+        "model=llama2_7b_random",
+        "lora.r=64",
+        f"train.seq_len={spec.get('seq', 512)}",
+        f"train.micro_batch_size={spec.get('micro', 4)}",
+        f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
+        "run.dir=/tmp/unused",
+        *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
+        f"distributed={spec.get('distributed', 'ddp')}",
+        *[o for o in spec.get("extra", []) if o.startswith(("model.arch.", "distributed."))],
+    ]
     cfg = compose(overrides)
     shape = pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], 64)
     est = pv.memory_estimate(cfg, shape, _gpu_plan(cfg, 1)).total / GIB
@@ -111,8 +132,15 @@ def test_estimate_is_within_10_percent_of_the_h200_peaks(results, case):
 def test_preview_text_for_two_nodes(tmp_path, tiny):
     hosts = tmp_path / "hosts"
     hosts.write_text("node-a slots=2\nnode-b slots=2\n")
-    overrides = [*tiny["overrides"], "launcher=hostfile", f"launcher.hostfile={hosts}", f"run.dir={tmp_path}/r",
-                 "train.micro_batch_size=3", "train.grad_accum=2", "data.val_split=0.25"]
+    overrides = [
+        *tiny["overrides"],
+        "launcher=hostfile",
+        f"launcher.hostfile={hosts}",
+        f"run.dir={tmp_path}/r",
+        "train.micro_batch_size=3",
+        "train.grad_accum=2",
+        "data.val_split=0.25",
+    ]
     cfg = compose(overrides)
     topo = Topology(2, 2, 0, "node-a", 29500, ("node-a", "node-b"))
     text = pv.preview(cfg, topo, RunPlan.from_config(cfg, 2, 2, on_gpu=False), overrides)
@@ -125,15 +153,18 @@ def test_preview_text_for_two_nodes(tmp_path, tiny):
     assert "--machine_rank 1" in text
 
 
-
-
 def test_preview_of_fsdp2_on_two_nodes_names_the_copies_and_rank0s_host_memory(tmp_path, tiny):
     """Two nodes x 2: one sharded copy per node, and the whole base in rank 0's host memory while it sends the
     shards (a 4-bit base is read by every rank: no such line)."""
     hosts = tmp_path / "hosts"
     hosts.write_text("node-a slots=2\nnode-b slots=2\n")
-    common = [*tiny["overrides"], "launcher=hostfile", f"launcher.hostfile={hosts}", f"run.dir={tmp_path}/r",
-              "distributed=fsdp2"]
+    common = [
+        *tiny["overrides"],
+        "launcher=hostfile",
+        f"launcher.hostfile={hosts}",
+        f"run.dir={tmp_path}/r",
+        "distributed=fsdp2",
+    ]
     topo = Topology(2, 2, 0, "node-a", 29500, ("node-a", "node-b"))
     cfg = compose(common)
     text = pv.preview(cfg, topo, RunPlan.from_config(cfg, 2, 2, on_gpu=False), common)
@@ -145,6 +176,7 @@ def test_preview_of_fsdp2_on_two_nodes_names_the_copies_and_rank0s_host_memory(t
     assert "shard groups 1 of up to 2 of the 2 decoder layers (distributed.layers_per_group=auto)" in text
     one = compose([*common, "distributed.layers_per_group=1"])
     assert "shard groups 2 of up to 1 of the 2 decoder layers (distributed.layers_per_group=1)" in pv.preview(
-        one, topo, RunPlan.from_config(one, 2, 2, on_gpu=False), common)
+        one, topo, RunPlan.from_config(one, 2, 2, on_gpu=False), common
+    )
     qlora = compose([*common, "quant=nf4", "quant.storage_dtype=float32", "quant.compute_dtype=float32"])
     assert "host memory" not in pv.preview(qlora, topo, RunPlan.from_config(qlora, 2, 2, on_gpu=False), common)

@@ -19,11 +19,35 @@ from support.cli import REPO
 PACKAGES = ("conf", "run", "data", "launcher", "train", "serve", "catalog", "sweep", "studio", "cli", "strategies")
 HELPER = REPO / "run" / "process.py"
 # calls that start a process or install a signal handler, by module; only the helper makes them
-STARTS = {"subprocess": {"Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"},
-          "os": {"system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp", "execl", "execle", "execlp",
-                 "execlpe", "execv", "execve", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-                 "spawnv", "spawnve", "spawnvp", "spawnvpe"},
-          "signal": {"signal"}, "ctypes": set()}
+STARTS = {
+    "subprocess": {"Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"},
+    "os": {
+        "system",
+        "popen",
+        "fork",
+        "forkpty",
+        "posix_spawn",
+        "posix_spawnp",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "execv",
+        "execve",
+        "execvp",
+        "execvpe",
+        "spawnl",
+        "spawnle",
+        "spawnlp",
+        "spawnlpe",
+        "spawnv",
+        "spawnve",
+        "spawnvp",
+        "spawnvpe",
+    },
+    "signal": {"signal"},
+    "ctypes": set(),
+}
 
 
 def _direct_calls(tree: ast.Module) -> list[str]:
@@ -32,12 +56,19 @@ def _direct_calls(tree: ast.Module) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "prctl":
             found.append(f"line {node.lineno}: prctl")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and isinstance(node.func.value, ast.Name) and node.func.attr in STARTS.get(node.func.value.id, ()):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.attr in STARTS.get(node.func.value.id, ())
+        ):
             found.append(f"line {node.lineno}: {node.func.value.id}.{node.func.attr}")
         elif isinstance(node, ast.ImportFrom) and node.module in STARTS:
-            found += [f"line {node.lineno}: from {node.module} import {a.name}" for a in node.names
-                      if a.name in STARTS[node.module]]
+            found += [
+                f"line {node.lineno}: from {node.module} import {a.name}"
+                for a in node.names
+                if a.name in STARTS[node.module]
+            ]
     return found
 
 
@@ -48,8 +79,12 @@ def _product_modules():
 
 
 def test_only_the_helper_starts_processes_or_handles_signals():
-    wrong = [f"{path.relative_to(REPO)} {hit}" for path, tree in _product_modules() if path != HELPER
-             for hit in _direct_calls(tree)]
+    wrong = [
+        f"{path.relative_to(REPO)} {hit}"
+        for path, tree in _product_modules()
+        if path != HELPER
+        for hit in _direct_calls(tree)
+    ]
     assert wrong == []
 
 
@@ -65,8 +100,12 @@ def test_the_scan_sees_each_kind_of_direct_call():
 
 def test_every_spawn_names_the_childs_fate():
     """`fate=` is keyword-only, so each site says by name what becomes of its child when its parent dies."""
-    sites = [(path, node) for path, tree in _product_modules() for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "spawn"]
+    sites = [
+        (path, node)
+        for path, tree in _product_modules()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "spawn"
+    ]
     assert len(sites) >= 4  # the launch of accelerate, a sweep's trials, the studio's launches and endpoints
     for path, node in sites:
         fate = next(k.value for k in node.keywords if k.arg == "fate")
@@ -75,14 +114,22 @@ def test_every_spawn_names_the_childs_fate():
 
 # ---- what becomes of a child --------------------------------------------------------------------------
 
-_REPORT = ("import ctypes, os; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); "  # PR_GET_PDEATHSIG
-           "print(os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpgid(os.getppid()), v.value)")
+_REPORT = (
+    "import ctypes, os; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); "  # PR_GET_PDEATHSIG
+    "print(os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpgid(os.getppid()), v.value)"
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-@pytest.mark.parametrize("fate, own_session, death", [
-    (ChildFate.KILLED_WITH_PARENT, True, signal.SIGKILL), (ChildFate.STOPS_WITH_PARENT, True, signal.SIGTERM),
-    (ChildFate.LIVES_ON, True, 0), (ChildFate.SHARES_TERMINAL, False, 0)])
+@pytest.mark.parametrize(
+    "fate, own_session, death",
+    [
+        (ChildFate.KILLED_WITH_PARENT, True, signal.SIGKILL),
+        (ChildFate.STOPS_WITH_PARENT, True, signal.SIGTERM),
+        (ChildFate.LIVES_ON, True, 0),
+        (ChildFate.SHARES_TERMINAL, False, 0),
+    ],
+)
 def test_a_childs_session_and_parent_death_signal_follow_its_fate(fate, own_session, death):
     import subprocess
 
@@ -97,6 +144,7 @@ def test_run_to_end_waits_in_this_session():
 
 
 # ---- stop signals -------------------------------------------------------------------------------------
+
 
 def test_the_first_stop_is_recorded_and_a_second_ctrl_c_is_told_apart():
     firsts, agains = [], []

@@ -45,7 +45,7 @@ def relay(text: str, verbose: bool = False) -> tuple[str, list[str]]:
 def test_a_ranks_error_line_is_all_that_is_left():
     text = "error: data.jsonl:2: not valid JSON\n" + ACCELERATE_TB
     assert relay(text) == ("error: data.jsonl:2: not valid JSON\n", ["error: data.jsonl:2: not valid JSON"])
-    peer = "[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n[rank1]: RuntimeError: peer\n"
+    peer = '[rank1]: Traceback (most recent call last):\n[rank1]:   File "x.py", line 1\n[rank1]: RuntimeError: peer\n'
     assert relay("error: bad\n" + peer + TORCHRUN + "after\n")[0] == "error: bad\nafter\n"
 
 
@@ -56,10 +56,12 @@ def test_a_ranks_own_traceback_passes_and_verbose_passes_everything():
 
 def test_one_refusal_from_every_rank_is_one_line_and_a_chained_traceback_goes_whole():
     refusal = "error: cannot resume from RUN/checkpoints/step-2: data\n"
-    chained = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n[rank1]: OSError: gone\n"
-               "[rank1]: \n[rank1]: The above exception was the direct cause of the following exception:\n"
-               "[rank1]: \n[rank1]: Traceback (most recent call last):\n[rank1]:   File \"y.py\", line 2\n"
-               "[rank1]: RuntimeError: peer closed\n")
+    chained = (
+        '[rank1]: Traceback (most recent call last):\n[rank1]:   File "x.py", line 1\n[rank1]: OSError: gone\n'
+        "[rank1]: \n[rank1]: The above exception was the direct cause of the following exception:\n"
+        '[rank1]: \n[rank1]: Traceback (most recent call last):\n[rank1]:   File "y.py", line 2\n'
+        "[rank1]: RuntimeError: peer closed\n"
+    )
     out, errors = relay(refusal + refusal + chained + TORCHRUN)
     assert out == refusal and len(errors) == 2
     # a rank's own chained traceback passes whole, and so does an unrelated traceback after it
@@ -68,13 +70,16 @@ def test_one_refusal_from_every_rank_is_one_line_and_a_chained_traceback_goes_wh
 
 # accelerate 1.16 raises CalledProcessError from a RuntimeError holding the rank's last stderr line: Python
 # prints that cause bare (no traceback of its own) before the chained traceback
-ACCELERATE_116 = """error: boom
+ACCELERATE_116 = (
+    """error: boom
 RuntimeError: error: boom
 
 
 The above exception was the direct cause of the following exception:
 
-""" + ACCELERATE_TB
+"""
+    + ACCELERATE_TB
+)
 
 
 def test_accelerate_116s_bare_cause_and_its_chain_are_dropped_after_the_ranks_error_line():

@@ -12,8 +12,16 @@ import pytest
 from lora_launch.conf.compose import compose
 from lora_launch.launcher.node import exit_code, node_command
 from lora_launch.launcher.relay import StderrRelay
-from lora_launch.launcher.restart import (UNRECORDED, Attempts, Failure, first_failure, killed_rank, not_retried,
-                                          restart_config, why_not_restart)
+from lora_launch.launcher.restart import (
+    UNRECORDED,
+    Attempts,
+    Failure,
+    first_failure,
+    killed_rank,
+    not_retried,
+    restart_config,
+    why_not_restart,
+)
 from lora_launch.launcher.supervise import Outcome
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.rundir import read_status, record_restart, write_attempt_record, write_json, write_status
@@ -51,18 +59,21 @@ def test_restarts_stop_at_a_repeat_or_when_used_up():
     assert "failed the same way after the same step" in why_not_restart(repeat, 5)
 
 
-@pytest.mark.parametrize("state,outcome,retried", [
-    ("finished", Outcome(1), False),  # a rank failed after the run finished: nothing to redo
-    ("preempted", Outcome(0, signal.SIGTERM), False),
-    ("running", Outcome(1, signal.SIGTERM), False),  # the user or the scheduler stops it
-    ("running", Outcome(-9, signal.SIGINT, killed=True), False),
-    ("running", Outcome(1, errors=("error: bad data",)), False),  # a refusal is never retried
-    ("running", Outcome(2), False),
-    ("running", Outcome(0), False),
-    ("running", Outcome(1), True),
-    ("running", Outcome(-9, aborted=True), True),  # stopped because another node's ranks failed
-    (None, Outcome(1), True),
-])
+@pytest.mark.parametrize(
+    "state,outcome,retried",
+    [
+        ("finished", Outcome(1), False),  # a rank failed after the run finished: nothing to redo
+        ("preempted", Outcome(0, signal.SIGTERM), False),
+        ("running", Outcome(1, signal.SIGTERM), False),  # the user or the scheduler stops it
+        ("running", Outcome(-9, signal.SIGINT, killed=True), False),
+        ("running", Outcome(1, errors=("error: bad data",)), False),  # a refusal is never retried
+        ("running", Outcome(2), False),
+        ("running", Outcome(0), False),
+        ("running", Outcome(1), True),
+        ("running", Outcome(-9, aborted=True), True),  # stopped because another node's ranks failed
+        (None, Outcome(1), True),
+    ],
+)
 def test_which_endings_are_retried(tmp_path, state, outcome, retried):
     started = time.time()
     if state is not None:
@@ -76,8 +87,10 @@ def test_a_status_of_an_earlier_launch_does_not_stop_a_retry(tmp_path):
 
 
 def test_the_rank_a_signal_killed_first_is_named_by_its_global_rank():
-    assert killed_rank(Outcome(1, first_exit=(1, -9)), node_rank=2, procs_per_node=4) == {"rank": 9,
-                                                                                          "signal": "SIGKILL"}
+    assert killed_rank(Outcome(1, first_exit=(1, -9)), node_rank=2, procs_per_node=4) == {
+        "rank": 9,
+        "signal": "SIGKILL",
+    }
     assert killed_rank(Outcome(1, first_exit=(0, 1)), 0, 1) is None
     assert killed_rank(Outcome(-9, aborted=True, first_exit=(0, -9)), 0, 1) is None  # this launcher killed it
     assert killed_rank(Outcome(1), 0, 1) is None
@@ -152,15 +165,27 @@ def test_status_keeps_its_record_of_restarts(tmp_path):
     assert status["state"] == "finished" and [r["attempt"] for r in status["restarts"]] == [1]
 
 
-@pytest.mark.parametrize("text,first", [
-    ("E1129 05:50:24.251000 20001 .venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/"
-     "api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 20009) of binary: /venv/bin/python\n", (1, -9)),
-    ("E1129 05:50:24.251000 20001 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) "
-     "local_rank: 0 (pid: 20009) of binary: /venv/bin/python\n", (0, 1)),
-    ("subprocess.CalledProcessError: Command '['python', '-m', 'lora_launch.train']' died with "
-     "<Signals.SIGKILL: 9>.\n", (0, -9)),
-    ("step 3: checkpoint saved\n", None),
-])
+@pytest.mark.parametrize(
+    "text,first",
+    [
+        (
+            "E1129 05:50:24.251000 20001 .venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/"
+            "api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 20009) of binary: /venv/bin/python\n",
+            (1, -9),
+        ),
+        (
+            "E1129 05:50:24.251000 20001 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) "
+            "local_rank: 0 (pid: 20009) of binary: /venv/bin/python\n",
+            (0, 1),
+        ),
+        (
+            "subprocess.CalledProcessError: Command '['python', '-m', 'lora_launch.train']' died with "
+            "<Signals.SIGKILL: 9>.\n",
+            (0, -9),
+        ),
+        ("step 3: checkpoint saved\n", None),
+    ],
+)
 def test_the_relay_notes_which_rank_failed_first(text, first):
     out = io.StringIO()
     relay = StderrRelay(io.BytesIO(text.encode()), out).start()

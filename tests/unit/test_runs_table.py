@@ -23,18 +23,36 @@ from lora_launch.run.rundir import write_config
 
 def config(r=8, lr=1e-3, data="demo", **more) -> dict:
     """The keys a run's config.yaml has that the table reads."""
-    cfg = {"model": {"name": "tiny", "path": "/models/tiny-llama"}, "lora": {"r": r, "alpha": 16.0, "dropout": 0.05},
-           "optim": {"lr": lr}, "data": {"name": data, "source": "demo", "path": "/d/train.jsonl"},
-           "distributed": {"name": "ddp"}, "launcher": {"num_processes": 1, "num_machines": 1},
-           "quant": {"mode": "none"}, "train": {"max_steps": 10}, "run": {"dir": "x"}}
+    cfg = {
+        "model": {"name": "tiny", "path": "/models/tiny-llama"},
+        "lora": {"r": r, "alpha": 16.0, "dropout": 0.05},
+        "optim": {"lr": lr},
+        "data": {"name": data, "source": "demo", "path": "/d/train.jsonl"},
+        "distributed": {"name": "ddp"},
+        "launcher": {"num_processes": 1, "num_machines": 1},
+        "quant": {"mode": "none"},
+        "train": {"max_steps": 10},
+        "run": {"dir": "x"},
+    }
     for key, value in more.items():
         section, name = key.split("__")
         cfg[section][name] = value
     return cfg
 
 
-def make_run(root, name, cfg=None, state="finished", step=10, evals=(3.0, 2.0), when=None, adapter=True,
-             trial=None, raw_config=None, metrics_tail=""):
+def make_run(
+    root,
+    name,
+    cfg=None,
+    state="finished",
+    step=10,
+    evals=(3.0, 2.0),
+    when=None,
+    adapter=True,
+    trial=None,
+    raw_config=None,
+    metrics_tail="",
+):
     """A run dir as training leaves it: config.yaml, status.json, metrics.jsonl (and adapter/, trial.json)."""
     run = root / name
     run.mkdir(parents=True)
@@ -71,6 +89,7 @@ def names(found):
 
 # ---- reading -------------------------------------------------------------------------------------
 
+
 def test_a_real_configs_columns(tmp_path):
     cfg = compose([f"run.dir={tmp_path / 'r'}", "lora.r=16", "optim.lr=1e-4", "launcher.num_processes=2"])
     write_config(cfg, tmp_path / "r")
@@ -102,9 +121,17 @@ def test_every_kind_of_run_is_listed_with_its_status(tmp_path):
     with RunLock(lock_path(live)):
         found = {r.path.name: r for r in find_runs([root])}
     status = {name: r.status for name, r in found.items()}
-    assert status == {"ok": "finished", "half": "broken", "list": "broken", "noconfig": "broken",
-                      "killed": "killed", "failed": "failed", "pruned": "pruned", "garbage": "not started",
-                      "live": "running"}
+    assert status == {
+        "ok": "finished",
+        "half": "broken",
+        "list": "broken",
+        "noconfig": "broken",
+        "killed": "killed",
+        "failed": "failed",
+        "pruned": "pruned",
+        "garbage": "not started",
+        "live": "running",
+    }
     assert "not valid YAML (line 3)" in found["half"].note and "no config.yaml" in found["noconfig"].note
     assert found["failed"].note == "rank 1 died" and "no process holds" in found["killed"].note
     assert found["ok"].steps == 10 and found["ok"].final_train_loss == pytest.approx(3.0)
@@ -122,23 +149,32 @@ def test_a_run_this_user_may_not_read_is_listed_as_broken(tmp_path, monkeypatch)
         if path.parent.name == "adapter":
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return is_file(path)
+
     monkeypatch.setattr(Path, "is_file", denied)
-    run, = find_runs([tmp_path])
+    (run,) = find_runs([tmp_path])
     assert run.status == "broken" and run.note.endswith("adapter_config.json: Permission denied")
 
 
 def test_sweep_trials_are_found_below_the_sweep(tmp_path):
     make_run(tmp_path / "sweeps" / "sweep-1", "lora.r=4", config(r=4), trial={"status": "completed"})
-    make_run(tmp_path / "sweeps" / "sweep-1", "lora.r=8", config(r=8), state=None,  # its launch was refused
-             trial={"status": "failed", "error": "boom"})
+    make_run(
+        tmp_path / "sweeps" / "sweep-1",
+        "lora.r=8",
+        config(r=8),
+        state=None,  # its launch was refused
+        trial={"status": "failed", "error": "boom"},
+    )
     (tmp_path / "sweeps" / "sweep-1" / "summary.md").write_text("| trial |\n")
     found = find_runs([tmp_path / "sweeps"])
-    assert [r.name for r in found] == [str(tmp_path / "sweeps" / "sweep-1" / "lora.r=4"),
-                                        str(tmp_path / "sweeps" / "sweep-1" / "lora.r=8")]
+    assert [r.name for r in found] == [
+        str(tmp_path / "sweeps" / "sweep-1" / "lora.r=4"),
+        str(tmp_path / "sweeps" / "sweep-1" / "lora.r=8"),
+    ]
     assert [r.status for r in found] == ["finished", "failed"] and found[1].note == "boom"
 
 
 # ---- sorting and filtering -------------------------------------------------------------------------
+
 
 def test_sort_by_columns_aliases_and_config_keys(three):
     assert names(runs_table.sort_runs(three, "eval_loss")) == ["b", "a", "c"]  # best eval; none last
@@ -176,16 +212,26 @@ def test_table_cells(three):
 
 # ---- diff ------------------------------------------------------------------------------------------
 
+
 def test_diff_shows_only_what_differs(tmp_path):
     a = read_run(make_run(tmp_path, "a", config(r=8, lr=1e-3, lora__dropout=0.1), evals=(3.0, 2.0)))
     b = read_run(make_run(tmp_path, "b", config(r=16, lr=1e-3, lora__target_modules=["q_proj"]), evals=(3.0, 2.2)))
     b.config["run"]["dir"] = "elsewhere"
-    assert sorted(runs_table.config_diff(a, b)) == [("lora.dropout", 0.1, 0.05), ("lora.r", 8, 16),
-                                              ("lora.target_modules", None, ["q_proj"])]
+    assert sorted(runs_table.config_diff(a, b)) == [
+        ("lora.dropout", 0.1, 0.05),
+        ("lora.r", 8, 16),
+        ("lora.target_modules", None, ["q_proj"]),
+    ]
     metrics = {m: (va, vb) for m, va, vb in runs_table.metric_diff(a, b)}
     assert metrics["final_eval_loss"] == (2.0, 2.2) and metrics["steps"] == (10, 10)
-    assert set(metrics) == {"final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_s", "steps",
-                            "peak_memory_gib"}
+    assert set(metrics) == {
+        "final_eval_loss",
+        "best_eval_loss",
+        "final_train_loss",
+        "tokens_per_s",
+        "steps",
+        "peak_memory_gib",
+    }
     text = runs_table.diff_text(a, b)
     assert "run.dir" not in text and "lora.target_modules (absent) [q_proj]" in " ".join(text.split())
     assert "+0.2 (+10.00%)" in text
@@ -219,14 +265,20 @@ def test_commands_in_process(tmp_path, monkeypatch, capsys):
 
 # ---- the report's pieces ---------------------------------------------------------------------------
 
+
 def test_ticks_and_charts():
     assert charts.nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
     assert charts.nice_ticks(2.8795, 2.8812) == [2.8795, 2.88, 2.8805, 2.881]
-    svg = charts.chart([charts.Series("s", [(1e-4, 2.0), (1e-3, 1.5), (1e-2, 1.7)], "#000", markers=True)],
-                       "optim.lr", "loss", log_x=True)
+    svg = charts.chart(
+        [charts.Series("s", [(1e-4, 2.0), (1e-3, 1.5), (1e-2, 1.7)], "#000", markers=True)],
+        "optim.lr",
+        "loss",
+        log_x=True,
+    )
     assert svg.startswith("<svg") and svg.count("<circle") == 3 and ">0.001<" in svg
-    svg = charts.chart([charts.Series("s", [("zero2", 2.0), ("ddp", 1.5)], "#000", line=False, markers=True)],
-                       "distributed", "loss")
+    svg = charts.chart(
+        [charts.Series("s", [("zero2", 2.0), ("ddp", 1.5)], "#000", line=False, markers=True)], "distributed", "loss"
+    )
     assert ">zero2<" in svg and ">ddp<" in svg and "<polyline" not in svg
     long = charts.chart([charts.Series("train", [(s, 1.0 / s) for s in range(1, 5001)], "#000")], "step", "loss")
     assert long.count(",") < 2 * charts.MAX_POINTS + 50

@@ -53,11 +53,16 @@ def _error(response, status: int) -> dict:
 
 
 def _chat(text: str, **extra) -> dict:
-    return {"model": "tiny-llama", "messages": [{"role": "user", "content": text}], "max_tokens": 6,
-            "temperature": 0} | extra
+    return {
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 6,
+        "temperature": 0,
+    } | extra
 
 
 # ---- who may ask ---------------------------------------------------------------------------------
+
 
 def test_only_loopback_and_allowed_host_names_are_answered(engine):
     client = _client(engine, hosts=frozenset({"localhost", "127.0.0.1", "::1", "gpu-box.lan"}))
@@ -82,20 +87,27 @@ def test_the_bearer_scheme_is_taken_in_any_case(engine):
 
 # ---- what is asked -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path,extra,param", [
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    (CHAT, {"functions": [{"name": "f"}]}, "functions"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
-    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
-    (CHAT, {"n": 2}, "n"),
-    ("/v1/completions", {"n": 3}, "n"),
-    ("/v1/completions", {"echo": True}, "echo"),
-    (CHAT, {"seed": 2**70}, "seed"),
-    (CHAT, {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
-    (CHAT, {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ("/v1/completions", {"logprobs": 6}, "logprobs"),
-])
+
+@pytest.mark.parametrize(
+    "path,extra,param",
+    [
+        (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        (CHAT, {"functions": [{"name": "f"}]}, "functions"),
+        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            CHAT,
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+            "response_format",
+        ),
+        (CHAT, {"n": 2}, "n"),
+        ("/v1/completions", {"n": 3}, "n"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        (CHAT, {"seed": 2**70}, "seed"),
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        (CHAT, {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+    ],
+)
 def test_what_this_server_cannot_honour_is_a_400_naming_it(client, path, extra, param):
     body = _chat("Hi") | extra if path == CHAT else {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4} | extra
     assert _error(client.post(path, json=body), 400)["param"] == param
@@ -107,9 +119,11 @@ def test_text_response_format_and_a_seed_in_range_are_answered(client):
 
 
 def test_a_lone_surrogate_is_a_400_not_a_500(client):
-    for path, body in [(CHAT, b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}'),
-                       ("/v1/completions", b'{"model": "tiny-llama", "prompt": "\\udfff"}'),
-                       ("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}')]:
+    for path, body in [
+        (CHAT, b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}'),
+        ("/v1/completions", b'{"model": "tiny-llama", "prompt": "\\udfff"}'),
+        ("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}'),
+    ]:
         response = client.post(path, content=body, headers={"Content-Type": "application/json"})
         assert 400 <= response.status_code < 500, response.text
         _error(response, response.status_code)
@@ -132,6 +146,7 @@ def test_an_empty_stop_string_is_ignored(client):
 
 
 # ---- logprobs as OpenAI shapes them --------------------------------------------------------------
+
 
 def test_chat_logprobs_list_each_token_with_its_likeliest_rivals(client):
     # a question the base model answers at some length (to "Hello" it says "." and stops)
@@ -169,13 +184,18 @@ def test_completion_logprobs_are_the_legacy_parallel_lists(client):
 # ---- any body: a 400-class answer or a real one, never a 500 -------------------------------------
 
 TEXT = st.text(max_size=30) | st.sampled_from(["", " ", "</s>", "<s>[INST]", "\u2603"])
-ANY = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT | st.just("\ud800"),
-                   lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
-                   max_leaves=6)
+ANY = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | TEXT | st.just("\ud800"),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=6,
+)
 ROLE = st.sampled_from(["system", "developer", "user", "assistant"])
 CONTENT = TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
-MESSAGES = st.builds(lambda head, last: head + [{"role": "user", "content": last}],
-                     st.lists(st.fixed_dictionaries({"role": ROLE, "content": CONTENT}), max_size=2), CONTENT)
+MESSAGES = st.builds(
+    lambda head, last: head + [{"role": "user", "content": last}],
+    st.lists(st.fixed_dictionaries({"role": ROLE, "content": CONTENT}), max_size=2),
+    CONTENT,
+)
 # what a client may send within each field's range, the edges included (None: the field not given)
 FIELDS = {
     "model": st.just("tiny-llama"),
@@ -186,7 +206,7 @@ FIELDS = {
     "temperature": st.none() | st.sampled_from([1e-300, 5e-324, 1e-8, 0.0, 2.0]) | st.floats(0, 2),
     "top_p": st.none() | st.sampled_from([1e-300, 5e-324, 1.0]) | st.floats(0, 1, exclude_min=True),
     "stop": st.none() | TEXT | st.lists(TEXT, max_size=4),
-    "seed": st.none() | st.integers(-2**63, 2**63 - 1),
+    "seed": st.none() | st.integers(-(2**63), 2**63 - 1),
     "stream": st.none() | st.booleans(),
     "stream_options": st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
     "logprobs": st.none() | st.booleans() | st.integers(0, 5),
@@ -195,15 +215,40 @@ FIELDS = {
     "response_format": st.none() | st.just({"type": "text"}),
 }
 # and one field outside it: a mistake a client may make, or anything at all
-EDGES = st.sampled_from([
-    ("model", "nope"), ("prompt", "a\ud800"), ("messages", [{"role": "user", "content": "\udfff"}]),
-    ("messages", [{"role": "tool", "content": "x"}]), ("messages", []), ("max_tokens", 0), ("max_tokens", 17),
-    ("max_tokens", 2**70), ("temperature", 2.0001), ("temperature", -1e-300), ("top_p", 0.0), ("n", 2),
-    ("seed", 2**63), ("seed", 2**70), ("seed", -2**63 - 1), ("stop", ["a", "b", "c", "d", "e"]), ("logprobs", 6),
-    ("top_logprobs", 21), ("echo", True), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("response_format", {"type": "json_object"}), ("temperature", float("nan")), ("seed", float("inf"))])
-BODY = st.fixed_dictionaries(FIELDS).map(lambda body: {key: value for key, value in body.items() if value is not None
-                                                         and (key != "top_logprobs" or body["logprobs"] is True)})
+EDGES = st.sampled_from(
+    [
+        ("model", "nope"),
+        ("prompt", "a\ud800"),
+        ("messages", [{"role": "user", "content": "\udfff"}]),
+        ("messages", [{"role": "tool", "content": "x"}]),
+        ("messages", []),
+        ("max_tokens", 0),
+        ("max_tokens", 17),
+        ("max_tokens", 2**70),
+        ("temperature", 2.0001),
+        ("temperature", -1e-300),
+        ("top_p", 0.0),
+        ("n", 2),
+        ("seed", 2**63),
+        ("seed", 2**70),
+        ("seed", -(2**63) - 1),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("logprobs", 6),
+        ("top_logprobs", 21),
+        ("echo", True),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("response_format", {"type": "json_object"}),
+        ("temperature", float("nan")),
+        ("seed", float("inf")),
+    ]
+)
+BODY = st.fixed_dictionaries(FIELDS).map(
+    lambda body: {
+        key: value
+        for key, value in body.items()
+        if value is not None and (key != "top_logprobs" or body["logprobs"] is True)
+    }
+)
 MISTAKE = st.none() | EDGES | st.tuples(st.sampled_from(list(FIELDS)), ANY)
 
 

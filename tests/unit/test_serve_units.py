@@ -28,8 +28,9 @@ TINY = Path(str(importlib.resources.files("lora_launch.conf") / "assets" / "tiny
 def _adapter_dir(path: Path, r: int = 8) -> Path:
     """An adapter dir as resolve() sees it (config and a weights file; nothing loads them here)."""
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"r": r, "base_model_name_or_path": str(TINY),
-                                                          "peft_type": "LORA"}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"r": r, "base_model_name_or_path": str(TINY), "peft_type": "LORA"})
+    )
     (path / "adapter_model.safetensors").write_bytes(b"")
     return path
 
@@ -46,6 +47,7 @@ def _args(*argv: str):
 
 
 # ---- what is served, under which names ------------------------------------------------------------
+
 
 def test_runs_sweeps_and_adapter_dirs_are_named_by_their_runs(tmp_path, capsys):
     sweep = tmp_path / "sweep"
@@ -70,24 +72,42 @@ def test_a_merged_model_serves_alone_as_the_base(tmp_path):
     assert (served.base, served.base_name, served.adapters, served.base_cfg) == (str(merged), "merged", [], None)
 
 
-@pytest.mark.parametrize("make,argv,says", [
-    (lambda t: t.mkdir(), lambda t: [f"run.dir={t}"], "no config.yaml here"),
-    (lambda t: _adapter_dir(t).joinpath("adapter_config.json").write_text("{oops"), lambda t: [f"adapters=[{t}]"],
-     "not a PEFT adapter directory"),
-    (lambda t: _adapter_dir(t).joinpath("adapter_model.safetensors").unlink(), lambda t: [f"adapters=[{t}]"],
-     "no adapter_model.safetensors"),
-    (lambda t: _adapter_dir(t).joinpath("adapter_config.json").write_text('{"r": 8, "use_dora": true}'),
-     lambda t: [f"adapters=[{t}]", "base=x"], "a DoRA adapter"),
-    (lambda t: t.mkdir(), lambda t: [f"sweep={t}"], "no finished trial"),
-    (lambda t: None, lambda t: [f"sweep={t}"], "not a directory"),
-    (lambda t: None, lambda t: [], "give run.dir=RUN"),
-    (lambda t: (_run(t / "a"), _run(t / "b", "quant=nf4")), lambda t: [f"runs=[{t / 'a'},{t / 'b'}]"],
-     "trained on different bases"),
-    (lambda t: (_run(t / "x" / "same"), _run(t / "y" / "same")), lambda t: [f"runs=[{t / 'x/same'},{t / 'y/same'}]"],
-     "two models are named 'same'"),
-    (lambda t: None, lambda t: ["port=70000"], "port=70000"),
-    (lambda t: None, lambda t: ["max_batch=0"], "max_batch=0"),
-])
+@pytest.mark.parametrize(
+    "make,argv,says",
+    [
+        (lambda t: t.mkdir(), lambda t: [f"run.dir={t}"], "no config.yaml here"),
+        (
+            lambda t: _adapter_dir(t).joinpath("adapter_config.json").write_text("{oops"),
+            lambda t: [f"adapters=[{t}]"],
+            "not a PEFT adapter directory",
+        ),
+        (
+            lambda t: _adapter_dir(t).joinpath("adapter_model.safetensors").unlink(),
+            lambda t: [f"adapters=[{t}]"],
+            "no adapter_model.safetensors",
+        ),
+        (
+            lambda t: _adapter_dir(t).joinpath("adapter_config.json").write_text('{"r": 8, "use_dora": true}'),
+            lambda t: [f"adapters=[{t}]", "base=x"],
+            "a DoRA adapter",
+        ),
+        (lambda t: t.mkdir(), lambda t: [f"sweep={t}"], "no finished trial"),
+        (lambda t: None, lambda t: [f"sweep={t}"], "not a directory"),
+        (lambda t: None, lambda t: [], "give run.dir=RUN"),
+        (
+            lambda t: (_run(t / "a"), _run(t / "b", "quant=nf4")),
+            lambda t: [f"runs=[{t / 'a'},{t / 'b'}]"],
+            "trained on different bases",
+        ),
+        (
+            lambda t: (_run(t / "x" / "same"), _run(t / "y" / "same")),
+            lambda t: [f"runs=[{t / 'x/same'},{t / 'y/same'}]"],
+            "two models are named 'same'",
+        ),
+        (lambda t: None, lambda t: ["port=70000"], "port=70000"),
+        (lambda t: None, lambda t: ["max_batch=0"], "max_batch=0"),
+    ],
+)
 def test_bad_directories_and_limits_are_one_line_errors(tmp_path, make, argv, says):
     target = tmp_path / "target"
     make(target)
@@ -98,11 +118,16 @@ def test_bad_directories_and_limits_are_one_line_errors(tmp_path, make, argv, sa
 
 def test_serve_arguments_and_help():
     args = _args("runs=[/a/b,/c/d]", "engine=vllm", "port=0", "max_tokens=32")
-    assert (args.runs, args.engine, args.port, args.max_tokens, args.host) == (["/a/b", "/c/d"], "vllm", 0, 32,
-                                                                               "127.0.0.1")
+    assert (args.runs, args.engine, args.port, args.max_tokens, args.host) == (
+        ["/a/b", "/c/d"],
+        "vllm",
+        0,
+        32,
+        "127.0.0.1",
+    )
     with pytest.raises(ConfigError, match="unknown argument 'colour=red'"):
         _args("colour=red")
-    assert "runs=List" in usage("serve") and "default []" in usage("serve")
+    assert "runs=list" in usage("serve") and "default []" in usage("serve")
 
 
 def test_the_api_key_comes_from_the_argument_or_the_environment(monkeypatch):
@@ -125,22 +150,41 @@ def test_serve_without_its_extra_is_one_line(monkeypatch, capsys):
 
 # ---- engine=vllm ----------------------------------------------------------------------------------
 
+
 def test_the_vllm_command_serves_the_same_names(tmp_path):
     base = "NousResearch/Llama-2-7b-hf"
     cfg = compose(["model=llama2_7b", "quant=nf4"])
-    served = Served(base, base, [Adapter("mine", Path("/runs/mine/adapter"), None, 16),
-                                 Adapter("optim.lr=0.01", Path("/sweeps/s/optim.lr=0.01/adapter"), None, 64)],
-                    {}, cfg)
+    served = Served(
+        base,
+        base,
+        [
+            Adapter("mine", Path("/runs/mine/adapter"), None, 16),
+            Adapter("optim.lr=0.01", Path("/sweeps/s/optim.lr=0.01/adapter"), None, 64),
+        ],
+        {},
+        cfg,
+    )
     cmd = vllm_command(served, _args("api_key=SECRET", "port=9000", "max_batch=32"))
     assert cmd[:3] == ["vllm", "serve", base]
-    flags = {flag: cmd[cmd.index(flag) + 1] for flag in ("--served-model-name", "--host", "--port", "--max-num-seqs",
-                                                          "--max-lora-rank", "--max-loras")}
-    assert flags == {"--served-model-name": base, "--host": "127.0.0.1", "--port": "9000", "--max-num-seqs": "32",
-                     "--max-lora-rank": "64", "--max-loras": "2"}
-    modules = cmd[cmd.index("--lora-modules") + 1: cmd.index("--lora-modules") + 3]
+    flags = {
+        flag: cmd[cmd.index(flag) + 1]
+        for flag in ("--served-model-name", "--host", "--port", "--max-num-seqs", "--max-lora-rank", "--max-loras")
+    }
+    assert flags == {
+        "--served-model-name": base,
+        "--host": "127.0.0.1",
+        "--port": "9000",
+        "--max-num-seqs": "32",
+        "--max-lora-rank": "64",
+        "--max-loras": "2",
+    }
+    modules = cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3]
     assert modules[0] == "mine=/runs/mine/adapter"
-    assert json.loads(modules[1]) == {"name": "optim.lr=0.01", "path": "/sweeps/s/optim.lr=0.01/adapter",
-                                      "base_model_name": base}  # vLLM's JSON form: the name holds `=`
+    assert json.loads(modules[1]) == {
+        "name": "optim.lr=0.01",
+        "path": "/sweeps/s/optim.lr=0.01/adapter",
+        "base_model_name": base,
+    }  # vLLM's JSON form: the name holds `=`
     assert cmd[-2:] == ["--quantization", "bitsandbytes"] and "--enable-lora" in cmd
     assert not any("SECRET" in part for part in cmd)  # the key goes in VLLM_API_KEY
     merged = vllm_command(Served("/m/merged", "merged", [], {}, None), _args())
@@ -151,6 +195,7 @@ def test_vllm_rank_rounds_up_to_what_vllm_takes():
     def rank(r):
         cmd = vllm_command(Served("b", "b", [Adapter("x", Path("/x"), None, r)], {}, None), _args())
         return cmd[cmd.index("--max-lora-rank") + 1]
+
     assert [rank(r) for r in (2, 8, 12, 64, 100, 300)] == ["8", "8", "16", "64", "128", "320"]
 
 
@@ -161,6 +206,7 @@ def test_engine_vllm_without_vllm_is_one_line(tmp_path, monkeypatch):
 
 
 # ---- the HTTP API against a stand-in engine --------------------------------------------------------
+
 
 class FakeEngine:
     """Answers every request with 'dog cat' at once; `busy` requests look in flight."""
@@ -220,9 +266,19 @@ def test_completion_chat_and_models(fake):
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 2
     job = fake.jobs[-1]
     assert (job.adapter, job.max_new, job.sampling) == ("a0", 16, ())  # OpenAI's default max_tokens: 16
-    chat = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-        "temperature": 0.5, "top_p": 0.9, "seed": 3}).json()
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            ],
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "seed": 3,
+        },
+    ).json()
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "dog cat"}
     job = fake.jobs[-1]
     # written out with the model's template (llama2 here), room left in the context as max_tokens
@@ -234,10 +290,17 @@ def test_completion_chat_and_models(fake):
 
 def test_streams_are_server_sent_events(fake):
     client = _client(fake)
-    out = client.post("/v1/chat/completions", json={"model": "run-a", "stream": True, "stream_options": {
-        "include_usage": True}, "messages": [{"role": "user", "content": "Hi"}]})
+    out = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "run-a",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    )
     assert out.headers["content-type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in out.text.split("\n\n") if line]
+    events = [line[len("data: ") :] for line in out.text.split("\n\n") if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -260,35 +323,59 @@ def test_bad_requests_are_openai_errors(fake):
     client = _client(fake)
     post = client.post
     assert _error(post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404)["code"] == "model_not_found"
-    assert _error(post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 33}), 400)[
-        "param"] == "max_tokens"
-    assert _error(post("/v1/completions", json={"model": "tiny", "prompt": "x " * 80}), 400)[
-        "code"] == "context_length_exceeded"
+    assert (
+        _error(post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 33}), 400)["param"]
+        == "max_tokens"
+    )
+    assert (
+        _error(post("/v1/completions", json={"model": "tiny", "prompt": "x " * 80}), 400)["code"]
+        == "context_length_exceeded"
+    )
     from lora_launch.train.evaluate import prompt_ids
 
     fits = "rice " * 40  # a word the tiny model's tokenizer holds whole: one token a repeat
     assert 32 < len(prompt_ids(fake.tok, fits)) <= 64
-    assert _error(post("/v1/completions", json={"model": "tiny", "prompt": fits, "max_tokens": 32}), 400)[
-        "code"] == "context_length_exceeded"  # the prompt fits, but not with max_tokens after it
-    assert "not valid JSON" in _error(post("/v1/completions", content=b'{"model": "tiny", "prompt": ',
-                                           headers={"Content-Type": "application/json"}), 400)["message"]
+    assert (
+        _error(post("/v1/completions", json={"model": "tiny", "prompt": fits, "max_tokens": 32}), 400)["code"]
+        == "context_length_exceeded"
+    )  # the prompt fits, but not with max_tokens after it
+    assert (
+        "not valid JSON"
+        in _error(
+            post(
+                "/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"}
+            ),
+            400,
+        )["message"]
+    )
     assert _error(post("/v1/completions", json={"model": "tiny"}), 400)["param"] == "prompt"
-    assert _error(post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 3}), 400)[
-        "param"] == "temperature"
+    assert (
+        _error(post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 3}), 400)["param"]
+        == "temperature"
+    )
     assert _error(post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2}), 400)["param"] == "n"
     assert _error(post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "stream": True}), 400)
-    assert _error(post("/v1/chat/completions", json={"model": "tiny", "messages": [
-        {"role": "assistant", "content": "x"}]}), 400)["param"] == "messages"
-    assert _error(post("/v1/chat/completions", json={"model": "tiny", "messages": [
-        {"role": "tool", "content": "x"}]}), 400)
-    assert _error(post("/v1/completions", json={"model": "tiny", "prompt": "x" * 3000}), 413)[
-        "code"] == "request_too_large"
+    assert (
+        _error(
+            post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]}),
+            400,
+        )["param"]
+        == "messages"
+    )
+    assert _error(
+        post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400
+    )
+    assert (
+        _error(post("/v1/completions", json={"model": "tiny", "prompt": "x" * 3000}), 413)["code"]
+        == "request_too_large"
+    )
 
     def chunked():  # no Content-Length: the body is counted as it arrives
         yield b'{"model": "tiny", "prompt": "'
         for _ in range(30):
             yield b"x" * 100
         yield b'"}'
+
     assert _error(post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}), 413)
     assert _error(client.get("/v1/nothing"), 404)
     assert client.get("/health").status_code == 200
@@ -298,14 +385,17 @@ def test_more_requests_than_allowed_at_once_get_429(fake):
     client = _client(fake, max_concurrent=2)
     fake.active = 1
     try:
-        assert _error(client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"]}), 429)[
-            "code"] == "rate_limit_exceeded"
+        assert (
+            _error(client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"]}), 429)["code"]
+            == "rate_limit_exceeded"
+        )
         assert client.post("/v1/completions", json={"model": "tiny", "prompt": "a"}).status_code == 200
     finally:
         fake.active = 0
 
 
 # ---- the real engine: one batch, each row its own adapter ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
@@ -318,8 +408,9 @@ def engine(tmp_path_factory):
     adapters = []
     for i, name in enumerate(("run-a", "run-b")):
         torch.manual_seed(i)
-        lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                          task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+        )
         get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), lora).save_pretrained(root / name)
         adapters.append(Adapter(name, root / name, None, 4))
     engine = load_engine(Served(str(TINY), "tiny-llama", adapters, {}, None), max_batch=16)
@@ -330,6 +421,7 @@ def engine(tmp_path_factory):
 def _run_jobs(engine, jobs):
     async def go():
         return await asyncio.gather(*(engine.complete(j, q) for j, q in zip(jobs, engine.start(jobs))))
+
     return asyncio.run(go())
 
 
@@ -362,9 +454,9 @@ def test_each_row_stops_at_its_own_limit(engine):
     assert len(long.tokens) == 12 or why_long == "stop"
     alone = _run_jobs(engine, [_job(engine, "run-b", PROMPTS[0], max_new=12)])[0][0]
     assert alone.startswith(text_short)
-    cut = alone[len(alone) // 2:][:3]  # a stop string from the middle of the answer ends it just before
+    cut = alone[len(alone) // 2 :][:3]  # a stop string from the middle of the answer ends it just before
     stopped, why = _run_jobs(engine, [_job(engine, "run-b", PROMPTS[0], max_new=12, stop=(cut,))])[0]
-    assert (stopped, why) == (alone[:alone.index(cut)], "stop")
+    assert (stopped, why) == (alone[: alone.index(cut)], "stop")
 
 
 def test_a_seeded_sampled_request_repeats(engine):
@@ -372,4 +464,5 @@ def test_a_seeded_sampled_request_repeats(engine):
         job = _job(engine, "run-a", PROMPTS[1], max_new=12)
         job.sampling = (1.5, 1.0, seed)
         return _run_jobs(engine, [job])[0]
+
     assert sampled(3) == sampled(3) != sampled(4)

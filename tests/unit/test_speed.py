@@ -24,12 +24,20 @@ def _current_rows() -> list[tuple[str, dict]]:
     for path in sorted(RESULTS.glob("*.jsonl")):
         for row in map(json.loads, path.read_text().splitlines()):
             spec = row.get("spec", {})
-            if ("tokens_per_s" not in row or spec.get("kind") != "project" or row["date"] < "2026-11-30"
-                    or spec.get("optim") != "adamw" or row.get("world", 1) != 1):
+            if (
+                "tokens_per_s" not in row
+                or spec.get("kind") != "project"
+                or row["date"] < "2026-11-30"
+                or spec.get("optim") != "adamw"
+                or row.get("world", 1) != 1
+            ):
                 continue
-            if (spec.get("distributed", "ddp") != "ddp" or spec.get("lengths", "full") != "full"
-                    or set(spec) & {"ds_json", "compile", "compile_mode", "seq", "micro"}
-                    or set(spec.get("extra", [])) - {FUSED}):
+            if (
+                spec.get("distributed", "ddp") != "ddp"
+                or spec.get("lengths", "full") != "full"
+                or set(spec) & {"ds_json", "compile", "compile_mode", "seq", "micro"}
+                or set(spec.get("extra", [])) - {FUSED}
+            ):
                 continue
             rows.append((f"{path.name}:{row['name']}", row))
     return rows
@@ -41,11 +49,17 @@ CURRENT = _current_rows()
 def _estimated_tokens_per_s(row: dict, world: int = 1, device: str = "NVIDIA H200") -> float:
     """Per-GPU tokens/s the preview's estimate gives for the row's config on `world` GPUs named `device`."""
     spec = row["spec"]
-    overrides = ["model=llama2_7b_random", "lora.r=64", f"train.seq_len={spec.get('seq', 512)}",
-                 f"train.micro_batch_size={spec.get('micro', 4)}", "run.dir=/tmp/unused",
-                 f"train.grad_ckpt={str(bool(spec.get('ckpt'))).lower()}",
-                 f"distributed={spec.get('distributed', 'ddp')}", *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
-                 *[o for o in spec.get("extra", []) if o.startswith("model.arch.")]]
+    overrides = [
+        "model=llama2_7b_random",
+        "lora.r=64",
+        f"train.seq_len={spec.get('seq', 512)}",
+        f"train.micro_batch_size={spec.get('micro', 4)}",
+        "run.dir=/tmp/unused",
+        f"train.grad_ckpt={str(bool(spec.get('ckpt'))).lower()}",
+        f"distributed={spec.get('distributed', 'ddp')}",
+        *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
+        *[o for o in spec.get("extra", []) if o.startswith("model.arch.")],
+    ]
     cfg = compose(overrides)
     plan = RunPlan.from_config(cfg, 1, world, on_gpu=True, bf16=True)
     est = pv.step_estimate(cfg, plan, pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], 64), device)
@@ -72,16 +86,18 @@ def _row(results: str, name: str) -> dict:
 
 # several GPUs of one host, per-GPU tokens/s (bf16 LoRA; the 4 x H100 rows with paged AdamW, 2026-11-27), and the
 # sharding strategies at world size 1 since keep_gathered=auto
-SCALED = [("2026-11-27-4xh100-multi-1.jsonl", "lora_ddp_4gpu", 4, "NVIDIA H100 80GB HBM3"),
-          ("2026-11-27-4xh100-multi-1.jsonl", "lora_zero2_4gpu", 4, "NVIDIA H100 80GB HBM3"),
-          ("2026-11-27-4xh100-multi-1.jsonl", "lora_zero3_4gpu", 4, "NVIDIA H100 80GB HBM3"),
-          ("2026-11-29-h200x2-fsdp2-2.jsonl", "lora_ddp_2gpu", 2, "NVIDIA H200"),
-          ("2026-11-29-h200x2-fsdp2-2.jsonl", "lora_fsdp2_2gpu", 2, "NVIDIA H200"),
-          ("2026-11-30-h200-keep-1.jsonl", "fsdp2_keep_auto_ws1", 1, "NVIDIA H200"),
-          ("2026-11-30-h200-keep-1.jsonl", "fsdp2_keep_auto_ckpt_ws1", 1, "NVIDIA H200"),
-          ("2026-11-30-h200-keep-3.jsonl", "fsdp2_keep_auto_profiled_ws1", 1, "NVIDIA H200"),
-          ("2026-11-30-h200-keep-2.jsonl", "zero3_ws1", 1, "NVIDIA H200"),
-          ("2026-11-30-h200-keep-1.jsonl", "zero3_ckpt_ws1", 1, "NVIDIA H200")]
+SCALED = [
+    ("2026-11-27-4xh100-multi-1.jsonl", "lora_ddp_4gpu", 4, "NVIDIA H100 80GB HBM3"),
+    ("2026-11-27-4xh100-multi-1.jsonl", "lora_zero2_4gpu", 4, "NVIDIA H100 80GB HBM3"),
+    ("2026-11-27-4xh100-multi-1.jsonl", "lora_zero3_4gpu", 4, "NVIDIA H100 80GB HBM3"),
+    ("2026-11-29-h200x2-fsdp2-2.jsonl", "lora_ddp_2gpu", 2, "NVIDIA H200"),
+    ("2026-11-29-h200x2-fsdp2-2.jsonl", "lora_fsdp2_2gpu", 2, "NVIDIA H200"),
+    ("2026-11-30-h200-keep-1.jsonl", "fsdp2_keep_auto_ws1", 1, "NVIDIA H200"),
+    ("2026-11-30-h200-keep-1.jsonl", "fsdp2_keep_auto_ckpt_ws1", 1, "NVIDIA H200"),
+    ("2026-11-30-h200-keep-3.jsonl", "fsdp2_keep_auto_profiled_ws1", 1, "NVIDIA H200"),
+    ("2026-11-30-h200-keep-2.jsonl", "zero3_ws1", 1, "NVIDIA H200"),
+    ("2026-11-30-h200-keep-1.jsonl", "zero3_ckpt_ws1", 1, "NVIDIA H200"),
+]
 
 
 @pytest.mark.parametrize("results,case,world,device", SCALED)
@@ -92,10 +108,12 @@ def test_strategies_scaling_reproduces_the_measured_rows(results, case, world, d
 
 
 # other shapes and lengths, one H200, 2026-11-29 (bitsandbytes' paged AdamW, QLoRA through its matmul then)
-OTHER = [("2026-11-29-h200-big-estimates.jsonl", "lora_ckpt_70b_shape_seq2048"),
-         ("2026-11-29-h200-big-estimates.jsonl", "lora_70b_shape_40_layers_seq2048"),
-         ("2026-11-29-h200-packing-3.jsonl", "fixed_seq4096"),
-         ("2026-11-29-h200-lengths-1.jsonl", "seq16384_ckpt")]
+OTHER = [
+    ("2026-11-29-h200-big-estimates.jsonl", "lora_ckpt_70b_shape_seq2048"),
+    ("2026-11-29-h200-big-estimates.jsonl", "lora_70b_shape_40_layers_seq2048"),
+    ("2026-11-29-h200-packing-3.jsonl", "fixed_seq4096"),
+    ("2026-11-29-h200-lengths-1.jsonl", "seq16384_ckpt"),
+]
 
 
 @pytest.mark.parametrize("results,case", OTHER)
@@ -116,20 +134,24 @@ def small():
 
 def test_the_time_says_its_basis(small):
     cfg, shape = small
-    text = "\n".join(pv.time_lines(cfg, RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True), shape, 1000,
-                                   "NVIDIA H100 80GB HBM3"))
+    text = "\n".join(
+        pv.time_lines(cfg, RunPlan.from_config(cfg, 1, 8, on_gpu=True, bf16=True), shape, 1000, "NVIDIA H100 80GB HBM3")
+    )
     assert "1000 steps x 32 samples x <= 512 (seq_len: an upper bound" in text
     assert "time         ≈ " in text and " on 8 x H100 SXM" in text
     assert "989.4 TFLOP/s bf16 peak (H100 SXM) x 69% reached by bf16 matmuls x 75% MFU" in text
     assert "x 8 GPUs x 88% each (DDP on 4 GPUs of one host" in text
 
 
-@pytest.mark.parametrize("device,on_gpu,precision,says", [
-    (None, False, "float32", "not estimated on the CPU"),
-    (None, True, "bfloat16", "not estimated: this host has no GPU to name"),
-    ("NVIDIA Tesla T4", True, "bfloat16", "not estimated: no bf16 peak known for 'NVIDIA Tesla T4'"),
-    ("NVIDIA A100-SXM4-80GB", True, "float32", "not estimated: the rates were measured in bfloat16"),
-])
+@pytest.mark.parametrize(
+    "device,on_gpu,precision,says",
+    [
+        (None, False, "float32", "not estimated on the CPU"),
+        (None, True, "bfloat16", "not estimated: this host has no GPU to name"),
+        ("NVIDIA Tesla T4", True, "bfloat16", "not estimated: no bf16 peak known for 'NVIDIA Tesla T4'"),
+        ("NVIDIA A100-SXM4-80GB", True, "float32", "not estimated: the rates were measured in bfloat16"),
+    ],
+)
 def test_an_unknown_device_gets_no_time_and_a_reason(device, on_gpu, precision, says):
     est = speed.estimate(1e15, device, 1, on_gpu, precision, "none", False, (1.0, "one GPU"))
     assert est.step_seconds is None and est.basis[0].startswith(says)
@@ -154,4 +176,9 @@ def test_gpu_names_as_torch_gives_them():
 
 def test_durations_read_as_a_person_says_them():
     assert [speed.duration(s) for s in (45, 125, 720, 6600, 3 * 86400 + 4 * 3600)] == [
-        "45 s", "2 min 5 s", "12 min", "1 h 50 min", "3 d 4 h"]
+        "45 s",
+        "2 min 5 s",
+        "12 min",
+        "1 h 50 min",
+        "3 d 4 h",
+    ]

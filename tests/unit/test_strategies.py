@@ -57,12 +57,21 @@ def test_each_option_composes_validates_and_writes_its_launch_files(tmp_path, op
     assert strategy.label(plan) in strategy.describe(cfg, plan)
 
 
-@pytest.mark.parametrize("overrides,refused", [
-    (["distributed.zero_stage=3"], "distributed.zero_stage=3 with distributed=ddp: ZeRO stages are DeepSpeed's"),
-    (["distributed=zero2", "distributed.zero_stage=1"], "distributed.zero_stage=1: DeepSpeed here runs ZeRO stage 2"),
-    (["distributed=zero3", "distributed.keep_gathered=2"], "distributed.keep_gathered=2 with distributed=zero3: only"),
-    (["distributed=fsdp2", "optim.name=paged_adamw_32bit"], "optim.name=paged_adamw_32bit with distributed=fsdp2:"),
-])
+@pytest.mark.parametrize(
+    "overrides,refused",
+    [
+        (["distributed.zero_stage=3"], "distributed.zero_stage=3 with distributed=ddp: ZeRO stages are DeepSpeed's"),
+        (
+            ["distributed=zero2", "distributed.zero_stage=1"],
+            "distributed.zero_stage=1: DeepSpeed here runs ZeRO stage 2",
+        ),
+        (
+            ["distributed=zero3", "distributed.keep_gathered=2"],
+            "distributed.keep_gathered=2 with distributed=zero3: only",
+        ),
+        (["distributed=fsdp2", "optim.name=paged_adamw_32bit"], "optim.name=paged_adamw_32bit with distributed=fsdp2:"),
+    ],
+)
 def test_a_strategy_refuses_what_it_cannot_run_when_the_config_is_composed(overrides, refused):
     with pytest.raises(ConfigError, match="^" + refused.replace("(", r"\(")):
         compose(overrides)
@@ -78,10 +87,15 @@ def _compares_a_strategy(node: ast.Compare) -> bool:
     sides = [node.left, *node.comparators]
     attributes = {s.attr for s in sides if isinstance(s, ast.Attribute)}
     names = {s.id for s in sides if isinstance(s, ast.Name)}
-    words = {e.value for s in sides for e in (s.elts if isinstance(s, (ast.Tuple, ast.List, ast.Set)) else [s])
-             if isinstance(e, ast.Constant)}
-    return bool({"strategy", "zero_stage"} & attributes or "zero_stage" in names
-                or ("strategy" in names and words & _WORDS))
+    words = {
+        e.value
+        for s in sides
+        for e in (s.elts if isinstance(s, (ast.Tuple, ast.List, ast.Set)) else [s])
+        if isinstance(e, ast.Constant)
+    }
+    return bool(
+        {"strategy", "zero_stage"} & attributes or "zero_stage" in names or ("strategy" in names and words & _WORDS)
+    )
 
 
 def test_nothing_outside_the_strategies_compares_a_strategy_name_or_zero_stage():
@@ -95,8 +109,13 @@ def test_nothing_outside_the_strategies_compares_a_strategy_name_or_zero_stage()
 
 
 def test_the_scan_finds_the_comparisons_it_forbids():
-    caught = ['cfg.distributed.strategy == "fsdp2"', "d.zero_stage == 3", "plan.zero_stage != 3",
-              'strategy in ("deepspeed", "ddp")', 'plan.strategy != "ddp"']
+    caught = [
+        'cfg.distributed.strategy == "fsdp2"',
+        "d.zero_stage == 3",
+        "plan.zero_stage != 3",
+        'strategy in ("deepspeed", "ddp")',
+        'plan.strategy != "ddp"',
+    ]
     passed = ['strategy == "next_fit"', '"deepspeed" in sys.modules', "d.keep_gathered == 0"]
     compare = lambda text: _compares_a_strategy(ast.parse(text, mode="eval").body)  # noqa: E731
     assert [compare(t) for t in caught] == [True] * len(caught)

@@ -48,9 +48,21 @@ def _form_value(key: str, meta: dict, place: str) -> tuple[str, str, str]:
 
 def test_the_schema_marks_the_paths_the_studio_must_confine():
     marked = set(path_keys())
-    assert {"model.path", "model.tokenizer", "data.name", "data.path", "data.cache_dir", "data.sources[*].path",
-            "data.sources[*].cache_dir", "launcher.hostfile", "launcher.accelerate_config",
-            "distributed.deepspeed_config", "logging.mlflow.tracking_uri", "resume.mode", "run.dir"} <= marked
+    assert {
+        "model.path",
+        "model.tokenizer",
+        "data.name",
+        "data.path",
+        "data.cache_dir",
+        "data.sources[*].path",
+        "data.sources[*].cache_dir",
+        "launcher.hostfile",
+        "launcher.accelerate_config",
+        "distributed.deepspeed_config",
+        "logging.mlflow.tracking_uri",
+        "resume.mode",
+        "run.dir",
+    } <= marked
 
 
 @pytest.mark.parametrize("key,meta", sorted(path_keys().items()))
@@ -83,8 +95,13 @@ def test_a_hub_dataset_named_by_an_outside_path_is_refused(places):
 
 def test_a_tracking_uri_writing_outside_is_refused(places):
     other = places.root.parent / "other"
-    for uri in (f"sqlite:///{other}/x.db", f"file://{other}/mlruns", f"{other}/mlruns", "~/mlruns",
-                "sqlite:///../x.db"):
+    for uri in (
+        f"sqlite:///{other}/x.db",
+        f"file://{other}/mlruns",
+        f"{other}/mlruns",
+        "~/mlruns",
+        "sqlite:///../x.db",
+    ):
         with pytest.raises(ConfigError, match=_refused("logging.mlflow.tracking_uri", uri)):
             _checked(places, {"logging.mlflow.tracking_uri": uri})
     for uri in ("sqlite:///mlflow.db", "file:mlruns", "mlruns", "http://127.0.0.1:5000", "databricks"):

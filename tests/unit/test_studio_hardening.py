@@ -48,16 +48,19 @@ def _error(response, status: int) -> str:
     return body["error"]
 
 
-@pytest.mark.parametrize("path,body,named", [
-    ("/api/validate", b"{not json", "the request body is not valid JSON"),
-    ("/api/validate", b"[1, 2]", "send a JSON object"),
-    ("/api/validate", {"groups": ["lora"]}, "groups: Input should be a valid dictionary"),
-    ("/api/validate", {"values": {"lora.r": ["8"]}}, 'values["lora.r"]: Input should be a valid string'),
-    ("/api/validate", {"value": {"lora.r": "8"}}, "value: Extra inputs are not permitted"),
-    ("/api/data", {"records": "many"}, "records: Input should be a valid integer"),
-    ("/api/stop", {}, "dir: Field required"),
-    ("/api/ask", {"dir": "runs/x", "prompt": "hi", "max_tokens": "lots"}, "max_tokens: Input should be"),
-])
+@pytest.mark.parametrize(
+    "path,body,named",
+    [
+        ("/api/validate", b"{not json", "the request body is not valid JSON"),
+        ("/api/validate", b"[1, 2]", "send a JSON object"),
+        ("/api/validate", {"groups": ["lora"]}, "groups: Input should be a valid dictionary"),
+        ("/api/validate", {"values": {"lora.r": ["8"]}}, 'values["lora.r"]: Input should be a valid string'),
+        ("/api/validate", {"value": {"lora.r": "8"}}, "value: Extra inputs are not permitted"),
+        ("/api/data", {"records": "many"}, "records: Input should be a valid integer"),
+        ("/api/stop", {}, "dir: Field required"),
+        ("/api/ask", {"dir": "runs/x", "prompt": "hi", "max_tokens": "lots"}, "max_tokens: Input should be"),
+    ],
+)
 def test_a_malformed_body_is_a_400_naming_what_is_wrong(client, path, body, named):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
@@ -85,11 +88,25 @@ def test_a_chunked_body_is_cut_off_at_the_limit_not_read_to_its_end(root):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/api/validate", "raw_path": b"/api/validate", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"127.0.0.1:8765"), (b"x-studio-token", TOKEN.encode()),
-                         (b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8765)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/validate",
+        "raw_path": b"/api/validate",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1:8765"),
+            (b"x-studio-token", TOKEN.encode()),
+            (b"content-type", b"application/json"),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8765),
+    }
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413
     assert "larger than the studio takes" in json.loads(sent[1]["body"])["error"]
@@ -107,16 +124,21 @@ def test_list_entries_values_and_text_are_bounded_naming_the_key(client):
         return _error(client.post("/api/validate", json={"values": values}), 400)
 
     assert refused({"lora.target_modules": json.dumps([1] * 257)}).startswith(
-        "lora.target_modules: more than 256 entries")
+        "lora.target_modules: more than 256 entries"
+    )
     assert refused({"data.sources": json.dumps([{"path": [["a"]] * 200}])}).startswith(
-        "data.sources: more than 256 entries")  # nested entries count
+        "data.sources: more than 256 entries"
+    )  # nested entries count
     deep = "[" * 5000 + "]" * 5000
     assert refused({"resume.allow_changes": deep}).startswith("resume.allow_changes: nested too deep")
     assert refused({"sample.prompt": "a" * (forms.MAX_TEXT + 1)}).startswith("sample.prompt: 16385 characters")
     assert "a form sends at most 256" in refused({f"k{i}": "1" for i in range(300)})
-    assert "a form sends at most 65536" in refused({k: "a" * forms.MAX_TEXT for k in
-                                                     ("sample.prompt", "data.system_prompt", "logging.run_name",
-                                                      "model.name", "data.path")})
+    assert "a form sends at most 65536" in refused(
+        {
+            k: "a" * forms.MAX_TEXT
+            for k in ("sample.prompt", "data.system_prompt", "logging.run_name", "model.name", "data.path")
+        }
+    )
     modules = [f"layers.{i}.q_proj" for i in range(256)]
     ok = client.post("/api/validate", json={"values": {"lora.target_modules": json.dumps(modules)}})
     assert ok.status_code == 200, ok.text
@@ -169,8 +191,10 @@ def test_an_upload_takes_up_to_its_own_limit_and_other_routes_keep_theirs(client
     assert got.status_code == 200 and got.json() == {"path": "data/notes.jsonl"}
     assert (root / "data" / "notes.jsonl").read_bytes() == rows
     assert "larger than the studio takes (4096 bytes)" in _error(
-        client.post("/api/upload?name=big.jsonl", content=rows * 2), 413)
+        client.post("/api/upload?name=big.jsonl", content=rows * 2), 413
+    )
     assert _error(client.post("/api/upload?name=bad.jsonl", content=b"[1]\n"), 400).startswith(
-        "upload: bad.jsonl:1: expected a JSON object per line")
+        "upload: bad.jsonl:1: expected a JSON object per line"
+    )
     assert client.get("/api/files").json() == {"files": ["data/d.jsonl", "data/notes.jsonl"]}
     assert not (root / "data" / "big.jsonl").exists() and not (root / "data" / "bad.jsonl").exists()

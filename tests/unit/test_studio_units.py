@@ -35,8 +35,16 @@ def test_every_group_is_a_choice_with_config_yaml_default():
     for name, g in groups.items():
         assert g["choices"] == config_groups()[name]
     assert {n: g["default"] for n, g in groups.items()} == {
-        "model": "tiny", "data": "demo", "lora": "default", "quant": "none", "optim": "adamw", "distributed": "ddp",
-        "launcher": "local", "logging": "default", "preset": "none"}
+        "model": "tiny",
+        "data": "demo",
+        "lora": "default",
+        "quant": "none",
+        "optim": "adamw",
+        "distributed": "ddp",
+        "launcher": "local",
+        "logging": "default",
+        "preset": "none",
+    }
 
 
 def test_every_schema_key_is_a_field_with_the_schemas_type_range_default():
@@ -82,9 +90,16 @@ def _cli_error(overrides: list[str]) -> str:
     raise AssertionError(f"{overrides} composed")
 
 
-@pytest.mark.parametrize("groups,values", [({}, {"lora.r": "0"}), ({}, {"optim.lr": "-1"}),
-                                           ({}, {"lora.r": "abc"}), ({"distributed": "ddp"}, {"quant.mode": "nf5"}),
-                                           ({}, {"data.packing": "true", "data.group_by_length": "true"})])
+@pytest.mark.parametrize(
+    "groups,values",
+    [
+        ({}, {"lora.r": "0"}),
+        ({}, {"optim.lr": "-1"}),
+        ({}, {"lora.r": "abc"}),
+        ({"distributed": "ddp"}, {"quant.mode": "nf5"}),
+        ({}, {"data.packing": "true", "data.group_by_length": "true"}),
+    ],
+)
 def test_a_bad_value_is_the_command_lines_one_line_error(groups, values):
     overrides = forms.build_overrides(groups, values)
     with pytest.raises(ConfigError) as e:
@@ -94,11 +109,23 @@ def test_a_bad_value_is_the_command_lines_one_line_error(groups, values):
 
 
 def test_a_good_form_composes_to_its_overrides():
-    overrides = forms.build_overrides({"lora": "all_linear", "model": "tiny"},
-                                      {"lora.r": "16", "data.system_prompt": "Be 'brief'.", "sample.prompt": "a b",
-                                       "resume.allow_changes": '["optim.lr"]', "optim.name": ""})
-    assert overrides == ["lora=all_linear", "lora.r=16", "data.system_prompt=\"Be 'brief'.\"", "sample.prompt='a b'",
-                         "resume.allow_changes=[optim.lr]"]
+    overrides = forms.build_overrides(
+        {"lora": "all_linear", "model": "tiny"},
+        {
+            "lora.r": "16",
+            "data.system_prompt": "Be 'brief'.",
+            "sample.prompt": "a b",
+            "resume.allow_changes": '["optim.lr"]',
+            "optim.name": "",
+        },
+    )
+    assert overrides == [
+        "lora=all_linear",
+        "lora.r=16",
+        "data.system_prompt=\"Be 'brief'.\"",
+        "sample.prompt='a b'",
+        "resume.allow_changes=[optim.lr]",
+    ]
     cfg = forms.compose_checked(overrides)
     assert (cfg.lora.r, cfg.data.system_prompt, cfg.sample.prompt) == (16, "Be 'brief'.", "a b")
     assert OmegaConf.to_container(cfg.resume.allow_changes) == ["optim.lr"] and cfg.lora.target_modules == "all-linear"
@@ -113,17 +140,40 @@ def test_unknown_groups_choices_and_keys_are_refused_in_one_line():
         forms.build_overrides({}, {"lora.r": "8,16"})
 
 
-@pytest.mark.parametrize("override,why", [("lora.r=8,16", "a sweep"), ("+lora.extra=1", "only key=value"),
-                                          ("~lora.r", "only key=value"), ("hydra.run.dir=/tmp", "not a key"),
-                                          ("sample.prompt='${oc.env:HOME}'", "interpolations"),
-                                          ("lora.r=range(1,3)", "a sweep"), ("lora.r", "cannot read")])
+@pytest.mark.parametrize(
+    "override,why",
+    [
+        ("lora.r=8,16", "a sweep"),
+        ("+lora.extra=1", "only key=value"),
+        ("~lora.r", "only key=value"),
+        ("hydra.run.dir=/tmp", "not a key"),
+        ("sample.prompt='${oc.env:HOME}'", "interpolations"),
+        ("lora.r=range(1,3)", "a sweep"),
+        ("lora.r", "cannot read"),
+    ],
+)
 def test_only_plain_values_of_schema_keys_pass_the_gate(override, why):
     with pytest.raises(ConfigError, match=why.replace("(", r"\(")):
         forms.check_override(override)
 
 
-@pytest.mark.parametrize("text", ["plain", "a b", "it's", 'say "hi"', "ends\\", "/abs/path.jsonl", "123", "true",
-                                  "null", "a,b", "x=y", "[INST] q [/INST]"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain",
+        "a b",
+        "it's",
+        'say "hi"',
+        "ends\\",
+        "/abs/path.jsonl",
+        "123",
+        "true",
+        "null",
+        "a,b",
+        "x=y",
+        "[INST] q [/INST]",
+    ],
+)
 def test_strings_come_back_exactly_as_typed(text):
     override = forms.override_for("sample.prompt", text, forms.field_map()["sample.prompt"])
     assert forms._parsed_value(override) == text or (text == "null")  # null clears a nullable key only
@@ -138,16 +188,20 @@ def test_paths_stay_inside_the_root(tmp_path):
     places = Places(root)
     ok = forms.compose_checked(["data=local", "data.path=data/d.jsonl", "run.dir=runs/x"])
     confine(ok, places)  # inside; the default model (the bundled tiny one) may be read
-    bad = [(["data=local", f"data.path={other}/d.jsonl", "run.dir=runs/x"], "data.path"),
-           (["run.dir=../elsewhere"], "run.dir"), (["run.dir=escape/run"], "run.dir"),
-           ([f"data.cache_dir={other}", "run.dir=runs/x"], "data.cache_dir"),
-           (["model.path=/opt/models/m", "run.dir=runs/x"], "model.path"),
-           ([f"run.dir={forms.compose_checked([]).data.path}/../run"], "run.dir")]  # assets: read only
+    bad = [
+        (["data=local", f"data.path={other}/d.jsonl", "run.dir=runs/x"], "data.path"),
+        (["run.dir=../elsewhere"], "run.dir"),
+        (["run.dir=escape/run"], "run.dir"),
+        ([f"data.cache_dir={other}", "run.dir=runs/x"], "data.cache_dir"),
+        (["model.path=/opt/models/m", "run.dir=runs/x"], "model.path"),
+        ([f"run.dir={forms.compose_checked([]).data.path}/../run"], "run.dir"),
+    ]  # assets: read only
     for overrides, key in bad:
         with pytest.raises(ConfigError, match=rf"^{key}=.*outside the folders this studio may use .*--allow-path"):
             confine(forms.compose_checked(overrides), places)
-    confine(forms.compose_checked(["data=local", f"data.path={other}/d.jsonl", "run.dir=runs/x"]),
-            Places(root, [other]))
+    confine(
+        forms.compose_checked(["data=local", f"data.path={other}/d.jsonl", "run.dir=runs/x"]), Places(root, [other])
+    )
     confine(forms.compose_checked(["model.path=OWNER/NAME", "run.dir=runs/x"]), places)  # a hub id is no path
 
 
@@ -156,7 +210,9 @@ def test_argv_is_a_list_of_checked_overrides_never_a_shell_string():
     argv = cli_argv(overrides)
     assert argv == [sys.executable, "-m", "lora_launch.cli", "sample.prompt='x; rm -rf / $(id)'", "lora.r=4"]
     assert command_line(overrides) == "lora-launch 'sample.prompt='\"'\"'x; rm -rf / $(id)'\"'\"'' lora.r=4"
-    assert last_error("loading\nerror: run.dir x is in use by a live launch\n") == "run.dir x is in use by a live launch"
+    assert (
+        last_error("loading\nerror: run.dir x is in use by a live launch\n") == "run.dir x is in use by a live launch"
+    )
     assert last_error("") == "it exited without a message"
 
 
@@ -188,9 +244,12 @@ def test_an_upload_lands_under_root_data_checked_and_never_over_another_file(tmp
     assert save_upload(tmp_path, "my-data.jsonl", body) == "data/my-data.jsonl"  # the same bytes: the same file
     assert save_upload(tmp_path, "my-data.jsonl", b'{"text": "other"}\n') == "data/my-data-2.jsonl"
     assert data_files(tmp_path) == ["data/my-data-2.jsonl", "data/my-data.jsonl", "mine/a.jsonl"]
-    for name, content, why in [("a.exe", body, "give a data file named like"), ("a.jsonl", b"", "empty"),
-                               ("b.jsonl", b"[1]\n", "^upload: b.jsonl:1: expected a JSON object per line"),
-                               ("c.jsonl", b'{"a": \n', "^upload: c.jsonl:1: not valid JSON")]:
+    for name, content, why in [
+        ("a.exe", body, "give a data file named like"),
+        ("a.jsonl", b"", "empty"),
+        ("b.jsonl", b"[1]\n", "^upload: b.jsonl:1: expected a JSON object per line"),
+        ("c.jsonl", b'{"a": \n', "^upload: c.jsonl:1: not valid JSON"),
+    ]:
         with pytest.raises(ConfigError, match=why):
             save_upload(tmp_path, name, content)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["my-data-2.jsonl", "my-data.jsonl"]

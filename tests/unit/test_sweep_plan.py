@@ -20,8 +20,11 @@ GPUS = [str(i) for i in range(8)]
 
 # ---- slots ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parallel,procs,count,per", [("auto", "auto", 1, 8), ("auto", 1, 8, 1), ("auto", 2, 4, 2),
-                                                       ("auto", 3, 2, 3), (4, "auto", 4, 2), (2, 4, 2, 4)])
+
+@pytest.mark.parametrize(
+    "parallel,procs,count,per",
+    [("auto", "auto", 1, 8), ("auto", 1, 8, 1), ("auto", 2, 4, 2), ("auto", 3, 2, 3), (4, "auto", 4, 2), (2, 4, 2, 4)],
+)
 def test_gpu_slots_are_disjoint_and_fill_the_node(parallel, procs, count, per):
     slots = plan_slots(parallel, procs, GPUS, cores=64, base_port=29500)
     assert len(slots) == count and all(len(s.gpus) == per for s in slots)
@@ -57,13 +60,19 @@ def test_visible_gpus_follow_cuda_visible_devices():
 
 # ---- the command line -------------------------------------------------------------------------------
 
+
 def test_a_grid_runs_every_combination_in_hydras_order_named_as_before(tmp_path):
-    request = read_request(["lora.r=8,16", "optim.lr=1e-4,2e-4", "train.max_steps=10", "sweep.parallel=2",
-                            f"hydra.sweep.dir={tmp_path}"])
+    request = read_request(
+        ["lora.r=8,16", "optim.lr=1e-4,2e-4", "train.max_steps=10", "sweep.parallel=2", f"hydra.sweep.dir={tmp_path}"]
+    )
     assert request.sweep_dir == tmp_path and request.cfg.sweep.parallel == 2
     names = [trial_name(job, keys=request.swept_keys) for job in request.grid]
-    assert names == ["lora.r=8,optim.lr=0.0001", "lora.r=8,optim.lr=0.0002",
-                     "lora.r=16,optim.lr=0.0001", "lora.r=16,optim.lr=0.0002"]
+    assert names == [
+        "lora.r=8,optim.lr=0.0001",
+        "lora.r=8,optim.lr=0.0002",
+        "lora.r=16,optim.lr=0.0001",
+        "lora.r=16,optim.lr=0.0002",
+    ]
     # the names the regex over the command line gave before: re-running an old sweep finds its dirs
     argv = ["-m", "lora.r=8,16", "optim.lr=1e-4,2e-4", "train.max_steps=10"]
     assert names == [trial_name(job, argv) for job in request.grid]
@@ -78,25 +87,31 @@ def test_run_shape_keys_do_not_rename_the_sweep():
     assert sweep_name(base) != sweep_name(base + ["sweep.prune=median"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["optim.lr=interval(1e-5,1e-3)"], "cannot draw from an interval"),
-    (["hydra/sweeper=optuna", "lora.r=8,16"], "sweep.search=tpe"),
-    (["sweep.parallel=1,2"], "give it one value"),
-    (["lora.r=0,8", "train.max_steps=-5"], "train.max_steps=-5"),  # a shared value is refused once, up front
-    (["lora.rank=8,16", "distributed=zero5"], "distributed=zero5 is not a choice"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["optim.lr=interval(1e-5,1e-3)"], "cannot draw from an interval"),
+        (["hydra/sweeper=optuna", "lora.r=8,16"], "sweep.search=tpe"),
+        (["sweep.parallel=1,2"], "give it one value"),
+        (["lora.r=0,8", "train.max_steps=-5"], "train.max_steps=-5"),  # a shared value is refused once, up front
+        (["lora.rank=8,16", "distributed=zero5"], "distributed=zero5 is not a choice"),
+    ],
+)
 def test_a_sweep_that_cannot_run_is_refused_in_one_line(tmp_path, args, message):
     with pytest.raises(ConfigError, match=message):
         read_request(args + [f"hydra.sweep.dir={tmp_path}"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["lora.r=2,4", "launcher=hostfile", "sweep.parallel=2"], "trials over several nodes"),
-    (["launcher.num_processes=1,2", "sweep.parallel=2"], "launcher.num_processes is swept"),
-    (["sweep.search=tpe", "train.max_steps=5"], "has nothing to search"),
-    (["lora.r=2,4", "launcher=slurm"], "cannot use launcher=slurm"),
-    (["lora.r=2,4", "--cfg", "job"], "takes key=value overrides only"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["lora.r=2,4", "launcher=hostfile", "sweep.parallel=2"], "trials over several nodes"),
+        (["launcher.num_processes=1,2", "sweep.parallel=2"], "launcher.num_processes is swept"),
+        (["sweep.search=tpe", "train.max_steps=5"], "has nothing to search"),
+        (["lora.r=2,4", "launcher=slurm"], "cannot use launcher=slurm"),
+        (["lora.r=2,4", "--cfg", "job"], "takes key=value overrides only"),
+    ],
+)
 def test_a_sweep_that_cannot_run_here_is_refused_before_anything_is_written(tmp_path, capsys, args, message):
     from lora_launch.sweep.sweeper import run_sweep
 
@@ -108,9 +123,18 @@ def test_a_sweep_that_cannot_run_here_is_refused_before_anything_is_written(tmp_
 
 
 def test_a_search_space_is_read_from_hydras_syntax(tmp_path):
-    request = read_request(["optim.lr=tag(log,interval(1e-5,1e-3))", "lora.r=choice(8,16,32)", "lora.alpha=8,16",
-                            "train.max_steps=range(10,40,10)", "lora.dropout=interval(0,0.1)",
-                            "seed=tag(int,interval(0,3))", "sweep.search=tpe", f"hydra.sweep.dir={tmp_path}"])
+    request = read_request(
+        [
+            "optim.lr=tag(log,interval(1e-5,1e-3))",
+            "lora.r=choice(8,16,32)",
+            "lora.alpha=8,16",
+            "train.max_steps=range(10,40,10)",
+            "lora.dropout=interval(0,0.1)",
+            "seed=tag(int,interval(0,3))",
+            "sweep.search=tpe",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     assert request.grid is None
     space = search_space(request)
     lr, dropout, seed = space["optim.lr"], space["lora.dropout"], space["seed"]
@@ -119,13 +143,21 @@ def test_a_search_space_is_read_from_hydras_syntax(tmp_path):
     assert space["lora.r"].choices == (8, 16, 32) and space["lora.alpha"].choices == (8, 16)
     steps = space["train.max_steps"]
     assert (steps.low, steps.high, steps.step) == (10, 30, 10)
-    overrides = request.trial_overrides({"optim.lr": value_text(1.5e-4), "lora.r": value_text(16),
-                                         "lora.alpha": "8", "train.max_steps": "20", "lora.dropout": "0.05",
-                                         "seed": "1"})
+    overrides = request.trial_overrides(
+        {
+            "optim.lr": value_text(1.5e-4),
+            "lora.r": value_text(16),
+            "lora.alpha": "8",
+            "train.max_steps": "20",
+            "lora.dropout": "0.05",
+            "seed": "1",
+        }
+    )
     assert overrides[:2] == ["optim.lr=0.00015", "lora.r=16"]
 
 
 # ---- the study ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def study_cfg(tmp_path):
@@ -174,6 +206,7 @@ def test_a_trial_without_a_finite_eval_loss_fails_in_the_study(tmp_path, study_c
 
 
 # ---- the rank side -----------------------------------------------------------------------------------
+
 
 def test_rank_0_reports_and_waits_for_the_sweep_only_under_a_pruning_sweep(tmp_path, monkeypatch):
     monkeypatch.delenv(pruning.PRUNING_ENV, raising=False)

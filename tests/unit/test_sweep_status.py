@@ -12,8 +12,16 @@ from lora_launch.run.rundir import read_status, write_json, write_status
 from lora_launch.sweep.trials import finish_trial, read_trial, start_trial, summarize, trial_row
 
 
-def run_trial(trial, overrides, rc: int, state: str | None = None, pruned: bool = False, stopped: bool = False,
-              resume_pruned: bool = False, **extra) -> str | None:
+def run_trial(
+    trial,
+    overrides,
+    rc: int,
+    state: str | None = None,
+    pruned: bool = False,
+    stopped: bool = False,
+    resume_pruned: bool = False,
+    **extra,
+) -> str | None:
     """One launch of a trial as the sweep records it, the launch faked: it writes status.json (when given a
     state) into the trial dir and exits `rc`. Returns the trial's status, None when the sweep skips it."""
     record = start_trial(trial, overrides, resume_pruned=resume_pruned)
@@ -38,7 +46,7 @@ def test_preempted_trial_resumes_on_rerun(tmp_path, signal_name):
     assert run_trial(trial, ["lora.r=8"], 0, "preempted", signal=signal_name) == "preempted"
     assert trial_row(trial)["status"] == "preempted"
     assert run_trial(trial, ["lora.r=8"], 0, "finished") == "completed", "a preempted trial must be resumed"
-    assert [l["returncode"] for l in read_trial(trial)["launches"]] == [0, 0]
+    assert [launch["returncode"] for launch in read_trial(trial)["launches"]] == [0, 0]
 
 
 def test_ctrl_c_is_interrupted(tmp_path):
@@ -74,8 +82,10 @@ def test_finished_in_an_earlier_launch_of_the_trial_is_completed(tmp_path):
     # the re-run's launch finds the run finished, does nothing and exits 0
     trial = tmp_path / "lora.r=8"
     trial.mkdir()
-    write_json(trial / "trial.json", {"overrides": ["lora.r=8"], "status": "running",
-                                      "launches": [{"started": time.time() - 60}]})
+    write_json(
+        trial / "trial.json",
+        {"overrides": ["lora.r=8"], "status": "running", "launches": [{"started": time.time() - 60}]},
+    )
     write_json(trial / "status.json", {"state": "finished", "step": 3, "time": time.time() - 30})
     assert run_trial(trial, ["lora.r=8"], 0) == "completed" and read_status(trial)["state"] == "finished"
 
@@ -106,13 +116,18 @@ def test_a_trial_the_sweep_stopped_before_it_could_checkpoint_is_stopped_not_fai
 
 
 def test_summary_shows_each_trials_status_and_puts_completed_trials_first(tmp_path):
-    trials = [("a", 0, "finished", {}), ("b", 0, "preempted", {"signal": "SIGTERM"}), ("c", 2, None, {}),
-              ("d", 130, "preempted", {"signal": "SIGINT"}), ("e", 0, "preempted", {"pruned": True})]
+    trials = [
+        ("a", 0, "finished", {}),
+        ("b", 0, "preempted", {"signal": "SIGTERM"}),
+        ("c", 2, None, {}),
+        ("d", 130, "preempted", {"signal": "SIGINT"}),
+        ("e", 0, "preempted", {"pruned": True}),
+    ]
     for name, rc, state, extra in trials:
         run_trial(tmp_path / name, [f"x={name}"], rc, state, **extra)
     # e's early eval loss is the lowest of all, but it is no result: completed trials rank first
     for name, loss in (("a", 2.0), ("e", 1.0)):
-        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 2, "eval_loss": loss}) + "\n{\"step\": 3,")
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 2, "eval_loss": loss}) + '\n{"step": 3,')
     rows = summarize(tmp_path)
     assert [r["trial"] for r in rows][:2] == ["a", "e"] and rows[1]["best_eval_loss"] == 1.0
     statuses = {r["trial"]: r["status"] for r in csv.DictReader(open(tmp_path / "summary.csv"))}

@@ -5,20 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_launch.conf.schema import redact
-from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.conf.compose import compose
+from lora_launch.conf.schema import redact
 from lora_launch.data.samples import IGNORE, tokenize
-from lora_launch.train.data import SampleStream, collate, micro_batch_positions
+from lora_launch.launcher.accelerate_config import accelerate_config
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
+from lora_launch.train.data import SampleStream, collate, micro_batch_positions
 
 
 @pytest.mark.parametrize("micro,accum,world", [(1, 1, 1), (2, 3, 2), (4, 2, 4), (3, 1, 2)])
 def test_one_step_covers_each_position_once(micro, accum, world):
     start = 17
-    seen = [p for r in range(world) for k in range(accum)
-            for p in micro_batch_positions(start, micro, accum, world, r, k)]
+    seen = [
+        p for r in range(world) for k in range(accum) for p in micro_batch_positions(start, micro, accum, world, r, k)
+    ]
     assert sorted(seen) == list(range(start, start + micro * accum * world))
 
 
@@ -40,8 +41,9 @@ def test_stream_is_a_fresh_permutation_each_epoch_and_deterministic():
 
 
 def test_collate_pads_and_masks():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [5]}],
-                    pad_id=0, multiple_of=4)
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0, multiple_of=4
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE], [5, IGNORE, IGNORE, IGNORE]]
@@ -64,8 +66,7 @@ def test_prompt_is_masked_and_truncated():
 
 @pytest.mark.parametrize("dist,stage", [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_deepspeed_json_is_derived_from_the_config(dist, stage):
-    cfg = compose([f"distributed={dist}", "train.micro_batch_size=3", "train.grad_accum=5",
-                   "optim.max_grad_norm=0.3"])
+    cfg = compose([f"distributed={dist}", "train.micro_batch_size=3", "train.grad_accum=5", "optim.max_grad_norm=0.3"])
     plan = RunPlan.from_config(cfg, 2, 2, on_gpu=False)
     ds = strategy_for(cfg).deepspeed_config(cfg, plan)
     assert ds["zero_optimization"]["stage"] == stage
@@ -99,9 +100,18 @@ def test_random_init_with_nf4_is_quantised_and_trains():
 
     from lora_launch.train.model import apply_lora, load_base_model
 
-    cfg = compose(["model=llama2_7b_random", "quant=nf4", "model.arch.hidden_size=64", "model.arch.vocab_size=300",
-                   "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
-                   "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=4"])
+    cfg = compose(
+        [
+            "model=llama2_7b_random",
+            "quant=nf4",
+            "model.arch.hidden_size=64",
+            "model.arch.vocab_size=300",
+            "model.arch.intermediate_size=128",
+            "model.arch.num_hidden_layers=2",
+            "model.arch.num_attention_heads=4",
+            "model.arch.num_key_value_heads=4",
+        ]
+    )
     model = load_base_model(cfg, torch.device("cpu"))
     linear4 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linear4) == 2 * 7 and not any("lm_head" in n for n in linear4)  # q k v o gate up down per layer
@@ -115,7 +125,6 @@ def test_random_init_with_nf4_is_quantised_and_trains():
     assert with_grad and all("lora_" in n for n in with_grad)
 
 
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_random_init_drawn_elsewhere_is_a_whole_model_where_it_is_kept(tied, monkeypatch):
     """FSDP2's rank 0 keeps a random_init model on its CPU but draws it on its GPU, one tensor at a time
@@ -125,10 +134,18 @@ def test_random_init_drawn_elsewhere_is_a_whole_model_where_it_is_kept(tied, mon
     from lora_launch.train import model as model_module
     from lora_launch.train.model import load_base_model
 
-    cfg = compose(["model=llama2_7b_random", "model.arch.hidden_size=64", "model.arch.vocab_size=300",
-                   "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
-                   "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=4",
-                   f"+model.arch.tie_word_embeddings={str(tied).lower()}"])
+    cfg = compose(
+        [
+            "model=llama2_7b_random",
+            "model.arch.hidden_size=64",
+            "model.arch.vocab_size=300",
+            "model.arch.intermediate_size=128",
+            "model.arch.num_hidden_layers=2",
+            "model.arch.num_attention_heads=4",
+            "model.arch.num_key_value_heads=4",
+            f"+model.arch.tie_word_embeddings={str(tied).lower()}",
+        ]
+    )
     asked = []
     drawn_on = model_module._random_drawn_on
 

@@ -12,16 +12,23 @@ import pytest
 
 from lora_launch.conf.errors import EXIT_STATUS, PREFIX, UserError, reports_user_errors, say_error
 from lora_launch.conf.schema import ConfigError
-
 from support.cli import REPO
 
 PACKAGES = ("strategies", "conf", "run", "data", "launcher", "train", "serve", "catalog", "sweep", "studio", "cli")
 HANDLER = REPO / "conf" / "errors.py"
 # the main function of every process `lora-launch` is or starts: the front door and its subcommands, a sweep,
 # the ranks, generate/merge/eval, serve, the studio, a Slurm node
-ENTRIES = ["cli.main:main", "cli.commands:run_command", "cli.runs:main", "sweep.sweeper:run_sweep",
-           "train.__main__:main", "train.posttrain:main", "serve.__main__:main", "studio.app:main",
-           "launcher.node:main"]
+ENTRIES = [
+    "cli.main:main",
+    "cli.commands:run_command",
+    "cli.runs:main",
+    "sweep.sweeper:run_sweep",
+    "train.__main__:main",
+    "train.posttrain:main",
+    "serve.__main__:main",
+    "studio.app:main",
+    "launcher.node:main",
+]
 
 
 def _product_modules():
@@ -102,8 +109,13 @@ def _starts_with_prefix(node: ast.AST) -> bool:
 
 def test_only_the_handler_spells_the_error_line():
     """`error: ...` is written by say_error alone; a module that reads such lines takes PREFIX from it."""
-    wrong = [f"{path.relative_to(REPO)}:{node.lineno}" for path, tree in _product_modules() if path != HANDLER
-             for node in ast.walk(tree) if _starts_with_prefix(node)]
+    wrong = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path, tree in _product_modules()
+        if path != HANDLER
+        for node in ast.walk(tree)
+        if _starts_with_prefix(node)
+    ]
     assert wrong == []
 
 

@@ -21,16 +21,19 @@ from lora_launch.launcher.topology import topology
 SLURM = ["launcher=slurm", "launcher.slurm.submit=false", "run.dir=runs/sl"]
 
 
-@pytest.mark.parametrize("override,key,char", [
-    ('launcher.slurm.extra=["--exclusive\ntouch pwned"]', "launcher.slurm.extra[0]", r"'\n'"),
-    ('launcher.slurm.partition="gpu\ntouch pwned"', "launcher.slurm.partition", r"'\n'"),
-    ('launcher.slurm.account="a\rb"', "launcher.slurm.account", r"'\r'"),
-    ('launcher.network_interface="eth0\x00"', "launcher.network_interface", r"'\x00'"),  # an env value
-    ('launcher.main_process_ip="10.0.0.1\u2028x"', "launcher.main_process_ip", r"'\u2028'"),
-    ('data.sources=[{path:a.jsonl,fields:{output:"out\x1b[2J"}}]', "data.sources[0].fields.output", r"'\x1b'"),
-    ('data.sources=[{path:"a.jsonl\nb",weight:1}]', "data.sources[0].path", r"'\n'"),  # a list of mappings
-    ('sample.prompt="beep\x07"', "sample.prompt", r"'\x07'"),  # prose spans lines, but no other control
-])
+@pytest.mark.parametrize(
+    "override,key,char",
+    [
+        ('launcher.slurm.extra=["--exclusive\ntouch pwned"]', "launcher.slurm.extra[0]", r"'\n'"),
+        ('launcher.slurm.partition="gpu\ntouch pwned"', "launcher.slurm.partition", r"'\n'"),
+        ('launcher.slurm.account="a\rb"', "launcher.slurm.account", r"'\r'"),
+        ('launcher.network_interface="eth0\x00"', "launcher.network_interface", r"'\x00'"),  # an env value
+        ('launcher.main_process_ip="10.0.0.1\u2028x"', "launcher.main_process_ip", r"'\u2028'"),
+        ('data.sources=[{path:a.jsonl,fields:{output:"out\x1b[2J"}}]', "data.sources[0].fields.output", r"'\x1b'"),
+        ('data.sources=[{path:"a.jsonl\nb",weight:1}]', "data.sources[0].path", r"'\n'"),  # a list of mappings
+        ('sample.prompt="beep\x07"', "sample.prompt", r"'\x07'"),  # prose spans lines, but no other control
+    ],
+)
 def test_composition_refuses_control_characters_naming_the_key(override, key, char):
     with pytest.raises(ConfigError) as e:
         compose([*SLURM, override])
@@ -40,8 +43,14 @@ def test_composition_refuses_control_characters_naming_the_key(override, key, ch
 
 
 def test_prompts_may_span_lines():
-    cfg = compose([*SLURM, 'data.system_prompt="Be brief.\nAnswer in English."', 'sample.prompt="a\tb\nc"',
-                   'data.sources=[{path:a.jsonl,system_prompt:"x\ny"}]'])
+    cfg = compose(
+        [
+            *SLURM,
+            'data.system_prompt="Be brief.\nAnswer in English."',
+            'sample.prompt="a\tb\nc"',
+            'data.sources=[{path:a.jsonl,system_prompt:"x\ny"}]',
+        ]
+    )
     assert cfg.data.system_prompt == "Be brief.\nAnswer in English." and cfg.sample.prompt == "a\tb\nc"
 
 
@@ -62,28 +71,44 @@ def _sbatch(tmp_path, **slurm) -> str:
 
 
 def test_sbatch_writer_quotes_each_option(tmp_path):
-    text = _sbatch(tmp_path, partition="gpu # a100", account="$(id)", time="04:00:00",
-                   extra=["--comment=it's; touch pwned", "--exclusive"])
+    text = _sbatch(
+        tmp_path,
+        partition="gpu # a100",
+        account="$(id)",
+        time="04:00:00",
+        extra=["--comment=it's; touch pwned", "--exclusive"],
+    )
     directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     # sbatch reads each #SBATCH line's option as the shell would read the quoted word: quotes, `#` and `$` kept
-    options = [shlex.split(line[len("#SBATCH "):]) for line in directives]
+    options = [shlex.split(line[len("#SBATCH ") :]) for line in directives]
     assert all(len(o) == 1 for o in options), directives
     options = [o[0] for o in options]
-    assert {"--partition=gpu # a100", "--account=$(id)", "--time=04:00:00", "--comment=it's; touch pwned",
-            "--exclusive", f"--output={tmp_path}/run dir #1/slurm-%j.out"} <= set(options)
+    assert {
+        "--partition=gpu # a100",
+        "--account=$(id)",
+        "--time=04:00:00",
+        "--comment=it's; touch pwned",
+        "--exclusive",
+        f"--output={tmp_path}/run dir #1/slurm-%j.out",
+    } <= set(options)
     run = shlex.quote(str(tmp_path / "run dir #1"))
-    assert f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 /venv/bin/python -m lora_launch.launcher.node " \
-           f"--run-dir {run}" in text.splitlines()
+    assert (
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 /venv/bin/python -m lora_launch.launcher.node "
+        f"--run-dir {run}" in text.splitlines()
+    )
     assert subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True).returncode == 0
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("slurm,key", [
-    ({"extra": ["--exclusive\ntouch pwned"]}, "launcher.slurm.extra[0]"),
-    ({"partition": "gpu\ntouch pwned"}, "launcher.slurm.partition"),
-    ({"time": "1:00\u2029x"}, "launcher.slurm.time"),
-    ({"extra": ["touch pwned"]}, "launcher.slurm.extra[0]"),  # not an option: sbatch would ignore it silently
-])
+@pytest.mark.parametrize(
+    "slurm,key",
+    [
+        ({"extra": ["--exclusive\ntouch pwned"]}, "launcher.slurm.extra[0]"),
+        ({"partition": "gpu\ntouch pwned"}, "launcher.slurm.partition"),
+        ({"time": "1:00\u2029x"}, "launcher.slurm.time"),
+        ({"extra": ["touch pwned"]}, "launcher.slurm.extra[0]"),  # not an option: sbatch would ignore it silently
+    ],
+)
 def test_sbatch_writer_refuses_what_would_end_a_line(tmp_path, slurm, key):
     with pytest.raises(ConfigError, match="^" + re.escape(f"{key}=")):
         _sbatch(tmp_path, **slurm)
@@ -99,7 +124,11 @@ def test_hostfile_hosts_are_names_or_addresses(host):
 def test_hostfile_takes_names_and_addresses():
     text = "node-1.cluster.local slots=8\n10.0.0.2 slots=8\nfe80::1%eth0 slots=8\ngpu_03 slots=8\n"
     assert [h.name for h in hostfile.parse_hostfile_text(text)] == [
-        "node-1.cluster.local", "10.0.0.2", "fe80::1%eth0", "gpu_03"]
+        "node-1.cluster.local",
+        "10.0.0.2",
+        "fe80::1%eth0",
+        "gpu_03",
+    ]
 
 
 def test_hostfile_line_separators_split_lines_so_each_part_is_checked():

@@ -27,7 +27,8 @@ def test_installed_deepspeed_is_in_the_supported_range():
     installed = Version(metadata.version("deepspeed"))
     assert installed in SpecifierSet(SUPPORTED), (
         f"deepspeed {installed} is outside {SUPPORTED}, the range train/zero.py was written against: check "
-        "its private names (this file), run tests/distributed/test_resume.py, then widen SUPPORTED")
+        "its private names (this file), run tests/distributed/test_resume.py, then widen SUPPORTED"
+    )
 
 
 def test_the_private_names_the_adapter_uses_exist():
@@ -52,21 +53,26 @@ def test_the_private_names_the_adapter_uses_exist():
 def test_the_public_functions_the_adapter_uses_keep_their_signatures():
     from deepspeed import utils
 
-    expected = {"safe_get_full_fp32_param": ["param"], "safe_set_full_fp32_param": ["param", "value"],
-                "safe_get_full_optimizer_state": ["param", "optim_state_key"],
-                "safe_set_full_optimizer_state": ["param", "value", "optim_state_key"]}
+    expected = {
+        "safe_get_full_fp32_param": ["param"],
+        "safe_set_full_fp32_param": ["param", "value"],
+        "safe_get_full_optimizer_state": ["param", "optim_state_key"],
+        "safe_set_full_optimizer_state": ["param", "value", "optim_state_key"],
+    }
     for name, params in expected.items():
-        assert list(inspect.signature(getattr(utils, name)).parameters)[:len(params)] == params, name
+        assert list(inspect.signature(getattr(utils, name)).parameters)[: len(params)] == params, name
     assert "modifier_rank" in inspect.signature(deepspeed.zero.GatheredParameters).parameters
 
 
 def test_deepspeeds_loss_scaler_round_trips():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
     from lora_launch.train.zero import _DeepSpeedLossScaler
 
     def make():
-        return DynamicLossScaler(init_scale=2.0 ** 16, scale_window=10, min_scale=1.0, delayed_shift=2,
-                                 consecutive_hysteresis=False)
+        return DynamicLossScaler(
+            init_scale=2.0**16, scale_window=10, min_scale=1.0, delayed_shift=2, consecutive_hysteresis=False
+        )
 
     scaler = make()
     scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis = 512.0, 7, 3, 1
