@@ -19,6 +19,7 @@ import pytest
 
 from support.cli import CLI, lora_launch, subprocess_env
 from support.serve import Server, events_text
+from support.terminal import ctrl_c, start_job
 
 KEY = "sk-test-0123456789abcdef"
 PROMPTS = [
@@ -227,6 +228,30 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(sweep, tm
         f"{len([i for i in accepted if i >= 100])} of 8 sent after SIGTERM taken; exit 0"
     )
     assert "stopped:" in srv.out.read_text()
+
+
+def test_ctrl_c_with_a_stream_in_flight_ends_130_in_one_line(sweep, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground job's group) while a stream is being answered:
+    the server drains and says so in one line, exit 130, with no traceback from it or from uvicorn."""
+    first, _ = trials(sweep)
+    log = tmp_path / "serve.log"
+    job = start_job(["serve", "port=0", f"run.dir={first}"], tmp_path, log)
+    deadline = time.time() + 240
+    while "serving " not in log.read_text():
+        assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    port = int(log.read_text().split("http://127.0.0.1:")[1].split("/")[0])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    body = {"model": first.name, "prompt": raw_prompt(PROMPTS[0]), "max_tokens": 200, "temperature": 1, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")  # the stream has begun
+    ctrl_c(job)
+    assert job.wait(timeout=120) == 130, log.read_text()[-3000:]
+    response.read()  # whatever the drain sent; the connection ends either way
+    text = log.read_text()
+    assert text.rstrip().splitlines()[-1] == "stopped (Ctrl-C)", text[-3000:]
+    assert "Traceback" not in text and "ERROR" not in text and "error:" not in text, text[-3000:]
 
 
 def test_a_merged_model_serves_as_the_base(server, sweep, tmp_path):
