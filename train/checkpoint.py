@@ -19,8 +19,10 @@ Commit rule: every rank writes into the staging dir, a barrier, then rank 0 hash
 writes the manifest, renames staging -> step-N, and only then updates `latest` and prunes. A crash
 at any point leaves the previous step-N untouched.
 
-Periodic saves write in the background (checkpoint.background): at step N every rank copies its states
-to the CPU (the only pause), and a thread writes and hashes the files while training goes on. Each later
+Periodic saves write in the background (checkpoint.background): at step N every rank takes its states,
+the device tensors copied into pinned host buffers on a stream of their own (train/host_copy.py: the
+training thread does not wait for the copies, and the optimizer's next step waits for them on the device
+only), and a thread waits for those copies, then writes and hashes the files while training goes on. Each later
 step asks whether every rank's thread is done (one tiny all-reduce while a save is pending); the first
 step where all are runs the same barrier-and-commit as above. A stop, the last step, and the next due
 save first finish a pending one, so at most one save is in flight and the last one is always committed. A checkpoint is loadable only if its manifest
@@ -35,6 +37,7 @@ saved run did not have takes the RNG of rank (R mod the saved world size).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,6 +55,7 @@ from lora_launch.run.checkpoints import FORMAT, CheckpointError, choose, loaded_
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.process import run_to_end
 from lora_launch.run.rundir import committed_checkpoints, fsync_path, write_atomic, write_json
+from lora_launch.train.host_copy import HostBuffers, HostCopy
 from lora_launch.train.zero import full_shape, trainable
 
 # ---- files --------------------------------------------------------------------------------------
@@ -111,6 +115,7 @@ def fingerprints(splits, tokenizer, model) -> dict:
     }
 
 
+@functools.cache  # what this process imported: read once, not at every commit
 def _versions() -> dict:
     out = {}
     for pkg in ("lora-launch", "torch", "transformers", "peft", "accelerate", "deepspeed", "safetensors"):
@@ -121,6 +126,7 @@ def _versions() -> dict:
     return out
 
 
+@functools.cache  # the code this process runs: read once (a subprocess), not at every commit
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -191,7 +197,7 @@ def _read_states(path: Path, rank: int) -> tuple[dict, dict]:
 
 def _write_rank_files(staging: Path, states: dict, rank: int, world: int, adapter: dict | None, adapter_config) -> dict:
     """This rank's files of one checkpoint (rank 0 also the shared ones and the adapter); returns
-    {file: sha256} of what it wrote. Reads only the CPU copies in `states`: safe in a thread while training goes on."""
+    {file: sha256} of what it wrote. Reads only the host copies in `states`: safe in a thread while training goes on."""
     written = []
     rng = states["rng"]
     _save_tensors(staging / f"rng-rank{rank}.safetensors", rng["tensors"])
@@ -216,13 +222,19 @@ def _estimated_bytes(fingerprints: dict) -> int:
     return 3 * 4 * numel
 
 
-class _Pending:
-    """A save whose files a thread is writing: its step, staging dir, pause, and the thread's outcome."""
+def _not_written(key: str, tensor):
+    """The trainable tensors on a rank that does not write them: no copy is kept."""
+    return None
 
-    def __init__(self, step: int, staging: Path, paused: float, work):
+
+class _Pending:
+    """A save whose files a thread is writing: its step, staging dir, pause, copies off the device, and the
+    thread's outcome."""
+
+    def __init__(self, step: int, staging: Path, paused: float, work, copy: HostCopy):
         import threading
 
-        self.step, self.staging, self.paused = step, staging, paused
+        self.step, self.staging, self.paused, self.copy = step, staging, paused, copy
         self.t0 = time.perf_counter()
         self.hashes: dict = {}
         self.error: BaseException | None = None
@@ -268,6 +280,7 @@ class Checkpointer:
         self.background = cfg.checkpoint.background
         self.background_min_bytes = cfg.checkpoint.background_min_mib * 2**20
         self.pending: _Pending | None = None  # a background save not committed yet
+        self.host = HostBuffers()  # pinned buffers the states are copied into, kept from one save to the next
         # the last committed save: {"step", "seconds" (training paused), "bytes", "background" (whether a
         # thread wrote it), "write_seconds" (the thread's time)}; `commits` holds each one until the log takes it
         self.last_save: dict = {}
@@ -316,33 +329,50 @@ class Checkpointer:
         """Checkpoint step-`step` of the states from every rank. Committed now (returns its directory), or,
         with `background` and states of at least checkpoint.background_min_mib, written by a thread and
         committed by a later call (returns None)."""
-        self._commit_pending(wait=True)  # at most one save in flight
+        self._commit_pending(wait=True)  # at most one save in flight: its host buffers are free again
         t0 = time.perf_counter()
-        states = {name: part.state_dict() for name, part in self.states.items()}  # a collective under ZeRO
+        copy = self.host.begin()
+        states = self._take_states(copy)
         staging = self.dir / f".staging-step-{step}"
         if self.main:
             shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        adapter = None
-        if self.main and self.adapter_of is not None:
-            adapter = _adapter_tensors(self.adapter_of, states["trainable"]["tensors"])
+        peft_model = self.adapter_of if self.main else None
         config = self.adapter_of.peft_config["default"] if self.adapter_of is not None else None
 
         def write() -> dict:
+            copy.wait()  # the copies off the device are done: `states` holds the values of step `step`
+            adapter = None if peft_model is None else _adapter_tensors(peft_model, states["trainable"]["tensors"])
             return _write_rank_files(staging, states, self.rank, self.world, adapter, config)
 
         if background and _estimated_bytes(self.fingerprints) >= self.background_min_bytes:
-            self.pending = _Pending(step, staging, time.perf_counter() - t0, write)
+            self.pending = _Pending(step, staging, time.perf_counter() - t0, write, copy)
             return None
         try:
             hashes = write()
         except OSError:  # a full disk: give back what this save took; the committed checkpoints are untouched
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            copy.wait()
+            copy.release()
         return self._finish_commit(
             staging, step, hashes, paused=time.perf_counter() - t0, background=False, write_seconds=0.0
         )
+
+    def _take_states(self, copy: HostCopy) -> dict:
+        """This rank's states at this step, the trainable tensors through `copy` (only on the rank that writes
+        them); the optimizer's next step waits for the copies. A collective under ZeRO and FSDP2."""
+        states = {}
+        for name, part in self.states.items():
+            if name == "trainable":
+                states[name] = part.state_dict(to_host=copy.take if self.main else _not_written)
+            else:
+                states[name] = part.state_dict()
+        copy.close()
+        copy.hold(self.states["trainable"].updater)
+        return states
 
     def _all_done(self) -> bool:
         """Whether every rank's thread has finished writing the pending save (a collective while one is pending)."""
@@ -364,6 +394,8 @@ class Checkpointer:
         self.pending = None
         t0 = time.perf_counter()
         pending.thread.join()
+        pending.copy.wait()  # done already, unless the thread failed before it waited
+        pending.copy.release()
         if pending.error is not None:
             shutil.rmtree(pending.staging, ignore_errors=True)
             raise pending.error

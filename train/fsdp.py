@@ -22,7 +22,7 @@ from lora_launch.strategies import strategy_for
 from lora_launch.strategies.fsdp2 import config as fsdp2_config
 from lora_launch.strategies.fsdp2 import layers_per_group
 from lora_launch.train.model import decoder_layer_classes
-from lora_launch.train.zero import TorchAdapter, trainable
+from lora_launch.train.zero import TorchAdapter, on_cpu, trainable
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -256,19 +256,21 @@ class Fsdp2Adapter(TorchAdapter):
     functions gather the trainable ones whole (on rank 0, which writes them) and cut whole tensors back into
     this run's shards, so the saved form is DDP's and ZeRO's, at any world size."""
 
-    def full_trainable_state(self, model) -> tuple[dict, dict]:
-        """Full LoRA weights and optimizer state on rank 0's CPU, as {"param/NAME", "optim/KEY/NAME"} (empty on
-        the other ranks), and the optimizer's {"keys", "step"}. A collective: every rank calls it."""
+    def full_trainable_state(self, model, to_host=None) -> tuple[dict, dict]:
+        """Full LoRA weights and optimizer state on rank 0, as {"param/NAME", "optim/KEY/NAME"} (empty on the
+        other ranks), each `to_host(key, tensor)` (by default a copy on the CPU), and the optimizer's {"keys",
+        "step"}. A collective: every rank calls it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        to_host = to_host or on_cpu
         params = full_trainable_params(model)
         optim = get_optimizer_state_dict(model, self.torch_optimizer, options=StateDictOptions(**_WHOLE))
         keys, step = self._layout()
         out = {}
-        if params:  # rank 0; the clones keep the snapshot apart from the live tensors it may share storage with
+        if params:  # rank 0; the copies keep the snapshot apart from the live tensors it may share storage with
             for name, _ in trainable(model):
-                out[f"param/{name}"] = params[name].detach().clone()
-                out.update({f"optim/{k}/{name}": optim["state"][name][k].detach().clone() for k in keys})
+                out[f"param/{name}"] = to_host(f"param/{name}", params[name].detach())
+                out.update({f"optim/{k}/{name}": to_host(f"optim/{k}/{name}", optim["state"][name][k]) for k in keys})
         return out, {"keys": keys, "step": step}
 
     def load_full_trainable_state(self, model, tensors: dict, meta: dict) -> None:

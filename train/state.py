@@ -56,9 +56,15 @@ class TrainableState:
         self.model = model
         self.zero = adapter_for(optimizer)
 
-    def state_dict(self) -> dict:
-        tensors, optimizer = self.zero.full_trainable_state(self.model)
+    def state_dict(self, to_host=None) -> dict:
+        """`to_host(key, tensor)` puts each tensor where the caller wants it (by default a copy on the CPU)."""
+        tensors, optimizer = self.zero.full_trainable_state(self.model, to_host)
         return {"tensors": tensors, "optimizer": optimizer}
+
+    @property
+    def updater(self) -> torch.optim.Optimizer:
+        """The torch optimizer whose step updates the weights and their state in place."""
+        return self.zero.torch_optimizer
 
     def load_state_dict(self, state: dict) -> None:
         tensors = state["tensors"]

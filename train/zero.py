@@ -48,6 +48,11 @@ def gather_whole_layers(cfg, model, ds_config: dict) -> list[str]:
     return sorted(c.__name__ for c in classes)
 
 
+def on_cpu(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` on the CPU, taken now: the adapters' `to_host` unless the caller gives its own."""
+    return tensor.detach().to("cpu", copy=True)
+
+
 def full_shape(p) -> torch.Size:
     """The parameter's shape before partitioning (ZeRO-3 leaves an empty placeholder in p itself)."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
@@ -59,23 +64,25 @@ class TorchAdapter:
     def __init__(self, torch_optimizer: torch.optim.Optimizer):
         self.torch_optimizer = torch_optimizer
 
-    def full_trainable_state(self, model) -> tuple[dict, dict]:
-        """Full LoRA weights and optimizer state on the CPU, as {"param/NAME", "optim/KEY/NAME"}, and the
-        optimizer's {"keys", "step"}. A collective under ZeRO: every rank calls it.
+    def full_trainable_state(self, model, to_host=None) -> tuple[dict, dict]:
+        """Full LoRA weights and optimizer state, as {"param/NAME", "optim/KEY/NAME"}, and the optimizer's
+        {"keys", "step"}. A collective under ZeRO: every rank calls it. Each tensor is `to_host(key, tensor)`
+        (`tensor` may be the live one): by default a copy on the CPU, taken now.
 
         Read through the optimizer's own state_dict, so any torch optimizer's state is saved as it holds it
         (bitsandbytes' 8-bit states with their quantisation maps and block scales included)."""
+        to_host = to_host or on_cpu
         opt, names = self.torch_optimizer, {id(p): n for n, p in trainable(model)}
         saved = opt.state_dict()["state"]  # keyed by position in param_groups order
         out, keys, step = {}, set(), 0.0
         for i, p in enumerate(self._params()):
             name = names[id(p)]
-            out[f"param/{name}"] = p.detach().cpu().clone()
+            out[f"param/{name}"] = to_host(f"param/{name}", p.detach())
             for k, v in _flat_state(saved.get(i, {})).items():
                 if k == "step":
                     step = float(v)
                 elif torch.is_tensor(v):
-                    out[f"optim/{k}/{name}"] = v.detach().cpu().clone()
+                    out[f"optim/{k}/{name}"] = to_host(f"optim/{k}/{name}", v.detach())
                     keys.add(k)
         return out, {"keys": sorted(keys), "step": step}
 
@@ -139,15 +146,17 @@ class DeepSpeedAdapter(TorchAdapter):
         self.zero = zero_optimizer
         self.stage3 = isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3)
 
-    def full_trainable_state(self, model) -> tuple[dict, dict]:
-        """Full LoRA weights and optimizer state on the CPU, as {"param/NAME", "optim/KEY/NAME"}, and the
-        optimizer's {"keys", "step"}. A collective under ZeRO: every rank calls it."""
+    def full_trainable_state(self, model, to_host=None) -> tuple[dict, dict]:
+        """Full LoRA weights and optimizer state, as {"param/NAME", "optim/KEY/NAME"}, each `to_host(key, tensor)`
+        (by default a copy on the CPU), and the optimizer's {"keys", "step"}. A collective under ZeRO: every
+        rank calls it."""
+        to_host = to_host or on_cpu
         keys, step = self._layout()
         out = {}
         for name, p in trainable(model):
             parts = {f"param/{name}": self._full_param(p)}
             parts.update({f"optim/{k}/{name}": self._full_optimizer_state(p, k) for k in keys})
-            out.update({key: t.detach().reshape(full_shape(p)).cpu().clone() for key, t in parts.items()})
+            out.update({key: to_host(key, t.detach().reshape(full_shape(p))) for key, t in parts.items()})
         return out, {"keys": keys, "step": step}
 
     def load_full_trainable_state(self, model, tensors: dict, meta: dict) -> None:
