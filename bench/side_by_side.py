@@ -1,6 +1,6 @@
 """Start one config several times at once on one GPU and group the runs by equal losses.
 
-`python -m bench.side_by_side [--out DIR] [--runs 6] [--steps 40] [-- OVERRIDES...]`
+`python -m bench.side_by_side [--out DIR] [--runs 6] [--steps 40] [--deterministic-algorithms] [-- OVERRIDES...]`
 
 Runs that differ from each other without any kill cannot be held to a bitwise resume: this is the
 check that tells a resume's error from the computation's own run-to-run spread. The overrides are
@@ -35,6 +35,11 @@ def main() -> int:
     ap.add_argument("--out", default="side-by-side-out")
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument(
+        "--deterministic-algorithms",
+        action="store_true",
+        help="every process of the runs starts with torch.use_deterministic_algorithms (bench/deterministic_site)",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out).absolute()
@@ -42,6 +47,9 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     overrides = base_overrides(args.steps) + list(args.overrides)
+    if args.deterministic_algorithms:
+        site = str(Path(__file__).parent / "deterministic_site")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
     inductor_env = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR")}
     procs = {f"run-{n}": start(work / f"run-{n}", overrides) for n in range(args.runs)}
     codes = {name: p.wait(timeout=900) for name, p in procs.items()}
@@ -56,6 +64,7 @@ def main() -> int:
         "versions": versions(),
         "overrides": overrides,
         "env": inductor_env,
+        "deterministic_algorithms": args.deterministic_algorithms,
         "exit_codes": codes,
         "steps_logged": {n: len(g) for n, g in runs.items()},
         "first_diff_from_run_0": first_diff,
