@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -60,6 +61,22 @@ def prepare(accelerator, cfg: DictConfig, model, optimizer):
     return accelerator.prepare(model, optimizer)
 
 
+def unwrapped(accelerator, model):
+    """The model inside its DDP (or compiled) wrapper, as `accelerator.unwrap_model` gives it. accelerate imports
+    DeepSpeed to ask whether the model is a DeepSpeedEngine whenever DeepSpeed is installed, seconds at every
+    start; a run that never imported DeepSpeed holds no engine, so its wrappers are taken off without it."""
+    from accelerate.utils import is_compiled_module
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn import DataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "deepspeed" in sys.modules or is_compiled_module(model) or "_orig_mod" in vars(model):
+        return accelerator.unwrap_model(model)
+    while isinstance(model, (DistributedDataParallel, DataParallel, FullyShardedDataParallel)):
+        model = model.module
+    return model
+
+
 def adapter_state_dict(accelerator, model) -> dict:
     """The model's state dict for the final PEFT adapter, with whole tensors (ZeRO-3 and FSDP2 gather their
     shards: every rank calls it)."""
@@ -67,7 +84,9 @@ def adapter_state_dict(accelerator, model) -> dict:
 
     if any(is_dtensor(p) for p in model.parameters()):
         return full_trainable_params(model)
-    return accelerator.get_state_dict(model)
+    if "deepspeed" in sys.modules:
+        return accelerator.get_state_dict(model)
+    return accelerator.get_state_dict(unwrapped(accelerator, model), unwrap=False)
 
 
 def all_sum(accelerator, *values: float) -> list[float]:

@@ -29,7 +29,15 @@ from lora_launch.strategies import strategy_for
 from lora_launch.train import fast, fsdp
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
-from lora_launch.train.distributed import adapter_state_dict, all_sum, device_sum, make_accelerator, prepare, what_runs
+from lora_launch.train.distributed import (
+    adapter_state_dict,
+    all_sum,
+    device_sum,
+    make_accelerator,
+    prepare,
+    unwrapped,
+    what_runs,
+)
 from lora_launch.train.evaluate import complete, forward_loss_sum, loss_sum
 from lora_launch.train.metrics import MetricsLogger, NoLog, plot_loss
 from lora_launch.train.model import apply_lora, load_base_model
@@ -124,9 +132,9 @@ class Trainer:
         scaler = scaler_state(acc, self.optimizer)
         if scaler is not None:
             self.states["scaler"] = scaler
-        identity = fingerprints(self.splits, self.tokenizer, acc.unwrap_model(self.model))
+        identity = fingerprints(self.splits, self.tokenizer, unwrapped(acc, self.model))
         self.checkpointer = Checkpointer(
-            cfg, self.run_dir, acc, states=self.states, fingerprints=identity, adapter_of=acc.unwrap_model(self.model)
+            cfg, self.run_dir, acc, states=self.states, fingerprints=identity, adapter_of=unwrapped(acc, self.model)
         )
         # SIGTERM (preemption), SIGINT (Ctrl-C), SIGHUP: stop after the current step, with a checkpoint; held from
         # fit() on until the rank exits. After a hangup output goes to the rank's log; orphaned, it ends in time
@@ -276,7 +284,7 @@ class Trainer:
         cfg = self.cfg
         fill = max(b["input_ids"].numel() for b in batches) / (cfg.train.micro_batch_size * cfg.train.seq_len)
         decided = fsdp.keep_gathered_after_first_step(
-            cfg, self.accelerator.unwrap_model(self.model), self.accelerator.device, start_bytes, fill
+            cfg, unwrapped(self.accelerator, self.model), self.accelerator.device, start_bytes, fill
         )
         if decided:
             kept, groups, spare = decided
@@ -387,7 +395,7 @@ class Trainer:
         import json
 
         digest = hashlib.sha256()
-        for name, p in sorted(self.accelerator.unwrap_model(self.model).named_parameters()):
+        for name, p in sorted(unwrapped(self.accelerator, self.model).named_parameters()):
             if p.requires_grad:
                 digest.update(name.encode())
                 digest.update(fsdp.local_shard(p.detach()).float().cpu().numpy().tobytes())
@@ -414,7 +422,7 @@ class Trainer:
         out = self.run_dir / "adapter"
         if self.main:
             with atomic_dir(out) as tmp:
-                acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                unwrapped(acc, self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
         acc.wait_for_everyone()
         return out
@@ -427,7 +435,7 @@ class Trainer:
         prompt = prompt_text(as_trained(cfg.data, self.splits.report), self.tokenizer, cfg.sample.prompt)
         if cfg.sample.max_new_tokens == 0:
             return prompt, ""
-        model = self.accelerator.unwrap_model(self.model)
+        model = unwrapped(self.accelerator, self.model)
         model.eval()
         # compiled decoder layers would recompile for every cache length (and warn): generate eagerly
         with torch.compiler.set_stance("force_eager"):
