@@ -13,6 +13,7 @@ run.dir/checkpoints/ holds:
     rng-rank{R}.safetensors, rng-rank{R}.json   "rng" of rank R
     manifest.json           written last: config, versions, fingerprints, sha256 of every file
   .staging-step-N/          a save in progress: never loaded, removed by the next save
+  .trash-step-N/            a checkpoint retention dropped at a background commit, deleted by the next save's writer
   latest                    name of the newest committed checkpoint (for people and tools)
 
 Commit rule: every rank writes into the staging dir, a barrier, then rank 0 hashes every file,
@@ -222,6 +223,18 @@ def _estimated_bytes(fingerprints: dict) -> int:
     return 3 * 4 * numel
 
 
+def _to_trash(path: Path) -> None:
+    """Rename checkpoint dir `path` (step-N) to .trash-step-N beside it, out of every listing, to be deleted later."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)  # an earlier one of the same step not deleted yet
+    path.rename(trash)
+
+
+def _remove_trash(directory: Path) -> None:
+    for path in directory.glob(".trash-step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _not_written(key: str, tensor):
     """The trainable tensors on a rank that does not write them: no copy is kept."""
     return None
@@ -343,6 +356,8 @@ class Checkpointer:
 
         def write() -> dict:
             copy.wait()  # the copies off the device are done: `states` holds the values of step `step`
+            if self.main:
+                _remove_trash(self.dir)  # what the last background commit dropped
             adapter = None if peft_model is None else _adapter_tensors(peft_model, states["trainable"]["tensors"])
             return _write_rank_files(staging, states, self.rank, self.world, adapter, config)
 
@@ -415,7 +430,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         acc = self.accelerator
         acc.wait_for_everyone()
-        final = self._commit(staging, step, hashes) if self.main else self.dir / f"step-{step}"
+        final = self._commit(staging, step, hashes, background) if self.main else self.dir / f"step-{step}"
         acc.wait_for_everyone()
         self.last_save = {
             "step": step,
@@ -427,12 +442,13 @@ class Checkpointer:
         self.commits.append(self.last_save)
         return final
 
-    def _commit(self, staging: Path, step: int, hashes: dict) -> Path:
-        """Rank 0: the manifest, the rename (the commit itself), then `latest` and retention."""
+    def _commit(self, staging: Path, step: int, hashes: dict, background: bool = False) -> Path:
+        """Rank 0: the manifest, the rename (the commit itself), then `latest` and retention (a `background`
+        save's commit leaves deleting what it drops to the next save's writer: training waits for the commit)."""
         self._write_manifest(staging, step, hashes)
         final = self._rename_committed(staging, step)
         write_atomic(self.dir / "latest", final.name + "\n")
-        self._prune(step)  # also removes a step-N this one replaced
+        self._prune(step, defer_delete=background)  # also removes a step-N this one replaced
         return final
 
     def _write_manifest(self, staging: Path, step: int, hashes: dict) -> None:
@@ -456,13 +472,14 @@ class Checkpointer:
         """Rank 0: staging -> step-N, synced: from here on the checkpoint counts."""
         final = self.dir / f"step-{step}"
         if final.exists():  # from an abandoned later part of this run (see _prune); _prune removes it
-            final.rename(self.dir / f".trash-step-{step}")
+            _to_trash(final)
         staging.rename(final)
         fsync_path(self.dir)
         return final
 
-    def _prune(self, step: int) -> None:
-        """Keep the keep_last newest complete checkpoints up to `step`; drop later ones and leftovers.
+    def _prune(self, step: int, defer_delete: bool = False) -> None:
+        """Keep the keep_last newest complete checkpoints up to `step`; drop later ones and leftovers
+        (`defer_delete`: a dropped checkpoint is renamed to .trash-step-N now and deleted by the next save).
 
         Checkpoints after `step` exist only when this run resumed from an older one (a corrupt
         newest, or resume.mode=PATH); the run has now replaced that future.
@@ -471,11 +488,14 @@ class Checkpointer:
         later = [p for s, p in done if s > step]
         older = [p for s, p in done if s <= step][: -self.keep_last]
         for path in later + older:
-            shutil.rmtree(path, ignore_errors=True)
+            if defer_delete:
+                _to_trash(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         for path in self.dir.glob(".staging-step-*"):
             shutil.rmtree(path, ignore_errors=True)
-        for path in self.dir.glob(".trash-step-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        if not defer_delete:
+            _remove_trash(self.dir)
         if later:
             self._say(f"removed checkpoints after step {step} of an abandoned continuation: {[p.name for p in later]}")
 

@@ -91,6 +91,26 @@ def test_a_copy_on_the_cpu_is_taken_at_once_and_names_each_state_once():
     copy.release()
 
 
+def test_a_background_commit_leaves_deleting_what_retention_drops_to_the_next_save(tmp_path):
+    t = Training()
+    ck = checkpointer(tmp_path, t, every=1, background_min_mib=0)
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        t.steps(1)
+        ck.maybe_save(step)
+        ck.finish()
+    assert [s for s, _ in ck.committed()] == [2, 3] and [p.name for p in ckpt.glob(".trash-*")] == [".trash-step-1"]
+    t.steps(1)
+    ck.maybe_save(4)
+    ck.pending.thread.join()  # the writer deleted the last commit's trash
+    assert not list(ckpt.glob(".trash-*"))
+    ck.finish()
+    t.steps(1)
+    ck.maybe_save(5, force=True)  # a save at once deletes what it drops at once
+    assert [s for s, _ in ck.committed()] == [4, 5] and not list(ckpt.glob(".trash-*"))
+    assert (ckpt / "latest").read_text().strip() == "step-5"
+
+
 class SecondRank(OneProcess):
     process_index, num_processes, is_main_process = 1, 2, False
 
