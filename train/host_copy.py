@@ -62,10 +62,10 @@ class HostCopy:
         if key in self.taken:  # each name has one buffer
             raise ValueError(f"state {key!r} taken twice in one save")
         self.taken.add(key)
-        tensor = tensor.detach()
         source = tensor
-        if getattr(tensor, "is_paged", False):
+        if getattr(tensor, "is_paged", False):  # an attribute of the tensor object itself: before any detach()
             tensor = _managed_on_device(tensor)
+        tensor = tensor.detach()
         if tensor.device.type != "cuda":
             return tensor.clone()
         if self.stream is None:

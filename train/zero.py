@@ -28,24 +28,29 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def gather_whole_layers(cfg, model, ds_config: dict) -> list[str]:
+def gather_whole_layers(cfg, model, ds_config: dict, checkpointed: int | None = None) -> list[str]:
     """Under ZeRO-3 with grad ckpt, have DeepSpeed gather each decoder layer's weights in one go (its "leaf
     modules") instead of hooking every submodule, whose host time is most of a ZeRO-3 step (bench/README.md,
     "ZeRO-3's whole layers"). Without grad
     ckpt DeepSpeed 0.19.8 frees a leaf layer's weights before PEFT's LoRA backward needs them, so it is left
     off there; a `leaf_module` in the user's own DeepSpeed JSON (in `ds_config`, the merged config the
-    Accelerator was given) is theirs to set. Returns the class names set, for the log. Call before accelerate
-    prepares the model."""
+    Accelerator was given) is theirs to set. `checkpointed`: only the first that many decoder layers recompute
+    (train.grad_ckpt), and only they are gathered whole (None: all). Returns the class names set, for the log.
+    Call before accelerate prepares the model."""
     if not strategy_for(cfg).gathers_whole_layers(cfg):
         return []
     if "leaf_module" in ds_config.get("zero_optimization", {}):
         return []
-    classes = decoder_layer_classes(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    if classes:
-        from deepspeed.utils import set_z3_leaf_modules
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    classes = tuple(decoder_layer_classes(base))
+    layers = [m for m in base.modules() if isinstance(m, classes)] if classes else []
+    leaves = layers if checkpointed is None else layers[:checkpointed]
+    if leaves:
+        from deepspeed.utils import set_z3_leaf_module
 
-        set_z3_leaf_modules(model, classes)
-    return sorted(c.__name__ for c in classes)
+        for layer in leaves:
+            set_z3_leaf_module(layer, True)
+    return sorted({type(m).__name__ for m in leaves})
 
 
 def on_cpu(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,7 @@ class TorchAdapter:
                 if k == "step":
                     step = float(v)
                 elif torch.is_tensor(v):
-                    out[f"optim/{k}/{name}"] = to_host(f"optim/{k}/{name}", v.detach())
+                    out[f"optim/{k}/{name}"] = to_host(f"optim/{k}/{name}", v)  # as held: bitsandbytes marks paged ones
                     keys.add(k)
         return out, {"keys": sorted(keys), "step": step}
 

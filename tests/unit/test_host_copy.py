@@ -188,6 +188,8 @@ def test_the_copy_takes_the_save_step_though_the_next_steps_are_queued_first(tmp
     ck = checkpointer(tmp_path, t, every=3, background_min_mib=0)
     assert ck.maybe_save(3) is None
     assert not ck.pending.copy.event.query()  # the copies have not run yet, and the host did not wait for them
+    if optim == "paged":  # its states are copied on the GPU too, not through the CPU
+        assert any(getattr(s, "is_paged", False) for s in ck.pending.copy.sources)
     t.steps(2)  # its optimizer steps are queued behind the copies on the device, not run before them
     path = ck.finish()
     verify(path)
