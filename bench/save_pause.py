@@ -259,6 +259,7 @@ def same_as_synchronous(trainer, out: Path) -> dict:
 
     ck = trainer.checkpointer
     ck.finish()
+    trainer.train_step()  # a step no arm saved
     sync_dir = out / "sync-reference"
     shutil.rmtree(sync_dir, ignore_errors=True)
     reference = Checkpointer(
@@ -331,6 +332,12 @@ def main(argv=None) -> int:
         for row in rows + summaries + [check, wall]:
             f.write(json.dumps({**head, **row}) + "\n")
     print(f"{head['card']}  quant={head['quant']} optim={head['optim']} compile={head['compile']}  {json.dumps(wall)}")
+    for row in rows:
+        print(
+            f"{row['arm']:>9} save of step {row['save_step']}: pause {row.get('pause_ms', 0):.1f} ms, commit "
+            f"{row.get('commit_ms', 0):.1f} ms{' (at the end)' if row.get('at_end') else ''}, next step "
+            f"{row['next_step_extra_ms'] or 0:+.1f} ms; waited for the writer {row.get('writer_wait_ms', 0):.0f} ms"
+        )
     for s in summaries:
         print(line(s))
     print(f"background save == synchronous save of step {check['step']}: {check['ok']} (differ: {check['differ']})")
