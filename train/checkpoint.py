@@ -13,7 +13,7 @@ run.dir/checkpoints/ holds:
     rng-rank{R}.safetensors, rng-rank{R}.json   "rng" of rank R
     manifest.json           written last: config, versions, fingerprints, sha256 of every file
   .staging-step-N/          a save in progress: never loaded, removed by the next save
-  .trash-step-N/            a checkpoint retention dropped at a background commit, deleted by the next save's writer
+  .trash-step-N/            a checkpoint dropped by a background save's commit: deleted by the next save
   latest                    name of the newest committed checkpoint (for people and tools)
 
 Commit rule: every rank writes into the staging dir, a barrier, then rank 0 hashes every file,
@@ -22,13 +22,16 @@ at any point leaves the previous step-N untouched.
 
 Periodic saves write in the background (checkpoint.background): at step N every rank takes its states,
 the device tensors copied into pinned host buffers on a stream of their own (train/host_copy.py: the
-training thread does not wait for the copies, and the optimizer's next step waits for them on the device
-only), and a thread waits for those copies, then writes and hashes the files while training goes on. Each later
-step asks whether every rank's thread is done (one tiny all-reduce while a save is pending); the first
-step where all are runs the same barrier-and-commit as above. A stop, the last step, and the next due
-save first finish a pending one, so at most one save is in flight and the last one is always committed. A checkpoint is loadable only if its manifest
-lists every file the loader reads, each checksummed; loading falls back to an older checkpoint when
-one fails, and refuses (rather than start over) when every one does.
+training thread does not wait for the copies; the optimizer's next step waits for them on the device
+only), and a thread waits for those copies, then writes and hashes the files while training goes on.
+Each later step asks whether every rank's thread is done (one tiny all-reduce while a save is pending);
+the first step where all are runs the same barrier-and-commit as above, whose retention renames what it
+drops to .trash-step-N for the next save's thread to delete. A stop, the last step, and the next due save
+first finish a pending one, so at most one save is in flight and the last one is always committed.
+
+A checkpoint is loadable only if its manifest lists every file the loader reads, each checksummed;
+loading falls back to an older checkpoint when one fails, and refuses (rather than start over) when
+every one does.
 
 Every rank writes into the same directory: with several nodes, run.dir must be shared storage.
 The stored form does not depend on the world size or the ZeRO stage, so a run saved with 2
