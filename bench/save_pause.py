@@ -17,7 +17,9 @@ Per save it records the pause at the save step (the host time of `maybe_save`: t
 queueing their copies), the wait for the previous save's writer if it was still busy then, the commit at the
 step where every rank's writer is done, and the time of the step after the save against the median step
 (the device-side wait of the optimizer's next step for the copies shows there). Then it checks that a
-background save equals a synchronous save of the same step byte for byte while training goes on during it.
+background save equals a synchronous save of the same step byte for byte while training goes on during it;
+on a GPU once more with the copy stream held back 0.5 s, so that the next optimizer update is queued before
+the copies have read what it overwrites (and, with the paged optimizer, that its states were copied on the GPU).
 Writes OUT/results.jsonl (a row per save, a summary per arm, the check) and prints the summaries.
 
 `--tiny --device cpu` runs the same on a two-layer model on the CPU in seconds (for the code, not a timing).
@@ -249,10 +251,36 @@ def line(s: dict) -> str:
     )
 
 
-def same_as_synchronous(trainer, out: Path) -> dict:
-    """A background save of this step (the product's path) against a synchronous save of the same step by the
+class HeldBackCopies:
+    """The product's HostBuffers whose copy stream first sleeps `seconds` on the GPU at every save: the next
+    step's optimizer update is then reached before the copies have read what it overwrites, and must wait."""
+
+    def __init__(self, seconds: float):
+        from lora_launch.train.host_copy import HostBuffers
+
+        self.buffers, self.seconds = HostBuffers(), seconds
+        stream = self.buffers.stream
+
+        def held_back(device):
+            import torch
+
+            s = stream(device)
+            with torch.cuda.stream(s):
+                torch.cuda._sleep(int(self.seconds * 2e9))  # clock cycles: about `seconds` at 2 GHz
+            return s
+
+        self.buffers.stream = held_back
+
+    def begin(self):
+        return self.buffers.begin()
+
+
+def same_as_synchronous(trainer, out: Path, hold_copies_s: float = 0.0) -> dict:
+    """A background save of a step (the product's path) against a synchronous save of the same step by the
     old blocking copy, with two training steps run while the background one is copied and written: every file
-    but the manifest byte for byte."""
+    but the manifest byte for byte. `hold_copies_s` > 0 (GPU only) holds its copies back that long."""
+    import torch
+
     from lora_launch.run.checkpoints import verify
     from lora_launch.train.checkpoint import Checkpointer
     from lora_launch.train.host_copy import HostBuffers
@@ -260,7 +288,8 @@ def same_as_synchronous(trainer, out: Path) -> dict:
     ck = trainer.checkpointer
     ck.finish()
     trainer.train_step()  # a step no arm saved
-    sync_dir = out / "sync-reference"
+    name = f"sync-reference-held-{hold_copies_s:g}s" if hold_copies_s else "sync-reference"
+    sync_dir = out / name
     shutil.rmtree(sync_dir, ignore_errors=True)
     reference = Checkpointer(
         trainer.cfg, sync_dir, trainer.accelerator, trainer.states, ck.fingerprints, adapter_of=ck.adapter_of
@@ -268,16 +297,30 @@ def same_as_synchronous(trainer, out: Path) -> dict:
     reference.host = BlockingBuffers()
     step = trainer.step
     at_once = reference.save(step)
-    ck.host = HostBuffers()
+    held = hold_copies_s > 0 and torch.cuda.is_available()
+    ck.host = HeldBackCopies(hold_copies_s) if held else HostBuffers()
     assert ck.save(step, background=True) is None, "the background save committed at once"
+    copy = ck.pending.copy
+    pending_after_save = copy.event is not None and not copy.event.query()
+    paged_on_gpu = sum(1 for t in list(copy.sources) if getattr(t, "is_paged", False))
     for _ in range(2):
         trainer.train_step()
     background = ck.finish()
+    ck.host = HostBuffers()
     verify(at_once)
     verify(background)
     names = sorted(f.name for f in at_once.iterdir() if f.name != "manifest.json")
     differ = [n for n in names if (at_once / n).read_bytes() != (background / n).read_bytes()]
-    return {"check": "background_equals_synchronous", "step": step, "files": names, "differ": differ, "ok": not differ}
+    return {
+        "check": "background_equals_synchronous",
+        "copies_held_back_s": hold_copies_s if held else 0.0,
+        "copies_still_running_after_the_save_call": pending_after_save,
+        "paged_states_copied_on_gpu": paged_on_gpu,
+        "step": step,
+        "files": names,
+        "differ": differ,
+        "ok": not differ,
+    }
 
 
 def main(argv=None) -> int:
@@ -323,13 +366,15 @@ def main(argv=None) -> int:
             saves = run_arm(trainer, arm, args.steps)
             rows += saves
             summaries.append(summary(arm, saves))
-        check = same_as_synchronous(trainer, out)
+        checks = [same_as_synchronous(trainer, out)]
+        if torch.cuda.is_available():  # and once with the next optimizer update sure to come before the copies end
+            checks.append(same_as_synchronous(trainer, out, hold_copies_s=0.5))
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     finally:
         trainer.close()
     wall = {"build_s": built_s, "wall_s": time.perf_counter() - t_start, "peak_gib": peak}
     with (out / "results.jsonl").open("a") as f:
-        for row in rows + summaries + [check, wall]:
+        for row in rows + summaries + checks + [wall]:
             f.write(json.dumps({**head, **row}) + "\n")
     print(f"{head['card']}  quant={head['quant']} optim={head['optim']} compile={head['compile']}  {json.dumps(wall)}")
     for row in rows:
@@ -340,8 +385,14 @@ def main(argv=None) -> int:
         )
     for s in summaries:
         print(line(s))
-    print(f"background save == synchronous save of step {check['step']}: {check['ok']} (differ: {check['differ']})")
-    return 0 if check["ok"] else 1
+    for check in checks:
+        print(
+            f"background save == synchronous save of step {check['step']}: {check['ok']} (differ: {check['differ']}; "
+            f"copies held back {check['copies_held_back_s']} s, still running after the save call: "
+            f"{check['copies_still_running_after_the_save_call']}; paged states copied on the GPU: "
+            f"{check['paged_states_copied_on_gpu']})"
+        )
+    return 0 if all(c["ok"] for c in checks) else 1
 
 
 if __name__ == "__main__":
