@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lora_launch import strategies
+from lora_launch.conf import grad_ckpt
 from lora_launch.conf.dtypes import FLOATS, PACKED
 from lora_launch.conf.errors import UserError
 
@@ -401,7 +402,16 @@ class TrainConfig:
     micro_batch_size: int = ranged(4, lo=1)
     grad_accum: int = ranged(1, lo=1)
     seq_len: int = ranged(512, lo=8)
-    grad_ckpt: bool = False
+    # activation (gradient) checkpointing: false, true (every decoder layer), N (the first N decoder layers), a
+    # budget such as 20GiB (what the decoder layers' activations of a micro-batch may use: as many layers keep
+    # theirs as it holds, from the preview's memory model), or auto (as many as the GPU's free memory at the start
+    # holds; none on CPU). The rest recompute theirs in backward; the log says how many
+    grad_ckpt: Any = field(default=False, metadata={"type": grad_ckpt.TYPE})
+    # the loss in chunks of tokens, never the whole micro-batch's logits at once (each chunk's recomputed in
+    # backward): true, false, or auto: on with grad ckpt (where memory is short and the logits are a large share of
+    # the activations), off without (the one compiled loss is faster). Off where the model's output head is not a
+    # plain linear layer (a LoRA target, logit soft-capping)
+    chunked_loss: Any = field(default="auto", metadata={"type": "bool|auto"})
     # compute precision: `auto` is bfloat16 on GPUs that have it, float32 otherwise
     precision: AutoDtype = AutoDtype.auto
     num_workers: int = ranged(0, lo=0, resume="free")
@@ -591,6 +601,13 @@ def quant_kernel(cfg: DictConfig) -> str:
     return "bitsandbytes" if strategies.strategy_for(cfg).shards_weights(cfg) else "torch"
 
 
+def chunked_loss(cfg: DictConfig) -> bool:
+    """Whether the loss is asked for in chunks (train.chunked_loss, `auto` resolved: with grad ckpt); the model
+    may still refuse it (lora_launch.train.chunked_loss)."""
+    asked = cfg.train.chunked_loss
+    return grad_ckpt.read(cfg.train.grad_ckpt).on if asked == "auto" else bool(asked)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check keys, text, value ranges and cross-field rules; raise ConfigError naming the key."""
     tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -608,6 +625,13 @@ def validate(cfg: DictConfig) -> None:
         if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= least)):
             what = "a positive integer" if least == 1 else "a whole number (0 or more)"
             raise ConfigError(f"{key}={v!r} must be {what} or 'auto'")
+    try:
+        grad_ckpt.read(cfg.train.grad_ckpt)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    chunked = cfg.train.chunked_loss
+    if not (isinstance(chunked, bool) or chunked == "auto"):
+        raise ConfigError(f"train.chunked_loss={chunked!r} must be true, false or auto")
     if str(cfg.quant.kernel) == "torch" and strategies.strategy_for(cfg).shards_weights(cfg):
         raise ConfigError(
             f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "

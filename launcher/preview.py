@@ -18,12 +18,15 @@ Memory model (bytes per GPU), for a LoRA run where only the adapters train:
                shards both
   optimizer    AdamW: 8 per adapter param (+4 fp32 master under DeepSpeed); ZeRO and FSDP2 shard it;
                offload (zero3_offload, fsdp2_offload) moves the sharded part to CPU memory
-  activations  per token and layer, what backward keeps: each norm's input and output (4h), q (h), k and v
+  activations  the decoder layers' (lora_launch.run.activations, which the trainer's grad_ckpt budgets read too):
+               per token and layer, what backward keeps: each norm's input and output (4h), q (h), k and v
                (2 kv, the key/value width under grouped-query attention), the attention output (h), and the
                MLP's gate, up and activated gate (3i), in the activation dtype (attention with a fused
                kernel, no seq^2 term); a compiled decoder layer (train.compile=layers, the GPU default) keeps
-               3h + 2kv + 3i, its norms recomputed in backward; with grad ckpt only each layer's input (h) plus
-               one layer recomputed; plus logits: vocab x 10 bytes per token (bf16 logits, fp32 loss, grad)
+               3h + 2kv + 3i, its norms recomputed in backward; a checkpointed layer (train.grad_ckpt: the
+               first N) only its input (h), plus one layer recomputed where that is more than the kept layers
+  logits       vocab x 10 bytes per token (bf16 logits, fp32 loss, grad), for the whole micro-batch or, with
+               train.chunked_loss, one chunk of its tokens
 tests/unit/test_preview.py holds the estimate within 10% of peaks measured on a GPU, for a 7B and a 70B shape
 in bf16 and nf4, with and without grad ckpt; the measurements, dated, are in bench/README.md ("The preview's
 memory estimate").
@@ -40,7 +43,9 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.compose import plain
 from lora_launch.conf.dtypes import FLOATS
-from lora_launch.conf.schema import ALL_LINEAR, lora_targets
+from lora_launch.conf.grad_ckpt import GradCkpt
+from lora_launch.conf.grad_ckpt import read as read_grad_ckpt
+from lora_launch.conf.schema import ALL_LINEAR, chunked_loss, lora_targets
 from lora_launch.launcher.speed import (
     SPREAD,
     TimeEstimate,
@@ -51,9 +56,11 @@ from lora_launch.launcher.speed import (
     this_host_gpu,
 )
 from lora_launch.launcher.topology import Topology
+from lora_launch.run.activations import LayerActivations, auto_budget, logits_bytes
+from lora_launch.run.activations import layer_activations as layer_activations_of
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
-from lora_launch.strategies.fsdp2 import layers_per_group
+from lora_launch.strategies.fsdp2 import gathered_bytes
 
 GIB = 2**30
 DTYPE_BYTES = {name: dtype.bytes for name, dtype in FLOATS.items()}
@@ -140,14 +147,16 @@ class Memory:
     weights: float
     lora: float
     optimizer: float
-    activations_ckpt: float
-    activations_full: float
-    grad_ckpt: bool
+    activations: float  # the decoder layers', as train.grad_ckpt sets them
+    logits: float  # what the loss keeps (one chunk's with train.chunked_loss)
+    activations_ckpt: float  # the decoder layers' with every one checkpointed
+    activations_full: float  # and with none
+    checkpointed: int | None  # decoder layers checkpointed; None: grad_ckpt=auto, decided on the GPU at the start
+    layers: int
 
     @property
     def total(self) -> float:
-        act = self.activations_ckpt if self.grad_ckpt else self.activations_full
-        return self.weights + self.lora + self.optimizer + act
+        return self.weights + self.lora + self.optimizer + self.activations + self.logits
 
 
 def weight_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int, double_quant: bool) -> float:
@@ -160,16 +169,23 @@ def weight_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes:
     return shape.quantisable_params * (0.5 + absmax) + rest * compute_bytes
 
 
-def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: bool, compiled: bool = False) -> float:
-    """Activations kept for backward over one micro-batch of `tokens` tokens, plus the logits. A compiled
-    decoder layer (train.compile=layers) keeps three hidden-size tensors where eager keeps six: the compiler
-    recomputes the norms' elementwise work in backward rather than storing its inputs and outputs."""
-    kv = shape.kv_hidden or shape.hidden
-    per_layer = tokens * ((3 if compiled else 6) * shape.hidden + 2 * kv + 3 * shape.intermediate) * act_bytes
-    logits = tokens * shape.vocab * 10
-    if grad_ckpt:
-        return shape.layers * tokens * shape.hidden * act_bytes + per_layer + logits
-    return shape.layers * per_layer + logits
+def layer_activations(shape: ModelShape, tokens: int, act_bytes: int, compiled: bool = False) -> LayerActivations:
+    """The decoder layers' activation terms for a micro-batch of `tokens` (lora_launch.run.activations)."""
+    return layer_activations_of(
+        shape.layers, shape.hidden, shape.kv_hidden, shape.intermediate, tokens, act_bytes, compiled
+    )
+
+
+def activation_bytes(
+    shape: ModelShape, tokens: int, act_bytes: int, grad_ckpt: bool | int, compiled: bool = False, chunked=False
+) -> float:
+    """Activations kept for backward over one micro-batch of `tokens` tokens with `grad_ckpt` decoder layers
+    checkpointed (true: all), plus the logits (one chunk's when `chunked`). A compiled decoder layer
+    (train.compile=layers) keeps three hidden-size tensors where eager keeps six: the compiler recomputes the
+    norms' elementwise work in backward rather than storing its inputs and outputs."""
+    n = shape.layers if grad_ckpt is True else int(grad_ckpt)
+    decoder = layer_activations(shape, tokens, act_bytes, compiled).total(n)
+    return decoder + logits_bytes(tokens, shape.hidden, shape.vocab, chunked)
 
 
 def fsdp2_gathered_bytes(
@@ -182,16 +198,10 @@ def fsdp2_gathered_bytes(
     prefetch: int | None = None,
     kept: int = 0,
 ) -> float:
-    """Base weights FSDP2 holds whole on a device at its peak: the root group (everything outside the decoder
-    layers) from forward to backward, the shard group computing (`per_group` decoder layers) and one layer
-    more per group prefetched (FSDP2's own: one), which is what the measured peaks showed, not two whole groups
-    (bench/README.md, "FSDP2's gathered weights"). `kept` groups (distributed.keep_gathered) are held from
-    their forward to their backward on top of that."""
+    """Base weights FSDP2 holds whole on a device at its peak (strategies/fsdp2.py's gathered_bytes)."""
     whole = weight_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
     per_layer = _layer_bytes(shape, quant, dtype_bytes, compute_bytes, double_quant)
-    per_group = layers_per_group(per_group, per_layer)
-    held = per_group + (prefetch or 1) + kept * per_group
-    return whole - per_layer * shape.layers + min(shape.layers, held) * per_layer
+    return gathered_bytes(whole, per_layer, shape.layers, per_group, prefetch, kept)
 
 
 def _layer_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes: int, double_quant: bool) -> float:
@@ -201,8 +211,34 @@ def _layer_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes:
     return (whole - (shape.total_params - shape.quantisable_params) * rest_bytes) / shape.layers
 
 
-def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory:
-    """Per-device memory in bytes for this config under `plan` (its world size and weight dtype)."""
+def gpu_memory_here() -> float | None:
+    """Bytes free on this host's first GPU (what a run's `grad_ckpt=auto` would start from), None without one."""
+    import torch
+
+    return float(torch.cuda.mem_get_info(0)[0]) if torch.cuda.is_available() else None
+
+
+def checkpointed_layers(
+    setting: GradCkpt, acts: LayerActivations, on_gpu: bool, reachable: float | None, held: float, logits: float
+) -> int | None:
+    """How many decoder layers `setting` (train.grad_ckpt, read) checkpoints, as the trainer decides it
+    (lora_launch.train.activations); None for `auto` on a GPU whose memory is unknown here."""
+    n = setting.checkpointed(acts.layers)
+    if n is not None:
+        return n
+    if setting.kind == "memory":
+        return acts.checkpointed_within(setting.budget)
+    if not on_gpu:
+        return 0  # auto on CPU: none
+    if reachable is None:
+        return None
+    return acts.checkpointed_within(auto_budget(reachable, held, logits))
+
+
+def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan, reachable: float | None = None) -> Memory:
+    """Per-device memory in bytes for this config under `plan` (its world size and weight dtype); `reachable`:
+    the GPU memory a run may use, for grad_ckpt=auto (None: unknown here, the estimate then counts none
+    checkpointed, the most auto may keep)."""
     dtype_bytes = DTYPE_BYTES[plan.model_dtype]
     compute_bytes = DTYPE_BYTES[cfg.quant.compute_dtype]
     quant, double_quant = cfg.quant.mode, cfg.quant.double_quant
@@ -214,14 +250,20 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan) -> Memory
     held = strategy_for(cfg).memory(cfg, plan, weights, shape.lora_params, gathered)
     act_bytes = compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
-    compiled = plan.compile == "layers"
+    acts = layer_activations(shape, tokens, act_bytes, plan.compile == "layers")
+    logits = logits_bytes(tokens, shape.hidden, shape.vocab, chunked_loss(cfg))
+    held_bytes = held.weights + held.lora + held.optimizer
+    n = checkpointed_layers(read_grad_ckpt(cfg.train.grad_ckpt), acts, plan.on_gpu, reachable, held_bytes, logits)
     return Memory(
         held.weights,
         held.lora,
         held.optimizer,
-        activation_bytes(shape, tokens, act_bytes, True, compiled),
-        activation_bytes(shape, tokens, act_bytes, False, compiled),
-        cfg.train.grad_ckpt,
+        acts.total(0 if n is None else n),
+        logits,
+        acts.total(shape.layers),
+        acts.total(0),
+        n,
+        shape.layers,
     )
 
 
@@ -233,12 +275,22 @@ def matmul_params(shape: ModelShape) -> int:
     return shape.quantisable_params + shape.hidden * shape.vocab
 
 
-def step_estimate(cfg: DictConfig, plan: RunPlan, shape: ModelShape, device_name: str | None) -> TimeEstimate:
+def recomputed_share(mem: Memory) -> float:
+    """The share of the decoder layers that recompute their activations (auto undecided: none)."""
+    return (mem.checkpointed or 0) / max(mem.layers, 1)
+
+
+def step_estimate(
+    cfg: DictConfig, plan: RunPlan, shape: ModelShape, device_name: str | None, recomputed: float | None = None
+) -> TimeEstimate:
     """One optimizer step of full seq_len samples: its FLOPs, and its time on the plan's GPUs named
-    `device_name` (None: no GPU here)."""
+    `device_name` (None: no GPU here). `recomputed`: the share of the decoder layers checkpointed (None: as
+    memory_estimate decides it)."""
     t = cfg.train
+    if recomputed is None:
+        recomputed = recomputed_share(memory_estimate(cfg, shape, plan, gpu_memory_here() if plan.on_gpu else None))
     per_token = flops_per_token(
-        matmul_params(shape), shape.lora_params, shape.layers, shape.hidden, t.seq_len, t.grad_ckpt
+        matmul_params(shape), shape.lora_params, shape.layers, shape.hidden, t.seq_len, recomputed
     )
     return estimate(
         plan.global_batch * t.seq_len * per_token,
@@ -247,19 +299,31 @@ def step_estimate(cfg: DictConfig, plan: RunPlan, shape: ModelShape, device_name
         plan.on_gpu,
         plan.precision,
         cfg.quant.mode,
-        t.grad_ckpt,
+        recomputed,
         strategy_for(cfg).scaling(cfg, plan),
     )
 
 
 def time_lines(
-    cfg: DictConfig, plan: RunPlan, shape: ModelShape, steps: int | None, device_name: str | None
+    cfg: DictConfig,
+    plan: RunPlan,
+    shape: ModelShape,
+    steps: int | None,
+    device_name: str | None,
+    recomputed: float | None = None,
 ) -> list[str]:
     """The preview's time estimate: the run's tokens and FLOPs, and its time on `device_name` GPUs (or why not)."""
     t, gbs = cfg.train, plan.global_batch
-    est = step_estimate(cfg, plan, shape, device_name)
+    if recomputed is None:
+        recomputed = recomputed_share(memory_estimate(cfg, shape, plan, gpu_memory_here() if plan.on_gpu else None))
+    est = step_estimate(cfg, plan, shape, device_name, recomputed)
     per_step, per_token = est.flops_per_step, est.flops_per_step / (gbs * t.seq_len)
-    counted = "6N: frozen base and grad ckpt's recompute" if t.grad_ckpt else "4N: frozen base"
+    if recomputed >= 1:
+        counted = "6N: frozen base and grad ckpt's recompute"
+    elif recomputed > 0:
+        counted = f"{4 + 2 * recomputed:.3g}N: frozen base and the recompute of {recomputed:.0%} of the layers"
+    else:
+        counted = "4N: frozen base"
     tokens = f"{steps} steps x " if steps is not None else "a step: "
     tokens += f"{gbs} samples x <= {t.seq_len} (seq_len: an upper bound on each sample's tokens)"
     flops = f"{scientific(per_token)} a token ({counted}, N {scientific(matmul_params(shape))}; + attention + adapters)"
@@ -319,6 +383,20 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB"
 
 
+def _activations_line(mem: Memory, setting) -> str:
+    """The decoder layers' activations as configured, and at both ends (every layer checkpointed, none)."""
+    ends = f"every one checkpointed {_gib(mem.activations_ckpt)}, none {_gib(mem.activations_full)}"
+    if mem.checkpointed is None:
+        return (
+            f"at most {_gib(mem.activations_full)} (train.grad_ckpt=auto: as many layers keep theirs as the GPU's "
+            f"free memory holds, decided at the start; {ends})"
+        )
+    return (
+        f"{_gib(mem.activations)} ({mem.checkpointed} of {mem.layers} decoder layers checkpointed: "
+        f"train.grad_ckpt={str(setting).lower() if isinstance(setting, bool) else setting}; {ends})"
+    )
+
+
 def _shape_or_none(cfg: DictConfig) -> tuple[ModelShape | None, str]:
     try:
         return model_shape(model_config(cfg), lora_targets(cfg), cfg.lora.r), ""
@@ -360,8 +438,7 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
     if shape is None:
         out.append(why)
     else:
-        mem = memory_estimate(cfg, shape, plan)
-        chosen = "with" if mem.grad_ckpt else "without"
+        mem = memory_estimate(cfg, shape, plan, gpu_memory_here() if plan.on_gpu else None)
         out += [
             "",
             "# model",
@@ -372,8 +449,11 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
             f"weights      {_gib(mem.weights)} ({cfg.quant.mode if cfg.quant.mode == 'nf4' else plan.model_dtype})",
             f"lora+grads   {_gib(mem.lora)}",
             f"optimizer    {_gib(mem.optimizer)}",
-            f"activations  {_gib(mem.activations_ckpt)} with grad ckpt, {_gib(mem.activations_full)} without",
-            f"total        {_gib(mem.total)} ({chosen} grad ckpt, as configured)",
+            f"activations  {_activations_line(mem, t.grad_ckpt)}",
+            f"logits       {_gib(mem.logits)} ("
+            + ("one chunk of tokens: train.chunked_loss" if chunked_loss(cfg) else "the whole micro-batch's")
+            + ")",
+            f"total        {_gib(mem.total)} (as configured)",
         ]
         out += strategy.preview_lines(
             cfg,
@@ -395,6 +475,6 @@ def preview(cfg: DictConfig, topo: Topology, plan: RunPlan, overrides: list[str]
                 "rank its shards; the other ranks hold none of it"
             )
         steps = total if n is not None else (t.max_steps if t.max_steps > 0 else None)
-        out += time_lines(cfg, plan, shape, steps, this_host_gpu() if plan.on_gpu else None)
+        out += time_lines(cfg, plan, shape, steps, this_host_gpu() if plan.on_gpu else None, recomputed_share(mem))
     out += ["", "# commands (nothing was started)", *node_commands(cfg, topo, overrides)]
     return "\n".join(out)

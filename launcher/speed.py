@@ -15,7 +15,7 @@ from lora_launch.conf.dtypes import HALF
 
 
 def flops_per_token(
-    matmul_params: int, lora_params: int, layers: int, hidden: int, seq: float, recompute: bool
+    matmul_params: int, lora_params: int, layers: int, hidden: int, seq: float, recompute: float
 ) -> float:
     """Training FLOPs per token of a frozen-base LoRA step.
 
@@ -23,11 +23,13 @@ def flops_per_token(
     take part in matrix products (every projection plus the output head); grad ckpt's recompute adds another
     forward (6N). Causal attention's score and value products cost 2 * layers * seq * hidden per token
     forward, three times that with backward (four with recompute). The adapters' own products (forward, input
-    and weight gradients) are added exactly; they are small at r=64.
+    and weight gradients) are added exactly; they are small at r=64. `recompute`: the share of the decoder layers
+    checkpointed (true: all of them).
     """
+    f = float(recompute)
     attn = 2 * layers * seq * hidden
-    passes = 3 if recompute else 2  # 2N each: forward, backward to the activations, recompute
-    return 2 * matmul_params * passes + attn * (4 if recompute else 3) + lora_params * (8 if recompute else 6)
+    passes = 2 + f  # 2N each: forward, backward to the activations, and the recomputed layers' forward
+    return 2 * matmul_params * passes + attn * (3 + f) + lora_params * (6 + 2 * f)
 
 
 # bf16 dense tensor peak per GPU in TFLOP/s (the makers' data sheets, no sparsity), by the name torch reports;
@@ -79,6 +81,19 @@ RATES = {
 SPREAD = 0.15  # the measured rows the estimate must reproduce lie within this of it (tests/unit/test_speed.py)
 
 
+def _rate(kind: str, share: float) -> Rate:
+    """The measured rate of `kind` with `share` of the decoder layers checkpointed (0 or 1: a measured row)."""
+    if share in (0.0, 1.0):
+        return RATES[kind, bool(share)]
+    none, all_ = RATES[kind, False], RATES[kind, True]
+    mix = lambda a, b: a + share * (b - a)  # noqa: E731
+    return Rate(
+        mix(none.utilisation, all_.utilisation),
+        mix(none.mfu, all_.mfu),
+        f"{all_.what} and {none.what}, weighed by the layers checkpointed",
+    )
+
+
 def gpu_peak(device_name: str) -> tuple[str, float] | None:
     """(short name, bf16 dense TFLOP/s) of a GPU by the name torch gives it; None for one not in the table."""
     for pattern, short, tflops in BF16_PEAK_TFLOPS:
@@ -111,11 +126,12 @@ def estimate(
     on_gpu: bool,
     precision: str,
     quant: str,
-    grad_ckpt: bool,
+    grad_ckpt: float,
     scaling: tuple[float, str],
 ) -> TimeEstimate:
     """The time of one optimizer step of `flops_per_step` on `gpus` GPUs named `device_name`, at the measured
-    MFU of this kind of run and the strategy's `scaling` (per-GPU share, what measured it)."""
+    MFU of this kind of run and the strategy's `scaling` (per-GPU share, what measured it). `grad_ckpt`: the share
+    of the decoder layers checkpointed; between none and all the busy share is taken in proportion."""
 
     def none(why: str) -> TimeEstimate:
         return TimeEstimate(flops_per_step, None, "", [why])
@@ -138,7 +154,7 @@ def estimate(
     if precision != HALF:
         return none(f"not estimated: the rates were measured in {HALF}, and this run computes in {precision}")
     short, tflops = peak
-    rate = RATES["nf4" if quant == "nf4" else "bf16", bool(grad_ckpt)]
+    rate = _rate("nf4" if quant == "nf4" else "bf16", float(grad_ckpt))
     share, scaled_by = scaling
     per_second = tflops * 1e12 * MATMUL_SHARE * rate.utilisation * gpus * share
     busy = (

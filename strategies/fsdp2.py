@@ -23,6 +23,19 @@ def layers_per_group(setting, layer_bytes: float) -> int:
     return max(1, min(GROUP_LAYERS, int(GROUP_BYTES // max(layer_bytes, 1.0))))
 
 
+def gathered_bytes(
+    whole: float, per_layer: float, layers: int, per_group="auto", prefetch: int | None = None, kept: int = 0
+) -> float:
+    """Base weights FSDP2 holds whole on a device at its peak (`whole`: all of them as stored, `per_layer`: one
+    decoder layer's): the root group (everything outside the decoder layers) from forward to backward, the shard
+    group computing (`per_group` decoder layers) and one layer more per group prefetched (FSDP2's own: one), which
+    is what the measured peaks showed, not two whole groups (bench/README.md, "FSDP2's gathered weights"). `kept`
+    groups (distributed.keep_gathered) are held from their forward to their backward on top of that."""
+    group = layers_per_group(per_group, per_layer)
+    held = group + (prefetch or 1) + kept * group
+    return whole - per_layer * layers + min(layers, held) * per_layer
+
+
 def mesh(cfg, plan) -> tuple[int, int]:
     """(copies, ranks per copy): `distributed.replicate` copies of the model, each sharded over world / copies
     ranks ("auto": one copy per node when several nodes of several processes run, else one in all: a node of

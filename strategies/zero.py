@@ -40,7 +40,9 @@ class Zero(Strategy):
         return "loss" if _sharded(cfg) else "layers"  # dynamo cannot trace ZeRO-3's sharded weights
 
     def gathers_whole_layers(self, cfg) -> bool:
-        # without grad ckpt DeepSpeed 0.19.8 frees a leaf layer's weights before PEFT's LoRA backward needs them
+        # without grad ckpt DeepSpeed 0.19.8 frees a leaf layer's weights before PEFT's LoRA backward needs them:
+        # only the checkpointed layers are gathered whole (lora_launch.train.zero). train.grad_ckpt is false or 0
+        # where none is, and a true, a count, a budget or auto otherwise
         return _sharded(cfg) and bool(cfg.train.grad_ckpt)
 
     def accelerate_settings(self, multi: bool, deepspeed_file: str | None) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from lora_launch.data.samples import IGNORE
 from lora_launch.train import fast
+from lora_launch.train.chunked_loss import ChunkedLoss
 from lora_launch.train.data import collate, model_inputs
 
 
@@ -21,7 +22,12 @@ def attention_of(model) -> tuple[str, torch.dtype]:
 
 def forward_loss_sum(model, batch: dict, ce=fast.cross_entropy_sum, hits: bool = False):
     """Summed next-token cross-entropy over the unmasked labels (no host sync); with `hits`, also how many
-    of those tokens the model's top prediction gets right (for the mean token accuracy)."""
+    of those tokens the model's top prediction gets right (for the mean token accuracy). `ce`: a summed
+    cross-entropy of logits and labels, or a ChunkedLoss (the output head computes the loss itself)."""
+    if isinstance(ce, ChunkedLoss):
+        with ce.labels(batch["labels"]):
+            loss = model(**model_inputs(batch, *attention_of(model))).logits  # the head returned the loss
+        return (loss, ce.hits) if hits else loss
     logits = model(**model_inputs(batch, *attention_of(model))).logits
     logits = logits.view(*batch["labels"].shape, -1)  # packed rows under flash attention run as one row
     loss = ce(logits, batch["labels"])

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from lora_launch.conf.schema import ConfigError, chunked_loss
 from lora_launch.data.samples import IGNORE
+from lora_launch.train.chunked_loss import ChunkedLoss, head_refusal, token_cross_entropy_sum
+from lora_launch.train.chunked_loss import install as install_chunked_loss
 
 
 def compile_decoder_layers(model, dynamic: bool | None = None, **options) -> int:
@@ -36,18 +39,19 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     )
 
 
-_compiled_ce = None
+_compiled = {}
 
 
-def loss_function(mode: str):
-    """The summed cross-entropy to use: compiled unless mode is `none`."""
-    global _compiled_ce
+def loss_function(mode: str, per_token: bool = False):
+    """The summed cross-entropy to use: compiled unless mode is `none`. `per_token`: of (tokens, vocab) logits
+    against each token's target (a chunk of train.chunked_loss), else of (batch, seq, vocab) logits."""
+    fn = token_cross_entropy_sum if per_token else cross_entropy_sum
     if mode == "none":
-        return cross_entropy_sum
-    if _compiled_ce is None:
-        # dynamic: padded batches change the sequence length from step to step
-        _compiled_ce = torch.compile(cross_entropy_sum, dynamic=True)
-    return _compiled_ce
+        return fn
+    if fn not in _compiled:
+        # dynamic: padded batches change the sequence length from step to step (and a last chunk is shorter)
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
 
 
 def rule_chosen_reductions() -> None:
@@ -67,9 +71,18 @@ def rule_chosen_reductions() -> None:
         inductor.deterministic = True
 
 
+__all__ = ["ChunkedLoss", "apply", "loss_function"]
+
+
 def apply(cfg: DictConfig, model, mode: str):
     """Apply the speed path `mode` (the plan's reading of `train.compile`) to the PEFT model; returns the
-    loss function."""
+    loss function: a ChunkedLoss where train.chunked_loss has the output head compute it in chunks."""
+    loss = loss_function(mode)
+    if chunked_loss(cfg):
+        chunked = install_chunked_loss(model, loss_function(mode, per_token=True))
+        if chunked is None and cfg.train.chunked_loss is True:
+            raise ConfigError(f"train.chunked_loss=true: {head_refusal(model)}; set train.chunked_loss=false")
+        loss = chunked or loss
     if mode != "none":
         rule_chosen_reductions()
     if mode == "layers":
@@ -78,7 +91,7 @@ def apply(cfg: DictConfig, model, mode: str):
         # 1 MB) so gradient all-reduces can start mid-graph: each decoder layer would become
         # several graphs with unfused seams. The adapters' gradients are small; keep layers whole.
         torch._dynamo.config.optimize_ddp = False
-    return loss_function(mode)
+    return loss
 
 
 def fixed_lengths(cfg: DictConfig) -> bool:

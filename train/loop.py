@@ -27,6 +27,7 @@ from lora_launch.run.rundir import (
 )
 from lora_launch.strategies import strategy_for
 from lora_launch.train import fast, fsdp
+from lora_launch.train.activations import checkpointed_layers
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import (
@@ -94,6 +95,9 @@ class Trainer:
             cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan, draw=acc.device)
         )
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
+        if isinstance(self.loss_fn, fast.ChunkedLoss) and self.main:
+            chunks = self.loss_fn.chunks
+            print(f"loss in {chunks} chunks of tokens (train.chunked_loss={cfg.train.chunked_loss})", flush=True)
         if cfg.quant.mode == "nf4" and self.main:
             print(
                 f"QLoRA: the 4-bit layers' matmul through {quant_kernel(cfg)} (quant.kernel={cfg.quant.kernel})",
@@ -101,11 +105,15 @@ class Trainer:
             )
         if strategy_for(cfg).shards_model_itself:  # sharded before the optimizer sees the parameters
             model = fsdp.shard(cfg, plan, model, self.main)
+        self.checkpointed_layers = checkpointed_layers(cfg, plan, model, acc.device, self.main)
         plugin = acc.state.deepspeed_plugin  # the merged DeepSpeed config, the user's own JSON under the run's
-        whole_layers = gather_whole_layers(cfg, model, plugin.deepspeed_config if plugin else {})
+        whole_layers = gather_whole_layers(
+            cfg, model, plugin.deepspeed_config if plugin else {}, self.checkpointed_layers
+        )
         if whole_layers and self.main:
             print(
-                f"ZeRO-3: each {', '.join(whole_layers)} gathered whole (DeepSpeed leaf modules, with grad ckpt)",
+                f"ZeRO-3: each {', '.join(whole_layers)} gathered whole (DeepSpeed leaf modules: the layers that "
+                "grad ckpt recomputes)",
                 flush=True,
             )
         params = [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from lora_launch.conf.dtypes import torch_dtype
+from lora_launch.conf.grad_ckpt import read as read_grad_ckpt
 from lora_launch.conf.schema import lora_targets, plain, quant_kernel
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
@@ -207,9 +208,11 @@ def apply_lora(cfg: DictConfig, model):
         from lora_launch.train.nf4 import use_torch_matmul
 
         use_torch_matmul(model, torch_dtype(cfg.quant.compute_dtype))
+    # which layers recompute is set per layer once the weights are placed (lora_launch.train.activations)
+    checkpointing = read_grad_ckpt(cfg.train.grad_ckpt).on
     if cfg.quant.mode == "nf4" and cfg.quant.upcast_frozen:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.grad_ckpt)
-    elif cfg.train.grad_ckpt:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # inputs must require grad for checkpointed blocks to backprop into the adapters
         model.enable_input_require_grads()

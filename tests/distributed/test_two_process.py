@@ -243,7 +243,9 @@ def test_fsdp2_ranks_other_than_0_never_hold_the_whole_base(tiny, tmp_path):
 def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, tmp_path):
     """Under zero3 with grad ckpt DeepSpeed gathers each decoder layer at once (its leaf modules): the log says
     so, and the losses are DDP's (with grad ckpt too) but for summation order. A leaf_module in the user's own
-    DeepSpeed JSON is left to DeepSpeed: then the project sets none."""
+    DeepSpeed JSON is left to DeepSpeed: then the project sets none. With the first layer alone checkpointed
+    (train.grad_ckpt=1), under zero3 (only it gathered whole) and fsdp2, the losses are DDP's too; every run
+    here computes the loss in chunks (train.chunked_loss=auto with grad ckpt)."""
     common = [
         *tiny["overrides"],
         "launcher.num_processes=2",
@@ -260,6 +262,8 @@ def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, 
         ("ddp", ["distributed=ddp"]),
         ("zero3", ["distributed=zero3"]),
         ("zero3_own", ["distributed=zero3", f"distributed.deepspeed_config={own}"]),
+        ("zero3_first", ["distributed=zero3", "train.grad_ckpt=1"]),
+        ("fsdp2_first", ["distributed=fsdp2", "train.grad_ckpt=1"]),
     ):
         run = tmp_path / name
         result = lora_launch(*common, f"run.dir={run}", *extra, cwd=tmp_path)
@@ -271,6 +275,10 @@ def test_zero3_with_grad_ckpt_gathers_whole_layers_and_trains_as_ddp_does(tiny, 
     assert "gathered whole" not in logs["ddp"] + logs["zero3_own"]
     assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-4)
     assert losses["zero3_own"] == pytest.approx(losses["ddp"], rel=1e-4)
+    assert "loss in 5 chunks of tokens" in logs["ddp"]
+    for name in ("zero3_first", "fsdp2_first"):
+        assert "grad ckpt: the first 1 of 2 decoder layers recompute" in logs[name]
+        assert losses[name] == pytest.approx(losses["ddp"], rel=1e-4), name
 
 
 def test_fsdp2_shard_groups_train_as_one_layer_groups_do(tiny, tmp_path):

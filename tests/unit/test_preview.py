@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,8 @@ def test_activation_bytes_by_hand(shape_7b):
     per_layer = tokens * (8 * 4096 + 3 * 11008) * 2  # no grouped-query attention in the 7B: kv = h
     logits = tokens * 32000 * 10
     assert pv.activation_bytes(shape_7b, tokens, 2, False) == 32 * per_layer + logits
-    assert pv.activation_bytes(shape_7b, tokens, 2, True) == 32 * tokens * 4096 * 2 + per_layer + logits
+    # every layer's input, and the last layer's recompute adds its activations but its input (already held)
+    assert pv.activation_bytes(shape_7b, tokens, 2, True) == 31 * tokens * 4096 * 2 + per_layer + logits
     compiled = tokens * (5 * 4096 + 3 * 11008) * 2  # a compiled layer recomputes its norms: 3h, not 6h
     assert pv.activation_bytes(shape_7b, tokens, 2, False, compiled=True) == 32 * compiled + logits
 
@@ -73,6 +75,57 @@ def test_zero_sharding_divides_by_world(shape_7b):
     assert m3.optimizer == shape_7b.lora_params * 12 / 8
     assert mo.weights == 0 and mo.optimizer == 0
     assert m1.optimizer == shape_7b.lora_params * 8
+
+
+def _memory(shape, *overrides, world: int = 1, reachable=None):
+    cfg = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused", *overrides])
+    return pv.memory_estimate(cfg, shape, _gpu_plan(cfg, world), reachable)
+
+
+def test_more_layers_kept_never_takes_less_activation_memory(shape_7b):
+    """Checkpointing fewer layers keeps more: monotone in the layers kept, from every one checkpointed (true) to
+    none (false); keeping the last layer costs nothing at the peak (its recompute would come first, on top of
+    every input)."""
+    by_n = [_memory(shape_7b, f"train.grad_ckpt={n}").activations for n in range(33)]
+    assert all(more >= less for more, less in zip(by_n, by_n[1:], strict=False))
+    assert by_n[0] > by_n[16] > by_n[31] == by_n[32]
+    assert _memory(shape_7b, "train.grad_ckpt=true").activations == by_n[32]
+    assert _memory(shape_7b, "train.grad_ckpt=false").activations == by_n[0]
+    assert _memory(shape_7b, "train.grad_ckpt=99").checkpointed == 32  # more than the model has: all of them
+    # before this change `true` counted each layer's input and one whole layer; the last input was counted twice
+    tokens, compiled = 4 * 512, 4 * 512 * (5 * 4096 + 3 * 11008) * 2
+    assert by_n[32] == 31 * tokens * 4096 * 2 + compiled
+
+
+def test_a_budget_keeps_as_many_layers_as_it_holds(shape_7b):
+    tokens = 4 * 512
+    kept, checkpointed = tokens * (5 * 4096 + 3 * 11008) * 2, tokens * 4096 * 2  # compiled layers (GPU default)
+    ten_kept = 22 * checkpointed + 10 * kept
+    mem = _memory(shape_7b, f"train.grad_ckpt={math.ceil(ten_kept / 2**20)}MiB")
+    assert mem.checkpointed == 22 and mem.activations == ten_kept
+    assert _memory(shape_7b, "train.grad_ckpt=1MiB").checkpointed == 32  # too little: every layer checkpointed
+    assert _memory(shape_7b, "train.grad_ckpt=1000GiB").checkpointed == 0
+    assert _memory(shape_7b, "train.grad_ckpt=8").checkpointed == 8
+
+
+def test_auto_fills_the_gpu_and_is_none_on_the_cpu(shape_7b):
+    """auto: the GPU's memory less weights, adapters, optimizer, logits and the margin; none on CPU; unknown (no
+    GPU here) is counted as none, the most it may keep."""
+    small, big = (_memory(shape_7b, "train.grad_ckpt=auto", reachable=g * 2**30) for g in (18, 80))
+    assert 0 < small.checkpointed < 32 and big.checkpointed == 0
+    assert small.total <= 0.9 * 18 * 2**30
+    assert _memory(shape_7b, "train.grad_ckpt=auto").checkpointed is None
+    cfg = compose(["model=llama2_7b_random", "run.dir=/tmp/unused", "train.grad_ckpt=auto"])
+    assert pv.memory_estimate(cfg, shape_7b, RunPlan.from_config(cfg, 1, 1, on_gpu=False)).checkpointed == 0
+
+
+def test_the_chunked_loss_drops_the_whole_batchs_logits(shape_7b):
+    whole = _memory(shape_7b, "train.chunked_loss=false").logits
+    chunked = _memory(shape_7b, "train.chunked_loss=true").logits
+    assert whole == 4 * 512 * 32000 * 10
+    assert chunked == 256 * 32000 * 10  # 8 chunks: each chunk's logits about the hidden states' size
+    assert _memory(shape_7b, "train.grad_ckpt=true").logits == chunked  # auto: on with grad ckpt
+    assert _memory(shape_7b).logits == whole
 
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
@@ -118,6 +171,7 @@ def test_estimate_is_within_10_percent_of_the_h200_peaks(results, case):
         f"train.seq_len={spec.get('seq', 512)}",
         f"train.micro_batch_size={spec.get('micro', 4)}",
         f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
+        "train.chunked_loss=false",  # these peaks were measured with the whole micro-batch's logits
         "run.dir=/tmp/unused",
         *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
         f"distributed={spec.get('distributed', 'ddp')}",
