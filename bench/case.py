@@ -261,6 +261,11 @@ def prepare(spec: dict) -> dict:
 # ---- this project -----------------------------------------------------------------------------
 
 
+def _word(value) -> str:
+    """A spec value as the command line writes it: true/false, a number, auto, 20GiB."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def project_overrides(spec: dict, run_dir: str) -> list[str]:
     """lora-launch overrides for a case: the article's LoRA on the random 7B, synthetic tokens."""
     model = spec.get("model", "llama2_7b_random")
@@ -275,7 +280,7 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
         "lora.dropout=0.1",
         f"train.seq_len={spec.get('seq', 512)}",
         f"train.micro_batch_size={spec.get('micro', 4)}",
-        f"train.grad_ckpt={str(spec.get('ckpt', False)).lower()}",
+        f"train.grad_ckpt={_word(spec.get('ckpt', False))}",
         f"train.compile={spec.get('compile', 'auto')}",
         "train.max_steps=1000",
         "eval.at_start=false",
@@ -286,6 +291,8 @@ def project_overrides(spec: dict, run_dir: str) -> list[str]:
         f"optim={spec.get('optim', 'paged_adamw_32bit')}",
         "optim.max_grad_norm=0.3",
     ]
+    if "chunked" in spec:  # else the project's default (train.chunked_loss=auto: chunked with grad ckpt)
+        o.append(f"train.chunked_loss={_word(spec['chunked'])}")
     if spec.get("all_linear"):
         o.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
     if spec.get("quant") == "nf4" and spec.get("random_nf4"):  # drawn and quantised layer by layer on the GPU
@@ -306,11 +313,12 @@ def preview_estimate(cfg) -> dict:
     DeepSpeed once a DeepSpeed engine is configured."""
     from lora_launch.conf.compose import plain
     from lora_launch.conf.schema import lora_targets
-    from lora_launch.launcher.preview import GIB, memory_estimate, model_config, model_shape
+    from lora_launch.launcher.preview import GIB, gpu_memory_here, memory_estimate, model_config, model_shape
     from lora_launch.run.plan import RunPlan
 
     shape = model_shape(model_config(cfg), lora_targets(cfg), cfg.lora.r)
-    out = {"estimate_gib": memory_estimate(cfg, shape, RunPlan.for_this_process(cfg)).total / GIB}
+    mem = memory_estimate(cfg, shape, RunPlan.for_this_process(cfg), gpu_memory_here())
+    out = {"estimate_gib": mem.total / GIB, "estimate_checkpointed_layers": mem.checkpointed, "layers": shape.layers}
     if cfg.model.random_init:
         out["arch"] = plain(cfg.model.arch)
     return out
@@ -355,6 +363,8 @@ def project(spec: dict) -> dict:
             attention_context=attention_context(trainer.splits.train),
             **estimate,
         )
+        out["checkpointed_layers"] = trainer.checkpointed_layers  # train.grad_ckpt as decided (the log says why)
+        out["loss_chunks"] = getattr(trainer.loss_fn, "chunks", 0)  # 0: the plain loss
         if trainer.kept_gathered:  # FSDP2's keep_gathered=auto: (groups kept, groups)
             out["kept_gathered"] = list(trainer.kept_gathered)
         if spec.get("profile"):  # after the timed steps, so the profiler's overhead stays out of tokens/s

@@ -591,6 +591,26 @@ MATRICES = {
             for how, env in (("rule", {}), ("timed", {"TORCHINDUCTOR_DETERMINISTIC": "0"}))
         ],
     ],
+    # train.grad_ckpt as a budget and train.chunked_loss, bf16 LoRA on one GPU, most telling first: full ckpt with the
+    # plain and the chunked loss, half the layers checkpointed, auto (what the GPU's free memory holds), no ckpt
+    # with either loss
+    "budget": [
+        case("matmul", "matmul"),
+        case("prepare", "prepare", save_7b=False),
+        *[
+            case(name, "project", optim="adamw", extra=[FUSED], warmup=3, steps=10, **kw)
+            for name, kw in (
+                ("lora_ckpt_plain_loss", dict(ckpt=True, chunked=False)),
+                ("lora_ckpt_chunked_loss", dict(ckpt=True, chunked=True)),
+                ("lora_ckpt16_chunked_loss", dict(ckpt=16, chunked=True)),
+                ("lora_ckpt_auto", dict(ckpt="auto")),
+                ("lora_plain_loss", dict(chunked=False)),
+                ("lora_chunked_loss", dict(chunked=True)),
+                ("lora_mb16_ckpt_auto", dict(ckpt="auto", micro=16)),
+                ("lora_mb16_ckpt_6gib", dict(ckpt="6GiB", micro=16)),
+            )
+        ],
+    ],
     # a CPU-free check that the plumbing runs: one small case of each kind
     "smoke": [case("matmul", "matmul"), case("prepare", "prepare"), case("lora", "project", warmup=2, steps=3)],
 }
@@ -699,7 +719,13 @@ def add_mfu(row: dict, spec: dict, rate: float | None) -> None:
     )
     arch, targets = row.get("arch") or LLAMA2_7B, ALL if spec.get("all_linear") else QV
     model = flops_per_token(arch, min(per_sample, seq), False, 64, targets)
-    hardware = flops_per_token(arch, min(per_sample, seq), bool(spec.get("ckpt")), 64, targets)
+    # the share of the layers recomputed: as the case decided it (train.grad_ckpt's budgets), else from the spec
+    recomputed = (
+        row["checkpointed_layers"] / arch["num_hidden_layers"]
+        if "checkpointed_layers" in row
+        else bool(spec.get("ckpt"))
+    )
+    hardware = flops_per_token(arch, min(per_sample, seq), recomputed, 64, targets)
     row.update(
         flops_per_token=model,
         hardware_flops_per_token=hardware,
@@ -712,7 +738,7 @@ def table(rows: list[dict]) -> str:
     by_name = {r["name"]: r for r in rows}
     lines = [
         f"{'case':28} {'tok/s/GPU':>10} {'x peer':>7} {'MFU':>6} {'HFU':>6} {'peak GiB':>9} {'est GiB':>8} "
-        f"{'step cv':>8}"
+        f"{'step cv':>8} {'ckpt':>5} {'chunks':>6}"
     ]
     for r in rows:
         if "tokens_per_s" not in r:
@@ -730,7 +756,8 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "-"
         lines.append(
             f"{r['name']:28} {r['tokens_per_s']:10.0f} {ratio:>7} {r.get('mfu', 0):6.1%} {r.get('hfu', 0):6.1%} "
-            f"{r['peak_gib']:9.1f} {r.get('estimate_gib', float('nan')):8.1f} {r['step_time_cv']:8.3f}"
+            f"{r['peak_gib']:9.1f} {r.get('estimate_gib', float('nan')):8.1f} {r['step_time_cv']:8.3f} "
+            f"{r.get('checkpointed_layers', '-'):>5} {r.get('loss_chunks', '-'):>6}"
         )
     return "\n".join(lines)
 
