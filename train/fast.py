@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from lora_launch.conf.schema import ConfigError, chunked_loss
 from lora_launch.data.samples import IGNORE
-from lora_launch.train.chunked_loss import ChunkedLoss, head_refusal, token_cross_entropy_sum
+from lora_launch.train.chunked_loss import head_refusal, token_cross_entropy_sum
 from lora_launch.train.chunked_loss import install as install_chunked_loss
 
 
@@ -69,9 +69,6 @@ def rule_chosen_reductions() -> None:
 
     if "TORCHINDUCTOR_DETERMINISTIC" not in os.environ and hasattr(inductor, "deterministic"):
         inductor.deterministic = True
-
-
-__all__ = ["ChunkedLoss", "apply", "loss_function"]
 
 
 def apply(cfg: DictConfig, model, mode: str):

@@ -29,6 +29,7 @@ from lora_launch.strategies import strategy_for
 from lora_launch.train import fast, fsdp
 from lora_launch.train.activations import checkpointed_layers
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
+from lora_launch.train.chunked_loss import ChunkedLoss
 from lora_launch.train.data import collate, micro_batch_positions, train_stream
 from lora_launch.train.distributed import (
     adapter_state_dict,
@@ -95,7 +96,7 @@ class Trainer:
             cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan, draw=acc.device)
         )
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
-        if isinstance(self.loss_fn, fast.ChunkedLoss) and self.main:
+        if isinstance(self.loss_fn, ChunkedLoss) and self.main:
             chunks = self.loss_fn.chunks
             print(f"loss in {chunks} chunks of tokens (train.chunked_loss={cfg.train.chunked_loss})", flush=True)
         if cfg.quant.mode == "nf4" and self.main:
