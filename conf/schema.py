@@ -421,6 +421,11 @@ class TrainConfig:
     compile: Compile = free(Compile.auto)
     # optional: micro_batch_size x grad_accum x world size must equal it (checked before launch)
     global_batch_size: int | None = ranged(None, lo=1)
+    # kernels that give the same bits on every run (torch's deterministic algorithms: an op that has none fails
+    # naming itself), so that on GPUs two runs of one config, and a resumed run and an uninterrupted one, log
+    # equal losses; slower (bench/README.md). Without it GPU kernels that add with atomics (the attention's
+    # backward, some compiled ones) leave the last bits free; CPU runs repeat either way
+    deterministic: bool = free(False)
 
 
 @dataclass

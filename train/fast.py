@@ -54,6 +54,14 @@ def loss_function(mode: str, per_token: bool = False):
     return _compiled[fn]
 
 
+def deterministic_kernels() -> None:
+    """train.deterministic: torch's deterministic algorithms from here on (Inductor follows them), strictly: an
+    op without a deterministic form raises rather than warns, because a warning would leave cuDNN's attention
+    backward on its atomic adds. cuBLAS repeats itself only with a fixed workspace, set before its first call."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def rule_chosen_reductions() -> None:
     """Have Inductor choose its reduction kernels' block sizes by rule instead of by timing them.
 

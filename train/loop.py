@@ -83,6 +83,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:  # before any kernel runs
+            fast.deterministic_kernels()
         self.plan = plan = RunPlan.for_this_process(cfg)
         self.accelerator = acc = make_accelerator(cfg, plan)
         self.world, self.rank = acc.num_processes, acc.process_index
