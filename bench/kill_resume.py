@@ -14,7 +14,8 @@ run directory of its own, waits until metrics.jsonl reaches a drawn step, and en
 Each row of OUT/results.jsonl says where it was killed, which checkpoint the run resumed from, whether a
 background save was in flight at the kill, and how many of the losses equal the uninterrupted run's (the
 floats as metrics.jsonl writes them). Runs share the GPU a few at a time (`--parallel`). Extra overrides
-after `--` go to every run (e.g. `train.compile=none`).
+after `--` go to every run (e.g. `train.compile=none`); the runs have `train.deterministic=true` unless one says
+otherwise.
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def main() -> int:
     out = Path(args.out).absolute()
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    overrides = base_overrides(args.steps) + list(args.overrides)
+    # a resume repeats an uninterrupted run's bits only where two uninterrupted runs repeat each other's: on GPUs,
+    # with deterministic kernels (bench/README.md; `-- train.deterministic=false` shows the spread without them)
+    overrides = base_overrides(args.steps) + ["train.deterministic=true", *args.overrides]
     head = {"card": card(), "date": datetime.date.today().isoformat(), "versions": versions(), "overrides": overrides}
     results = out / "results.jsonl"
     with results.open("a") as f:
