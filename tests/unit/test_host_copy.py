@@ -6,6 +6,7 @@ step is queued before the copies have read the weights it updates."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,6 +110,32 @@ def test_a_background_commit_leaves_deleting_what_retention_drops_to_the_next_sa
     ck.maybe_save(5, force=True)  # a save at once deletes what it drops at once
     assert [s for s, _ in ck.committed()] == [4, 5] and not list(ckpt.glob(".trash-*"))
     assert (ckpt / "latest").read_text().strip() == "step-5"
+
+
+def test_the_optimizer_step_after_a_save_waits_for_its_copies_once_before_it_updates(monkeypatch):
+    """The hold's life on the CPU, with a stand-in for the CUDA event and stream."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    seen = []
+
+    class Event:
+        def wait(self, stream):
+            seen.append(weight.detach().clone())  # what the copies read: not updated yet
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "training stream")
+    copy = HostBuffers().begin()
+    copy.event, copy.stream = Event(), SimpleNamespace(device=torch.device("cpu"))
+    copy.hold(optimizer)
+    for _ in range(2):
+        weight.grad = torch.ones(3)
+        optimizer.step()
+    assert len(seen) == 1 and torch.equal(seen[0], torch.ones(3)) and torch.equal(weight.detach(), torch.zeros(3))
+    copy.wait()
+    copy.release()
+    assert not optimizer._optimizer_step_pre_hooks
 
 
 class SecondRank(OneProcess):
