@@ -36,13 +36,15 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "browser: chromium is missing and the report's test will fail; install it: sudo apt-get install -y chromium"; fi
 
+# every tier on two workers (pytest-xdist): runs of two ranks take turns on one of them, and the tests sharing a
+# module's fixture stay together (tests/conftest.py); `make test ARGS="-n 0"` runs them one at a time
 test: setup system-deps browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
 # marked slow (a flex_attention compile on the CPU) run in `make test`
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 -m "not slow" tests/unit $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
 
 # ruff's lint and format checks (pyproject.toml's [tool.ruff]); `make format` applies what they can fix
 lint: setup

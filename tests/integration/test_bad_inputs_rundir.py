@@ -105,6 +105,7 @@ def test_a_launch_refused_on_a_full_disk_leaves_no_new_dir(tmp_path):
     assert list(after.iterdir()) == []
 
 
+@pytest.mark.two_ranks
 def test_a_resume_every_rank_refuses_is_one_line(tmp_path):
     data = Path(shutil.copy(DEMO_DATA, tmp_path / "data.jsonl"))
     run = tmp_path / "run"

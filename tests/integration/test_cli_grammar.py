@@ -104,6 +104,7 @@ def short_run(tmp_path_factory):
     return home, run("train.max_steps=2", "launcher.num_processes=2", cwd=home, timeout=600)
 
 
+@pytest.mark.two_ranks
 def test_a_warmup_longer_than_the_run_is_warned_once(short_run):
     _, result = short_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,6 +115,7 @@ def test_a_warmup_longer_than_the_run_is_warned_once(short_run):
     assert "optim.warmup_ratio" in warned[0] and "optim.lr" in warned[0]
 
 
+@pytest.mark.two_ranks
 def test_runs_fits_80_columns(short_run):
     home, _ = short_run
     result = run("runs", cwd=home)
