@@ -15,8 +15,11 @@ CLI = str(Path(sys.executable).with_name("lora-launch"))
 
 
 def subprocess_env(**extra: str) -> dict:
-    """This environment, offline and quiet; nothing points Python at the repository."""
+    """This environment, offline and quiet; nothing points Python at the repository, and no terminal size is
+    passed on (pytest-xdist's workers set COLUMNS and LINES): output into a pipe, unless `extra` names one."""
     env = dict(os.environ)
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
     env.update(
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
