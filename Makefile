@@ -7,6 +7,10 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test test-fast test-latest lint format setup system-deps browser docs clean
 
+# setuptools says of every editable install through its import finder (which the package-dir mapping needs) to
+# beware of folders named like the package; no folder here is named lora_launch, so the notice is left out
+EDITABLE_QUIET = PYTHONWARNINGS="ignore:Editable installation"
+
 setup: $(VENV)/.installed
 
 # constraints.txt: the versions the tests last passed with (pyproject.toml keeps ranges for users)
@@ -14,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(EDITABLE_QUIET) $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 demo: setup
@@ -69,7 +73,7 @@ $(LATEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q "$(TORCH)"
-	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[dev]"
+	$(EDITABLE_QUIET) $(LATEST)/bin/python -m pip install -q --upgrade -e ".[dev]"
 	touch $@
 
 test-latest: $(LATEST)/.installed
