@@ -1,6 +1,6 @@
 """Kill a run at random steps and resume it; every resumed run must match an uninterrupted one bit for bit.
 
-`python -m bench.kill_resume [--out DIR] [--kills 12] [--parallel 6] [--steps 120] [-- OVERRIDES...]`
+`python -m bench.kill_resume [--out DIR] [--kills 12] [--parallel 6] [--steps 120] [--slow-write S] [-- OVERRIDES...]`
 
 The tiny model with a background save every 5 steps (checkpoint.background_min_mib=0, so every periodic
 save goes through the writer thread) runs once uninterrupted. Then each kill starts the same command in a
@@ -15,7 +15,8 @@ Each row of OUT/results.jsonl says where it was killed, which checkpoint the run
 background save was in flight at the kill, and how many of the losses equal the uninterrupted run's (the
 floats as metrics.jsonl writes them). Runs share the GPU a few at a time (`--parallel`). Extra overrides
 after `--` go to every run (e.g. `train.compile=none`); the runs have `train.deterministic=true` unless one says
-otherwise.
+otherwise. `--slow-write S` makes every checkpoint's file writing sleep S seconds first (the tests' fault
+injection, tests/support/inject), so that most stops come while a background save is in flight.
 """
 
 from __future__ import annotations
@@ -58,10 +59,22 @@ def cli(run_dir: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "lora_launch.cli", f"run.dir={run_dir}", *overrides]
 
 
+INJECT = Path(__file__).resolve().parents[1] / "tests" / "support" / "inject"
+ENV = dict(os.environ)
+
+
+def slow_writes(seconds: float) -> None:
+    """Every process started from here on loads the tests' sitecustomize, which delays each checkpoint's writing."""
+    ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(INJECT), ENV.get("PYTHONPATH")) if p)
+    ENV["SLOW_CHECKPOINT_WRITE_S"] = str(seconds)
+
+
 def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """The launcher in a session of its own (its group is what `group` kills), output appended to RUN.log."""
     log = open(f"{run_dir}.log", "a")
-    return subprocess.Popen(cli(run_dir, overrides), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cli(run_dir, overrides), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -84,15 +97,10 @@ def wait_gone(procs, timeout: float) -> None:
     psutil.wait_procs(procs, timeout=timeout)
 
 
-def in_flight(log: str, every: int = 5) -> bool:
-    """Whether the stop's own checkpoint (step S) was taken while the periodic save before it was not yet
-    committed: its writer thread still running, or done but not yet committed."""
-    stops = [int(s) for s in re.findall(r"step (\d+): checkpoint saved", log)]
-    if not stops:
-        return False
-    due = (stops[-1] - 1) // every * every
-    committed = {int(s) for s in re.findall(r"checkpoint of step (\d+) committed", log)}
-    return due > 0 and due not in committed
+def in_flight(run_dir: Path) -> list[int]:
+    """The steps whose save is in flight now: their staging directory is there, not yet renamed at its commit."""
+    found = (run_dir / "checkpoints").glob(".staging-step-*")
+    return sorted(int(p.name.rsplit("-", 1)[1]) for p in found)
 
 
 def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> dict:
@@ -106,6 +114,7 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> di
         time.sleep(0.02)
     seen = last_step(run_dir)
     below = ranks_of(proc.pid)
+    saving = in_flight(run_dir)  # looked at just before the kill: a save may still commit in between
     if kind == "group":
         os.killpg(proc.pid, signal.SIGKILL)
         wait_gone(below, 180)
@@ -114,7 +123,6 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> di
     else:
         below[0].send_signal(signal.SIGKILL)
     rc_first = proc.wait(timeout=400)
-    first_log = Path(f"{run_dir}.log").read_text()
     rc = rc_first
     if kind != "rank":
         rc = start(run_dir, overrides + extra).wait(timeout=400)
@@ -125,7 +133,7 @@ def one_kill(work: Path, n: int, kind: str, at: int, overrides: list[str]) -> di
         "asked_step": at,
         "seen_step": seen,
         "resumed_from": re.findall(r"resumed from \S*?(step-\d+)", log),
-        "save_in_flight": in_flight(first_log),
+        "save_in_flight": saving,
         "rc_first": rc_first,
         "rc": rc,
         "dir": run_dir,
@@ -152,15 +160,24 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=12)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slow-write", type=float, default=0.0, help="seconds each checkpoint's writing sleeps first")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.slow_write:
+        slow_writes(args.slow_write)
     out = Path(args.out).absolute()
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
     # a resume repeats an uninterrupted run's bits only where two uninterrupted runs repeat each other's: on GPUs,
     # with deterministic kernels (bench/README.md; `-- train.deterministic=false` shows the spread without them)
     overrides = base_overrides(args.steps) + ["train.deterministic=true", *args.overrides]
-    head = {"card": card(), "date": datetime.date.today().isoformat(), "versions": versions(), "overrides": overrides}
+    head = {
+        "card": card(),
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(),
+        "overrides": overrides,
+        "slow_write_s": args.slow_write,
+    }
     results = out / "results.jsonl"
     with results.open("a") as f:
         f.write(json.dumps(head) + "\n")
@@ -185,7 +202,8 @@ def main() -> int:
     overlap = [r for r in rows if r["save_in_flight"]]
     print(
         f"{bitwise} of {len(rows)} kills resumed bitwise; {len(overlap)} came while a background save was in "
-        f"flight, {sum(r['bitwise'] for r in overlap)} of them bitwise",
+        f"flight (its staging directory there just before the kill), {sum(r['bitwise'] for r in overlap)} of them "
+        "bitwise",
         flush=True,
     )
     return 0 if bitwise == len(rows) else 1
