@@ -379,6 +379,45 @@ def project(spec: dict) -> dict:
         trainer.close()
 
 
+def cli(spec: dict) -> dict:
+    """The same case through the product's own command line, as a user runs it: tokens/s as metrics.jsonl reports
+    them (each step's own time), and as the rows' arrival gives them (the whole loop, step boundaries included)."""
+    import shutil
+    import subprocess
+
+    run_dir = WORK / "runs" / f"{spec['name']}-cli"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    warm, steps = spec.get("warmup", 5), spec.get("steps", 15)
+    overrides = [o for o in project_overrides(spec, str(run_dir)) if not o.startswith("train.max_steps=")]
+    overrides += [f"train.max_steps={warm + steps}", "logging.every_steps=1", "sample.max_new_tokens=0"]
+    metrics = run_dir / "metrics.jsonl"
+    arrived: dict[int, float] = {}  # step -> when its row was first seen
+    rows: dict[int, dict] = {}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_launch.cli", *overrides], stdout=sys.stderr)
+    while True:
+        done = proc.poll() is not None
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                row = json.loads(line) if line.strip().endswith("}") else {}
+                if "loss" in row and row["step"] not in rows:
+                    rows[row["step"]], arrived[row["step"]] = row, time.monotonic()
+        if done:
+            break
+        time.sleep(0.005)
+    if proc.returncode != 0 or len(rows) < warm + steps:
+        raise RuntimeError(f"lora-launch exited {proc.returncode} after {len(rows)} steps (see the log above)")
+    timed = [rows[s] for s in range(warm + 1, warm + steps + 1)]
+    out = step_stats([r["step_time"] for r in timed], [r["tokens"] for r in timed])
+    # from the arrival of the last warm-up step's row to the last timed one's: every step's whole cycle
+    wall = arrived[warm + steps] - arrived[warm]
+    out.update(
+        tokens_per_s_arrival=sum(r["tokens"] for r in timed) / wall,
+        peak_gib=timed[-1].get("peak_memory_gib"),
+        loss=timed[-1]["loss"],
+    )
+    return out
+
+
 def _compile_layers_with_mode(mode: str) -> None:
     """Compile the decoder layers with torch.compile's `mode` (e.g. reduce-overhead: CUDA graphs) in this
     bench process only, to see what the host's share of a step is worth."""
@@ -552,7 +591,14 @@ def peer(spec: dict) -> dict:
     return out
 
 
-KINDS = {"matmul": matmul, "prepare": prepare, "project": project, "peer": peer, "checkpoint": checkpoint}
+KINDS = {
+    "matmul": matmul,
+    "prepare": prepare,
+    "project": project,
+    "cli": cli,
+    "peer": peer,
+    "checkpoint": checkpoint,
+}
 
 
 def main() -> int:

@@ -591,23 +591,82 @@ MATRICES = {
             for how, env in (("rule", {}), ("timed", {"TORCHINDUCTOR_DETERMINISTIC": "0"}))
         ],
     ],
-    # train.grad_ckpt as a budget and train.chunked_loss, bf16 LoRA on one GPU, most telling first: full ckpt with the
-    # plain and the chunked loss, half the layers checkpointed, auto (what the GPU's free memory holds), no ckpt
-    # with either loss
+    # train.grad_ckpt as a budget and train.chunked_loss, bf16 LoRA on one GPU, against the peer's two forms with
+    # torch's fused AdamW in the same call: full ckpt with the plain and the chunked loss, then fewer layers
+    # recomputed (the first N of 32: the rest keep their activations) to see which still fit under the peer's
+    # peak, auto (what the GPU's free memory holds), no ckpt with either loss
     "budget": [
         case("matmul", "matmul"),
         case("prepare", "prepare", save_7b=False),
+        case("peer_lora_ckpt_fused_adamw", "peer", optim="adamw_torch_fused", ckpt=True),
+        case("peer_lora_ckpt_liger_fused_adamw", "peer", optim="adamw_torch_fused", ckpt=True, liger=True),
         *[
-            case(name, "project", optim="adamw", extra=[FUSED], warmup=3, steps=10, **kw)
+            case(
+                name,
+                "project",
+                optim="adamw",
+                extra=[FUSED],
+                warmup=3,
+                steps=10,
+                vs=["peer_lora_ckpt_fused_adamw", "peer_lora_ckpt_liger_fused_adamw"],
+                **kw,
+            )
             for name, kw in (
                 ("lora_ckpt_plain_loss", dict(ckpt=True, chunked=False)),
                 ("lora_ckpt_chunked_loss", dict(ckpt=True, chunked=True)),
+                ("lora_ckpt28_chunked_loss", dict(ckpt=28, chunked=True)),
+                ("lora_ckpt24_chunked_loss", dict(ckpt=24, chunked=True)),
                 ("lora_ckpt16_chunked_loss", dict(ckpt=16, chunked=True)),
                 ("lora_ckpt_auto", dict(ckpt="auto")),
                 ("lora_plain_loss", dict(chunked=False)),
                 ("lora_chunked_loss", dict(chunked=True)),
-                ("lora_mb16_ckpt_auto", dict(ckpt="auto", micro=16)),
-                ("lora_mb16_ckpt_6gib", dict(ckpt="6GiB", micro=16)),
+            )
+        ],
+    ],
+    # the same for QLoRA nf4 (the 7B saved and loaded back through bitsandbytes), against the peer's QLoRA forms
+    "budget_qlora": [
+        case("matmul", "matmul"),
+        case("prepare", "prepare"),
+        case("peer_qlora_ckpt_fused_adamw", "peer", quant="nf4", optim="adamw_torch_fused", ckpt=True),
+        case(
+            "peer_qlora_ckpt_liger_fused_adamw", "peer", quant="nf4", optim="adamw_torch_fused", ckpt=True, liger=True
+        ),
+        *[
+            case(
+                name,
+                "project",
+                quant="nf4",
+                optim="adamw",
+                extra=[FUSED],
+                warmup=3,
+                steps=10,
+                vs=["peer_qlora_ckpt_fused_adamw", "peer_qlora_ckpt_liger_fused_adamw"],
+                **kw,
+            )
+            for name, kw in (
+                ("qlora_ckpt_plain_loss", dict(ckpt=True, chunked=False)),
+                ("qlora_ckpt_chunked_loss", dict(ckpt=True, chunked=True)),
+                ("qlora_ckpt30_chunked_loss", dict(ckpt=30, chunked=True)),
+                ("qlora_ckpt28_chunked_loss", dict(ckpt=28, chunked=True)),
+                ("qlora_ckpt_auto", dict(ckpt="auto")),
+            )
+        ],
+    ],
+    # one truth: the same cases through the bench's in-process Trainer and through `lora-launch` itself (its
+    # metrics.jsonl, and the rows' arrival), torch's fused AdamW, bf16 LoRA, LoRA + ckpt and QLoRA + ckpt
+    "agree": [
+        case("matmul", "matmul"),
+        case("prepare", "prepare"),
+        *[
+            c
+            for name, kw in (
+                ("lora", {}),
+                ("lora_ckpt", {"ckpt": True}),
+                ("qlora_ckpt", {"quant": "nf4", "ckpt": True}),
+            )
+            for c in (
+                case(f"{name}_fused_adamw", "project", optim="adamw", extra=[FUSED], **kw),
+                case(f"{name}_fused_adamw_cli", "cli", optim="adamw", extra=[FUSED], vs=f"{name}_fused_adamw", **kw),
             )
         ],
     ],
