@@ -333,6 +333,8 @@ class Trainer:
         return total / max(n, 1.0)
 
     def _log_eval(self) -> float:
+        if not self.splits.val:  # data.val_split=0: nothing to report (NaN would not be JSON in metrics.jsonl)
+            return float("nan")
         eval_loss = self.evaluate()
         self.log.log({"step": self.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
         self.log.write(f"step {self.step}: eval loss {eval_loss:.4f}")

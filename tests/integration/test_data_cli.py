@@ -79,3 +79,20 @@ def test_the_ranks_read_what_the_launcher_tokenised(tiny, tmp_path):
     sources = json.loads((run / "data_report.json").read_text())["sources"]
     assert [s["cache"] for s in sources.values()] == ["hit"], sources
     assert "tokenised before launch, read from the cache" in result.stdout
+
+
+def test_a_run_without_a_validation_split_reports_no_eval_loss(tiny, tmp_path):
+    """data.val_split=0 trains on everything: no eval line and no NaN in metrics.jsonl, which stays strict JSON
+    (NaN is not JSON: jq and the browser's JSON.parse refuse it)."""
+
+    def no_constants(name):
+        raise ValueError(f"metrics.jsonl holds {name}")
+
+    run = tmp_path / "run"
+    result = lora_launch(
+        *tiny["overrides"], f"run.dir={run}", "data.val_split=0", "train.max_steps=2", "sample.max_new_tokens=0"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "eval loss" not in result.stdout
+    rows = [json.loads(line, parse_constant=no_constants) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and not [r for r in rows if "eval_loss" in r]
