@@ -1,6 +1,7 @@
 """How long a background checkpoint stops training: per save, on the product's own Trainer and Checkpointer.
 
-`python -m bench.save_pause --out DIR [--steps 40] [--every 5] [--arms pinned blocking] [--tiny] [--device cpu]`
+`python -m bench.save_pause --out DIR [--steps 40] [--every 5] [--arms pinned blocking] [--profile-saves N] [--tiny]
+[--device cpu]`
 
 Builds the Llama-2-7B shape with random weights on the GPU (QLoRA nf4, drawn and quantised layer by layer,
 where bitsandbytes is installed; else bf16), LoRA r=64 alpha 16 on q_proj/v_proj, grad ckpt, seq 512 x micro
@@ -21,6 +22,10 @@ background save equals a synchronous save of the same step byte for byte while t
 on a GPU once more with the copy stream held back 0.5 s, so that the next optimizer update is queued before
 the copies have read what it overwrites (and, with the paged optimizer, that its states were copied on the GPU).
 Writes OUT/results.jsonl (a row per save, a summary per arm, the check) and prints the summaries.
+
+`--profile-saves N` then takes N more saves on the pinned path under cProfile (the Python functions the save
+call spends its host time in, by cumulative time) and torch's profiler (the CUDA runtime calls made during it,
+those that wait on the device among them), and the step after each: where a pause the copies do not explain goes.
 
 `--tiny --device cpu` runs the same on a two-layer model on the CPU in seconds (for the code, not a timing).
 """
@@ -58,6 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", default="auto", help="train.compile (none: eager, no compile time)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a two-layer model, seq 64 x micro batch 2")
+    ap.add_argument("--profile-saves", type=int, default=0, help="saves profiled after the arms (0: none)")
     return ap.parse_args(argv)
 
 
@@ -198,6 +204,68 @@ def run_arm(trainer, arm: str, steps: int) -> list[dict]:
             }
         )
     return rows
+
+
+def profile_saves(trainer, saves: int, top: int = 15) -> dict:
+    """`saves` background saves on the pinned path, each at the step that makes it due, with the save call under
+    cProfile and torch's profiler, and the step after it under torch's profiler: the Python functions by
+    cumulative time per save, and per save and per next step the CUDA runtime calls with their host time."""
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_launch.train.host_copy import HostBuffers
+
+    ck = trainer.checkpointer
+    ck.host, ck.background = HostBuffers(), True
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    python = cProfile.Profile()
+    runtime = {"save": {}, "next_step": {}}
+    call_ms, next_ms = [], []
+
+    def count(prof, into: dict) -> None:
+        for e in prof.key_averages():
+            if e.key.startswith("cuda") or e.key.startswith("aten::copy_") or e.key.startswith("aten::to"):
+                n, us = into.get(e.key, (0, 0.0))
+                into[e.key] = (n + e.count, us + e.self_cpu_time_total)
+
+    for _ in range(saves):
+        trainer.train_step()
+        while ck.every and trainer.step % ck.every:
+            trainer.train_step()
+        ck.finish()  # the previous save committed, as a due step's save waits for it first
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            python.enable()
+            ck.maybe_save(trainer.step)
+            python.disable()
+            call_ms.append((time.perf_counter() - t0) * 1e3)
+        count(prof, runtime["save"])
+        with profile(activities=activities) as prof:
+            next_ms.append(trainer.train_step()["step_time"] * 1e3)
+        count(prof, runtime["next_step"])
+    ck.finish()
+    stats = pstats.Stats(python)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:top]  # (cc, nc, tt, ct, callers)
+    functions = [
+        {"function": f"{Path(f).name}:{line}({name})", "calls": nc / saves, "cumulative_ms": ct * 1e3 / saves}
+        for (f, line, name), (_, nc, _, ct, _) in rows
+    ]
+
+    def per_save(calls: dict) -> list[dict]:
+        ranked = sorted(calls.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+        return [{"call": k, "calls": n / saves, "host_ms": us / 1e3 / saves} for k, (n, us) in ranked]
+
+    return {
+        "profiled_saves": saves,
+        "save_call_ms": call_ms,
+        "next_step_ms": next_ms,
+        "save_functions": functions,
+        "save_runtime_calls": per_save(runtime["save"]),
+        "next_step_runtime_calls": per_save(runtime["next_step"]),
+    }
 
 
 def summary(arm: str, saves: list[dict], every_for_cost: int = 25) -> dict:
@@ -370,11 +438,12 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():  # and once with the next optimizer update sure to come before the copies end
             checks.append(same_as_synchronous(trainer, out, hold_copies_s=0.5))
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        profiles = [profile_saves(trainer, args.profile_saves)] if args.profile_saves else []
     finally:
         trainer.close()
     wall = {"build_s": built_s, "wall_s": time.perf_counter() - t_start, "peak_gib": peak}
     with (out / "results.jsonl").open("a") as f:
-        for row in rows + summaries + checks + [wall]:
+        for row in rows + summaries + checks + profiles + [wall]:
             f.write(json.dumps({**head, **row}) + "\n")
     print(f"{head['card']}  quant={head['quant']} optim={head['optim']} compile={head['compile']}  {json.dumps(wall)}")
     for row in rows:
@@ -392,6 +461,15 @@ def main(argv=None) -> int:
             f"{check['copies_still_running_after_the_save_call']}; paged states copied on the GPU: "
             f"{check['paged_states_copied_on_gpu']})"
         )
+    for p in profiles:
+        print(
+            f"profiled saves: the call {', '.join(f'{ms:.1f}' for ms in p['save_call_ms'])} ms, the next step "
+            f"{', '.join(f'{ms:.1f}' for ms in p['next_step_ms'])} ms (profilers on)"
+        )
+        for f in p["save_functions"]:
+            print(f"  {f['cumulative_ms']:8.2f} ms  {f['calls']:6.1f} calls  {f['function']}")
+        for where in ("save_runtime_calls", "next_step_runtime_calls"):
+            print(f"  {where}: " + "; ".join(f"{c['call']} x{c['calls']:.0f} {c['host_ms']:.2f} ms" for c in p[where]))
     return 0 if all(c["ok"] for c in checks) else 1
 
 
