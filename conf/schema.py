@@ -426,6 +426,13 @@ class TrainConfig:
     # equal losses; slower (bench/README.md). Without it GPU kernels that add with atomics (the attention's
     # backward, some compiled ones) leave the last bits free; CPU runs repeat either way
     deterministic: bool = free(False)
+    # each decoder layer's q/k/v projections as one matmul over their frozen weights laid end to end, and gate/up as
+    # another (forward, and the input gradient in backward), every targeted projection's adapter added to its slice:
+    # fewer, larger kernels. The adapters, their names, the optimizer state and checkpoints are the separate
+    # projections' (free to change on resume; losses equal to rounding). Llama-style layers (q_proj/k_proj/v_proj,
+    # gate_proj/up_proj); not with quant=nf4, nor where the strategy shards the weights (zero3, fsdp2). Speed in
+    # bench/README.md
+    fused_projections: bool = free(False)
 
 
 @dataclass
@@ -642,6 +649,7 @@ def validate(cfg: DictConfig) -> None:
             f"quant.kernel=torch with distributed={cfg.distributed.name}: the 4-bit weights are sharded "
             "there; use quant.kernel=bitsandbytes, or distributed=ddp or zero2"
         )
+    _validate_fused_projections(cfg)
     for problem in strategies.strategy_for(cfg).problems(cfg):
         raise ConfigError(problem)
     lora_targets(cfg)
@@ -650,6 +658,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.path is null: give a hub id or local directory, or set model.random_init=true")
     _validate_data(cfg.data)
     _validate_resume(cfg.resume)
+
+
+def _validate_fused_projections(cfg: DictConfig) -> None:
+    """train.fused_projections joins whole frozen linear weights: not 4-bit ones, nor shards of them."""
+    if not cfg.train.fused_projections:
+        return
+    if cfg.quant.mode == "nf4":
+        raise ConfigError(
+            "train.fused_projections=true with quant=nf4: the 4-bit weights are packed one projection at a time; "
+            "set train.fused_projections=false, or quant=none"
+        )
+    if strategies.strategy_for(cfg).shards_weights(cfg):
+        raise ConfigError(
+            f"train.fused_projections=true with distributed={cfg.distributed.name}: each process holds shards of "
+            "the weights, not whole projections to join; set train.fused_projections=false, or use "
+            "distributed=ddp or zero2"
+        )
 
 
 def _validate_resume(r: DictConfig) -> None:

@@ -26,7 +26,7 @@ from lora_launch.run.rundir import (
     write_status,
 )
 from lora_launch.strategies import strategy_for
-from lora_launch.train import fast, fsdp
+from lora_launch.train import fast, fsdp, fused
 from lora_launch.train.activations import checkpointed_layers
 from lora_launch.train.checkpoint import Checkpointer, fingerprints
 from lora_launch.train.chunked_loss import ChunkedLoss
@@ -97,6 +97,10 @@ class Trainer:
         model = apply_lora(
             cfg, load_base_model(cfg, fsdp.build_device(cfg, plan, acc.device, self.main), plan, draw=acc.device)
         )
+        if cfg.train.fused_projections:  # before compiling: the compiled layers trace the joined products
+            joined = fused.install(model)
+            if self.main:
+                print(joined, flush=True)
         self.loss_fn = fast.apply(cfg, model, plan.compile)  # compiled layers and loss on GPUs
         if isinstance(self.loss_fn, ChunkedLoss) and self.main:
             chunks = self.loss_fn.chunks
@@ -125,6 +129,7 @@ class Trainer:
         # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
         self.scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         self.model, self.optimizer = prepare(acc, cfg, model, optimizer)
+        fused.check_joined(cfg, unwrapped(acc, self.model))
         self.host_peak_at_start_mib = _host_peak_mib()  # the model built, sharded and placed; nothing trained
         self.stream = train_stream(cfg, self.splits)  # length-grouped with data.group_by_length
         self.global_batch = plan.global_batch

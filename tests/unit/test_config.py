@@ -172,5 +172,6 @@ def test_keys_free_to_change_on_resume_are_marked_on_the_schema():
         "train.num_workers",
         "train.compile",
         "train.deterministic",
+        "train.fused_projections",
     }
     assert len(resume_free_keys()) == len(set(resume_free_keys()))
