@@ -34,6 +34,7 @@ PEERS = [
 ]
 
 FUSED = "optim.name=adamw_torch_fused"  # torch's fused AdamW kernel (optim=adamw's name is adamw_torch: foreach)
+FUSED_PROJECTIONS = "train.fused_projections=true"  # q/k/v and gate/up each one matmul (lora_launch.train.fused)
 G1 = "distributed.layers_per_group=1"  # FSDP2 as it sharded before groups of layers (one layer a group)
 K0 = "distributed.keep_gathered=0"  # FSDP2 as it ran before keep_gathered=auto: every group gathered twice a step
 
@@ -590,6 +591,35 @@ MATRICES = {
             for name, kw in (("lora", {}), ("qlora_ckpt", dict(quant="nf4", random_nf4=True, ckpt=True)))
             for how, env in (("rule", {}), ("timed", {"TORCHINDUCTOR_DETERMINISTIC": "0"}))
         ],
+    ],
+    # train.fused_projections (q/k/v and gate/up each one matmul, the adapters on their slices) against the separate
+    # projections, bf16 LoRA as the optim matrix's lora_fused_adamw, alternated twice so the noise shows; then both
+    # profiled (kernels a step, where the time goes)
+    "fused": [
+        case("matmul", "matmul"),
+        case("prepare", "prepare", save_7b=False),
+        *[
+            case(
+                f"{name}_{rep}",
+                "project",
+                optim="adamw",
+                extra=[FUSED, *fused],
+                vs=f"lora_fused_adamw_{rep}" if fused else None,
+            )
+            for rep in (1, 2)
+            for name, fused in (("lora_fused_adamw", []), ("lora_fused_projections_fused_adamw", [FUSED_PROJECTIONS]))
+        ],
+        case("lora_fused_adamw_profiled", "project", optim="adamw", extra=[FUSED], warmup=4, steps=12, profile=3),
+        case(
+            "lora_fused_projections_fused_adamw_profiled",
+            "project",
+            optim="adamw",
+            extra=[FUSED, FUSED_PROJECTIONS],
+            warmup=4,
+            steps=12,
+            profile=3,
+            vs="lora_fused_adamw_profiled",
+        ),
     ],
     # train.grad_ckpt as a budget and train.chunked_loss, bf16 LoRA on one GPU, against the peer's two forms with
     # torch's fused AdamW in the same call: full ckpt with the plain and the chunked loss, then fewer layers
