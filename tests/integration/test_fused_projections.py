@@ -1,6 +1,6 @@
 """train.fused_projections through `lora-launch` on the tiny Llama: the same losses as the separate projections (to
 float32 rounding), the same adapter, which loads into a plain PEFT model, and a run stopped with the option on
-that resumes with it off."""
+that resumes with it off; under zero2 too."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from support.resume import BASE, launch, sigterm_at, status, train_losses
 
-# three launches of 12 steps and one stopped and resumed: about a minute on two cores
+# four launches of 12 steps and one stopped and resumed: about a minute on two cores
 pytestmark = pytest.mark.slow
 
 FUSED = "train.fused_projections=true"
@@ -72,4 +72,13 @@ def test_a_run_stopped_with_it_on_resumes_with_it_off(runs):
     assert rc == 0 and status(run)["state"] == "preempted", (rc, status(run))
     rc, log = launch(run, args)
     assert rc == 0 and "resumed from" in log, log[-3000:]
+    assert _close(train_losses(run), train_losses(out["separate"][0]))
+
+
+def test_zero2_runs_it_to_the_same_losses(runs):
+    """ZeRO-2 holds the whole base on every process: DeepSpeed's wrapping leaves the joined weights in place."""
+    args, root, out = runs
+    run = root / "zero2"
+    rc, log = launch(run, [*args, FUSED, "distributed=zero2", "launcher.num_processes=1"])
+    assert rc == 0, log[-3000:]
     assert _close(train_losses(run), train_losses(out["separate"][0]))

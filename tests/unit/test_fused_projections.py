@@ -71,6 +71,19 @@ def test_joined_projections_give_the_separate_outputs_and_gradients(arch, target
         assert group.pending is None  # nothing of the step is held after it
 
 
+def test_layers_that_recompute_in_backward_join_again():
+    """train.grad_ckpt: a checkpointed layer's forward runs again in backward, through the joined products too."""
+    plain, joined = _lora_model("llama", ["q_proj", "v_proj"], 0.1), _lora_model("llama", ["q_proj", "v_proj"], 0.1)
+    for model in (plain, joined):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fuse_projections(joined)
+    _, want_loss, want_grads = _step(plain)
+    _, loss, grads = _step(joined)
+    torch.testing.assert_close(loss, want_loss, **TIGHT)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], **TIGHT, msg=name)
+
+
 def test_the_model_keeps_its_parameters_names_and_adapter_and_holds_the_weights_once():
     from peft import get_peft_model_state_dict
 
