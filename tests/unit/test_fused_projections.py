@@ -84,6 +84,16 @@ def test_layers_that_recompute_in_backward_join_again():
         torch.testing.assert_close(g, want_grads[name], **TIGHT, msg=name)
 
 
+def test_generation_with_its_cache_gives_the_same_tokens():
+    plain, joined = _lora_model("qwen2", "all-linear", 0.0), _lora_model("qwen2", "all-linear", 0.0)
+    fuse_projections(joined)
+    prompt = _ids()[:1, :5]
+    want = plain.eval().generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(
+        joined.eval().generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=True), want
+    )
+
+
 def test_the_model_keeps_its_parameters_names_and_adapter_and_holds_the_weights_once():
     from peft import get_peft_model_state_dict
 
@@ -181,3 +191,30 @@ def test_configs_it_cannot_run_are_refused_at_compose(overrides, line):
 def test_ddp_and_zero2_compose_with_it():
     for distributed in ("ddp", "zero2"):
         assert compose(["train.fused_projections=true", f"distributed={distributed}"]).train.fused_projections
+
+
+def test_identical_layers_still_share_one_compiled_graph():
+    """The joined weight is an input of the layer's graph, not a constant of it: no recompile per layer (beyond the
+    first layer's, whose input needs no gradient), which would pass dynamo's limit on a 32-layer model."""
+    import torch._dynamo
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4
+    )
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.config.use_cache = False  # as the trainer loads it
+    fuse_projections(model)
+    graphs = []
+
+    def backend(gm, _inputs):  # one backend for every layer, as torch.compile's own is
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for layer in model.base_model.model.model.layers:
+        layer.compile(backend=backend)
+    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    assert len(graphs) == 2
