@@ -11,12 +11,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import MISSING as NO_FACTORY
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_launch.conf.schema import Choice, ConfigError, Dtype, Template, is_union, type_name
+from lora_launch.conf.schema import Choice, ConfigError, Dtype, Template, is_union, type_hints, type_name
 
 
 def arg(default: Any = MISSING, help: str = "", default_factory: Any = None):
@@ -213,7 +213,7 @@ def _is_str(hint: Any) -> bool:
 def _key_type(schema: type, key: str) -> Any:
     """The type of dotted `key` in `schema`, or None when it has no such key."""
     head, _, rest = key.partition(".")
-    hints = get_type_hints(schema)
+    hints = type_hints(schema)
     if head not in hints:
         return None
     if is_dataclass(hints[head]):
@@ -224,7 +224,7 @@ def _key_type(schema: type, key: str) -> Any:
 def keys(schema: type, prefix: str = "") -> list[str]:
     """Dotted keys of a subcommand's arguments, in declaration order."""
     out: list[str] = []
-    hints = get_type_hints(schema)
+    hints = type_hints(schema)
     for f in fields(schema):
         if is_dataclass(hints[f.name]):
             out += keys(hints[f.name], f"{prefix}{f.name}.")
@@ -236,7 +236,7 @@ def keys(schema: type, prefix: str = "") -> list[str]:
 def _field(schema: type, key: str):
     head, _, rest = key.partition(".")
     f = next(f for f in fields(schema) if f.name == head)
-    return _field(get_type_hints(schema)[head], rest) if rest else f
+    return _field(type_hints(schema)[head], rest) if rest else f
 
 
 def _help(schema: type, key: str) -> str:

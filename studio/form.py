@@ -19,13 +19,13 @@ import re
 import tokenize
 from dataclasses import fields, is_dataclass
 from enum import Enum
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin
 
 from omegaconf import MISSING, DictConfig
 
 from lora_launch.conf.compose import compose_checked  # noqa: F401 (the app composes as the command line does)
 from lora_launch.conf.groups import config_groups, default_choices, primary_config
-from lora_launch.conf.schema import Config, ConfigError, describe, is_union, plain, unknown_key
+from lora_launch.conf.schema import Config, ConfigError, describe, is_union, plain, type_hints, unknown_key
 from lora_launch.data.templates import AUTO_ORDER, FORMAT_FIELDS
 
 AUTOMATIC_GROUPS = ("model_recipe",)  # picked by the model, never by hand
@@ -82,7 +82,7 @@ def _json_safe(value: Any) -> Any:
 def schema_fields(schema: type = Config, prefix: str = "") -> list[dict]:
     """Every leaf key of the schema with its type, choices, range and default."""
     out = []
-    hints = get_type_hints(schema)
+    hints = type_hints(schema)
     for f in fields(schema):
         key = prefix + f.name
         if is_dataclass(hints[f.name]):
