@@ -10,7 +10,13 @@ import torch
 from lora_launch.conf.compose import compose
 from lora_launch.conf.schema import ConfigError
 
-bnb = pytest.importorskip("bitsandbytes")
+
+@pytest.fixture(scope="module", autouse=True)
+def bitsandbytes():
+    """The module is skipped without bitsandbytes. Imported here rather than at collection (some 2 s): only the
+    worker that runs these tests (together, by this fixture's scope) pays for it."""
+    return pytest.importorskip("bitsandbytes")
+
 
 TINY = [
     "model=llama2_7b_random",
