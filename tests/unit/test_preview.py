@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_launch.conf.compose import compose
+from lora_launch.conf.schema import validate
 from lora_launch.launcher import preview as pv
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
@@ -79,6 +81,18 @@ def test_zero_sharding_divides_by_world(shape_7b):
 
 def _memory(shape, *overrides, world: int = 1, reachable=None):
     cfg = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused", *overrides])
+    return _estimate(cfg, shape, world, reachable)
+
+
+def _grad_ckpt(cfg, layers: int):
+    """cfg with train.grad_ckpt=layers, validated again: one composition for a sweep over that one key."""
+    out = copy.deepcopy(cfg)
+    out.train.grad_ckpt = layers
+    validate(out)
+    return out
+
+
+def _estimate(cfg, shape, world: int = 1, reachable=None):
     return pv.memory_estimate(cfg, shape, _gpu_plan(cfg, world), reachable)
 
 
@@ -86,7 +100,8 @@ def test_more_layers_kept_never_takes_less_activation_memory(shape_7b):
     """Checkpointing fewer layers keeps more: monotone in the layers kept, from every one checkpointed (true) to
     none (false); keeping the last layer costs nothing at the peak (its recompute would come first, on top of
     every input)."""
-    by_n = [_memory(shape_7b, f"train.grad_ckpt={n}").activations for n in range(33)]
+    base = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused"])
+    by_n = [_estimate(_grad_ckpt(base, n), shape_7b).activations for n in range(33)]
     assert all(more >= less for more, less in zip(by_n, by_n[1:], strict=False))
     assert by_n[0] > by_n[16] > by_n[31] == by_n[32]
     assert _memory(shape_7b, "train.grad_ckpt=true").activations == by_n[32]
