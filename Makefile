@@ -46,7 +46,7 @@ test: setup system-deps browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
-# marked slow (a flex_attention compile on the CPU) run in `make test`
+# marked slow (a flex_attention compile on the CPU, packing a million samples) run in `make test`
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
 

@@ -95,6 +95,7 @@ def test_rows_are_a_function_of_seed_and_data_and_shuffled_by_seed():
     assert np.corrcoef(np.arange(len(first)), first)[0, 1] ** 2 < 0.01
 
 
+@pytest.mark.slow  # its size is the point: packing a million samples twice takes some 5 s of CPU
 def test_bfd_places_a_million_samples_quickly(capsys):
     """The row assignment alone (lengths in, sample indices per row out): gathering the tokens is numpy."""
     for seq in (512, 4096):
