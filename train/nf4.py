@@ -6,8 +6,7 @@ absmax and the 4-bit codes, every forward, recompute and backward: the host's ke
 then set the step's pace (bench/README.md, "bitsandbytes' 4-bit matmul"). Here the
 same arithmetic is written in torch operations (two table lookups and two scalings in float32, then the
 cast, as bitsandbytes computes them: bit-identical weights), and an autograd function keeps only the
-packed weight for backward, where it dequantises again (the bf16 weight is never saved; compiled, a
-checkpoint around the dequantisation does the same).
+packed weight for backward, where it dequantises again (the bf16 weight is never saved).
 
 Only the weights bitsandbytes packed (`Params4bit` with a quant_state) of a model that each process holds
 whole (ddp) take this path; the storage stays bitsandbytes', so saving, loading and the adapters are
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def dequantize(
@@ -70,24 +68,20 @@ class _Matmul4bit(torch.autograd.Function):
 def _forward(module, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' Linear4bit forward (input in the compute dtype, output in the input's) through
     `_Matmul4bit`, from the plain tensors `use_torch_matmul` registered (which dynamo traces as buffers)."""
-    dtype, m = module.nf4_dtype, module
-    if torch.compiler.is_compiling():
-        # Compiled, the partitioner merges the backward's dequantisation with the forward's and keeps that bf16
-        # weight for the input gradient (a layer's worth of weights for every layer not recomputed); inside a
-        # checkpoint its nodes are recomputed in backward instead, from the packed weight
-        weight = checkpoint(
-            dequantize,
-            *(m.nf4_packed, m.nf4_absmax, m.nf4_code, m.nf4_blocksize, m.nf4_absmax2, m.nf4_code2),
-            *(m.nf4_blocksize2, m.nf4_offset, m.nf4_shape, dtype),
-            use_reentrant=False,
-        )
-        out = F.linear(x.to(dtype), weight)
-    else:
-        out = _Matmul4bit.apply(
-            x.to(dtype),
-            *(m.nf4_packed, m.nf4_absmax, m.nf4_code, m.nf4_absmax2, m.nf4_code2, m.nf4_offset),
-            *(m.nf4_blocksize, m.nf4_blocksize2, m.nf4_shape, dtype),
-        )
+    dtype = module.nf4_dtype
+    out = _Matmul4bit.apply(
+        x.to(dtype),
+        module.nf4_packed,
+        module.nf4_absmax,
+        module.nf4_code,
+        module.nf4_absmax2,
+        module.nf4_code2,
+        module.nf4_offset,
+        module.nf4_blocksize,
+        module.nf4_blocksize2,
+        module.nf4_shape,
+        dtype,
+    )
     if module.bias is not None:
         out = out + module.bias.to(dtype)
     return out.to(x.dtype)

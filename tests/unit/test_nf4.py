@@ -89,30 +89,6 @@ def test_a_qlora_model_through_the_torch_kernel_computes_what_bitsandbytes_does(
     assert shapes and not any(tuple(t.shape) in shapes for t in saved_t)
 
 
-@pytest.mark.slow  # a compilation, some 10 s
-def test_a_compiled_4bit_layer_keeps_no_dequantised_weight_for_backward():
-    """Compiled, the partitioner would keep the forward's bf16 weight for the input gradient (a layer's weights
-    for every layer not recomputed): the compiled path recomputes it from the packed weight, to the same bits."""
-    from lora_launch.train import nf4
-
-    layer = next(m for m in _model("torch").modules() if hasattr(m, "nf4_shape"))
-    x = torch.randn(3, 5, layer.nf4_shape[1], dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
-    results = {}
-    for name, run in (("eager", layer), ("compiled", torch.compile(layer, fullgraph=True))):
-        torch._dynamo.reset()
-        x_ = x.clone().requires_grad_()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
-            out = run(x_)
-        out.float().square().sum().backward()
-        results[name] = out, x_.grad, saved
-    assert layer.forward.__func__ is nf4._forward
-    for name, (_, _, saved) in results.items():
-        assert not any(tuple(t.shape) == tuple(layer.nf4_shape) for t in saved), name
-    torch.testing.assert_close(results["compiled"][0], results["eager"][0], rtol=0, atol=0)
-    torch.testing.assert_close(results["compiled"][1], results["eager"][1], rtol=1e-2, atol=1e-2)
-
-
 def test_the_torch_kernel_is_the_default_where_weights_are_whole_and_refused_where_they_are_sharded():
     from lora_launch.conf.schema import quant_kernel
 
