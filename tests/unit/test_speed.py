@@ -16,6 +16,7 @@ from lora_launch.run.plan import RunPlan
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 FUSED = "optim.name=adamw_torch_fused"  # torch's AdamW in its fused form: the default's step, 1% apart
+REVERTED = {"2026-12-06-h200-nf4-checkpointed-dequantisation.jsonl"}  # measured code since reverted
 
 
 def _current_rows() -> list[tuple[str, dict]]:
@@ -23,7 +24,7 @@ def _current_rows() -> list[tuple[str, dict]]:
     2026-11-30 on (quant.kernel=auto, distributed.keep_gathered=auto), torch's AdamW (the default optimizer),
     full-length samples, under ddp or no strategy, no DeepSpeed JSON, compile or other override."""
     rows = []
-    for path in sorted(RESULTS.glob("*.jsonl")):
+    for path in sorted(set(RESULTS.glob("*.jsonl")) - {RESULTS / name for name in REVERTED}):
         for row in map(json.loads, path.read_text().splitlines()):
             spec = row.get("spec", {})
             if (
@@ -54,6 +55,14 @@ def _composed(overrides: tuple[str, ...]):
     return compose(list(overrides))
 
 
+def _grad_ckpt(row: dict) -> str:
+    """The row's train.grad_ckpt as it ran: the layers the case recomputed where it says (a budget, or auto's
+    choice on that card), else on or off."""
+    if "checkpointed_layers" in row:
+        return str(row["checkpointed_layers"])
+    return str(bool(row["spec"].get("ckpt"))).lower()
+
+
 def _estimated_tokens_per_s(row: dict, world: int = 1, device: str = "NVIDIA H200") -> float:
     """Per-GPU tokens/s the preview's estimate gives for the row's config on `world` GPUs named `device`."""
     spec = row["spec"]
@@ -63,7 +72,7 @@ def _estimated_tokens_per_s(row: dict, world: int = 1, device: str = "NVIDIA H20
         f"train.seq_len={spec.get('seq', 512)}",
         f"train.micro_batch_size={spec.get('micro', 4)}",
         "run.dir=/tmp/unused",
-        f"train.grad_ckpt={str(bool(spec.get('ckpt'))).lower()}",
+        f"train.grad_ckpt={_grad_ckpt(row)}",
         f"distributed={spec.get('distributed', 'ddp')}",
         *(["quant=nf4"] if spec.get("quant") == "nf4" else []),
         *[o for o in spec.get("extra", []) if o.startswith("model.arch.")],
