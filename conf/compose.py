@@ -8,8 +8,11 @@ list; the YAML files hold only what a choice changes.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,16 +102,9 @@ def compose(
 
     check=False: resolved, not validated: the launch validates once it has seen the run dir."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     with _hydra(config_dir) as hydra:
-        cfg = hydra.compose_config(
-            config_name=config_name,
-            overrides=list(overrides),
-            run_mode=RunMode.RUN,
-            from_shell=False,
-            with_log_configuration=False,
-        )
+        cfg = _composed(hydra, list(overrides), config_dir, config_name)
         HydraConfig.instance().set_config(cfg)
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
@@ -117,6 +113,68 @@ def compose(
     else:
         OmegaConf.resolve(cfg)
     return cfg
+
+
+# Hydra builds a composition from its defaults list (some 100 ms, most of a unit test's time). What that depends on,
+# the group choices and the YAML files, is composed once and copied; the key=value overrides are then applied to
+# the copy by Hydra's own override code, after the defaults as Hydra applies them
+_COMPOSED: OrderedDict[tuple, DictConfig] = OrderedDict()
+_COMPOSED_KEPT = 32
+
+
+def _composed(hydra, overrides: list[str], config_dir: str | None, config_name: str) -> DictConfig:
+    """Hydra's composition of `overrides` with its `hydra` node, as `Hydra.compose_config` makes it."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    def by_hydra(lines: list[str]) -> DictConfig:
+        return hydra.compose_config(
+            config_name=config_name,
+            overrides=lines,
+            run_mode=RunMode.RUN,
+            from_shell=False,
+            with_log_configuration=False,
+        )
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.is_sweep_override() or o.is_hydra_override() for o in parsed):
+        return by_hydra(overrides)
+    repo = hydra.config_loader.repository
+    is_choice = [repo.group_exists(o.key_or_group) and not isinstance(o.value(), dict) for o in parsed]
+    choices = [o.input_line for o, choice in zip(parsed, is_choice) if choice]
+    key = (config_name, config_dir and os.path.abspath(config_dir), tuple(choices), _yaml_stamp(config_dir))
+    base = _COMPOSED.get(key)
+    if base is None:
+        base = by_hydra(choices)
+        if base.hydra.searchpath:  # more places to find groups in than `repo` knows of
+            return by_hydra(overrides)
+        _COMPOSED[key] = base
+        while len(_COMPOSED) > _COMPOSED_KEPT:
+            _COMPOSED.popitem(last=False)
+    _COMPOSED.move_to_end(key)
+    cfg = copy.deepcopy(base)
+    ConfigLoaderImpl._apply_overrides_to_config([o for o, choice in zip(parsed, is_choice) if not choice], cfg)
+    job = cfg.hydra.job
+    with open_dict(cfg.hydra):
+        cfg.hydra.overrides.task = list(overrides)
+        cfg.hydra.runtime.cwd = os.getcwd()
+        for name in job.env_copy:
+            job.env_set[name] = os.environ[name]
+        dirname = job.config.override_dirname
+        job.override_dirname = get_overrides_dirname(
+            overrides=parsed, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys
+        )
+    return cfg
+
+
+def _yaml_stamp(config_dir: str | None) -> bytes:
+    """A digest of every config file a composition may read, by content: any edit is composed anew."""
+    digest = hashlib.blake2b(digest_size=16)
+    for root in [Path(__file__).parent, *([Path(config_dir)] if config_dir else [])]:
+        for path in sorted(root.rglob("*.yaml")):
+            digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.digest()
 
 
 def compose_checked(

@@ -144,16 +144,18 @@ def test_run_to_end_waits_in_this_session():
 
 
 # ---- stop signals -------------------------------------------------------------------------------------
+# raise_signal, not os.kill(getpid()): delivered to this thread, its handler runs before the next line (a signal to
+# the process may land on another thread, an xdist worker's, and be handled after the check)
 
 
 def test_the_first_stop_is_recorded_and_a_second_ctrl_c_is_told_apart():
     firsts, agains = [], []
     with StopSignals(firsts.append, lambda: agains.append(True)) as stops:
         assert not stops.requested and stops.signum is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)  # another stop, not a Ctrl-C: nothing more to do
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # another stop, not a Ctrl-C: nothing more to do
         assert (stops.signum, stops.name, firsts, agains) == (signal.SIGTERM, "SIGTERM", [signal.SIGTERM], [])
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert agains == [True] and stops.arrived == [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]
     assert stops.signum == signal.SIGTERM  # still readable once the block is left
 
@@ -161,9 +163,9 @@ def test_the_first_stop_is_recorded_and_a_second_ctrl_c_is_told_apart():
 def test_a_first_ctrl_c_is_a_stop_and_the_second_ends_everything():
     firsts, agains = [], []
     with StopSignals(firsts.append, lambda: agains.append(True)) as stops:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert firsts == [signal.SIGINT] and agains == []
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert agains == [True] and stops.name == "SIGINT"
 
 
@@ -173,7 +175,7 @@ def test_the_previous_handlers_come_back_when_the_block_ends():
         assert all(signal.getsignal(s) != handler for s, handler in before.items())
     assert {s: signal.getsignal(s) for s in before} == before
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C is Python's own again
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_the_previous_handlers_come_back_after_an_error_in_the_block():
@@ -188,7 +190,7 @@ def test_only_the_signals_named_are_taken():
     stops = StopSignals(signals=(signal.SIGTERM,)).install()
     try:
         assert signal.getsignal(signal.SIGINT) == before
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         assert stops.signum == signal.SIGTERM
     finally:
         stops.restore()
@@ -202,7 +204,7 @@ def test_after_a_hangup_output_goes_to_the_file(tmp_path):
         from lora_launch.run.process import StopSignals
         print("before", flush=True)
         with StopSignals(hangup_output={str(log)!r}) as stops:
-            os.kill(os.getpid(), signal.SIGHUP)
+            signal.raise_signal(signal.SIGHUP)
             print("after", stops.name, flush=True)
             print("on stderr", file=sys.stderr, flush=True)
     """)
