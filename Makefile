@@ -10,6 +10,10 @@ TORCH  ?= torch==2.13.0
 # setuptools says of every editable install through its import finder (which the package-dir mapping needs) to
 # beware of folders named like the package; no folder here is named lora_launch, so the notice is left out
 EDITABLE_QUIET = PYTHONWARNINGS="ignore:Editable installation"
+# pytest keeps the test modules it rewrites (assert messages) in __pycache__ only where bytecode may be written:
+# under PYTHONDONTWRITEBYTECODE=1, which some images set, every worker rewrites them again on each run (a few
+# seconds). The test targets let it write.
+PYTEST = env -u PYTHONDONTWRITEBYTECODE HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 setup: $(VENV)/.installed
 
@@ -43,12 +47,12 @@ browser:
 # every tier on two workers (pytest-xdist): runs of two ranks take turns on one of them, and the tests sharing a
 # module's fixture stay together (tests/conftest.py); `make test ARGS="-n 0"` runs them one at a time
 test: setup system-deps browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup tests $(ARGS)
+	$(PYTEST) -q -rs -n 2 --dist loadgroup tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
 # marked slow (a flex_attention compile on the CPU, packing a million samples) run in `make test`
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
+	$(PYTEST) -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
 
 # ruff's lint and format checks (pyproject.toml's [tool.ruff]); `make format` applies what they can fix
 lint: setup
