@@ -56,7 +56,7 @@ from lora_launch.launcher.speed import (
     this_host_gpu,
 )
 from lora_launch.launcher.topology import Topology
-from lora_launch.run.activations import LayerActivations, auto_budget, logits_bytes
+from lora_launch.run.activations import LayerActivations, auto_budget, dequantised_bytes, logits_bytes
 from lora_launch.run.activations import layer_activations as layer_activations_of
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
@@ -169,10 +169,12 @@ def weight_bytes(shape: ModelShape, quant: str, dtype_bytes: int, compute_bytes:
     return shape.quantisable_params * (0.5 + absmax) + rest * compute_bytes
 
 
-def layer_activations(shape: ModelShape, tokens: int, act_bytes: int, compiled: bool = False) -> LayerActivations:
+def layer_activations(
+    shape: ModelShape, tokens: int, act_bytes: int, compiled: bool = False, dequantised: float = 0.0
+) -> LayerActivations:
     """The decoder layers' activation terms for a micro-batch of `tokens` (lora_launch.run.activations)."""
     return layer_activations_of(
-        shape.layers, shape.hidden, shape.kv_hidden, shape.intermediate, tokens, act_bytes, compiled
+        shape.layers, shape.hidden, shape.kv_hidden, shape.intermediate, tokens, act_bytes, compiled, dequantised
     )
 
 
@@ -250,7 +252,8 @@ def memory_estimate(cfg: DictConfig, shape: ModelShape, plan: RunPlan, reachable
     held = strategy_for(cfg).memory(cfg, plan, weights, shape.lora_params, gathered)
     act_bytes = compute_bytes if cfg.quant.mode == "nf4" else dtype_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
-    acts = layer_activations(shape, tokens, act_bytes, plan.compile == "layers")
+    dequantised = dequantised_bytes(cfg, plan, shape.quantisable_params // max(shape.layers, 1))
+    acts = layer_activations(shape, tokens, act_bytes, plan.compile == "layers", dequantised)
     logits = logits_bytes(tokens, shape.hidden, shape.vocab, chunked_loss(cfg))
     held_bytes = held.weights + held.lora + held.optimizer
     n = checkpointed_layers(read_grad_ckpt(cfg.train.grad_ckpt), acts, plan.on_gpu, reachable, held_bytes, logits)

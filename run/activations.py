@@ -9,6 +9,11 @@ backward reaches it. The first layers are the ones checkpointed: their recompute
 the kept layers' activations are freed, so the peak is the larger of what the start of backward holds (every
 checkpointed layer's input, every kept layer's activations) and what one recompute adds to the inputs.
 
+A compiled decoder layer of 4-bit weights dequantised by torch operations (quant.kernel=torch) also keeps each
+linear's dequantised weight for backward, in the compute dtype: the compiler merges backward's dequantisation with
+forward's and saves its result (eager saves the packed weight alone). That is a layer's linear weights at 2 bytes
+each, kept by every layer not recomputed and by the one being recomputed.
+
 The loss keeps the logits: vocab x 10 bytes per token (half-precision logits, their float32 upcast and its
 gradient), for the whole micro-batch, or for one chunk of tokens with train.chunked_loss.
 """
@@ -17,6 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from lora_launch.conf.dtypes import FLOATS
+from lora_launch.conf.schema import quant_kernel
 
 GIB = 2**30
 HEADROOM = 0.9  # grad_ckpt=auto: the share of the GPU memory this process can reach that it plans to use
@@ -47,12 +55,28 @@ class LayerActivations:
 
 
 def layer_activations(
-    layers: int, hidden: int, kv_hidden: int, intermediate: int, tokens: int, act_bytes: int, compiled: bool
+    layers: int,
+    hidden: int,
+    kv_hidden: int,
+    intermediate: int,
+    tokens: int,
+    act_bytes: int,
+    compiled: bool,
+    dequantised: float = 0.0,
 ) -> LayerActivations:
-    """The per-layer terms for a micro-batch of `tokens` tokens (kv_hidden 0: no grouped-query attention)."""
+    """The per-layer terms for a micro-batch of `tokens` tokens (kv_hidden 0: no grouped-query attention), with
+    `dequantised` bytes of weights each layer keeps for its backward (:func:`dequantised_bytes`)."""
     kv = kv_hidden or hidden
     kept = tokens * ((3 if compiled else 6) * hidden + 2 * kv + 3 * intermediate) * act_bytes
-    return LayerActivations(layers, kept, tokens * hidden * act_bytes)
+    return LayerActivations(layers, kept + dequantised, tokens * hidden * act_bytes)
+
+
+def dequantised_bytes(cfg, plan, linear_params: int) -> float:
+    """Bytes of dequantised weights a decoder layer of `linear_params` linear weights keeps for its backward:
+    those of a compiled layer of 4-bit weights through the torch kernel; none otherwise."""
+    if cfg.quant.mode != "nf4" or plan.compile != "layers" or quant_kernel(cfg) != "torch":
+        return 0.0
+    return linear_params * FLOATS[str(cfg.quant.compute_dtype)].bytes
 
 
 def loss_chunks(hidden: int, vocab: int) -> int:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from lora_launch.conf.dtypes import FLOATS
 from lora_launch.conf.grad_ckpt import read
 from lora_launch.conf.schema import chunked_loss
-from lora_launch.run.activations import auto_budget, layer_activations, logits_bytes
+from lora_launch.run.activations import auto_budget, dequantised_bytes, layer_activations, logits_bytes
 from lora_launch.run.plan import RunPlan
 from lora_launch.strategies import strategy_for
 from lora_launch.strategies.fsdp2 import gathered_bytes
@@ -46,6 +46,16 @@ def checkpoint_first(model, n: int) -> None:
     """The first `n` decoder layers recompute their activations in backward; the others keep them."""
     for i, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = i < n
+
+
+def frozen_linear_params(layer) -> int:
+    """Weights of a decoder layer's frozen linears (the base's, 4-bit packed ones by their whole shape; not the
+    adapters)."""
+    return sum(
+        m.in_features * m.out_features
+        for m in layer.modules()
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    )
 
 
 def _stored_bytes(params) -> int:
@@ -94,7 +104,10 @@ def choose(cfg: DictConfig, plan: RunPlan, model, device: torch.device) -> tuple
     kv = head_dim * (getattr(text, "num_key_value_heads", None) or heads)
     act = FLOATS[str(cfg.quant.compute_dtype) if cfg.quant.mode == "nf4" else plan.model_dtype].bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
-    acts = layer_activations(count, text.hidden_size, kv, text.intermediate_size, tokens, act, plan.compile == "layers")
+    dequantised = dequantised_bytes(cfg, plan, frozen_linear_params(layers[0]) if layers else 0)
+    acts = layer_activations(
+        count, text.hidden_size, kv, text.intermediate_size, tokens, act, plan.compile == "layers", dequantised
+    )
     if setting.kind == "memory":
         n = acts.checkpointed_within(setting.budget)
         return (

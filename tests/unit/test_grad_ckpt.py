@@ -105,3 +105,36 @@ def test_zero3_gathers_only_the_checkpointed_layers_whole(tiny):
     n = checkpointed_layers(cfg, plan, model, torch.device("cpu"), main=False)
     assert gather_whole_layers(cfg, model, {}, n) == ["LlamaDecoderLayer"]
     assert [getattr(layer, "_z3_leaf", False) for layer in decoder_layers(model)] == [True, False]
+
+
+def test_a_compiled_4bit_layer_counts_its_dequantised_weights(tiny):
+    """Compiled layers of 4-bit weights through the torch kernel keep each linear's dequantised weight for
+    backward (0.38 GiB a 7B layer, measured on an H100: bench/results/2026-12-06-h100-budget-qlora.jsonl): the
+    trainer's layer count and the preview's both count it, from the same linear weights; bitsandbytes' kernel
+    and eager layers keep the packed weight alone."""
+    from lora_launch.launcher import preview as pv
+    from lora_launch.run.activations import dequantised_bytes
+    from lora_launch.train.activations import decoder_layers, frozen_linear_params
+
+    cfg, plan, model = _model(tiny)
+    shape = pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], cfg.lora.r)
+    assert (
+        frozen_linear_params(decoder_layers(model)[0])
+        == shape.quantisable_params // shape.layers
+        == 64 * 256 + 3 * 64 * 128
+    )
+
+    def kept(*overrides, on_gpu=True):
+        cfg = compose(["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused", *overrides])
+        return dequantised_bytes(cfg, RunPlan.from_config(cfg, 1, 1, on_gpu=on_gpu), 202_375_168)
+
+    assert kept("quant=nf4") == 202_375_168 * 2  # bf16: one 7B layer's linears
+    assert kept("quant=nf4", "quant.kernel=bitsandbytes") == kept("quant=nf4", "train.compile=none") == 0
+    assert kept("quant=nf4", on_gpu=False) == kept() == 0  # eager on CPU; no 4-bit weights
+    budget = ["model=llama2_7b_random", "lora.r=64", "run.dir=/tmp/unused", "quant=nf4", "train.grad_ckpt=6GiB"]
+    torch_kernel, bnb_kernel = (
+        pv.memory_estimate(cfg, shape_7b, RunPlan.from_config(cfg, 1, 1, on_gpu=True))
+        for cfg in (compose(budget), compose([*budget, "quant.kernel=bitsandbytes"]))
+        for shape_7b in [pv.model_shape(pv.model_config(cfg), ["q_proj", "v_proj"], 64)]
+    )
+    assert 0 < bnb_kernel.checkpointed < torch_kernel.checkpointed < 32  # fewer layers fit the same budget
