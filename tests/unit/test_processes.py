@@ -170,12 +170,17 @@ def test_a_first_ctrl_c_is_a_stop_and_the_second_ends_everything():
 
 
 def test_the_previous_handlers_come_back_when_the_block_ends():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    with StopSignals(hangup_output=None):
-        assert all(signal.getsignal(s) != handler for s, handler in before.items())
-    assert {s: signal.getsignal(s) for s in before} == before
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is Python's own again
-        signal.raise_signal(signal.SIGINT)
+    # Ctrl-C as a Python program starts with it (this test process may hold another handler by now)
+    workers = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        with StopSignals(hangup_output=None):
+            assert all(signal.getsignal(s) != handler for s, handler in before.items())
+        assert {s: signal.getsignal(s) for s in before} == before
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C is Python's own again
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, workers)
 
 
 def test_the_previous_handlers_come_back_after_an_error_in_the_block():
