@@ -678,6 +678,8 @@ MATRICES = {
                 ("qlora_ckpt_chunked_loss", dict(ckpt=True, chunked=True)),
                 ("qlora_ckpt30_chunked_loss", dict(ckpt=30, chunked=True)),
                 ("qlora_ckpt28_chunked_loss", dict(ckpt=28, chunked=True)),
+                ("qlora_ckpt24_chunked_loss", dict(ckpt=24, chunked=True)),
+                ("qlora_ckpt16_chunked_loss", dict(ckpt=16, chunked=True)),
                 ("qlora_ckpt_auto", dict(ckpt="auto")),
             )
         ],
