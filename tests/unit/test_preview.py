@@ -182,6 +182,8 @@ MEASURED = [
             "qlora_ckpt_auto",
         )
     ],
+    # and 24 and 16 recomputed, estimated (9.20, 13.72 GiB) before they were run
+    *[("2026-12-06-h100-budget-qlora-2.jsonl", f"qlora_ckpt{n}_chunked_loss") for n in (24, 16)],
 ]
 # the 4-bit matmul measured before 2026-11-30 was bitsandbytes' (quant.kernel=torch came that day)
 BEFORE_THE_TORCH_KERNEL = "2026-11-30"
