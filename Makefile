@@ -13,7 +13,7 @@ EDITABLE_QUIET = PYTHONWARNINGS="ignore:Editable installation"
 # pytest keeps the test modules it rewrites (assert messages) in __pycache__ only where bytecode may be written:
 # under PYTHONDONTWRITEBYTECODE=1, which some images set, every worker rewrites them again on each run (a few
 # seconds). The test targets let it write.
-PYTEST = env -u PYTHONDONTWRITEBYTECODE HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+TEST_ENV = env -u PYTHONDONTWRITEBYTECODE HF_HUB_OFFLINE=1
 
 setup: $(VENV)/.installed
 
@@ -47,12 +47,12 @@ browser:
 # every tier on two workers (pytest-xdist): runs of two ranks take turns on one of them, and the tests sharing a
 # module's fixture stay together (tests/conftest.py); `make test ARGS="-n 0"` runs them one at a time
 test: setup system-deps browser
-	$(PYTEST) -q -rs -n 2 --dist loadgroup tests $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
 # marked slow (a flex_attention compile on the CPU, packing a million samples) run in `make test`
 test-fast: setup
-	$(PYTEST) -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
 
 # ruff's lint and format checks (pyproject.toml's [tool.ruff]); `make format` applies what they can fix
 lint: setup
@@ -81,7 +81,7 @@ $(LATEST)/.installed: pyproject.toml
 	touch $@
 
 test-latest: $(LATEST)/.installed
-	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -rs $(BAD_INPUTS) $(ARGS)
+	$(TEST_ENV) $(LATEST)/bin/python -m pytest -q -rs $(BAD_INPUTS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs sweeps $(SITE)
