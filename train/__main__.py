@@ -24,7 +24,7 @@ from lora_launch.run.process import (
 )
 from lora_launch.run.quiet import quiet_third_party
 from lora_launch.run.rundir import fault_message, finished_step, read_status, write_attempt_record, write_status
-from lora_launch.run.teardown import skip_final_collections
+from lora_launch.run.teardown import end_process_group, skip_final_collections
 
 _held: list = []  # the locks this process holds for its whole life
 
@@ -223,4 +223,7 @@ def _record_failure(run_dir: Path, trainer, e: Exception) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if _env_int("WORLD_SIZE", default=1) > 1:  # ranks that ended together, refusing or done
+        end_process_group()
+    sys.exit(status)
