@@ -67,7 +67,9 @@ class StderrRelay:
         for raw in iter(self.pipe.readline, b""):
             line = raw.decode(errors="replace")
             self._note_exit(line)
-            if self.verbose:
+            if self.verbose:  # shows everything, and still notes a refusal: it decides against a restart
+                if line.startswith(PREFIX):
+                    self.errors.append(line.strip())
                 self._emit([line])
                 continue
             body = _RANK_PREFIX.sub("", line)

@@ -52,6 +52,9 @@ def test_a_ranks_error_line_is_all_that_is_left():
 def test_a_ranks_own_traceback_passes_and_verbose_passes_everything():
     assert relay("warming up\n" + RANK_BUG + ACCELERATE_TB)[0] == "warming up\n" + RANK_BUG
     assert relay(RANK_BUG + ACCELERATE_TB, verbose=True)[0] == RANK_BUG + ACCELERATE_TB
+    # verbose shows every rank's copy of a refusal, and still counts it: a refusal is never restarted
+    refusal = "error: cannot resume from RUN/checkpoints/step-2: data\n"
+    assert relay(refusal + refusal + TORCHRUN, verbose=True) == (refusal + refusal + TORCHRUN, [refusal.strip()] * 2)
 
 
 def test_one_refusal_from_every_rank_is_one_line_and_a_chained_traceback_goes_whole():
