@@ -44,10 +44,10 @@ from lora_launch.run.rundir import read_status, record_restart, set_aside_previo
 def node_command(
     cfg: DictConfig, topo: Topology, files: dict[str, Path], attempt: int = 0
 ) -> tuple[list[str], dict[str, str]]:
-    """This node's `accelerate launch` command and the environment variables it needs; each restart
-    (attempt 1, 2, ...) of a multi-process launch meets at a rendezvous port of its own."""
+    """This node's `accelerate launch` command and the environment variables it needs; the ranks of each
+    attempt (0, then a restart's 1, 2, ...) meet at a rendezvous port of its own (`rendezvous_port`)."""
     rank = topo.node_rank if topo.num_machines > 1 else None
-    port = rendezvous_port(cfg, attempt, topo.num_machines) if attempt and topo.world_size > 1 else None
+    port = rendezvous_port(cfg, attempt, topo.num_machines) if topo.world_size > 1 else None
     return launch_command(files, node_rank=rank, main_port=port), node_env_vars(cfg, topo)
 
 

@@ -124,9 +124,10 @@ def restart_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 
 def rendezvous_port(cfg: DictConfig, attempt: int, num_machines: int) -> int:
-    """A restart's own rendezvous port: the store of the attempt before may still hold its port, or be
-    reached by a node that relaunched sooner. Nodes must agree without talking: main_process_port +
-    attempt. One node takes any free port (main_process_port + 1 may be a parallel sweep's next trial's)."""
+    """Where the ranks of an attempt meet. Across nodes, which must agree without talking:
+    main_process_port + attempt, so a restart never reaches the store of the attempt before while it
+    shuts down. On one node, any free port: a fixed one may be another launch's on the same machine (two
+    jobs on one box, a parallel sweep's next trial), and the port matters to nobody else."""
     if num_machines > 1:
         return int(cfg.launcher.main_process_port) + attempt
     with socket.socket() as s:

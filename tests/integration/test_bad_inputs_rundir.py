@@ -3,9 +3,11 @@ in a folder holding the user's files, a full disk during a save and at launch, a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,16 @@ def _one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     return lines[0]
+
+
+@contextlib.contextmanager
+def _another_job_on(port: int):
+    """`port` held, as another launch on this machine would hold it (unless something here holds it already)."""
+    with socket.socket() as s:
+        with contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        yield
 
 
 def _run(tmp: Path, run: Path, *overrides: str, **kw):
@@ -116,11 +128,12 @@ def test_a_resume_every_rank_refuses_is_one_line(tmp_path):
         "train.max_steps=2",
         "checkpoint.every_steps=2",
     ]
-    done = _run(tmp_path, run, *command)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = data.read_text().splitlines()
-    data.write_text("\n".join([json.dumps({"instruction": "changed", "output": "row"}), *rows[1:]]) + "\n")
-    # the config is the same, so the launcher lets it through; both ranks find the data hash changed
-    refused = _run(tmp_path, run, *command, f"resume.mode={run}/checkpoints/step-2")
+    with _another_job_on(29500):  # the default rendezvous port, taken: the ranks meet elsewhere, quietly
+        done = _run(tmp_path, run, *command)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = data.read_text().splitlines()
+        data.write_text("\n".join([json.dumps({"instruction": "changed", "output": "row"}), *rows[1:]]) + "\n")
+        # the config is the same, so the launcher lets it through; both ranks find the data hash changed
+        refused = _run(tmp_path, run, *command, f"resume.mode={run}/checkpoints/step-2")
     assert refused.returncode == 2
     assert "tokenised dataset" in _one_error_line(refused.stderr)

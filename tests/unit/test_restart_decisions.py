@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import signal
+import socket
 import time
 
 import pytest
@@ -116,17 +117,25 @@ def test_a_restart_resumes_from_the_last_checkpoint(tmp_path):
     assert restart_config(named, run).resume.mode == "auto"
 
 
-def test_each_restart_of_a_multi_process_launch_has_its_own_rendezvous_port(tmp_path):
+def test_each_attempt_of_a_multi_process_launch_has_its_own_rendezvous_port(tmp_path):
     cfg = compose([f"run.dir={tmp_path}", "launcher.main_process_port=29600"])
     files = {"accelerate": tmp_path / "accelerate.yaml", "config": tmp_path / "config.yaml"}
-    two = Topology(2, 1, 1, "10.0.0.1", 29600)
-    assert "--main_process_port" not in node_command(cfg, two, files, 0)[0]
-    cmd = node_command(cfg, two, files, 2)[0]
-    assert cmd[cmd.index("--main_process_port") + 1] == "29602"
-    assert "--main_process_port" not in node_command(cfg, Topology(1, 1, 0, "127.0.0.1", 29600), files, 2)[0]
-    # one node with several processes: any free port, not one a neighbour (a parallel sweep's trial) may hold
-    one = node_command(cfg, Topology(1, 2, 0, "127.0.0.1", 29600), files, 1)[0]
-    assert 0 < int(one[one.index("--main_process_port") + 1]) < 65536
+
+    def port(topo: Topology, attempt: int) -> int | None:
+        cmd = node_command(cfg, topo, files, attempt)[0]
+        return int(cmd[cmd.index("--main_process_port") + 1]) if "--main_process_port" in cmd else None
+
+    two_nodes = Topology(2, 1, 1, "10.0.0.1", 29600)
+    assert [port(two_nodes, a) for a in (0, 1, 2)] == [29600, 29601, 29602]  # every node computes the same
+    assert port(Topology(1, 1, 0, "127.0.0.1", 29600), 2) is None  # one process: no rendezvous
+    # one node with several processes: a free port each attempt, not the configured one, which another
+    # launch on this machine may hold
+    one_node = Topology(1, 2, 0, "127.0.0.1", 29600)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 29600))
+        held.listen()
+        ports = [port(one_node, a) for a in (0, 0, 1)]
+    assert all(p != 29600 and 1024 <= p < 65536 for p in ports), ports
 
 
 def test_every_node_reads_the_same_failure_and_ignores_an_earlier_launch(tmp_path):
