@@ -354,6 +354,7 @@ class LauncherConfig:
     num_machines: int = ranged(1, lo=1)
     machine_rank: int = ranged(0, lo=0)
     main_process_ip: str = "127.0.0.1"
+    # the first host's rendezvous port across nodes (a restart k takes port + k); one node takes a free port
     main_process_port: int = ranged(29500, lo=1, hi=65535)
     # launcher=hostfile: DeepSpeed-style hostfile; the first host is the rendezvous
     hostfile: str | None = pathlike()
