@@ -3,22 +3,16 @@ that frees a collective's Python objects while the interpreter shuts down aborts
 
 from __future__ import annotations
 
-import socket
 import time
 
 import torch.distributed as dist
 
 from lora_launch.run import teardown
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.restart import free_port
 
 
 def test_the_group_is_destroyed_and_its_idle_workers_are_seen_asleep():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port(span=1)}", rank=0, world_size=1)
     try:
         assert teardown._gloo_workers_running() is False  # the workers exist, waiting for work
     finally:
