@@ -1,15 +1,15 @@
-"""Where the concurrent trials of a sweep run: each slot has its own devices, CPU threads and port.
+"""Where the concurrent trials of a sweep run: each slot has its own devices and CPU threads.
 
 A trial in slot k sees only its slot's GPUs (CUDA_VISIBLE_DEVICES), so its `launcher.num_processes`
-(`auto` too) counts them alone; its processes meet at the slot's own rendezvous port. On CPU, trials
-side by side share the cores out: each process gets cores / (trials at once x processes) threads
-(OMP_NUM_THREADS); a lone trial runs as a plain launch does.
+(`auto` too) counts them alone. On CPU, trials side by side share the cores out: each process gets
+cores / (trials at once x processes) threads (OMP_NUM_THREADS); a lone trial runs as a plain launch does.
+Their ranks' rendezvous ports need no plan: a launch on one node takes a free one itself
+(launcher/restart.py `rendezvous_port`).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 from lora_launch.conf.schema import ConfigError
@@ -20,7 +20,6 @@ class Slot:
     index: int
     gpus: tuple[str, ...]  # CUDA device ids for CUDA_VISIBLE_DEVICES; () on CPU
     threads: int | None  # OMP_NUM_THREADS per process on CPU; None on GPUs
-    port: int  # the rendezvous port of the trial's processes
 
     def env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
         """The environment variables a trial in this slot runs with (a user's OMP_NUM_THREADS wins)."""
@@ -40,7 +39,7 @@ class Slot:
             if self.threads
             else "CPU"
         )
-        return f"slot {self.index}: {where}, port {self.port}"
+        return f"slot {self.index}: {where}"
 
 
 def visible_gpu_ids(environ: dict[str, str] | None = None, count: int | None = None) -> list[str]:
@@ -56,9 +55,7 @@ def visible_gpu_ids(environ: dict[str, str] | None = None, count: int | None = N
     return [str(i) for i in range(count)]
 
 
-def plan_slots(
-    parallel: int | str, procs_per_trial: int | str, gpus: list[str], cores: int, base_port: int
-) -> list[Slot]:
+def plan_slots(parallel: int | str, procs_per_trial: int | str, gpus: list[str], cores: int) -> list[Slot]:
     """The slots of a sweep: how many trials run at once and on what.
 
     `parallel` is sweep.parallel (`auto`: as many trials as the GPUs hold, 1 on CPU), `procs_per_trial`
@@ -76,12 +73,12 @@ def plan_slots(
                 f"sweep.parallel={parallel} trials x launcher.num_processes={procs_per_trial} need "
                 f"{count * max(per, 1)} GPUs; {len(gpus)} are visible: lower one of them"
             )
-        return [Slot(k, tuple(gpus[k * per : (k + 1) * per]), None, base_port + k) for k in range(count)]
+        return [Slot(k, tuple(gpus[k * per : (k + 1) * per]), None) for k in range(count)]
     count = 1 if parallel == "auto" else int(parallel)
     per = 1 if procs_per_trial == "auto" else int(procs_per_trial)
     # a lone trial runs as a plain launch does; trials side by side share the cores out
     threads = max(1, cores // (count * per)) if count > 1 else None
-    return [Slot(k, (), threads, base_port + k) for k in range(count)]
+    return [Slot(k, (), threads) for k in range(count)]
 
 
 def usable_cores() -> int:
@@ -90,15 +87,3 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def free_port(preferred: int) -> int:
-    """`preferred` if nothing listens there now, else a port the system picks as free."""
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError("no free TCP port on 127.0.0.1")

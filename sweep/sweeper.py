@@ -1,7 +1,7 @@
 """`lora-launch -m ...`: run a sweep's trials, as many at once as sweep.parallel and the devices allow.
 
 Each trial is a `lora-launch` process of its own (the trial's overrides and `run.dir=SWEEP/TRIAL`),
-started in its own session with its slot's GPUs, threads and rendezvous port (sweep/slots.py) and
+started in its own session with its slot's GPUs and threads (sweep/slots.py) and
 its output appended to TRIAL/lora-launch.log (shown live when one trial runs at a time). This process
 schedules and records: it starts trials into free slots, passes stop signals on, answers the trials'
 eval reports when a pruner judges them (run/pruning.py, sweep/study.py), records each trial as it
@@ -31,7 +31,7 @@ from lora_launch.run import pruning
 from lora_launch.run.lock import RunLock, lock_holders, lock_path, ranks_lock_path
 from lora_launch.run.process import ChildFate, StopSignals, run_to_end, spawn
 from lora_launch.run.rundir import fault_message
-from lora_launch.sweep.slots import Slot, free_port, plan_slots, usable_cores, visible_gpu_ids
+from lora_launch.sweep.slots import Slot, plan_slots, usable_cores, visible_gpu_ids
 from lora_launch.sweep.space import SweepRequest, read_request, search_space, value_text
 from lora_launch.sweep.study import StudyTrial, check_study_config, needs_study, open_study
 from lora_launch.sweep.trials import (
@@ -254,8 +254,6 @@ class Sweep:
         """Start the trial's `lora-launch` in its own session, output appended to its log; returns the
         process and where its output starts in the log. It gets SIGTERM if this process dies."""
         args = list(cand.overrides) + [f"run.dir={_quoted(run_dir)}"]
-        if len(self.slots) > 1:  # trials at once rendezvous on ports of their own
-            args.append(f"launcher.main_process_port={free_port(slot.port)}")
         env = {**os.environ, **slot.env()}
         env.pop(pruning.PRUNING_ENV, None)
         if judged:
@@ -410,7 +408,7 @@ def _check(request: SweepRequest) -> list[Slot]:
             raise ConfigError(f"sweep.parallel={parallel}: {one_at_a_time}; set sweep.parallel=1")
         parallel = 1
     gpus = visible_gpu_ids()
-    return plan_slots(parallel, cfg.launcher.num_processes, gpus, usable_cores(), cfg.launcher.main_process_port)
+    return plan_slots(parallel, cfg.launcher.num_processes, gpus, usable_cores())
 
 
 def _preview(request: SweepRequest) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from support.cli import CLI, read_jsonl, subprocess_env
+from support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +44,6 @@ def _make_namespaces(tag: str, subnet: str) -> list[str]:
 def _delete_namespaces(names: list[str]) -> None:
     for ns in names:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -124,7 +118,7 @@ def test_two_nodes_train_one_run(tiny, tmp_path, two_hosts, distributed):
         f"run.dir={run}",
         "launcher=hostfile",
         f"launcher.hostfile={hostfile}",
-        f"launcher.main_process_port={_free_port()}",
+        f"launcher.main_process_port={free_port()}",
         "train.max_steps=3",
         "train.micro_batch_size=2",
         "eval.at_start=false",

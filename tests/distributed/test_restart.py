@@ -12,7 +12,8 @@ import pytest
 
 from lora_launch.launcher.supervise import supervise
 from support import inject
-from support.restart import RESTART_BASE, free_port, kill_rank, reference
+from support.ports import free_port
+from support.restart import RESTART_BASE, kill_rank, reference
 from support.resume import eval_losses, launch, start, status, train_losses, wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ ARGS = [*RESTART_BASE, "launcher.num_processes=2"]
 def test_a_rank_killed_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(tiny, tmp_path_factory, tmp_path):
     ref = reference(tiny, tmp_path_factory.getbasetemp(), ARGS)
     run = tmp_path / "run"
-    proc = start(run, [*tiny["overrides"], *ARGS, f"launcher.main_process_port={free_port()}"])
+    proc = start(run, [*tiny["overrides"], *ARGS, f"launcher.main_process_port={free_port(span=4)}"])
     wait_for_step(run, proc, 7)  # past the checkpoint at step 6
     kill_rank(proc.pid, 1)
     rc = proc.wait(timeout=600)
@@ -50,7 +51,7 @@ def test_a_failure_repeating_after_the_same_step_is_retried_once_then_named(tiny
     run = tmp_path / "run"
     rc, log = launch(
         run,
-        [*tiny["overrides"], *ARGS, "launcher.max_restarts=3", f"launcher.main_process_port={free_port()}"],
+        [*tiny["overrides"], *ARGS, "launcher.max_restarts=3", f"launcher.main_process_port={free_port(span=4)}"],
         env=inject.env(FAIL_AFTER_STEP="5"),
     )
     assert rc == 1, log[-4000:]

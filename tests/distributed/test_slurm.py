@@ -23,7 +23,8 @@ from lora_launch.launcher.slurm import sbatch_script
 from lora_launch.launcher.topology import topology
 from lora_launch.train.data import SampleStream
 from support.cli import CLI, read_jsonl
-from support.restart import RESTART_BASE, free_port, reference, train_ranks
+from support.ports import free_port
+from support.restart import RESTART_BASE, reference, train_ranks
 from support.resume import eval_losses, status, train_losses, train_size
 from support.slurm import TERMINAL, Cluster, missing_reason, slurm_cluster, wait_for
 
@@ -187,7 +188,7 @@ def test_two_node_job_restarts_after_a_lost_rank_and_resumes_after_a_requeue(slu
             "launcher=slurm",
             "launcher.slurm.nodes=2",
             "launcher.num_processes=1",
-            f"launcher.main_process_port={free_port()}",
+            f"launcher.main_process_port={free_port(span=4)}",
             f"run.dir={run}",
         ],
         tmp_path,

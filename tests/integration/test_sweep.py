@@ -4,7 +4,6 @@ side by side on their own devices; bad trials pruned; a search's study continued
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 import os
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lora_launch.sweep.trials import read_trial, sweep_name, swept_keys, trial_name, trial_row
 from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
@@ -228,13 +226,6 @@ def test_trials_run_side_by_side_with_the_same_results(tiny, tmp_path):
     spans = sorted((t["launches"][0]["started"], t["launches"][0]["finished"], name) for name, t in trials.items())
     at_once = max(sum(s <= start < f for s, f, _ in spans) for start, _, _ in spans)
     assert at_once == 2, f"never more than sweep.parallel trials, and that many: {spans}"
-    for (_, f1, a), (s2, _, b) in itertools.combinations(spans, 2):
-        if s2 < f1:  # side by side: rendezvous ports of their own
-            ports = {
-                yaml.safe_load((dirs[2] / n / "config.yaml").read_text())["launcher"]["main_process_port"]
-                for n in (a, b)
-            }
-            assert len(ports) == 2, (a, b)
     serial = {r["trial"]: r for r in _check_summary(dirs[1], 4)}
     for row in _check_summary(dirs[2], 4):
         assert _train_steps(dirs[2] / row["trial"]) == list(range(1, 7))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import psutil
 
+from support.ports import free_port
 from support.resume import BASE, eval_losses, launch, train_losses
 
 # the resume tests' small run, one thread per process (as torchrun sets for several processes per node,
@@ -22,32 +22,12 @@ RESTART_BASE = [
 _references: dict[tuple, dict] = {}
 
 
-def free_port(span: int = 4) -> int:
-    """A port with the next `span - 1` free too (each restart meets at the next port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span < 65536 and all(_free(port + i) for i in range(1, span)):
-            return port
-    raise AssertionError("no run of free ports found")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def reference(tiny: dict, root: Path, overrides: list[str]) -> dict:
     """Losses of an uninterrupted local run of `overrides` (run once per session and reused)."""
     key = (str(tiny["model"]), *overrides)
     if key not in _references:
         run = root / f"reference-{len(_references)}"
-        rc, log = launch(run, [*tiny["overrides"], *overrides, f"launcher.main_process_port={free_port()}"])
+        rc, log = launch(run, [*tiny["overrides"], *overrides, f"launcher.main_process_port={free_port(span=4)}"])
         assert rc == 0, log[-3000:]
         _references[key] = {"train": train_losses(run), "eval": eval_losses(run), "dir": run}
     return _references[key]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from support.cli import subprocess_env
+from support.ports import free_port
 
 DAEMONS = ["munged", "slurmctld", "slurmd"]
 CLIENTS = ["sbatch", "scontrol", "scancel", "sinfo", "squeue"]
@@ -134,15 +135,9 @@ class Cluster:
         return f"{show}\n--- slurmctld.log (tail)\n{tail}\n--- job log (tail)\n{text}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_conf(d: Path, nodes: list[Node], controller: str) -> str:
     # in namespaces the ports are the nodes' own; on this host's stack they must not collide with others'
-    ctld_port, node_port = (6817, 6818) if nodes[0].namespace else (_free_port(), _free_port())
+    ctld_port, node_port = (6817, 6818) if nodes[0].namespace else (free_port(), free_port())
     node_lines = "".join(
         f"NodeName={n.name}{f' NodeAddr={n.address}' if n.address else ''} "
         f"CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN\n"

@@ -26,11 +26,10 @@ GPUS = [str(i) for i in range(8)]
     [("auto", "auto", 1, 8), ("auto", 1, 8, 1), ("auto", 2, 4, 2), ("auto", 3, 2, 3), (4, "auto", 4, 2), (2, 4, 2, 4)],
 )
 def test_gpu_slots_are_disjoint_and_fill_the_node(parallel, procs, count, per):
-    slots = plan_slots(parallel, procs, GPUS, cores=64, base_port=29500)
+    slots = plan_slots(parallel, procs, GPUS, cores=64)
     assert len(slots) == count and all(len(s.gpus) == per for s in slots)
     used = [g for s in slots for g in s.gpus]
     assert len(used) == len(set(used)) == count * per
-    assert len({s.port for s in slots}) == count
     assert slots[1 % count].env({})["CUDA_VISIBLE_DEVICES"] == ",".join(slots[1 % count].gpus)
     assert "OMP_NUM_THREADS" not in slots[0].env({})
 
@@ -38,16 +37,16 @@ def test_gpu_slots_are_disjoint_and_fill_the_node(parallel, procs, count, per):
 @pytest.mark.parametrize("parallel,procs", [(3, 3), (9, "auto"), (16, 1)])
 def test_more_trials_than_the_gpus_hold_is_refused_naming_the_keys(parallel, procs):
     with pytest.raises(ConfigError, match=r"sweep.parallel=.*launcher.num_processes=.*8 are visible"):
-        plan_slots(parallel, procs, GPUS, cores=64, base_port=29500)
+        plan_slots(parallel, procs, GPUS, cores=64)
 
 
 def test_cpu_trials_side_by_side_share_the_cores_and_a_lone_trial_is_left_alone():
-    slots = plan_slots(2, 1, [], cores=8, base_port=29500)
-    assert [s.threads for s in slots] == [4, 4] and [s.port for s in slots] == [29500, 29501]
+    slots = plan_slots(2, 1, [], cores=8)
+    assert [s.threads for s in slots] == [4, 4]
     assert slots[0].env({}) == {"OMP_NUM_THREADS": "4"}
     assert slots[0].env({"OMP_NUM_THREADS": "3"}) == {}  # the user's setting wins
-    assert [s.threads for s in plan_slots(3, 2, [], cores=8, base_port=1)] == [1, 1, 1]
-    alone = plan_slots("auto", "auto", [], cores=8, base_port=29500)
+    assert [s.threads for s in plan_slots(3, 2, [], cores=8)] == [1, 1, 1]
+    alone = plan_slots("auto", "auto", [], cores=8)
     assert len(alone) == 1 and alone[0].env({}) == {}
 
 
@@ -55,7 +54,7 @@ def test_visible_gpus_follow_cuda_visible_devices():
     assert visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
     assert visible_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
     assert visible_gpu_ids({}, count=2) == ["0", "1"]
-    assert Slot(0, ("3", "5"), None, 1).env({})["CUDA_VISIBLE_DEVICES"] == "3,5"
+    assert Slot(0, ("3", "5"), None).env({})["CUDA_VISIBLE_DEVICES"] == "3,5"
 
 
 # ---- the command line -------------------------------------------------------------------------------

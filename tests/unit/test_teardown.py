@@ -8,11 +8,11 @@ import time
 import torch.distributed as dist
 
 from lora_launch.run import teardown
-from support.restart import free_port
+from support.ports import free_port
 
 
 def test_the_group_is_destroyed_and_its_idle_workers_are_seen_asleep():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port(span=1)}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert teardown._gloo_workers_running() is False  # the workers exist, waiting for work
     finally:
