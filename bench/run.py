@@ -621,6 +621,47 @@ MATRICES = {
             vs="lora_fused_adamw_profiled",
         ),
     ],
+    # sharded options at world size 1 as they now run, bf16 LoRA on the 7B, torch AdamW: fsdp2 (a copy on one
+    # process keeps its frozen base whole) against ddp in three alternated pairs, then ZeRO-3 with DeepSpeed's
+    # DeepCompile (compile.deepcompile in the user's DeepSpeed JSON) against ZeRO-3 as it runs by default
+    "ws1": [
+        case("prepare", "prepare", save_7b=False),
+        *[
+            case(
+                f"{d}_ws1_{rep}",
+                "project",
+                torchrun=True,
+                optim="adamw",
+                warmup=4,
+                steps=20,
+                distributed=d,
+                vs=None if d == "ddp" else f"ddp_ws1_{rep}",
+            )
+            for rep in (1, 2, 3)
+            for d in ("ddp", "fsdp2")
+        ],
+        case(
+            "zero3_ws1",
+            "project",
+            torchrun=True,
+            optim="adamw",
+            warmup=4,
+            steps=12,
+            distributed="zero3",
+            vs="ddp_ws1_1",
+        ),
+        case(
+            "zero3_deepcompile_ws1",
+            "project",
+            torchrun=True,
+            optim="adamw",
+            warmup=4,
+            steps=12,
+            distributed="zero3",
+            ds_json={"compile": {"deepcompile": True}},
+            vs="zero3_ws1",
+        ),
+    ],
     # train.grad_ckpt as a budget and train.chunked_loss, bf16 LoRA on one GPU, against the peer's two forms with
     # torch's fused AdamW in the same call: full ckpt with the plain and the chunked loss, then fewer layers
     # recomputed (the first N of 32: the rest keep their activations) to see which still fit under the peer's

@@ -313,7 +313,12 @@ def check_own_configs(cfg: DictConfig, plan: RunPlan) -> None:
             f"distributed={cfg.distributed.name}: choose a DeepSpeed option (zero2, zero3, ...)"
         )
     if ours is not None:
-        merged_deepspeed(ours, cfg.distributed.deepspeed_config)
+        merged = merged_deepspeed(ours, cfg.distributed.deepspeed_config)
+        if (merged.get("compile") or {}).get("deepcompile") and not plan.on_gpu:
+            raise ConfigError(
+                f"compile.deepcompile in distributed.deepspeed_config={cfg.distributed.deepspeed_config}: "
+                "DeepSpeed's DeepCompile runs on CUDA GPUs only; set it false to run here"
+            )
     merged_accelerate(accelerate_config(cfg, plan, "ds_config.json"), cfg.launcher.accelerate_config)
 
 

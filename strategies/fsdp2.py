@@ -1,6 +1,7 @@
 """distributed=fsdp2|fsdp2_offload: torch's `fully_shard` (FSDP2), applied by the ranks themselves: the frozen
 base, the adapters and their optimizer state sharded per group of decoder layers, within copies of the model
-(hybrid sharding) where there are several. What the ranks apply is `config`, shown in RUN/fsdp2.json; the
+(hybrid sharding) where there are several; a copy on one process keeps its frozen base whole
+(`shards_frozen_weights`). What the ranks apply is `config`, shown in RUN/fsdp2.json; the
 sharding and the checkpoint adapter are lora_launch.train.fsdp."""
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def mesh(cfg, plan) -> tuple[int, int]:
     return copies, plan.world_size // copies
 
 
+def shards_frozen_weights(cfg, plan) -> bool:
+    """Whether the frozen base weights go into FSDP2's shard groups. Where each copy of the model has one
+    process and nothing is offloaded, a shard is the whole weight and each gather only a copy of it, so they
+    stay plain tensors on the device, as DDP holds them; the adapters and their optimizer state are still
+    FSDP2's (its hooks, its checkpoint adapter, its reductions between copies)."""
+    return mesh(cfg, plan)[1] > 1 or bool(cfg.distributed.offload_params)
+
+
 def config(cfg, plan) -> dict:
     """What every rank applies (torch's fully_shard), from the config and the plan; RUN/fsdp2.json shows it.
 
@@ -74,6 +83,8 @@ def config(cfg, plan) -> dict:
         },
         "shard": "decoder layers (the model's _no_split_modules), layers_per_group to a group, then the causal LM "
         "as the root",
+        # "whole": one process per copy, nothing to shard (shards_frozen_weights)
+        "frozen_weights": "sharded" if shards_frozen_weights(cfg, plan) else "whole",
         "reshard_after_forward": bool(d.reshard_after_forward),
         # the last N groups not resharded after forward; auto: decided after the first step (the log says)
         "keep_gathered": d.keep_gathered if d.reshard_after_forward else "all",
@@ -164,7 +175,8 @@ class Fsdp2(Strategy):
     def describe(self, cfg, plan) -> str:
         copies, per_copy = mesh(cfg, plan)
         hybrid = f", {copies} copies each sharded over {per_copy} processes" if copies > 1 else ""
-        return f"FSDP2 (decoder layers in shard groups{hybrid})"
+        frozen = "" if shards_frozen_weights(cfg, plan) else "; the frozen base whole, one process per copy"
+        return f"FSDP2 (decoder layers in shard groups{hybrid}{frozen})"
 
     def scaling(self, cfg, plan) -> tuple[float, str]:
         # at world size 1 with distributed.keep_gathered=auto: 77-87% of DDP; on 2 GPUs of one host, before
@@ -182,12 +194,14 @@ class Fsdp2(Strategy):
         plus the base weights held gathered (all of them from forward to backward without resharding)."""
         d = cfg.distributed
         share = 0.0 if d.offload_params else 1.0 / mesh(cfg, plan)[1]
+        lora = lora_params * 4.0 * share
+        if not shards_frozen_weights(cfg, plan):  # the base whole on the device, never gathered
+            return MemoryTerms(weights, lora + lora, lora_params * 8.0 * share)
         held = (
             gathered(d.layers_per_group, d.prefetch, d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
             if d.reshard_after_forward
             else weights
         )
-        lora = lora_params * 4.0 * share
         return MemoryTerms(weights * share + held, lora + lora, lora_params * 8.0 * share)
 
     def preview_lines(self, cfg, plan, layers, layer_bytes, gib) -> list[str]:

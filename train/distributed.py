@@ -58,7 +58,11 @@ def prepare(accelerator, cfg: DictConfig, model, optimizer):
     model is sharded already (`lora_launch.train.fsdp.shard`) and accelerate wraps the optimizer alone."""
     if strategy_for(cfg).shards_model_itself:
         return model, accelerator.prepare(optimizer)
-    return accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if getattr(model, "is_deepcompile_enabled", lambda: False)():
+        # compile.deepcompile in the user's DeepSpeed JSON: DeepSpeed leaves it off until its engine compiles
+        model.compile()
+    return model, optimizer
 
 
 def unwrapped(accelerator, model):

@@ -73,8 +73,11 @@ def shard(cfg: DictConfig, plan: RunPlan, model, main: bool):
         m["device_type"], tuple(m["shape"]), mesh_dim_names=tuple(m["dim_names"]) if "dim_names" in m else None
     )
     offload = spec["offload"]
+    # one process per copy: the frozen base stays whole on the device, out of the gathers (shards_frozen_weights)
+    frozen = {p for p in model.parameters() if not p.requires_grad} if spec["frozen_weights"] == "whole" else None
     common = dict(
         mesh=mesh,
+        ignored_params=frozen,
         mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
         offload_policy=CPUOffloadPolicy(pin_memory=offload["pin_memory"]) if offload["params"] else OffloadPolicy(),
     )
@@ -151,8 +154,9 @@ def _keep_last(groups: list[list], k: int) -> None:
 
 
 def gathered_bytes(group: list[torch.nn.Module]) -> int:
-    """Bytes of a shard group's parameters gathered whole (a sharded parameter's numel is its whole shape's)."""
-    return sum(p.numel() * p.element_size() for layer in group for p in layer.parameters())
+    """Bytes of a shard group's sharded parameters gathered whole (a sharded parameter's numel is its whole
+    shape's); a parameter FSDP2 leaves whole is never gathered."""
+    return sum(p.numel() * p.element_size() for layer in group for p in layer.parameters() if is_dtensor(p))
 
 
 def groups_that_fit(sizes: list[int], spare: float) -> int:

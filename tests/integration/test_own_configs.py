@@ -85,3 +85,10 @@ def test_own_deepspeed_json_and_accelerate_config_are_merged(tiny, tmp_path):
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
     assert "ds.json: zero_optimization.stage is 3 but this run has 2 (from distributed.zero_stage)" in lines[0]
     assert not (tmp_path / "fresh").exists()
+    # DeepSpeed's DeepCompile needs CUDA: refused on this CPU machine, naming the file, before anything starts
+    ds.write_text(json.dumps({"compile": {"deepcompile": True}}))
+    refused = lora_launch(*args, f"run.dir={tmp_path / 'fresh'}", cwd=tmp_path)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert f"compile.deepcompile in distributed.deepspeed_config={ds}: " in lines[0] and "CUDA" in lines[0]
+    assert not (tmp_path / "fresh").exists()

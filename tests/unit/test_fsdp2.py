@@ -368,3 +368,36 @@ def test_groups_kept_gathered_train_alike_and_are_freed_for_a_checkpoint(one_pro
         )
         is None
     )
+
+
+def test_one_process_per_copy_keeps_the_frozen_base_whole_and_out_of_the_gathers(one_process_group, monkeypatch):
+    """A copy of the model on one process has nothing to shard: its frozen base stays plain tensors (no gather
+    copies them each step) and only the adapters are FSDP2's; training matches the base sharded as before. Across
+    processes, or offloaded, the base is sharded; the plan file and the memory estimate say which."""
+    from lora_launch.train.fsdp import gathered_bytes, is_dtensor, shard_groups
+
+    whole_losses, sharded_losses = [], []
+    model, _, _ = _trained(_lora_model(0, layers=3), True, "distributed.layers_per_group=1", losses=whole_losses)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and not any(is_dtensor(p) for p in frozen) and all(is_dtensor(p) for p in trainable)
+    lora_bytes = [sum(p.numel() * 4 for p in layer.parameters() if p.requires_grad) for [layer] in shard_groups(model)]
+    assert [gathered_bytes(g) for g in shard_groups(model)] == lora_bytes
+
+    monkeypatch.setattr("lora_launch.strategies.fsdp2.shards_frozen_weights", lambda cfg, plan: True)
+    model, _, _ = _trained(_lora_model(0, layers=3), True, "distributed.layers_per_group=1", losses=sharded_losses)
+    assert all(is_dtensor(p) for p in model.parameters())
+    assert whole_losses == pytest.approx(sharded_losses, rel=1e-6)
+    monkeypatch.undo()
+
+    def plan(option, procs):
+        cfg = compose(["model=llama2_7b_random", f"distributed={option}", "run.dir=/tmp/unused"])
+        return cfg, RunPlan.from_config(cfg, 1, procs, on_gpu=True, bf16=True)
+
+    assert fsdp2_config(*plan("fsdp2", 1))["frozen_weights"] == "whole"
+    assert fsdp2_config(*plan("fsdp2", 8))["frozen_weights"] == "sharded"
+    assert fsdp2_config(*plan("fsdp2_offload", 1))["frozen_weights"] == "sharded"
+    (ddp_cfg, ddp_plan), (fsdp_cfg, fsdp_plan) = plan("ddp", 1), plan("fsdp2", 1)
+    shape = pv.model_shape(pv.model_config(ddp_cfg), ["q_proj", "v_proj"], 16)
+    ddp, fsdp = pv.memory_estimate(ddp_cfg, shape, ddp_plan), pv.memory_estimate(fsdp_cfg, shape, fsdp_plan)
+    assert fsdp.weights == ddp.weights  # held once, nothing gathered besides

@@ -187,15 +187,19 @@ MEASURED = [
 ]
 # the 4-bit matmul measured before 2026-11-30 was bitsandbytes' (quant.kernel=torch came that day)
 BEFORE_THE_TORCH_KERNEL = "2026-11-30"
+# fsdp2 at world size 1 sharded the frozen base too until it stayed whole where a copy has one process
+FROZEN_SHARDED_AT_WS1 = ("2026-11-29-h200-sharding-5.jsonl", "2026-11-29-h200-sharding-3.jsonl")
 
 
 @pytest.mark.parametrize("results,case", MEASURED)
-def test_estimate_is_within_10_percent_of_the_measured_peaks(results, case):
+def test_estimate_is_within_10_percent_of_the_measured_peaks(results, case, monkeypatch):
     """The preview's total against this project's own peak measured on one GPU for the same config (7B and
     70B shapes, bf16 and nf4, with and without grad ckpt, layer budgets: every one that fits the card and was
     run)."""
     row = next(r for r in map(json.loads, (RESULTS / results).read_text().splitlines()) if r["name"] == case)
     spec = row["spec"]
+    if results in FROZEN_SHARDED_AT_WS1:  # estimated as it ran then: gathers of the base counted
+        monkeypatch.setattr("lora_launch.strategies.fsdp2.shards_frozen_weights", lambda cfg, plan: True)
     nf4 = ["quant=nf4"] if results >= BEFORE_THE_TORCH_KERNEL else ["quant=nf4", "quant.kernel=bitsandbytes"]
     overrides = [
         "model=llama2_7b_random",

@@ -120,3 +120,26 @@ def test_the_scan_finds_the_comparisons_it_forbids():
     compare = lambda text: _compares_a_strategy(ast.parse(text, mode="eval").body)  # noqa: E731
     assert [compare(t) for t in caught] == [True] * len(caught)
     assert [compare(t) for t in passed] == [False] * len(passed)
+
+
+@pytest.mark.parametrize("deepcompile", [True, False])
+def test_a_deepspeed_engine_with_deepcompile_on_is_compiled_once_prepared(deepcompile):
+    """compile.deepcompile in a user's DeepSpeed JSON does nothing until the engine's compile() runs (DeepSpeed
+    logs that and trains without it): `prepare` runs it once; an engine without it is left as it is."""
+    from lora_launch.train.distributed import prepare
+
+    class Engine:  # what accelerate's prepare returns under DeepSpeed: the engine, with DeepSpeed's two calls
+        compiled = 0
+
+        def is_deepcompile_enabled(self):
+            return deepcompile
+
+        def compile(self):
+            self.compiled += 1
+
+    class Accelerator:
+        def prepare(self, model, optimizer):
+            return Engine(), optimizer
+
+    engine, optimizer = prepare(Accelerator(), compose(["distributed=zero3"]), object(), "optimizer")
+    assert engine.compiled == int(deepcompile) and optimizer == "optimizer"
