@@ -179,9 +179,11 @@ class Fsdp2(Strategy):
         return f"FSDP2 (decoder layers in shard groups{hybrid}{frozen})"
 
     def scaling(self, cfg, plan) -> tuple[float, str]:
-        # at world size 1 with distributed.keep_gathered=auto: 77-87% of DDP; on 2 GPUs of one host, before
-        # keep_gathered: 70% of DDP there
+        # at world size 1: 98-99% of DDP with the base whole, 77-87% with it sharded (offloaded) and
+        # keep_gathered=auto; on 2 GPUs of one host, before keep_gathered: 70% of DDP there
         if plan.world_size == 1:
+            if not shards_frozen_weights(cfg, plan):
+                return 0.98, "FSDP2 with the base whole against DDP at world size 1"
             return 0.82, "FSDP2 against DDP at world size 1"
         ddp, _ = super().scaling(cfg, plan)
         return 0.70 * ddp, "FSDP2 against DDP on 2 GPUs of one host, and DDP's own scaling on 4"

@@ -61,8 +61,18 @@ def prepare(accelerator, cfg: DictConfig, model, optimizer):
     model, optimizer = accelerator.prepare(model, optimizer)
     if getattr(model, "is_deepcompile_enabled", lambda: False)():
         # compile.deepcompile in the user's DeepSpeed JSON: DeepSpeed leaves it off until its engine compiles
+        _deepcompile_arch_list()
         model.compile()
     return model, optimizer
+
+
+def _deepcompile_arch_list() -> None:
+    """DeepCompile builds its CUDA op on first use, for the architectures torch names unless
+    TORCH_CUDA_ARCH_LIST says; DeepSpeed 0.19.8 cannot read names such as "9.0a" (a ValueError, seen on an H100):
+    unless the user set the list, build for this GPU alone."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
 
 
 def unwrapped(accelerator, model):

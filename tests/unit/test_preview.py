@@ -14,6 +14,7 @@ from lora_launch.conf.schema import validate
 from lora_launch.launcher import preview as pv
 from lora_launch.launcher.topology import Topology
 from lora_launch.run.plan import RunPlan
+from support.measured import as_measured
 
 
 def _gpu_plan(cfg, world: int) -> RunPlan:
@@ -187,8 +188,6 @@ MEASURED = [
 ]
 # the 4-bit matmul measured before 2026-11-30 was bitsandbytes' (quant.kernel=torch came that day)
 BEFORE_THE_TORCH_KERNEL = "2026-11-30"
-# fsdp2 at world size 1 sharded the frozen base too until it stayed whole where a copy has one process
-FROZEN_SHARDED_AT_WS1 = ("2026-11-29-h200-sharding-5.jsonl", "2026-11-29-h200-sharding-3.jsonl")
 
 
 @pytest.mark.parametrize("results,case", MEASURED)
@@ -198,8 +197,7 @@ def test_estimate_is_within_10_percent_of_the_measured_peaks(results, case, monk
     run)."""
     row = next(r for r in map(json.loads, (RESULTS / results).read_text().splitlines()) if r["name"] == case)
     spec = row["spec"]
-    if results in FROZEN_SHARDED_AT_WS1:  # estimated as it ran then: gathers of the base counted
-        monkeypatch.setattr("lora_launch.strategies.fsdp2.shards_frozen_weights", lambda cfg, plan: True)
+    as_measured(results, monkeypatch)
     nf4 = ["quant=nf4"] if results >= BEFORE_THE_TORCH_KERNEL else ["quant=nf4", "quant.kernel=bitsandbytes"]
     overrides = [
         "model=llama2_7b_random",

@@ -13,6 +13,7 @@ from lora_launch.conf.compose import compose
 from lora_launch.launcher import preview as pv
 from lora_launch.launcher import speed
 from lora_launch.run.plan import RunPlan
+from support.measured import as_measured
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 FUSED = "optim.name=adamw_torch_fused"  # torch's AdamW in its fused form: the default's step, 1% apart
@@ -116,11 +117,14 @@ SCALED = [
     ("2026-11-30-h200-keep-3.jsonl", "fsdp2_keep_auto_profiled_ws1", 1, "NVIDIA H200"),
     ("2026-11-30-h200-keep-2.jsonl", "zero3_ws1", 1, "NVIDIA H200"),
     ("2026-11-30-h200-keep-1.jsonl", "zero3_ckpt_ws1", 1, "NVIDIA H200"),
+    # fsdp2 at world size 1 with the base whole (the pairs' ddp rows are among the rows above)
+    *[("2026-12-06-h100-ws1.jsonl", f"fsdp2_ws1_{k}", 1, "NVIDIA H100 80GB HBM3") for k in (1, 2, 3)],
 ]
 
 
 @pytest.mark.parametrize("results,case,world,device", SCALED)
-def test_strategies_scaling_reproduces_the_measured_rows(results, case, world, device):
+def test_strategies_scaling_reproduces_the_measured_rows(results, case, world, device, monkeypatch):
+    as_measured(results, monkeypatch)
     row = _row(results, case)
     est = _estimated_tokens_per_s(row, world, device)
     assert abs(row["tokens_per_s"] - est) / est < speed.SPREAD, (case, round(est), row["tokens_per_s"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 
 import pytest
 import yaml
@@ -123,10 +124,16 @@ def test_the_scan_finds_the_comparisons_it_forbids():
 
 
 @pytest.mark.parametrize("deepcompile", [True, False])
-def test_a_deepspeed_engine_with_deepcompile_on_is_compiled_once_prepared(deepcompile):
+def test_a_deepspeed_engine_with_deepcompile_on_is_compiled_once_prepared(deepcompile, monkeypatch):
     """compile.deepcompile in a user's DeepSpeed JSON does nothing until the engine's compile() runs (DeepSpeed
-    logs that and trains without it): `prepare` runs it once; an engine without it is left as it is."""
+    logs that and trains without it): `prepare` runs it once, its CUDA op built for this GPU's architecture
+    unless the user named some; an engine without it is left as it is."""
+    import torch
+
     from lora_launch.train.distributed import prepare
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
     class Engine:  # what accelerate's prepare returns under DeepSpeed: the engine, with DeepSpeed's two calls
         compiled = 0
@@ -143,3 +150,7 @@ def test_a_deepspeed_engine_with_deepcompile_on_is_compiled_once_prepared(deepco
 
     engine, optimizer = prepare(Accelerator(), compose(["distributed=zero3"]), object(), "optimizer")
     assert engine.compiled == int(deepcompile) and optimizer == "optimizer"
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") == ("9.0" if deepcompile else None)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # the user's own list is kept
+    prepare(Accelerator(), compose(["distributed=zero3"]), object(), "optimizer")
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
