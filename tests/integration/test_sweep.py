@@ -345,9 +345,9 @@ def test_a_search_continues_its_study_after_the_sweep_is_killed(tiny, tmp_path):
         "sweep.search=tpe",
         "sweep.trials=3",
         "optim.lr=tag(log,interval(1e-4,1e-2))",
-        "train.max_steps=60",
+        "train.max_steps=30",
         "checkpoint.every_steps=5",
-        "eval.every_steps=20",
+        "eval.every_steps=10",
         "train.micro_batch_size=2",
         *tiny["overrides"],
         f"hydra.sweep.dir={sweep_dir}",
@@ -377,7 +377,7 @@ def test_a_search_continues_its_study_after_the_sweep_is_killed(tiny, tmp_path):
     midway = sweep_dir / list(trials)[1]
     assert "resumed from" in (midway / "lora-launch.log").read_text().split("==== launch 2")[1]
     for name, record in trials.items():
-        assert record["status"] == "completed" and _train_steps(sweep_dir / name) == list(range(1, 61)), name
+        assert record["status"] == "completed" and _train_steps(sweep_dir / name) == list(range(1, 31)), name
 
     study = optuna.load_study(study_name="lora-launch", storage=f"sqlite:///{sweep_dir / 'study.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
