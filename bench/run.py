@@ -640,27 +640,13 @@ MATRICES = {
             for rep in (1, 2, 3)
             for d in ("ddp", "fsdp2")
         ],
-        case(
-            "zero3_ws1",
-            "project",
-            torchrun=True,
-            optim="adamw",
-            warmup=4,
-            steps=12,
-            distributed="zero3",
-            vs="ddp_ws1_1",
-        ),
-        case(
-            "zero3_deepcompile_ws1",
-            "project",
-            torchrun=True,
-            optim="adamw",
-            warmup=4,
-            steps=12,
-            distributed="zero3",
-            ds_json={"compile": {"deepcompile": True}},
-            vs="zero3_ws1",
-        ),
+        *[
+            case(name, "project", torchrun=True, optim="adamw", warmup=4, steps=12, distributed="zero3", **kw)
+            for name, kw in (
+                ("zero3_ws1", {"vs": "ddp_ws1_1"}),
+                ("zero3_deepcompile_ws1", {"ds_json": {"compile": {"deepcompile": True}}, "vs": "zero3_ws1"}),
+            )
+        ],
     ],
     # train.grad_ckpt as a budget and train.chunked_loss, bf16 LoRA on one GPU, against the peer's two forms with
     # torch's fused AdamW in the same call: full ckpt with the plain and the chunked loss, then fewer layers

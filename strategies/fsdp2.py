@@ -196,15 +196,17 @@ class Fsdp2(Strategy):
         plus the base weights held gathered (all of them from forward to backward without resharding)."""
         d = cfg.distributed
         share = 0.0 if d.offload_params else 1.0 / mesh(cfg, plan)[1]
+        if not shards_frozen_weights(cfg, plan):
+            base = weights  # whole on the device, never gathered
+        else:
+            held = (
+                gathered(d.layers_per_group, d.prefetch, d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
+                if d.reshard_after_forward
+                else weights
+            )
+            base = weights * share + held
         lora = lora_params * 4.0 * share
-        if not shards_frozen_weights(cfg, plan):  # the base whole on the device, never gathered
-            return MemoryTerms(weights, lora + lora, lora_params * 8.0 * share)
-        held = (
-            gathered(d.layers_per_group, d.prefetch, d.keep_gathered if isinstance(d.keep_gathered, int) else 0)
-            if d.reshard_after_forward
-            else weights
-        )
-        return MemoryTerms(weights * share + held, lora + lora, lora_params * 8.0 * share)
+        return MemoryTerms(base, lora + lora, lora_params * 8.0 * share)
 
     def preview_lines(self, cfg, plan, layers, layer_bytes, gib) -> list[str]:
         d = cfg.distributed
