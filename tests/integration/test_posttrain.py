@@ -108,7 +108,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "unknown argument 'colour=red'" in capsys.readouterr().err
 
 
-def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
+def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path, capsys):
+    """The console script on a trained run: eval, generate (also into a closed pipe) and merge, each its own
+    process; the prompt forms generate takes go through the same posttrain.main in this process."""
     run = tmp_path / "run"
     result = lora_launch(
         *tiny["overrides"],
@@ -129,14 +131,18 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
         return out.stdout
 
     assert "val loss" in cli("eval", f"run.dir={run}")
-    # into a pipe whose reader is gone (`lora-launch eval ... | head -1`): exit 1, no BrokenPipeError
-    for args in (("eval", f"run.dir={run}"), ("generate", f"run.dir={run}", "prompt=cat", "max_new_tokens=4")):
-        proc = subprocess.Popen(
-            [CLI, *args], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        proc.stdout.close()
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 1 and "BrokenPipeError" not in err and "Traceback" not in err, err[-2000:]
+    # into a pipe whose reader is gone (`lora-launch generate ... | head -1`): exit 1, no BrokenPipeError
+    proc = subprocess.Popen(
+        [CLI, "generate", f"run.dir={run}", "prompt=cat", "max_new_tokens=4"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "BrokenPipeError" not in err and "Traceback" not in err, err[-2000:]
     import json
 
     result = json.loads((run / "eval.json").read_text())
@@ -145,9 +151,13 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
     assert cli("generate", f"run.dir={run}", "prompt=Reverse: cat dog sun", "max_new_tokens=4").startswith(
         "[INST] Reverse: cat dog sun [/INST]"
     )
-    assert cli(
-        "generate", f"run.dir={run}", "instruction=Reverse:", "input=cat dog sun", "max_new_tokens=4"
-    ).startswith("[INST] Reverse:\n\ncat dog sun [/INST]")
+
+    def generate(*args):
+        capsys.readouterr()
+        assert posttrain.main(["generate", f"run.dir={run}", *args, "max_new_tokens=4"]) == 0
+        return capsys.readouterr().out
+
+    assert generate("instruction=Reverse:", "input=cat dog sun").startswith("[INST] Reverse:\n\ncat dog sun [/INST]")
     (tmp_path / "chat.json").write_text(
         json.dumps(
             [
@@ -157,12 +167,10 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path):
             ]
         )
     )
-    assert cli("generate", f"run.dir={run}", f"messages={tmp_path / 'chat.json'}", "max_new_tokens=4").startswith(
+    assert generate(f"messages={tmp_path / 'chat.json'}").startswith(
         "[INST] Reverse: cat dog [/INST] dog cat </s><s>[INST] Reverse: sun red [/INST]"
     )
-    assert cli(
-        "generate", f"run.dir={run}", "prompt=[INST] raw [/INST]", "template=false", "max_new_tokens=4"
-    ).startswith("[INST] raw [/INST]")
+    assert generate("prompt=[INST] raw [/INST]", "template=false").startswith("[INST] raw [/INST]")
     assert "merged model" in cli("merge", f"run.dir={run}")
     assert (run / "merged" / "model.safetensors").is_file() and (run / "adapter").is_dir()
 
