@@ -27,7 +27,8 @@ def emit(result: dict) -> None:
 
 
 def step_stats(times: list[float], tokens: list[int]) -> dict:
-    """tokens/s over the measured steps (total tokens / total time) and the step-time spread."""
+    """tokens/s over the measured steps (total tokens / total time), the step-time spread, and each step's time
+    (a mean held down by one slow step shows which step it was)."""
     ranked = sorted(times)
     p10, p90 = ranked[round(0.1 * (len(ranked) - 1))], ranked[round(0.9 * (len(ranked) - 1))]
     return {
@@ -38,6 +39,7 @@ def step_stats(times: list[float], tokens: list[int]) -> dict:
         "step_time_p90": p90,
         "step_time_cv": statistics.pstdev(times) / statistics.mean(times),
         "tokens_per_step": statistics.mean(tokens),
+        "step_times": [round(t, 5) for t in times],
     }
 
 
