@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import CLI, subprocess_env
+from support.cli import CLI, into_closed_pipe, subprocess_env
 
 # `runs` prints one line a run: this many runs print well over a pipe's 64 KiB, so `head -1` is gone
 # while lora-launch still writes, whatever the timing
@@ -21,16 +21,6 @@ def piped(command: str, cwd: Path) -> subprocess.CompletedProcess:
     """`sh -c command` as a user types it, with the installed lora-launch on PATH."""
     env = subprocess_env(PATH=f"{Path(CLI).parent}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run(["sh", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def into_closed_pipe(*args: str, cwd: Path) -> tuple[int, str]:
-    """Run lora-launch with its stdout a pipe whose reader is already gone; its exit status and stderr."""
-    proc = subprocess.Popen(
-        [CLI, *args], cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    proc.stdout.close()  # long before the new interpreter prints anything
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from lora_launch.conf.compose import compose
 from lora_launch.run.rundir import write_config
 from lora_launch.train import posttrain
-from support.cli import CLI, lora_launch, read_jsonl, subprocess_env
+from support.cli import CLI, into_closed_pipe, lora_launch, read_jsonl, subprocess_env
 
 
 def fake_run(tiny, run, *overrides):
@@ -132,17 +132,8 @@ def test_after_a_real_run_eval_generate_merge_from_the_cli(tiny, tmp_path, capsy
 
     assert "val loss" in cli("eval", f"run.dir={run}")
     # into a pipe whose reader is gone (`lora-launch generate ... | head -1`): exit 1, no BrokenPipeError
-    proc = subprocess.Popen(
-        [CLI, "generate", f"run.dir={run}", "prompt=cat", "max_new_tokens=4"],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    proc.stdout.close()
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1 and "BrokenPipeError" not in err and "Traceback" not in err, err[-2000:]
+    rc, err = into_closed_pipe("generate", f"run.dir={run}", "prompt=cat", "max_new_tokens=4", cwd=tmp_path)
+    assert rc == 1 and "BrokenPipeError" not in err and "Traceback" not in err, err[-2000:]
     import json
 
     result = json.loads((run / "eval.json").read_text())

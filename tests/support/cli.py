@@ -42,5 +42,15 @@ def lora_launch(
     )
 
 
+def into_closed_pipe(*args: str, cwd: Path) -> tuple[int, str]:
+    """Run lora-launch with its stdout a pipe whose reader is already gone; its exit status and stderr."""
+    proc = subprocess.Popen(
+        [CLI, *args], cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()  # long before the new interpreter prints anything
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
