@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from datetime import timedelta
 
@@ -67,12 +68,24 @@ def prepare(accelerator, cfg: DictConfig, model, optimizer):
 
 
 def _deepcompile_arch_list() -> None:
-    """DeepCompile builds its CUDA op on first use, for the architectures torch names unless
-    TORCH_CUDA_ARCH_LIST says; DeepSpeed 0.19.8 cannot read names such as "9.0a" (a ValueError, seen on an H100):
-    unless the user set the list, build for this GPU alone."""
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    """DeepCompile builds its CUDA op on first use, for the architectures TORCH_CUDA_ARCH_LIST names, else for
+    every visible GPU's. DeepSpeed 0.19.8 cannot read a name with a feature suffix such as "9.0a" (a ValueError
+    deep in its builder, seen on an H100 whose environment set one): build for this GPU alone where the list is
+    unset, and where it names such an architecture, for its base ("9.0a" -> "9.0", which the same GPUs run)."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not listed:
         major, minor = torch.cuda.get_device_capability()
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        return
+    names = re.split(r"[;\s]+", listed)
+    readable = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", name) for name in names]
+    if readable != names:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(readable)
+        print(
+            f"DeepCompile: its op is built for TORCH_CUDA_ARCH_LIST={';'.join(readable)} (from {listed!r}: "
+            "DeepSpeed cannot read architecture suffixes)",
+            flush=True,
+        )
 
 
 def unwrapped(accelerator, model):

@@ -250,4 +250,6 @@ def test_paged_optimizer_states_are_read_on_the_gpu():
     assert paged
     view = _managed_on_device(paged[0])
     assert view.is_cuda and view.data_ptr() == paged[0].data_ptr() and torch.equal(view.cpu(), paged[0])
+    buffers = HostBuffers()  # a save makes the view once and finds it again at the next
+    assert buffers.on_device("state", paged[0]) is buffers.on_device("state", paged[0])
     assert bnb is not None

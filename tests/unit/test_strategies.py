@@ -151,6 +151,12 @@ def test_a_deepspeed_engine_with_deepcompile_on_is_compiled_once_prepared(deepco
     engine, optimizer = prepare(Accelerator(), compose(["distributed=zero3"]), object(), "optimizer")
     assert engine.compiled == int(deepcompile) and optimizer == "optimizer"
     assert os.environ.get("TORCH_CUDA_ARCH_LIST") == ("9.0" if deepcompile else None)
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # the user's own list is kept
-    prepare(Accelerator(), compose(["distributed=zero3"]), object(), "optimizer")
-    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    for listed, built in [
+        ("8.0;9.0", "8.0;9.0"),
+        ("8.0 9.0", "8.0 9.0"),
+        ("9.0a", "9.0"),
+        ("8.0 9.0a+PTX 10.0f", "8.0;9.0+PTX;10.0"),
+    ]:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", listed)  # the user's own list is kept, less what DeepSpeed misreads
+        prepare(Accelerator(), compose(["distributed=zero3"]), object(), "optimizer")
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == (built if deepcompile else listed)
