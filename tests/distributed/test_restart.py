@@ -13,8 +13,8 @@ import pytest
 from lora_launch.launcher.supervise import supervise
 from support import inject
 from support.ports import free_port
-from support.restart import RESTART_BASE, kill_rank, reference
-from support.resume import eval_losses, launch, start, status, train_losses, wait_for_step
+from support.restart import RESTART_BASE, kill_rank
+from support.resume import eval_losses, launch, reference, start, status, train_losses, wait_for_step
 
 pytestmark = pytest.mark.slow
 

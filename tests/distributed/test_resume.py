@@ -21,6 +21,7 @@ from support.resume import (
     eval_losses,
     kill_tree,
     launch,
+    reference,
     sigterm_at,
     start,
     status,
@@ -36,12 +37,13 @@ def overrides(tiny, strategy: str, processes: int = 2) -> list[str]:
     return tiny["overrides"] + BASE + [f"distributed={strategy}", f"launcher.num_processes={processes}"]
 
 
-def reference(tiny, tmp_path, strategy: str) -> dict:
-    run = tmp_path / "reference"
-    rc, log = launch(run, overrides(tiny, strategy))
-    assert rc == 0, log[-3000:]
-    assert [s for s, _ in train_losses(run)] == list(range(1, 13))
-    return {"train": train_losses(run), "eval": eval_losses(run)}
+def uninterrupted(tiny, tmp_path_factory, strategy: str) -> dict:
+    """The losses of the same command run uninterrupted (one run per strategy, shared with test_signals)."""
+    ref = reference(
+        tiny, tmp_path_factory.getbasetemp(), [*BASE, f"distributed={strategy}", "launcher.num_processes=2"]
+    )
+    assert [s for s, _ in ref["train"]] == list(range(1, 13))
+    return ref
 
 
 def assert_same_as(run, ref: dict) -> None:
@@ -59,8 +61,8 @@ def sigkill_at(run, args, step: int, env: dict | None = None) -> int:
     return seen
 
 
-def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path):
-    ref = reference(tiny, tmp_path, "ddp")
+def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path_factory, tmp_path):
+    ref = uninterrupted(tiny, tmp_path_factory, "ddp")
     run, args = tmp_path / "run", overrides(tiny, "ddp")
     sigkill_at(run, args, 7)
     steps = committed_steps(run)
@@ -90,8 +92,8 @@ def test_ddp_sigkill_corrupt_checkpoint_and_crash_after_commit(tiny, tmp_path):
     assert rc != 0 and "lora.r: 8 -> 16" in log, log[-2000:]
 
 
-def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path):
-    ref = reference(tiny, tmp_path, "zero2")
+def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path_factory, tmp_path):
+    ref = uninterrupted(tiny, tmp_path_factory, "zero2")
     # periodic saves written by a thread while training goes on (the reference saved at once)
     run, args = tmp_path / "run", overrides(tiny, "zero2") + ["checkpoint.background_min_mib=0"]
     rc, log = launch(run, args, env=inject.env(CRASH_IN_SAVE="after_rank_write@6"))
@@ -110,8 +112,8 @@ def test_zero2_crash_while_ranks_write_then_sigterm_preemption(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_sigkill_and_world_size_changes(tiny, tmp_path, strategy):
-    ref = reference(tiny, tmp_path, strategy)
+def test_sigkill_and_world_size_changes(tiny, tmp_path_factory, tmp_path, strategy):
+    ref = uninterrupted(tiny, tmp_path_factory, strategy)
     run, args = tmp_path / "run", overrides(tiny, strategy)
     sigkill_at(run, args, 5)
     other = tmp_path / "resized"
@@ -136,11 +138,11 @@ def test_sigkill_and_world_size_changes(tiny, tmp_path, strategy):
     assert Counter(consumed) == Counter(stream.index(p) for p in range(len(consumed)))
 
 
-def test_a_checkpoint_moves_between_ddp_and_fsdp2(tiny, tmp_path):
+def test_a_checkpoint_moves_between_ddp_and_fsdp2(tiny, tmp_path_factory, tmp_path):
     """One run stopped and continued under ddp, fsdp2 (which crashes inside a save), fsdp2_offload and ddp
     again: every option saves and loads the same format, so the run trains on as an uninterrupted ddp run
     does (to float rounding: FSDP2 sums the gradient norm from its shards, in another order)."""
-    ref = reference(tiny, tmp_path, "ddp")
+    ref = uninterrupted(tiny, tmp_path_factory, "ddp")
     run = tmp_path / "run"
     rc, _ = sigterm_at(run, overrides(tiny, "ddp"), 2)
     assert rc == 0 and status(run)["state"] == "preempted"

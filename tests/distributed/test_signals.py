@@ -8,24 +8,23 @@ import signal
 import pytest
 
 from support.cli import lora_launch
-from support.resume import BASE, committed_steps, status, train_losses, wait_for_step
+from support.resume import BASE, committed_steps, reference, status, train_losses, wait_for_step
 from support.terminal import ctrl_c, gone_within, start_job, wait_for_ranks
 
 pytestmark = pytest.mark.slow
 
 
-def _two_ranks_at_step_4(tiny, tmp_path, strategy: str):
-    """An uninterrupted reference run's losses, then the same run started as a terminal's job and trained past
-    step 4: (args, reference losses, run dir, log, job, ranks)."""
-    args = [*tiny["overrides"], *BASE, f"distributed={strategy}", "launcher.num_processes=2"]
-    ref = tmp_path / "reference"
-    result = lora_launch(*args, f"run.dir={ref}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def _two_ranks_at_step_4(tiny, tmp_path_factory, tmp_path, strategy: str):
+    """An uninterrupted reference run's losses (shared with test_resume), then the same run started as a
+    terminal's job and trained past step 4: (args, reference losses, run dir, log, job, ranks)."""
+    own = [*BASE, f"distributed={strategy}", "launcher.num_processes=2"]
+    args = [*tiny["overrides"], *own]
+    ref = reference(tiny, tmp_path_factory.getbasetemp(), own)["train"]
     run, log = tmp_path / "run", tmp_path / "run.log"
     job = start_job([*args, f"run.dir={run}"], tmp_path, log)
     ranks = wait_for_ranks(job, 2)
     wait_for_step(run, job, 4)
-    return args, train_losses(ref), run, log, job, ranks
+    return args, ref, run, log, job, ranks
 
 
 def _one_checkpoint_and_the_rerun_matches(tmp_path, args, ref_losses, run) -> None:
@@ -38,8 +37,8 @@ def _one_checkpoint_and_the_rerun_matches(tmp_path, args, ref_losses, run) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_ctrl_c_with_two_ranks_checkpoints_once_and_resumes_bit_for_bit(tiny, tmp_path, strategy):
-    args, ref, run, log, job, ranks = _two_ranks_at_step_4(tiny, tmp_path, strategy)
+def test_ctrl_c_with_two_ranks_checkpoints_once_and_resumes_bit_for_bit(tiny, tmp_path_factory, tmp_path, strategy):
+    args, ref, run, log, job, ranks = _two_ranks_at_step_4(tiny, tmp_path_factory, tmp_path, strategy)
     ctrl_c(job)
     assert job.wait(timeout=180) == 130, log.read_text()[-3000:]
     assert gone_within(ranks, 10)
@@ -49,11 +48,13 @@ def test_ctrl_c_with_two_ranks_checkpoints_once_and_resumes_bit_for_bit(tiny, tm
     _one_checkpoint_and_the_rerun_matches(tmp_path, args, ref, run)
 
 
-def test_fsdp2_ranks_of_a_launcher_killed_alone_checkpoint_together_and_the_rerun_matches(tiny, tmp_path):
+def test_fsdp2_ranks_of_a_launcher_killed_alone_checkpoint_together_and_the_rerun_matches(
+    tiny, tmp_path_factory, tmp_path
+):
     """SIGKILL to the launcher alone (an OOM killer's or a user's `kill -9 PID`): both FSDP2 ranks find their
     parent gone, stop after the same step with one sharded checkpoint, and the re-run's losses equal an
     uninterrupted run's bit for bit."""
-    args, ref, run, _, job, ranks = _two_ranks_at_step_4(tiny, tmp_path, "fsdp2")
+    args, ref, run, _, job, ranks = _two_ranks_at_step_4(tiny, tmp_path_factory, tmp_path, "fsdp2")
     job.send_signal(signal.SIGKILL)  # the launcher alone, not its group
     job.wait(timeout=30)
     assert gone_within(ranks, 120)

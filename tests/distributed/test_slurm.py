@@ -24,8 +24,8 @@ from lora_launch.launcher.topology import topology
 from lora_launch.train.data import SampleStream
 from support.cli import CLI, read_jsonl
 from support.ports import free_port
-from support.restart import RESTART_BASE, reference, train_ranks
-from support.resume import eval_losses, status, train_losses, train_size
+from support.restart import RESTART_BASE, train_ranks
+from support.resume import eval_losses, reference, status, train_losses, train_size
 from support.slurm import TERMINAL, Cluster, missing_reason, slurm_cluster, wait_for
 
 

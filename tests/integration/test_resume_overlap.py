@@ -12,7 +12,7 @@ import time
 import pytest
 
 from support import inject
-from support.resume import BASE, descendants, launch, start, status, train_losses, wait_for_step
+from support.resume import BASE, descendants, launch, reference, start, status, train_losses, wait_for_step
 
 SLOW = inject.env(SLOW_CHECKPOINT_WRITE_S="3")
 
@@ -22,16 +22,8 @@ def args(tiny):
     return tiny["overrides"] + BASE + ["checkpoint.background_min_mib=0"]
 
 
-@pytest.fixture(scope="module")
-def reference(args, tmp_path_factory):
-    run = tmp_path_factory.mktemp("overlap") / "reference"
-    rc, log = launch(run, args, env=SLOW)
-    assert rc == 0, log[-3000:]
-    return train_losses(run)
-
-
 @pytest.mark.parametrize("stop", ["sigterm", "launcher-killed"])
-def test_a_stop_during_a_background_save_resumes_bit_for_bit(args, reference, tmp_path, stop):
+def test_a_stop_during_a_background_save_resumes_bit_for_bit(tiny, args, tmp_path_factory, tmp_path, stop):
     run = tmp_path / "run"
     proc = start(run, args, env=SLOW)
     wait_for_step(run, proc, 4)  # step 3's save is due and its writer sleeps 3 s: still in flight
@@ -55,7 +47,8 @@ def test_a_stop_during_a_background_save_resumes_bit_for_bit(args, reference, tm
     assert in_flight >= 3 and waited and float(waited.group(1)) >= 1.0, log
     rc, relog = launch(run, args, env=SLOW)
     assert rc == 0 and f"resumed from {run}/checkpoints/step-{stopped}" in relog, relog[-3000:]
-    assert train_losses(run) == reference
+    # bitwise the losses of the same run uninterrupted, its saves written at once (as test_user_paths' reruns)
+    assert train_losses(run) == reference(tiny, tmp_path_factory.getbasetemp(), BASE)["train"]
     assert status(run)["state"] == "finished"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.cli import lora_launch, read_jsonl, subprocess_env
-from support.resume import BASE, status, train_losses, wait_for_step
+from support.resume import BASE, reference, status, train_losses, wait_for_step
 from support.terminal import ctrl_c, gone_within, start_job, wait_for_ranks
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -40,13 +40,6 @@ def _trained(run: Path, steps: int) -> None:
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
     assert status(run) | {"time": 0} == {"state": "finished", "step": steps, "time": 0}
     assert (run / "adapter" / "adapter_config.json").is_file()
-
-
-def _reference(tiny, tmp_path, extra=()) -> list:
-    run = tmp_path / "reference"
-    result = lora_launch(*tiny["overrides"], *BASE, f"run.dir={run}", *extra, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return train_losses(run)
 
 
 def test_installed_script_trains_from_a_directory_with_its_own_train_py_launcher_and_conf(tiny, user_dir):
@@ -84,8 +77,8 @@ def test_accelerate_launch_of_the_module_trains_from_any_directory(tiny, user_di
     _user_files_untouched(user_dir)
 
 
-def test_ctrl_c_checkpoints_and_the_rerun_continues_bit_for_bit(tiny, tmp_path):
-    ref = _reference(tiny, tmp_path)
+def test_ctrl_c_checkpoints_and_the_rerun_continues_bit_for_bit(tiny, tmp_path_factory, tmp_path):
+    ref = reference(tiny, tmp_path_factory.getbasetemp(), BASE)["train"]  # the same command, uninterrupted
     run, log = tmp_path / "run", tmp_path / "run.log"
     args = [*tiny["overrides"], *BASE, f"run.dir={run}"]
     job = start_job(args, tmp_path, log)
@@ -121,8 +114,10 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tiny, tmp_path):
     assert "Traceback" not in out and "stopped at once by a second Ctrl-C, without a checkpoint" in out, out[-3000:]
 
 
-def test_launcher_killed_alone_its_rank_checkpoints_and_holds_the_run_dir_until_it_ends(tiny, tmp_path):
-    ref = _reference(tiny, tmp_path)
+def test_launcher_killed_alone_its_rank_checkpoints_and_holds_the_run_dir_until_it_ends(
+    tiny, tmp_path_factory, tmp_path
+):
+    ref = reference(tiny, tmp_path_factory.getbasetemp(), BASE)["train"]
     run, log = tmp_path / "run", tmp_path / "run.log"
     args = [*tiny["overrides"], *BASE, f"run.dir={run}"]
     job = start_job(args, tmp_path, log)

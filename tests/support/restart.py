@@ -1,15 +1,13 @@
-"""Helpers for the restart tests: one uninterrupted reference run per session, and a SIGKILL to one rank."""
+"""Helpers for the restart tests: their run's overrides, and a SIGKILL to one rank."""
 
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import psutil
 
-from support.ports import free_port
-from support.resume import BASE, eval_losses, launch, train_losses
+from support.resume import BASE
 
 # the resume tests' small run, one thread per process (as torchrun sets for several processes per node,
 # so a run of one process on each of two nodes computes alike), with restarts
@@ -18,19 +16,6 @@ RESTART_BASE = [
     "train.threads=1",
     "launcher.max_restarts=2",
 ]
-
-_references: dict[tuple, dict] = {}
-
-
-def reference(tiny: dict, root: Path, overrides: list[str]) -> dict:
-    """Losses of an uninterrupted local run of `overrides` (run once per session and reused)."""
-    key = (str(tiny["model"]), *overrides)
-    if key not in _references:
-        run = root / f"reference-{len(_references)}"
-        rc, log = launch(run, [*tiny["overrides"], *overrides, f"launcher.main_process_port={free_port(span=4)}"])
-        assert rc == 0, log[-3000:]
-        _references[key] = {"train": train_losses(run), "eval": eval_losses(run), "dir": run}
-    return _references[key]
 
 
 def train_ranks(pids: list[int] | None = None) -> list[psutil.Process]:

@@ -71,6 +71,23 @@ def launch(run_dir: Path, overrides: list[str], env: dict | None = None, timeout
     return rc, Path(f"{run_dir}.log").read_text()[before:]
 
 
+_references: dict[tuple, dict] = {}
+
+
+def reference(tiny: dict, root: Path, overrides: list[str]) -> dict:
+    """Losses of an uninterrupted local run of the tiny model with `overrides` ({"train", "eval", "dir"}), run
+    once per session and shared by every test that compares an interrupted run of the same command with it."""
+    from support.ports import free_port
+
+    key = (str(tiny["model"]), *overrides)
+    if key not in _references:
+        run = Path(root) / f"reference-{len(_references)}"
+        rc, log = launch(run, [*tiny["overrides"], *overrides, f"launcher.main_process_port={free_port(span=4)}"])
+        assert rc == 0, log[-3000:]
+        _references[key] = {"train": train_losses(run), "eval": eval_losses(run), "dir": run}
+    return _references[key]
+
+
 def _log_size(run_dir: Path) -> int:
     path = Path(f"{run_dir}.log")
     return len(path.read_text()) if path.exists() else 0

@@ -103,6 +103,9 @@ def test_zero3_gathers_only_the_checkpointed_layers_whole(tiny):
 
     cfg, plan, model = _model(tiny, "distributed=zero3", "train.grad_ckpt=1")
     n = checkpointed_layers(cfg, plan, model, torch.device("cpu"), main=False)
+    own = {"zero_optimization": {"leaf_module": {"classes": ["LlamaMLP"]}}}  # a user's own DeepSpeed JSON: theirs
+    assert gather_whole_layers(cfg, model, own, n) == []
+    assert [getattr(layer, "_z3_leaf", False) for layer in decoder_layers(model)] == [False, False]
     assert gather_whole_layers(cfg, model, {}, n) == ["LlamaDecoderLayer"]
     assert [getattr(layer, "_z3_leaf", False) for layer in decoder_layers(model)] == [True, False]
 
