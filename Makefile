@@ -44,10 +44,12 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "browser: chromium is missing and the report's test will fail; install it: sudo apt-get install -y chromium"; fi
 
-# every tier on two workers (pytest-xdist): runs of two ranks take turns on one of them, and the tests sharing a
-# module's fixture stay together (tests/conftest.py); `make test ARGS="-n 0"` runs them one at a time
+# every tier on three workers (pytest-xdist): runs of two ranks take turns on one of them, and the tests sharing a
+# module's fixture stay together (tests/conftest.py). Three on the CI machine's two cores: most tests wait on
+# processes they started, at times all at once, and a third worker fills those gaps (bench/README.md, "The test
+# suite's time"); `make test ARGS="-n 0"` runs them one at a time
 test: setup system-deps browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup tests $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 3 --dist loadgroup tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
 # marked slow (a flex_attention compile on the CPU, packing a million samples) run in `make test`

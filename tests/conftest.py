@@ -11,7 +11,7 @@ from support import groups
 from support.tiny import make_tiny
 
 TIERS = ("unit", "integration", "distributed")
-# `make test` runs on two workers (pytest -n 2 --dist loadgroup). Runs of two ranks or more take turns on one
+# `make test` runs on three workers (pytest -n 3 --dist loadgroup). Runs of two ranks or more take turns on one
 # worker, the distributed tier's with the tests marked two_ranks elsewhere: two at once would put four ranks on
 # the CI machine's two cores
 TWO_RANKS = "two-ranks"

@@ -1,4 +1,4 @@
-"""`pytest -n 2 --dist loadgroup` by the tests' xdist_group marks, whatever the installed pytest.
+"""`pytest -n N --dist loadgroup` by the tests' xdist_group marks, whatever the installed pytest.
 
 pytest-xdist 3.8 tells its scheduler a test's group by appending it to the test's id, which pytest 9.2 no longer
 lets a plugin change (pytest-dev/pytest-xdist#1386): every test would be scheduled alone, two-rank runs on both
