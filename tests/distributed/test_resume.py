@@ -15,7 +15,6 @@ from lora_launch.train.data import SampleStream
 from support import inject
 from support.cli import read_jsonl
 from support.resume import (
-    BASE,
     committed_steps,
     consumed_samples,
     eval_losses,
@@ -27,6 +26,7 @@ from support.resume import (
     status,
     train_losses,
     train_size,
+    under,
     wait_for_step,
 )
 
@@ -34,14 +34,12 @@ pytestmark = pytest.mark.slow
 
 
 def overrides(tiny, strategy: str, processes: int = 2) -> list[str]:
-    return tiny["overrides"] + BASE + [f"distributed={strategy}", f"launcher.num_processes={processes}"]
+    return [*tiny["overrides"], *under(strategy, processes)]
 
 
 def uninterrupted(tiny, tmp_path_factory, strategy: str) -> dict:
     """The losses of the same command run uninterrupted (one run per strategy, shared with test_signals)."""
-    ref = reference(
-        tiny, tmp_path_factory.getbasetemp(), [*BASE, f"distributed={strategy}", "launcher.num_processes=2"]
-    )
+    ref = reference(tiny, tmp_path_factory.getbasetemp(), under(strategy))
     assert [s for s, _ in ref["train"]] == list(range(1, 13))
     return ref
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from support.cli import lora_launch
-from support.resume import BASE, committed_steps, reference, status, train_losses, wait_for_step
+from support.resume import committed_steps, reference, status, train_losses, under, wait_for_step
 from support.terminal import ctrl_c, gone_within, start_job, wait_for_ranks
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def _two_ranks_at_step_4(tiny, tmp_path_factory, tmp_path, strategy: str):
     """An uninterrupted reference run's losses (shared with test_resume), then the same run started as a
     terminal's job and trained past step 4: (args, reference losses, run dir, log, job, ranks)."""
-    own = [*BASE, f"distributed={strategy}", "launcher.num_processes=2"]
+    own = under(strategy)
     args = [*tiny["overrides"], *own]
     ref = reference(tiny, tmp_path_factory.getbasetemp(), own)["train"]
     run, log = tmp_path / "run", tmp_path / "run.log"

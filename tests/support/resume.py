@@ -71,6 +71,11 @@ def launch(run_dir: Path, overrides: list[str], env: dict | None = None, timeout
     return rc, Path(f"{run_dir}.log").read_text()[before:]
 
 
+def under(strategy: str, processes: int = 2) -> list[str]:
+    """BASE under `strategy` on `processes` ranks: the one spelling that keys a shared reference run."""
+    return [*BASE, f"distributed={strategy}", f"launcher.num_processes={processes}"]
+
+
 _references: dict[tuple, dict] = {}
 
 
