@@ -210,30 +210,50 @@ def check_lora_targets(model, model_type: str, targets) -> None:
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
-    """The run dir exists (or can be made) and takes a file; dirs made only to find out are removed again."""
+    """The run dir exists (or can be made) and takes a file; dirs made only to find out are removed again.
+
+    Every node of a multi-node launch checks the same run.dir at once, on a shared filesystem the same folder: a
+    peer may remove the dirs it made for its own check between this one's mkdir and its file. That vanishing is
+    looked at again, a few times, rather than refused."""
     run_dir = Path(run_dir)
-    made = []
+    made: list[Path] = []
+    try:
+        for attempt in range(PROBES):
+            made += [d for d in _missing(run_dir) if d not in made]
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
+                    pass
+                return
+            except FileNotFoundError:
+                if attempt == PROBES - 1:
+                    raise
+    except OSError as e:
+        raise ConfigError(
+            f"run.dir={short_path(run_dir)} is not writable ({e.strerror}); choose another run.dir"
+        ) from None
+    finally:
+        for d in sorted(made, key=lambda d: len(d.parts), reverse=True):  # innermost first
+            try:
+                d.rmdir()  # only while empty: a peer's launch may be writing there by now
+            except OSError:
+                continue
+
+
+PROBES = 5  # a folder removed under the check this many times running is not a peer's probe
+
+
+def _missing(run_dir: Path) -> list[Path]:
+    """The folders of run_dir (itself included) that do not exist yet, innermost first."""
+    missing = []
     for d in (run_dir, *run_dir.parents):
         try:
             if d.exists():
                 break
         except OSError:  # a name too long to even look up
             pass
-        made.append(d)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"run.dir={short_path(run_dir)} is not writable ({e.strerror}); choose another run.dir"
-        ) from None
-    finally:
-        for d in made:  # innermost first; one that was never made (the error above) is skipped
-            try:
-                d.rmdir()
-            except OSError:
-                continue
+        missing.append(d)
+    return missing
 
 
 def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:

@@ -264,6 +264,33 @@ def test_unwritable_run_dir(tmp_path):
         checks.check_run_dir_writable(blocker / "run")
 
 
+def test_a_peer_removing_its_probe_dir_is_not_a_refusal(tmp_path, monkeypatch):
+    # two nodes on a shared filesystem check the same new run.dir at once: the peer's check removes the folder it
+    # made between this check's mkdir and its test file
+    run_dir = tmp_path / "runs" / "shared"
+    real = checks.tempfile.NamedTemporaryFile
+    removals = []
+
+    def peer_removes_first(*args, **kwargs):
+        if not removals:
+            removals.append(run_dir)
+            run_dir.rmdir()
+            run_dir.parent.rmdir()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checks.tempfile, "NamedTemporaryFile", peer_removes_first)
+    checks.check_run_dir_writable(run_dir)
+    assert removals and not (tmp_path / "runs").exists()  # looked again, and left nothing behind
+
+    def always_gone(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(checks.tempfile, "NamedTemporaryFile", always_gone)
+    with pytest.raises(ConfigError, match="is not writable \\(No such file or directory\\)"):
+        checks.check_run_dir_writable(run_dir)  # vanishing at every look is still refused
+    assert not (tmp_path / "runs").exists()
+
+
 def test_multinode_needs_an_explicit_run_dir(tmp_path):
     cfg = _cfg(tmp_path)
     two = Topology(2, 1, 0, "127.0.0.1", 29500)
