@@ -49,12 +49,12 @@ browser:
 # processes they started, at times all at once, and a third worker fills those gaps (bench/README.md, "The test
 # suite's time"); `make test ARGS="-n 0"` runs them one at a time
 test: setup system-deps browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 3 --dist loadgroup tests $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rfEs -n 3 --dist loadgroup tests $(ARGS)
 
 # the fast tier: unit tests only (no subprocesses), in-process and independent, so on two workers; the few
 # marked slow (a flex_attention compile on the CPU, packing a million samples) run in `make test`
 test-fast: setup
-	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rfEs -n 2 --dist loadgroup -m "not slow" tests/unit $(ARGS)
 
 # ruff's lint and format checks (pyproject.toml's [tool.ruff]); `make format` applies what they can fix
 lint: setup

@@ -164,8 +164,10 @@ def test_the_wizard_from_task_to_an_answer(page, studio, home, tmp_path, shots):
     shots(page, "06-preview")
     page.get_by_role("button", name="Launch", exact=True).click()
 
-    # the run view: the chart moves, Stop, Resume, finished
-    expect(page.locator("#step-runs")).to_be_visible()
+    # the run view, once the launcher's checks pass and it holds the run (the studio watches for up to 180 s: on
+    # two cores busy with other launches that took over the 30 s of a plain expect in CI): the chart moves, Stop,
+    # Resume, finished
+    expect(page.locator("#step-runs")).to_be_visible(timeout=180_000)
     expect(page.locator("#run-step")).to_contain_text(re.compile(r"step [1-9]"), timeout=180_000)
     seen, points = step_number(page), train_points(page)
     expect(page.locator("#run-step")).not_to_have_text(re.compile(rf"step {seen} "), timeout=60_000)
