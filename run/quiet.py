@@ -3,8 +3,10 @@ starts (the launcher, the ranks, serve). LORA_LAUNCH_VERBOSE=1 shows them."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import warnings
 
 
@@ -24,3 +26,21 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split: ..."
+    atexit.register(_no_report_after_exit)  # early, so that it runs after the handlers registered later
+
+
+def _no_report_after_exit() -> None:
+    """With triton's bindings loaded (torch 2.15's triton 3.9; torch._dynamo loads them), the interpreter's
+    shutdown ends in about sixty lines of "nanobind: leaked ..." on stderr, after a refusal's one line: the
+    bindings' own teardown, nothing a user can act on. It comes after every atexit handler, so stderr is
+    pointed at /dev/null once this process has said all it had to."""
+    if "triton._C.libtriton" not in sys.modules:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream: nothing more goes there anyway
+            pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
