@@ -25,7 +25,7 @@ from lora_launch.launcher.checks import (
 from lora_launch.launcher.topology import run_plan, topology
 from lora_launch.run.lock import in_use
 from lora_launch.run.process import exit_on_closed_stdout
-from lora_launch.run.rundir import fault_message, finished_step, read_status
+from lora_launch.run.rundir import fault_message, finished_step, missing_folders, read_status
 from lora_launch.sweep.trials import register_resolvers
 
 
@@ -38,12 +38,8 @@ class Made(NamedTuple):
 
 def first_missing(path: Path) -> Path | None:
     """The topmost folder of `path` (itself included) that does not exist yet: what creating `path` makes."""
-    missing = None
-    for folder in [Path(os.path.abspath(path)), *Path(os.path.abspath(path)).parents]:
-        if folder.exists():
-            break
-        missing = folder
-    return missing
+    missing = missing_folders(path)
+    return missing[-1] if missing else None
 
 
 def _job(cfg: DictConfig, overrides: list[str], made: Made) -> int:

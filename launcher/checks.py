@@ -21,7 +21,7 @@ from lora_launch.launcher.topology import Topology
 from lora_launch.run.checkpoints import CheckpointError, choose
 from lora_launch.run.compat import config_changes, resume_refusal
 from lora_launch.run.plan import RunPlan, warmup_steps
-from lora_launch.run.rundir import check_set_aside, short_path
+from lora_launch.run.rundir import check_set_aside, missing_folders, short_path
 from lora_launch.strategies import strategy_for
 
 
@@ -219,7 +219,7 @@ def check_run_dir_writable(run_dir: Path) -> None:
     made: list[Path] = []
     try:
         for attempt in range(PROBES):
-            made += [d for d in _missing(run_dir) if d not in made]
+            made += [d for d in missing_folders(run_dir) if d not in made]
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test."):
@@ -241,19 +241,6 @@ def check_run_dir_writable(run_dir: Path) -> None:
 
 
 PROBES = 5  # a folder removed under the check this many times running is not a peer's probe
-
-
-def _missing(run_dir: Path) -> list[Path]:
-    """The folders of run_dir (itself included) that do not exist yet, innermost first."""
-    missing = []
-    for d in (run_dir, *run_dir.parents):
-        try:
-            if d.exists():
-                break
-        except OSError:  # a name too long to even look up
-            pass
-        missing.append(d)
-    return missing
 
 
 def check_multinode_run_dir(cfg: DictConfig, topo: Topology, run_dir_given: bool) -> None:

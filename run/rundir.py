@@ -56,6 +56,19 @@ def short_path(path: Path | str) -> str:
     return name if len(name) <= 200 else f"{name[:80]}...{name[-80:]} ({len(name)} characters)"
 
 
+def missing_folders(path: Path | str) -> list[Path]:
+    """The folders of `path` (itself included) that do not exist yet, innermost first: what creating it makes."""
+    missing = []
+    for folder in [Path(os.path.abspath(path)), *Path(os.path.abspath(path)).parents]:
+        try:
+            if folder.exists():
+                break
+        except OSError:  # a name too long to even look up
+            pass
+        missing.append(folder)
+    return missing
+
+
 def fault_message(e: OSError, where: Path | str | None = None) -> str | None:
     """One line for a file system fault the user can fix (disk full, read-only, permissions, a path too
     long), naming the file (or `where`, when the error does not say: a write to an open file); None for
